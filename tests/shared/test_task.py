@@ -1,0 +1,240 @@
+"""Tests for shared.task: device resolution, the training loop, evaluation."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.models import build_model
+from shared.task import EvalResult, TrainResult, evaluate, resolve_device, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _data(n: int = 40, dim: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, dim, generator=g)
+    return x, (x[:, 0] + x[:, 1] > 0).long()
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model("mlp", input_dim=6, hidden=[8], num_classes=2)
+
+
+def _distance(a: nn.Module, b: nn.Module) -> float:
+    pairs = zip(a.parameters(), b.parameters(), strict=True)
+    return math.sqrt(sum(float((p - q).detach().pow(2).sum()) for p, q in pairs))
+
+
+# --- resolve_device -----------------------------------------------------------------
+
+
+def test_resolve_cpu():
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_auto_prefers_cuda_then_mps(monkeypatch):
+    # Prepare
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+
+    # Execute / Assert
+    assert resolve_device("auto").type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "mps"])
+def test_explicit_unavailable_device_raises(monkeypatch, device):
+    # Prepare
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=device):
+        resolve_device(device)
+
+
+@pytest.mark.parametrize("device", ["gpu", "xpu"])
+def test_invalid_device_raises(device):
+    with pytest.raises(ValueError, match=device):
+        resolve_device(device)
+
+
+# --- train --------------------------------------------------------------------------
+
+
+def test_same_seed_gives_bit_identical_weights_with_dropout():
+    # Prepare: dropout makes the global RNG matter too
+    torch.manual_seed(0)
+    first = build_model("transformer-classifier", vocab_size=10, d_model=16, nhead=2, num_layers=1, dropout=0.3)
+    second, third = copy.deepcopy(first), copy.deepcopy(first)
+    x = torch.randint(1, 10, (24, 6))
+    y = torch.randint(0, 2, (24,))
+
+    # Execute
+    rng_before = torch.get_rng_state()
+    train(first, x, y, epochs=2, batch_size=5, lr=0.1, seed=3, device="cpu")
+    torch.rand(1)  # advance the global RNG: the seed alone must fix dropout
+    rng_between = torch.get_rng_state()
+    train(second, x, y, epochs=2, batch_size=5, lr=0.1, seed=3, device="cpu")
+    train(third, x, y, epochs=2, batch_size=5, lr=0.1, seed=4, device="cpu")
+
+    # Assert
+    a, b, c = first.state_dict(), second.state_dict(), third.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert not torch.equal(rng_between, rng_before)
+    assert torch.equal(torch.get_rng_state(), rng_between)
+
+
+def test_result_counts_examples_and_steps():
+    # Prepare
+    x, y = _data(n=23)
+
+    # Execute
+    result = train(_mlp(), x, y, epochs=3, batch_size=5, lr=0.1, seed=0, device="cpu")
+
+    # Assert
+    assert isinstance(result, TrainResult)
+    assert (result.num_examples, result.steps) == (23, 3 * 5)
+
+
+def test_reported_loss_is_mean_over_last_epoch():
+    # Prepare: lr=0 keeps the weights, so every batch loss is the model's loss on it
+    model = _mlp()
+    x, y = _data(n=23)
+    expected = evaluate(model, x, y, device="cpu").loss
+
+    # Execute: uneven batches (5, 5, 5, 5, 3) must be weighted by size
+    result = train(model, x, y, epochs=2, batch_size=5, lr=0.0, seed=0, device="cpu")
+
+    # Assert
+    assert result.loss == pytest.approx(expected, rel=1e-5)
+
+
+def _reference_full_batch(model: nn.Module, x, y, steps: int, lr: float, mu: float) -> None:
+    """Textbook FedProx gradient descent, with the proximal term through autograd."""
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        prox = sum((p - s).pow(2).sum() for p, s in zip(model.parameters(), start, strict=True))
+        loss = F.cross_entropy(model(x), y) + mu / 2 * prox
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.5])
+def test_full_batch_sgd_matches_textbook_fedprox(mu):
+    # Prepare
+    x, y = _data()
+    model, reference = _mlp(), _mlp()
+
+    # Execute: one batch per epoch, so shuffling cannot matter
+    train(model, x, y, epochs=5, batch_size=len(x), lr=0.3, proximal_mu=mu, seed=0, device="cpu")
+    _reference_full_batch(reference, x, y, steps=5, lr=0.3, mu=mu)
+
+    # Assert
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_large_proximal_mu_keeps_weights_near_start():
+    # Prepare
+    x, y = _data()
+    start, free, held = _mlp(), _mlp(), _mlp()
+
+    # Execute: lr * mu = 1 is the strongest stable pull for plain SGD
+    train(free, x, y, epochs=10, batch_size=8, lr=0.1, seed=0, device="cpu")
+    train(held, x, y, epochs=10, batch_size=8, lr=0.1, proximal_mu=10.0, seed=0, device="cpu")
+
+    # Assert
+    assert _distance(held, start) < 0.2 * _distance(free, start)
+
+
+def test_adam_lowers_loss_and_differs_from_sgd():
+    # Prepare
+    x, y = _data()
+    adam, sgd = _mlp(), _mlp()
+    before = evaluate(adam, x, y, device="cpu").loss
+
+    # Execute
+    train(adam, x, y, epochs=5, batch_size=8, lr=0.01, optimizer="adam", seed=0, device="cpu")
+    train(sgd, x, y, epochs=5, batch_size=8, lr=0.01, optimizer="sgd", seed=0, device="cpu")
+
+    # Assert
+    assert evaluate(adam, x, y, device="cpu").loss < 0.8 * before
+    assert _distance(adam, sgd) > 1e-3
+
+
+def test_unknown_optimizer_lists_allowed():
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"'rmsprop'.*sgd.*adam"):
+        train(_mlp(), x, y, epochs=1, batch_size=8, lr=0.1, optimizer="rmsprop", device="cpu")
+
+
+def test_accepts_numpy_arrays():
+    # Prepare
+    x, y = _data()
+    model = _mlp()
+
+    # Execute
+    result = train(model, x.numpy(), y.numpy().astype(np.int32), epochs=1, batch_size=8, lr=0.1, device="cpu")
+
+    # Assert
+    assert result.num_examples == len(x)
+    assert math.isfinite(result.loss)
+
+
+def test_train_rejects_empty_and_mismatched_data():
+    x, y = _data()
+    with pytest.raises(ValueError, match="empty"):
+        train(_mlp(), x[:0], y[:0], epochs=1, batch_size=8, lr=0.1, device="cpu")
+    with pytest.raises(ValueError, match="length"):
+        train(_mlp(), x, y[:-1], epochs=1, batch_size=8, lr=0.1, device="cpu")
+
+
+# --- evaluate -----------------------------------------------------------------------
+
+
+def test_evaluate_hand_checked():
+    # Prepare: identity layer, so the logits are the inputs
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+        model.bias.zero_()
+    x = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0]])
+    y = torch.tensor([0, 1, 1, 1])  # predictions 0, 1, 0, 1: three right
+    expected_loss = (
+        math.log1p(math.exp(-2)) + math.log1p(math.exp(-1)) + math.log1p(math.exp(2)) + math.log1p(math.exp(-5))
+    ) / 4
+
+    # Execute: batch_size 3 splits the data unevenly
+    result = evaluate(model, x, y, batch_size=3, device="cpu")
+
+    # Assert
+    assert isinstance(result, EvalResult)
+    assert result.accuracy == 0.75
+    assert result.num_examples == 4
+    assert result.loss == pytest.approx(expected_loss, rel=1e-6)
+
+
+def test_evaluate_empty_raises():
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(_mlp(), torch.zeros(0, 6), torch.zeros(0, dtype=torch.long), device="cpu")

@@ -1,0 +1,93 @@
+"""The in-process Grid: delivery to the right node, persistent Contexts, and Flower's internals."""
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_config
+
+
+def counting_app() -> ClientApp:
+    """A ClientApp that counts its calls in Context.state and echoes its partition id."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        calls = context.state.config_records.get("calls", ConfigRecord({"n": 0}))
+        calls["n"] = int(calls["n"]) + 1
+        context.state["calls"] = calls
+        metrics = MetricRecord({"partition": context.node_config["partition-id"], "calls": calls["n"]})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def make_grid(num_nodes: int = 4, app: ClientApp | None = None) -> InProcessGrid:
+    return InProcessGrid(app or counting_app(), num_nodes, {"k": 1}, simulation_node_config(num_nodes))
+
+
+def train_message(node_id: int) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({"x": 1})}), node_id, "train")
+
+
+def test_each_message_reaches_its_node_and_state_persists():
+    grid = make_grid()
+    nodes = list(grid.get_node_ids())
+
+    first = grid.send_and_receive([train_message(nodes[2]), train_message(nodes[0])])
+    second = grid.send_and_receive([train_message(nodes[2])])
+
+    assert [r.content["metrics"]["partition"] for r in first] == [2, 0]
+    assert [r.metadata.src_node_id for r in first] == [nodes[2], nodes[0]]
+    assert second[0].content["metrics"]["calls"] == 2  # node 2's Context.state kept its count
+
+
+def test_replies_point_back_at_their_messages():
+    grid = make_grid()
+    ids = grid.push_messages([train_message(FIRST_NODE_ID + 1)])
+
+    replies = list(grid.pull_messages(ids))
+
+    assert replies[0].metadata.reply_to_message_id == ids[0]
+    assert list(grid.pull_messages(ids)) == []  # a reply is handed over once
+
+
+def test_unknown_node_is_refused():
+    grid = make_grid(num_nodes=2)
+    with pytest.raises(ValueError, match="unknown node id"):
+        grid.push_messages([train_message(FIRST_NODE_ID + 5)])
+
+
+def test_a_failing_client_app_becomes_an_error_reply():
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        raise RuntimeError("disk on fire")
+
+    grid = make_grid(app=app)
+
+    (reply,) = grid.send_and_receive([train_message(FIRST_NODE_ID)])
+
+    assert reply.has_error() and "disk on fire" in reply.error.reason
+
+
+def test_contexts_are_made_only_for_addressed_nodes():
+    grid = make_grid(num_nodes=10_000)
+    grid.send_and_receive([train_message(FIRST_NODE_ID + 9_999)])
+    assert len(grid._contexts) == 1
+
+
+def test_flower_internals_this_grid_touches_are_where_it_expects():
+    """Fails loudly if a Flower upgrade moves what simulations/grid.py relies on."""
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+
+    make_grid()
+    assert TaskIdentity.run_id == 1 and TaskIdentity.node_id == SUPERLINK_NODE_ID
+    assert hasattr(ErrorCode, "CLIENT_APP_RAISED_EXCEPTION")
+    assert Run.create_empty(1).run_id == 1
+    message = train_message(FIRST_NODE_ID)
+    message.metadata.__dict__["_message_id"] = "m"
+    assert message.metadata.message_id == "m"
