@@ -1,0 +1,146 @@
+"""fedsim end to end: outputs, every strategy, determinism, stragglers, stopping, errors."""
+
+import json
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedserver.app import apply_stragglers
+from shared import messages as keys
+from shared import task
+from shared.config import STRATEGIES, ConfigError, RunConfig
+from shared.weights import load_safetensors
+from simulations import cli
+from simulations.engine import run_simulation
+from simulations.grid import InProcessGrid, simulation_node_config
+
+TINY = {
+    "dataset": "synthetic",
+    "num-clients": 6,
+    "clients-per-round": 4,
+    "rounds": 2,
+    "hidden": "8",
+    "synthetic-max-samples": 200,
+    "lr": 0.05,
+    "vectorized": "off",
+}
+
+
+def tiny(**changes) -> RunConfig:
+    return RunConfig.from_mapping({**TINY, **{k.replace("_", "-"): v for k, v in changes.items()}})
+
+
+def test_a_tiny_run_writes_every_output(tmp_path):
+    result = run_simulation(tiny(rounds=3, target_accuracy=0.05), tmp_path / "run", progress=False)
+
+    out = tmp_path / "run"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert set(rows[0]) >= {"round", "train_loss", "eval_loss", "accuracy", "seconds"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == result.summary
+    assert summary["rounds"] == 3 and summary["rounds_to_target"] == 1
+    assert summary["final_accuracy"] == rows[-1]["accuracy"]
+    assert summary["best_accuracy"] == max(r["accuracy"] for r in rows)
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert RunConfig.from_mapping(__import__("tomllib").loads((out / "config.toml").read_text())).rounds == 3
+    assert set(load_safetensors(out / "model.safetensors")) == {"layers.0.weight", "layers.0.bias", "layers.2.weight", "layers.2.bias"}
+
+
+def test_the_default_federation_learns(tmp_path):
+    cfg = RunConfig().replace(rounds=8, synthetic_max_samples=300)
+
+    result = run_simulation(cfg, tmp_path / "run", progress=False)
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    assert result.summary["final_accuracy"] > 0.3  # 10 classes: chance is about 0.1
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_builds_and_runs_a_round(tmp_path, strategy):
+    result = run_simulation(tiny(strategy=strategy, rounds=1, proximal_mu=0.1), tmp_path / strategy, progress=False)
+
+    assert result.summary["rounds"] == 1
+    assert 0.0 <= result.summary["final_accuracy"] <= 1.0
+
+
+def test_same_config_and_seed_give_bit_identical_weights(tmp_path):
+    first = run_simulation(tiny(seed=3), tmp_path / "a", progress=False)
+    second = run_simulation(tiny(seed=3), tmp_path / "b", progress=False)
+    other = run_simulation(tiny(seed=4), tmp_path / "c", progress=False)
+
+    a, b, c = (load_safetensors(r.output / "model.safetensors") for r in (first, second, other))
+    assert all(a[k].equal(b[k]) for k in a)
+    assert not all(a[k].equal(c[k]) for k in a)
+
+
+def test_stop_at_target_ends_the_run_early(tmp_path):
+    result = run_simulation(tiny(rounds=5, target_accuracy=0.01, stop_at_target=True), tmp_path / "r", progress=False)
+    assert result.summary["rounds"] == 1 and result.summary["rounds_to_target"] == 1
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path, monkeypatch):
+    real_train = task.train
+    calls = []
+
+    def train_then_interrupt(*args, **kwargs):  # Ctrl-C arrives during round 2's local training
+        calls.append(1)
+        if len(calls) > 4:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(task, "train", train_then_interrupt)
+
+    result = run_simulation(tiny(rounds=5), tmp_path / "r", progress=False)
+
+    assert result.interrupted
+    assert result.summary["rounds"] == 1
+    assert (tmp_path / "r" / "curves.png").exists() and (tmp_path / "r" / "model.safetensors").exists()
+
+
+def train_messages(n: int) -> list[Message]:
+    InProcessGrid(ClientApp(), n, {}, simulation_node_config(n))  # the server-side identity messages need
+    content = RecordDict({keys.ARRAYS: ArrayRecord(), keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1})})
+    return [Message(content, 1001 + i, "train") for i in range(n)]
+
+
+def test_fedavg_drops_stragglers():
+    kept = apply_stragglers(train_messages(10), tiny(stragglers=0.9, strategy="fedavg"), server_round=1)
+    assert len(kept) == 1
+
+
+def test_fedprox_keeps_stragglers_with_partial_epochs():
+    cfg = tiny(stragglers=0.9, strategy="fedprox", local_epochs=20)
+
+    sent = apply_stragglers(train_messages(10), cfg, server_round=1)
+
+    straggler_epochs = [m.content[keys.CONFIG][keys.LOCAL_EPOCHS] for m in sent if keys.LOCAL_EPOCHS in m.content[keys.CONFIG]]
+    assert len(sent) == 10
+    assert len(straggler_epochs) == 9
+    assert all(1 <= e <= 20 for e in straggler_epochs) and len(set(straggler_epochs)) > 1
+    assert [m.metadata.dst_node_id for m in sent] == list(range(1001, 1011))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "strategy=fedfoo"], "'strategy' is 'fedfoo'; allowed"),
+        (["--set", "num-clients=5", "--set", "clients-per-round=6"], "'clients-per-round' (6) is more than"),
+        (["--set", "dataset=mnist", "--set", "data-path=/nonexistent/mnist.npz"], "data-path /nonexistent/mnist.npz does not exist"),
+        (["--set", "rounds=2", "--set", "local-epoch=3"], "unknown config key 'local-epoch'. Did you mean 'local-epochs'"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, args, message):
+    code = cli.main(["run", *args, "--output", str(tmp_path / "out")])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_strategy_in_config_is_a_config_error():
+    with pytest.raises(ConfigError, match="fedfoo"):
+        RunConfig.from_mapping({"strategy": "fedfoo"})
