@@ -39,7 +39,7 @@ def train(msg: Message, context: Context) -> Message:
         lr=cfg.lr,
         optimizer=cfg.optimizer,
         proximal_mu=float(config.get(keys.PROXIMAL_MU, cfg.proximal_mu)),
-        device=cfg.device,
+        device=node_device(cfg, context),
         seed=client_seed(cfg, int(config.get(keys.SERVER_ROUND, 0)), context.node_id),
     )
     metrics = MetricRecord({keys.TRAIN_LOSS: result.loss, keys.NUM_EXAMPLES: result.num_examples})
@@ -55,7 +55,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if len(data.y_test) == 0:
         raise ValueError(f"node {context.node_id} has no held-out data to evaluate on")
     model = _model_with(cfg, msg.content[keys.ARRAYS])
-    result = task.evaluate(model, data.x_test, data.y_test, batch_size=cfg.eval_batch_size, device=cfg.device)
+    result = task.evaluate(model, data.x_test, data.y_test, batch_size=cfg.eval_batch_size, device=node_device(cfg, context))
     metrics = MetricRecord(
         {keys.EVAL_LOSS: result.loss, keys.ACCURACY: result.accuracy, keys.NUM_EXAMPLES: result.num_examples}
     )
@@ -73,6 +73,11 @@ def _parse_run_config(items: tuple) -> RunConfig:
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
     return cfg
+
+
+def node_device(cfg: RunConfig, context: Context) -> str:
+    """A deployed node's own `--device` wins over the run's `device`."""
+    return str(context.node_config.get("device", cfg.device))
 
 
 def node_data(cfg: RunConfig, context: Context) -> ClientData:
