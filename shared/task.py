@@ -89,9 +89,9 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _make_optimizer(optimizer, params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     proximal = _proximal(params, proximal_mu)
-    amp_dtype = _amp_dtype(dev)
+    amp_dtype = mixed_precision_dtype(dev)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    amp = _autocast(dev, amp_dtype)  # reusable: entered once per step, never nested
+    amp = autocast_context(dev, amp_dtype)  # reusable: entered once per step, never nested
     shuffle = _generator(seed)
     loss_sum = torch.zeros((), device=dev)
     with _seeded_rng(seed, dev):
@@ -122,13 +122,13 @@ def evaluate(
     xs, ys = _to_device(x, y, dev)
     n = len(xs)
     model.to(dev).eval()
-    amp_dtype = _amp_dtype(dev)
+    amp_dtype = mixed_precision_dtype(dev)
     loss_sum = torch.zeros((), device=dev)
     correct = torch.zeros((), dtype=torch.long, device=dev)
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
-            with _autocast(dev, amp_dtype):
+            with autocast_context(dev, amp_dtype):
                 logits = model(xb)  # (b, C)
             loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
             correct += (logits.argmax(dim=1) == yb).sum()
@@ -208,14 +208,14 @@ def _generator(seed: int | None) -> torch.Generator:
     return gen
 
 
-def _amp_dtype(dev: torch.device) -> torch.dtype | None:
+def mixed_precision_dtype(dev: torch.device) -> torch.dtype | None:
     """Mixed-precision dtype: bf16 (or fp16 where bf16 is unsupported) on CUDA, none elsewhere."""
     if dev.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _autocast(dev: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+def autocast_context(dev: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(dev.type, dtype=amp_dtype)
