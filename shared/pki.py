@@ -1,0 +1,252 @@
+"""A small private PKI for a Flowerbed deployment: TLS for the SuperLink, keys for SuperNodes.
+
+Layout of a PKI directory::
+
+    ca.pem, ca.key              self-signed CA (the trust anchor clients get as ca.pem)
+    server.pem, server.key      SuperLink TLS certificate signed by the CA, and its key
+    clients/NAME.key, .pub      SuperNode authentication key pairs (EC P-384, OpenSSH format)
+
+The node keys are *not* certificates: Flower 1.41 authenticates a SuperNode by a public key
+registered with ``flwr supernode register <NAME.pub>`` and the SuperNode signs with the private
+key given to ``flower-supernode --auth-supernode-private-key <NAME.key>``. Both files are loaded
+with ``cryptography``'s ``load_ssh_public_key`` / ``load_ssh_private_key``, hence OpenSSH format.
+
+Everything is done by the ``cryptography`` package; no primitive is written here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from shared.files import atomic_write_bytes
+
+CA_DAYS = 3650
+SERVER_DAYS = 825  # Apple platforms reject TLS server certificates valid for longer
+BACKDATE = dt.timedelta(hours=1)  # tolerate clocks that are a little behind the issuer's
+PRIVATE_MODE = 0o600
+PUBLIC_MODE = 0o644
+DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+class PkiError(ValueError):
+    """A PKI directory or argument is unusable; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class PkiPaths:
+    """Where init_pki wrote each file."""
+
+    ca: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+    client_keys: tuple[tuple[Path, Path], ...]  # (private key, public key) per client
+
+
+def init_pki(
+    directory: Path,
+    hosts: Sequence[str] = (),
+    clients: int = 1,
+    force: bool = False,
+) -> PkiPaths:
+    """Create a CA, a server certificate for localhost/127.0.0.1 + `hosts`, and `clients` node keys.
+
+    The CA private key (ca.key, mode 0600) is kept so the server certificate can be re-issued
+    later for new hosts without changing ca.pem, which every client already trusts; node keys
+    need no CA (see the module docstring) so ``add_client`` works without it.
+
+    Refuses a non-empty `directory` unless `force`; with `force` the files above are replaced,
+    other files (e.g. clients/client-9.* from an earlier, larger run) are left alone.
+    """
+    directory = Path(directory)
+    sans = _subject_alt_names(hosts)
+    if clients < 0:
+        raise PkiError(f"--clients must be >= 0, got {clients}")
+    _check_can_write(directory, force)
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_cert = _ca_certificate(ca_key)
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = _server_certificate(server_key, ca_cert, ca_key, sans)
+
+    paths = PkiPaths(
+        ca=directory / "ca.pem",
+        ca_key=directory / "ca.key",
+        server_cert=directory / "server.pem",
+        server_key=directory / "server.key",
+        client_keys=tuple(_client_paths(directory, f"client-{k}") for k in range(1, clients + 1)),
+    )
+    _write(paths.ca_key, _pem_private(ca_key), PRIVATE_MODE)
+    _write(paths.ca, ca_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+    _write(paths.server_key, _pem_private(server_key), PRIVATE_MODE)
+    _write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+    for key_path, pub_path in paths.client_keys:
+        _write_node_key_pair(key_path, pub_path)
+    return paths
+
+
+def add_client(directory: Path, name: str) -> tuple[Path, Path]:
+    """Add the node key pair clients/NAME.key and clients/NAME.pub to an initialised PKI."""
+    directory = Path(directory)
+    _check_client_name(name)
+    _check_initialised(directory)
+    key_path, pub_path = _client_paths(directory, name)
+    existing = [p.name for p in (key_path, pub_path) if p.exists()]
+    if existing:
+        raise PkiError(f"client {name!r} already exists in {directory / 'clients'} ({', '.join(existing)})")
+    _write_node_key_pair(key_path, pub_path)
+    return key_path, pub_path
+
+
+# --- checks ------------------------------------------------------------------------------
+
+
+def _check_can_write(directory: Path, force: bool) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise PkiError(f"{directory} exists and is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not force:
+        raise PkiError(f"{directory} is not empty; pass --force to overwrite the PKI in it")
+
+
+def _check_initialised(directory: Path) -> None:
+    if not directory.is_dir():
+        raise PkiError(f"{directory} is not a PKI directory (run 'fedserver init {directory}' first)")
+    missing = [n for n in ("ca.pem", "ca.key") if not (directory / n).is_file()]
+    if missing:
+        raise PkiError(f"{directory} is not an initialised PKI: missing {', '.join(missing)}")
+
+
+def _check_client_name(name: str) -> None:
+    """Names become file names: allow only [A-Za-z0-9_.-], and no leading dot (hidden/temp files)."""
+    if not _SAFE_NAME.fullmatch(name) or name.startswith("."):
+        raise PkiError(f"invalid client name {name!r}: use letters, digits, '_', '-', '.' (not first)")
+
+
+def _subject_alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+    """localhost and 127.0.0.1 first, then `hosts`; an IP literal becomes an IPAddress SAN."""
+    sans: list[x509.GeneralName] = []
+    for host in (*DEFAULT_HOSTS, *hosts):
+        san = _general_name(host)
+        if san not in sans:
+            sans.append(san)
+    return sans
+
+
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if not host or not host.isascii() or any(c.isspace() or c in "/:@[]" for c in host):
+        raise PkiError(f"invalid host {host!r}: give a DNS name or an IP address")
+    return x509.DNSName(host.lower())
+
+
+# --- certificates --------------------------------------------------------------------------
+
+
+def _ca_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Flowerbed CA")])
+    usage = x509.KeyUsage(
+        digital_signature=False, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
+    return (
+        _builder(name, name, key.public_key(), CA_DAYS)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+
+
+def _server_certificate(
+    key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    sans: list[x509.GeneralName],
+) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Flowerbed SuperLink")])
+    usage = x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        _builder(name, ca_cert.subject, key.public_key(), SERVER_DAYS)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+
+
+def _builder(
+    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, days: int
+) -> x509.CertificateBuilder:
+    now = dt.datetime.now(dt.timezone.utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + dt.timedelta(days=days))
+    )
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def _client_paths(directory: Path, name: str) -> tuple[Path, Path]:
+    clients = directory / "clients"
+    return clients / f"{name}.key", clients / f"{name}.pub"
+
+
+def _write_node_key_pair(key_path: Path, pub_path: Path) -> None:
+    """EC P-384 in OpenSSH format: what Flower's SuperNode auth and `flwr supernode register` load."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    _write(key_path, private, PRIVATE_MODE)
+    _write(pub_path, public + b"\n", PUBLIC_MODE)
+
+
+def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """atomic_write_bytes creates via mkstemp (0600), so a key is never readable by others."""
+    atomic_write_bytes(path, data)
+    os.chmod(path, mode)

@@ -1,0 +1,135 @@
+"""Tests for the `fedserver` command line (init, add-client): exit codes, output, one-line errors."""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+
+import pytest
+from cryptography import x509
+
+from fedserver.cli import COMMANDS, main
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("fedserver: error: "), err
+    return err
+
+
+def test_init_creates_pki_and_prints_paths(tmp_path, capsys):
+    # Prepare
+    directory = tmp_path / "pki"
+
+    # Execute
+    code = main(["init", str(directory), "--host", "fl.example.org", "--host", "10.0.0.7", "--clients", "2"])
+
+    # Assert
+    assert code == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [
+        str(directory / name)
+        for name in (
+            "ca.pem", "ca.key", "server.pem", "server.key",
+            "clients/client-1.key", "clients/client-1.pub",
+            "clients/client-2.key", "clients/client-2.pub",
+        )
+    ]  # fmt: skip
+    cert = x509.load_pem_x509_certificate((directory / "server.pem").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost", "fl.example.org"]
+    assert ipaddress.ip_address("10.0.0.7") in sans.get_values_for_type(x509.IPAddress)
+    assert stat.S_IMODE((directory / "server.key").stat().st_mode) == 0o600
+
+
+def test_init_refuses_existing_pki_without_force_then_overwrites_with_it(tmp_path, capsys):
+    # Prepare
+    assert main(["init", str(tmp_path), "--clients", "0"]) == 0
+    old_ca = (tmp_path / "ca.pem").read_bytes()
+    capsys.readouterr()
+
+    # Execute
+    refused = main(["init", str(tmp_path), "--clients", "0"])
+    err = _error_line(capsys)
+    forced = main(["init", str(tmp_path), "--clients", "0", "--force"])
+
+    # Assert
+    assert refused == 2
+    assert str(tmp_path) in err and "--force" in err
+    assert forced == 0
+    assert (tmp_path / "ca.pem").read_bytes() != old_ca
+
+
+def test_add_client_prints_both_paths(tmp_path, capsys):
+    # Prepare
+    main(["init", str(tmp_path), "--clients", "0"])
+    capsys.readouterr()
+
+    # Execute
+    code = main(["add-client", str(tmp_path), "edge-7"])
+
+    # Assert
+    assert code == 0
+    assert capsys.readouterr().out.splitlines() == [
+        str(tmp_path / "clients" / "edge-7.key"),
+        str(tmp_path / "clients" / "edge-7.pub"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("setup", "argv", "expected"),
+    [
+        (True, ["add-client", "{d}", "client-1"], "already exists"),
+        (True, ["add-client", "{d}", "../x"], "invalid client name"),
+        (False, ["add-client", "{d}", "bob"], "not a PKI directory"),
+    ],
+)
+def test_add_client_errors_are_one_line_exit_2(tmp_path, capsys, setup, argv, expected):
+    # Prepare
+    if setup:
+        main(["init", str(tmp_path / "pki")])
+    capsys.readouterr()
+
+    # Execute
+    code = main([a.format(d=tmp_path / "pki") for a in argv])
+
+    # Assert
+    assert code == 2
+    assert expected in _error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["init"],
+        ["init", "DIR", "--clients", "two"],
+        ["init", "DIR", "--clients", "-1"],
+        ["init", "DIR", "--bogus"],
+        ["add-client", "DIR"],
+    ],
+)
+def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, argv):
+    # Execute
+    code = main([str(tmp_path / "pki") if a == "DIR" else a for a in argv])
+
+    # Assert
+    assert code == 2
+    _error_line(capsys)
+    assert not (tmp_path / "pki").exists()
+
+
+def test_invalid_host_is_one_line_exit_2(tmp_path, capsys):
+    # Execute
+    code = main(["init", str(tmp_path / "pki"), "--host", "bad host"])
+
+    # Assert
+    assert code == 2
+    assert "invalid host" in _error_line(capsys)
+
+
+def test_subcommands_are_registered_in_a_dict():
+    """Others add `start`, `status`, `stop` by adding entries to COMMANDS."""
+    assert {"init", "add-client"} <= set(COMMANDS)
