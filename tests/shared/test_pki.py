@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import ipaddress
 import ssl
 import stat
@@ -189,8 +190,14 @@ def test_node_keys_load_with_flowers_own_loaders(pki):
         assert registered == public_key_to_bytes(private.public_key())
 
 
-def test_flowers_loader_rejects_a_non_openssh_key(pki):
+def test_flowers_loader_rejects_a_non_openssh_key(pki, monkeypatch):
     """Guards the test above: Flower's loader really does reject the wrong format."""
+    supernode_cli = importlib.import_module("flwr.supernode.cli.flower_supernode")  # the module, not its function
+
+    def exit_now(code, message=None, **_):  # Flower's own exit arms a timer that os._exit()s pytest
+        raise SystemExit(code)
+
+    monkeypatch.setattr(supernode_cli, "flwr_exit", exit_now)
     with pytest.raises(SystemExit):
         _flower_load_private(pki.server_key)  # PKCS#8 PEM, not OpenSSH
 
