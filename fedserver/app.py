@@ -20,8 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedserver.checkpoints import RunDirectory
-from fedserver.strategies import build_strategy
+from fedserver.checkpoints import Checkpoint, RunDirectory
+from fedserver.strategies import build_strategy, quorum, restore_strategy_state, screen_replies, strategy_state
 from shared import messages as keys
 from shared import task
 from shared.config import RunConfig
@@ -32,10 +32,11 @@ from shared.weights import to_arrayrecord, to_state_dict
 app = ServerApp()
 
 ROUND_LOGGER = logging.getLogger("flowerbed.rounds")
+LOG = logging.getLogger("flowerbed.server")
 
 
 class RoundFailed(RuntimeError):
-    """No client of a round produced a usable reply."""
+    """A round could not gather a quorum of valid replies; nothing of it was aggregated."""
 
 
 @dataclass
@@ -53,26 +54,39 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> RunResult:
-    """Every round of `cfg` on `grid`; each completed round is logged and recorded at once."""
-    spec = data_spec(cfg)
-    model = model_from_config(cfg, spec)
+    """Every round of `cfg` on `grid`, resuming after the last round committed in `run-dir`."""
+    model = model_from_config(cfg, data_spec(cfg))
     central_test = _central_test(cfg)
     strategy = build_strategy(cfg, federated_evaluation=central_test is None)
     run_dir = RunDirectory(cfg.run_dir) if cfg.run_dir else None
+    resumed = run_dir.load(_resume_key(cfg)) if run_dir else None
     result = RunResult(arrays=to_arrayrecord(model.state_dict()))
-    with seeded_global_random(cfg.seed):  # Flower's node sampling draws from `random`
-        for server_round in range(1, cfg.rounds + 1):
+    if resumed is not None:
+        result = RunResult(history=list(resumed.history), arrays=to_arrayrecord(resumed.weights))
+        restore_strategy_state(strategy, resumed.strategy_state)
+        LOG.info("resuming %s after round %d", cfg.run_dir, resumed.round)
+    with global_random(cfg.seed, resumed.random_state if resumed else None):  # Flower samples from it
+        for server_round in range(len(result.history) + 1, cfg.rounds + 1):
+            if result.history and reached_target(cfg, result.history[-1]):
+                break
             started = time.perf_counter()
-            result.arrays, train_metrics = _train_round(strategy, grid, cfg, server_round, result.arrays)
+            new_arrays, train_metrics = _train_round(strategy, grid, cfg, server_round, result.arrays)
+            # Server optimizers compute in float64: the global model keeps the model's own dtypes.
+            result.arrays = to_arrayrecord(to_state_dict(new_arrays, like=model.state_dict()))
             eval_metrics = _evaluate(strategy, grid, cfg, server_round, result.arrays, model, central_test)
             row = _round_row(server_round, train_metrics, eval_metrics, time.perf_counter() - started)
             result.history.append(row)
             if run_dir is not None:
-                run_dir.write_round(result.history, to_state_dict(result.arrays, like=model.state_dict()))
+                weights = to_state_dict(result.arrays, like=model.state_dict())
+                checkpoint = Checkpoint(server_round, weights, strategy_state(strategy), random.getstate(), result.history)
+                run_dir.save(checkpoint, _resume_key(cfg))
             ROUND_LOGGER.info("round %d/%d %s", server_round, cfg.rounds, row, extra={"round_row": row})
-            if reached_target(cfg, row):
-                break
     return result
+
+
+def _resume_key(cfg: RunConfig) -> dict[str, object]:
+    """What a checkpoint must match to be resumed by this config."""
+    return cfg.to_mapping()
 
 
 def reached_target(cfg: RunConfig, row: dict[str, float | None]) -> bool:
@@ -82,10 +96,13 @@ def reached_target(cfg: RunConfig, row: dict[str, float | None]) -> bool:
 
 
 @contextlib.contextmanager
-def seeded_global_random(seed: int) -> Iterator[None]:
-    """Seed Python's `random` for the run and put its state back afterwards."""
+def global_random(seed: int, state: object | None = None) -> Iterator[None]:
+    """Python's `random` seeded for the run (or put back to a checkpoint's state), restored after."""
     saved = random.getstate()
-    random.seed(seed)
+    if state is None:
+        random.seed(seed)
+    else:
+        random.setstate(state)
     try:
         yield
     finally:
@@ -102,12 +119,29 @@ def _central_test(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray] | None:
 def _train_round(
     strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, arrays: ArrayRecord
 ) -> tuple[ArrayRecord, MetricRecord | None]:
-    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-    messages = apply_stragglers(messages, cfg, server_round)
-    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-    _raise_if_all_failed(replies, server_round)
-    new_arrays, metrics = strategy.aggregate_train(server_round, replies)
-    return (new_arrays if new_arrays is not None else arrays), metrics
+    """One training round; below quorum it is retried with freshly sampled clients."""
+    for attempt in range(cfg.round_retries + 1):
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        messages = apply_stragglers(messages, cfg, server_round)
+        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        valid = screen_replies(replies, arrays, cfg)
+        needed = quorum(cfg, len(messages))
+        if len(valid) >= needed:
+            new_arrays, metrics = strategy.aggregate_train(server_round, valid)
+            return (new_arrays if new_arrays is not None else arrays), metrics
+        LOG.warning(
+            "round %d: %d valid replies of %d sent, quorum %d (attempt %d of %d)",
+            server_round, len(valid), len(messages), needed, attempt + 1, cfg.round_retries + 1,
+        )  # fmt: skip
+    raise RoundFailed(
+        f"round {server_round}: fewer than {needed} valid replies after {cfg.round_retries + 1} attempts"
+        f"{_first_error(replies)}; nothing was aggregated"
+    )
+
+
+def _first_error(replies: list[Message]) -> str:
+    failed = [r for r in replies if r.has_error()]
+    return f" (node {failed[0].metadata.src_node_id}: {failed[0].error.reason})" if failed else ""
 
 
 def apply_stragglers(messages: list[Message], cfg: RunConfig, server_round: int) -> list[Message]:
@@ -138,16 +172,6 @@ def _with_config(message: Message, changes: dict[str, int]) -> Message:
     return Message(new_content, message.metadata.dst_node_id, message.metadata.message_type)
 
 
-def _raise_if_all_failed(replies: list[Message], server_round: int) -> None:
-    errors = [r for r in replies if r.has_error()]
-    if errors and len(errors) == len(replies):
-        first = errors[0]
-        raise RoundFailed(
-            f"round {server_round}: all {len(replies)} clients failed; node "
-            f"{first.metadata.src_node_id}: {first.error.reason}"
-        )
-
-
 def _evaluate(
     strategy: Strategy,
     grid: Grid,
@@ -163,7 +187,8 @@ def _evaluate(
         return MetricRecord({keys.EVAL_LOSS: res.loss, keys.ACCURACY: res.accuracy})
     messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-    _raise_if_all_failed(replies, server_round)
+    if replies and all(r.has_error() for r in replies):
+        raise RoundFailed(f"round {server_round}: every evaluation failed{_first_error(replies)}")
     return strategy.aggregate_evaluate(server_round, replies)
 
 

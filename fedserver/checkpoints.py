@@ -1,35 +1,140 @@
-"""The run directory: what the ServerApp writes after every round, each file atomically."""
+"""The run directory: what the ServerApp writes after every round, and what a restart reads back.
+
+After round N, in this order, each file atomically (temporary name, fsync, rename):
+`checkpoints/round-N.safetensors` (global weights), `checkpoints/strategy-N.safetensors`
+(server optimizer moments), `model.safetensors` (the latest weights, for users),
+`metrics.jsonl`, and last `state.json`, the commit point naming round N. A crash before
+`state.json` is written leaves round N uncommitted: a restart redoes it from round N-1's
+files, and drops any metrics line past the committed round, so no round is lost or repeated.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import safetensors.numpy
 import torch
 
-from shared.files import atomic_write_text
-from shared.weights import save_safetensors
+from shared.files import atomic_write_bytes, atomic_write_text
+from shared.weights import load_safetensors, save_safetensors
 
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.json"
+CHECKPOINT_DIR = "checkpoints"
+# Keys that may change between a run and its resumption without changing its results so far.
+RESUMABLE_CHANGES = frozenset({"rounds", "run-dir", "target-accuracy", "stop-at-target", "round-timeout"})
+
+Row = dict[str, float | None]
+
+
+class CheckpointError(RuntimeError):
+    """A run directory's checkpoint is unreadable, corrupt or from another configuration."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Everything needed to continue a run after `round` exactly as if it had not stopped."""
+
+    round: int
+    weights: dict[str, torch.Tensor]
+    strategy_state: dict[str, np.ndarray]
+    random_state: Any  # Python's `random.getstate()`: Flower samples nodes from it
+    history: list[Row]
 
 
 class RunDirectory:
-    """`metrics.jsonl` (a line per round) and `model.safetensors` (the latest global model)."""
+    """A run's files; see the module docstring for what is written when."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
 
-    def write_round(self, history: list[dict[str, float | None]], state_dict: dict[str, torch.Tensor]) -> None:
-        """Record a completed round: the model first, so the metrics never name a lost model."""
-        save_safetensors(state_dict, self.path / MODEL_FILE)
-        atomic_write_text(self.path / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in history))
+    def save(self, checkpoint: Checkpoint, config: dict[str, Any]) -> None:
+        n = checkpoint.round
+        save_safetensors(checkpoint.weights, self._weights_file(n))
+        atomic_write_bytes(self._strategy_file(n), safetensors.numpy.save(checkpoint.strategy_state))
+        save_safetensors(checkpoint.weights, self.path / MODEL_FILE)
+        atomic_write_text(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in checkpoint.history))
+        state = {"round": n, "random_state": _jsonable(checkpoint.random_state), "config": config}
+        atomic_write_text(self.path / STATE_FILE, json.dumps(state) + "\n")
+
+    def load(self, config: dict[str, Any]) -> Checkpoint | None:
+        """The last committed round, or None for a new run; refuses another run's checkpoint."""
+        state_file = self.path / STATE_FILE
+        if not state_file.exists():
+            return None
+        state = _read_json(state_file)
+        try:
+            n, saved_config, random_state = int(state["round"]), state["config"], _random_state(state["random_state"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{state_file} is corrupt: {err}") from None
+        _check_same_run(saved_config, config, state_file)
+        return Checkpoint(
+            round=n,
+            weights=_read_tensors(self._weights_file(n)),
+            strategy_state=_read_arrays(self._strategy_file(n)),
+            random_state=random_state,
+            history=read_metrics(self.path)[:n],
+        )
+
+    def _weights_file(self, n: int) -> Path:
+        return self.path / CHECKPOINT_DIR / f"round-{n}.safetensors"
+
+    def _strategy_file(self, n: int) -> Path:
+        return self.path / CHECKPOINT_DIR / f"strategy-{n}.safetensors"
 
 
-def read_metrics(path: str | Path) -> list[dict[str, float | None]]:
+def read_metrics(path: str | Path) -> list[Row]:
     """The rounds recorded in a run directory (an empty list before the first round)."""
     file = Path(path) / METRICS_FILE
     if not file.exists():
         return []
-    return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is corrupt: {err}") from None
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any], state_file: Path) -> None:
+    for key in sorted(set(saved) | set(current)):
+        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key):
+            raise CheckpointError(
+                f"{state_file} belongs to a run with {key} = {saved.get(key)!r}, not {current.get(key)!r}; "
+                "resume it with its own config or start a new run directory"
+            )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is unreadable: {err}") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_safetensors(path)
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path} is missing or corrupt: {err}") from None
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return safetensors.numpy.load(path.read_bytes())
+    except Exception as err:
+        raise CheckpointError(f"{path} is missing or corrupt: {err}") from None
+
+
+def _jsonable(random_state: Any) -> list[Any]:
+    version, internal, gauss_next = random_state
+    return [version, list(internal), gauss_next]
+
+
+def _random_state(saved: list[Any]) -> tuple[Any, ...]:
+    version, internal, gauss_next = saved
+    return (int(version), tuple(int(x) for x in internal), gauss_next)

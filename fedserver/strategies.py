@@ -1,10 +1,15 @@
-"""The strategy named in the run config, built from Flower's `flwr.serverapp.strategy`."""
+"""Flower's strategies by name, and the platform's rules around them: quorum, update checks,
+and the server-optimizer state a checkpoint must keep."""
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
@@ -21,6 +26,9 @@ from flwr.serverapp.strategy import (
 )
 
 from shared.config import ConfigError, RunConfig
+from shared.weights import InvalidUpdate, validate_update
+
+LOG = logging.getLogger("flowerbed.server")
 
 
 def _server_lr(cfg: RunConfig) -> dict[str, float]:
@@ -70,3 +78,65 @@ def build_strategy(cfg: RunConfig, *, federated_evaluation: bool) -> Strategy:
         min_available_nodes=cfg.num_clients,
         **own_kwargs(cfg),
     )
+
+
+# Server-optimizer state that must survive a restart for a resumed run to be exact:
+# FedAdam/FedYogi/FedAdagrad keep moments `m_t`/`v_t` (name -> array), FedAvgM a list `momentum_vector`.
+_DICT_STATE = ("m_t", "v_t")
+_LIST_STATE = ("momentum_vector",)
+
+
+def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
+    """The strategy's own state between rounds, flattened to named arrays."""
+    state: dict[str, np.ndarray] = {}
+    for attr in _DICT_STATE:
+        for name, value in (getattr(strategy, attr, None) or {}).items():
+            state[f"{attr}/{name}"] = np.ascontiguousarray(value)
+    for attr in _LIST_STATE:
+        for i, value in enumerate(getattr(strategy, attr, None) or []):
+            state[f"{attr}/{i}"] = np.ascontiguousarray(value)
+    return state
+
+
+def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
+    """Put back what `strategy_state` saved (nothing to do for stateless strategies)."""
+    for attr in _DICT_STATE:
+        values = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{attr}/")}
+        if values:
+            setattr(strategy, attr, values)
+    for attr in _LIST_STATE:
+        values = sorted(((int(k.split("/", 1)[1]), v) for k, v in state.items() if k.startswith(f"{attr}/")))
+        if values:
+            setattr(strategy, attr, [v for _, v in values])
+
+
+def quorum(cfg: RunConfig, sampled: int) -> int:
+    """Valid replies a round needs: `min-replies` as a count (>= 1) or a fraction of those sampled."""
+    if cfg.min_replies >= 1:
+        return min(int(cfg.min_replies), sampled)
+    return max(1, math.ceil(cfg.min_replies * sampled))
+
+
+def screen_replies(replies: list[Message], reference: ArrayRecord, cfg: RunConfig) -> list[Message]:
+    """The training replies fit to aggregate; each refused one is logged with its node and reason."""
+    valid = []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            LOG.warning("node %d: reply refused: the client failed: %s", node, reply.error.reason)
+            continue
+        try:
+            arrays = _the_arrays(reply)
+            validate_update(reference, arrays, max_norm=cfg.max_update_norm or None)
+        except (InvalidUpdate, KeyError, ValueError) as err:
+            LOG.warning("node %d: update refused: %s", node, err)
+            continue
+        valid.append(reply)
+    return valid
+
+
+def _the_arrays(reply: Message) -> ArrayRecord:
+    records = list(reply.content.array_records.values())
+    if len(records) != 1:
+        raise ValueError(f"a reply must hold exactly one ArrayRecord, it holds {len(records)}")
+    return records[0]

@@ -99,8 +99,10 @@ class RunConfig:
     vectorized: str = "auto"
     torch_threads: int = 1  # 1 measured fastest for small models on 2 cores; 0 = torch's default
     run_dir: str = ""  # where the ServerApp writes metrics, checkpoints, model; "" = nowhere
-    round_timeout: float = 3600.0
-    max_update_norm: float = 0.0  # 0.0 = no bound
+    round_timeout: float = 3600.0  # seconds a round waits for replies
+    min_replies: float = 1.0  # quorum of valid replies: >= 1 a count, < 1 a fraction of those sampled
+    round_retries: int = 2  # a round below quorum is retried this often with fresh clients
+    max_update_norm: float = 0.0  # L2 bound on a reply's change to the global model; 0.0 = no bound
 
     def __post_init__(self) -> None:
         _check_values(self)
@@ -172,6 +174,8 @@ def _check_values(cfg: RunConfig) -> None:
     for name in ("lr", "dirichlet_alpha", "round_timeout"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"config key '{_key(name)}' must be > 0, got {getattr(cfg, name)}")
+    if cfg.min_replies <= 0 or cfg.round_retries < 0 or cfg.max_update_norm < 0:
+        raise ConfigError("config keys 'min-replies' must be > 0, 'round-retries' and 'max-update-norm' >= 0")
     if cfg.proximal_mu < 0:
         raise ConfigError(f"config key 'proximal-mu' must be >= 0, got {cfg.proximal_mu}")
     try:

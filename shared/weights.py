@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,6 +18,8 @@ from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
+
+from shared.files import atomic_write_bytes
 
 _NORM_CHUNK = 1 << 16  # elements per chunk: cache-sized, and short float32 sums stay accurate
 _KEY_ORDER = "flowerbed.key_order"  # safetensors metadata entry; the format itself sorts keys
@@ -80,17 +81,7 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
     """
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     data = safetensors_bytes(tensors, metadata={_KEY_ORDER: json.dumps(list(tensors))})
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def load_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

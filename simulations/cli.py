@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one config key (repeatable)")
     run.add_argument("--output", type=Path, help="output directory (default runs/<config name>-<time>)")
+    run.add_argument("--resume", type=Path, metavar="DIR",
+                     help="go on with the run in DIR after its last completed round (its config.toml, plus --set)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -36,14 +38,24 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     args = build_parser().parse_args(argv)
+    if args.resume is not None and (args.config is not None or args.output is not None):
+        print("fedsim: error: --resume DIR takes its config and output from DIR", file=sys.stderr)
+        return 2
     try:
-        cfg = load_config(args.config, args.overrides)
-        from simulations.engine import run_simulation  # torch and Flower load only for a run
+        from fedserver.app import RoundFailed  # torch and Flower load only for a run
+        from fedserver.checkpoints import CheckpointError
+        from simulations.engine import CONFIG_FILE, OutputExists, run_simulation
 
-        result = run_simulation(cfg, args.output or default_output(args.config), progress=not args.quiet)
-    except (ConfigError, DataError) as err:
+        config = args.resume / CONFIG_FILE if args.resume else args.config
+        cfg = load_config(config, args.overrides)
+        output = args.resume or args.output or default_output(args.config)
+        result = run_simulation(cfg, output, progress=not args.quiet, resume=args.resume is not None)
+    except (ConfigError, DataError, CheckpointError, OutputExists) as err:
         print(f"fedsim: error: {err}", file=sys.stderr)
         return 2
+    except RoundFailed as err:
+        print(f"fedsim: run failed: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(result.summary, indent=2))
     print(f"outputs in {result.output}/ (config.toml, metrics.jsonl, summary.json, curves.png, model.safetensors)")
     if result.interrupted:

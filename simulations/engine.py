@@ -17,9 +17,10 @@ from pathlib import Path
 from fedclient.app import app as client_app
 from fedserver.app import ROUND_LOGGER
 from fedserver.app import app as server_app
-from fedserver.checkpoints import read_metrics
+from fedserver.checkpoints import STATE_FILE, read_metrics
 from shared.config import RunConfig
 from shared.data.federation import load_federation
+from shared.files import atomic_write_text
 from simulations.grid import InProcessGrid, server_context, simulation_node_config
 from simulations.report import ProgressHandler, plot_curves, summarize, write_summary
 from simulations.vectorized import batch_runner_for
@@ -44,11 +45,24 @@ def resolve(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True) -> SimulationResult:
-    """Run every round of `cfg` with its clients in this process; write all outputs to `output`."""
+class OutputExists(ValueError):
+    """The output directory already holds a run, and this is not a resumption of it."""
+
+
+def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resume: bool = False) -> SimulationResult:
+    """Run every round of `cfg` with its clients in this process; write all outputs to `output`.
+
+    With `resume`, `output` must hold a run: it goes on after its last committed round.
+    """
+    if (output / STATE_FILE).exists() != resume:
+        raise OutputExists(
+            f"{output} already holds a run: resume it with --resume {output} or choose another --output"
+            if not resume
+            else f"{output} holds no run to resume ({STATE_FILE} is missing)"
+        )
     cfg = resolve(cfg).replace(run_dir=str(output))
     output.mkdir(parents=True, exist_ok=True)
-    (output / CONFIG_FILE).write_text(cfg.to_toml(), encoding="utf-8")
+    atomic_write_text(output / CONFIG_FILE, cfg.to_toml())
     run_config = cfg.to_mapping()
     grid = InProcessGrid(
         client_app,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import tempfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from shared.data.errors import DataError
+from shared.files import atomic_write_text
 
 _GZIP_MAGIC = b"\x1f\x8b"
 # What a truncated or corrupt (possibly gzipped) file raises while being read.
@@ -64,12 +64,4 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write JSON to a temp file beside `path`, then rename it over: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False))

@@ -1,0 +1,174 @@
+"""Resume after a crash, quorum and retries, and bad updates refused (in-process, through fedsim)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+import fedclient.app
+from fedserver.app import RoundFailed
+from fedserver.checkpoints import CheckpointError
+from shared import messages as keys
+from shared import task
+from shared.config import RunConfig
+from shared.weights import load_safetensors
+from simulations import cli, engine
+
+BASE = {
+    "dataset": "synthetic",
+    "num-clients": 6,
+    "clients-per-round": 4,
+    "hidden": "8",
+    "synthetic-max-samples": 200,
+    "lr": 0.05,
+    "vectorized": "off",
+}
+
+
+def config(**changes) -> RunConfig:
+    return RunConfig.from_mapping({**BASE, **{k.replace("_", "-"): v for k, v in changes.items()}})
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def interrupt_after(monkeypatch, calls_before_interrupt: int) -> None:
+    """Ctrl-C (or a crash) in the middle of a round's local training."""
+    real_train, calls = task.train, []
+
+    def train(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > calls_before_interrupt:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(task, "train", train)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch, strategy):
+    cfg = config(strategy=strategy, rounds=4, server_lr=0.05)
+    engine.run_simulation(cfg, tmp_path / "straight", progress=False)
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, calls_before_interrupt=4 * 2 + 2)  # stops in the middle of round 3
+        first = engine.run_simulation(cfg, tmp_path / "crashed", progress=False)
+    assert first.interrupted and first.summary["rounds"] == 2
+
+    resumed = engine.run_simulation(cfg, tmp_path / "crashed", progress=False, resume=True)
+
+    straight = load_safetensors(tmp_path / "straight" / "model.safetensors")
+    again = load_safetensors(tmp_path / "crashed" / "model.safetensors")
+    assert resumed.summary["rounds"] == 4
+    assert all(straight[k].equal(again[k]) for k in straight)
+    assert [r["round"] for r in rows(tmp_path / "crashed")] == [1, 2, 3, 4]  # none lost, none repeated
+    assert [r["accuracy"] for r in rows(tmp_path / "crashed")] == [r["accuracy"] for r in rows(tmp_path / "straight")]
+
+
+def test_fedsim_resume_extends_a_finished_run(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["run", "--set", "rounds=2", "--set", "hidden=\"8\"", "--set", "num-clients=6",
+                     "--set", "clients-per-round=3", "--output", str(out), "--quiet"]) == 0  # fmt: skip
+
+    assert cli.main(["run", "--resume", str(out), "--set", "rounds=3", "--quiet"]) == 0
+
+    assert [r["round"] for r in rows(out)] == [1, 2, 3]
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    engine.run_simulation(config(rounds=1), out, progress=False)
+    before = (out / "metrics.jsonl").read_bytes()
+
+    code = cli.main(["run", "--output", str(out), "--quiet"])
+
+    assert code == 2 and "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_corrupt_checkpoint_names_the_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    engine.run_simulation(config(rounds=2), out, progress=False)
+    (out / "checkpoints" / "round-2.safetensors").write_bytes(b"garbage")
+
+    code = cli.main(["run", "--resume", str(out), "--set", "rounds=3", "--quiet"])
+
+    err = capsys.readouterr().err
+    assert code == 2 and "round-2.safetensors is missing or corrupt" in err
+
+
+def test_a_checkpoint_from_another_config_is_refused(tmp_path):
+    out = tmp_path / "run"
+    engine.run_simulation(config(rounds=1), out, progress=False)
+
+    with pytest.raises(CheckpointError, match="lr = 0.05, not 0.1"):
+        engine.run_simulation(config(rounds=2, lr=0.1), out, progress=False, resume=True)
+
+
+def failing_nodes(monkeypatch, nodes: set[int]) -> None:
+    real_train = task.train
+
+    def train(model, *args, **kwargs):
+        if kwargs["seed"] % 10_007 in nodes:  # node id is the seed's last term (fedclient.app.client_seed)
+            raise RuntimeError("device unplugged")
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(task, "train", train)
+
+
+def test_a_round_completes_from_the_others_when_the_quorum_holds(tmp_path, monkeypatch):
+    monkeypatch.setattr(fedclient.app, "client_seed", lambda cfg, rnd, node: node)
+    failing_nodes(monkeypatch, {1001, 1002})
+
+    result = engine.run_simulation(config(rounds=3, min_replies=0.25), tmp_path / "r", progress=False)
+
+    assert result.summary["rounds"] == 3
+
+
+def test_below_quorum_the_round_is_retried_then_the_run_stops_clearly(tmp_path, monkeypatch):
+    monkeypatch.setattr(fedclient.app, "client_seed", lambda cfg, rnd, node: node)
+    failing_nodes(monkeypatch, set(range(1001, 1007)))  # every client
+
+    with pytest.raises(RoundFailed, match=r"round 1: fewer than 4 valid replies after 3 attempts \(node \d+: RuntimeError: device unplugged\); nothing was aggregated"):
+        engine.run_simulation(config(rounds=2, min_replies=4), tmp_path / "r", progress=False)
+
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def corrupting_client_app(kind: str, bad_nodes: set[int]) -> ClientApp:
+    """The real ClientApp, except that `bad_nodes` send a NaN, wrong-shape or huge update."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = fedclient.app.train(msg, context)
+        if context.node_id not in bad_nodes:
+            return reply
+        arrays = reply.content[keys.ARRAYS]
+        name = next(iter(arrays))
+        value = arrays[name].numpy()
+        bad = {"nan": np.full_like(value, np.nan), "shape": value[:-1], "huge": value + 1e6}[kind]
+        arrays[name] = Array(np.ascontiguousarray(bad))
+        return Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: reply.content[keys.METRICS]}), reply_to=msg)
+
+    app.evaluate()(fedclient.app.evaluate)
+    return app
+
+
+@pytest.mark.parametrize("kind", ["nan", "shape", "huge"])
+def test_bad_updates_are_refused_and_the_model_stays_finite_and_learns(tmp_path, monkeypatch, kind, caplog):
+    monkeypatch.setattr(engine, "client_app", corrupting_client_app(kind, bad_nodes={1001, 1002}))
+
+    result = engine.run_simulation(
+        config(rounds=6, num_clients=6, clients_per_round=6, max_update_norm=100.0, min_replies=2), tmp_path / "r", progress=False
+    )
+
+    weights = load_safetensors(tmp_path / "r" / "model.safetensors")
+    history = rows(tmp_path / "r")
+    assert all(bool(w.isfinite().all()) for w in weights.values())
+    assert history[-1]["eval_loss"] < history[0]["eval_loss"]
+    assert not math.isnan(result.summary["final_accuracy"])
+    assert any("node 1001: update refused" in r.getMessage() for r in caplog.records)
