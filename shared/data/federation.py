@@ -116,7 +116,10 @@ def load_federation(cfg: RunConfig) -> Federation:
     if cfg.dataset == "synthetic":
         return _synthetic_federation(cfg)
     splits, keys = _read_splits(cfg)
-    parts = _partition(cfg, splits.y_train, keys)
+    try:
+        parts = _partition(cfg, splits.y_train, keys)
+    except ValueError as err:  # a partitioner refusing an impossible split (e.g. an empty client)
+        raise DataError(f"dataset '{cfg.dataset}': {err}") from None
     x_train, y_train = splits.x_train, splits.y_train
     test = None
     if splits.x_test is not None:

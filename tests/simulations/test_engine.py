@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -130,6 +131,7 @@ def test_fedprox_keeps_stragglers_with_partial_epochs():
         (["--set", "num-clients=5", "--set", "clients-per-round=6"], "'clients-per-round' (6) is more than"),
         (["--set", "dataset=mnist", "--set", "data-path=/nonexistent/mnist.npz"], "data-path /nonexistent/mnist.npz does not exist"),
         (["--set", "rounds=2", "--set", "local-epoch=3"], "unknown config key 'local-epoch'. Did you mean 'local-epochs'"),
+        (["--set", "dataset=csv", "--set", "data-path=/dev/null"], "/dev/null: empty file"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, args, message):
@@ -144,3 +146,14 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, args, message):
 def test_unknown_strategy_in_config_is_a_config_error():
     with pytest.raises(ConfigError, match="fedfoo"):
         RunConfig.from_mapping({"strategy": "fedfoo"})
+
+
+def test_an_empty_partition_is_a_one_line_data_error(tmp_path, capsys):
+    path = tmp_path / "five.npz"
+    np.savez(path, x=np.zeros((5, 3), np.float32), y=np.arange(5) % 2)
+
+    code = cli.main(["run", "--set", "dataset=npz", "--set", f'data-path="{path}"', "--set", "num-clients=10",
+                     "--set", "clients-per-round=2", "--output", str(tmp_path / "out")])  # fmt: skip
+
+    assert code == 2
+    assert "cannot split 5 samples among 10 clients" in capsys.readouterr().err
