@@ -9,14 +9,6 @@ from shared.models import build_model
 from shared.task import evaluate, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _tiny_classifier(**overrides):
     options = dict(vocab_size=12, d_model=16, nhead=2, num_layers=1, dim_feedforward=32, max_len=16)
     return build_model("transformer-classifier", **(options | overrides))

@@ -15,14 +15,6 @@ from shared.models import build_model
 from shared.task import EvalResult, TrainResult, evaluate, resolve_device, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _data(n: int = 40, dim: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, dim, generator=g)
