@@ -59,7 +59,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> RunResult:
     central_test = _central_test(cfg)
     strategy = build_strategy(cfg, federated_evaluation=central_test is None)
     run_dir = RunDirectory(cfg.run_dir) if cfg.run_dir else None
-    resumed = run_dir.load(_resume_key(cfg)) if run_dir else None
+    resumed = run_dir.load(cfg.to_mapping()) if run_dir else None
     result = RunResult(arrays=to_arrayrecord(model.state_dict()))
     if resumed is not None:
         result = RunResult(history=list(resumed.history), arrays=to_arrayrecord(resumed.weights))
@@ -72,21 +72,16 @@ def run_federation(grid: Grid, cfg: RunConfig) -> RunResult:
             started = time.perf_counter()
             new_arrays, train_metrics = _train_round(strategy, grid, cfg, server_round, result.arrays)
             # Server optimizers compute in float64: the global model keeps the model's own dtypes.
-            result.arrays = to_arrayrecord(to_state_dict(new_arrays, like=model.state_dict()))
+            weights = to_state_dict(new_arrays, like=model.state_dict())
+            result.arrays = to_arrayrecord(weights)
             eval_metrics = _evaluate(strategy, grid, cfg, server_round, result.arrays, model, central_test)
             row = _round_row(server_round, train_metrics, eval_metrics, time.perf_counter() - started)
             result.history.append(row)
             if run_dir is not None:
-                weights = to_state_dict(result.arrays, like=model.state_dict())
-                checkpoint = Checkpoint(server_round, weights, strategy_state(strategy), random.getstate(), result.history)
-                run_dir.save(checkpoint, _resume_key(cfg))
+                state = strategy_state(strategy)
+                run_dir.save(Checkpoint(server_round, weights, state, random.getstate(), result.history), cfg.to_mapping())
             ROUND_LOGGER.info("round %d/%d %s", server_round, cfg.rounds, row, extra={"round_row": row})
     return result
-
-
-def _resume_key(cfg: RunConfig) -> dict[str, object]:
-    """What a checkpoint must match to be resumed by this config."""
-    return cfg.to_mapping()
 
 
 def reached_target(cfg: RunConfig, row: dict[str, float | None]) -> bool:
