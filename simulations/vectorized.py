@@ -71,6 +71,8 @@ def batch_runner_for(cfg: RunConfig) -> RoundRunner | None:
 
 def unsupported_reason(cfg: RunConfig) -> str | None:
     """Why the local training of `cfg` cannot be vectorized, or None when it can."""
+    if cfg.secure_aggregation:
+        return "secure aggregation masks each client's update in its ClientApp mod"
     if cfg.optimizer not in SUPPORTED_OPTIMIZERS:
         return f"optimizer '{cfg.optimizer}' (supported: {', '.join(SUPPORTED_OPTIMIZERS)})"
     try:

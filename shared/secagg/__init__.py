@@ -1,0 +1,50 @@
+"""Secure aggregation (SecAgg+, Bell et al., CCS 2020) on Flower's Message API.
+
+Server: `secure_train_round(grid, train_messages, settings, timeout)` -> `SecureAggregate`,
+then `as_mean_reply(aggregate, reply_to)` for the strategy's `aggregate_train`.
+Client: `ClientApp(mods=[secagg_mod])`.
+
+A round, over a random k-regular graph of the sampled clients (protocol.py has the messages):
+1. advertise-keys: each client makes two X25519 key pairs, c (to seal shares) and s (to mask);
+2. share-keys: it draws a self-mask seed b, Shamir-shares b and its s private key (threshold t)
+   among itself and its neighbours, and seals each neighbour's shares with AES-GCM under a key
+   agreed with that neighbour, bound to (round, stage, sender, receiver);
+3. masked-input: it opens the shares addressed to it, trains (the wrapped ClientApp), and sends
+   y = n * q(update) + PRG(b) + sum_v +-PRG(s_uv) mod 2^m, the count n and metrics inside;
+4. unmask: each surviving client reveals, per neighbour, the b-share if that neighbour's vector
+   arrived, else its s-share (never both); the server rebuilds the seeds and keys it needs,
+   removes the survivors' self masks and their pairwise masks towards the dropped.
+
+Threat model: an honest-but-curious server and clients, any of whom may drop at any time; the
+server learns the sum over the clients whose vectors arrived and nothing of any one of them
+unless t of a client's neighbours collude with it. Not covered: a server that lies about who
+dropped out to different clients (Bell et al.'s consistency round with signatures), and
+clients that send malformed inputs (they can spoil the sum, not learn others' inputs).
+"""
+
+from shared.secagg.client import secagg_mod
+from shared.secagg.server import SecureAggregate, Survivors, as_mean_reply, secure_train_round
+from shared.secagg.settings import (
+    COMPATIBLE_STRATEGIES,
+    CONFIG_KEYS,
+    SWITCH_KEY,
+    SecAggError,
+    SecAggIntegrityError,
+    SecAggSettings,
+    check_run,
+)
+
+__all__ = [
+    "COMPATIBLE_STRATEGIES",
+    "CONFIG_KEYS",
+    "SWITCH_KEY",
+    "SecAggError",
+    "SecAggIntegrityError",
+    "SecAggSettings",
+    "SecureAggregate",
+    "Survivors",
+    "as_mean_reply",
+    "check_run",
+    "secagg_mod",
+    "secure_train_round",
+]

@@ -1,0 +1,291 @@
+"""The client side of SecAgg+: a ClientApp mod, `ClientApp(mods=[secagg_mod])`.
+
+Messages that are not secure-aggregation stages pass straight through (evaluation, and plain
+training unless the run config sets `secure-aggregation = true`, in which case plain training
+is refused: this node's update then never leaves it unmasked). Between stages a node keeps its
+keys, self-mask seed and the shares it holds in `context.state` (a ConfigRecord); they are
+deleted once it has answered the unmask stage, so it can never answer a second one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+
+from shared import messages as keys
+from shared.secagg import crypto
+from shared.secagg import protocol as p
+from shared.secagg.encoding import encode, layout_of, numpy_arrays, reduce_modulo
+from shared.secagg.settings import SWITCH_KEY, SecAggError, SecAggIntegrityError, SecAggSettings
+
+STATE = "secagg-state"  # the ConfigRecord in context.state
+_SETTINGS_KEYS = {
+    p.THRESHOLD: "threshold",
+    p.DEGREE: "neighbours",
+    p.CLIPPING_RANGE: "clipping_range",
+    p.QUANTIZATION_RANGE: "quantization_range",
+    p.MODULUS_BITS: "modulus_bits",
+    p.METRIC_CLIPPING_RANGE: "metric_clipping_range",
+}
+
+
+def settings_record(settings: SecAggSettings) -> dict[str, int | float]:
+    """The settings as `secagg` ConfigRecord entries (the server sends them at advertise-keys)."""
+    return {key: getattr(settings, name) for key, name in _SETTINGS_KEYS.items()}
+
+
+def settings_from_record(record: ConfigRecord) -> SecAggSettings:
+    try:
+        return SecAggSettings(**{name: record[key] for key, name in _SETTINGS_KEYS.items()})
+    except (KeyError, ValueError, TypeError) as err:
+        raise SecAggError(f"unusable settings from the server: {err}") from None
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """One node's secrets and view of one secure round."""
+
+    round_id: bytes
+    stage: str
+    node: int
+    settings: SecAggSettings
+    sk_c: bytes  # X25519 private key for the share-encryption keys (dropped once they are derived)
+    sk_s: bytes  # X25519 private key for pairwise masks (Shamir-shared)
+    pk_c: bytes
+    pk_s: bytes
+    neighbours: tuple[int, ...] = ()
+    peers: tuple[int, ...] = ()  # neighbours whose keys arrived at share-keys
+    share_keys: tuple[bytes, ...] = ()  # AES-GCM key with each peer, parallel to `peers`
+    peer_pk_s: tuple[bytes, ...] = ()
+    seed: bytes = b""  # the self-mask seed b (Shamir-shared)
+    owners: tuple[int, ...] = ()  # whose shares this node holds (itself first)
+    b_shares: tuple[bytes, ...] = ()
+    sk_shares: tuple[bytes, ...] = ()
+
+    def to_record(self) -> ConfigRecord:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "settings"}
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        return ConfigRecord({**values, **settings_record(self.settings)})
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> NodeState:
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name != "settings":
+                value = record[f.name]
+                kwargs[f.name] = tuple(value) if f.default == () else value
+        return cls(settings=settings_from_record(record), **kwargs)
+
+    def peer_index(self, node: int) -> int:
+        return self.peers.index(node)
+
+
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Run a SecAgg+ stage when `msg` is one; pass anything else to `call_next`."""
+    request = _stage_request(msg)
+    if request is None:
+        _refuse_plaintext_training(msg, context)
+        return call_next(msg, context)
+    stage = request.get(p.STAGE)
+    node = msg.metadata.dst_node_id
+    masked: ArrayRecord | None = None
+    if stage == p.ADVERTISE_KEYS:
+        state, reply = _advertise_keys(request, node)
+    else:
+        previous = _load_state(context, request, stage)
+        if stage == p.SHARE_KEYS:
+            state, reply = _share_keys(previous, request)
+        elif stage == p.MASKED_INPUT:
+            state, reply, masked = _masked_input(previous, request, msg, context, call_next)
+        else:
+            state, reply = _unmask(previous, request)
+    if stage == p.UNMASK:
+        del context.state[STATE]  # the secrets of this round go; no second unmask
+    else:
+        context.state[STATE] = state.to_record()
+    content = RecordDict({p.RECORD: ConfigRecord({p.STAGE: stage, p.ROUND_ID: state.round_id, **reply})})
+    if masked is not None:
+        content[p.MASKED] = masked
+    return Message(content, reply_to=msg)
+
+
+def _stage_request(msg: Message) -> ConfigRecord | None:
+    if msg.metadata.message_type != MessageType.TRAIN or not msg.has_content():
+        return None
+    record = msg.content.get(p.RECORD)
+    return record if isinstance(record, ConfigRecord) else None
+
+
+def _refuse_plaintext_training(msg: Message, context: Context) -> None:
+    if msg.metadata.message_type == MessageType.TRAIN and context.run_config.get(SWITCH_KEY) is True:
+        raise SecAggError("secure aggregation is on: refusing to send a plaintext update")
+
+
+def _load_state(context: Context, request: ConfigRecord, stage: object) -> NodeState:
+    if stage not in p.STAGES:
+        raise SecAggError(f"unknown secure aggregation stage {stage!r}")
+    record = context.state.get(STATE)
+    if not isinstance(record, ConfigRecord):
+        raise SecAggError(f"stage {stage}: no secure round in progress on this node")
+    state = NodeState.from_record(record)
+    if request.get(p.ROUND_ID) != state.round_id:
+        raise SecAggIntegrityError(f"stage {stage}: message of another round (stale or replayed)")
+    expected = p.STAGES[p.STAGES.index(state.stage) + 1] if state.stage != p.UNMASK else None
+    if stage != expected:
+        raise SecAggError(f"stage {stage} out of order: this node is at {state.stage}, expects {expected}")
+    return state
+
+
+def _advertise_keys(request: ConfigRecord, node: int) -> tuple[NodeState, dict]:
+    settings = settings_from_record(request)
+    round_id = request.get(p.ROUND_ID)
+    if not isinstance(round_id, bytes) or len(round_id) != crypto.ROUND_ID_BYTES:
+        raise SecAggError("advertise-keys: a round id of 16 bytes is required")
+    neighbours = tuple(request.get(p.NEIGHBOURS, []))
+    _check_ids(neighbours, allowed=None, node=node, what="neighbours")
+    if len(neighbours) > settings.neighbours:
+        raise SecAggError(f"advertise-keys: {len(neighbours)} neighbours, more than the degree {settings.neighbours}")
+    _check_group(len(neighbours) + 1, settings.threshold, "advertise-keys: neighbourhood")
+    sk_c, pk_c = crypto.new_key_pair()
+    sk_s, pk_s = crypto.new_key_pair()
+    state = NodeState(round_id, p.ADVERTISE_KEYS, node, settings, sk_c, sk_s, pk_c, pk_s, neighbours)
+    return state, {p.PUBLIC_KEY_C: pk_c, p.PUBLIC_KEY_S: pk_s}
+
+
+def _share_keys(state: NodeState, request: ConfigRecord) -> tuple[NodeState, dict]:
+    peers = tuple(request[p.PEERS])
+    pk_c, pk_s = tuple(request[p.PEER_KEYS_C]), tuple(request[p.PEER_KEYS_S])
+    _check_ids(peers, allowed=set(state.neighbours), node=state.node, what="peers")
+    if not len(peers) == len(pk_c) == len(pk_s):
+        raise SecAggError("share-keys: peers and their public keys differ in number")
+    all_keys = pk_c + pk_s
+    if len(set(all_keys)) != len(all_keys) or {state.pk_c, state.pk_s} & set(all_keys):
+        raise SecAggIntegrityError("share-keys: repeated public keys")
+    _check_group(len(peers) + 1, state.settings.threshold, "share-keys: neighbours with keys")
+    seed = os.urandom(crypto.SEED_BYTES)
+    count, threshold = len(peers) + 1, state.settings.threshold
+    b_shares = crypto.split_secret(seed, threshold, count)
+    sk_shares = crypto.split_secret(state.sk_s, threshold, count)
+    share_keys = crypto.agree_all(state.sk_c, zip(peers, pk_c), "share-key", state.round_id, state.node)
+    ciphertexts = []
+    for i, (peer, key) in enumerate(zip(peers, share_keys, strict=True)):
+        plaintext = share_keys_plaintext_concat(state.node, peer, b_shares[i + 1], sk_shares[i + 1])
+        aad = crypto.share_aad(state.round_id, p.SHARE_KEYS, state.node, peer)
+        ciphertexts.append(crypto.seal(key, plaintext, aad))
+    state = dataclasses.replace(
+        state, stage=p.SHARE_KEYS, sk_c=b"", peers=peers, share_keys=tuple(share_keys), peer_pk_s=pk_s, seed=seed,
+        owners=(state.node,), b_shares=(b_shares[0],), sk_shares=(sk_shares[0],),
+    )  # fmt: skip
+    return state, {p.DESTINATIONS: list(peers), p.CIPHERTEXTS: ciphertexts}
+
+
+def _masked_input(
+    state: NodeState, request: ConfigRecord, msg: Message, context: Context, call_next: ClientAppCallable
+) -> tuple[NodeState, dict, ArrayRecord]:
+    sources, ciphertexts = tuple(request[p.SOURCES]), list(request[p.CIPHERTEXTS])
+    if len(sources) != len(set(sources)):
+        raise SecAggIntegrityError("masked-input: the same source's share arrived twice (replayed)")
+    _check_ids(sources, allowed=set(state.peers), node=state.node, what="sources")
+    if len(sources) != len(ciphertexts):
+        raise SecAggError("masked-input: sources and ciphertexts differ in number")
+    _check_group(len(sources) + 1, state.settings.threshold, "masked-input: neighbours that shared keys")
+    b_held, sk_held = _open_shares(state, sources, ciphertexts)
+    state = dataclasses.replace(
+        state, stage=p.MASKED_INPUT, owners=state.owners + sources,
+        b_shares=state.b_shares + b_held, sk_shares=state.sk_shares + sk_held,
+    )  # fmt: skip
+    reference = numpy_arrays(msg.content[keys.ARRAYS])
+    update, weight, metrics = _train(msg, context, call_next)
+    layout = layout_of(reference).with_metrics(tuple(sorted(metrics)))
+    vector = encode(update, reference, weight, metrics, layout, state.settings)
+    crypto.apply_masks(vector, _mask_keys(state, sources))
+    reduce_modulo(vector, state.settings.modulus_bits)
+    masked = ArrayRecord({p.VECTOR: Array(vector)})
+    return state, {p.METRIC_KEYS: list(layout.metric_keys)}, masked
+
+
+def _open_shares(state: NodeState, sources: tuple[int, ...], ciphertexts: list[bytes]) -> tuple[tuple, tuple]:
+    b_held, sk_held = [], []
+    for src, blob in zip(sources, ciphertexts, strict=True):
+        if not isinstance(blob, bytes):
+            raise SecAggError(f"masked-input: the share from node {src} is not bytes")
+        key = state.share_keys[state.peer_index(src)]
+        aad = crypto.share_aad(state.round_id, p.SHARE_KEYS, src, state.node)
+        plaintext = crypto.unseal(key, blob, aad, f"node {state.node}: share from node {src}")
+        actual_src, dst, b_share, sk_share = share_keys_plaintext_separate(plaintext)
+        if (actual_src, dst) != (src, state.node):
+            raise SecAggIntegrityError(f"node {state.node}: share from node {src} was made for {actual_src} -> {dst}")
+        b_held.append(b_share)
+        sk_held.append(sk_share)
+    return tuple(b_held), tuple(sk_held)
+
+
+def _mask_keys(state: NodeState, sources: tuple[int, ...]) -> list[tuple[bytes, int]]:
+    """The self mask (+) and one pairwise mask per source: + towards larger ids, - towards smaller."""
+    peers = [(src, state.peer_pk_s[state.peer_index(src)]) for src in sources]
+    pair_keys = crypto.agree_all(state.sk_s, peers, "pair-mask", state.round_id, state.node)
+    signs = [1 if state.node < src else -1 for src in sources]
+    return [(crypto.derive(state.seed, "self-mask", state.round_id), 1), *zip(pair_keys, signs, strict=True)]
+
+
+def _train(msg: Message, context: Context, call_next: ClientAppCallable) -> tuple[dict[str, np.ndarray], int, dict]:
+    """Run the wrapped ClientApp on the round's training content; its arrays, count and metrics."""
+    original = msg.content
+    msg.content = RecordDict({name: record for name, record in original.items() if name != p.RECORD})
+    try:
+        reply = call_next(msg, context)
+    finally:
+        msg.content = original
+    if reply.has_error():
+        raise SecAggError(f"training failed: {reply.error.reason}")
+    array_records = list(reply.content.array_records.values())
+    metric_records = list(reply.content.metric_records.values())
+    if len(array_records) != 1 or len(metric_records) != 1:
+        raise SecAggError("the training reply must hold exactly one ArrayRecord and one MetricRecord")
+    metrics: MetricRecord = metric_records[0]
+    if keys.NUM_EXAMPLES not in metrics:
+        raise SecAggError(f"the training reply's metrics lack '{keys.NUM_EXAMPLES}'")
+    weight = metrics[keys.NUM_EXAMPLES]
+    if isinstance(weight, float) and weight.is_integer():
+        weight = int(weight)
+    if not isinstance(weight, int):
+        raise SecAggError(f"'{keys.NUM_EXAMPLES}' must be a whole number, got {weight!r}")
+    scalars = {k: float(v) for k, v in metrics.items() if k != keys.NUM_EXAMPLES and isinstance(v, (int, float))}
+    return numpy_arrays(array_records[0]), weight, scalars
+
+
+def _unmask(state: NodeState, request: ConfigRecord) -> tuple[NodeState, dict]:
+    alive, dropped = tuple(request[p.ALIVE]), tuple(request[p.DROPPED])
+    owners = set(state.owners)
+    if set(alive) & set(dropped):
+        raise SecAggIntegrityError("unmask: a node is listed as both alive and dropped")
+    if len(set(alive)) != len(alive) or len(set(dropped)) != len(dropped) or not set(alive + dropped) <= owners:
+        raise SecAggError("unmask: the lists name nodes this node holds no shares of, or repeat one")
+    if state.node not in alive:
+        raise SecAggIntegrityError("unmask: this node sent its masked vector yet is listed as dropped")
+    _check_group(len(alive), state.settings.threshold, "unmask: surviving share owners")
+    index = {owner: i for i, owner in enumerate(state.owners)}
+    shares = [state.b_shares[index[n]] for n in alive] + [state.sk_shares[index[n]] for n in dropped]
+    return dataclasses.replace(state, stage=p.UNMASK), {p.OWNERS: list(alive + dropped), p.SHARES: shares}
+
+
+def _check_ids(ids: tuple, allowed: set[int] | None, node: int, what: str) -> None:
+    if any(not isinstance(i, int) for i in ids) or len(set(ids)) != len(ids) or node in ids:
+        raise SecAggError(f"{what}: node ids must be distinct integers other than this node's")
+    if allowed is not None and not set(ids) <= allowed:
+        raise SecAggError(f"{what}: {sorted(set(ids) - allowed)} are not this node's neighbours")
+
+
+def _check_group(size: int, threshold: int, what: str) -> None:
+    if size < threshold:
+        raise SecAggError(f"{what}: {size}, fewer than the threshold {threshold}")

@@ -1,0 +1,182 @@
+"""The protocol's cryptography. Every cipher, KDF and random number comes from `cryptography`
+or the OS CSPRNG; the only arithmetic done here is Shamir's polynomial sharing.
+
+- key agreement: X25519, the shared secret through HKDF-SHA256 with a purpose label, the round
+  id and the two node ids as `info` (one key per purpose, round and pair);
+- shares in transit: AES-256-GCM, a random 96-bit nonce, associated data binding each ciphertext
+  to (round id, stage, source, destination), so a replayed, reflected or redirected share fails
+  authentication exactly as a tampered one does;
+- masks: the AES-256-CTR keystream of a HKDF-derived key, read as unsigned integers (uniform
+  modulo 2^m). Flower's `secaggplus_utils.pseudo_rand_gen` is not used: it seeds numpy's
+  Mersenne Twister with 32 bits XOR-folded from the seed, neither a CSPRNG nor a 128-bit seed;
+- Shamir secret sharing over the prime field GF(2^521 - 1), as in Bonawitz et al.: a 32-byte
+  secret is one field element, the polynomial's other coefficients come from `secrets` (the OS
+  CSPRNG), shares are (4-byte index, 66-byte value). Flower's `crypto.shamir` (PyCryptodome's
+  GF(2^128) Shamir) is sound but does its field arithmetic in pure Python, 70 us a
+  multiplication: about 20 ms of sharing and rebuilding per client, seconds a round at 100
+  clients; Python's integers do the same in microseconds. Flower's Fernet helpers in
+  `symmetric_encryption` are not used either: no associated data, and ECDH over P-curves.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from shared.secagg.settings import SecAggError, SecAggIntegrityError
+
+LABEL = b"flowerbed/secagg/v1/"
+SEED_BYTES = 32
+ROUND_ID_BYTES = 16
+_NONCE_BYTES = 12
+_CTR_ZERO_NONCE = bytes(16)  # every mask key is used for one keystream only
+_PRIME = (1 << 521) - 1  # a Mersenne prime: every 32-byte secret is one field element
+_VALUE_BYTES = 66
+_INDEX_BYTES = 4
+_CHUNK_ELEMENTS = 1 << 15  # keystream chunk: 256 KiB of uint64, stays in L2 while added
+
+
+def new_key_pair() -> tuple[bytes, bytes]:
+    """A fresh X25519 key pair as raw (private, public) bytes."""
+    private = X25519PrivateKey.generate()
+    raw = serialization.Encoding.Raw
+    public = private.public_key().public_bytes(raw, serialization.PublicFormat.Raw)
+    secret = private.private_bytes(raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    return secret, public
+
+
+def public_of(private: bytes) -> bytes:
+    """The raw public key of a raw X25519 private key."""
+    public = X25519PrivateKey.from_private_bytes(private).public_key()
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def agree(private: bytes, peer_public: bytes, purpose: str, round_id: bytes, a: int, b: int) -> bytes:
+    """A 32-byte key for `purpose` shared by nodes `a` and `b` (order-free) in one round."""
+    return agree_all(private, [(b, peer_public)], purpose, round_id, a)[0]
+
+
+def agree_all(
+    private: bytes, peers: Iterable[tuple[int, bytes]], purpose: str, round_id: bytes, node: int
+) -> list[bytes]:
+    """`agree` of `node`'s private key with each (peer id, peer public key), the key parsed once."""
+    own = X25519PrivateKey.from_private_bytes(private)
+    keys = []
+    for peer, peer_public in peers:
+        try:
+            shared = own.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        except ValueError as err:  # a malformed or low-order public key
+            raise SecAggError(f"key agreement between nodes {node} and {peer} failed: {err}") from None
+        low, high = sorted((node, peer))
+        keys.append(derive(shared, purpose, round_id + struct.pack(">QQ", low, high)))
+    return keys
+
+
+def derive(secret: bytes, purpose: str, context: bytes = b"") -> bytes:
+    """HKDF-SHA256 of `secret` for one purpose and context."""
+    info = LABEL + purpose.encode() + b"/" + context
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def share_aad(round_id: bytes, stage: str, src: int, dst: int) -> bytes:
+    """What a share ciphertext is bound to: its round, stage, sender and receiver."""
+    return LABEL + round_id + stage.encode() + struct.pack(">QQ", src, dst)
+
+
+def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """AES-256-GCM: nonce || ciphertext || tag."""
+    nonce = os.urandom(_NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def unseal(key: bytes, blob: bytes, aad: bytes, what: str) -> bytes:
+    """Decrypt and authenticate `blob`; a tampered, replayed or misdirected one raises."""
+    try:
+        return AESGCM(key).decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], aad)
+    except (InvalidTag, ValueError):
+        raise SecAggIntegrityError(f"{what}: authentication failed (tampered, replayed or misdirected)") from None
+
+
+def apply_masks(vector: np.ndarray, keys: Sequence[tuple[bytes, int]]) -> None:
+    """Add (sign +1) or subtract (sign -1) the keystream of each key to `vector`, in place.
+
+    Arithmetic wraps modulo 2^(bits of the dtype); the caller reduces to 2^m. The keystreams
+    are expanded chunk by chunk, so each is added while it is still in cache.
+    """
+    if not keys or vector.size == 0:
+        return
+    dtype = vector.dtype
+    streams = [(_keystream(key), sign) for key, sign in keys]
+    chunk_bytes = min(_CHUNK_ELEMENTS, vector.size) * dtype.itemsize
+    zeros = memoryview(bytes(chunk_bytes))
+    buffer = bytearray(chunk_bytes + 15)  # update_into needs a block's slack
+    for start in range(0, vector.size, _CHUNK_ELEMENTS):
+        view = vector[start : start + _CHUNK_ELEMENTS]
+        nbytes = view.size * dtype.itemsize
+        for stream, sign in streams:
+            stream.update_into(zeros[:nbytes], buffer)
+            mask = np.frombuffer(buffer, dtype=dtype, count=view.size)
+            (np.add if sign > 0 else np.subtract)(view, mask, out=view)
+
+
+def mask(key: bytes, size: int, dtype: np.dtype) -> np.ndarray:
+    """The mask of `key` alone: `size` uniform integers of `dtype` (for tests and checks)."""
+    out = np.zeros(size, dtype=dtype)
+    apply_masks(out, [(key, 1)])
+    return out
+
+
+def _keystream(key: bytes):  # noqa: ANN202 - cryptography's CipherContext
+    return Cipher(algorithms.AES(key), modes.CTR(_CTR_ZERO_NONCE)).encryptor()
+
+
+def split_secret(secret: bytes, threshold: int, count: int) -> list[bytes]:
+    """`count` Shamir shares of `secret` (at most 64 bytes), any `threshold` of which rebuild it."""
+    if not 1 <= threshold <= count or len(secret) > 64:
+        raise SecAggError(f"cannot split a {len(secret)}-byte secret into {count} shares, threshold {threshold}")
+    coefficients = [int.from_bytes(secret, "big")] + [secrets.randbelow(_PRIME) for _ in range(threshold - 1)]
+    shares = []
+    for x in range(1, count + 1):
+        y = 0
+        for coefficient in reversed(coefficients):  # Horner
+            y = (y * x + coefficient) % _PRIME
+        shares.append(x.to_bytes(_INDEX_BYTES, "little") + y.to_bytes(_VALUE_BYTES, "big"))
+    return shares
+
+
+def rebuild_secret(shares: Iterable[bytes], threshold: int, what: str, length: int = SEED_BYTES) -> bytes:
+    """The `length`-byte secret from `threshold` shares with distinct indices (Lagrange at 0).
+
+    Fewer shares, or shares that do not lie on one polynomial of a `length`-byte secret
+    (detected with probability 1 - 2^(8 length - 521)), raise SecAggError.
+    """
+    points: dict[int, int] = {}
+    for share in shares:
+        if isinstance(share, bytes) and len(share) == _INDEX_BYTES + _VALUE_BYTES:
+            x = int.from_bytes(share[:_INDEX_BYTES], "little")
+            if x > 0:
+                points.setdefault(x, int.from_bytes(share[_INDEX_BYTES:], "big"))
+    if len(points) < threshold:
+        raise SecAggError(f"{what}: {len(points)} shares, {threshold} needed")
+    chosen = list(points.items())[:threshold]
+    secret = 0
+    for j, (xj, yj) in enumerate(chosen):
+        numerator = denominator = 1
+        for m, (xm, _) in enumerate(chosen):
+            if m != j:
+                numerator = numerator * xm % _PRIME
+                denominator = denominator * (xm - xj) % _PRIME
+        secret = (secret + yj * numerator * pow(denominator, -1, _PRIME)) % _PRIME
+    if secret >> (8 * length):
+        raise SecAggError(f"{what}: the shares do not fit together")
+    return secret.to_bytes(length, "big")

@@ -1,0 +1,498 @@
+"""SecAgg+ over the in-process Grid: exact FedAvg, uniform-looking uploads, dropouts, tampering.
+
+The toy ClientApp's updates are known functions of the partition id, so every expected sum is
+computed here in plain float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+
+from shared.secagg import (
+    COMPATIBLE_STRATEGIES,
+    SecAggError,
+    SecAggIntegrityError,
+    SecAggSettings,
+    SecureAggregate,
+    as_mean_reply,
+    secagg_mod,
+    secure_train_round,
+)
+from shared.secagg import protocol as p
+from shared.secagg.encoding import encode, layout_of
+from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_config
+
+SETTINGS = SecAggSettings(threshold=4, neighbours=6, clipping_range=1.0, quantization_range=1 << 20)
+CLIENTS = 10
+
+
+# ----------------------------------------------------------------------------- the toy federation
+
+
+def reference_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(42)
+    return {
+        "w": rng.standard_normal((100, 50)).astype(np.float32),
+        "b": rng.standard_normal(50).astype(np.float32),
+        "steps": np.array(3, dtype=np.int64),
+    }
+
+
+def examples(pid: int) -> int:
+    return 10 * (pid + 1)
+
+
+def client_update(reference: dict[str, np.ndarray], pid: int) -> dict[str, np.ndarray]:
+    """Partition `pid`'s new weights: the reference plus a fixed delta within [-0.9, 0.9]."""
+    rng = np.random.default_rng(pid)
+    out = {}
+    for name, value in reference.items():
+        if np.issubdtype(value.dtype, np.floating):
+            out[name] = (value + rng.uniform(-0.9, 0.9, value.shape)).astype(value.dtype)
+        else:
+            out[name] = np.asarray(value + pid)
+    return out
+
+
+def toy_app(secure: bool = True, crash: dict[int, str] | None = None) -> ClientApp:
+    """Trains to `client_update`; with `crash`, node -> the stage at which it raises."""
+    mods = ([crash_mod(crash)] if crash else []) + ([secagg_mod] if secure else [])
+    app = ClientApp(mods=mods)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        received = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        arrays = ArrayRecord({k: Array(v) for k, v in client_update(received, pid).items()})
+        metrics = MetricRecord({"num-examples": examples(pid), "train_loss": pid / 10})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def crash_mod(crash: dict[int, str]) -> Callable:
+    def mod(msg: Message, context: Context, call_next: Callable) -> Message:
+        record = msg.content.get(p.RECORD) if msg.has_content() else None
+        if record is not None and crash.get(msg.metadata.dst_node_id) == record[p.STAGE]:
+            raise RuntimeError(f"node crashed at {record[p.STAGE]}")
+        return call_next(msg, context)
+
+    return mod
+
+
+class FaultyGrid(InProcessGrid):
+    """An InProcessGrid that records each stage's traffic, loses chosen replies, and lets a test
+    rewrite the messages of a stage on their way out (a man in the middle, or the server)."""
+
+    def __init__(self, app: ClientApp, n: int = CLIENTS, run_config: dict | None = None) -> None:
+        super().__init__(app, n, run_config or {}, simulation_node_config(n))
+        self.lose: dict[str, set[int]] = {}
+        self.rewrite: dict[str, Callable[[list[Message]], None]] = {}
+        self.log: list[tuple[str, list[Message], list[Message]]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        stage = stage_of(messages[0]) if messages else ""
+        if stage in self.rewrite:
+            self.rewrite[stage](messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        self.log.append((stage, messages, replies))
+        return [r for r in replies if r.metadata.src_node_id not in self.lose.get(stage, set())]
+
+    def traffic(self, stage: str) -> tuple[list[Message], list[Message]]:
+        """The last round's messages and replies of `stage`."""
+        sent, received = next((s, r) for st, s, r in reversed(self.log) if st == stage)
+        return sent, received
+
+
+def stage_of(message: Message) -> str:
+    record = message.content.get(p.RECORD) if message.has_content() else None
+    return str(record[p.STAGE]) if isinstance(record, ConfigRecord) else ""
+
+
+def train_messages(grid: InProcessGrid, reference: dict[str, np.ndarray] | None = None) -> list[Message]:
+    reference = reference_arrays() if reference is None else reference
+    content = RecordDict(
+        {"arrays": ArrayRecord({k: Array(v) for k, v in reference.items()}), "config": ConfigRecord({"server-round": 1})}
+    )
+    return [Message(content, node, "train", group_id="1") for node in grid.get_node_ids()]
+
+
+def plaintext_sum(pids, reference=None) -> tuple[dict[str, np.ndarray], int]:
+    """sum_i n_i x_i in float64, and sum_i n_i, over partitions `pids`."""
+    reference = reference_arrays() if reference is None else reference
+    total = {k: np.zeros(v.shape) for k, v in reference.items()}
+    for pid in pids:
+        for k, v in client_update(reference, pid).items():
+            total[k] += examples(pid) * v.astype(np.float64)
+    return total, sum(examples(pid) for pid in pids)
+
+
+def pids(nodes) -> list[int]:
+    return [node - FIRST_NODE_ID for node in nodes]
+
+
+def assert_sum_within_bound(aggregate: SecureAggregate, settings: SecAggSettings = SETTINGS) -> None:
+    """The weighted sum over the clients the round says it summed, within W * step / 2."""
+    expected, count = plaintext_sum(pids(aggregate.survivors.masked))
+    assert aggregate.num_examples == count
+    for name in ("w", "b"):
+        got = aggregate.weighted_sum[name].astype(np.float64)
+        slack = 4 * np.finfo(np.float32).eps * np.abs(expected[name])  # the float32 result itself
+        assert np.all(np.abs(got - expected[name]) <= count * settings.error_bound() + slack), name
+
+
+def secure_round(grid: InProcessGrid, settings: SecAggSettings = SETTINGS) -> SecureAggregate:
+    return secure_train_round(grid, train_messages(grid), settings, timeout=60)
+
+
+# ----------------------------------------------------------------------------- (1) exact FedAvg
+
+
+def test_secure_mean_is_plaintext_fedavg_within_the_quantization_bound():
+    """Per element |secure - plaintext FedAvg| <= step/2 = c/(Q-1) (+ float32 rounding of the results)."""
+    plain_grid = FaultyGrid(toy_app(secure=False))
+    plain, plain_metrics = FedAvg().aggregate_train(1, plain_grid.send_and_receive(train_messages(plain_grid)))
+
+    grid = FaultyGrid(toy_app())
+    messages = train_messages(grid)
+    aggregate = secure_train_round(grid, messages, SETTINGS)
+    secure, secure_metrics = FedAvg().aggregate_train(1, [as_mean_reply(aggregate, messages[0])])
+
+    assert aggregate.survivors.masked == tuple(grid.get_node_ids())
+    for name in ("w", "b"):
+        a, b = secure[name].numpy(), plain[name].numpy()
+        assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+        slack = 4 * np.finfo(np.float32).eps * np.abs(b)
+        assert np.all(np.abs(a.astype(np.float64) - b) <= SETTINGS.error_bound() + slack)
+    assert aggregate.mean["steps"].dtype == np.int64
+    assert secure_metrics["train_loss"] == pytest.approx(plain_metrics["train_loss"], abs=SETTINGS.metric_step)
+    assert_sum_within_bound(aggregate)
+
+
+@pytest.mark.parametrize("modulus_bits, levels", [(64, 1 << 24), (40, 1 << 20), (32, 1 << 16)])
+def test_any_modulus_gives_the_sum_within_the_bound(modulus_bits, levels):
+    settings = SecAggSettings(threshold=4, neighbours=6, clipping_range=1.0, quantization_range=levels, modulus_bits=modulus_bits)
+    grid = FaultyGrid(toy_app())
+    aggregate = secure_round(grid, settings)
+    y = grid.traffic(p.MASKED_INPUT)[1][0].content[p.MASKED][p.VECTOR].numpy()
+    assert y.dtype == settings.dtype and int(y.max()) < 2**modulus_bits
+    assert_sum_within_bound(aggregate, settings)
+
+
+STRATEGY_CLASSES = {
+    "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam,
+    "fedyogi": FedYogi, "fedadagrad": FedAdagrad, "fedavgm": FedAvgM,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", COMPATIBLE_STRATEGIES)
+def test_compatible_strategies_aggregate_the_mean_reply_as_the_replies_themselves(name):
+    """One reply with the weighted mean and num-examples = W gives bit-identical arrays."""
+    grid = FaultyGrid(toy_app(secure=False))
+    arrays = ArrayRecord({k: Array(v) for k, v in reference_arrays().items()})
+    results = []
+    for single in (False, True):
+        strategy = STRATEGY_CLASSES[name]()
+        messages = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+        replies = sorted(grid.send_and_receive(messages), key=lambda r: r.metadata.src_node_id)
+        if single:
+            mean, metrics = FedAvg().aggregate_train(1, replies)
+            aggregate = SecureAggregate(
+                {}, {k: v.numpy() for k, v in mean.items()}, sum(examples(i) for i in range(CLIENTS)),
+                {"train_loss": float(metrics["train_loss"])}, survivors=None,
+            )  # fmt: skip
+            replies = [as_mean_reply(aggregate, messages[0])]
+        results.append(strategy.aggregate_train(1, replies)[0])
+    for key in results[0]:
+        np.testing.assert_array_equal(results[0][key].numpy(), results[1][key].numpy())
+
+
+# ----------------------------------------------------------------------------- (2) what the server sees
+
+
+def _chi_square_top_byte(values: np.ndarray) -> float:
+    counts = np.bincount((values >> np.uint64(56)).astype(np.int64), minlength=256)
+    expected = values.size / 256
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def _ks_uniform(values: np.ndarray) -> float:
+    u = np.sort(values.astype(np.float64) / 2.0**64)
+    n = u.size
+    return float(max((np.arange(1, n + 1) / n - u).max(), (u - np.arange(n) / n).max()))
+
+
+CHI2_LIMIT = 255 + 7 * np.sqrt(2 * 255)  # 255 degrees of freedom, ~7 standard deviations
+
+
+def test_masked_uploads_look_uniform_modulo_2_to_the_m_and_unlike_the_update():
+    grid = FaultyGrid(toy_app())
+    secure_round(grid)
+    _, replies = grid.traffic(p.MASKED_INPUT)
+    reference = reference_arrays()
+    layout = layout_of(reference).with_metrics(("train_loss",))
+    uploads = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        y = reply.content[p.MASKED][p.VECTOR].numpy()
+        pid = node - FIRST_NODE_ID
+        v = encode(client_update(reference, pid), reference, examples(pid), {"train_loss": pid / 10}, layout, SETTINGS)
+        ks_limit = np.sqrt(-np.log(1e-6 / 2) / (2 * y.size))  # KS critical value at alpha = 1e-6
+
+        assert y.dtype == np.uint64 and y.size == layout.length
+        assert _chi_square_top_byte(y) < CHI2_LIMIT
+        assert _ks_uniform(y) < ks_limit
+        assert _chi_square_top_byte(v) > 100 * CHI2_LIMIT and _ks_uniform(v) > 0.99  # the tests see plaintext
+        assert np.mean(y == v) < 0.001
+        delta = client_update(reference, pid)["w"].astype(np.float64) - reference["w"]
+        as_if_plain = y[: delta.size].astype(np.float64) * SETTINGS.step / examples(pid) - SETTINGS.clipping_range
+        assert np.median(np.abs(as_if_plain - delta.ravel())) > 1e6 * SETTINGS.clipping_range  # read as an update: noise
+        assert abs(np.corrcoef(y.astype(np.float64), v.astype(np.float64))[0, 1]) < 6 / np.sqrt(y.size)
+        uploads[node] = y
+    ys = list(uploads.values())
+    assert abs(np.corrcoef(ys[0].astype(np.float64), ys[1].astype(np.float64))[0, 1]) < 6 / np.sqrt(ys[0].size)
+
+
+def test_the_same_update_is_masked_afresh_every_round():
+    grid = FaultyGrid(toy_app())
+    secure_round(grid)
+    first = {r.metadata.src_node_id: r.content[p.MASKED][p.VECTOR].numpy() for r in grid.traffic(p.MASKED_INPUT)[1]}
+    secure_round(grid)
+    second = {r.metadata.src_node_id: r.content[p.MASKED][p.VECTOR].numpy() for r in grid.traffic(p.MASKED_INPUT)[1]}
+    for node, y in first.items():
+        assert np.mean(y == second[node]) < 0.001
+
+
+def test_the_server_never_asks_for_both_secrets_of_one_client():
+    grid = FaultyGrid(toy_app())
+    grid.lose[p.SHARE_KEYS] = {1003}
+    grid.lose[p.MASKED_INPUT] = {1004, 1007}
+    secure_round(grid)
+    requests, _ = grid.traffic(p.UNMASK)
+    alive = {n for m in requests for n in m.content[p.RECORD][p.ALIVE]}
+    dropped = {n for m in requests for n in m.content[p.RECORD][p.DROPPED]}
+    assert dropped == {1004, 1007} and not alive & dropped
+
+
+# ----------------------------------------------------------------------------- (3) dropouts
+
+
+@pytest.mark.parametrize("how", ["crash", "lost"])
+@pytest.mark.parametrize("stage", p.STAGES)
+def test_dropouts_at_any_stage_with_threshold_survivors_give_the_right_sum(stage, how):
+    dropped = {1002, 1005, 1009}
+    grid = FaultyGrid(toy_app(crash=dict.fromkeys(dropped, stage) if how == "crash" else None))
+    if how == "lost":  # the client did the stage's work, its reply never arrived
+        grid.lose[stage] = dropped
+    aggregate = secure_round(grid)
+    survivors = aggregate.survivors
+    after = {p.ADVERTISE_KEYS: survivors.advertised, p.SHARE_KEYS: survivors.shared,
+             p.MASKED_INPUT: survivors.masked, p.UNMASK: survivors.unmasked}  # fmt: skip
+    assert not set(after[stage]) & dropped and len(after[stage]) == CLIENTS - len(dropped)
+    expected_in_sum = CLIENTS if stage == p.UNMASK else CLIENTS - len(dropped)
+    assert len(survivors.masked) == expected_in_sum  # a vector that arrived is summed even if its sender then drops
+    assert_sum_within_bound(aggregate)
+
+
+def test_dropouts_at_every_stage_at_once():
+    settings = SecAggSettings(threshold=6, neighbours=10, clipping_range=1.0, quantization_range=1 << 20)
+    grid = FaultyGrid(toy_app(crash={1001: p.ADVERTISE_KEYS, 1003: p.SHARE_KEYS}))
+    grid.lose = {p.MASKED_INPUT: {1006}, p.UNMASK: {1010}}
+    aggregate = secure_round(grid, settings)
+    assert set(aggregate.survivors.masked) == set(grid.get_node_ids()) - {1001, 1003, 1006}
+    assert len(aggregate.survivors.unmasked) == 6
+    assert_sum_within_bound(aggregate, settings)
+
+
+@pytest.mark.parametrize("stage", p.STAGES)
+def test_fewer_than_threshold_survivors_stop_the_round_with_nothing_aggregated(stage):
+    settings = SecAggSettings(threshold=4, neighbours=6, clipping_range=1.0)
+    grid = FaultyGrid(toy_app(), n=6)
+    grid.lose[stage] = {1001, 1002, 1003}
+    with pytest.raises(SecAggError, match=f"stopped at {stage}: 3 clients left, threshold 4; nothing was aggregated"):
+        secure_round(grid, settings)
+
+
+def test_a_neighbourhood_with_too_few_share_holders_stops_the_round(monkeypatch):
+    """Enough clients overall, but a dropped client's masking key has two surviving holders of three needed."""
+
+    def ring(nodes, degree):  # sorted order: 1001's neighbours are 1009, 1010, 1002, 1003
+        order = sorted(nodes)
+        return {n: frozenset(order[(i + d) % len(order)] for d in (-2, -1, 1, 2)) for i, n in enumerate(order)}
+
+    monkeypatch.setattr(p, "neighbour_graph", ring)
+    grid = FaultyGrid(toy_app())
+    grid.lose = {p.MASKED_INPUT: {1001}, p.UNMASK: {1009, 1003}}  # every self-mask seed keeps 3 holders
+    with pytest.raises(SecAggError, match="masking key of dropped node 1001: 2 shares, 3 needed"):
+        secure_round(grid, SecAggSettings(threshold=3, neighbours=4, clipping_range=1.0))
+
+
+def test_too_small_a_round_is_refused_before_any_message():
+    grid = FaultyGrid(toy_app(), n=3)
+    with pytest.raises(SecAggError, match="stopped at sampled: 3 clients left, threshold 4"):
+        secure_round(grid)
+    assert grid.log == []
+
+
+# ----------------------------------------------------------------------------- (4) tampering and replay
+
+
+def _first_share_message(messages: list[Message]) -> ConfigRecord:
+    return next(m.content[p.RECORD] for m in messages if m.content[p.RECORD][p.SOURCES])
+
+
+def test_a_tampered_share_is_detected():
+    def flip_a_bit(messages):
+        record = _first_share_message(messages)
+        blobs = list(record[p.CIPHERTEXTS])
+        blobs[0] = blobs[0][:-1] + bytes([blobs[0][-1] ^ 1])
+        record[p.CIPHERTEXTS] = blobs
+
+    grid = FaultyGrid(toy_app())
+    grid.rewrite[p.MASKED_INPUT] = flip_a_bit
+    with pytest.raises(SecAggIntegrityError, match="authentication failed"):
+        secure_round(grid)
+
+
+def test_a_share_reflected_to_its_sender_is_detected():
+    """The pair's key is symmetric, so only the (src, dst) binding stops v's own share coming back as u's."""
+    grid = FaultyGrid(toy_app())
+
+    def reflect(messages):
+        _, share_replies = grid.traffic(p.SHARE_KEYS)
+        message = next(m for m in messages if m.content[p.RECORD][p.SOURCES])
+        record, node = message.content[p.RECORD], message.metadata.dst_node_id
+        source = record[p.SOURCES][0]
+        own = next(r.content[p.RECORD] for r in share_replies if r.metadata.src_node_id == node)
+        blobs = list(record[p.CIPHERTEXTS])
+        blobs[0] = own[p.CIPHERTEXTS][list(own[p.DESTINATIONS]).index(source)]  # node -> source, sent back
+        record[p.CIPHERTEXTS] = blobs
+
+    grid.rewrite[p.MASKED_INPUT] = reflect
+    with pytest.raises(SecAggIntegrityError, match="authentication failed"):
+        secure_round(grid)
+
+
+def test_a_share_replayed_from_an_earlier_round_is_detected():
+    settings = SecAggSettings(threshold=4, neighbours=6, clipping_range=1.0)  # complete graph: same sources
+    grid = FaultyGrid(toy_app(), n=6)
+    secure_round(grid, settings)
+    old = {m.metadata.dst_node_id: m.content[p.RECORD] for m in grid.traffic(p.MASKED_INPUT)[0]}
+
+    def replay(messages):
+        record = messages[0].content[p.RECORD]
+        previous = old[messages[0].metadata.dst_node_id]
+        record[p.SOURCES], record[p.CIPHERTEXTS] = list(previous[p.SOURCES]), list(previous[p.CIPHERTEXTS])
+
+    grid.rewrite[p.MASKED_INPUT] = replay
+    with pytest.raises(SecAggIntegrityError, match="authentication failed"):
+        secure_round(grid, settings)
+
+
+def test_a_duplicated_share_is_detected():
+    def duplicate(messages):
+        record = _first_share_message(messages)
+        record[p.SOURCES] = [*record[p.SOURCES], record[p.SOURCES][0]]
+        record[p.CIPHERTEXTS] = [*record[p.CIPHERTEXTS], record[p.CIPHERTEXTS][0]]
+
+    grid = FaultyGrid(toy_app())
+    grid.rewrite[p.MASKED_INPUT] = duplicate
+    with pytest.raises(SecAggIntegrityError, match="arrived twice"):
+        secure_round(grid)
+
+
+def test_a_stage_message_of_an_earlier_round_is_refused():
+    grid = FaultyGrid(toy_app())
+    secure_round(grid)
+    old = {m.metadata.dst_node_id: m.content for m in grid.traffic(p.SHARE_KEYS)[0]}
+
+    def replay(messages):
+        messages[0].content = old[messages[0].metadata.dst_node_id]
+
+    grid.rewrite[p.SHARE_KEYS] = replay
+    with pytest.raises(SecAggIntegrityError, match="another round"):
+        secure_round(grid)
+
+
+def test_a_client_refuses_to_reveal_both_secrets_of_a_node():
+    def list_alive_as_dropped(messages):
+        record = messages[0].content[p.RECORD]
+        record[p.DROPPED] = [*record[p.DROPPED], record[p.ALIVE][-1]]
+
+    grid = FaultyGrid(toy_app())
+    grid.rewrite[p.UNMASK] = list_alive_as_dropped
+    with pytest.raises(SecAggIntegrityError, match="both alive and dropped"):
+        secure_round(grid)
+
+
+def test_a_client_answers_one_unmask_request_per_round():
+    grid = FaultyGrid(toy_app())
+    secure_round(grid)
+    request = grid.traffic(p.UNMASK)[0][0]
+    again = Message(request.content, request.metadata.dst_node_id, "train", group_id="1")
+    (reply,) = grid.send_and_receive([again])
+    assert reply.has_error() and "no secure round in progress" in reply.error.reason
+
+
+# ----------------------------------------------------------------------------- the mod in a ClientApp
+
+
+def test_plain_training_is_refused_when_the_run_requires_secure_aggregation():
+    grid = FaultyGrid(toy_app(), n=2, run_config={"secure-aggregation": True})
+    (reply,) = grid.send_and_receive(train_messages(grid)[:1])
+    assert reply.has_error() and "refusing to send a plaintext update" in reply.error.reason
+    plain = FaultyGrid(toy_app(), n=2)  # without the switch the mod passes plain training through
+    (reply,) = plain.send_and_receive(train_messages(plain)[:1])
+    assert not reply.has_error() and "arrays" in reply.content
+
+
+def test_unsafe_settings_sent_by_the_server_are_refused():
+    grid = FaultyGrid(toy_app())
+
+    def weaken(messages):
+        for message in messages:
+            message.content[p.RECORD][p.THRESHOLD] = 1
+
+    grid.rewrite[p.ADVERTISE_KEYS] = weaken
+    with pytest.raises(SecAggError, match="stopped at advertise-keys: 0 clients left"):
+        secure_round(grid)
+
+
+def test_with_the_real_fedclient_train_handler():
+    """fedclient.app.train under the mod: secure FedAvg equals the plaintext FedAvg of the same training."""
+    from fedclient import app as fedclient_app
+    from shared.config import RunConfig
+    from shared.data.federation import data_spec
+    from shared.recipe import model_from_config
+    from shared.weights import to_arrayrecord
+
+    cfg = RunConfig(dataset="synthetic", num_clients=6, clients_per_round=6, rounds=1, hidden="32", seed=3, device="cpu")
+    run_config = cfg.to_mapping()
+    arrays = to_arrayrecord(model_from_config(cfg, data_spec(cfg)).state_dict())
+    secure_app = ClientApp(mods=[secagg_mod])
+    secure_app.train()(fedclient_app.train)
+    settings = SecAggSettings(threshold=4, neighbours=6, clipping_range=4.0)
+
+    results = []
+    for app in (fedclient_app.app, secure_app):
+        grid = InProcessGrid(app, cfg.num_clients, run_config, simulation_node_config(cfg.num_clients))
+        strategy = FedAvg(fraction_train=1.0, min_available_nodes=cfg.num_clients)
+        messages = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+        if app is secure_app:
+            aggregate = secure_train_round(grid, messages, settings)
+            replies = [as_mean_reply(aggregate, messages[0])]
+        else:
+            replies = grid.send_and_receive(messages)
+        results.append(strategy.aggregate_train(1, replies))
+    (plain, plain_metrics), (secure, secure_metrics) = results
+    for name in plain:
+        a, b = secure[name].numpy().astype(np.float64), plain[name].numpy()
+        assert np.all(np.abs(a - b) <= settings.error_bound() + 4 * np.finfo(np.float32).eps * np.abs(b)), name
+    assert secure_metrics["train_loss"] == pytest.approx(plain_metrics["train_loss"], abs=settings.metric_step)
