@@ -18,9 +18,10 @@ from shared import task
 from shared.config import RunConfig
 from shared.data.federation import ClientData, data_spec, load_federation, load_local
 from shared.recipe import model_from_config
+from shared.secagg import secagg_mod
 from shared.weights import to_arrayrecord, to_state_dict
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_mod])  # passes every non-SecAgg message straight through
 
 
 @app.train()
@@ -104,8 +105,27 @@ def _model(cfg: RunConfig) -> torch.nn.Module:
 
 def _model_with(cfg: RunConfig, arrays: ArrayRecord) -> torch.nn.Module:
     model = _model(cfg)
-    model.load_state_dict(to_state_dict(arrays, like=model.state_dict()))
+    model.load_state_dict(_decoded(arrays, model))
     return model
+
+
+class _LastDecoded:
+    """The last global weights decoded, kept with the record they came from.
+
+    In a simulation every message of a round carries the same ArrayRecord object, so the
+    weights are decoded once a round instead of once a client; `load_state_dict` copies
+    them into the model, so sharing the decoded tensors is safe.
+    """
+
+    record: ArrayRecord | None = None
+    weights: dict[str, torch.Tensor] = {}
+
+
+def _decoded(arrays: ArrayRecord, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    if _LastDecoded.record is not arrays:
+        _LastDecoded.weights = to_state_dict(arrays, like=model.state_dict())
+        _LastDecoded.record = arrays
+    return _LastDecoded.weights
 
 
 def client_seed(cfg: RunConfig, server_round: int, node_id: int) -> int:

@@ -27,6 +27,7 @@ from shared import task
 from shared.config import RunConfig
 from shared.data.federation import data_spec, load_federation
 from shared.recipe import model_from_config
+from shared.secagg import SecAggError, SecAggSettings, as_mean_reply, secure_train_round
 from shared.weights import to_arrayrecord, to_state_dict
 
 app = ServerApp()
@@ -118,6 +119,8 @@ def _train_round(
     for attempt in range(cfg.round_retries + 1):
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
         messages = apply_stragglers(messages, cfg, server_round)
+        if cfg.secure_aggregation:
+            return _secure_round(strategy, grid, cfg, server_round, messages)
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         valid = screen_replies(replies, arrays, cfg)
         needed = quorum(cfg, len(messages))
@@ -132,6 +135,23 @@ def _train_round(
         f"round {server_round}: fewer than {needed} valid replies after {cfg.round_retries + 1} attempts"
         f"{_first_error(replies)}; nothing was aggregated"
     )
+
+
+def _secure_round(
+    strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, messages: list[Message]
+) -> tuple[ArrayRecord, MetricRecord | None]:
+    """SecAgg+: the strategy aggregates one reply holding the unmasked weighted mean, never a
+    client's own update (so per-client update checks cannot apply; the clipping range bounds it)."""
+    settings = SecAggSettings.from_mapping(cfg.to_mapping())
+    try:
+        aggregate = secure_train_round(grid, messages, settings, timeout=cfg.round_timeout)
+    except SecAggError as err:
+        raise RoundFailed(f"round {server_round}: {err}; nothing was aggregated") from err
+    needed = quorum(cfg, len(messages))
+    if len(aggregate.survivors.masked) < needed:
+        raise RoundFailed(f"round {server_round}: {len(aggregate.survivors.masked)} clients in the sum, quorum {needed}")
+    new_arrays, metrics = strategy.aggregate_train(server_round, [as_mean_reply(aggregate, messages[0])])
+    return new_arrays, metrics
 
 
 def _first_error(replies: list[Message]) -> str:

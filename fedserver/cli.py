@@ -12,11 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedserver.state import DEFAULT_ADDRESS, DaemonError, StateDir
+from shared.config import ConfigError
 from shared.pki import PkiError, add_client, init_pki
 
 PROG = "fedserver"
 EXIT_USAGE = 2  # bad arguments or an unusable PKI directory, as argparse does
 EXIT_OS_ERROR = 1  # the filesystem refused (permissions, disk full, ...)
+EXIT_FAILED = 1  # the daemon could not start or stopped abnormally
+EXIT_NOT_RUNNING = 3  # `status`: no daemon runs for this state directory (as LSB init scripts say)
 
 
 class UsageError(Exception):
@@ -80,6 +84,71 @@ def _run_add_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_state_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=StateDir.DEFAULT,
+        metavar="PATH",
+        help=f"the daemon's state directory (default ./{StateDir.DEFAULT})",
+    )
+
+
+def _start_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pki", required=True, type=Path, metavar="DIR", help="PKI directory made by 'fedserver init'")
+    parser.add_argument("--config", required=True, type=Path, metavar="RUN.toml", help="the run config (fedsim's keys)")
+    parser.add_argument(
+        "--address",
+        default=DEFAULT_ADDRESS,
+        metavar="HOST:PORT",
+        help=f"where the SuperLink listens (default {DEFAULT_ADDRESS}); see README 'Deploy' before exposing it",
+    )
+    _add_state_dir(parser)
+    parser.add_argument(
+        "--db",
+        choices=("sqlite", "memory"),
+        default="sqlite",
+        help="the SuperLink's state: STATE/state.db (default), or in memory: faster rounds, "
+        "but runs and node ids are forgotten on restart",
+    )
+
+
+def _run_start(args: argparse.Namespace) -> int:
+    from fedserver import daemon  # Flower is imported only by the commands that need it
+
+    return daemon.start(daemon.StartOptions(args.pki, args.config, args.address, args.state_dir, args.db))
+
+
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_state_dir(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from fedserver import status
+
+    snapshot = status.collect(args.state_dir)
+    print(snapshot.to_json() if args.json else status.render(snapshot))
+    return 0 if snapshot.running else EXIT_NOT_RUNNING
+
+
+def _stop_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_state_dir(parser)
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, metavar="SECONDS", help="wait this long before SIGKILL (default 30)"
+    )
+
+
+def _run_stop(args: argparse.Namespace) -> int:
+    from fedserver import daemon
+
+    if daemon.stop(args.state_dir, timeout=args.timeout):
+        print(f"stopped the fedserver of {StateDir(args.state_dir).root}")
+    else:
+        print(f"no fedserver running for {StateDir(args.state_dir).root}")
+    return 0
+
+
 def _print_paths(paths: list[Path] | tuple[Path, ...]) -> None:
     for path in paths:
         print(path)
@@ -96,6 +165,13 @@ COMMANDS: dict[str, Command] = {
         _add_client_arguments,
         _run_add_client,
     ),
+    "start": Command(
+        "run the SuperLink with TLS and node authentication, register the node keys, submit the run",
+        _start_arguments,
+        _run_start,
+    ),
+    "status": Command("show the daemon, its runs, connected nodes and the last round's metrics", _status_arguments, _run_status),
+    "stop": Command("stop the daemon (SIGTERM, then SIGKILL after --timeout)", _stop_arguments, _run_stop),
 }
 
 
@@ -114,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)
-    except (UsageError, PkiError) as err:
+    except (UsageError, PkiError, ConfigError) as err:
         return _fail(err, EXIT_USAGE)
+    except DaemonError as err:
+        return _fail(err, EXIT_FAILED)
     except OSError as err:
         return _fail(err, EXIT_OS_ERROR)
 

@@ -23,8 +23,10 @@ STRATEGIES = (
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
     "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
 )  # fmt: skip
-DATASETS = ("synthetic", "mnist", "fashion-mnist", "femnist", "npz", "csv")
-MODELS = ("mlp", "2nn")
+DATASETS = ("synthetic", "mnist", "fashion-mnist", "femnist", "npz", "csv", "imdb", "shakespeare")
+MODELS = ("mlp", "2nn", "transformer-classifier", "char-lm")
+# Text datasets carry token ids, so each has its one model; every other dataset takes mlp or 2nn.
+TEXT_MODELS: dict[str, str] = {"imdb": "transformer-classifier", "shakespeare": "char-lm"}
 PARTITIONS = ("auto", "iid", "dirichlet", "shards", "natural")  # auto: natural where the data has a key, else iid
 OPTIMIZERS = ("sgd", "adam")
 VECTORIZED = ("auto", "on", "off")
@@ -71,6 +73,16 @@ class RunConfig:
     hidden: str = "200,200"
     num_classes: int = 0  # 0 = from the dataset
     input_dim: int = 0  # 0 = from the dataset
+    # Text: tokenizer and transformer shape (transformer-classifier on imdb, char-lm on shakespeare)
+    max_len: int = 0  # 0 = the dataset's default: imdb 256 words, shakespeare 80 characters (LEAF)
+    vocab_size: int = 20000  # imdb: most words the tokenizer keeps, ids 0 (padding) and 1 (unknown) included
+    min_role_chars: int = 1000  # shakespeare: roles speaking fewer characters are dropped
+    d_model: int = 64
+    num_heads: int = 4
+    num_layers: int = 2
+    ff_dim: int = 0  # 0 = 4 * d-model
+    dropout: float = 0.1
+    compile: bool = False  # torch.compile the model (both sides)
     # Federation
     num_clients: int = 30
     clients_per_round: int = 10
@@ -103,6 +115,12 @@ class RunConfig:
     min_replies: float = 1.0  # quorum of valid replies: >= 1 a count, < 1 a fraction of those sampled
     round_retries: int = 2  # a round below quorum is retried this often with fresh clients
     max_update_norm: float = 0.0  # L2 bound on a reply's change to the global model; 0.0 = no bound
+    # Secure aggregation (SecAgg+, shared/secagg): the server learns only the sum of the updates
+    secure_aggregation: bool = False
+    secagg_threshold: int = 5  # t: shares needed to reconstruct a secret; rounds need >= t survivors
+    secagg_neighbours: int = 8  # k: each client's neighbours in the masking graph (even)
+    secagg_clipping_range: float = 8.0  # updates are clipped to +-this before quantization
+    secagg_quantization_range: int = 1 << 24  # quantization levels; per-element error <= clip / (levels - 1)
 
     def __post_init__(self) -> None:
         _check_values(self)
@@ -182,6 +200,46 @@ def _check_values(cfg: RunConfig) -> None:
         cfg.hidden_sizes
     except ValueError:
         raise ConfigError(f"config key 'hidden' must be comma-separated ints, got '{cfg.hidden}'") from None
+    _check_text(cfg)
+    _check_secure_aggregation(cfg)
+
+
+def _check_secure_aggregation(cfg: RunConfig) -> None:
+    if not cfg.secure_aggregation:
+        return
+    from shared.secagg import SecAggSettings, check_run  # only where it is switched on
+
+    try:
+        check_run(SecAggSettings.from_mapping(cfg.to_mapping()), cfg.strategy, cfg.clients_per_round)
+    except ValueError as err:
+        raise ConfigError(f"secure-aggregation: {err}") from None
+
+
+def _check_text(cfg: RunConfig) -> None:
+    """The model fits the dataset, and the transformer's shape is possible."""
+    wanted = TEXT_MODELS.get(cfg.dataset)
+    if wanted is not None and cfg.model != wanted:
+        raise ConfigError(f"dataset '{cfg.dataset}' needs model '{wanted}', got '{cfg.model}'")
+    if wanted is None and cfg.model in TEXT_MODELS.values():
+        texts = [d for d, m in TEXT_MODELS.items() if m == cfg.model]
+        raise ConfigError(f"model '{cfg.model}' reads token ids: dataset must be {', '.join(texts)}, got '{cfg.dataset}'")
+    if wanted is not None and (cfg.input_dim or cfg.num_classes):
+        raise ConfigError(
+            f"config keys 'input-dim' and 'num-classes' do not apply to dataset '{cfg.dataset}': "
+            "its model is shaped by 'max-len' and the fitted vocabulary"
+        )
+    for name in ("d_model", "num_heads", "num_layers"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"config key '{_key(name)}' must be >= 1, got {getattr(cfg, name)}")
+    for name in ("max_len", "ff_dim", "min_role_chars"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"config key '{_key(name)}' must be >= 0, got {getattr(cfg, name)}")
+    if cfg.d_model % cfg.num_heads:
+        raise ConfigError(f"config key 'd-model' ({cfg.d_model}) must be a multiple of 'num-heads' ({cfg.num_heads})")
+    if cfg.vocab_size < 3:
+        raise ConfigError(f"config key 'vocab-size' must be >= 3 (ids 0 and 1 are reserved), got {cfg.vocab_size}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"config key 'dropout' must be in [0, 1), got {cfg.dropout}")
 
 
 def _toml_value(value: Scalar) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from shared.config import RunConfig
@@ -12,10 +14,44 @@ TWO_NN_HIDDEN = (200, 200)  # McMahan et al. 2017
 
 
 def model_from_config(cfg: RunConfig, spec: DataSpec) -> torch.nn.Module:
-    """The model named by `model`, shaped for the data; weights drawn from `seed`."""
-    hidden = TWO_NN_HIDDEN if cfg.model == "2nn" else cfg.hidden_sizes
+    """The model named by `model`, shaped for the data; weights drawn from `seed`.
+
+    With `compile`, the model's forward is compiled (`nn.Module.compile`: weights and
+    state_dict keys stay as they are).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return build_model(
-            "mlp", input_dim=spec.input_dim, hidden=tuple(hidden), num_classes=spec.num_classes
-        )
+        model = BUILDERS[cfg.model](cfg, spec)
+    if cfg.compile:
+        model.compile()
+    return model
+
+
+def _mlp(cfg: RunConfig, spec: DataSpec) -> torch.nn.Module:
+    hidden = TWO_NN_HIDDEN if cfg.model == "2nn" else cfg.hidden_sizes
+    return build_model("mlp", input_dim=spec.input_dim, hidden=tuple(hidden), num_classes=spec.num_classes)
+
+
+def _transformer(cfg: RunConfig, spec: DataSpec) -> torch.nn.Module:
+    """`transformer-classifier` or `char-lm`: token ids of up to `spec.input_dim` (max-len) positions."""
+    options = dict(
+        vocab_size=spec.vocab_size,
+        d_model=cfg.d_model,
+        nhead=cfg.num_heads,
+        num_layers=cfg.num_layers,
+        dim_feedforward=cfg.ff_dim or 4 * cfg.d_model,
+        max_len=spec.input_dim,
+        dropout=cfg.dropout,
+    )
+    if cfg.model == "transformer-classifier":
+        options["num_classes"] = spec.num_classes
+    return build_model(cfg.model, **options)
+
+
+# config `model` -> builder
+BUILDERS: dict[str, Callable[[RunConfig, DataSpec], torch.nn.Module]] = {
+    "mlp": _mlp,
+    "2nn": _mlp,
+    "transformer-classifier": _transformer,
+    "char-lm": _transformer,
+}

@@ -4,6 +4,11 @@ The training loop is kept lean on purpose: it is benchmarked against a bare
 PyTorch loop doing the same SGD steps. Data moves to the device once, batches
 are gathered by indexing with one permutation per epoch, and the only host
 sync is the final ``.item()`` of the accumulated loss.
+
+Labels are class indices, (N,), or one per position, (N, T), with ``IGNORE``
+where nothing is scored (a language model's next tokens). Integer ``x`` is
+token ids padded with 0 at the end: batches are then bucketed by length and
+cut to their longest row, so little time goes into padding (``batch_plan``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ from torch import nn
 
 OPTIMIZERS = ("sgd", "adam")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
+PAD = 0  # token id of padding (shared.data.text.PAD)
+IGNORE = -100  # a label nothing is scored at (cross_entropy's ignore_index)
+BUCKET_POOL = 50  # batches drawn together, then sorted by length (they stay shuffled across pools)
+
+Batch = tuple[torch.Tensor, int | None]  # example indices, and the width to cut token ids to
 
 
 @dataclass(frozen=True)
@@ -31,10 +41,9 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    loss: float  # mean cross-entropy
+    loss: float  # mean cross-entropy over scored labels
     accuracy: float
-    num_examples: int
-
+    num_examples: int  # scored labels: examples, or positions not IGNORE
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"`` picks CUDA, then MPS, then CPU; an explicit device must be available."""
@@ -83,6 +92,7 @@ def train(
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     dev = resolve_device(device)
+    lengths = token_lengths(x)
     xs, ys = _to_device(x, y, dev)
     n = len(xs)
     model.to(dev).train()
@@ -97,11 +107,10 @@ def train(
     with _seeded_rng(seed, dev):
         for epoch in range(epochs):
             last = epoch == epochs - 1
-            perm = torch.randperm(n, generator=shuffle).to(dev, non_blocking=True)  # (N,)
-            for start in range(0, n, batch_size):
-                idx = perm[start : start + batch_size]  # (b,)
+            for idx, width in batch_plan(n, batch_size, shuffle, lengths):
+                xb, yb = gather(xs, ys, idx.to(dev, non_blocking=True), width)
                 with amp:
-                    loss = F.cross_entropy(model(xs[idx]), ys[idx])
+                    loss = _loss(model(xb), yb)
                 _step(loss, opt, scaler, proximal)
                 if last:
                     loss_sum.add_(loss.detach(), alpha=idx.shape[0])
@@ -117,22 +126,81 @@ def evaluate(
     batch_size: int = 1000,
     device: str = "auto",
 ) -> EvalResult:
-    """Mean cross-entropy and accuracy of ``model`` on (x, y), in eval mode."""
+    """Mean cross-entropy and accuracy of ``model`` on (x, y), in eval mode, over scored labels."""
     dev = resolve_device(device)
+    lengths = token_lengths(x)
     xs, ys = _to_device(x, y, dev)
-    n = len(xs)
     model.to(dev).eval()
     amp_dtype = mixed_precision_dtype(dev)
     loss_sum = torch.zeros((), device=dev)
     correct = torch.zeros((), dtype=torch.long, device=dev)
+    scored = torch.zeros((), dtype=torch.long, device=dev)
     with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
+        for idx, width in _eval_plan(len(xs), batch_size, lengths):
+            xb, yb = gather(xs, ys, idx.to(dev, non_blocking=True), width)
             with autocast_context(dev, amp_dtype):
-                logits = model(xb)  # (b, C)
-            loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
-            correct += (logits.argmax(dim=1) == yb).sum()
-    return EvalResult(loss=(loss_sum / n).item(), accuracy=correct.item() / n, num_examples=n)
+                logits = model(xb)  # (b, C) or (b, T, C)
+            logits, yb = logits.flatten(0, -2).float(), yb.flatten()
+            keep = yb != IGNORE
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+            correct += ((logits.argmax(dim=1) == yb) & keep).sum()
+            scored += keep.sum()
+    count = int(scored.item())
+    if count == 0:
+        raise ValueError("no labels to score: every label is IGNORE")
+    return EvalResult(loss=(loss_sum / count).item(), accuracy=correct.item() / count, num_examples=count)
+
+
+def token_lengths(x: torch.Tensor | np.ndarray) -> torch.Tensor | None:
+    """Each row's length up to its trailing padding, (N,) on the CPU, for integer (token id) x; else None."""
+    xt = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+    if xt.ndim != 2 or xt.is_floating_point():
+        return None
+    return (xt != PAD).sum(dim=1).cpu()
+
+
+def batch_plan(n: int, batch_size: int, shuffle: torch.Generator, lengths: torch.Tensor | None) -> list[Batch]:
+    """One epoch's batches, drawn with `shuffle`: a random permutation cut into batches.
+
+    With token `lengths`, each run of BUCKET_POOL batches of the permutation is sorted by length
+    before it is cut, the batches are shuffled, and each is cut to its longest row's width.
+    """
+    perm = torch.randperm(n, generator=shuffle)  # (N,)
+    if lengths is None:
+        return [(perm[start : start + batch_size], None) for start in range(0, n, batch_size)]
+    pool = batch_size * BUCKET_POOL
+    batches = []
+    for start in range(0, n, pool):
+        members = perm[start : start + pool]
+        members = members[torch.argsort(lengths[members], stable=True)]
+        batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
+    order = torch.randperm(len(batches), generator=shuffle).tolist()
+    return [(batches[i], _width(lengths, batches[i])) for i in order]
+
+
+def _eval_plan(n: int, batch_size: int, lengths: torch.Tensor | None) -> list[Batch]:
+    """In order for features; shortest first for token ids, each batch cut to its width."""
+    if lengths is None:
+        return [(torch.arange(start, min(start + batch_size, n)), None) for start in range(0, n, batch_size)]
+    order = torch.argsort(lengths, stable=True)
+    return [(idx, _width(lengths, idx)) for idx in order.split(batch_size)]
+
+
+def _width(lengths: torch.Tensor, idx: torch.Tensor) -> int:
+    return max(int(lengths[idx].max()), 1)
+
+
+def gather(xs: torch.Tensor, ys: torch.Tensor, idx: torch.Tensor, width: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch `idx`, its token ids (and per-position labels) cut to `width` positions."""
+    xb, yb = xs[idx], ys[idx]
+    if width is None:
+        return xb, yb
+    return xb[:, :width], (yb[:, :width] if yb.ndim == 2 else yb)
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over scored labels: (B, C) vs (B,), or (B, T, C) vs (B, T)."""
+    return F.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=IGNORE)
 
 
 def _to_device(

@@ -3,32 +3,47 @@
 `load_federation(cfg)` is what a simulation uses (one partition per virtual client, by
 `partition-id`); `load_local(path, cfg)` is what a deployed client uses (its own file, whole).
 Both give a `ClientData`, so the ClientApp trains on either the same way.
+
+A client's `x` is float32 features, or int64 token ids (0 = padding) for the text datasets:
+IMDB reviews (word ids, split by movie) and LEAF Shakespeare (character ids, a client per
+(play, role), each role's text split by time). A text dataset's tokenizer is fitted on its
+training text only and saved as `tokenizer.json` in the run directory.
 """
 
 from __future__ import annotations
 
-import functools
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from shared.config import RunConfig
+from shared.config import TEXT_MODELS, RunConfig
 from shared.data import partition as partitioners
 from shared.data.errors import DataError
 from shared.data.readers import Splits, read_csv, read_idx_dir, read_leaf_json, read_npz
 from shared.data.synthetic import synthetic_device
+from shared.data.text import CharVocab, WordTokenizer
+from shared.data.textsets import next_char_chunks, read_reviews, read_roles
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+TOKENIZER_FILE = "tokenizer.json"  # a text dataset's tokenizer, in the run directory beside the model
+# Default `max-len` of each text dataset: words kept of a review; Shakespeare's window, as in LEAF.
+TEXT_MAX_LEN = {"imdb": 256, "shakespeare": 80}
+CHUNKS_PER_WINDOW = 4  # a Shakespeare example is a chunk of 4 windows' length (see _shakespeare_federation)
+
+Vocabulary = WordTokenizer | CharVocab
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """What the model needs to know of the data: flattened input size and class count."""
+    """What the model needs to know of the data: flattened input size (for text: `max-len`, the
+    longest context the model sees) and class count, and for text the vocabulary size (0 = not text)."""
 
     input_dim: int
     num_classes: int
+    vocab_size: int = 0
 
 
 # What each dataset's model looks like, known without reading the data (a deployed server
@@ -43,7 +58,11 @@ KNOWN_SPECS = {
 
 @dataclass(frozen=True)
 class ClientData:
-    """One client's local data; the test part is empty where a central test set is used."""
+    """One client's local data; the test part is empty where a central test set is used.
+
+    x is float32 features or int64 token ids; y is int64 class labels (N,), or next-token
+    labels per position (N, T) with -100 where nothing is scored (Shakespeare).
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -52,32 +71,43 @@ class ClientData:
 
 
 class Federation:
-    """Clients' data as lazy views: indices into shared arrays, or a generator per client."""
+    """Clients' data as lazy views: `client_fn(k)` materializes client k only when asked for."""
 
     def __init__(
         self,
         spec: DataSpec,
         num_clients: int,
-        client_fn: Callable[[int], tuple[np.ndarray, np.ndarray]],
+        client_fn: Callable[[int], ClientData],
         central_test: tuple[np.ndarray, np.ndarray] | None,
-        test_fraction: float,
-        seed: int,
+        vocabulary: Vocabulary | None = None,
     ) -> None:
         self.spec = spec
         self.num_clients = num_clients
         self.central_test = central_test
+        self.vocabulary = vocabulary
         self._client_fn = client_fn
-        self._test_fraction = test_fraction
-        self._seed = seed
 
     def client(self, partition_id: int) -> ClientData:
-        """Client `partition_id`'s data, held out `test-fraction` when there is no central test."""
+        """Client `partition_id`'s data."""
         if not 0 <= partition_id < self.num_clients:
             raise DataError(f"partition id {partition_id} out of range 0..{self.num_clients - 1}")
-        x, y = self._client_fn(partition_id)
-        if self.central_test is not None:
+        return self._client_fn(partition_id)
+
+
+def _with_test(
+    xy_fn: Callable[[int], tuple[np.ndarray, np.ndarray]],
+    central_test: tuple[np.ndarray, np.ndarray] | None,
+    cfg: RunConfig,
+) -> Callable[[int], ClientData]:
+    """Client data from (x, y): no local test part with a central test set, else `test-fraction` held out."""
+
+    def client_fn(k: int) -> ClientData:
+        x, y = xy_fn(k)
+        if central_test is not None:
             return ClientData(x, y, x[:0], y[:0])
-        return holdout_split(x, y, self._test_fraction, np.random.default_rng([self._seed, partition_id]))
+        return holdout_split(x, y, cfg.test_fraction, np.random.default_rng([cfg.seed, k]))
+
+    return client_fn
 
 
 def holdout_split(
@@ -101,7 +131,12 @@ def as_features(x: np.ndarray) -> np.ndarray:
 
 
 def data_spec(cfg: RunConfig) -> DataSpec:
-    """The model's input size and class count: config keys first, then the dataset's."""
+    """The model's input size and class count: config keys first, then the dataset's.
+
+    A text dataset's spec comes from its fitted tokenizer, which is saved to `run-dir` (when set).
+    """
+    if cfg.dataset in TEXT_MODELS:
+        return _text_spec(cfg)
     known = KNOWN_SPECS.get(cfg.dataset)
     if known is None and (cfg.input_dim == 0 or cfg.num_classes == 0):
         known = load_federation(cfg).spec
@@ -110,28 +145,71 @@ def data_spec(cfg: RunConfig) -> DataSpec:
     return DataSpec(input_dim, num_classes)
 
 
-@functools.lru_cache(maxsize=2)
+def _text_spec(cfg: RunConfig) -> DataSpec:
+    federation = load_federation(cfg)
+    if cfg.run_dir:
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        federation.vocabulary.save(run_dir / TOKENIZER_FILE)
+    return federation.spec
+
+
+# The config fields that decide a federation's data (and `model`, which the config checks against
+# `dataset`): the cache ignores every other field (rounds, lr, run-dir, ...), so the engine, the
+# ServerApp and the ClientApp share one copy.
+_DATA_FIELDS = (
+    "dataset", "data_path", "partition", "dirichlet_alpha", "shards_per_client", "min_client_size",
+    "synthetic_alpha", "synthetic_beta", "synthetic_iid", "synthetic_max_samples", "test_fraction",
+    "num_clients", "clients_per_round", "seed", "model", "max_len", "vocab_size", "min_role_chars",
+)  # fmt: skip
+_CACHE_SIZE = 4  # entries; two may name the same federation (see load_federation)
+_cache: OrderedDict[RunConfig, Federation] = OrderedDict()
+
+
 def load_federation(cfg: RunConfig) -> Federation:
-    """Read the dataset named in `cfg` and cut it into `num-clients` partitions (cached)."""
-    if cfg.dataset == "synthetic":
-        return _synthetic_federation(cfg)
-    splits, keys = _read_splits(cfg)
-    try:
+    """Read the dataset named in `cfg` and cut it into client partitions (cached).
+
+    A natural split fixes the number of clients whatever `num-clients` says, so the federation is
+    also cached under its own count: the config the engine resolves to finds the same copy.
+    """
+    key = RunConfig(**{name: getattr(cfg, name) for name in _DATA_FIELDS})
+    if key not in _cache:
+        federation = FEDERATIONS[key.dataset](key)
+        _remember(key, federation)
+        _remember(key.replace(num_clients=federation.num_clients), federation)
+    _cache.move_to_end(key)
+    return _cache[key]
+
+
+def _remember(key: RunConfig, federation: Federation) -> None:
+    _cache[key] = federation
+    while len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+
+
+def _array_federation(
+    read: Callable[[RunConfig], tuple[Splits, np.ndarray | None]],
+) -> Callable[[RunConfig], Federation]:
+    """A federation over a file of feature arrays, partitioned by `partition`."""
+
+    def build(cfg: RunConfig) -> Federation:
+        splits, keys = read(cfg)
         parts = _partition(cfg, splits.y_train, keys)
-    except ValueError as err:  # a partitioner refusing an impossible split (e.g. an empty client)
-        raise DataError(f"dataset '{cfg.dataset}': {err}") from None
-    x_train, y_train = splits.x_train, splits.y_train
-    test = None
-    if splits.x_test is not None:
-        test = (as_features(splits.x_test), splits.y_test.astype(np.int64))
-    spec = DataSpec(
-        int(np.prod(x_train.shape[1:])), int(max(y_train.max(), -1 if test is None else test[1].max())) + 1
-    )
+        x_train, y_train = splits.x_train, splits.y_train
+        test = None
+        if splits.x_test is not None:
+            test = (as_features(splits.x_test), splits.y_test.astype(np.int64))
+        spec = DataSpec(
+            int(np.prod(x_train.shape[1:])),
+            int(max(y_train.max(), -1 if test is None else test[1].max())) + 1,
+        )
 
-    def client_fn(k: int) -> tuple[np.ndarray, np.ndarray]:
-        return as_features(x_train[parts[k]]), y_train[parts[k]].astype(np.int64)
+        def xy(k: int) -> tuple[np.ndarray, np.ndarray]:
+            return as_features(x_train[parts[k]]), y_train[parts[k]].astype(np.int64)
 
-    return Federation(spec, len(parts), client_fn, test, cfg.test_fraction, cfg.seed)
+        return Federation(spec, len(parts), _with_test(xy, test, cfg), test)
+
+    return build
 
 
 def _synthetic_federation(cfg: RunConfig) -> Federation:
@@ -141,7 +219,7 @@ def _synthetic_federation(cfg: RunConfig) -> Federation:
             "for IID data set synthetic-iid = true"
         )
 
-    def client_fn(k: int) -> tuple[np.ndarray, np.ndarray]:
+    def xy(k: int) -> tuple[np.ndarray, np.ndarray]:
         return synthetic_device(
             k,
             alpha=cfg.synthetic_alpha,
@@ -151,20 +229,56 @@ def _synthetic_federation(cfg: RunConfig) -> Federation:
             max_samples=cfg.synthetic_max_samples or None,
         )
 
-    return Federation(KNOWN_SPECS["synthetic"], cfg.num_clients, client_fn, None, cfg.test_fraction, cfg.seed)
+    return Federation(KNOWN_SPECS["synthetic"], cfg.num_clients, _with_test(xy, None, cfg), None)
 
 
-def _read_splits(cfg: RunConfig) -> tuple[Splits, np.ndarray | None]:
-    """The dataset's arrays and, where it has one, its natural partition key per sample."""
-    if cfg.dataset == "fashion-mnist":
-        return read_idx_dir(_existing(cfg.data_path or str(FASHION_MNIST_DIR), cfg)), None
-    path = _existing(cfg.data_path, cfg)
-    if cfg.dataset == "femnist":
-        return _read_femnist(path)
-    if cfg.dataset == "csv":
-        x, y = read_csv(path)
-        return Splits(x, y, None, None), None
-    return (read_idx_dir(path) if path.is_dir() else read_npz(path)), None
+def _imdb_federation(cfg: RunConfig) -> Federation:
+    """Reviews as word ids, partitioned by `partition` (natural = by movie); the test split is central."""
+    max_len = cfg.max_len or TEXT_MAX_LEN["imdb"]
+    reviews = read_reviews(
+        _existing(cfg.data_path, cfg),
+        max_len=max_len,
+        vocab_size=cfg.vocab_size,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+    )
+    splits = reviews.splits
+    parts = _partition(cfg, splits.y_train, reviews.movies)
+    test = (splits.x_test, splits.y_test)
+    spec = DataSpec(max_len, int(max(splits.y_train.max(), splits.y_test.max())) + 1, len(reviews.tokenizer))
+
+    def xy(k: int) -> tuple[np.ndarray, np.ndarray]:
+        return splits.x_train[parts[k]], splits.y_train[parts[k]]
+
+    return Federation(spec, len(parts), _with_test(xy, test, cfg), test, reviews.tokenizer)
+
+
+def _shakespeare_federation(cfg: RunConfig) -> Federation:
+    """A client per (play, role), its text split by time; evaluated on every client's test windows.
+
+    Examples are chunks of CHUNKS_PER_WINDOW windows' length: for training, every character
+    after the first is a target; for testing, exactly LEAF's `max-len`-char windows -> next
+    char are scored (`next_char_chunks`), which `char-lm` predicts from the window alone. There
+    is no central test set: federated evaluation over all clients, weighted by their windows,
+    is the accuracy over all test windows.
+    """
+    if cfg.partition not in ("auto", "natural"):
+        raise DataError("dataset 'shakespeare' is split by (play, role) (partition 'natural')")
+    window = cfg.max_len or TEXT_MAX_LEN["shakespeare"]
+    roles = read_roles(
+        cfg.data_path or None, min_chars=cfg.min_role_chars, window=window, test_fraction=cfg.test_fraction
+    )
+    _check_enough_clients(cfg, len(roles.names))
+    length = CHUNKS_PER_WINDOW * window
+
+    def client_fn(k: int) -> ClientData:
+        return ClientData(
+            *next_char_chunks(roles.train[k], length, context=0),
+            *next_char_chunks(roles.test[k], length, context=window - 1),
+        )
+
+    spec = DataSpec(window, len(roles.vocab), len(roles.vocab))
+    return Federation(spec, len(roles.names), client_fn, None, roles.vocab)
 
 
 def _existing(data_path: str, cfg: RunConfig) -> Path:
@@ -176,8 +290,24 @@ def _existing(data_path: str, cfg: RunConfig) -> Path:
     return path
 
 
-def _read_femnist(path: Path) -> tuple[Splits, np.ndarray]:
+def _read_array_file(cfg: RunConfig) -> tuple[Splits, None]:
+    """MNIST-like data: an IDX directory or an NPZ."""
+    path = _existing(cfg.data_path, cfg)
+    return (read_idx_dir(path) if path.is_dir() else read_npz(path)), None
+
+
+def _read_fashion_mnist(cfg: RunConfig) -> tuple[Splits, None]:
+    return read_idx_dir(_existing(cfg.data_path or str(FASHION_MNIST_DIR), cfg)), None
+
+
+def _read_csv_file(cfg: RunConfig) -> tuple[Splits, None]:
+    x, y = read_csv(_existing(cfg.data_path, cfg))
+    return Splits(x, y, None, None), None
+
+
+def _read_femnist(cfg: RunConfig) -> tuple[Splits, np.ndarray]:
     """The LEAF FEMNIST subset as an NPZ (`x`, `y`, `writer`, `is_test`), split by writer."""
+    path = _existing(cfg.data_path, cfg)
     try:
         with np.load(path) as f:
             x, y, writer, is_test = f["x"], f["y"], f["writer"], f["is_test"].astype(bool)
@@ -187,32 +317,62 @@ def _read_femnist(path: Path) -> tuple[Splits, np.ndarray]:
     return Splits(x[train], y[train], x[is_test], y[is_test]), writer[train]
 
 
+# dataset -> how its federation is built
+FEDERATIONS: dict[str, Callable[[RunConfig], Federation]] = {
+    "synthetic": _synthetic_federation,
+    "mnist": _array_federation(_read_array_file),
+    "npz": _array_federation(_read_array_file),
+    "fashion-mnist": _array_federation(_read_fashion_mnist),
+    "csv": _array_federation(_read_csv_file),
+    "femnist": _array_federation(_read_femnist),
+    "imdb": _imdb_federation,
+    "shakespeare": _shakespeare_federation,
+}
+
+
 def _partition(cfg: RunConfig, labels: np.ndarray, keys: np.ndarray | None) -> list[np.ndarray]:
-    rng = np.random.default_rng(cfg.seed)
     method = cfg.partition
     if method == "auto":
         method = "natural" if keys is not None else "iid"
+    if method == "natural" and keys is None:
+        raise DataError(f"dataset '{cfg.dataset}' has no natural partition; use iid, dirichlet or shards")
+    try:
+        parts = _split(cfg, method, labels, keys)
+    except ValueError as err:  # a partitioner refusing an impossible split (e.g. an empty client)
+        raise DataError(f"dataset '{cfg.dataset}': {err}") from None
     if method == "natural":
-        if keys is None:
-            raise DataError(
-                f"dataset '{cfg.dataset}' has no natural partition; use iid, dirichlet or shards"
-            )
-        parts, _ = partitioners.natural(keys, min_size=cfg.min_client_size)
-        if len(parts) < cfg.clients_per_round:
-            raise DataError(
-                f"the natural split of '{cfg.dataset}' has {len(parts)} clients, fewer than "
-                f"clients-per-round ({cfg.clients_per_round})"
-            )
-        return parts
-    if method == "iid":
-        return partitioners.iid(len(labels), cfg.num_clients, rng)
-    if method == "dirichlet":
-        return partitioners.dirichlet(labels, cfg.num_clients, cfg.dirichlet_alpha, rng)
-    return partitioners.shards(labels, cfg.num_clients, cfg.shards_per_client, rng)
+        _check_enough_clients(cfg, len(parts))
+    return parts
+
+
+def _split(cfg: RunConfig, method: str, labels: np.ndarray, keys: np.ndarray | None) -> list[np.ndarray]:
+    return SPLITS[method](cfg, labels, keys, np.random.default_rng(cfg.seed))
+
+
+# partition -> the clients' sample indices, from (cfg, labels, natural keys, rng)
+SPLITS: dict[str, Callable[[RunConfig, np.ndarray, np.ndarray | None, np.random.Generator], list[np.ndarray]]] = {
+    "natural": lambda cfg, labels, keys, rng: partitioners.natural(keys, min_size=cfg.min_client_size)[0],
+    "iid": lambda cfg, labels, keys, rng: partitioners.iid(len(labels), cfg.num_clients, rng),
+    "dirichlet": lambda cfg, labels, keys, rng: partitioners.dirichlet(labels, cfg.num_clients, cfg.dirichlet_alpha, rng),
+    "shards": lambda cfg, labels, keys, rng: partitioners.shards(labels, cfg.num_clients, cfg.shards_per_client, rng),
+}
+
+
+def _check_enough_clients(cfg: RunConfig, num_clients: int) -> None:
+    if num_clients < cfg.clients_per_round:
+        raise DataError(
+            f"the natural split of '{cfg.dataset}' has {num_clients} clients, fewer than "
+            f"clients-per-round ({cfg.clients_per_round})"
+        )
 
 
 def load_local(path: str | Path, cfg: RunConfig) -> ClientData:
     """A deployed client's own data file (NPZ, CSV, IDX directory or LEAF JSON), whole."""
+    if cfg.dataset in TEXT_MODELS:
+        raise DataError(
+            f"dataset '{cfg.dataset}' runs in fedsim only: a deployed client would need the "
+            "federation's tokenizer, which is not shipped to nodes yet"
+        )
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data path {path} does not exist")

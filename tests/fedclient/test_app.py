@@ -3,7 +3,6 @@
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedclient import cli
 from fedclient.app import app
 from shared import messages as keys
 from shared.config import RunConfig
@@ -29,26 +28,3 @@ def test_a_deployed_node_trains_on_its_own_file(tmp_path):
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert reply.content[keys.METRICS][keys.NUM_EXAMPLES] == 32  # 40 minus the 20 % held out
     validate_update(global_arrays, reply.content[keys.ARRAYS])
-
-
-def test_fedclient_start_runs_flowers_supernode_with_tls_and_node_auth(tmp_path):
-    for name in ("ca.pem", "client-1.key", "data.npz"):
-        (tmp_path / name).write_bytes(b"x")
-    args = cli.build_parser().parse_args(
-        ["start", "--server", "10.0.0.5:9092", "--ca", str(tmp_path / "ca.pem"), "--key",
-         str(tmp_path / "client-1.key"), "--data", str(tmp_path / "data.npz"), "--device", "cpu"]
-    )  # fmt: skip
-
-    command = cli.supernode_command(args)
-
-    assert command[0] == "flower-supernode" and "--insecure" not in command
-    assert command[command.index("--root-certificates") + 1] == str(tmp_path / "ca.pem")
-    assert command[command.index("--auth-supernode-private-key") + 1] == str(tmp_path / "client-1.key")
-    assert command[command.index("--node-config") + 1] == f'data-path="{tmp_path / "data.npz"}" device="cpu"'
-
-
-def test_fedclient_start_names_a_missing_file(tmp_path, capsys):
-    code = cli.main(["start", "--server", "h:1", "--ca", str(tmp_path / "ca.pem"), "--key", "k", "--data", "d"])
-
-    assert code == 2
-    assert "--ca" in capsys.readouterr().err

@@ -109,19 +109,17 @@ def test_classifier_rejects_sequences_longer_than_max_len():
         model(torch.ones(1, 5, dtype=torch.long))
 
 
-def test_char_lm_shapes_and_last_position():
+def test_char_lm_predicts_at_every_position():
     # Prepare
     model = _tiny_lm().eval()
     x = torch.randint(0, 6, (3, 9))
 
     # Execute
     with torch.inference_mode():
-        last, every = model(x), model.forward_all(x)
+        logits = model(x)
 
     # Assert
-    assert last.shape == (3, 6)
-    assert every.shape == (3, 9, 6)
-    torch.testing.assert_close(last, every[:, -1], atol=1e-5, rtol=1e-5)
+    assert logits.shape == (3, 9, 6)
 
 
 def test_char_lm_is_causal():
@@ -133,11 +131,37 @@ def test_char_lm_is_causal():
 
     # Execute
     with torch.inference_mode():
-        before, after = model.forward_all(x), model.forward_all(changed)
+        before, after = model(x), model(changed)
 
     # Assert: positions before the change are unaffected, later ones are
     torch.testing.assert_close(after[:, :5], before[:, :5], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(after[:, 5:], before[:, 5:])
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_char_lm_sees_at_most_max_len_tokens(num_layers):
+    # Prepare: random weights everywhere, a long sequence
+    torch.manual_seed(0)
+    model = _tiny_lm(vocab_size=20, num_layers=num_layers, max_len=10).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randint(0, 20, (2, 47))
+    t, field = 40, model.receptive_field
+    beyond, inside = x.clone(), x.clone()
+    beyond[:, t - field] = (beyond[:, t - field] + 1) % 20
+    inside[:, t - field + 1] = (inside[:, t - field + 1] + 1) % 20
+
+    # Execute
+    with torch.inference_mode():
+        full = model(x)
+        windows = torch.stack([model(x[:, s - 9 : s + 1])[:, -1] for s in range(9, 47)], dim=1)
+        changed_beyond, changed_inside = model(beyond)[:, t], model(inside)[:, t]
+
+    # Assert: each position's logits are those of its 10-token window alone
+    assert field <= 10
+    torch.testing.assert_close(windows, full[:, 9:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(changed_beyond, full[:, t], atol=1e-6, rtol=0)
+    assert not torch.allclose(changed_inside, full[:, t])
 
 
 def test_unknown_model_lists_allowed():
@@ -176,11 +200,11 @@ def _token_classes(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _cyclic_text(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows of "012345012345..." at random offsets; the label is the next character."""
+    """Runs of "012345012345..." at random offsets; the label at each position is the next character."""
     g = torch.Generator().manual_seed(0)
     start = torch.randint(0, 6, (n, 1), generator=g)
     seq = (start + torch.arange(11)) % 6  # (n, 11)
-    return seq[:, :10], seq[:, 10]
+    return seq[:, :10], seq[:, 1:]
 
 
 @pytest.mark.parametrize(

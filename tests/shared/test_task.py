@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.models import build_model
-from shared.task import EvalResult, TrainResult, evaluate, resolve_device, train
+from shared.task import IGNORE, EvalResult, TrainResult, batch_plan, evaluate, resolve_device, token_lengths, train
 
 
 def _data(n: int = 40, dim: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,3 +230,89 @@ def test_evaluate_hand_checked():
 def test_evaluate_empty_raises():
     with pytest.raises(ValueError, match="empty"):
         evaluate(_mlp(), torch.zeros(0, 6), torch.zeros(0, dtype=torch.long), device="cpu")
+
+
+# --- token ids: length buckets, per-position labels -----------------------------------
+
+
+def _padded_tokens(n: int = 120, width: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of 1..width token ids (never 0) followed by padding, and their lengths."""
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.randint(1, width + 1, (n,), generator=g)
+    x = torch.randint(1, 9, (n, width), generator=g)
+    x[torch.arange(width)[None, :] >= lengths[:, None]] = 0
+    return x, lengths
+
+
+def test_token_lengths_only_for_integer_ids():
+    x, lengths = _padded_tokens()
+
+    assert torch.equal(token_lengths(x), lengths)
+    assert token_lengths(x.float()) is None
+    assert token_lengths(x[:, :, None]) is None
+
+
+def test_batch_plan_buckets_by_length_and_covers_every_example_once():
+    # Prepare
+    x, lengths = _padded_tokens(n=1000)
+
+    # Execute
+    plan = batch_plan(1000, 8, torch.Generator().manual_seed(0), lengths)
+    plain = batch_plan(1000, 8, torch.Generator().manual_seed(0), None)
+
+    # Assert
+    assert sorted(torch.cat([idx for idx, _ in plan]).tolist()) == list(range(1000))
+    assert len(plan) == len(plain) == 125 and all(width is None for _, width in plain)
+    assert all(width == int(lengths[idx].max()) for idx, width in plan)
+    cost = sum(len(idx) * width for idx, width in plan)
+    unbucketed = sum(len(idx) * int(lengths[idx].max()) for idx, _ in plain)
+    assert cost < 0.7 * unbucketed  # far less padding than random batches
+
+
+def test_training_on_token_ids_cuts_batches_to_their_longest_row():
+    # Prepare
+    x, lengths = _padded_tokens()
+    y = (lengths > 15).long()
+    model = build_model("transformer-classifier", vocab_size=10, d_model=8, nhead=2, num_layers=1, max_len=30)
+    widths = []
+    model.register_forward_pre_hook(lambda _, args: widths.append(args[0].shape[1]))
+
+    # Execute
+    result = train(model, x, y, epochs=2, batch_size=10, lr=0.01, optimizer="adam", seed=0, device="cpu")
+
+    # Assert
+    assert result.steps == len(widths) == 2 * 12
+    assert max(widths) == 30 and min(widths) < 30
+
+
+def test_evaluate_by_length_buckets_equals_one_row_at_a_time():
+    # Prepare
+    torch.manual_seed(0)
+    model = build_model("transformer-classifier", vocab_size=10, d_model=8, nhead=2, num_layers=1, max_len=30)
+    x, lengths = _padded_tokens(n=40)
+    y = (lengths % 2).long()
+
+    # Execute
+    bucketed = evaluate(model, x, y, batch_size=16, device="cpu")
+    single = [evaluate(model, x[i : i + 1, : lengths[i]], y[i : i + 1], device="cpu") for i in range(40)]
+
+    # Assert
+    assert bucketed.accuracy == sum(r.accuracy for r in single) / 40
+    assert bucketed.loss == pytest.approx(sum(r.loss for r in single) / 40, rel=1e-5)
+
+
+def test_per_position_labels_score_every_label_but_ignored_ones():
+    # Prepare: an identity embedding predicts each input token at its own position
+    model = nn.Embedding(5, 5)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(5) * 10)
+    x = torch.tensor([[1, 2, 3, 0], [4, 4, 0, 0]])
+    y = torch.tensor([[1, 2, 4, IGNORE], [4, 3, IGNORE, IGNORE]])  # 5 scored: 3 right
+
+    # Execute
+    result = evaluate(model, x, y, device="cpu")
+    fit = train(model, x, y, epochs=1, batch_size=2, lr=0.0, device="cpu")
+
+    # Assert
+    assert (result.accuracy, result.num_examples) == (0.6, 5)
+    assert math.isfinite(fit.loss) and fit.num_examples == 2

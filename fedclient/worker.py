@@ -1,0 +1,235 @@
+"""A warm ClientApp worker: one long-lived process runs every message a SuperNode receives.
+
+Flower 1.41's SuperNode, by default (`--isolation subprocess`), has its SuperExec start a
+fresh `flwr-clientapp` process for every message: Python, Flower and PyTorch start-up, FAB
+install, app import and data loading, each round, several seconds on a small board. With
+`--isolation process` the SuperNode leaves running ClientApps to a process of the operator's
+choosing, which acquires tasks from the SuperNode's local Runtime API. This is that process:
+it polls the Runtime API every `poll_interval` s, like SuperExec, and runs each task *here*,
+with the same steps as Flower's `flwr-clientapp` (pull the task input, install the FAB, load
+the ClientApp it names, call it, push the reply and the context back). PyTorch is imported
+once, and the ClientApp's own per-process caches (its data, its model) survive across rounds.
+
+The ClientApp is the one the task's FAB names, imported from where Flower installs that FAB,
+as `flwr-clientapp` does: the worker forgets its own package before the first import, and when
+a task of another FAB (a new run config or new code) arrives, it forgets every module imported
+from the previous FAB's directory and imports the new one (PyTorch stays imported).
+
+    python -m fedclient.worker --runtime-api-address 127.0.0.1:9094 [--poll-interval 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import Context, Error, Message
+from flwr.cli.install import install_from_fab
+from flwr.clientapp.client_app import ClientApp, LoadClientAppError
+from flwr.clientapp.utils import get_load_client_app_fn
+from flwr.common.config import get_project_dir
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.run import Run
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+LOG = logging.getLogger("flowerbed.worker")
+DEFAULT_POLL_INTERVAL = 0.2  # s; each poll costs the worker and the SuperNode a request
+OWN_PACKAGE = (__package__ or "fedclient").split(".")[0]  # __name__ is "__main__" under -m
+WARM_MODULES = ("torch", "numpy")  # what the ClientApp imports that is slow to import
+
+
+@dataclass
+class LoadedApp:
+    """The ClientApp this worker serves: its FAB's hash and installed directory."""
+
+    fab_hash: str = ""
+    app: ClientApp | None = None
+    directory: Path | None = None
+
+
+@dataclass
+class TaskOutcome:
+    """What a task produced: the reply to push and the final status for the SuperNode."""
+
+    reply: Message | None = None
+    context: Context | None = None
+    status: str = SubStatus.FAILED
+    details: str = "ClientApp task failed"
+    kind: str = "task"  # the message type, once known
+    seconds: dict[str, float] = field(default_factory=dict)  # per step, for the log
+
+    @contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = time.perf_counter() - started
+
+
+def serve(address: str, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+    """Acquire and run ClientApp tasks from the SuperNode at `address` until stopped."""
+    warm_imports()
+    superexec = _runtime_client(address, RuntimeVersionHttpInterceptor(component_name="SuperExec"))
+    loaded = LoadedApp()
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    LOG.info("warm ClientApp worker polling %s every %.2f s", address, poll_interval)
+    while True:
+        response = superexec.AcquireTask(request)
+        if response.HasField("task") and response.token:
+            run_task(address, response.token, loaded)
+        else:
+            time.sleep(poll_interval)
+
+
+def warm_imports() -> None:
+    """Import what every ClientApp of this project needs once, before the first task."""
+    for name in WARM_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+def run_task(address: str, token: str, loaded: LoadedApp) -> None:
+    """Flower's `flwr-clientapp` steps for one task, in this process."""
+    version = RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")
+    client = _runtime_client(address, version, RuntimeTokenHttpInterceptor(token))
+    beat_client = _runtime_client(address, version, RuntimeTokenHttpInterceptor(token), retry=False)
+    heartbeat = HeartbeatSender(_heartbeat_fn(beat_client))
+    heartbeat.start()
+    outcome = TaskOutcome()
+    try:
+        _execute(client, loaded, outcome)
+    finally:
+        _finish(client, outcome)
+        heartbeat.stop()
+        beat_client.close()
+        client.close()
+    steps = ", ".join(f"{step} {seconds:.2f} s" for step, seconds in outcome.seconds.items())
+    LOG.info("%s message %s: %s", outcome.kind, outcome.status, steps)
+
+
+def _execute(client: RuntimeHttpClient, loaded: LoadedApp, outcome: TaskOutcome) -> None:
+    message: Message | None = None
+    try:
+        with outcome.timed("pull"):
+            message, outcome.context, run, fab = pull_task_input(client)
+        outcome.kind = message.metadata.message_type
+        with outcome.timed("load"):
+            app = _client_app(loaded, run, fab)
+        with outcome.timed("ClientApp"):
+            outcome.reply = app(message=message, context=outcome.context)
+        outcome.status, outcome.details = SubStatus.COMPLETED, ""
+    except Exception as ex:  # pylint: disable=broad-exception-caught
+        # As flwr-clientapp does: the failure goes back to the server as an Error reply.
+        code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+        reason = f"{type(ex)}:<'{ex}'>"
+        LOG.error("ClientApp raised an exception", exc_info=ex)
+        outcome.details = reason
+        if message is not None:
+            outcome.reply = Message(Error(code=code, reason=reason), reply_to=message)
+
+
+def _finish(client: RuntimeHttpClient, outcome: TaskOutcome) -> None:
+    if outcome.reply is not None and outcome.context is not None:
+        try:
+            with outcome.timed("reply"):
+                push_message(client, outcome.reply, outcome.context)
+        except Exception as ex:  # pylint: disable=broad-exception-caught
+            LOG.error("failed to push the reply message", exc_info=ex)
+            outcome.status, outcome.details = SubStatus.FAILED, f"pushing the reply failed: {ex}"
+    push_task_output(client=client, context=outcome.context, sub_status=outcome.status, details=outcome.details)
+
+
+def _client_app(loaded: LoadedApp, run: Run, fab: Fab) -> ClientApp:
+    """The FAB's ClientApp: installed and imported on its first task only."""
+    if loaded.app is not None and fab.hash_str == loaded.fab_hash:
+        return loaded.app
+    if loaded.directory is None:
+        _forget_modules(lambda name, _file: name.split(".")[0] == OWN_PACKAGE)
+    else:
+        LOG.info("new app (FAB %s): unloading FAB %s", fab.hash_str[:8], loaded.fab_hash[:8])
+        _unload(loaded.directory)
+    install_from_fab(fab.content, skip_prompt=True)
+    load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+    loaded.app = load(run.fab_id, run.fab_version, fab.hash_str)
+    loaded.fab_hash = fab.hash_str
+    loaded.directory = get_project_dir(run.fab_id, run.fab_version, fab.hash_str)
+    return loaded.app
+
+
+def _unload(directory: Path) -> None:
+    """Forget every module imported from an installed app, and its directory on `sys.path`."""
+    root = str(Path(directory).resolve())
+    _forget_modules(lambda _name, file: file.startswith(root + os.sep))
+    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry) != root]
+
+
+def _forget_modules(matches: Callable[[str, str], bool]) -> None:
+    """Drop from `sys.modules` each module for which `matches(name, file)`."""
+    for name, module in list(sys.modules.items()):
+        if matches(name, str(getattr(module, "__file__", None) or "")):
+            del sys.modules[name]
+
+
+def _runtime_client(address: str, *interceptors: object, retry: bool = True) -> RuntimeHttpClient:
+    return RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,  # the SuperNode's Runtime API listens on loopback only
+        root_certificates=None,
+        interceptors=list(interceptors),  # type: ignore[arg-type]
+        retry_invoker=make_simple_http_retry_invoker() if retry else None,
+    )
+
+
+def _heartbeat_fn(client: RuntimeHttpClient) -> Callable[[], bool]:
+    """Task heartbeats that, unlike Flower's, never signal this long-lived process."""
+    request = SendTaskHeartbeatRequest()
+
+    def send() -> bool:
+        try:
+            client.SendTaskHeartbeat(request)
+        except Exception:  # pylint: disable=broad-exception-caught
+            return False
+        return True
+
+    return send
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fedclient.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT", help="the SuperNode's Runtime API")
+    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL, metavar="SECONDS")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "httpcore"):  # a line per poll otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    try:
+        serve(args.runtime_api_address, args.poll_interval)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Shorter reply polling for a deployed ServerApp, through Flower's public `Grid` API.
+
+Flower 1.41's deployment grid (`HttpGrid`) pushes a round's messages, then pulls the replies
+every 3 s, so each `send_and_receive` ends up to 3 s after the last reply arrived.
+`fast_polling(grid)` wraps such a grid so that it pulls every `interval` seconds (default
+0.2) instead; every other call goes to the wrapped grid unchanged. Grids that do not poll
+that way (fedsim's in-process grid, Flower's in-memory simulation grid) are returned as they are.
+
+`FLOWERBED_GRID_POLL_INTERVAL` (seconds) overrides the default; `0` keeps Flower's own grid,
+which is how benchmarks/deployment_latency.py measures stock Flower with the same ServerApp.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+DEFAULT_INTERVAL = 0.2  # s; Flower polls every 3 s
+ENV_INTERVAL = "FLOWERBED_GRID_POLL_INTERVAL"
+
+
+def fast_polling(grid: Grid, interval: float | None = None) -> Grid:
+    """`grid`, pulling replies every `interval` s if it is Flower's deployment (HTTP) grid."""
+    interval = poll_interval() if interval is None else interval
+    if interval <= 0 or not _is_deployment_grid(grid):
+        return grid
+    return FastPollingGrid(grid, interval)
+
+
+def poll_interval() -> float:
+    """The interval from $FLOWERBED_GRID_POLL_INTERVAL, else the default; 0 = Flower's own."""
+    raw = os.environ.get(ENV_INTERVAL, "").strip()
+    if not raw:
+        return DEFAULT_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_INTERVAL} must be a number of seconds, got {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{ENV_INTERVAL} must be >= 0 seconds, got {raw!r}")
+    return value
+
+
+def _is_deployment_grid(grid: Grid) -> bool:
+    try:
+        from flwr.superlink.grid.http_grid import HttpGrid  # pylint: disable=import-outside-toplevel
+    except ImportError:  # a Flower without it: leave the grid alone
+        return False
+    return isinstance(grid, HttpGrid)
+
+
+class FastPollingGrid(Grid):
+    """A `Grid` that delegates everything to `inner` but polls replies every `interval` s."""
+
+    def __init__(self, inner: Grid, interval: float) -> None:
+        self.inner = inner
+        self.interval = interval
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(  # pylint: disable=too-many-arguments,R0917
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self.inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push `messages`, then pull replies every `interval` s until all came or `timeout` passed."""
+        pending = {message_id for message_id in self.push_messages(messages) if message_id}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            received = list(self.pull_messages(pending))
+            replies.extend(received)
+            pending.difference_update(m.metadata.reply_to_message_id for m in received)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.interval)
+        return replies
+
+    def __getattr__(self, name: str) -> object:
+        # Anything else the wrapped grid offers (e.g. `close`), unchanged.
+        return getattr(self.inner, name)

@@ -1,0 +1,96 @@
+"""`fedserver status`: the daemon, its runs, its nodes and the last round's metrics.
+
+Runs and nodes come from the SuperLink's Control API (what `flwr ls` and `flwr supernode ls`
+show) while the daemon runs; the metrics from the run directory's metrics.jsonl, which stays
+readable when it does not.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedserver.control import ControlClient, ControlError
+from fedserver.state import DaemonInfo, StateDir, read_metrics
+from shared.processes import is_alive
+
+
+@dataclass
+class Status:
+    """One snapshot; `to_json()` is what `fedserver status --json` prints."""
+
+    state_dir: str
+    running: bool
+    pid: int | None = None
+    address: str | None = None
+    run_id: int | None = None
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    connected_nodes: int = 0
+    rounds_completed: int = 0
+    last_metrics: dict[str, Any] | None = None
+    error: str | None = None  # why runs/nodes are missing though the daemon runs
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def collect(state_dir: Path) -> Status:
+    """Everything `fedserver status` shows for the daemon of `state_dir`."""
+    state = StateDir(state_dir)
+    pid = state.read_pid()
+    running = pid is not None and is_alive(pid)
+    info = DaemonInfo.read(state.info)
+    rows = read_metrics(state.run_dir)
+    status = Status(str(state.root), running, pid if running else None, rounds_completed=len(rows))
+    status.last_metrics = rows[-1] if rows else None
+    if info is not None:
+        status.address, status.run_id = info.address, info.run_id
+    if running and info is not None:
+        _add_live(status, info, len(rows))
+    return status
+
+
+def _add_live(status: Status, info: DaemonInfo, completed: int) -> None:
+    try:
+        with ControlClient(info.control_address, Path(info.ca)) as control:
+            runs, nodes = control.list_runs(), control.list_nodes()
+    except (ControlError, OSError) as err:
+        status.error = str(err)
+        return
+    for run in runs:
+        ours = run.run_id == info.run_id
+        current = min(completed + 1, info.rounds) if ours and run.active else (completed if ours else None)
+        status.runs.append(
+            {"run_id": run.run_id, "status": run.status, "current_round": current, "rounds": info.rounds if ours else None}
+        )
+    status.nodes = [{"node_id": n.node_id, "name": n.name, "status": n.status} for n in nodes]
+    status.connected_nodes = sum(n.status == "online" for n in nodes)
+
+
+def render(status: Status) -> str:
+    """The human-readable form."""
+    if not status.running:
+        lines = [f"fedserver: not running (state {status.state_dir})"]
+    else:
+        lines = [f"fedserver: running, pid {status.pid}, on {status.address} (state {status.state_dir})"]
+    if status.error:
+        lines.append(f"  cannot query the SuperLink: {status.error}")
+    for run in status.runs:
+        where = f", round {run['current_round']} of {run['rounds']}" if run["rounds"] else ""
+        lines.append(f"  run {run['run_id']}: {run['status']}{where}")
+    if status.running and not status.error:
+        named = ", ".join(f"{n['name'] or n['node_id']} {n['status']}" for n in status.nodes)
+        lines.append(f"  nodes: {status.connected_nodes} connected of {len(status.nodes)} registered ({named})")
+    lines.append(f"  {_metrics_line(status)}")
+    return "\n".join(lines)
+
+
+def _metrics_line(status: Status) -> str:
+    row = status.last_metrics
+    if row is None:
+        return "no round completed yet"
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("round", "seconds") and isinstance(v, float))
+    return f"last round {row.get('round')}: {shown} ({row.get('seconds', 0):.1f} s)"

@@ -1,0 +1,126 @@
+"""Helpers for the end-to-end tests: real Flower processes on 127.0.0.1, all stopped at teardown.
+
+Select them with `pytest -m e2e`, leave them out with `pytest -m "not e2e"`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedclient.node import node_env
+from shared.processes import spawn, stop_trees
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = [sys.executable, "-m"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: end-to-end deployment tests (real Flower processes, ~2-3 min)")
+
+
+class E2E:
+    """What the e2e tests use: processes started in their own groups (every one stopped at
+    teardown, each logging to a file), `python -m` commands run to completion, waiting, data."""
+
+    python = PYTHON
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child writes to it
+        process = spawn(argv, env=env or e2e_env(), stdout=log, cwd=REPO)
+        log.close()
+        self.started.append(process)
+        return process
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop_all(self) -> None:
+        stop_trees(self.started, grace=10.0)
+
+    @staticmethod
+    def run_cli(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return run_cli(argv, timeout)
+
+    @staticmethod
+    def run_cli_raw(
+        argv: list[str], env: dict[str, str], timeout: float = 60, cwd: Path = REPO
+    ) -> subprocess.CompletedProcess[str]:
+        """Any command (e.g. `flwr`) to completion, with `env`, in `cwd`."""
+        return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+    @staticmethod
+    def wait_until(predicate: Callable[[], object], timeout: float, what: str, every: float = 0.5) -> object:
+        return wait_until(predicate, timeout, what, every)
+
+    @staticmethod
+    def write_partitions(directory: Path, mnist: Path, clients: int, samples: int) -> tuple[list[Path], Path]:
+        return write_partitions(directory, mnist, clients, samples)
+
+    @staticmethod
+    def env(**extra: str) -> dict[str, str]:
+        return e2e_env(**extra)
+
+
+def e2e_env(**extra: str) -> dict[str, str]:
+    """Telemetry off, this environment's tools first on PATH, this checkout importable."""
+    env = node_env()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**env, **extra}
+
+
+def run_cli(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m MODULE ...` to completion (fedserver/fedclient commands that return)."""
+    return subprocess.run([*PYTHON, *argv], env=e2e_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, every: float = 0.5) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def write_partitions(directory: Path, mnist: Path, clients: int, samples: int) -> tuple[list[Path], Path]:
+    """One NPZ per client and the server's test NPZ: an MNIST subset, else learnable MNIST-shaped blobs."""
+    rng = np.random.default_rng(0)
+    if mnist.exists():
+        with np.load(mnist) as data:
+            x, y, x_test, y_test = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
+    else:
+        centers = rng.random((10, 784), dtype=np.float32)
+        y = rng.integers(0, 10, clients * samples + 1000)
+        x = (centers[y] + 0.3 * rng.standard_normal((len(y), 784))).astype(np.float32)
+        x, y, x_test, y_test = x[1000:], y[1000:], x[:1000], y[:1000]
+    order = rng.permutation(len(y))
+    parts = []
+    for k in range(clients):
+        parts.append(directory / f"part-{k}.npz")
+        idx = order[k * samples : (k + 1) * samples]
+        np.savez(parts[-1], x=x[idx], y=y[idx])
+    server = directory / "server.npz"  # the server evaluates on the test split; one train example per client
+    np.savez(server, x_train=x[:clients], y_train=y[:clients], x_test=x_test[:1000], y_test=y_test[:1000])
+    return parts, server
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
+    """One per test module: its processes live as long as the module's tests."""
+    tools = E2E(tmp_path_factory.mktemp("logs"))
+    yield tools
+    tools.stop_all()

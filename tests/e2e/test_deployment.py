@@ -1,0 +1,172 @@
+"""A Flowerbed deployment on 127.0.0.1: `fedserver init`, `fedserver start`, three `fedclient
+start`, three rounds; then who may not join, a busy port, and a server restart the clients survive.
+
+The tests of this module share one federation and run in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fedserver.state import StateDir, read_metrics
+from shared.processes import free_port, is_alive, stop_tree, wait_for_port
+
+pytestmark = pytest.mark.e2e
+
+CLIENTS = 3
+ROUNDS = 3
+SAMPLES = 300  # per client
+
+
+@dataclass
+class Federation:
+    work: Path
+    pki: Path
+    other_pki: Path  # a second PKI: its CA and node key mean nothing to the server
+    config: Path
+    state: StateDir
+    address: str
+    parts: list[Path]
+    daemon: subprocess.Popen[bytes]
+    clients: list[subprocess.Popen[bytes]]
+
+
+def _run_toml(server_data: Path, rounds: int) -> str:
+    return (
+        f'dataset = "mnist"\ndata-path = "{server_data}"\nmodel = "2nn"\nnum-clients = {CLIENTS}\n'
+        f'clients-per-round = {CLIENTS}\nrounds = {rounds}\nlr = 0.1\ndevice = "cpu"\n'
+    )
+
+
+def _start_daemon(e2e, fed_pki: Path, config: Path, state: StateDir, address: str, name: str):
+    argv = [*e2e.python, "fedserver.cli", "start", "--pki", str(fed_pki), "--config", str(config)]
+    daemon = e2e.start(name, [*argv, "--state-dir", str(state.root), "--address", address])
+    host, port = address.rsplit(":", 1)
+    assert wait_for_port(host, int(port), 60, alive=daemon), e2e.log(name)
+    return daemon
+
+
+def _fedclient(e2e, name: str, address: str, ca: Path, key: Path, data: Path):
+    argv = [*e2e.python, "fedclient.cli", "start", "--server", address, "--ca", str(ca), "--key", str(key)]
+    return e2e.start(name, [*argv, "--data", str(data), "--device", "cpu"])
+
+
+def _status(e2e, state: StateDir) -> dict:
+    result = e2e.run_cli(["fedserver.cli", "status", "--state-dir", str(state.root), "--json"])
+    return json.loads(result.stdout)
+
+
+def _our_run(status: dict) -> dict:
+    return next((run for run in status["runs"] if run["run_id"] == status["run_id"]), {})
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, e2e, shared_datasets: Path) -> Federation:
+    work = tmp_path_factory.mktemp("deploy")
+    assert e2e.run_cli(["fedserver.cli", "init", str(work / "pki"), "--clients", str(CLIENTS)]).returncode == 0
+    assert e2e.run_cli(["fedserver.cli", "init", str(work / "other"), "--clients", "1"]).returncode == 0
+    parts, server_data = e2e.write_partitions(work, shared_datasets / "mnist.npz", CLIENTS, SAMPLES)
+    config = work / "run.toml"
+    config.write_text(_run_toml(server_data, ROUNDS))
+    state, address = StateDir(work / "state"), f"127.0.0.1:{free_port()}"
+    daemon = _start_daemon(e2e, work / "pki", config, state, address, "fedserver")
+    clients = [
+        _fedclient(e2e, f"client-{k}", address, work / "pki" / "ca.pem",
+                   work / "pki" / "clients" / f"client-{k}.key", parts[k - 1])
+        for k in range(1, CLIENTS + 1)
+    ]  # fmt: skip
+    e2e.wait_until(lambda: len(read_metrics(state.run_dir)) >= ROUNDS, 180, f"{ROUNDS} rounds (see {e2e.logs})")
+    return Federation(work, work / "pki", work / "other", config, state, address, parts, daemon, clients)
+
+
+def test_three_rounds_improve_the_model_and_leave_metrics_and_model(federation: Federation, e2e):
+    rows = read_metrics(federation.state.run_dir)
+
+    def finished() -> dict | None:
+        status = _status(e2e, federation.state)
+        return status if _our_run(status).get("status") == "finished:completed" else None
+
+    status = e2e.wait_until(finished, 30, "the run to finish")
+
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    # Learning, not noise: the loss falls, and accuracy is far above the untrained model's (chance, 0.1).
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    assert rows[-1]["accuracy"] > 0.8
+    assert (federation.state.run_dir / "model.safetensors").stat().st_size > 0
+    assert status["running"] and status["connected_nodes"] == CLIENTS
+    assert _our_run(status)["current_round"] == ROUNDS and status["last_metrics"] == rows[-1]
+
+
+@pytest.fixture(scope="module")
+def intruders(federation: Federation, e2e) -> dict[str, subprocess.Popen[bytes]]:
+    """Three nodes that must not join, started together (a refusal takes seconds each)."""
+    pki, other = federation.pki, federation.other_pki
+    plain = ["flower-supernode", "--superlink", federation.address, "--insecure", "--port", str(free_port())]
+    return {
+        "unregistered": _fedclient(e2e, "unregistered", federation.address, pki / "ca.pem",
+                                   other / "clients" / "client-1.key", federation.parts[0]),
+        "other-ca": _fedclient(e2e, "other-ca", federation.address, other / "ca.pem",
+                               pki / "clients" / "client-1.key", federation.parts[0]),
+        # Flower refuses node authentication without TLS, so a plain-text node brings no key
+        "insecure": e2e.start("insecure", [*plain, "--node-config", f'data-path="{federation.parts[0]}"']),
+    }  # fmt: skip
+
+
+def _refusal(e2e, intruders: dict, name: str) -> str:
+    code = intruders[name].wait(timeout=90)
+    output = e2e.log(name)
+    assert code == 1, output
+    errors = [line for line in output.splitlines() if line.startswith("fedclient: error:")]
+    assert len(errors) == 1, output
+    return errors[0]
+
+
+def test_a_client_with_an_unregistered_key_is_refused(intruders, e2e):
+    error = _refusal(e2e, intruders, "unregistered")
+
+    assert "cannot join" in error and "registered" in error
+
+
+def test_a_client_trusting_another_ca_is_refused(intruders, e2e):
+    error = _refusal(e2e, intruders, "other-ca")
+
+    assert "CERTIFICATE_VERIFY_FAILED" in error
+
+
+def test_a_client_without_tls_cannot_join(intruders, federation: Federation, e2e):
+    e2e.wait_until(lambda: "Connection attempt failed" in e2e.log("insecure"), 30, "a failed plain-text attempt")
+
+    assert "SuperNode ID" not in e2e.log("insecure")
+    assert _status(e2e, federation.state)["connected_nodes"] == CLIENTS
+    stop_tree(intruders["insecure"], grace=5)
+
+
+def test_start_on_a_port_in_use_fails_with_one_line(federation: Federation, e2e):
+    result = e2e.run_cli(["fedserver.cli", "start", "--pki", str(federation.pki), "--config", str(federation.config),
+                      "--state-dir", str(federation.work / "second"), "--address", federation.address])  # fmt: skip
+
+    assert result.returncode == 1
+    assert result.stderr == f"fedserver: error: address {federation.address} is already in use\n"
+    assert not (federation.work / "second").exists()
+
+
+def test_clients_survive_a_server_restart(federation: Federation, e2e):
+    # Prepare: stop the daemon; every process it started goes with it
+    stopped = e2e.run_cli(["fedserver.cli", "stop", "--state-dir", str(federation.state.root)])
+    assert stopped.returncode == 0 and federation.daemon.wait(timeout=30) == 0
+    assert not federation.state.pid_file.exists()
+    federation.config.write_text(_run_toml(federation.parts[0].parent / "server.npz", ROUNDS + 1))
+
+    # Execute: the same state, one more round; the clients were never restarted
+    _start_daemon(e2e, federation.pki, federation.config, federation.state, federation.address, "fedserver-2")
+    e2e.wait_until(lambda: len(read_metrics(federation.state.run_dir)) > ROUNDS, 150, "a round after the restart")
+
+    # Assert
+    assert all(client.poll() is None for client in federation.clients)
+    assert [r["round"] for r in read_metrics(federation.state.run_dir)] == list(range(1, ROUNDS + 2))
+    assert all(is_alive(c.pid) for c in federation.clients)

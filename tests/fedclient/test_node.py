@@ -1,0 +1,128 @@
+"""`fedclient start`: the SuperNode command line, refusals as one-line errors, restarts."""
+
+from __future__ import annotations
+
+import io
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from fedclient import cli, node
+from fedclient.node import Child, NodeOptions, NodeRefused, OutputWatcher, supernode_argv
+
+# What flower-supernode prints when the SuperLink refuses an unregistered key (Flower 1.41).
+REFUSED = """\
+\x1b[91mERROR \x1b[0m:     Exit Code: 305
+Failed to initialize the connection to the SuperLink.
+[code: 2004] Failed to activate SuperNode.
+The SuperNode could not establish a connection to the SuperLink.
+"""
+
+
+@pytest.fixture
+def files(tmp_path) -> dict[str, Path]:
+    paths = {name: tmp_path / name for name in ("ca.pem", "client-1.key", "data.npz")}
+    for path in paths.values():
+        path.write_bytes(b"x")
+    return paths
+
+
+def test_the_supernode_runs_with_tls_node_auth_and_the_node_config(files):
+    options = NodeOptions("10.0.0.5:9092", files["ca.pem"], files["client-1.key"], files["data.npz"], "cpu")
+
+    argv = supernode_argv(options, runtime_port=9400)
+
+    assert Path(argv[0]).name == "flower-supernode" and "--insecure" not in argv
+    assert argv[argv.index("--superlink") + 1] == "10.0.0.5:9092"
+    assert argv[argv.index("--root-certificates") + 1] == str(files["ca.pem"])
+    assert argv[argv.index("--auth-supernode-private-key") + 1] == str(files["client-1.key"])
+    assert argv[argv.index("--node-config") + 1] == f'data-path="{files["data.npz"]}" device="cpu"'
+    assert argv[argv.index("--isolation") + 1] == "process"  # the warm worker runs the ClientApp
+    assert argv[argv.index("--port") + 1] == "9400"
+    assert "--max-retries" not in argv  # Flower's default: retry a lost SuperLink forever
+
+
+def test_subprocess_isolation_is_flowers_default(files):
+    options = NodeOptions("h:1", files["ca.pem"], files["client-1.key"], files["data.npz"], isolation="subprocess")
+
+    argv = supernode_argv(options, runtime_port=9400)
+
+    assert argv[argv.index("--isolation") + 1] == "subprocess"
+
+
+def test_a_missing_file_is_a_one_line_error_exit_2(tmp_path, capsys):
+    code = cli.main(["start", "--server", "h:1", "--ca", str(tmp_path / "ca.pem"), "--key", "k", "--data", "d"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("fedclient: error: --ca ")
+
+
+def test_a_refusal_is_read_from_flowers_exit_message():
+    watcher = OutputWatcher(io.BytesIO(REFUSED.encode()), io.BytesIO())
+    watcher.run()
+
+    assert not watcher.connected
+    reason = watcher.refusal()
+    assert reason.startswith("[code: 2004] Failed to activate SuperNode.")
+    assert "registered" in reason  # the hint
+
+
+def _script_child(tmp_path: Path, body: str) -> Child:
+    script = tmp_path / "fake_supernode.py"
+    script.write_text(body)
+    return Child("flower-supernode", [sys.executable, str(script)], pipe_output=True)
+
+
+def test_a_supernode_refused_before_it_connected_is_retried_then_stops_the_node(tmp_path, monkeypatch, capsys):
+    # Prepare: the server keeps refusing; the grace period shortened
+    monkeypatch.setattr(node, "REFUSAL_GRACE", 1.5)
+    monkeypatch.setattr(node, "REFUSAL_RETRY", 0.1)
+    starts = tmp_path / "starts"
+    child = _script_child(
+        tmp_path, f"import sys\nopen({str(starts)!r}, 'a').write('x')\nsys.stdout.write({REFUSED!r})\nsys.exit(1)\n"
+    )
+    child.start()
+
+    # Execute, assert
+    with pytest.raises(NodeRefused, match=r"cannot join h:1: \[code: 2004\]"):
+        node._supervise([child], "h:1", threading.Event())
+    assert len(starts.read_text()) >= 2  # it tried again: the server may not have registered keys yet
+    assert "retrying" in capsys.readouterr().out
+
+
+def test_a_tls_refusal_stops_the_node_at_once(tmp_path):
+    refused = "Failed to initialize the connection to the SuperLink.\n[SSL: CERTIFICATE_VERIFY_FAILED] x\n"
+    child = _script_child(tmp_path, f"import sys\nsys.stdout.write({refused!r})\nsys.exit(1)\n")
+    child.start()
+
+    with pytest.raises(NodeRefused, match="CERTIFICATE_VERIFY_FAILED.*--ca must be"):
+        node._supervise([child], "h:1", threading.Event())
+
+
+def test_a_supernode_that_had_connected_is_restarted(tmp_path, monkeypatch, capsys):
+    # Prepare: a "SuperNode" that connects, then exits at once; restart pauses shortened
+    starts = tmp_path / "starts"
+    child = _script_child(
+        tmp_path, f"open({str(starts)!r}, 'a').write('x')\nprint('SuperNode ID: 7', flush=True)\nraise SystemExit(1)\n"
+    )
+    monkeypatch.setattr(Child, "schedule_restart", _quick_restart)
+    stop = threading.Event()
+    threading.Timer(4.0, stop.set).start()
+
+    # Execute
+    child.start()
+    node._supervise([child], "h:1", stop)
+    child.stop()
+
+    # Assert
+    assert len(starts.read_text()) >= 2
+    assert "restarting it" in capsys.readouterr().out
+
+
+def _quick_restart(self: Child) -> float:
+    self.restart_at = 0.0
+    self.process = None
+    return 0.0

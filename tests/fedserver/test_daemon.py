@@ -1,0 +1,176 @@
+"""`fedserver start/status/stop` without a SuperLink: checks that fail before anything starts,
+addresses, the state directory, and status/stop of a daemon that is not running."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from fedserver import daemon
+from fedserver.cli import EXIT_NOT_RUNNING, main
+from fedserver.state import DaemonInfo, StateDir
+from shared.pki import init_pki
+from shared.processes import free_port
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("fedserver: error: "), err
+    return err
+
+
+@pytest.fixture
+def pki(tmp_path):
+    init_pki(tmp_path / "pki", clients=2)
+    return tmp_path / "pki"
+
+
+@pytest.fixture
+def run_toml(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('dataset = "mnist"\nmodel = "2nn"\nnum-clients = 2\nclients-per-round = 2\nrounds = 2\n')
+    return path
+
+
+def test_a_port_in_use_is_a_one_line_error_before_anything_starts(tmp_path, capsys, pki, run_toml):
+    # Prepare
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        state = tmp_path / "state"
+
+        # Execute
+        code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(state),
+                     "--address", f"127.0.0.1:{port}"])  # fmt: skip
+
+    # Assert
+    assert code == 1
+    assert f"address 127.0.0.1:{port} is already in use" in _error_line(capsys)
+    assert not state.exists()  # nothing was started or written
+
+
+@pytest.mark.parametrize("missing", ["ca.pem", "server.pem", "server.key"])
+def test_a_missing_certificate_is_a_one_line_error_naming_the_file(tmp_path, capsys, pki, run_toml, missing):
+    (pki / missing).unlink()
+
+    code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(tmp_path / "s")])
+
+    assert code == 2
+    assert str(pki / missing) in _error_line(capsys)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_bad_run_config_is_a_one_line_error(tmp_path, capsys, pki):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = 3\nlearning-rate = 0.1\n")
+
+    code = main(["start", "--pki", str(pki), "--config", str(bad), "--state-dir", str(tmp_path / "s")])
+
+    assert code == 2
+    assert "learning-rate" in _error_line(capsys)
+
+
+def test_a_second_daemon_on_the_same_state_dir_is_refused(tmp_path, capsys, pki, run_toml):
+    # Prepare: a live process owns the state directory's pid file
+    state = StateDir(tmp_path / "state")
+    state.create()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        state.pid_file.write_text(f"{sleeper.pid}\n")
+
+        # Execute
+        code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(state.root),
+                     "--address", f"127.0.0.1:{free_port()}"])  # fmt: skip
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+    # Assert
+    assert code == 1
+    assert f"pid {sleeper.pid}" in _error_line(capsys)
+
+
+def test_run_config_puts_the_run_dir_in_the_state_dir_and_makes_data_path_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.toml").write_text('dataset = "mnist"\ndata-path = "data/mnist.npz"\nrun-dir = "/elsewhere"\n')
+
+    cfg = daemon.run_config(tmp_path / "run.toml", StateDir("st"))
+
+    assert cfg.run_dir == str(tmp_path / "st" / "run")
+    assert cfg.data_path == str(tmp_path / "data" / "mnist.npz")
+
+
+@pytest.mark.parametrize(
+    ("address", "host", "port", "local"),
+    [
+        ("127.0.0.1:9092", "127.0.0.1", 9092, "127.0.0.1:9092"),
+        ("0.0.0.0:9092", "0.0.0.0", 9092, "127.0.0.1:9092"),
+        (":9092", "0.0.0.0", 9092, "127.0.0.1:9092"),
+        ("fl.example.org:443", "fl.example.org", 443, "fl.example.org:443"),
+        ("[::1]:9092", "::1", 9092, "[::1]:9092"),
+    ],
+)
+def test_addresses(address, host, port, local):
+    assert daemon.parse_address(address) == (host, port)
+    assert daemon.local_address(host, port) == local
+
+
+@pytest.mark.parametrize("address", ["9092", "host:", "host:http", "host:70000"])
+def test_bad_addresses_are_one_line_errors(tmp_path, capsys, pki, run_toml, address):
+    code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--address", address])
+
+    assert code == 1
+    assert "invalid address" in _error_line(capsys)
+
+
+def test_status_of_a_stopped_daemon_shows_the_last_metrics_and_exits_3(tmp_path, capsys):
+    # Prepare: what a daemon leaves behind
+    state = StateDir(tmp_path / "state")
+    state.create()
+    DaemonInfo(999999, "127.0.0.1:9092", "127.0.0.1:9092", "/x/ca.pem", 42, 5).write(state.info)
+    (state.run_dir / "metrics.jsonl").write_text(
+        '{"round": 1, "accuracy": 0.5, "seconds": 2.0}\n{"round": 2, "accuracy": 0.75, "seconds": 2.0}\n'
+    )
+
+    # Execute
+    text_code = main(["status", "--state-dir", str(state.root)])
+    text = capsys.readouterr().out
+    json_code = main(["status", "--state-dir", str(state.root), "--json"])
+    snapshot = json.loads(capsys.readouterr().out)
+
+    # Assert
+    assert text_code == json_code == EXIT_NOT_RUNNING
+    assert "not running" in text and "last round 2" in text and "accuracy 0.75" in text
+    assert snapshot["running"] is False and snapshot["run_id"] == 42
+    assert snapshot["rounds_completed"] == 2 and snapshot["last_metrics"]["accuracy"] == 0.75
+    assert (state.flwr_home / "config.toml").read_text().count('"127.0.0.1:9092"') == 1
+
+
+def test_stop_without_a_daemon_says_so(tmp_path, capsys):
+    code = main(["stop", "--state-dir", str(tmp_path)])
+
+    assert code == 0
+    assert "no fedserver running" in capsys.readouterr().out
+
+
+def test_stop_terminates_the_daemon_from_its_pid_file(tmp_path, capsys):
+    # Prepare: a stand-in daemon that ignores SIGTERM, so stop must escalate
+    state = StateDir(tmp_path)
+    ignoring = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    stand_in = subprocess.Popen([sys.executable, "-c", ignoring], stdout=subprocess.PIPE)
+    assert stand_in.stdout.readline() == b"ready\n"
+    state.pid_file.write_text(f"{stand_in.pid}\n")
+
+    # Execute
+    code = main(["stop", "--state-dir", str(tmp_path), "--timeout", "0.5"])
+
+    # Assert
+    assert code == 0
+    assert stand_in.wait(timeout=5) == -9
+    assert "stopped" in capsys.readouterr().out

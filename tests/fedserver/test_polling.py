@@ -1,0 +1,123 @@
+"""fast_polling: replies pulled every `interval` s through the public Grid API; other grids untouched."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import pytest
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedserver import polling
+from fedserver.polling import FastPollingGrid, fast_polling
+
+
+class _Reply:
+    def __init__(self, reply_to: str) -> None:
+        self.metadata = type("Metadata", (), {"reply_to_message_id": reply_to})()
+
+
+class FakeGrid(Grid):
+    """Pushes give ids m0, m1, ...; each pull returns the reply to one more message."""
+
+    def __init__(self) -> None:
+        self.pulls = 0
+        self.closed = False
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        pass
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+        return Message(content, dst_node_id, message_type)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [1, 2]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.pulls += 1
+        return [_Reply(sorted(message_ids)[0])]  # type: ignore[list-item]
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        raise AssertionError("the wrapper must not call the wrapped grid's polling loop")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _messages(n: int) -> list[object]:
+    return [object() for _ in range(n)]  # the wrapper only hands them to push_messages
+
+
+def test_send_and_receive_pulls_every_interval_until_every_reply_came():
+    # Prepare
+    grid = FastPollingGrid(FakeGrid(), interval=0.01)
+
+    # Execute
+    started = time.monotonic()
+    replies = list(grid.send_and_receive(_messages(3), timeout=10))
+
+    # Assert
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
+    assert grid.inner.pulls == 3
+    assert time.monotonic() - started < 1.0
+
+
+def test_send_and_receive_stops_at_the_timeout():
+    # Prepare
+    inner = FakeGrid()
+    inner.pull_messages = lambda ids: []  # type: ignore[method-assign]
+    grid = FastPollingGrid(inner, interval=0.01)
+
+    # Execute
+    started = time.monotonic()
+    replies = list(grid.send_and_receive(_messages(2), timeout=0.2))
+
+    # Assert
+    assert replies == []
+    assert 0.2 <= time.monotonic() - started < 1.0
+
+
+def test_other_calls_go_to_the_wrapped_grid():
+    grid = FastPollingGrid(FakeGrid(), interval=0.1)
+
+    assert list(grid.get_node_ids()) == [1, 2]
+    grid.close()
+    assert grid.inner.closed
+
+
+def test_only_flowers_deployment_grid_is_wrapped(monkeypatch):
+    class HttpGrid(FakeGrid):
+        pass
+
+    monkeypatch.setattr(polling, "_is_deployment_grid", lambda grid: isinstance(grid, HttpGrid))
+    plain, deployed = FakeGrid(), HttpGrid()
+
+    assert fast_polling(plain) is plain  # e.g. fedsim's in-process grid
+    wrapped = fast_polling(deployed)
+    assert isinstance(wrapped, FastPollingGrid) and wrapped.interval == polling.DEFAULT_INTERVAL
+    assert fast_polling(deployed, interval=0) is deployed
+
+
+def test_the_interval_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(polling.ENV_INTERVAL, "0.25")
+    assert polling.poll_interval() == 0.25
+    monkeypatch.setenv(polling.ENV_INTERVAL, "0")
+    assert polling.poll_interval() == 0
+    monkeypatch.setenv(polling.ENV_INTERVAL, "soon")
+    with pytest.raises(ValueError, match=polling.ENV_INTERVAL):
+        polling.poll_interval()
+
+
+def test_flowers_http_grid_is_recognised():
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    assert polling._is_deployment_grid(HttpGrid.__new__(HttpGrid))
+    assert not polling._is_deployment_grid(FakeGrid())

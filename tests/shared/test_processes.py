@@ -1,0 +1,58 @@
+"""Stopping a process tree for sure: SIGTERM, grace, SIGKILL to the group and every descendant."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+from shared.processes import descendants, is_alive, port_in_use, spawn, stop_tree
+
+# A parent that ignores SIGTERM (as a hanging SuperLink does) and has a child in a session of
+# its own (as the SuperLink's SuperExec has).
+PARENT = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_stop_tree_kills_a_parent_ignoring_sigterm_and_its_child_in_another_session():
+    # Prepare
+    parent = spawn([sys.executable, "-c", PARENT], stdout=subprocess.PIPE)
+    child = int(parent.stdout.readline())
+    assert descendants(parent.pid) == {child}
+
+    # Execute
+    started = time.monotonic()
+    stop_tree(parent, grace=0.5)
+
+    # Assert
+    assert parent.returncode == -9
+    deadline = time.monotonic() + 5
+    while is_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_alive(child)
+    assert time.monotonic() - started < 5
+
+
+def test_stop_tree_of_a_well_behaved_process_is_quick():
+    process = spawn([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    started = time.monotonic()
+    stop_tree(process, grace=10)
+
+    assert process.returncode == -15
+    assert time.monotonic() - started < 2
+
+
+def test_port_in_use():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.listen()
+        assert port_in_use("127.0.0.1", port)
+    assert not port_in_use("127.0.0.1", port)
