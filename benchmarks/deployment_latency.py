@@ -73,7 +73,7 @@ class Result:
         later = self.seconds[1:] or self.seconds
         per_round = " ".join(f"{s:5.1f}" for s in self.seconds)
         return (
-            f"{self.system:<20} {statistics.median(later):7.2f} {statistics.mean(later):7.2f} {max(later):7.2f}"
+            f"{self.system:<23} {statistics.median(later):7.2f} {statistics.mean(later):7.2f} {max(later):7.2f}"
             f" {self.cpu_per_round:8.2f}   {self.peak_rss_mb:6.0f} {self.peak_pss_mb:6.0f}   {per_round}"
         )
 
@@ -258,8 +258,8 @@ def main() -> int:
         print(f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}", flush=True)
         results = [run_stock(work, pki, parts, cfg)]
         results += [run_flowerbed(work, pki, parts, cfg, db) for db in ("sqlite", "memory")]
-    print(f"\n{'system':<20} {'median':>7} {'mean':>7} {'max':>7} {'CPU s':>8}   {'RSS MB':>6} {'PSS MB':>6}   s/round, rounds 1..N")
-    print(f"{'':<20} {'s/round, rounds 2..N (CPU: all processes)':>41}   {'peak client memory':>13}")
+    print(f"\n{'system':<23} {'median':>7} {'mean':>7} {'max':>7} {'CPU s':>8}   {'RSS MB':>6} {'PSS MB':>6}   s/round, rounds 1..N")
+    print(f"{'':<23} {'s/round, rounds 2..N (CPU: all processes)':>41}   {'peak client memory':>13}")
     for result in results:
         print(result.summary())
     return 0

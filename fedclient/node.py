@@ -39,8 +39,8 @@ STOP_GRACE = 5.0  # seconds a child gets to exit on SIGTERM before SIGKILL
 MAX_BACKOFF = 30.0  # longest pause before restarting a child
 STABLE_SECONDS = 60.0  # a child up this long has its restart pause reset
 # A daemon registers node keys a moment after its port opens: a node refused as unregistered
-# (Flower's code 2004) tries again for REFUSAL_GRACE s before the refusal counts. A TLS
-# failure (wrong CA) counts at once: waiting does not change a certificate.
+# (Flower's code 2004) in its first REFUSAL_GRACE s tries again before the refusal counts.
+# A TLS failure (wrong CA) counts at once: waiting does not change a certificate.
 RETRYABLE_REFUSALS = ("[code: 2004]",)
 REFUSAL_GRACE = 15.0
 REFUSAL_RETRY = 2.0
@@ -125,12 +125,13 @@ class Child:
     started: float = 0.0
     backoff: float = 1.0
     restart_at: float = 0.0
-    first_refusal: float | None = None
+    first_started: float | None = None
 
     def start(self) -> None:
         stdout = subprocess.PIPE if self.pipe_output else None
         self.process = spawn(self.argv, env=node_env(), stdout=stdout)
         self.started = time.monotonic()
+        self.first_started = self.first_started or self.started
         if self.pipe_output:
             self.watcher = OutputWatcher(self.process.stdout, sys.stdout.buffer)  # type: ignore[arg-type]
             self.watcher.start()
@@ -145,15 +146,13 @@ class Child:
         pause, self.backoff = self.backoff, min(self.backoff * 2, MAX_BACKOFF)
         self.restart_at = time.monotonic() + pause
         self.process = None
+        self.first_started = None  # a restarted server may register keys late again: a new grace
         return pause
 
     def may_retry_refusal(self, reason: str) -> bool:
-        """Whether a refusal for `reason` is still within its grace period."""
-        if not any(marker in reason for marker in RETRYABLE_REFUSALS):
-            return False
-        now = time.monotonic()
-        self.first_refusal = self.first_refusal or now
-        return now - self.first_refusal < REFUSAL_GRACE
+        """Whether a refusal for `reason` comes within the grace period after the first start."""
+        retryable = any(marker in reason for marker in RETRYABLE_REFUSALS)
+        return retryable and time.monotonic() - (self.first_started or 0.0) < REFUSAL_GRACE
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

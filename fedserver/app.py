@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedserver.checkpoints import Checkpoint, RunDirectory
+from fedserver.polling import fast_polling
 from fedserver.strategies import build_strategy, quorum, restore_strategy_state, screen_replies, strategy_state
 from shared import messages as keys
 from shared import task
@@ -51,7 +52,7 @@ class RunResult:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config."""
-    run_federation(grid, RunConfig.from_mapping(context.run_config))
+    run_federation(fast_polling(grid), RunConfig.from_mapping(context.run_config))
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> RunResult:

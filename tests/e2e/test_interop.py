@@ -1,9 +1,8 @@
 """The project as a plain Flower app: `flwr run .` on a stock `flower-superlink` with stock
 `flower-supernode`s, each given its partition in its node config (insecure, on 127.0.0.1).
 
-It runs in a copy of the project: on its first `flwr run`, Flower 1.41 moves the legacy
-`[tool.flwr.federations]` table of pyproject.toml into $FLWR_HOME/config.toml and comments
-it out in the project's file.
+It runs in a copy of the project, so that nothing `flwr run` writes lands in the checkout
+(Flower 1.41 rewrites a pyproject.toml that still has a legacy `[tool.flwr.federations]` table).
 """
 
 from __future__ import annotations

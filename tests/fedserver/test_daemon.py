@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -174,3 +175,17 @@ def test_stop_terminates_the_daemon_from_its_pid_file(tmp_path, capsys):
     assert code == 0
     assert stand_in.wait(timeout=5) == -9
     assert "stopped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("in_memory", "database"), [(False, "state.db"), (True, ":flwr-in-memory:")])
+def test_the_superlink_runs_with_tls_node_auth_and_no_dependency_installation(tmp_path, pki, in_memory, database):
+    state = StateDir(tmp_path / "state")
+
+    argv = daemon.superlink_argv(daemon.Pki.load(pki), "127.0.0.1", 9092, state, in_memory=in_memory)
+
+    assert Path(argv[0]).name == "flower-superlink" and "--insecure" not in argv
+    assert argv[argv.index("--ssl-certfile") + 1] == str(pki.resolve() / "server.pem")
+    assert "--enable-supernode-auth" in argv and "--disable-runtime-dependency-installation" in argv
+    assert argv[argv.index("--database") + 1].endswith(database)
+    assert argv[argv.index("--host") + 1 :] == ["127.0.0.1", "--port", "9092"]
+    assert daemon.flower_env(state)["FLWR_TELEMETRY_ENABLED"] == "0"
