@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                          device=cfg.device, seed=cfg.seed + epoch)  # fmt: skip
         t1 = time.perf_counter()
         res = task.evaluate(model, x_test, y_test, batch_size=cfg.eval_batch_size, device=cfg.device)
+        t2 = time.perf_counter()
         print(f"epoch {epoch}: train loss {fit.loss:.4f} ({t1 - t0:.1f} s) | test accuracy {res.accuracy:.4f} "
-              f"loss {res.loss:.4f} over {res.num_examples} labels ({time.perf_counter() - t1:.1f} s)", flush=True)  # fmt: skip
+              f"loss {res.loss:.4f} over {res.num_examples} labels ({t2 - t1:.1f} s)", flush=True)  # fmt: skip
     return 0
 
 

@@ -2,7 +2,8 @@
 """Local training speed of the transformers: one client trained through fedsim's ClientApp, and
 the same batches in a plain PyTorch loop, side by side in one process.
 
-    .venv/bin/python benchmarks/transformer_throughput.py [CONFIG ...] [--threads 1 2] [--repeats 3] [--set key=value ...]
+    .venv/bin/python benchmarks/transformer_throughput.py [CONFIG ...] [--threads 1 2] [--repeats 5]
+                                                          [--set key=value ...]
 
 For each config (default: configs/imdb-transformer.toml and configs/shakespeare-charlm.toml)
 and each torch thread count, the client with the most training tokens is trained for the
@@ -15,8 +16,9 @@ config's `local-epochs`:
           zero_grad, forward, cross-entropy, backward, Adam step; nothing else.
 
 The two alternate `--repeats` times (after one warm-up each) and the fastest time of each is
-shown (other load on the machine only ever adds time), with tokens/s counting non-padding tokens. Both end with the same weights (checked), so they
-did the same work. The ratio fedsim / plain is the ClientApp's overhead (target <= 1.10).
+shown (other load on the machine only ever adds time), with tokens/s counting non-padding
+tokens. Both end with the same weights (checked), so they did the same work. The ratio
+fedsim / plain is the ClientApp's overhead (target <= 1.10).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def fedsim_train(cfg: Any, partition_id: int, weights: dict) -> tuple[float, dic
     from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_config
 
     grid = InProcessGrid(client_app, cfg.num_clients, cfg.to_mapping(), simulation_node_config(cfg.num_clients))
-    content = RecordDict({keys.ARRAYS: to_arrayrecord(weights), keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: SERVER_ROUND})})
+    config = ConfigRecord({keys.SERVER_ROUND: SERVER_ROUND})
+    content = RecordDict({keys.ARRAYS: to_arrayrecord(weights), keys.CONFIG: config})
     message = grid.create_message(content, "train", FIRST_NODE_ID + partition_id, "bench")
     started = time.perf_counter()
     (reply,) = grid.send_and_receive([message])
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     from shared.config import load_config
     from shared.task import resolve_device
 
-    print(f"device {resolve_device('auto')}, torch {torch.__version__}, {os.cpu_count()} CPUs; fastest of {args.repeats}")
+    device = resolve_device("auto")
+    print(f"device {device}, torch {torch.__version__}, {os.cpu_count()} CPUs; fastest of {args.repeats}")
     print(f"{'config':<26} {'thr':>3} {'client':>7} {'tokens':>9} {'plain s':>8} {'fedsim s':>9} "
           f"{'plain tok/s':>12} {'fedsim tok/s':>13} {'ratio':>6}  same weights")  # fmt: skip
     for path in args.configs:

@@ -222,7 +222,9 @@ def _check_text(cfg: RunConfig) -> None:
         raise ConfigError(f"dataset '{cfg.dataset}' needs model '{wanted}', got '{cfg.model}'")
     if wanted is None and cfg.model in TEXT_MODELS.values():
         texts = [d for d, m in TEXT_MODELS.items() if m == cfg.model]
-        raise ConfigError(f"model '{cfg.model}' reads token ids: dataset must be {', '.join(texts)}, got '{cfg.dataset}'")
+        raise ConfigError(
+            f"model '{cfg.model}' reads token ids: dataset must be {', '.join(texts)}, got '{cfg.dataset}'"
+        )
     if wanted is not None and (cfg.input_dim or cfg.num_classes):
         raise ConfigError(
             f"config keys 'input-dim' and 'num-classes' do not apply to dataset '{cfg.dataset}': "

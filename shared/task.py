@@ -190,7 +190,9 @@ def _width(lengths: torch.Tensor, idx: torch.Tensor) -> int:
     return max(int(lengths[idx].max()), 1)
 
 
-def gather(xs: torch.Tensor, ys: torch.Tensor, idx: torch.Tensor, width: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def gather(
+    xs: torch.Tensor, ys: torch.Tensor, idx: torch.Tensor, width: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch `idx`, its token ids (and per-position labels) cut to `width` positions."""
     xb, yb = xs[idx], ys[idx]
     if width is None:

@@ -353,7 +353,9 @@ def _split(cfg: RunConfig, method: str, labels: np.ndarray, keys: np.ndarray | N
 SPLITS: dict[str, Callable[[RunConfig, np.ndarray, np.ndarray | None, np.random.Generator], list[np.ndarray]]] = {
     "natural": lambda cfg, labels, keys, rng: partitioners.natural(keys, min_size=cfg.min_client_size)[0],
     "iid": lambda cfg, labels, keys, rng: partitioners.iid(len(labels), cfg.num_clients, rng),
-    "dirichlet": lambda cfg, labels, keys, rng: partitioners.dirichlet(labels, cfg.num_clients, cfg.dirichlet_alpha, rng),
+    "dirichlet": lambda cfg, labels, keys, rng: partitioners.dirichlet(
+        labels, cfg.num_clients, cfg.dirichlet_alpha, rng
+    ),
     "shards": lambda cfg, labels, keys, rng: partitioners.shards(labels, cfg.num_clients, cfg.shards_per_client, rng),
 }
 

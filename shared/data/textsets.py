@@ -84,7 +84,8 @@ def _split_indices(
     splits = np.asarray(records.splits)
     train, test = np.flatnonzero(splits == TRAIN_SPLIT), np.flatnonzero(splits == TEST_SPLIT)
     if len(train) == 0 or len(test) == 0:
-        raise DataError(f"{path}: needs records with split '{TRAIN_SPLIT}' and '{TEST_SPLIT}', found {sorted(set(splits))}")
+        found = sorted(set(splits))
+        raise DataError(f"{path}: needs records with split '{TRAIN_SPLIT}' and '{TEST_SPLIT}', found {found}")
     return train, test
 
 
