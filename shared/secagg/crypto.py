@@ -1,5 +1,5 @@
 """The protocol's cryptography. Every cipher, KDF and random number comes from `cryptography`
-or the OS CSPRNG; the only arithmetic done here is Shamir's polynomial sharing.
+or the OS CSPRNG, and Shamir secret sharing from Flower (built on PyCryptodome).
 
 - key agreement: X25519, the shared secret through HKDF-SHA256 with a purpose label, the round
   id and the two node ids as `info` (one key per purpose, round and pair);
@@ -9,19 +9,25 @@ or the OS CSPRNG; the only arithmetic done here is Shamir's polynomial sharing.
 - masks: the AES-256-CTR keystream of a HKDF-derived key, read as unsigned integers (uniform
   modulo 2^m). Flower's `secaggplus_utils.pseudo_rand_gen` is not used: it seeds numpy's
   Mersenne Twister with 32 bits XOR-folded from the seed, neither a CSPRNG nor a 128-bit seed;
-- Shamir secret sharing over the prime field GF(2^521 - 1), as in Bonawitz et al.: a 32-byte
-  secret is one field element, the polynomial's other coefficients come from `secrets` (the OS
-  CSPRNG), shares are (4-byte index, 66-byte value). Flower's `crypto.shamir` (PyCryptodome's
-  GF(2^128) Shamir) is sound but does its field arithmetic in pure Python, 70 us a
-  multiplication: about 20 ms of sharing and rebuilding per client, seconds a round at 100
-  clients; Python's integers do the same in microseconds. Flower's Fernet helpers in
-  `symmetric_encryption` are not used either: no associated data, and ECDH over P-curves.
+- Shamir secret sharing: Flower's `crypto.shamir` (`create_shares` / `combine_shares`), which
+  PKCS#7-pads a secret to whole 16-byte blocks and shares each block with PyCryptodome's
+  `Shamir` over GF(2^128) (coefficients from the OS CSPRNG, share indices 1..n). A 32-byte
+  secret is three blocks; a share is a 4-byte index and 48 bytes. PyCryptodome does the field
+  arithmetic in pure Python: at the defaults (threshold 5 of 9) a client spends about 5 ms
+  sharing its two secrets and the server about 11 ms rebuilding each one (2-core machine,
+  `benchmarks/secagg_overhead.py` times whole rounds). Its `combine_shares` interpolates
+  whatever shares it is given, so `rebuild_secret` counts distinct indices itself and passes
+  exactly `threshold`. A share with a wrong value yields a wrong secret unless it breaks the
+  padding; the masking key rebuilt for a dropped node is checked against its public key, and a
+  lying client could as well send a wrong input, which SecAgg+ does not guard against either.
+
+Flower's Fernet helpers in `symmetric_encryption` are not used: no associated data, and ECDH
+over P-curves.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import struct
 from collections.abc import Iterable, Sequence
 
@@ -32,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 
 from shared.secagg.settings import SecAggError, SecAggIntegrityError
 
@@ -40,9 +47,7 @@ SEED_BYTES = 32
 ROUND_ID_BYTES = 16
 _NONCE_BYTES = 12
 _CTR_ZERO_NONCE = bytes(16)  # every mask key is used for one keystream only
-_PRIME = (1 << 521) - 1  # a Mersenne prime: every 32-byte secret is one field element
-_VALUE_BYTES = 66
-_INDEX_BYTES = 4
+_INDEX_BYTES = 4  # a share: little-endian index, then one 16-byte share per padded block
 _CHUNK_ELEMENTS = 1 << 15  # keystream chunk: 256 KiB of uint64, stays in L2 while added
 
 
@@ -141,42 +146,31 @@ def _keystream(key: bytes):  # noqa: ANN202 - cryptography's CipherContext
 
 
 def split_secret(secret: bytes, threshold: int, count: int) -> list[bytes]:
-    """`count` Shamir shares of `secret` (at most 64 bytes), any `threshold` of which rebuild it."""
-    if not 1 <= threshold <= count or len(secret) > 64:
-        raise SecAggError(f"cannot split a {len(secret)}-byte secret into {count} shares, threshold {threshold}")
-    coefficients = [int.from_bytes(secret, "big")] + [secrets.randbelow(_PRIME) for _ in range(threshold - 1)]
-    shares = []
-    for x in range(1, count + 1):
-        y = 0
-        for coefficient in reversed(coefficients):  # Horner
-            y = (y * x + coefficient) % _PRIME
-        shares.append(x.to_bytes(_INDEX_BYTES, "little") + y.to_bytes(_VALUE_BYTES, "big"))
-    return shares
+    """`count` Shamir shares of `secret`, any `threshold` of which rebuild it (share i has index i + 1)."""
+    if not 1 <= threshold <= count:
+        raise SecAggError(f"cannot split a secret into {count} shares, threshold {threshold}")
+    return create_shares(secret, threshold, count)
 
 
 def rebuild_secret(shares: Iterable[bytes], threshold: int, what: str, length: int = SEED_BYTES) -> bytes:
-    """The `length`-byte secret from `threshold` shares with distinct indices (Lagrange at 0).
+    """The `length`-byte secret from `threshold` shares with distinct indices.
 
-    Fewer shares, or shares that do not lie on one polynomial of a `length`-byte secret
-    (detected with probability 1 - 2^(8 length - 521)), raise SecAggError.
+    Fewer well-formed shares raise SecAggError, and so do shares that do not rebuild a
+    well-padded `length`-byte secret (e.g. shares of different secrets, most forged ones).
     """
-    points: dict[int, int] = {}
+    size = _INDEX_BYTES + 16 * (length // 16 + 1)  # PKCS#7 always adds padding
+    points: dict[int, bytes] = {}
     for share in shares:
-        if isinstance(share, bytes) and len(share) == _INDEX_BYTES + _VALUE_BYTES:
-            x = int.from_bytes(share[:_INDEX_BYTES], "little")
-            if x > 0:
-                points.setdefault(x, int.from_bytes(share[_INDEX_BYTES:], "big"))
+        if isinstance(share, bytes) and len(share) == size:
+            index = int.from_bytes(share[:_INDEX_BYTES], "little")
+            if index > 0:  # the polynomial at 0 is the secret itself, never a share
+                points.setdefault(index, share)
     if len(points) < threshold:
         raise SecAggError(f"{what}: {len(points)} shares, {threshold} needed")
-    chosen = list(points.items())[:threshold]
-    secret = 0
-    for j, (xj, yj) in enumerate(chosen):
-        numerator = denominator = 1
-        for m, (xm, _) in enumerate(chosen):
-            if m != j:
-                numerator = numerator * xm % _PRIME
-                denominator = denominator * (xm - xj) % _PRIME
-        secret = (secret + yj * numerator * pow(denominator, -1, _PRIME)) % _PRIME
-    if secret >> (8 * length):
+    try:
+        secret = combine_shares(list(points.values())[:threshold])
+    except ValueError:
+        secret = b""
+    if len(secret) != length:
         raise SecAggError(f"{what}: the shares do not fit together")
-    return secret.to_bytes(length, "big")
+    return secret

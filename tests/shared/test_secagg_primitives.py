@@ -1,7 +1,11 @@
 """SecAgg+ building blocks: settings, neighbour graph, masks, sealed shares, Shamir, fixed point."""
 
+import itertools
+import os
+
 import numpy as np
 import pytest
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
 from shared.secagg import crypto
 from shared.secagg import protocol as p
@@ -148,17 +152,46 @@ def test_sealed_shares_fail_when_tampered_replayed_or_redirected():
 # ----------------------------------------------------------------------------- Shamir
 
 
-def test_any_threshold_shares_rebuild_the_secret_and_fewer_do_not():
-    secret = bytes(range(32))
+@pytest.mark.parametrize("secret", [bytes(range(32)), crypto.new_key_pair()[0], os.urandom(32)])
+def test_any_threshold_shares_rebuild_the_secret_and_fewer_do_not(secret):
     shares = crypto.split_secret(secret, 4, 7)
-    assert len(set(shares)) == 7
-    assert crypto.rebuild_secret(shares[3:], 4, "s") == secret
-    assert crypto.rebuild_secret([shares[6], shares[0], shares[4], shares[2]], 4, "s") == secret
+    assert [int.from_bytes(share[:4], "little") for share in shares] == list(range(1, 8))
+    for subset in itertools.combinations(shares, 4):
+        assert crypto.rebuild_secret(list(subset), 4, "s") == secret
     with pytest.raises(SecAggError, match="3 shares, 4 needed"):
         crypto.rebuild_secret(shares[:3] + [shares[0]], 4, "s")  # a repeated share counts once
-    forged = shares[1][:4] + bytes(66)
-    with pytest.raises(SecAggError, match="do not fit"):
-        crypto.rebuild_secret([shares[0], forged, shares[2], shares[3]], 4, "s")
+    with pytest.raises(SecAggError, match="3 shares, 4 needed"):
+        crypto.rebuild_secret(shares[:3] + [shares[4][:-1], "not bytes"], 4, "s")  # malformed ones do not count
+
+
+def test_threshold_minus_one_shares_rebuild_something_else():
+    """Interpolating t - 1 shares (what `rebuild_secret` refuses) gives no trace of the secret."""
+    secret = os.urandom(32)
+    shares = crypto.split_secret(secret, 3, 5)
+    try:
+        guess = combine_shares(shares[:2])
+    except ValueError:  # the padding block came out wrong
+        guess = b""
+    assert secret[:16] not in guess and secret[16:] not in guess
+
+
+def test_shares_of_different_secrets_do_not_fit_together():
+    """Mixed shares give a random padding block, which fails unpadding with probability ~1 - 1/255."""
+    refused = 0
+    for _ in range(5):
+        a, b = os.urandom(32), os.urandom(32)
+        mixed = [crypto.split_secret(a, 2, 3)[0], crypto.split_secret(b, 2, 3)[1]]
+        try:
+            assert crypto.rebuild_secret(mixed, 2, "s") not in (a, b)
+        except SecAggError as err:
+            assert "do not fit" in str(err)
+            refused += 1
+    assert refused > 0
+
+
+def test_a_share_split_is_refused_for_a_threshold_above_the_count():
+    with pytest.raises(SecAggError, match="threshold 4"):
+        crypto.split_secret(bytes(32), 4, 3)
 
 
 # ----------------------------------------------------------------------------- fixed point
