@@ -37,11 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="the SuperNode's local Runtime API port on 127.0.0.1 (default: any free port)",
     )
+    start.add_argument(
+        "--client-app",
+        default="",
+        metavar="MODULE:ATTR",
+        help="for tests: run this ClientApp object (importable here) instead of the one the run names",
+    )
     return parser
 
 
 def options_from(args: argparse.Namespace) -> NodeOptions:
-    return NodeOptions(args.server, args.ca, args.key, args.data, args.device, args.isolation, args.runtime_port)
+    return NodeOptions(
+        args.server, args.ca, args.key, args.data, args.device, args.isolation, args.runtime_port, args.client_app
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,8 @@ A SuperNode that exits before it ever connected was refused (unregistered key, w
 key file): that is a one-line error and exit status 1 (an unregistered key is retried for
 REFUSAL_GRACE s first: a daemon registers keys just after its port opens). One that exits
 after it had connected, or a worker that exits, is restarted after a growing pause.
-SIGTERM or SIGINT stops both.
+SIGTERM or SIGINT stops both; a fedclient killed outright (SIGKILL, OOM) takes both with it
+(the kernel's parent-death signal, Linux), so no orphan keeps training as this node.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class NodeOptions:
     device: str = "auto"
     isolation: str = "warm"
     runtime_port: int = 0  # the SuperNode's local Runtime API port; 0 = any free one
+    client_app: str = ""  # for tests: MODULE:ATTR run instead of the FAB's ClientApp (warm only)
 
 
 def check_inputs(options: NodeOptions) -> None:
@@ -81,6 +83,8 @@ def check_inputs(options: NodeOptions) -> None:
         raise NodeError(f"--data {options.data}: a path with a double quote cannot be passed to Flower")
     if options.isolation not in ISOLATIONS:
         raise NodeError(f"--isolation must be one of {', '.join(ISOLATIONS)}, got {options.isolation!r}")
+    if options.client_app and options.isolation != "warm":
+        raise NodeError("--client-app needs --isolation warm (the worker loads it)")
 
 
 def supernode_argv(options: NodeOptions, runtime_port: int) -> list[str]:
@@ -98,8 +102,9 @@ def supernode_argv(options: NodeOptions, runtime_port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def worker_argv(runtime_port: int) -> list[str]:
-    return [sys.executable, "-m", "fedclient.worker", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
+def worker_argv(runtime_port: int, client_app: str = "") -> list[str]:
+    argv = [sys.executable, "-m", "fedclient.worker", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
+    return [*argv, "--client-app", client_app] if client_app else argv
 
 
 def node_env() -> dict[str, str]:
@@ -129,7 +134,7 @@ class Child:
 
     def start(self) -> None:
         stdout = subprocess.PIPE if self.pipe_output else None
-        self.process = spawn(self.argv, env=node_env(), stdout=stdout)
+        self.process = spawn(self.argv, env=node_env(), stdout=stdout, die_with_parent=True)
         self.started = time.monotonic()
         self.first_started = self.first_started or self.started
         if self.pipe_output:
@@ -200,7 +205,7 @@ def run_node(options: NodeOptions) -> int:
     stop = _stop_on_signals()
     children = [Child("flower-supernode", supernode_argv(options, port), pipe_output=True)]
     if options.isolation == "warm":
-        children.append(Child("worker", worker_argv(port)))
+        children.append(Child("worker", worker_argv(port, options.client_app)))
     try:
         for child in children:
             child.start()

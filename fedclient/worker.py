@@ -15,7 +15,11 @@ as `flwr-clientapp` does: the worker forgets its own package before the first im
 a task of another FAB (a new run config or new code) arrives, it forgets every module imported
 from the previous FAB's directory and imports the new one (PyTorch stays imported).
 
-    python -m fedclient.worker --runtime-api-address 127.0.0.1:9094 [--poll-interval 0.2]
+For tests, `--client-app MODULE:ATTR` runs that ClientApp object for every task instead of
+the FAB's (Flower's own single-app loading, `multi_app=False`), e.g. a client that sends bad
+updates (tests/e2e/faulty_client.py).
+
+    python -m fedclient.worker --runtime-api-address 127.0.0.1:9094 [--poll-interval 0.2] [--client-app M:A]
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class LoadedApp:
     fab_hash: str = ""
     app: ClientApp | None = None
     directory: Path | None = None
+    override: str = ""  # MODULE:ATTR served instead of the FAB's ClientApp (tests)
 
 
 @dataclass
@@ -82,11 +87,11 @@ class TaskOutcome:
             self.seconds[step] = time.perf_counter() - started
 
 
-def serve(address: str, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+def serve(address: str, poll_interval: float = DEFAULT_POLL_INTERVAL, client_app: str = "") -> None:
     """Acquire and run ClientApp tasks from the SuperNode at `address` until stopped."""
     warm_imports()
     superexec = _runtime_client(address, RuntimeVersionHttpInterceptor(component_name="SuperExec"))
-    loaded = LoadedApp()
+    loaded = LoadedApp(override=client_app)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     LOG.info("warm ClientApp worker polling %s every %.2f s", address, poll_interval)
     while True:
@@ -158,8 +163,11 @@ def _finish(client: RuntimeHttpClient, outcome: TaskOutcome) -> None:
 
 
 def _client_app(loaded: LoadedApp, run: Run, fab: Fab) -> ClientApp:
-    """The FAB's ClientApp: installed and imported on its first task only."""
-    if loaded.app is not None and fab.hash_str == loaded.fab_hash:
+    """The FAB's ClientApp (or the override): installed and imported on its first task only."""
+    if loaded.app is not None and (loaded.override or fab.hash_str == loaded.fab_hash):
+        return loaded.app
+    if loaded.override:
+        loaded.app = get_load_client_app_fn(default_app_ref=loaded.override, app_path=None, multi_app=False)("", "", "")
         return loaded.app
     if loaded.directory is None:
         _forget_modules(lambda name, _file: name.split(".")[0] == OWN_PACKAGE)
@@ -216,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fedclient.worker", description=__doc__.split("\n")[0])
     parser.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT", help="the SuperNode's Runtime API")
     parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL, metavar="SECONDS")
+    parser.add_argument("--client-app", default="", metavar="MODULE:ATTR", help="for tests: serve this ClientApp")
     return parser
 
 
@@ -225,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     for chatty in ("httpx", "httpcore"):  # a line per poll otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
-        serve(args.runtime_api_address, args.poll_interval)
+        serve(args.runtime_api_address, args.poll_interval, args.client_app)
     except KeyboardInterrupt:
         return 0
     return 0

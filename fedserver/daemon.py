@@ -17,6 +17,11 @@ process is started where it can:
    checkpoint where there is one);
 5. logs each completed round and every change of run status to STATE/fedserver.log and stdout.
 
+The SuperLink's pid (and start time) is kept in STATE/superlink.pid. A daemon killed with
+SIGKILL cannot stop its SuperLink, which lives in a process group of its own and keeps the
+port and the run going; the next `fedserver start` (or `fedserver stop`) on that state
+directory stops that SuperLink and everything under it first, then starts afresh and resumes.
+
 On SIGTERM it stops the run, then the SuperLink: SIGTERM, STOP_GRACE seconds, then SIGKILL
 to its process group and every descendant (SuperExec and the ServerApp live in sessions of
 their own, and the SuperLink can hang on SIGTERM while a client streams).
@@ -41,7 +46,9 @@ from fedserver.staging import stage_app
 from fedserver.state import DEFAULT_ADDRESS, DaemonError, DaemonInfo, StateDir, read_metrics
 from shared.config import RunConfig, load_config
 from shared.pki import PkiError
-from shared.processes import is_alive, port_in_use, spawn, stop_pid, stop_tree, wait_for_port
+from shared.processes import (
+    is_alive, port_in_use, record_process, recorded_process, spawn, stop_pid, stop_tree, wait_for_port,
+)  # fmt: skip
 
 STOP_GRACE = 10.0  # seconds the SuperLink gets to exit on SIGTERM before SIGKILL
 READY_TIMEOUT = 60.0  # seconds the SuperLink gets to start listening
@@ -111,10 +118,13 @@ def start(options: StartOptions) -> int:
     pki = Pki.load(options.pki_dir)
     cfg = run_config(options.config, state)
     _check_not_running(state)
+    stale = stop_stale_superlink(state)
     if port_in_use(host, port):
         raise DaemonError(f"address {options.address} is already in use")
     state.create()
     _configure_logging(state.log)
+    if stale is not None:
+        LOG.warning("stopped SuperLink pid %d and its processes, left running by a fedserver that was killed", stale)
     stop = _stop_on_signals()
     with _pid_file(state):
         return _serve(options, state, pki, cfg, stop)
@@ -134,6 +144,7 @@ def _serve(options: StartOptions, state: StateDir, pki: Pki, cfg: RunConfig, sto
     argv = superlink_argv(pki, host, port, state, in_memory=options.database == "memory")
     with state.open_superlink_log() as log:
         superlink = spawn(argv, env=flower_env(state), stdout=log)
+    record_process(state.superlink_pid, superlink.pid)
     try:
         if not wait_for_port(_connect_host(host), port, READY_TIMEOUT, alive=superlink):
             raise DaemonError(f"the SuperLink did not start: {_last_error(state.superlink_log)}")
@@ -148,6 +159,7 @@ def _serve(options: StartOptions, state: StateDir, pki: Pki, cfg: RunConfig, sto
     finally:
         LOG.info("stopping the SuperLink")
         stop_tree(superlink, STOP_GRACE)
+        state.superlink_pid.unlink(missing_ok=True)
         LOG.info("stopped")
 
 
@@ -223,13 +235,23 @@ def _stop_run(control: ControlClient, run_id: int) -> None:
 def stop(state_dir: Path, timeout: float = 30.0) -> bool:
     """SIGTERM the daemon of `state_dir`, wait up to `timeout` s, then SIGKILL it and its tree.
 
-    False if it was not running.
+    False if it was not running. A SuperLink left by a killed daemon is stopped too (True).
     """
     state = StateDir(state_dir)
     pid = state.read_pid()
     if pid is None or not is_alive(pid):
-        return False
+        return stop_stale_superlink(state, timeout) is not None
     return stop_pid(pid, grace=timeout)
+
+
+def stop_stale_superlink(state: StateDir, grace: float = STOP_GRACE) -> int | None:
+    """Stop the SuperLink (and its tree) a daemon that died without stopping it left; its pid, or None."""
+    pid = recorded_process(state.superlink_pid)
+    if pid is None:
+        return None
+    stop_pid(pid, grace=grace)
+    state.superlink_pid.unlink(missing_ok=True)
+    return pid
 
 
 def superlink_argv(pki: Pki, host: str, port: int, state: StateDir, in_memory: bool = False) -> list[str]:

@@ -3,6 +3,7 @@
     fedserver.pid     the daemon's pid while it runs
     fedserver.log     the daemon's own log (also on its stdout)
     superlink.log     the SuperLink's, SuperExec's and ServerApp's output
+    superlink.pid     the SuperLink's pid and start time while the daemon's SuperLink runs
     daemon.json       address, CA, run id and rounds of the current daemon
     state.db          the SuperLink's SQLite state (runs, nodes, messages)
     flwr-home/        FLWR_HOME of the SuperLink, and config.toml for `flwr` (connection "fedserver")
@@ -45,6 +46,10 @@ class StateDir:
     @property
     def superlink_log(self) -> Path:
         return self.root / "superlink.log"
+
+    @property
+    def superlink_pid(self) -> Path:
+        return self.root / "superlink.pid"
 
     @property
     def info(self) -> Path:

@@ -8,17 +8,20 @@ Descendants are found through /proc (Linux); elsewhere only the process group is
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
 PROC = Path("/proc")
 REAP_TIMEOUT = 5.0  # seconds SIGKILLed processes get to disappear
+PR_SET_PDEATHSIG = 1  # prctl(2) option: a signal the kernel sends when the parent dies
 
 
 def spawn(
@@ -28,12 +31,32 @@ def spawn(
     stdout: IO[bytes] | int | None = None,
     stderr: IO[bytes] | int | None = subprocess.STDOUT,
     cwd: Path | None = None,
+    die_with_parent: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start `argv` as the leader of a new session and process group."""
+    """Start `argv` as the leader of a new session and process group.
+
+    `die_with_parent`: the kernel SIGKILLs it when this process dies, even by SIGKILL (Linux;
+    elsewhere ignored). Its own children are not reached that way.
+    """
+    preexec = _parent_death_signal(os.getpid()) if die_with_parent else None
     return subprocess.Popen(
         list(argv), env=dict(env) if env is not None else None, stdout=stdout, stderr=stderr,
-        cwd=cwd, start_new_session=True,
+        cwd=cwd, start_new_session=True, preexec_fn=preexec,
     )  # fmt: skip
+
+
+def _parent_death_signal(parent: int) -> Callable[[], None] | None:
+    """A preexec_fn asking for SIGKILL when `parent` dies (prctl PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 def descendants(pid: int) -> set[int]:
@@ -68,6 +91,29 @@ def _stat_fields(pid: int) -> list[str] | None:
     except OSError:
         return None
     return text[text.rfind(")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (/proc/PID/stat field 22); None if gone.
+
+    A pid and its start time name one process for sure, even once the pid is reused.
+    """
+    stat = _stat_fields(pid)
+    return int(stat[19]) if stat is not None and len(stat) > 19 else None
+
+
+def record_process(path: Path, pid: int) -> None:
+    """Write `pid` and its start time to `path`, for `recorded_process` in a later process."""
+    path.write_text(f"{pid} {start_time(pid) or 0}\n")
+
+
+def recorded_process(path: Path) -> int | None:
+    """The pid `record_process` wrote to `path` if that very process still runs, else None."""
+    try:
+        pid, started = (int(field) for field in path.read_text().split())
+    except (OSError, ValueError):
+        return None
+    return pid if is_alive(pid) and start_time(pid) == started else None
 
 
 def is_alive(pid: int) -> bool:

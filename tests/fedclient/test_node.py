@@ -126,3 +126,12 @@ def _quick_restart(self: Child) -> float:
     self.restart_at = 0.0
     self.process = None
     return 0.0
+
+
+def test_a_test_client_app_goes_to_the_warm_worker_only(files):
+    options = NodeOptions("h:1", files["ca.pem"], files["client-1.key"], files["data.npz"], client_app="m:app")
+
+    assert node.worker_argv(9400, options.client_app)[-2:] == ["--client-app", "m:app"]
+    with pytest.raises(node.NodeError, match="--client-app needs --isolation warm"):
+        node.check_inputs(NodeOptions("h:1", files["ca.pem"], files["client-1.key"], files["data.npz"],
+                                      isolation="subprocess", client_app="m:app"))  # fmt: skip

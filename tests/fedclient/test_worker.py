@@ -6,9 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 from flwr.cli.build import build_fab_from_disk
+from flwr.supercore.fab import Fab
+
+from fedclient import worker
 
 from fedserver.staging import stage_app
 from shared.config import RunConfig
@@ -60,3 +64,15 @@ def test_the_worker_imports_the_fabs_clientapp_and_swaps_it_for_a_new_fab(tmp_pa
         assert loaded["shared"] == str(Path(loaded["directory"]) / "shared" / "config.py")
     assert first["directory"] != second["directory"]
     assert first["directory"] not in second["sys_path"]
+
+
+def test_a_client_app_override_is_served_for_every_fab_without_installing_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    monkeypatch.syspath_prepend(str(REPO))
+    loaded = worker.LoadedApp(override="tests.e2e.faulty_client:app")
+    run = types.SimpleNamespace(fab_id="flowerbed/flowerbed", fab_version="0.0.0")
+
+    apps = [worker._client_app(loaded, run, Fab(digest, b"not a FAB", {})) for digest in ("a" * 64, "b" * 64)]
+
+    assert apps[0] is apps[1] is sys.modules["tests.e2e.faulty_client"].app
+    assert not (tmp_path / "home").exists()

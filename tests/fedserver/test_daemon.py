@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from fedserver import daemon
 from fedserver.cli import EXIT_NOT_RUNNING, main
 from fedserver.state import DaemonInfo, StateDir
 from shared.pki import init_pki
-from shared.processes import free_port
+from shared.processes import free_port, is_alive, port_in_use, record_process, spawn
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -189,3 +190,56 @@ def test_the_superlink_runs_with_tls_node_auth_and_no_dependency_installation(tm
     assert argv[argv.index("--database") + 1].endswith(database)
     assert argv[argv.index("--host") + 1 :] == ["127.0.0.1", "--port", "9092"]
     assert daemon.flower_env(state)["FLWR_TELEMETRY_ENABLED"] == "0"
+
+
+# A stand-in for a SuperLink whose daemon was SIGKILLed: it holds a port, and has a child (as
+# the SuperLink has its SuperExec and ServerApp).
+ORPHAN = """
+import socket, subprocess, sys, time
+sock = socket.socket()
+sock.bind(("127.0.0.1", int(sys.argv[1])))
+sock.listen()
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _orphan_superlink(state: StateDir, port: int) -> tuple[subprocess.Popen[bytes], int]:
+    orphan = spawn([sys.executable, "-c", ORPHAN, str(port)], stdout=subprocess.PIPE)
+    child = int(orphan.stdout.readline())
+    state.create()
+    record_process(state.superlink_pid, orphan.pid)
+    return orphan, child
+
+
+def test_stop_stale_superlink_frees_the_port_and_stops_its_children(tmp_path):
+    state, port = StateDir(tmp_path), free_port()
+    orphan, child = _orphan_superlink(state, port)
+    assert port_in_use("127.0.0.1", port)
+
+    stopped = daemon.stop_stale_superlink(state, grace=2)
+
+    assert stopped == orphan.pid and orphan.wait(timeout=5) is not None
+    assert not port_in_use("127.0.0.1", port)
+    assert not state.superlink_pid.exists()
+    assert wait_until_dead(child)
+    assert daemon.stop_stale_superlink(state) is None
+
+
+def test_stop_also_stops_a_superlink_left_by_a_killed_daemon(tmp_path, capsys):
+    state = StateDir(tmp_path)
+    orphan, _child = _orphan_superlink(state, free_port())
+    state.pid_file.write_text("999999999\n")  # the killed daemon's pid
+
+    code = main(["stop", "--state-dir", str(tmp_path), "--timeout", "2"])
+
+    assert code == 0 and "stopped" in capsys.readouterr().out
+    assert orphan.wait(timeout=5) is not None
+
+
+def wait_until_dead(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not is_alive(pid)

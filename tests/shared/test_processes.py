@@ -7,7 +7,9 @@ import subprocess
 import sys
 import time
 
-from shared.processes import descendants, is_alive, port_in_use, spawn, stop_tree
+from shared.processes import (
+    descendants, is_alive, port_in_use, record_process, recorded_process, spawn, start_time, stop_tree,
+)  # fmt: skip
 
 # A parent that ignores SIGTERM (as a hanging SuperLink does) and has a child in a session of
 # its own (as the SuperLink's SuperExec has).
@@ -56,3 +58,39 @@ def test_port_in_use():
         sock.listen()
         assert port_in_use("127.0.0.1", port)
     assert not port_in_use("127.0.0.1", port)
+
+
+# A parent that starts a child meant to die with it, then waits to be killed.
+MORTAL_PARENT = """
+import sys, time
+from shared.processes import spawn
+child = spawn([sys.executable, "-c", "import time; time.sleep(60)"], die_with_parent=True)
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_child_started_to_die_with_its_parent_dies_when_the_parent_is_killed():
+    parent = subprocess.Popen([sys.executable, "-c", MORTAL_PARENT], stdout=subprocess.PIPE)
+    child = int(parent.stdout.readline())
+    assert is_alive(child)
+
+    parent.kill()
+    parent.wait(timeout=5)
+
+    deadline = time.monotonic() + 5
+    while is_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_alive(child)
+
+
+def test_a_recorded_process_is_found_while_it_runs_and_never_under_a_reused_pid(tmp_path):
+    process = spawn([sys.executable, "-c", "import time; time.sleep(60)"])
+    record_process(tmp_path / "pid", process.pid)
+    (tmp_path / "reused").write_text(f"{process.pid} {start_time(process.pid) + 1}\n")  # same pid, another process
+
+    assert recorded_process(tmp_path / "pid") == process.pid
+    assert recorded_process(tmp_path / "reused") is None
+    assert recorded_process(tmp_path / "missing") is None
+    stop_tree(process, grace=1)
+    assert recorded_process(tmp_path / "pid") is None
