@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,8 @@ from shared.config import RunConfig
 from shared.data.federation import load_federation
 from shared.files import atomic_write_text
 from simulations.grid import InProcessGrid, server_context, simulation_node_config
-from simulations.report import ProgressHandler, plot_curves, summarize, write_summary
+from simulations.plotter import LivePlot
+from simulations.report import ProgressBar, Row, RoundRowHandler, summarize, write_summary
 from simulations.vectorized import batch_runner_for
 
 CONFIG_FILE = "config.toml"
@@ -73,7 +74,8 @@ def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resum
     )
     started = time.perf_counter()
     interrupted = False
-    with _quiet_flower(), _progress(cfg.rounds if progress else 0):
+    plot = LivePlot(output / CURVES_FILE, title=output.name, rows=read_metrics(output))
+    with _quiet_flower(), _on_rounds(_progress_handlers(cfg.rounds if progress else 0) + [plot.add]):
         try:
             server_app(grid, server_context(run_config))
         except KeyboardInterrupt:
@@ -81,8 +83,7 @@ def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resum
     rows = read_metrics(output)
     summary = summarize(rows, cfg.target_accuracy, time.perf_counter() - started)
     write_summary(output / SUMMARY_FILE, summary)
-    if rows:
-        plot_curves(rows, output / CURVES_FILE, title=output.name)
+    plot.close()
     return SimulationResult(output, summary, interrupted)
 
 
@@ -98,15 +99,19 @@ def _quiet_flower() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _progress_handlers(total_rounds: int) -> list[Callable[[Row], None]]:
+    return [ProgressBar(total_rounds)] if total_rounds else []
+
+
 @contextlib.contextmanager
-def _progress(total_rounds: int) -> Iterator[None]:
-    if total_rounds == 0:
-        yield
-        return
-    handler = ProgressHandler(total_rounds)
+def _on_rounds(callbacks: list[Callable[[Row], None]]) -> Iterator[None]:
+    """Hand each row the ServerApp logs at the end of a round to every callback."""
+    handler = RoundRowHandler(callbacks)
+    level = ROUND_LOGGER.level
     ROUND_LOGGER.addHandler(handler)
     ROUND_LOGGER.setLevel(logging.INFO)
     try:
         yield
     finally:
         ROUND_LOGGER.removeHandler(handler)
+        ROUND_LOGGER.setLevel(level)

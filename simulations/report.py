@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TextIO
 
@@ -35,6 +37,11 @@ def write_summary(path: Path, summary: dict[str, float | int | None]) -> None:
 
 def plot_curves(rows: list[Row], path: Path, title: str = "") -> None:
     """`curves.png`: accuracy and loss per round, side by side."""
+    atomic_write_bytes(path, draw_curves(rows, title))
+
+
+def draw_curves(rows: list[Row], title: str = "") -> bytes:
+    """The PNG of `plot_curves`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,31 +59,40 @@ def plot_curves(rows: list[Row], path: Path, title: str = "") -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(path, tmp.read_bytes())
-    tmp.unlink()
+    return png.getvalue()
 
 
 def _nan(value: float | None) -> float:
     return math.nan if value is None else value
 
 
-class ProgressHandler(logging.Handler):
-    """Draws a progress bar with the latest metrics from the ServerApp's per-round events."""
+class RoundRowHandler(logging.Handler):
+    """Hands the row of each end-of-round record (`extra={"round_row": row}`) to callbacks."""
+
+    def __init__(self, callbacks: Iterable[Callable[[Row], None]]) -> None:
+        super().__init__(level=logging.INFO)
+        self.callbacks = list(callbacks)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        row = getattr(record, "round_row", None)
+        if row is not None:
+            for callback in self.callbacks:
+                callback(row)
+
+
+class ProgressBar:
+    """Draws a progress bar with the latest metrics, a row at a time."""
 
     def __init__(self, total_rounds: int, stream: TextIO = sys.stderr, width: int = 30) -> None:
-        super().__init__(level=logging.INFO)
         self.total = total_rounds
         self.stream = stream
         self.width = width
         self.elapsed = 0.0
 
-    def emit(self, record: logging.LogRecord) -> None:
-        row = getattr(record, "round_row", None)
-        if row is None:
-            return
+    def __call__(self, row: Row) -> None:
         self.elapsed += row["seconds"] or 0.0
         self.stream.write(progress_line(row, self.total, self.elapsed, self.width))
         self.stream.write("\r" if self.stream.isatty() and row["round"] < self.total else "\n")

@@ -1,0 +1,75 @@
+"""`curves.png` drawn by a child process while the rounds run.
+
+Importing matplotlib and drawing a figure cost about a second of CPU. fedsim trains on one
+thread, so a child process does the drawing on another core: it imports matplotlib while the
+first round trains, redraws the plot as rounds end (at most every `REDRAW_SECONDS`, so the
+plot of a long run shows its progress), and draws the final plot when its input closes. Rows
+travel as JSON lines on the child's stdin: `python -m simulations.plotter PNG TITLE`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from simulations.report import Row, draw_curves, plot_curves
+
+REDRAW_SECONDS = 10.0
+CLOSE_TIMEOUT = 120.0  # s to wait for the final plot
+
+
+class PlotError(RuntimeError):
+    """The plotting process failed; the message carries its last output lines."""
+
+
+class LivePlot:
+    """Sends each round's row to a plotting child; `close()` waits for the final `path`."""
+
+    def __init__(self, path: Path, title: str, rows: Iterable[Row] = ()) -> None:
+        self.path = path
+        self._child = subprocess.Popen(
+            [sys.executable, "-m", __name__, str(path), title],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for row in rows:
+            self.add(row)
+
+    def add(self, row: Row) -> None:
+        assert self._child.stdin is not None
+        try:
+            self._child.stdin.write(json.dumps(row) + "\n")
+            self._child.stdin.flush()
+        except BrokenPipeError:  # the child died: close() reports why
+            pass
+
+    def close(self) -> None:
+        """Wait for the final plot; raise PlotError if the child failed."""
+        try:
+            _, stderr = self._child.communicate(timeout=CLOSE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self._child.kill()
+            _, stderr = self._child.communicate()
+        if self._child.returncode != 0:
+            tail = " | ".join((stderr or "").strip().splitlines()[-3:])
+            raise PlotError(f"could not draw {self.path} (exit code {self._child.returncode}): {tail}")
+
+
+def _serve(path: Path, title: str) -> None:
+    rows: list[Row] = []
+    drawn_at = time.monotonic()
+    draw_curves([], title)  # imports matplotlib and loads its fonts while the first round trains
+    for line in sys.stdin:
+        rows.append(json.loads(line))
+        if time.monotonic() - drawn_at >= REDRAW_SECONDS:
+            plot_curves(rows, path, title)
+            drawn_at = time.monotonic()
+    if rows:
+        plot_curves(rows, path, title)
+
+
+if __name__ == "__main__":
+    _serve(Path(sys.argv[1]), sys.argv[2])
