@@ -246,7 +246,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--samples", type=int, default=600, help="training examples per client")
+    parser.add_argument(
+        "--systems", default="stock,sqlite,memory", help="a subset of stock, sqlite, memory (Flowerbed's --db)"
+    )
     args = parser.parse_args()
+    systems = args.systems.split(",")
+    if not systems or set(systems) - {"stock", "sqlite", "memory"}:
+        parser.error(f"--systems: choose from stock, sqlite, memory, got {args.systems!r}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop every process started, then exit
     with tempfile.TemporaryDirectory(prefix="flowerbed-latency-") as tmp:
         work = Path(tmp)
@@ -256,8 +262,8 @@ def main() -> int:
         cfg = run_config(server_data, args.clients, args.rounds)
         print(f"{args.clients} clients x {args.samples} examples of {source}; 2NN, {args.rounds} rounds, TLS on")
         print(f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}", flush=True)
-        results = [run_stock(work, pki, parts, cfg)]
-        results += [run_flowerbed(work, pki, parts, cfg, db) for db in ("sqlite", "memory")]
+        results = [run_stock(work, pki, parts, cfg)] if "stock" in systems else []
+        results += [run_flowerbed(work, pki, parts, cfg, db) for db in ("sqlite", "memory") if db in systems]
     print(f"\n{'system':<23} {'median':>7} {'mean':>7} {'max':>7} {'CPU s':>8}   {'RSS MB':>6} {'PSS MB':>6}   s/round, rounds 1..N")
     print(f"{'':<23} {'s/round, rounds 2..N (CPU: all processes)':>41}   {'peak client memory':>13}")
     for result in results:

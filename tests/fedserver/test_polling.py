@@ -85,6 +85,28 @@ def test_send_and_receive_stops_at_the_timeout():
     assert 0.2 <= time.monotonic() - started < 1.0
 
 
+def test_the_wait_grows_while_nothing_comes_and_drops_when_a_reply_came(monkeypatch):
+    # Prepare: the replies to m0 and m1 come at the 5th pull, m2's at the 7th
+    inner = FakeGrid()
+    arrivals = {5: ["m0", "m1"], 7: ["m2"]}
+    pulls = iter(range(1, 100))
+    inner.pull_messages = lambda ids: [_Reply(i) for i in arrivals.get(next(pulls), [])]  # type: ignore
+    waits: list[float] = []
+    monkeypatch.setattr(polling.time, "sleep", waits.append)
+    grid = FastPollingGrid(inner, interval=0.2)
+
+    # Execute
+    replies = list(grid.send_and_receive(_messages(3), timeout=None))
+
+    # Assert
+    assert len(replies) == 3
+    assert waits == pytest.approx([0.2, 0.3, 0.45, 0.675, 0.2, 0.3])
+    pulls, arrivals = iter(range(1, 100)), {20: ["m0"]}
+    waits.clear()
+    assert len(list(grid.send_and_receive(_messages(1), timeout=None))) == 1
+    assert max(waits) == waits[-1] == polling.MAX_INTERVAL  # capped
+
+
 def test_other_calls_go_to_the_wrapped_grid():
     grid = FastPollingGrid(FakeGrid(), interval=0.1)
 
