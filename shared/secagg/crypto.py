@@ -1,5 +1,5 @@
 """The protocol's cryptography. Every cipher, KDF and random number comes from `cryptography`
-or the OS CSPRNG, and Shamir secret sharing from Flower (built on PyCryptodome).
+or the OS CSPRNG, and Shamir secret sharing from PyCryptodome.
 
 - key agreement: X25519, the shared secret through HKDF-SHA256 with a purpose label, the round
   id and the two node ids as `info` (one key per purpose, round and pair);
@@ -9,17 +9,18 @@ or the OS CSPRNG, and Shamir secret sharing from Flower (built on PyCryptodome).
 - masks: the AES-256-CTR keystream of a HKDF-derived key, read as unsigned integers (uniform
   modulo 2^m). Flower's `secaggplus_utils.pseudo_rand_gen` is not used: it seeds numpy's
   Mersenne Twister with 32 bits XOR-folded from the seed, neither a CSPRNG nor a 128-bit seed;
-- Shamir secret sharing: Flower's `crypto.shamir` (`create_shares` / `combine_shares`), which
-  PKCS#7-pads a secret to whole 16-byte blocks and shares each block with PyCryptodome's
-  `Shamir` over GF(2^128) (coefficients from the OS CSPRNG, share indices 1..n). A 32-byte
-  secret is three blocks; a share is a 4-byte index and 48 bytes. PyCryptodome does the field
-  arithmetic in pure Python: at the defaults (threshold 5 of 9) a client spends about 5 ms
-  sharing its two secrets and the server about 11 ms rebuilding each one (2-core machine,
-  `benchmarks/secagg_overhead.py` times whole rounds). Its `combine_shares` interpolates
-  whatever shares it is given, so `rebuild_secret` counts distinct indices itself and passes
-  exactly `threshold`. A share with a wrong value yields a wrong secret unless it breaks the
-  padding; the masking key rebuilt for a dropped node is checked against its public key, and a
-  lying client could as well send a wrong input, which SecAgg+ does not guard against either.
+- Shamir secret sharing: PyCryptodome's `Crypto.Protocol.SecretSharing.Shamir` (a Flower
+  dependency), one GF(2^128) polynomial per 16-byte block of the secret, its coefficients
+  from the OS CSPRNG, share indices 1..n; a share is a 4-byte index and one 16-byte share per
+  block. Flower's `crypto.shamir` wraps the same class but PKCS#7-pads a 32-byte secret to
+  three blocks and starts a thread pool per call: half as much field arithmetic again, which
+  PyCryptodome does in pure Python. Measured on the 2-core machine at the defaults
+  (threshold 5 of 9): sharing both of a client's secrets 2.2 ms here (5 ms through Flower's),
+  rebuilding one secret 7 ms (11 ms); `benchmarks/secagg_overhead.py` times whole rounds.
+  Only one polynomial's worth of shares is interpolated (`threshold` of them, distinct
+  indices). A share with a wrong value yields a wrong secret: the masking key rebuilt for a
+  dropped node is checked against its public key, a self-mask seed cannot be; a lying client
+  could as well send a wrong input, which SecAgg+ does not guard against either.
 
 Flower's Fernet helpers in `symmetric_encryption` are not used: no associated data, and ECDH
 over P-curves.
@@ -37,8 +38,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 
 from shared.secagg.settings import SecAggError, SecAggIntegrityError
 
@@ -47,7 +48,8 @@ SEED_BYTES = 32
 ROUND_ID_BYTES = 16
 _NONCE_BYTES = 12
 _CTR_ZERO_NONCE = bytes(16)  # every mask key is used for one keystream only
-_INDEX_BYTES = 4  # a share: little-endian index, then one 16-byte share per padded block
+_INDEX_BYTES = 4  # a share: little-endian index, then one 16-byte share per block
+_BLOCK = 16  # PyCryptodome shares 16-byte secrets (elements of GF(2^128))
 _CHUNK_ELEMENTS = 1 << 15  # keystream chunk: 256 KiB of uint64, stays in L2 while added
 
 
@@ -146,31 +148,25 @@ def _keystream(key: bytes):  # noqa: ANN202 - cryptography's CipherContext
 
 
 def split_secret(secret: bytes, threshold: int, count: int) -> list[bytes]:
-    """`count` Shamir shares of `secret`, any `threshold` of which rebuild it (share i has index i + 1)."""
-    if not 1 <= threshold <= count:
-        raise SecAggError(f"cannot split a secret into {count} shares, threshold {threshold}")
-    return create_shares(secret, threshold, count)
+    """`count` Shamir shares of `secret` (whole 16-byte blocks), any `threshold` of which rebuild it."""
+    if not 1 <= threshold <= count or not secret or len(secret) % _BLOCK:
+        raise SecAggError(f"cannot split a {len(secret)}-byte secret into {count} shares, threshold {threshold}")
+    blocks = [Shamir.split(threshold, count, secret[i : i + _BLOCK]) for i in range(0, len(secret), _BLOCK)]
+    return [index.to_bytes(_INDEX_BYTES, "little") + b"".join(block[index - 1][1] for block in blocks)
+            for index in range(1, count + 1)]  # fmt: skip
 
 
 def rebuild_secret(shares: Iterable[bytes], threshold: int, what: str, length: int = SEED_BYTES) -> bytes:
-    """The `length`-byte secret from `threshold` shares with distinct indices.
-
-    Fewer well-formed shares raise SecAggError, and so do shares that do not rebuild a
-    well-padded `length`-byte secret (e.g. shares of different secrets, most forged ones).
-    """
-    size = _INDEX_BYTES + 16 * (length // 16 + 1)  # PKCS#7 always adds padding
+    """The `length`-byte secret from `threshold` well-formed shares with distinct indices, else SecAggError."""
     points: dict[int, bytes] = {}
     for share in shares:
-        if isinstance(share, bytes) and len(share) == size:
+        if isinstance(share, bytes) and len(share) == _INDEX_BYTES + length:
             index = int.from_bytes(share[:_INDEX_BYTES], "little")
             if index > 0:  # the polynomial at 0 is the secret itself, never a share
-                points.setdefault(index, share)
+                points.setdefault(index, share[_INDEX_BYTES:])
     if len(points) < threshold:
         raise SecAggError(f"{what}: {len(points)} shares, {threshold} needed")
-    try:
-        secret = combine_shares(list(points.values())[:threshold])
-    except ValueError:
-        secret = b""
-    if len(secret) != length:
-        raise SecAggError(f"{what}: the shares do not fit together")
-    return secret
+    chosen = list(points.items())[:threshold]  # more points only cost more: one polynomial fits them all
+    return b"".join(
+        Shamir.combine([(index, value[i : i + _BLOCK]) for index, value in chosen]) for i in range(0, length, _BLOCK)
+    )
