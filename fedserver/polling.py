@@ -19,10 +19,10 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from flwr.app import Message, RecordDict
-from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
+from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -62,6 +62,16 @@ def _is_deployment_grid(grid: Grid) -> bool:
     return http_grid is not None and isinstance(grid, http_grid)
 
 
+def _delegate(name: str) -> Callable[..., Any]:
+    """A method that calls the wrapped grid's method `name` with the same arguments."""
+
+    def method(self: FastPollingGrid, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.inner, name)(*args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
 class FastPollingGrid(Grid):
     """A `Grid` that delegates everything to `inner` but polls replies from every `interval` s
     (after a reply) up to every `MAX_INTERVAL` s (after empty pulls)."""
@@ -77,27 +87,12 @@ class FastPollingGrid(Grid):
     def run(self) -> Run:
         return self.inner.run
 
-    def create_message(  # pylint: disable=too-many-arguments,R0917
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def get_nodes(self) -> Iterable[NodeInfo]:
-        return self.inner.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
+    # Grid's abstract methods, passed on unchanged.
+    create_message = _delegate("create_message")
+    get_node_ids = _delegate("get_node_ids")
+    get_nodes = _delegate("get_nodes")
+    push_messages = _delegate("push_messages")
+    pull_messages = _delegate("pull_messages")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push `messages`, then pull replies until all came or `timeout` passed."""

@@ -13,24 +13,8 @@ from fedserver.app import RoundFailed
 from fedserver.checkpoints import CheckpointError
 from shared import messages as keys
 from shared import task
-from shared.config import RunConfig
 from shared.weights import load_safetensors
 from simulations import cli, engine
-
-BASE = {
-    "dataset": "synthetic",
-    "num-clients": 6,
-    "clients-per-round": 4,
-    "hidden": "8",
-    "synthetic-max-samples": 200,
-    "lr": 0.05,
-    "vectorized": "off",
-}
-
-
-def config(**changes) -> RunConfig:
-    return RunConfig.from_mapping({**BASE, **{k.replace("_", "-"): v for k, v in changes.items()}})
-
 
 def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -50,8 +34,8 @@ def interrupt_after(monkeypatch, calls_before_interrupt: int) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
-def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch, strategy):
-    cfg = config(strategy=strategy, rounds=4, server_lr=0.05)
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch, strategy, tiny_config):
+    cfg = tiny_config(strategy=strategy, rounds=4, server_lr=0.05)
     engine.run_simulation(cfg, tmp_path / "straight", progress=False)
     with monkeypatch.context() as patch:
         interrupt_after(patch, calls_before_interrupt=4 * 2 + 2)  # stops in the middle of round 3
@@ -78,9 +62,9 @@ def test_fedsim_resume_extends_a_finished_run(tmp_path):
     assert [r["round"] for r in rows(out)] == [1, 2, 3]
 
 
-def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
+def test_an_existing_run_is_never_overwritten(tmp_path, capsys, tiny_config):
     out = tmp_path / "run"
-    engine.run_simulation(config(rounds=1), out, progress=False)
+    engine.run_simulation(tiny_config(rounds=1), out, progress=False)
     before = (out / "metrics.jsonl").read_bytes()
 
     code = cli.main(["run", "--output", str(out), "--quiet"])
@@ -89,9 +73,9 @@ def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
     assert (out / "metrics.jsonl").read_bytes() == before
 
 
-def test_a_corrupt_checkpoint_names_the_file(tmp_path, capsys):
+def test_a_corrupt_checkpoint_names_the_file(tmp_path, capsys, tiny_config):
     out = tmp_path / "run"
-    engine.run_simulation(config(rounds=2), out, progress=False)
+    engine.run_simulation(tiny_config(rounds=2), out, progress=False)
     (out / "checkpoints" / "round-2.safetensors").write_bytes(b"garbage")
 
     code = cli.main(["run", "--resume", str(out), "--set", "rounds=3", "--quiet"])
@@ -100,12 +84,12 @@ def test_a_corrupt_checkpoint_names_the_file(tmp_path, capsys):
     assert code == 2 and "round-2.safetensors is missing or corrupt" in err
 
 
-def test_a_checkpoint_from_another_config_is_refused(tmp_path):
+def test_a_checkpoint_from_another_config_is_refused(tmp_path, tiny_config):
     out = tmp_path / "run"
-    engine.run_simulation(config(rounds=1), out, progress=False)
+    engine.run_simulation(tiny_config(rounds=1), out, progress=False)
 
     with pytest.raises(CheckpointError, match="lr = 0.05, not 0.1"):
-        engine.run_simulation(config(rounds=2, lr=0.1), out, progress=False, resume=True)
+        engine.run_simulation(tiny_config(rounds=2, lr=0.1), out, progress=False, resume=True)
 
 
 def failing_nodes(monkeypatch, nodes: set[int]) -> None:
@@ -119,21 +103,21 @@ def failing_nodes(monkeypatch, nodes: set[int]) -> None:
     monkeypatch.setattr(task, "train", train)
 
 
-def test_a_round_completes_from_the_others_when_the_quorum_holds(tmp_path, monkeypatch):
+def test_a_round_completes_from_the_others_when_the_quorum_holds(tmp_path, monkeypatch, tiny_config):
     monkeypatch.setattr(fedclient.app, "client_seed", lambda cfg, rnd, node: node)
     failing_nodes(monkeypatch, {1001, 1002})
 
-    result = engine.run_simulation(config(rounds=3, min_replies=0.25), tmp_path / "r", progress=False)
+    result = engine.run_simulation(tiny_config(rounds=3, min_replies=0.25), tmp_path / "r", progress=False)
 
     assert result.summary["rounds"] == 3
 
 
-def test_below_quorum_the_round_is_retried_then_the_run_stops_clearly(tmp_path, monkeypatch):
+def test_below_quorum_the_round_is_retried_then_the_run_stops_clearly(tmp_path, monkeypatch, tiny_config):
     monkeypatch.setattr(fedclient.app, "client_seed", lambda cfg, rnd, node: node)
     failing_nodes(monkeypatch, set(range(1001, 1007)))  # every client
 
     with pytest.raises(RoundFailed, match=r"round 1: fewer than 4 valid replies after 3 attempts \(node \d+: RuntimeError: device unplugged\); nothing was aggregated"):
-        engine.run_simulation(config(rounds=2, min_replies=4), tmp_path / "r", progress=False)
+        engine.run_simulation(tiny_config(rounds=2, min_replies=4), tmp_path / "r", progress=False)
 
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
@@ -159,11 +143,15 @@ def corrupting_client_app(kind: str, bad_nodes: set[int]) -> ClientApp:
 
 
 @pytest.mark.parametrize("kind", ["nan", "shape", "huge"])
-def test_bad_updates_are_refused_and_the_model_stays_finite_and_learns(tmp_path, monkeypatch, kind, caplog):
+def test_bad_updates_are_refused_and_the_model_stays_finite_and_learns(
+    tmp_path, monkeypatch, kind, caplog, tiny_config
+):
     monkeypatch.setattr(engine, "client_app", corrupting_client_app(kind, bad_nodes={1001, 1002}))
 
     result = engine.run_simulation(
-        config(rounds=6, num_clients=6, clients_per_round=6, max_update_norm=100.0, min_replies=2), tmp_path / "r", progress=False
+        tiny_config(rounds=6, num_clients=6, clients_per_round=6, max_update_norm=100.0, min_replies=2),
+        tmp_path / "r",
+        progress=False,
     )
 
     weights = load_safetensors(tmp_path / "r" / "model.safetensors")

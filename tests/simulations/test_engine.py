@@ -16,24 +16,8 @@ from simulations import cli
 from simulations.engine import run_simulation
 from simulations.grid import InProcessGrid, simulation_node_config
 
-TINY = {
-    "dataset": "synthetic",
-    "num-clients": 6,
-    "clients-per-round": 4,
-    "rounds": 2,
-    "hidden": "8",
-    "synthetic-max-samples": 200,
-    "lr": 0.05,
-    "vectorized": "off",
-}
-
-
-def tiny(**changes) -> RunConfig:
-    return RunConfig.from_mapping({**TINY, **{k.replace("_", "-"): v for k, v in changes.items()}})
-
-
-def test_a_tiny_run_writes_every_output(tmp_path):
-    result = run_simulation(tiny(rounds=3, target_accuracy=0.05), tmp_path / "run", progress=False)
+def test_a_tiny_run_writes_every_output(tmp_path, tiny_config):
+    result = run_simulation(tiny_config(rounds=3, target_accuracy=0.05), tmp_path / "run", progress=False)
 
     out = tmp_path / "run"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -60,29 +44,31 @@ def test_the_default_federation_learns(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_every_strategy_builds_and_runs_a_round(tmp_path, strategy):
-    result = run_simulation(tiny(strategy=strategy, rounds=1, proximal_mu=0.1), tmp_path / strategy, progress=False)
+def test_every_strategy_builds_and_runs_a_round(tmp_path, strategy, tiny_config):
+    cfg = tiny_config(strategy=strategy, rounds=1, proximal_mu=0.1)
+    result = run_simulation(cfg, tmp_path / strategy, progress=False)
 
     assert result.summary["rounds"] == 1
     assert 0.0 <= result.summary["final_accuracy"] <= 1.0
 
 
-def test_same_config_and_seed_give_bit_identical_weights(tmp_path):
-    first = run_simulation(tiny(seed=3), tmp_path / "a", progress=False)
-    second = run_simulation(tiny(seed=3), tmp_path / "b", progress=False)
-    other = run_simulation(tiny(seed=4), tmp_path / "c", progress=False)
+def test_same_config_and_seed_give_bit_identical_weights(tmp_path, tiny_config):
+    first = run_simulation(tiny_config(seed=3), tmp_path / "a", progress=False)
+    second = run_simulation(tiny_config(seed=3), tmp_path / "b", progress=False)
+    other = run_simulation(tiny_config(seed=4), tmp_path / "c", progress=False)
 
     a, b, c = (load_safetensors(r.output / "model.safetensors") for r in (first, second, other))
     assert all(a[k].equal(b[k]) for k in a)
     assert not all(a[k].equal(c[k]) for k in a)
 
 
-def test_stop_at_target_ends_the_run_early(tmp_path):
-    result = run_simulation(tiny(rounds=5, target_accuracy=0.01, stop_at_target=True), tmp_path / "r", progress=False)
+def test_stop_at_target_ends_the_run_early(tmp_path, tiny_config):
+    cfg = tiny_config(rounds=5, target_accuracy=0.01, stop_at_target=True)
+    result = run_simulation(cfg, tmp_path / "r", progress=False)
     assert result.summary["rounds"] == 1 and result.summary["rounds_to_target"] == 1
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path, monkeypatch):
+def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path, monkeypatch, tiny_config):
     real_train = task.train
     calls = []
 
@@ -94,7 +80,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path, monkeypatch):
 
     monkeypatch.setattr(task, "train", train_then_interrupt)
 
-    result = run_simulation(tiny(rounds=5), tmp_path / "r", progress=False)
+    result = run_simulation(tiny_config(rounds=5), tmp_path / "r", progress=False)
 
     assert result.interrupted
     assert result.summary["rounds"] == 1
@@ -107,13 +93,13 @@ def train_messages(n: int) -> list[Message]:
     return [Message(content, 1001 + i, "train") for i in range(n)]
 
 
-def test_fedavg_drops_stragglers():
-    kept = apply_stragglers(train_messages(10), tiny(stragglers=0.9, strategy="fedavg"), server_round=1)
+def test_fedavg_drops_stragglers(tiny_config):
+    kept = apply_stragglers(train_messages(10), tiny_config(stragglers=0.9, strategy="fedavg"), server_round=1)
     assert len(kept) == 1
 
 
-def test_fedprox_keeps_stragglers_with_partial_epochs():
-    cfg = tiny(stragglers=0.9, strategy="fedprox", local_epochs=20)
+def test_fedprox_keeps_stragglers_with_partial_epochs(tiny_config):
+    cfg = tiny_config(stragglers=0.9, strategy="fedprox", local_epochs=20)
 
     sent = apply_stragglers(train_messages(10), cfg, server_round=1)
 
