@@ -333,6 +333,7 @@ class TreeMemory(threading.Thread):
         self.pid, self.interval = pid, interval
         self.peak_rss_mb = self.peak_pss_mb = 0.0
         self.max_processes = 0
+        self.seen: set[int] = set()  # every pid ever sampled in the tree
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -345,6 +346,7 @@ class TreeMemory(threading.Thread):
 
     def sample(self) -> None:
         pids = _descendants(self.pid)
+        self.seen.update(pids)
         rss = pss = 0.0
         for pid in pids:
             rss += _status_kib(pid, "VmRSS:")
@@ -415,6 +417,7 @@ def run_child(spec: dict[str, Any], tmp: Path, timeout: float) -> dict[str, Any]
             rc = None
         finally:
             sampler.stop()
+            settle(sampler.seen - {os.getpid()})
     result_path = Path(spec["result"])
     if rc != 0 or not result_path.exists():
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
@@ -424,6 +427,14 @@ def run_child(spec: dict[str, Any], tmp: Path, timeout: float) -> dict[str, Any]
     result["tree_rss_mb"], result["tree_pss_mb"] = sampler.peak_rss_mb, sampler.peak_pss_mb
     result["tree_processes"] = sampler.max_processes
     return result
+
+
+def settle(pids: set[int], timeout: float = 30.0) -> None:
+    """Wait for what a run left behind (Ray's raylet, GCS and workers stop seconds after its
+    driver) so that it does not load the machine during the next run; at most `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def peak_mb(system: str, result: dict[str, Any]) -> float:
