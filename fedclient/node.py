@@ -46,6 +46,11 @@ RETRYABLE_REFUSALS = ("[code: 2004]",)
 REFUSAL_GRACE = 15.0
 REFUSAL_RETRY = 2.0
 CONNECTED = "SuperNode ID:"  # what flower-supernode logs once the SuperLink accepted it
+# What flower-supernode logs when it drops a message whose run was stopped while it was being
+# received (e.g. the server restarted mid-round). Flower 1.41 then leaves the task it created
+# for that message unfinished, and a worker that took the task waits for its input for up to
+# Flower's PULL_MAX_TIME (2 h): the worker is restarted instead.
+ABANDONED_TASK = "is not in `RUNNING` status. Ignoring message"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HINTS = {
     "[code: 2004]": "is this node's public key registered on the server (its PKI's clients/*.pub)?",
@@ -173,6 +178,7 @@ class OutputWatcher(threading.Thread):
         super().__init__(daemon=True)
         self.source, self.sink = source, sink
         self.connected = False
+        self.abandoned_task = threading.Event()  # set when the SuperNode dropped a message of a stopped run
         self.lines: list[str] = []  # the last 40, colour codes removed
 
     def run(self) -> None:
@@ -181,6 +187,8 @@ class OutputWatcher(threading.Thread):
             self.sink.flush()
             line = _ANSI.sub("", raw.decode(errors="replace")).strip()
             self.connected = self.connected or CONNECTED in line
+            if ABANDONED_TASK in line:
+                self.abandoned_task.set()
             self.lines = (self.lines + [line])[-40:]
 
     def refusal(self) -> str:
@@ -226,6 +234,20 @@ def _supervise(children: list[Child], server: str, stop: threading.Event) -> Non
             code = child.exited()
             if code is not None:
                 _restart_or_give_up(child, code, server)
+        _renew_worker_on_abandoned_task(children)
+
+
+def _renew_worker_on_abandoned_task(children: list[Child]) -> None:
+    """Restart the warm worker (children[1]) when the SuperNode dropped a task (ABANDONED_TASK)."""
+    watcher = children[0].watcher
+    if watcher is None or not watcher.abandoned_task.is_set():
+        return
+    watcher.abandoned_task.clear()
+    for worker in children[1:]:
+        if worker.process is not None:
+            _say("the SuperNode dropped a message of a stopped run; restarting the worker, which may wait for it")
+            worker.stop()
+            worker.start()
 
 
 def _restart_or_give_up(child: Child, code: int, server: str) -> None:

@@ -135,3 +135,26 @@ def test_a_test_client_app_goes_to_the_warm_worker_only(files):
     with pytest.raises(node.NodeError, match="--client-app needs --isolation warm"):
         node.check_inputs(NodeOptions("h:1", files["ca.pem"], files["client-1.key"], files["data.npz"],
                                       isolation="subprocess", client_app="m:app"))  # fmt: skip
+
+
+def test_the_worker_is_restarted_when_the_supernode_drops_a_message_of_a_stopped_run(tmp_path, capsys):
+    # Prepare: a "SuperNode" that logs Flower 1.41's line for a dropped message, and a "worker"
+    supernode = _script_child(
+        tmp_path, "import time\nprint('INFO :  Run ID 5 is not in `RUNNING` status. Ignoring message ab12.', flush=True)\n"
+        "time.sleep(30)\n",
+    )  # fmt: skip
+    worker = Child("worker", [sys.executable, "-c", "import time; time.sleep(30)"])
+    stop = threading.Event()
+    threading.Timer(2.0, stop.set).start()
+    supernode.start()
+    worker.start()
+    first = worker.process.pid
+
+    # Execute
+    node._supervise([supernode, worker], "h:1", stop)
+
+    # Assert: a new worker, once
+    assert worker.process.pid != first and worker.exited() is None
+    assert capsys.readouterr().out.count("restarting the worker") == 1
+    worker.stop()
+    supernode.stop()
