@@ -5,6 +5,7 @@ Select them with `pytest -m e2e`, leave them out with `pytest -m "not e2e"`.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 
 from fedclient.node import node_env
-from shared.processes import spawn, stop_trees
+from fedserver.state import StateDir
+from shared.processes import spawn, stop_trees, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = [sys.executable, "-m"]
@@ -50,6 +52,26 @@ class E2E:
     def stop_all(self) -> None:
         stop_trees(self.started, grace=10.0)
 
+    def start_daemon(self, name: str, pki: Path, config: Path, state: StateDir, address: str) -> subprocess.Popen[bytes]:
+        """`fedserver start`, returned once its port accepts connections."""
+        argv = [*self.python, "fedserver.cli", "start", "--pki", str(pki), "--config", str(config)]
+        daemon = self.start(name, [*argv, "--state-dir", str(state.root), "--address", address])
+        host, port = address.rsplit(":", 1)
+        assert wait_for_port(host, int(port), 60, alive=daemon), self.log(name)
+        return daemon
+
+    def start_fedclient(
+        self, name: str, address: str, pki: Path, key: Path, data: Path, *extra: str
+    ) -> subprocess.Popen[bytes]:
+        """`fedclient start` with `pki`'s CA, the private key `key`, on the CPU."""
+        argv = [*self.python, "fedclient.cli", "start", "--server", address, "--ca", str(pki / "ca.pem")]
+        return self.start(name, [*argv, "--key", str(key), "--data", str(data), "--device", "cpu", *extra])
+
+    def status(self, state: StateDir) -> dict:
+        """`fedserver status --json`."""
+        result = self.run_cli(["fedserver.cli", "status", "--state-dir", str(state.root), "--json"])
+        return json.loads(result.stdout)
+
     @staticmethod
     def run_cli(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return run_cli(argv, timeout)
@@ -72,6 +94,23 @@ class E2E:
     @staticmethod
     def env(**extra: str) -> dict[str, str]:
         return e2e_env(**extra)
+
+    @staticmethod
+    def run_toml(server_data: Path, clients: int, rounds: int, **extra: object) -> str:
+        return run_toml(server_data, clients, rounds, **extra)
+
+
+def run_toml(server_data: Path, clients: int, rounds: int, **extra: object) -> str:
+    """A deployment's run config: the MNIST 2NN on `clients` devices, evaluated on `server_data`.
+
+    `extra` adds or replaces keys, `min_replies=3` written as `min-replies = 3`.
+    """
+    keys: dict[str, object] = {
+        "dataset": "mnist", "data-path": str(server_data), "model": "2nn", "num-clients": clients,
+        "clients-per-round": clients, "rounds": rounds, "lr": 0.1, "device": "cpu",
+    }  # fmt: skip
+    keys.update({key.replace("_", "-"): value for key, value in extra.items()})
+    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in keys.items())
 
 
 def e2e_env(**extra: str) -> dict[str, str]:

@@ -6,7 +6,6 @@ The tests of this module share one federation and run in file order.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedserver.state import StateDir, read_metrics
-from shared.processes import free_port, is_alive, stop_tree, wait_for_port
+from shared.processes import free_port, is_alive, stop_tree
 
 pytestmark = pytest.mark.e2e
 
@@ -36,31 +35,6 @@ class Federation:
     clients: list[subprocess.Popen[bytes]]
 
 
-def _run_toml(server_data: Path, rounds: int) -> str:
-    return (
-        f'dataset = "mnist"\ndata-path = "{server_data}"\nmodel = "2nn"\nnum-clients = {CLIENTS}\n'
-        f'clients-per-round = {CLIENTS}\nrounds = {rounds}\nlr = 0.1\ndevice = "cpu"\n'
-    )
-
-
-def _start_daemon(e2e, fed_pki: Path, config: Path, state: StateDir, address: str, name: str):
-    argv = [*e2e.python, "fedserver.cli", "start", "--pki", str(fed_pki), "--config", str(config)]
-    daemon = e2e.start(name, [*argv, "--state-dir", str(state.root), "--address", address])
-    host, port = address.rsplit(":", 1)
-    assert wait_for_port(host, int(port), 60, alive=daemon), e2e.log(name)
-    return daemon
-
-
-def _fedclient(e2e, name: str, address: str, ca: Path, key: Path, data: Path):
-    argv = [*e2e.python, "fedclient.cli", "start", "--server", address, "--ca", str(ca), "--key", str(key)]
-    return e2e.start(name, [*argv, "--data", str(data), "--device", "cpu"])
-
-
-def _status(e2e, state: StateDir) -> dict:
-    result = e2e.run_cli(["fedserver.cli", "status", "--state-dir", str(state.root), "--json"])
-    return json.loads(result.stdout)
-
-
 def _our_run(status: dict) -> dict:
     return next((run for run in status["runs"] if run["run_id"] == status["run_id"]), {})
 
@@ -72,12 +46,12 @@ def federation(tmp_path_factory, e2e, shared_datasets: Path) -> Federation:
     assert e2e.run_cli(["fedserver.cli", "init", str(work / "other"), "--clients", "1"]).returncode == 0
     parts, server_data = e2e.write_partitions(work, shared_datasets / "mnist.npz", CLIENTS, SAMPLES)
     config = work / "run.toml"
-    config.write_text(_run_toml(server_data, ROUNDS))
+    config.write_text(e2e.run_toml(server_data, CLIENTS, ROUNDS))
     state, address = StateDir(work / "state"), f"127.0.0.1:{free_port()}"
-    daemon = _start_daemon(e2e, work / "pki", config, state, address, "fedserver")
+    daemon = e2e.start_daemon("fedserver", work / "pki", config, state, address)
     clients = [
-        _fedclient(e2e, f"client-{k}", address, work / "pki" / "ca.pem",
-                   work / "pki" / "clients" / f"client-{k}.key", parts[k - 1])
+        e2e.start_fedclient(f"client-{k}", address, work / "pki", work / "pki" / "clients" / f"client-{k}.key",
+                            parts[k - 1])
         for k in range(1, CLIENTS + 1)
     ]  # fmt: skip
     e2e.wait_until(lambda: len(read_metrics(state.run_dir)) >= ROUNDS, 180, f"{ROUNDS} rounds (see {e2e.logs})")
@@ -88,7 +62,7 @@ def test_three_rounds_improve_the_model_and_leave_metrics_and_model(federation: 
     rows = read_metrics(federation.state.run_dir)
 
     def finished() -> dict | None:
-        status = _status(e2e, federation.state)
+        status = e2e.status(federation.state)
         return status if _our_run(status).get("status") == "finished:completed" else None
 
     status = e2e.wait_until(finished, 30, "the run to finish")
@@ -108,10 +82,10 @@ def intruders(federation: Federation, e2e) -> dict[str, subprocess.Popen[bytes]]
     pki, other = federation.pki, federation.other_pki
     plain = ["flower-supernode", "--superlink", federation.address, "--insecure", "--port", str(free_port())]
     return {
-        "unregistered": _fedclient(e2e, "unregistered", federation.address, pki / "ca.pem",
-                                   other / "clients" / "client-1.key", federation.parts[0]),
-        "other-ca": _fedclient(e2e, "other-ca", federation.address, other / "ca.pem",
-                               pki / "clients" / "client-1.key", federation.parts[0]),
+        "unregistered": e2e.start_fedclient("unregistered", federation.address, pki,
+                                            other / "clients" / "client-1.key", federation.parts[0]),
+        "other-ca": e2e.start_fedclient("other-ca", federation.address, other,
+                                        pki / "clients" / "client-1.key", federation.parts[0]),
         # Flower refuses node authentication without TLS, so a plain-text node brings no key
         "insecure": e2e.start("insecure", [*plain, "--node-config", f'data-path="{federation.parts[0]}"']),
     }  # fmt: skip
@@ -142,7 +116,7 @@ def test_a_client_without_tls_cannot_join(intruders, federation: Federation, e2e
     e2e.wait_until(lambda: "Connection attempt failed" in e2e.log("insecure"), 30, "a failed plain-text attempt")
 
     assert "SuperNode ID" not in e2e.log("insecure")
-    assert _status(e2e, federation.state)["connected_nodes"] == CLIENTS
+    assert e2e.status(federation.state)["connected_nodes"] == CLIENTS
     stop_tree(intruders["insecure"], grace=5)
 
 
@@ -160,10 +134,10 @@ def test_clients_survive_a_server_restart(federation: Federation, e2e):
     stopped = e2e.run_cli(["fedserver.cli", "stop", "--state-dir", str(federation.state.root)])
     assert stopped.returncode == 0 and federation.daemon.wait(timeout=30) == 0
     assert not federation.state.pid_file.exists()
-    federation.config.write_text(_run_toml(federation.parts[0].parent / "server.npz", ROUNDS + 1))
+    federation.config.write_text(e2e.run_toml(federation.parts[0].parent / "server.npz", CLIENTS, ROUNDS + 1))
 
     # Execute: the same state, one more round; the clients were never restarted
-    _start_daemon(e2e, federation.pki, federation.config, federation.state, federation.address, "fedserver-2")
+    e2e.start_daemon("fedserver-2", federation.pki, federation.config, federation.state, federation.address)
     e2e.wait_until(lambda: len(read_metrics(federation.state.run_dir)) > ROUNDS, 150, "a round after the restart")
 
     # Assert
