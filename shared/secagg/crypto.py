@@ -13,7 +13,7 @@ or the OS CSPRNG, and Shamir secret sharing from PyCryptodome.
   dependency), one GF(2^128) polynomial per 16-byte block of the secret, its coefficients
   from the OS CSPRNG, share indices 1..n; a share is a 4-byte index and one 16-byte share per
   block. Flower's `crypto.shamir` wraps the same class but PKCS#7-pads a 32-byte secret to
-  three blocks and starts a thread pool per call: half as much field arithmetic again, which
+  three blocks and starts a thread pool per call: 1.5x the field arithmetic, which
   PyCryptodome does in pure Python. Measured on the 2-core machine at the defaults
   (threshold 5 of 9): sharing both of a client's secrets 2.2 ms here (5 ms through Flower's),
   rebuilding one secret 7 ms (11 ms); `benchmarks/secagg_overhead.py` times whole rounds.
@@ -33,12 +33,12 @@ import struct
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from shared.secagg.settings import SecAggError, SecAggIntegrityError
