@@ -181,7 +181,7 @@ def _check_values(cfg: RunConfig) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"config key '{_key(name)}' must be >= 1, got {getattr(cfg, name)}")
-    if cfg.clients_per_round > cfg.num_clients:
+    if cfg.clients_per_round > cfg.num_clients and cfg.partition != "natural":  # natural: the data says
         raise ConfigError(
             f"config key 'clients-per-round' ({cfg.clients_per_round}) is more than "
             f"'num-clients' ({cfg.num_clients})"

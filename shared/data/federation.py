@@ -175,6 +175,7 @@ def load_federation(cfg: RunConfig) -> Federation:
     key = RunConfig(**{name: getattr(cfg, name) for name in _DATA_FIELDS})
     if key not in _cache:
         federation = FEDERATIONS[key.dataset](key)
+        _check_enough_clients(key, federation.num_clients)
         _remember(key, federation)
         _remember(key.replace(num_clients=federation.num_clients), federation)
     _cache.move_to_end(key)
@@ -268,7 +269,6 @@ def _shakespeare_federation(cfg: RunConfig) -> Federation:
     roles = read_roles(
         cfg.data_path or None, min_chars=cfg.min_role_chars, window=window, test_fraction=cfg.test_fraction
     )
-    _check_enough_clients(cfg, len(roles.names))
     length = CHUNKS_PER_WINDOW * window
 
     def client_fn(k: int) -> ClientData:
@@ -340,8 +340,6 @@ def _partition(cfg: RunConfig, labels: np.ndarray, keys: np.ndarray | None) -> l
         parts = _split(cfg, method, labels, keys)
     except ValueError as err:  # a partitioner refusing an impossible split (e.g. an empty client)
         raise DataError(f"dataset '{cfg.dataset}': {err}") from None
-    if method == "natural":
-        _check_enough_clients(cfg, len(parts))
     return parts
 
 
@@ -361,6 +359,7 @@ SPLITS: dict[str, Callable[[RunConfig, np.ndarray, np.ndarray | None, np.random.
 
 
 def _check_enough_clients(cfg: RunConfig, num_clients: int) -> None:
+    """A natural split fixes the number of clients (RunConfig checks the others)."""
     if num_clients < cfg.clients_per_round:
         raise DataError(
             f"the natural split of '{cfg.dataset}' has {num_clients} clients, fewer than "

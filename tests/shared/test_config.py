@@ -38,6 +38,8 @@ def test_unknown_choice_lists_allowed():
 def test_more_clients_per_round_than_clients():
     with pytest.raises(ConfigError, match="'clients-per-round' \\(11\\) is more than 'num-clients' \\(10\\)"):
         RunConfig.from_mapping({"num-clients": 10, "clients-per-round": 11})
+    # A natural split takes its number of clients from the data (checked when it is loaded).
+    assert RunConfig.from_mapping({"num-clients": 10, "clients-per-round": 11, "partition": "natural"})
 
 
 def test_missing_and_malformed_file_name_the_file(tmp_path):

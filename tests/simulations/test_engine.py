@@ -115,6 +115,10 @@ def test_fedprox_keeps_stragglers_with_partial_epochs(tiny_config):
     [
         (["--set", "strategy=fedfoo"], "'strategy' is 'fedfoo'; allowed"),
         (["--set", "num-clients=5", "--set", "clients-per-round=6"], "'clients-per-round' (6) is more than"),
+        (
+            ["--set", "partition=natural", "--set", "num-clients=5", "--set", "clients-per-round=8"],
+            "the natural split of 'synthetic' has 5 clients, fewer than clients-per-round (8)",
+        ),
         (["--set", "dataset=mnist", "--set", "data-path=/nonexistent/mnist.npz"], "data-path /nonexistent/mnist.npz does not exist"),
         (["--set", "rounds=2", "--set", "local-epoch=3"], "unknown config key 'local-epoch'. Did you mean 'local-epochs'"),
         (["--set", "dataset=csv", "--set", "data-path=/dev/null"], "/dev/null: empty file"),
