@@ -1,5 +1,5 @@
 """Faults in a real deployment on 127.0.0.1: `fedserver` and `fedclient` processes killed with
-SIGKILL, a client sending NaN / wrong-shape / huge updates, and more clients at once.
+SIGKILL, and one of 8 clients sending NaN / wrong-shape / huge updates.
 
 Each test runs a federation of its own (MNIST 2NN, a few hundred images per client) and stops
 its processes when it ends.
@@ -141,9 +141,9 @@ def test_a_server_killed_with_sigkill_resumes_without_losing_or_repeating_a_roun
 
 
 def test_a_client_killed_with_sigkill_mid_round_leaves_the_round_to_the_others(deploy, e2e):
-    # Prepare: 4 devices; a round needs 3 valid replies and waits at most 20 s. num-clients is
+    # Prepare: 4 devices; a round needs 3 valid replies and waits at most 15 s. num-clients is
     # how many devices a round waits to be connected before it samples (all connected ones).
-    timeout = 20.0
+    timeout = 15.0
     fed = deploy(clients=4, rounds=3, num_clients=3, clients_per_round=3, min_replies=3, round_timeout=timeout)
     fed.start_daemon()
     fed.start_clients()
@@ -164,16 +164,18 @@ def test_a_client_killed_with_sigkill_mid_round_leaves_the_round_to_the_others(d
 
 
 def test_bad_updates_are_refused_with_the_node_and_reason_and_the_model_keeps_learning(deploy, e2e):
-    # Prepare: client 4 runs a ClientApp that sends NaN (round 1), a wrong shape (2), +1e6 (3)
-    fed = deploy(clients=4, rounds=3, min_replies=3, max_update_norm=100.0)
+    # Prepare: 8 clients (the suite's load test: benchmarks/load_test.py runs 50, too heavy for
+    # the suite at ~400 MB a client); client 8 runs a ClientApp that sends NaN (round 1), a
+    # wrong shape (2), +1e6 (3); a round needs 6 valid replies
+    fed = deploy(clients=8, rounds=3, min_replies=0.75, max_update_norm=100.0)
     fed.start_daemon()
-    fed.start_clients(extra={4: ["--client-app", FAULTY_APP]})
+    fed.start_clients(extra={8: ["--client-app", FAULTY_APP]})
 
     # Execute
-    rows = fed.wait_for_rounds(3, 240)
+    rows = fed.wait_for_rounds(3, 300)
 
     # Assert: each bad update refused, naming the node and the reason; the model finite and learning
-    node_id = re.search(r"SuperNode ID: (\d+)", fed.client_log(4)).group(1)
+    node_id = re.search(r"SuperNode ID: (\d+)", fed.client_log(8)).group(1)
     server_log = fed.run_log()
     refusals = re.findall(rf"node {node_id}: update refused: (.*)", server_log)
     assert len(refusals) == 3, server_log[-3000:]
@@ -183,16 +185,4 @@ def test_bad_updates_are_refused_with_the_node_and_reason_and_the_model_keeps_le
     assert _learned(rows)
     model = load_safetensors(fed.state.run_dir / "model.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in model.values())
-
-
-def test_ten_clients_complete_three_rounds(deploy, e2e):
-    # benchmarks/load_test.py runs 50 (too heavy for the suite on 2 cores: ~400 MB a client)
-    fed = deploy(clients=10, rounds=3)
-    fed.start_daemon()
-    fed.start_clients()
-
-    rows = fed.wait_for_rounds(3, 300)
-
-    assert [row["round"] for row in rows] == [1, 2, 3]
-    assert _learned(rows)
     assert all(node.poll() is None for node in fed.nodes)
