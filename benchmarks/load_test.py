@@ -23,6 +23,10 @@ after the SuperLink had done them; the retry is then refused as "already online"
 code 2004, the same as for an unregistered key) for the node's 60 s online window, and
 fedclient, past its 15 s grace for that code, gives up.
 
+With `--db sqlite` (the default) and 50 clients on 2 cores at a load average near 35, the
+ServerApp's push of round 1's messages failed with "database is locked" in the SuperLink and
+no round started; `--db memory` completed (the figures in the README).
+
 It stops early, stopping everything, if the machine's available memory falls below
 MIN_AVAILABLE_MB while the clients start. Whatever was measured is printed even then.
 """
