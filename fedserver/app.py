@@ -22,7 +22,14 @@ from flwr.serverapp.strategy import Strategy
 
 from fedserver.checkpoints import Checkpoint, RunDirectory
 from fedserver.polling import fast_polling
-from fedserver.strategies import build_strategy, quorum, restore_strategy_state, screen_replies, strategy_state
+from fedserver.strategies import (
+    build_strategy,
+    quorum,
+    restore_strategy_state,
+    sampling_from,
+    screen_replies,
+    strategy_state,
+)
 from shared import messages as keys
 from shared import task
 from shared.config import RunConfig
@@ -35,6 +42,7 @@ app = ServerApp()
 
 ROUND_LOGGER = logging.getLogger("flowerbed.rounds")
 LOG = logging.getLogger("flowerbed.server")
+NODE_POLL_SECONDS = 1.0  # while waiting for nodes to connect, as Flower's own sampling does
 
 
 class RoundFailed(RuntimeError):
@@ -118,7 +126,8 @@ def _train_round(
 ) -> tuple[ArrayRecord, MetricRecord | None]:
     """One training round; below quorum it is retried with freshly sampled clients."""
     for attempt in range(cfg.round_retries + 1):
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        with sampling_from(strategy, connected_nodes(grid, cfg, server_round)):
+            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
         messages = apply_stragglers(messages, cfg, server_round)
         if cfg.secure_aggregation:
             return _secure_round(strategy, grid, cfg, server_round, messages)
@@ -136,6 +145,20 @@ def _train_round(
         f"round {server_round}: fewer than {needed} valid replies after {cfg.round_retries + 1} attempts"
         f"{_first_error(replies)}; nothing was aggregated"
     )
+
+
+def connected_nodes(grid: Grid, cfg: RunConfig, server_round: int) -> int:
+    """How many nodes a round samples from: all `num-clients` as soon as they are connected, else,
+    after `round-timeout` s, those connected then (a node that is gone must not stall the run)."""
+    deadline = time.monotonic() + cfg.round_timeout
+    while (count := len(list(grid.get_node_ids()))) < cfg.num_clients and time.monotonic() < deadline:
+        time.sleep(NODE_POLL_SECONDS)
+    if count < cfg.num_clients:
+        LOG.warning(
+            "round %d: %d of %d nodes connected after %g s; sampling from those",
+            server_round, count, cfg.num_clients, cfg.round_timeout,
+        )  # fmt: skip
+    return count
 
 
 def _secure_round(
@@ -201,7 +224,8 @@ def _evaluate(
         model.load_state_dict(to_state_dict(arrays, like=model.state_dict()))
         res = task.evaluate(model, *central_test, batch_size=cfg.eval_batch_size, device=cfg.device)
         return MetricRecord({keys.EVAL_LOSS: res.loss, keys.ACCURACY: res.accuracy})
-    messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+    with sampling_from(strategy, connected_nodes(grid, cfg, server_round)):
+        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     if replies and all(r.has_error() for r in replies):
         raise RoundFailed(f"round {server_round}: every evaluation failed{_first_error(replies)}")

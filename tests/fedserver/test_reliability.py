@@ -1,5 +1,6 @@
 """Resume after a crash, quorum and retries, and bad updates refused (in-process, through fedsim)."""
 
+import faulthandler
 import json
 import math
 
@@ -9,12 +10,14 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 import fedclient.app
+import fedserver.app
 from fedserver.app import RoundFailed
 from fedserver.checkpoints import CheckpointError
 from shared import messages as keys
 from shared import task
 from shared.weights import load_safetensors
 from simulations import cli, engine
+from simulations.grid import InProcessGrid
 
 def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -110,6 +113,23 @@ def test_a_round_completes_from_the_others_when_the_quorum_holds(tmp_path, monke
     result = engine.run_simulation(tiny_config(rounds=3, min_replies=0.25), tmp_path / "r", progress=False)
 
     assert result.summary["rounds"] == 3
+
+
+def test_a_node_that_is_gone_for_good_does_not_stall_the_run(tmp_path, monkeypatch, tiny_config, caplog):
+    # Node 1001 never connects: Flower's own sampling would wait for all 6 nodes without end.
+    faulthandler.dump_traceback_later(120, exit=True)  # a regression hangs: fail the run, not CI's clock
+    monkeypatch.setattr(fedserver.app, "NODE_POLL_SECONDS", 0.05)
+    everyone = InProcessGrid.get_node_ids
+    monkeypatch.setattr(InProcessGrid, "get_node_ids", lambda grid: [n for n in everyone(grid) if n != 1001])
+    cfg = tiny_config(rounds=2, clients_per_round=6, round_timeout=0.5, min_replies=0.5)
+
+    try:
+        result = engine.run_simulation(cfg, tmp_path / "r", progress=False)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+    assert result.summary["rounds"] == 2
+    assert "round 1: 5 of 6 nodes connected after 0.5 s; sampling from those" in caplog.text
 
 
 def test_below_quorum_the_round_is_retried_then_the_run_stops_clearly(tmp_path, monkeypatch, tiny_config):
