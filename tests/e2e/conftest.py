@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedclient.node import node_env
+from fedclient.node import CONNECTED, node_env
 from fedserver.state import StateDir
 from shared.processes import spawn, stop_trees, wait_for_port
 
@@ -48,6 +49,12 @@ class E2E:
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def node_id(self, name: str) -> int:
+        """The node id the SuperNode of fedclient `name` logged when it connected."""
+        found = re.search(rf"{CONNECTED}\s*(\d+)", self.log(name))
+        assert found, self.log(name)
+        return int(found.group(1))
 
     def stop_all(self) -> None:
         stop_trees(self.started, grace=10.0)

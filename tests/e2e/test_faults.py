@@ -1,5 +1,5 @@
 """Faults in a real deployment on 127.0.0.1: `fedserver` and `fedclient` processes killed with
-SIGKILL, and one of 8 clients sending NaN / wrong-shape / huge updates.
+SIGKILL, and one of 6 clients sending NaN / wrong-shape / huge updates.
 
 Each test runs a federation of its own (MNIST 2NN, a few hundred images per client) and stops
 its processes when it ends.
@@ -78,9 +78,6 @@ class Deployment:
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 
-    def client_log(self, k: int) -> str:
-        return self.e2e.log(f"{self.work.name}-client-{k}")
-
 
 @pytest.fixture
 def deploy(e2e, tmp_path_factory, shared_datasets: Path) -> Iterator[Callable[..., Deployment]]:
@@ -114,8 +111,8 @@ def _wait_dead(e2e, pids: set[int], what: str) -> None:
 
 
 def test_a_server_killed_with_sigkill_resumes_without_losing_or_repeating_a_round(deploy, e2e):
-    # Prepare: 3 clients, 4 rounds; SIGKILL the daemon once round 1 is recorded
-    fed = deploy(clients=3, rounds=4)
+    # Prepare: 3 clients, 3 rounds; SIGKILL the daemon once round 1 is recorded
+    fed = deploy(clients=3, rounds=3)
     fed.start_daemon()
     fed.start_clients()
     fed.wait_for_rounds(1, 180)
@@ -128,22 +125,22 @@ def test_a_server_killed_with_sigkill_resumes_without_losing_or_repeating_a_roun
     # Execute: the same command, same state directory
     restarted = fed.start_daemon("restarted")
     _wait_dead(e2e, {orphan, *orphan_tree}, "the old SuperLink and its processes to be stopped")
-    rows = fed.wait_for_rounds(4, 240)
+    rows = fed.wait_for_rounds(3, 240)
 
     # Assert: the new daemon took over and every round is recorded exactly once, with its checkpoint
     assert restarted.poll() is None
     assert f"stopped SuperLink pid {orphan}" in e2e.log(f"{fed.work.name}-restarted")
-    assert [row["round"] for row in rows] == [1, 2, 3, 4]
+    assert [row["round"] for row in rows] == [1, 2, 3]
     checkpoints = sorted(p.name for p in (fed.state.run_dir / "checkpoints").glob("round-*.safetensors"))
-    assert checkpoints == [f"round-{n}.safetensors" for n in range(1, 5)]
+    assert checkpoints == [f"round-{n}.safetensors" for n in range(1, 4)]
     assert recorded_process(fed.state.superlink_pid) not in (None, orphan)
     assert all(node.poll() is None for node in fed.nodes)
 
 
 def test_a_client_killed_with_sigkill_mid_round_leaves_the_round_to_the_others(deploy, e2e):
-    # Prepare: 4 devices; a round needs 3 valid replies and waits at most 15 s. num-clients is
-    # how many devices a round waits to be connected before it samples (all connected ones).
-    timeout = 15.0
+    # Prepare: 4 devices; a round needs 3 valid replies and waits at most 10 s. num-clients = 3
+    # lets a round start as soon as 3 devices are connected (else it waits round-timeout first).
+    timeout = 10.0
     fed = deploy(clients=4, rounds=3, num_clients=3, clients_per_round=3, min_replies=3, round_timeout=timeout)
     fed.start_daemon()
     fed.start_clients()
@@ -164,18 +161,18 @@ def test_a_client_killed_with_sigkill_mid_round_leaves_the_round_to_the_others(d
 
 
 def test_bad_updates_are_refused_with_the_node_and_reason_and_the_model_keeps_learning(deploy, e2e):
-    # Prepare: 8 clients (the suite's load test: benchmarks/load_test.py runs 50, too heavy for
-    # the suite at ~400 MB a client); client 8 runs a ClientApp that sends NaN (round 1), a
-    # wrong shape (2), +1e6 (3); a round needs 6 valid replies
-    fed = deploy(clients=8, rounds=3, min_replies=0.75, max_update_norm=100.0)
+    # Prepare: 6 clients (the suite's load test: benchmarks/load_test.py runs 50, too heavy for
+    # the suite at ~400 MB a client); client 6 runs a ClientApp that sends NaN (round 1), a
+    # wrong shape (2), +1e6 (3); a round needs 5 valid replies
+    fed = deploy(clients=6, rounds=3, min_replies=0.75, max_update_norm=100.0)
     fed.start_daemon()
-    fed.start_clients(extra={8: ["--client-app", FAULTY_APP]})
+    fed.start_clients(extra={6: ["--client-app", FAULTY_APP]})
 
     # Execute
     rows = fed.wait_for_rounds(3, 300)
 
     # Assert: each bad update refused, naming the node and the reason; the model finite and learning
-    node_id = re.search(r"SuperNode ID: (\d+)", fed.client_log(8)).group(1)
+    node_id = e2e.node_id(f"{fed.work.name}-client-6")
     server_log = fed.run_log()
     refusals = re.findall(rf"node {node_id}: update refused: (.*)", server_log)
     assert len(refusals) == 3, server_log[-3000:]

@@ -11,7 +11,6 @@ quantization step), plus the float32 rounding of the result.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,6 @@ from flwr.app.message_type import MessageType
 
 from fedclient.app import app
 from fedclient.app import train as client_train
-from fedclient.node import CONNECTED
 from fedserver.checkpoints import CHECKPOINT_DIR
 from fedserver.state import StateDir, read_metrics
 from shared import messages as keys
@@ -74,7 +72,7 @@ def secure_federation(tmp_path_factory, e2e, shared_datasets: Path) -> SecureFed
     for k, (name, part) in enumerate(zip(names, parts, strict=True), start=1):
         e2e.start_fedclient(name, address, pki, pki / "clients" / f"client-{k}.key", part)
     e2e.wait_until(lambda: len(read_metrics(state.run_dir)) >= ROUNDS, 180, f"{ROUNDS} secure rounds (see {e2e.logs})")
-    nodes = [(_node_id(e2e.log(name)), part) for name, part in zip(names, parts, strict=True)]
+    nodes = [(e2e.node_id(name), part) for name, part in zip(names, parts, strict=True)]
     return SecureFederation(load_config(config), state.run_dir, nodes)
 
 
@@ -112,12 +110,6 @@ def _truncate(part: Path, size: int) -> None:
     with np.load(part) as data:
         x, y = data["x"][:size], data["y"][:size]
     np.savez(part, x=x, y=y)
-
-
-def _node_id(log: str) -> int:
-    found = re.search(rf"{CONNECTED}\s*(\d+)", log)
-    assert found, log
-    return int(found.group(1))
 
 
 def _replay(cfg: RunConfig, weights: Weights, server_round: int, node: int, data: Path) -> tuple[Weights, int]:
