@@ -141,7 +141,8 @@ def write_data(directory: Path, clients: int, samples: int) -> tuple[list[Path],
         np.savez(parts[-1], x=x[idx], y=y[idx])
     server = directory / "server.npz"
     # The server reads only the test split; a train split of one example per client keeps it valid.
-    np.savez(server, x_train=x[:clients], y_train=y[:clients], x_test=x_test[:TEST_SIZE], y_test=y_test[:TEST_SIZE])
+    test = rng.permutation(len(y_test))[:TEST_SIZE]  # a random subset: the NPZ's test split is sorted by label
+    np.savez(server, x_train=x[:clients], y_train=y[:clients], x_test=x_test[test], y_test=y_test[test])
     return parts, server, source
 
 

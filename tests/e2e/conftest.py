@@ -160,7 +160,8 @@ def write_partitions(directory: Path, mnist: Path, clients: int, samples: int) -
         idx = order[k * samples : (k + 1) * samples]
         np.savez(parts[-1], x=x[idx], y=y[idx])
     server = directory / "server.npz"  # the server evaluates on the test split; one train example per client
-    np.savez(server, x_train=x[:clients], y_train=y[:clients], x_test=x_test[:1000], y_test=y_test[:1000])
+    test = rng.permutation(len(y_test))[:1000]  # a random 1000: the NPZ's test split is sorted by label
+    np.savez(server, x_train=x[:clients], y_train=y[:clients], x_test=x_test[test], y_test=y_test[test])
     return parts, server
 
 
