@@ -80,6 +80,9 @@ def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resum
             server_app(grid, server_context(run_config))
         except KeyboardInterrupt:
             interrupted = True
+        except BaseException:
+            plot.cancel()  # the run failed: no plot, and no plotting process left behind
+            raise
     rows = read_metrics(output)
     summary = summarize(rows, cfg.target_accuracy, time.perf_counter() - started)
     write_summary(output / SUMMARY_FILE, summary)

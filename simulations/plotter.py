@@ -46,6 +46,11 @@ class LivePlot:
         except BrokenPipeError:  # the child died: close() reports why
             pass
 
+    def cancel(self) -> None:
+        """Stop the child without a final plot."""
+        self._child.kill()
+        self._child.communicate()
+
     def close(self) -> None:
         """Wait for the final plot; raise PlotError if the child failed."""
         try:

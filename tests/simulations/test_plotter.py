@@ -33,6 +33,13 @@ def test_a_failing_plot_names_the_file_and_the_cause(tmp_path: Path):
         plot.close()
 
 
+def test_a_cancelled_plot_stops_its_process_and_draws_nothing(tmp_path: Path):
+    plot = LivePlot(tmp_path / "curves.png", "run", rows=[_row(1)])
+    plot.cancel()
+    assert plot._child.poll() is not None
+    assert not (tmp_path / "curves.png").exists()
+
+
 def test_a_long_run_is_redrawn_while_it_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     drawn: list[int] = []
     monkeypatch.setattr(plotter, "REDRAW_SECONDS", 0.0)
