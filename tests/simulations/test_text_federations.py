@@ -35,6 +35,15 @@ def imdb_subset(shared_datasets: Path, tmp_path: Path, per_label: dict[str, int]
     return subset
 
 
+def run_and_check_outputs(cfg, run_dir, tokens, load_tokenizer):
+    """Run `cfg`; every output file is written, the saved tokenizer is the federation's own."""
+    result = run_simulation(cfg, run_dir, progress=False)
+    federation = load_federation(cfg)
+    assert all((run_dir / name).exists() for name in OUTPUTS)
+    assert tokens(load_tokenizer(run_dir / TOKENIZER_FILE)) == tokens(federation.vocabulary)
+    return result, federation
+
+
 def test_imdb_with_label_skew_beats_chance(tmp_path, shared_datasets):
     data = imdb_subset(shared_datasets, tmp_path, per_label={"train": 1000, "test": 250})
     cfg = load_config(
@@ -43,11 +52,8 @@ def test_imdb_with_label_skew_beats_chance(tmp_path, shared_datasets):
          "rounds=3", "local-epochs=2", "eval-batch-size=500"],
     )  # fmt: skip
 
-    result = run_simulation(cfg, tmp_path / "run", progress=False)
+    result, federation = run_and_check_outputs(cfg, tmp_path / "run", lambda vocab: vocab.words, WordTokenizer.load)
 
-    federation = load_federation(cfg)
-    assert all((tmp_path / "run" / name).exists() for name in OUTPUTS)
-    assert WordTokenizer.load(tmp_path / "run" / TOKENIZER_FILE).words == federation.vocabulary.words
     assert len(federation.central_test[1]) == 500
     assert result.summary["rounds"] == 3
     assert result.summary["final_accuracy"] > 0.58  # chance is 0.5 (balanced test set); measured 0.66
@@ -62,10 +68,7 @@ def test_shakespeare_roles_beat_chance(tmp_path):
          "num-layers=1", "rounds=2", "local-epochs=1"],
     )  # fmt: skip
 
-    result = run_simulation(cfg, tmp_path / "run", progress=False)
+    result, _ = run_and_check_outputs(cfg, tmp_path / "run", lambda vocab: vocab.chars, CharVocab.load)
 
-    federation = load_federation(cfg)
-    assert all((tmp_path / "run" / name).exists() for name in OUTPUTS)
-    assert CharVocab.load(tmp_path / "run" / TOKENIZER_FILE).chars == federation.vocabulary.chars
     assert result.summary["rounds"] == 2
     assert result.summary["final_accuracy"] > 0.3  # always guessing the commonest character (space) scores ~0.17
