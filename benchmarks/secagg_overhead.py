@@ -50,11 +50,13 @@ if str(REPO) not in sys.path:
 import logging  # noqa: E402
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
 from shared.secagg import SecAggSettings, as_mean_reply, secagg_mod, secure_train_round  # noqa: E402
+from shared.weights import to_arrayrecord  # noqa: E402
 from simulations.grid import InProcessGrid, server_context  # noqa: E402
 
 MNIST = REPO.parent / "shared" / "datasets" / "mnist.npz"
@@ -247,7 +249,7 @@ def measure(systems: dict[str, tuple[CountingGrid, Callable[[CountingGrid], Arra
 def run_workload(workload: Workload, mode: str, repeats: int, data: Path | None) -> dict[str, Cell]:
     n = workload.clients
     arrays_np = mlp_arrays(workload.hidden)
-    arrays = ArrayRecord({k: Array(v) for k, v in arrays_np.items()})
+    arrays = to_arrayrecord({k: torch.from_numpy(v) for k, v in arrays_np.items()})  # packed, as the ServerApp sends
     train, run_config = protocol_train, {}
     if mode == "training":
         from fedclient.app import train as fedclient_train
@@ -269,7 +271,7 @@ def run_workload(workload: Workload, mode: str, repeats: int, data: Path | None)
     systems = {"plaintext": (grid_for(message_api_app(train, False)), lambda g: plaintext_round(g, arrays, n))}
     for label, settings in OURS.items():
         systems[label] = (grid_for(message_api_app(train, True)), lambda g, s=settings: secure_round(g, arrays, n, s))
-    legacy = grid_for(legacy_app(train, list(arrays_np)), private_configs=True)
+    legacy = grid_for(legacy_app(train, list(arrays)), private_configs=True)
     systems["flower SecAgg+"] = (legacy, lambda g: legacy_round(g, arrays, n))
     return measure(systems, n, repeats)
 

@@ -61,7 +61,7 @@ def fedsim_train(cfg: Any, partition_id: int, weights: dict) -> tuple[float, dic
     seconds = time.perf_counter() - started
     if reply.has_error():
         raise RuntimeError(reply.error.reason)
-    return seconds, to_state_dict(reply.content[keys.ARRAYS])
+    return seconds, to_state_dict(reply.content[keys.ARRAYS], like=weights)
 
 
 def plain_train(cfg: Any, partition_id: int, weights: dict, model: Any) -> tuple[float, dict]:

@@ -2,7 +2,7 @@
 
 Run by a real fedclient with `fedclient start --client-app tests.e2e.faulty_client:app`. Its
 training reply is fedclient.app's, with the weights spoiled in a way chosen by the round:
-round 1 NaN, round 2 a wrong shape, round 3 (and later) +1e6 everywhere, a change far above
+round 1 NaN, round 2 a tensor short of values, round 3 (and later) +1e6 everywhere, a change far above
 any sensible `max-update-norm`. Evaluation is fedclient.app's, unchanged.
 """
 
@@ -27,9 +27,9 @@ def _nan(weights: Weights) -> Weights:
     return weights
 
 
-def _wrong_shape(weights: Weights) -> Weights:
+def _short(weights: Weights) -> Weights:
     first = next(iter(weights))
-    weights[first] = weights[first].flatten()
+    weights[first] = weights[first].flatten()[:-1]
     return weights
 
 
@@ -40,7 +40,7 @@ def _huge(weights: Weights) -> Weights:
 # What the server logs for each, as `shared.weights.validate_update` words it.
 CORRUPTIONS: tuple[tuple[Callable[[Weights], Weights], str], ...] = (
     (_nan, "non-finite values"),
-    (_wrong_shape, "shape"),
+    (_short, "shape"),
     (_huge, "exceeds max_norm"),
 )
 
@@ -56,7 +56,8 @@ def corruption(server_round: int) -> tuple[Callable[[Weights], Weights], str]:
 def train(msg: Message, context: Context) -> Message:
     reply = honest.train(msg, context)
     spoil, _reason = corruption(int(msg.content[keys.CONFIG][keys.SERVER_ROUND]))
-    weights = spoil(to_state_dict(reply.content[keys.ARRAYS]))
+    like = honest._model(honest.node_run_config(context)).state_dict()  # pylint: disable=protected-access
+    weights = spoil(to_state_dict(reply.content[keys.ARRAYS], like=like))
     content = RecordDict({keys.ARRAYS: to_arrayrecord(weights), keys.METRICS: reply.content[keys.METRICS]})
     return Message(content, reply_to=msg)
 

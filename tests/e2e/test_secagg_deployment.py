@@ -31,7 +31,7 @@ from shared.data.federation import data_spec
 from shared.processes import free_port
 from shared.recipe import model_from_config
 from shared.secagg import SecAggSettings
-from shared.weights import load_safetensors, to_arrayrecord
+from shared.weights import load_safetensors, to_arrayrecord, to_state_dict
 from simulations.grid import InProcessGrid, simulation_node_config
 
 pytestmark = pytest.mark.e2e
@@ -115,13 +115,13 @@ def _truncate(part: Path, size: int) -> None:
 def _replay(cfg: RunConfig, weights: Weights, server_round: int, node: int, data: Path) -> tuple[Weights, int]:
     """What `node` sent back in `server_round`: the ClientApp's train handler run here."""
     config = ConfigRecord({keys.SERVER_ROUND: server_round})
-    content = RecordDict({keys.ARRAYS: to_arrayrecord({k: torch.from_numpy(v) for k, v in weights.items()}),
-                          keys.CONFIG: config})  # fmt: skip
+    tensors = {k: torch.from_numpy(v) for k, v in weights.items()}
+    content = RecordDict({keys.ARRAYS: to_arrayrecord(tensors), keys.CONFIG: config})
     msg = Message(content, node, MessageType.TRAIN)
     msg.metadata.__dict__["_message_id"] = f"replay-{server_round}-{node}"
     context = Context(1, node, {"data-path": str(data), "device": "cpu"}, RecordDict(), cfg.to_mapping())
     reply = client_train(msg, context)
-    arrays = {k: v.numpy() for k, v in reply.content[keys.ARRAYS].items()}
+    arrays = {k: v.numpy() for k, v in to_state_dict(reply.content[keys.ARRAYS], like=tensors).items()}
     return arrays, int(reply.content[keys.METRICS][keys.NUM_EXAMPLES])
 
 
