@@ -47,11 +47,13 @@ def to_arrayrecord(state_dict: Mapping[str, torch.Tensor]) -> ArrayRecord:
 def to_state_dict(record: ArrayRecord, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Unpack ``record`` into tensors with the keys, shapes and dtypes of ``like``.
 
-    Raises InvalidUpdate if the record does not hold exactly the values ``like`` needs.
+    Raises InvalidUpdate if the record does not hold exactly the values ``like`` needs. Values
+    are cast to ``like``'s dtypes: an aggregate may be wider than what was sent (FedAvg
+    averages an int64 counter into float64).
     """
-    flats = _numpy_arrays(record)
-    _check_keys(_layout(like), flats)
-    for name, count in _layout(like).items():
+    flats, layout = _numpy_arrays(record), _layout(like)
+    _check_keys(layout, flats)
+    for name, count in layout.items():
         if flats[name].shape != (count,):
             raise InvalidUpdate(f"{name} weights: shape {flats[name].shape} != expected ({count},)")
     offsets = dict.fromkeys(flats, 0)

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from flwr.app import Array
 
 from shared.weights import (
     InvalidUpdate,
@@ -116,6 +117,18 @@ def test_unpacking_into_another_model_is_refused(like, message):
     # Execute / Assert
     with pytest.raises(InvalidUpdate, match=message):
         to_state_dict(to_arrayrecord(_state()), like=like)
+
+
+def test_a_wider_aggregate_is_cast_back():
+    # Prepare: as FedAvg returns an int64 counter, averaged into float64
+    record = to_arrayrecord(_state())
+    record["int64"] = Array.from_numpy_ndarray(record["int64"].numpy() * 1.0)
+
+    # Execute
+    restored = to_state_dict(record, like=_state())
+
+    # Assert
+    assert restored["m.count"].dtype == torch.int64 and int(restored["m.count"]) == 7
 
 
 # --- validate_update ----------------------------------------------------------------
