@@ -34,7 +34,6 @@ for path in (REPO, REPO / "benchmarks"):
         sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from flwr.app import ConfigRecord, RecordDict  # noqa: E402
 
 import fedclient.app as client  # noqa: E402
@@ -43,7 +42,7 @@ from shared import task  # noqa: E402
 from shared.data.federation import data_spec  # noqa: E402
 from shared.recipe import model_from_config  # noqa: E402
 from shared.weights import to_arrayrecord, validate_update  # noqa: E402
-from simulation_speed import MNIST_NPZ, run_config, write_stand_in  # noqa: E402
+from simulation_speed import MNIST_NPZ, bare_local_training, run_config, write_stand_in  # noqa: E402
 from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_config  # noqa: E402
 
 CLIENTS = 100
@@ -63,14 +62,7 @@ def steps(data_path: str) -> dict[str, Callable[[], object]]:
 
     def floor() -> None:
         model.load_state_dict(global_weights)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
-        for start in range(0, len(y), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        bare_local_training(model, x, y, cfg, seed=1)
 
     def train() -> None:
         model.load_state_dict(global_weights)

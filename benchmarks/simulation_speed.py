@@ -110,6 +110,23 @@ def write_stand_in(path: Path) -> None:
 # Each runs inside a child process and returns a result dict; wall time excludes imports.
 
 
+def bare_local_training(model: Any, x: Any, y: Any, cfg: Any, seed: int) -> None:
+    """The floor's local training: plain SGD over shuffled batches, nothing else."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    for _ in range(cfg.local_epochs):
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        for start in range(0, len(y), cfg.batch_size):
+            idx = perm[start : start + cfg.batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
 def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
     import random
 
@@ -147,18 +164,8 @@ def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
         for node_id in sampled:
             x, y = clients[node_id - FIRST_NODE_ID]
             model.load_state_dict(global_weights)
-            model.train()
-            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
             # fedclient.app.client_seed: one shuffle seed per (run seed, round, node)
-            seed = (cfg.seed * 1_000_003 + server_round * 10_007 + node_id) % (2**63)
-            for _ in range(cfg.local_epochs):
-                perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-                for start in range(0, len(y), cfg.batch_size):
-                    idx = perm[start : start + cfg.batch_size]
-                    loss = F.cross_entropy(model(x[idx]), y[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+            bare_local_training(model, x, y, cfg, (cfg.seed * 1_000_003 + server_round * 10_007 + node_id) % (2**63))
             weight = len(y) / total  # FedAvg: weighted by num-examples, summed in reply order
             with torch.no_grad():
                 for key, value in model.state_dict().items():
