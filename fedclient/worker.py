@@ -7,8 +7,9 @@ install, app import and data loading, each round, several seconds on a small boa
 choosing, which acquires tasks from the SuperNode's local Runtime API. This is that process:
 it polls the Runtime API every `poll_interval` s, like SuperExec, and runs each task *here*,
 with the same steps as Flower's `flwr-clientapp` (pull the task input, install the FAB, load
-the ClientApp it names, call it, push the reply and the context back). PyTorch is imported
-once, and the ClientApp's own per-process caches (its data, its model) survive across rounds.
+the ClientApp it names, call it, push the reply and the context back; only the pull of the task
+input retries sooner, see `pull_task_input`). PyTorch is imported once, and the ClientApp's
+own per-process caches (its data, its model) survive across rounds.
 
 The ClientApp is the one the task's FAB names, imported from where Flower installs that FAB,
 as `flwr-clientapp` does: the worker forgets its own package before the first import, and when
