@@ -52,14 +52,16 @@ def to_state_dict(record: ArrayRecord, like: Mapping[str, torch.Tensor]) -> dict
     averages an int64 counter into float64).
     """
     flats, layout = _numpy_arrays(record), _layout(like)
-    _check_keys(layout, flats)
-    for name, count in layout.items():
-        if flats[name].shape != (count,):
-            raise InvalidUpdate(f"{name} weights: shape {flats[name].shape} != expected ({count},)")
+    totals: dict[str, int] = {}
+    for name, count in layout:
+        totals[name] = totals.get(name, 0) + count
+    _check_keys(totals, flats)
+    for name, total in totals.items():
+        if flats[name].shape != (total,):
+            raise InvalidUpdate(f"{name} weights: shape {flats[name].shape} != expected ({total},)")
     offsets = dict.fromkeys(flats, 0)
     out: dict[str, torch.Tensor] = {}
-    for key, reference in like.items():
-        name, count = _transport_dtype(reference).name, reference.numel()
+    for (key, reference), (name, count) in zip(like.items(), layout, strict=True):
         values = flats[name][offsets[name] : offsets[name] + count]
         offsets[name] += count
         out[key] = torch.from_numpy(values.copy()).reshape(reference.shape).to(reference.dtype)  # copy: views are read-only
@@ -114,17 +116,9 @@ def _packed(state_dict: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {name: np.concatenate(parts) for name, parts in groups.items()}
 
 
-def _layout(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """How many values of each transported dtype the packed ``state_dict`` holds."""
-    counts: dict[str, int] = {}
-    for tensor in state_dict.values():
-        name = _transport_dtype(tensor).name
-        counts[name] = counts.get(name, 0) + tensor.numel()
-    return counts
-
-
-def _transport_dtype(tensor: torch.Tensor) -> np.dtype:
-    return np.dtype(np.float32) if tensor.dtype == torch.bfloat16 else torch.empty(0, dtype=tensor.dtype).numpy().dtype
+def _layout(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """Each tensor's transported dtype name and value count, in key order."""
+    return [(_transport_numpy(torch.empty(0, dtype=t.dtype)).dtype.name, t.numel()) for t in state_dict.values()]
 
 
 def _transport_numpy(tensor: torch.Tensor) -> np.ndarray:
