@@ -20,6 +20,7 @@ from fedserver.app import app as server_app
 from fedserver.checkpoints import STATE_FILE, read_metrics
 from shared.config import RunConfig
 from shared.data.federation import load_federation
+from shared.errors import FedsimError
 from shared.files import atomic_write_text
 from simulations.grid import InProcessGrid, server_context, simulation_node_config
 from simulations.plotter import LivePlot
@@ -46,7 +47,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-class OutputExists(ValueError):
+class OutputExists(FedsimError, ValueError):
     """The output directory already holds a run, and this is not a resumption of it."""
 
 
