@@ -6,18 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedclient.node import ISOLATIONS, NodeError, NodeOptions, NodeRefused, run_node
+from fedclient.node import ISOLATIONS, NodeOptions, run_node
+from shared.cli import add_command, build_parser as build_command_parser, run_cli
 from shared.config import DEVICES
 
 PROG = "fedclient"
-EXIT_USAGE = 2  # bad arguments or input files
-EXIT_REFUSED = 1  # the server refused this node
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Run a Flowerbed edge client.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    start = sub.add_parser("start", help="connect to a fedserver and train on local data")
+    parser = build_command_parser(PROG, "Flowerbed edge client: a device that trains on its own data.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    start = add_command(sub, "start", "connect to a fedserver and train on this device's data until stopped")
     start.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's Fleet API address")
     start.add_argument("--ca", required=True, type=Path, help="the federation's CA certificate (ca.pem)")
     start.add_argument("--key", required=True, type=Path, help="this node's private key (client-K.key)")
@@ -53,18 +52,8 @@ def options_from(args: argparse.Namespace) -> NodeOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run_node(options_from(args))
-    except NodeRefused as err:
-        return _fail(err, EXIT_REFUSED)
-    except NodeError as err:
-        return _fail(err, EXIT_USAGE)
-
-
-def _fail(err: Exception, status: int) -> int:
-    print(f"{PROG}: error: {err}", file=sys.stderr)
-    return status
+    """Entry point of the `fedclient` console script; returns the exit status (shared.errors.ExitCode)."""
+    return run_cli(PROG, lambda: run_node(options_from(build_parser().parse_args(argv))))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from shared.errors import ExitCode, FedclientError
 from shared.processes import free_port, spawn, stop_tree
 
 ISOLATIONS = ("warm", "subprocess")
@@ -59,12 +60,14 @@ HINTS = {
 }
 
 
-class NodeError(RuntimeError):
+class NodeError(FedclientError, RuntimeError):
     """The node cannot start (bad arguments or files); the message is one line."""
 
 
 class NodeRefused(NodeError):
     """The server refused this node (unregistered key, wrong CA, ...); the message is one line."""
+
+    exit_code = ExitCode.FAILED
 
 
 @dataclass(frozen=True)

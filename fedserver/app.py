@@ -34,6 +34,7 @@ from shared import messages as keys
 from shared import task
 from shared.config import RunConfig
 from shared.data.federation import data_spec, load_federation
+from shared.errors import ExitCode, FedserverError
 from shared.recipe import model_from_config
 from shared.secagg import SecAggError, SecAggSettings, as_mean_reply, secure_train_round
 from shared.weights import to_arrayrecord, to_state_dict
@@ -45,8 +46,10 @@ LOG = logging.getLogger("flowerbed.server")
 NODE_POLL_SECONDS = 1.0  # while waiting for nodes to connect, as Flower's own sampling does
 
 
-class RoundFailed(RuntimeError):
+class RoundFailed(FedserverError, RuntimeError):
     """A round could not gather a quorum of valid replies; nothing of it was aggregated."""
+
+    exit_code = ExitCode.FAILED
 
 
 @dataclass

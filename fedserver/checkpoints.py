@@ -19,6 +19,7 @@ import numpy as np
 import safetensors.numpy
 import torch
 
+from shared.errors import FedserverError
 from shared.files import atomic_write_bytes, atomic_write_text
 from shared.weights import load_safetensors, save_safetensors
 
@@ -32,7 +33,7 @@ RESUMABLE_CHANGES = frozenset({"rounds", "run-dir", "target-accuracy", "stop-at-
 Row = dict[str, float | None]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FedserverError, RuntimeError):
     """A run directory's checkpoint is unreadable, corrupt or from another configuration."""
 
 

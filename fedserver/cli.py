@@ -12,24 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedserver.state import DEFAULT_ADDRESS, DaemonError, StateDir
-from shared.config import ConfigError
-from shared.pki import PkiError, add_client, init_pki
+from fedserver.state import DEFAULT_ADDRESS, StateDir
+from shared.cli import add_command, build_parser as build_command_parser, run_cli
+from shared.errors import ExitCode
+from shared.pki import PkiPaths, add_client, init_pki
 
 PROG = "fedserver"
-EXIT_USAGE = 2  # bad arguments or an unusable PKI directory, as argparse does
-EXIT_OS_ERROR = 1  # the filesystem refused (permissions, disk full, ...)
-EXIT_FAILED = 1  # the daemon could not start or stopped abnormally
-EXIT_NOT_RUNNING = 3  # `status`: no daemon runs for this state directory (as LSB init scripts say)
-
-
-class UsageError(Exception):
-    """Raised instead of argparse's print-usage-and-exit, so main() prints one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see '{self.prog} --help')")
+EXIT_NOT_RUNNING = ExitCode.NOT_RUNNING  # `status`: no daemon runs for this state directory
 
 
 @dataclass(frozen=True)
@@ -68,10 +57,28 @@ def _init_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_init(args: argparse.Namespace) -> int:
     paths = init_pki(args.dir, hosts=args.hosts, clients=args.clients, force=args.force)
-    created = [paths.ca, paths.ca_key, paths.server_cert, paths.server_key]
-    created += [p for pair in paths.client_keys for p in pair]
-    _print_paths(created)
+    print("\n".join(describe_pki(args.dir, paths)))
     return 0
+
+
+def describe_pki(directory: Path, paths: PkiPaths) -> list[str]:
+    """What `init` made, one file a line, and the commands that use it."""
+    lines = [
+        f"created a PKI in {directory}:",
+        f"  CA certificate      {paths.ca}  (copy to every device: fedclient start --ca)",
+        f"  CA key              {paths.ca_key}  (keep secret: it signs the server certificate)",
+        f"  server certificate  {paths.server_cert}",
+        f"  server key          {paths.server_key}",
+    ]
+    lines += [f"  client key pair     {key}  {pub}" for key, pub in paths.client_keys]
+    lines.append(f"next: {PROG} start --pki {directory} --config RUN.toml")
+    if paths.client_keys:
+        key = paths.client_keys[0][0]
+        lines.append(
+            f"then on each device: fedclient start --server HOST:{DEFAULT_ADDRESS.rsplit(':', 1)[1]} "
+            f"--ca {paths.ca} --key {key} --data FILE  (one .key per device; its .pub stays here)"
+        )
+    return lines
 
 
 def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +87,8 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_add_client(args: argparse.Namespace) -> int:
-    _print_paths(add_client(args.dir, args.name))
+    for path in add_client(args.dir, args.name):
+        print(path)
     return 0
 
 
@@ -149,11 +157,6 @@ def _run_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_paths(paths: list[Path] | tuple[Path, ...]) -> None:
-    for path in paths:
-        print(path)
-
-
 COMMANDS: dict[str, Command] = {
     "init": Command(
         "create a CA, a server TLS certificate and SuperNode key pairs",
@@ -176,32 +179,23 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Flowerbed federated-learning server.")
+    parser = build_command_parser(PROG, "Flowerbed federated-learning server: PKI, and the SuperLink daemon.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
-        sub_parser = sub.add_parser(name, help=command.help, description=command.help)
+        sub_parser = add_command(sub, name, command.help)
         command.add_arguments(sub_parser)
         sub_parser.set_defaults(run=command.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `fedserver` console script; returns the exit status."""
-    try:
+    """Entry point of the `fedserver` console script; returns the exit status (shared.errors.ExitCode)."""
+
+    def run() -> int:
         args = build_parser().parse_args(argv)
         return args.run(args)
-    except (UsageError, PkiError, ConfigError) as err:
-        return _fail(err, EXIT_USAGE)
-    except DaemonError as err:
-        return _fail(err, EXIT_FAILED)
-    except OSError as err:
-        return _fail(err, EXIT_OS_ERROR)
 
-
-def _fail(err: Exception, status: int) -> int:
-    message = " ".join(str(err).splitlines())  # one line even if a path holds a newline
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return status
+    return run_cli(PROG, run)
 
 
 if __name__ == "__main__":

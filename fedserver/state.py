@@ -18,13 +18,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from shared.errors import ExitCode, FedserverError
+
 METRICS_FILE = "metrics.jsonl"
 FLWR_CONNECTION = "fedserver"
 DEFAULT_ADDRESS = "127.0.0.1:9092"
 
 
-class DaemonError(RuntimeError):
+class DaemonError(FedserverError, RuntimeError):
     """The daemon cannot start, stopped abnormally, or its SuperLink refused; one line."""
+
+    exit_code = ExitCode.FAILED
 
 
 class StateDir:

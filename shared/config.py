@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from shared.errors import FlowerbedError
+
 Scalar = str | int | float | bool
 
 STRATEGIES = (
@@ -44,7 +46,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(FlowerbedError, ValueError):
     """A run configuration names an unknown key, has a wrong type or an impossible value."""
 
 

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.errors import FlowerbedError
 from shared.files import atomic_write_bytes
 
 CA_DAYS = 3650
@@ -40,7 +41,7 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-class PkiError(ValueError):
+class PkiError(FlowerbedError, ValueError):
     """A PKI directory or argument is unusable; the message is one line meant for the user."""
 
 

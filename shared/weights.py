@@ -27,6 +27,7 @@ from flwr.common.constant import SType
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from shared.errors import ExitCode, FlowerbedError
 from shared.files import atomic_write_bytes
 
 _NORM_CHUNK = 1 << 16  # elements per chunk: cache-sized, and short float32 sums stay accurate
@@ -35,8 +36,10 @@ _KEY_ORDER = "flowerbed.key_order"  # safetensors metadata entry; the format its
 Weights = ArrayRecord | Mapping[str, torch.Tensor]
 
 
-class InvalidUpdate(ValueError):
+class InvalidUpdate(FlowerbedError, ValueError):
     """A client update that does not fit the reference model or is out of bounds."""
+
+    exit_code = ExitCode.FAILED
 
 
 def to_arrayrecord(state_dict: Mapping[str, torch.Tensor]) -> ArrayRecord:

@@ -8,6 +8,7 @@ ServerApp writes into a summary and a plot.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from fedserver.app import app as server_app
 from fedserver.checkpoints import STATE_FILE, read_metrics
 from shared.config import RunConfig
 from shared.data.federation import load_federation
+from shared.errors import FedsimError
 from shared.files import atomic_write_text
 from simulations.grid import InProcessGrid, server_context, simulation_node_config
 from simulations.plotter import LivePlot
@@ -29,6 +31,7 @@ from simulations.vectorized import batch_runner_for
 CONFIG_FILE = "config.toml"
 SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
+LABELS_FILE = "labels.json"  # {class name: id}, where the data named its classes in text
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-class OutputExists(ValueError):
+class OutputExists(FedsimError, ValueError):
     """The output directory already holds a run, and this is not a resumption of it."""
 
 
@@ -64,6 +67,7 @@ def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resum
     cfg = resolve(cfg).replace(run_dir=str(output))
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / CONFIG_FILE, cfg.to_toml())
+    write_labels(cfg, output)
     run_config = cfg.to_mapping()
     grid = InProcessGrid(
         client_app,
@@ -88,6 +92,14 @@ def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resum
     write_summary(output / SUMMARY_FILE, summary)
     plot.close()
     return SimulationResult(output, summary, interrupted)
+
+
+def write_labels(cfg: RunConfig, output: Path) -> None:
+    """Save the map of text class labels to ids with the run, so its predictions can be named."""
+    classes = load_federation(cfg).classes  # cached: the federation `resolve` read
+    if classes is not None:
+        labels = {name: label_id for label_id, name in enumerate(classes)}
+        atomic_write_text(output / LABELS_FILE, json.dumps(labels, indent=2) + "\n")
 
 
 @contextlib.contextmanager

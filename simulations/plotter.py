@@ -16,14 +16,17 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from shared.errors import ExitCode, FedsimError
 from simulations.report import Row, draw_curves, plot_curves
 
 REDRAW_SECONDS = 10.0
 CLOSE_TIMEOUT = 120.0  # s to wait for the final plot
 
 
-class PlotError(RuntimeError):
+class PlotError(FedsimError, RuntimeError):
     """The plotting process failed; the message carries its last output lines."""
+
+    exit_code = ExitCode.FAILED
 
 
 class LivePlot:

@@ -1,7 +1,9 @@
 """The one error type the data layer raises for bad input files."""
 
+from shared.errors import FlowerbedError
 
-class DataError(ValueError):
+
+class DataError(FlowerbedError, ValueError):
     """A data file is missing, unreadable, empty or malformed.
 
     The message is one line that names the file and the problem.

@@ -80,11 +80,13 @@ class Federation:
         client_fn: Callable[[int], ClientData],
         central_test: tuple[np.ndarray, np.ndarray] | None,
         vocabulary: Vocabulary | None = None,
+        classes: tuple[str, ...] | None = None,
     ) -> None:
         self.spec = spec
         self.num_clients = num_clients
         self.central_test = central_test
         self.vocabulary = vocabulary
+        self.classes = classes  # class names by label id, where the file wrote its labels as text
         self._client_fn = client_fn
 
     def client(self, partition_id: int) -> ClientData:
@@ -208,7 +210,7 @@ def _array_federation(
         def xy(k: int) -> tuple[np.ndarray, np.ndarray]:
             return as_features(x_train[parts[k]]), y_train[parts[k]].astype(np.int64)
 
-        return Federation(spec, len(parts), _with_test(xy, test, cfg), test)
+        return Federation(spec, len(parts), _with_test(xy, test, cfg), test, classes=splits.classes)
 
     return build
 
@@ -301,8 +303,7 @@ def _read_fashion_mnist(cfg: RunConfig) -> tuple[Splits, None]:
 
 
 def _read_csv_file(cfg: RunConfig) -> tuple[Splits, None]:
-    x, y = read_csv(_existing(cfg.data_path, cfg))
-    return Splits(x, y, None, None), None
+    return read_csv(_existing(cfg.data_path, cfg)), None
 
 
 def _read_femnist(cfg: RunConfig) -> tuple[Splits, np.ndarray]:
@@ -385,7 +386,12 @@ def load_local(path: str | Path, cfg: RunConfig) -> ClientData:
         y = np.concatenate([u[1] for u in users.values()])
         splits = Splits(x, y, None, None)
     elif path.suffix == ".csv":
-        splits = Splits(*read_csv(path), None, None)
+        splits = read_csv(path)
+        if splits.classes is not None:  # a map made from one device's file would differ between devices
+            raise DataError(
+                f"{path}: text class labels (e.g. {splits.classes[0]!r}) are mapped to ids in fedsim "
+                "only; a deployed device's file needs the integer class ids (fedsim's labels.json lists them)"
+            )
     else:
         splits = read_npz(path)
     x, y = as_features(splits.x_train), splits.y_train.astype(np.int64)

@@ -27,12 +27,17 @@ PathLike = str | os.PathLike[str]
 
 @dataclass(frozen=True, eq=False)
 class Splits:
-    """Features and labels of a train split and, when the file has one, a test split."""
+    """Features and labels of a train split and, when the file has one, a test split.
+
+    `classes` names the class of each label id where the file wrote its labels as text
+    (`classes[i]` is the name of id i); None where the file holds integer ids.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
+    classes: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,6 +123,11 @@ def _checked_splits(path: PathLike, **arrays: np.ndarray) -> Splits:
         x, y = arrays.get(f"x_{split}"), arrays.get(f"y_{split}")
         if x is not None and y is not None and len(x) != len(y):
             raise DataError(f"{path}: {len(x)} {split} features but {len(y)} labels")
+        if y is not None and y.dtype.kind in "US" and y.size:
+            raise DataError(
+                f"{path}: the {split} labels are text (e.g. {str(y.flat[0])!r}); this format needs integer "
+                "class ids (a CSV's text labels are mapped to ids)"
+            )
     if len(arrays["x_train"]) == 0:
         raise DataError(f"{path}: train split is empty")
     return Splits(**arrays)
@@ -126,28 +136,72 @@ def _checked_splits(path: PathLike, **arrays: np.ndarray) -> Splits:
 # ---------------------------------------------------------------- CSV
 
 
-def read_csv(path: PathLike, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
-    """A CSV with a header row: every column but `label_column` -> float32 features, that one -> int64."""
+def read_csv(path: PathLike, label_column: str = "label") -> Splits:
+    """A CSV with a header row: every column but `label_column` -> float32 features, that one -> int64 ids.
+
+    Integer labels are kept as they are. Text labels (iris's `setosa`) become ids in the sorted
+    order of their names, listed in `Splits.classes`: the map comes from the whole file, so every
+    partition of it shares one. A train split only.
+    """
+    header, body = _csv_rows(path, label_column)
+    label_at = header.index(label_column)
+    features, labels = [], []
+    for line, row in body:
+        if len(row) != len(header):
+            raise DataError(f"{path}: line {line} has {len(row)} fields, header has {len(header)}")
+        labels.append((line, row[label_at].strip()))
+        try:
+            features.append([float(v) for i, v in enumerate(row) if i != label_at])
+        except ValueError as exc:
+            raise DataError(f"{path}: line {line}: {exc}") from exc
+    y, classes = _class_ids(path, labels)
+    return Splits(np.asarray(features, np.float32).reshape(len(body), -1), y, classes=classes)
+
+
+def _csv_rows(path: PathLike, label_column: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the non-blank rows with their line numbers."""
     with open_text(path) as f:
         rows = list(csv.reader(f))
     if not rows:
         raise DataError(f"{path}: empty file")
-    header, body = rows[0], [row for row in rows[1:] if row]
+    header, body = rows[0], [(line, row) for line, row in enumerate(rows[1:], start=2) if row]
     if label_column not in header:
         raise DataError(f"{path}: no {label_column!r} column in header {header}")
     if not body:
         raise DataError(f"{path}: no data rows")
-    label_at = header.index(label_column)
-    features, labels = [], []
-    for line, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise DataError(f"{path}: line {line} has {len(row)} fields, header has {len(header)}")
-        try:
-            labels.append(int(row[label_at]))
-            features.append([float(v) for i, v in enumerate(row) if i != label_at])
-        except ValueError as exc:
-            raise DataError(f"{path}: line {line}: {exc}") from exc
-    return np.asarray(features, np.float32).reshape(len(body), -1), np.asarray(labels, np.int64)
+    return header, body
+
+
+def _class_ids(path: PathLike, labels: list[tuple[int, str]]) -> tuple[np.ndarray, tuple[str, ...] | None]:
+    """(line, label) pairs -> int64 ids and, for text labels, the class names by id (None for integers).
+
+    Labels are all integers or all text: a number that is not an integer, an empty label, or
+    numbers mixed with names is refused, naming the line.
+    """
+    for line, label in labels:
+        if not label:
+            raise DataError(f"{path}: line {line}: empty label")
+    numbers = [(line, label) for line, label in labels if _is_number(label)]
+    if len(numbers) == len(labels):
+        for line, label in numbers:
+            if not re.fullmatch(r"[+-]?\d+", label):
+                raise DataError(f"{path}: line {line}: label {label!r} is not an integer class id")
+        return np.asarray([int(label) for _, label in labels], np.int64), None
+    if numbers:
+        line, label = numbers[0]
+        text = next(text for _, text in labels if not _is_number(text))
+        raise DataError(f"{path}: line {line}: label {label!r} is a number but others are names (e.g. {text!r})")
+    classes = tuple(sorted({label for _, label in labels}))
+    ids = {name: i for i, name in enumerate(classes)}
+    return np.asarray([ids[label] for _, label in labels], np.int64), classes
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- JSON lines

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from shared.errors import ExitCode, FlowerbedError
+
 # Strategies whose aggregate of one reply holding the weighted mean (weight = total examples)
 # equals their aggregate of the individual replies. Median, trimmed mean, Krum and Bulyan need
 # every individual update, which secure aggregation exists to hide.
@@ -31,8 +33,10 @@ CONFIG_KEYS: dict[str, str] = {
 SWITCH_KEY = "secure-aggregation"  # bool run-config key: a client then refuses plaintext training
 
 
-class SecAggError(RuntimeError):
+class SecAggError(FlowerbedError, RuntimeError):
     """Secure aggregation cannot complete; nothing was aggregated."""
+
+    exit_code = ExitCode.FAILED
 
 
 class SecAggIntegrityError(SecAggError):

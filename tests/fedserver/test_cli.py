@@ -18,7 +18,7 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
     return err
 
 
-def test_init_creates_pki_and_prints_paths(tmp_path, capsys):
+def test_init_creates_pki_and_says_what_it_made_and_the_next_commands(tmp_path, capsys):
     # Prepare
     directory = tmp_path / "pki"
 
@@ -28,14 +28,21 @@ def test_init_creates_pki_and_prints_paths(tmp_path, capsys):
     # Assert
     assert code == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed == [
-        str(directory / name)
-        for name in (
-            "ca.pem", "ca.key", "server.pem", "server.key",
-            "clients/client-1.key", "clients/client-1.pub",
-            "clients/client-2.key", "clients/client-2.pub",
-        )
-    ]  # fmt: skip
+    assert printed[0] == f"created a PKI in {directory}:"
+    described = {
+        "CA certificate": ["ca.pem"],
+        "CA key": ["ca.key"],
+        "server certificate": ["server.pem"],
+        "server key": ["server.key"],
+        "client key pair": ["clients/client-1.key", "clients/client-1.pub"],
+    }
+    for label, names in described.items():
+        line = next(line for line in printed if line.strip().startswith(label))
+        assert all(str(directory / name) in line for name in names), line
+        assert (directory / names[0]).is_file()
+    assert any(str(directory / "clients/client-2.key") in line for line in printed)
+    assert f"next: fedserver start --pki {directory} --config RUN.toml" in printed
+    assert any(f"fedclient start --server HOST:9092 --ca {directory / 'ca.pem'} --key" in line for line in printed)
     cert = x509.load_pem_x509_certificate((directory / "server.pem").read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["localhost", "fl.example.org"]

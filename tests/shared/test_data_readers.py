@@ -169,6 +169,16 @@ def test_read_npz_rejects_bad_contents(tmp_path, arrays, problem):
         read_npz(path)
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_read_npz_refuses_text_labels_in_one_line(tmp_path, split):
+    path = tmp_path / "d.npz"
+    labels = {"y_train": np.arange(2), "y_test": np.arange(2)} | {f"y_{split}": np.array(["setosa", "virginica"])}
+    np.savez(path, x_train=np.zeros((2, 3)), x_test=np.zeros((2, 3)), **labels)
+
+    with pytest.raises(DataError, match=f"the {split} labels are text \\(e.g. 'setosa'\\); this format needs integer"):
+        read_npz(path)
+
+
 @pytest.mark.parametrize("content", [b"", b"not a zip at all"])
 def test_read_npz_rejects_non_archives(tmp_path, content):
     path = tmp_path / "d.npz"
@@ -190,20 +200,43 @@ def test_read_npz_missing_file(tmp_path):
 def test_read_csv_splits_label_from_features(tmp_path, gz):
     path = write_text(tmp_path / "d.csv", "a,label,b\n1.5,3,2\n-1,0,4e2\n", gz=gz)
 
-    x, y = read_csv(path)
+    splits = read_csv(path)
 
-    assert x.dtype == np.float32 and y.dtype == np.int64
-    np.testing.assert_array_equal(x, [[1.5, 2.0], [-1.0, 400.0]])
-    np.testing.assert_array_equal(y, [3, 0])
+    assert splits.x_train.dtype == np.float32 and splits.y_train.dtype == np.int64
+    np.testing.assert_array_equal(splits.x_train, [[1.5, 2.0], [-1.0, 400.0]])
+    np.testing.assert_array_equal(splits.y_train, [3, 0])
+    assert splits.classes is None and splits.x_test is None
 
 
 def test_read_csv_custom_label_column(tmp_path):
     path = write_text(tmp_path / "d.csv", "f,target\n0.25,7\n")
 
-    x, y = read_csv(path, label_column="target")
+    splits = read_csv(path, label_column="target")
 
-    np.testing.assert_array_equal(x, [[0.25]])
-    np.testing.assert_array_equal(y, [7])
+    np.testing.assert_array_equal(splits.x_train, [[0.25]])
+    np.testing.assert_array_equal(splits.y_train, [7])
+
+
+def test_read_csv_maps_text_labels_to_ids_in_sorted_order(tmp_path):
+    # Prepare: iris-like rows, the classes not in sorted order of first appearance
+    path = write_text(tmp_path / "iris.csv", "a,label\n1,virginica\n2,setosa\n3, versicolor\n4,setosa\n")
+
+    # Execute
+    splits = read_csv(path)
+
+    # Assert
+    assert splits.classes == ("setosa", "versicolor", "virginica")
+    np.testing.assert_array_equal(splits.y_train, [2, 0, 1, 0])
+    assert splits.y_train.dtype == np.int64
+
+
+def test_read_csv_text_label_ids_do_not_depend_on_row_order(tmp_path):
+    rows = ["1,b", "2,c", "3,a"]
+    first = read_csv(write_text(tmp_path / "1.csv", "f,label\n" + "\n".join(rows) + "\n"))
+    second = read_csv(write_text(tmp_path / "2.csv", "f,label\n" + "\n".join(reversed(rows)) + "\n"))
+
+    assert first.classes == second.classes == ("a", "b", "c")
+    np.testing.assert_array_equal(first.y_train, second.y_train[::-1])
 
 
 @pytest.mark.parametrize(
@@ -215,6 +248,8 @@ def test_read_csv_custom_label_column(tmp_path):
         ("a,label\n1,2\n3\n", "line 3 has 1 fields"),
         ("a,label\nx,2\n", "line 2"),
         ("a,label\n1,2.5\n", "line 2"),
+        ("a,label\n1,0\n2,1\n3,setosa\n", "line 2: label '0' is a number but others are names"),
+        ("a,label\n1,setosa\n\n2,\n", "line 4: empty label"),
     ],
 )
 def test_read_csv_rejects_malformed(tmp_path, content, problem):
