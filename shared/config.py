@@ -3,8 +3,11 @@
 Keys are hyphenated, exactly as in Flower's run config (`[tool.flwr.app.config]`, `flwr run
 --run-config`), so the same mapping configures fedsim, `flwr run .` and `fedserver start`.
 Every value is a Flower config scalar (str, int, float, bool): Flower cannot carry lists or
-nulls in a run config, so "no target" is `target-accuracy = 0.0` and MLP hidden sizes are a
-comma-separated string.
+nulls in a run config, so "no target" is `target-accuracy = 0.0`, "the data seed is the seed"
+is `data-seed = -1`, and MLP hidden sizes are a comma-separated string.
+
+Each field declares its default and meaning once, here: docs/config.md and pyproject's
+`[tool.flwr.app.config]` are generated from them (`python -m shared.config_docs`).
 """
 
 from __future__ import annotations
@@ -83,11 +86,7 @@ SAME_AS_SEED = -1  # `data-seed` default: the data is drawn with the run's `seed
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that defines a federation. Field `num_clients` is config key `num-clients`.
-
-    Each field carries its section and meaning: docs/config.md and pyproject's
-    `[tool.flwr.app.config]` are generated from them (`python -m shared.config_docs`).
-    """
+    """Everything that defines a federation. Field `num_clients` is config key `num-clients`."""
 
     dataset: str = DATA.option(
         "synthetic",

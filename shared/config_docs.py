@@ -19,14 +19,13 @@ CONFIG_DOC = Path("docs") / "config.md"
 PYPROJECT = Path("pyproject.toml")
 TABLE_HEADER = "[tool.flwr.app.config]"
 
-# `flwr run .` starts a run on whatever SuperNodes are connected; a first try is a local
-# federation of two or three. With RunConfig's 30 clients each round would wait `round-timeout`
-# (an hour) for nodes that never come, so pyproject's table differs from RunConfig here, and only here.
+# The one deliberate difference between pyproject's table and RunConfig, and why.
 FLWR_RUN_OVERRIDES: dict[str, Scalar] = {"num-clients": 2, "clients-per-round": 2, "rounds": 3}
 FLWR_RUN_REASON = (
     "`flwr run .` runs on the SuperNodes that are connected, usually two or three on a first try; "
-    "with 30 clients every round would wait `round-timeout` for nodes that never come. Set the "
-    "federation's size with `flwr run . <federation> --run-config 'num-clients=N clients-per-round=K'`."
+    f"with {RunConfig().num_clients} clients every round would wait `round-timeout` "
+    f"({RunConfig().round_timeout:g} s) for nodes that never come. Set the federation's size with "
+    "`flwr run . <federation> --run-config 'num-clients=N clients-per-round=K'`."
 )
 
 
