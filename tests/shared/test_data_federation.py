@@ -120,5 +120,6 @@ def test_missing_data_says_what_it_should_be_and_where_to_get_it(tmp_path, datas
 
 
 def test_unset_data_path_says_so_and_where_to_get_the_data():
-    with pytest.raises(DataError, match=r"^config key 'data-path' is not set: dataset 'mnist' reads an NPZ.*#datasets$"):
+    unset = r"^config key 'data-path' is not set: dataset 'mnist' reads an NPZ.*#datasets$"
+    with pytest.raises(DataError, match=unset):
         load_federation(RunConfig(dataset="mnist", model="2nn"))
