@@ -3,8 +3,11 @@
 Keys are hyphenated, exactly as in Flower's run config (`[tool.flwr.app.config]`, `flwr run
 --run-config`), so the same mapping configures fedsim, `flwr run .` and `fedserver start`.
 Every value is a Flower config scalar (str, int, float, bool): Flower cannot carry lists or
-nulls in a run config, so "no target" is `target-accuracy = 0.0` and MLP hidden sizes are a
-comma-separated string.
+nulls in a run config, so "no target" is `target-accuracy = 0.0`, "the data seed is the seed"
+is `data-seed = -1`, and MLP hidden sizes are a comma-separated string.
+
+Each field declares its default and meaning once, here: docs/config.md and pyproject's
+`[tool.flwr.app.config]` are generated from them (`python -m shared.config_docs`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import dataclasses
 import difflib
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -50,79 +53,194 @@ class ConfigError(FlowerbedError, ValueError):
     """A run configuration names an unknown key, has a wrong type or an impossible value."""
 
 
-def _key(name: str) -> str:
+def config_key(name: str) -> str:
     return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Section:
+    """A group of config keys, as docs/config.md shows them; `option` declares one key of it."""
+
+    title: str
+    about: str
+
+    def option(self, default: Scalar, meaning: str, *, path: bool = False) -> Any:
+        """A RunConfig field with its default and meaning; `path`: resolved by `load_config`."""
+        return field(default=default, metadata={"section": self, "meaning": meaning, "path": path})
+
+
+DATA = Section("Data", "What the clients hold and how it is cut among them.")
+MODEL = Section("Model", "The network every client trains.")
+TEXT = Section(
+    "Text models",
+    "Tokenizer and transformer shape: `transformer-classifier` on `imdb`, `char-lm` on `shakespeare`.",
+)
+FEDERATION = Section("Federation", "How many clients, how many rounds, which strategy, which seeds.")
+LOCAL = Section("Local training", "What a sampled client does with the global model each round.")
+SERVER = Section("Server-side optimizers and robust aggregation", "Settings of the strategies that have them.")
+EVALUATION = Section("Evaluation and stopping", "How the global model is scored and when a run stops early.")
+EXECUTION = Section("Execution", "Where a run computes and writes, and how rounds cope with failing clients.")
+SECAGG = Section(
+    "Secure aggregation", "SecAgg+ (`shared/secagg`): the server learns only the sum of the clients' updates."
+)
+SAME_AS_SEED = -1  # `data-seed` default: the data is drawn with the run's `seed`
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a federation. Field `num_clients` is config key `num-clients`."""
 
-    # Data
-    dataset: str = "synthetic"
-    data_path: str = ""
-    partition: str = "auto"
-    dirichlet_alpha: float = 0.5
-    shards_per_client: int = 2
-    min_client_size: int = 1
-    synthetic_alpha: float = 1.0
-    synthetic_beta: float = 1.0
-    synthetic_iid: bool = False
-    synthetic_max_samples: int = 0  # 0 = uncapped, exactly as the paper
-    test_fraction: float = 0.2  # per-client held-out share where the dataset has no test set
-    # Model
-    model: str = "mlp"
-    hidden: str = "200,200"
-    num_classes: int = 0  # 0 = from the dataset
-    input_dim: int = 0  # 0 = from the dataset
-    # Text: tokenizer and transformer shape (transformer-classifier on imdb, char-lm on shakespeare)
-    max_len: int = 0  # 0 = the dataset's default: imdb 256 words, shakespeare 80 characters (LEAF)
-    vocab_size: int = 20000  # imdb: most words the tokenizer keeps, ids 0 (padding) and 1 (unknown) included
-    min_role_chars: int = 1000  # shakespeare: roles speaking fewer characters are dropped
-    d_model: int = 64
-    num_heads: int = 4
-    num_layers: int = 2
-    ff_dim: int = 0  # 0 = 4 * d-model
-    dropout: float = 0.1
-    compile: bool = False  # torch.compile the model (both sides)
-    # Federation
-    num_clients: int = 30
-    clients_per_round: int = 10
-    rounds: int = 40
-    strategy: str = "fedavg"
-    seed: int = 0
-    # Local training
-    local_epochs: int = 1
-    batch_size: int = 10
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    proximal_mu: float = 0.0
-    device: str = "auto"
-    stragglers: float = 0.0
-    # Server-side optimizers and robust aggregation
-    server_lr: float = 0.1
-    server_momentum: float = 0.9
-    trim_beta: float = 0.2
-    num_malicious: int = 0
-    # Evaluation and stopping
-    target_accuracy: float = 0.0  # 0.0 = no target
-    stop_at_target: bool = False
-    eval_batch_size: int = 1000
-    eval_clients: int = 0  # federated evaluation: clients asked each round, 0 = all
-    # Execution
-    vectorized: str = "auto"
-    torch_threads: int = 1  # 1 measured fastest for small models on 2 cores; 0 = torch's default
-    run_dir: str = ""  # where the ServerApp writes metrics, checkpoints, model; "" = nowhere
-    round_timeout: float = 3600.0  # seconds a round waits for replies
-    min_replies: float = 1.0  # quorum of valid replies: >= 1 a count, < 1 a fraction of those sampled
-    round_retries: int = 2  # a round below quorum is retried this often with fresh clients
-    max_update_norm: float = 0.0  # L2 bound on a reply's change to the global model; 0.0 = no bound
-    # Secure aggregation (SecAgg+, shared/secagg): the server learns only the sum of the updates
-    secure_aggregation: bool = False
-    secagg_threshold: int = 5  # t: shares needed to reconstruct a secret; rounds need >= t survivors
-    secagg_neighbours: int = 8  # k: each client's neighbours in the masking graph (even)
-    secagg_clipping_range: float = 8.0  # updates are clipped to +-this before quantization
-    secagg_quantization_range: int = 1 << 24  # quantization levels; per-element error <= clip / (levels - 1)
+    dataset: str = DATA.option(
+        "synthetic",
+        "What the clients hold: `synthetic` is generated (Synthetic(α, β), Li et al. 2020); `npz` and "
+        "`csv` are your own files; the others are public datasets read from `data-path`.",
+    )
+    data_path: str = DATA.option(
+        "",
+        "The data file or directory. `\"\"`: none needed (`synthetic`), or the dataset's own place "
+        "(`fashion-mnist`: /usr/share/datasets/fashion-mnist; `shakespeare`: the `shakespeare` package). "
+        "Relative in a config file: to that file's folder; in a `key=value` override: to the working "
+        "directory. Stored absolute.",
+        path=True,
+    )
+    partition: str = DATA.option(
+        "auto",
+        "How the training data is cut among clients: `iid` uniformly, `dirichlet` with Dir(`dirichlet-alpha`) "
+        "label skew, `shards` into label-sorted shards (FedAvg's pathological non-IID), `natural` one client "
+        "per key of the data (FEMNIST writer, IMDB movie, Shakespeare role, synthetic device); `auto` = "
+        "`natural` where the data has a key, else `iid`.",
+    )
+    dirichlet_alpha: float = DATA.option(
+        0.5, "`dirichlet` partition: concentration (> 0); small values put each class on few clients."
+    )
+    shards_per_client: int = DATA.option(2, "`shards` partition: shards dealt to each client.")
+    min_client_size: int = DATA.option(
+        1, "`natural` partition: keys with fewer training examples are pooled into one client."
+    )
+    synthetic_alpha: float = DATA.option(
+        1.0, "Synthetic(α, β): α, the standard deviation of how much the devices' models differ."
+    )
+    synthetic_beta: float = DATA.option(
+        1.0, "Synthetic(α, β): β, the standard deviation of how much the devices' inputs differ."
+    )
+    synthetic_iid: bool = DATA.option(False, "Synthetic's IID variant: one model for all devices, inputs around 0.")
+    synthetic_max_samples: int = DATA.option(
+        0,
+        "Cap on a synthetic device's samples (the lognormal(4, 2) sizes give a few devices tens of "
+        "thousands); 0 = uncapped, exactly as the paper.",
+    )
+    test_fraction: float = DATA.option(
+        0.2,
+        "Held-out share, in [0, 1], where the dataset has no test split: each client's local test part "
+        "(IMDB: the test reviews; Shakespeare: the last share of each role's text).",
+    )
+    model: str = MODEL.option(
+        "mlp",
+        "`mlp` (hidden sizes from `hidden`), `2nn` (the FedAvg paper's two hidden layers of 200), "
+        "`transformer-classifier` (for `imdb`), `char-lm` (for `shakespeare`).",
+    )
+    hidden: str = MODEL.option(
+        "200,200", "`mlp`: hidden layer sizes, comma-separated; `\"\"` = multinomial logistic regression."
+    )
+    num_classes: int = MODEL.option(0, "Number of classes; 0 = from the dataset.")
+    input_dim: int = MODEL.option(0, "Flattened input size; 0 = from the dataset.")
+    max_len: int = TEXT.option(
+        0,
+        "Longest token sequence: words kept of an IMDB review, Shakespeare's context window in "
+        "characters; 0 = the dataset's default (imdb 256, shakespeare 80 as in LEAF).",
+    )
+    vocab_size: int = TEXT.option(
+        20000, "`imdb`: most words the tokenizer keeps, ids 0 (padding) and 1 (unknown) included; >= 3."
+    )
+    min_role_chars: int = TEXT.option(1000, "`shakespeare`: roles speaking fewer characters are dropped.")
+    d_model: int = TEXT.option(64, "Transformer width; a multiple of `num-heads`.")
+    num_heads: int = TEXT.option(4, "Attention heads per layer.")
+    num_layers: int = TEXT.option(2, "Transformer blocks.")
+    ff_dim: int = TEXT.option(0, "Feed-forward width; 0 = 4 × `d-model`.")
+    dropout: float = TEXT.option(0.1, "Dropout probability, in [0, 1).")
+    compile: bool = TEXT.option(False, "`torch.compile` the model, on the server and on every client.")
+    num_clients: int = FEDERATION.option(
+        30,
+        "Clients in the federation: fedsim's virtual clients; in a deployment, the nodes a round waits "
+        "for (at most `round-timeout`) before sampling. A `natural` partition takes it from the data.",
+    )
+    clients_per_round: int = FEDERATION.option(10, "Clients sampled for each training round; at most `num-clients`.")
+    rounds: int = FEDERATION.option(40, "Training rounds.")
+    strategy: str = FEDERATION.option("fedavg", "How updates are aggregated: Flower's strategy of that name.")
+    seed: int = FEDERATION.option(
+        0,
+        "Seed of the training: model initialisation, client sampling, local shuffles, stragglers. "
+        "The same `seed` and `data-seed` give bit-identical weights.",
+    )
+    data_seed: int = FEDERATION.option(
+        SAME_AS_SEED,
+        "Seed of the data: synthetic devices, partitions, per-client test splits. -1 = the same as "
+        "`seed`; fix it to repeat a run over several training seeds on the same data.",
+    )
+    local_epochs: int = LOCAL.option(1, "Passes over its training data a client makes each round.")
+    batch_size: int = LOCAL.option(10, "Local minibatch size.")
+    lr: float = LOCAL.option(0.05, "Local learning rate (> 0).")
+    optimizer: str = LOCAL.option("sgd", "Local optimizer.")
+    proximal_mu: float = LOCAL.option(
+        0.0, "μ of FedProx's proximal term (μ/2)·‖w − w_global‖² added to the local loss; 0.0 = none."
+    )
+    device: str = LOCAL.option(
+        "auto", "Where training and evaluation run: `auto` = CUDA, then MPS, then CPU. A node's own `--device` wins."
+    )
+    stragglers: float = LOCAL.option(
+        0.0,
+        "Share, in [0, 1], of each round's sampled clients that do uniform 1..`local-epochs` epochs "
+        "(Li et al. 2020): `fedprox` keeps their partial work, every other strategy drops them.",
+    )
+    server_lr: float = SERVER.option(
+        0.1,
+        "Server learning rate of `fedadam`, `fedyogi`, `fedadagrad` (η) and `fedavgm`; 0.0 = each "
+        "strategy's Flower default (fedadam 0.1, fedyogi 0.01, fedadagrad 0.1, fedavgm 1.0).",
+    )
+    server_momentum: float = SERVER.option(0.9, "`fedavgm`: server momentum.")
+    trim_beta: float = SERVER.option(0.2, "`fedtrimmedavg`: share cut off each end before averaging.")
+    num_malicious: int = SERVER.option(
+        0,
+        "`krum`, `multikrum`, `bulyan`: malicious clients to tolerate (`multikrum` averages "
+        "`clients-per-round` minus this many).",
+    )
+    target_accuracy: float = EVALUATION.option(
+        0.0, "Accuracy, in [0, 1], whose first round is reported as `rounds_to_target`; 0.0 = no target."
+    )
+    stop_at_target: bool = EVALUATION.option(False, "End the run at the round that reaches `target-accuracy`.")
+    eval_batch_size: int = EVALUATION.option(1000, "Batch size of evaluation.")
+    eval_clients: int = EVALUATION.option(
+        0, "Federated evaluation (datasets without a central test set): clients asked each round; 0 = all."
+    )
+    vectorized: str = EXECUTION.option(
+        "auto", "fedsim: train a round's clients together with `torch.func`; `auto` = only on CUDA."
+    )
+    torch_threads: int = EXECUTION.option(
+        1, "torch threads of a client; 1 measured fastest for small models on 2 cores; 0 = torch's default."
+    )
+    run_dir: str = EXECUTION.option(
+        "",
+        "Where the ServerApp writes metrics, checkpoints and the model; `\"\"` = nowhere. fedsim sets it "
+        "from `--output`, `fedserver start` to its state directory. Relative: as `data-path`.",
+        path=True,
+    )
+    round_timeout: float = EXECUTION.option(3600.0, "Seconds a round waits for replies (and for nodes to connect).")
+    min_replies: float = EXECUTION.option(
+        1.0, "Quorum of valid replies a round needs: >= 1 a count, < 1 a share of the clients sampled."
+    )
+    round_retries: int = EXECUTION.option(2, "A round below quorum is retried this often with fresh clients.")
+    max_update_norm: float = EXECUTION.option(
+        0.0, "L2 bound on a reply's change to the global model (a reply beyond it is refused); 0.0 = no bound."
+    )
+    secure_aggregation: bool = SECAGG.option(False, "Aggregate with SecAgg+.")
+    secagg_threshold: int = SECAGG.option(
+        5, "t: shares needed to reconstruct a secret; a round needs at least t surviving clients."
+    )
+    secagg_neighbours: int = SECAGG.option(8, "k: each client's neighbours in the masking graph (even).")
+    secagg_clipping_range: float = SECAGG.option(8.0, "Updates are clipped to ± this before quantization.")
+    secagg_quantization_range: int = SECAGG.option(
+        1 << 24, "Quantization levels; the per-element error is at most clipping range / (levels − 1)."
+    )
 
     def __post_init__(self) -> None:
         _check_values(self)
@@ -130,7 +248,7 @@ class RunConfig:
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any], *, ignore: Iterable[str] = ()) -> RunConfig:
         """Build from hyphenated keys; unknown keys (other than `ignore`) and wrong types raise."""
-        known = {_key(f.name): f for f in fields(cls)}
+        known = {config_key(f.name): f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         ignored = set(ignore)
         for key, value in mapping.items():
@@ -143,11 +261,11 @@ class RunConfig:
 
     def to_mapping(self) -> dict[str, Scalar]:
         """The hyphenated mapping, as Flower's run config carries it."""
-        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+        return {config_key(f.name): getattr(self, f.name) for f in fields(self)}
 
     def to_toml(self) -> str:
         """The resolved configuration as TOML text (what `fedsim` writes to config.toml)."""
-        return "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.to_mapping().items())
+        return "".join(f"{k} = {toml_value(v)}\n" for k, v in self.to_mapping().items())
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -155,6 +273,11 @@ class RunConfig:
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
         return tuple(int(h) for h in self.hidden.split(",") if h.strip())
+
+    @property
+    def effective_data_seed(self) -> int:
+        """The seed every data draw uses: `data-seed`, or `seed` where that is -1."""
+        return self.seed if self.data_seed == SAME_AS_SEED else self.data_seed
 
 
 def _unknown_key_message(key: str, known: Mapping[str, Any]) -> str:
@@ -182,7 +305,7 @@ def _check_values(cfg: RunConfig) -> None:
     positive = ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size")
     for name in positive:
         if getattr(cfg, name) < 1:
-            raise ConfigError(f"config key '{_key(name)}' must be >= 1, got {getattr(cfg, name)}")
+            raise ConfigError(f"config key '{config_key(name)}' must be >= 1, got {getattr(cfg, name)}")
     if cfg.clients_per_round > cfg.num_clients and cfg.partition != "natural":  # natural: the data says
         raise ConfigError(
             f"config key 'clients-per-round' ({cfg.clients_per_round}) is more than "
@@ -190,14 +313,16 @@ def _check_values(cfg: RunConfig) -> None:
         )
     for name in ("stragglers", "target_accuracy", "test_fraction"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
-            raise ConfigError(f"config key '{_key(name)}' must be in [0, 1], got {getattr(cfg, name)}")
+            raise ConfigError(f"config key '{config_key(name)}' must be in [0, 1], got {getattr(cfg, name)}")
     for name in ("lr", "dirichlet_alpha", "round_timeout"):
         if getattr(cfg, name) <= 0:
-            raise ConfigError(f"config key '{_key(name)}' must be > 0, got {getattr(cfg, name)}")
+            raise ConfigError(f"config key '{config_key(name)}' must be > 0, got {getattr(cfg, name)}")
     if cfg.min_replies <= 0 or cfg.round_retries < 0 or cfg.max_update_norm < 0:
         raise ConfigError("config keys 'min-replies' must be > 0, 'round-retries' and 'max-update-norm' >= 0")
     if cfg.proximal_mu < 0:
         raise ConfigError(f"config key 'proximal-mu' must be >= 0, got {cfg.proximal_mu}")
+    if cfg.data_seed < SAME_AS_SEED:
+        raise ConfigError(f"config key 'data-seed' must be >= 0, or -1 for the same as 'seed', got {cfg.data_seed}")
     try:
         cfg.hidden_sizes
     except ValueError:
@@ -234,10 +359,10 @@ def _check_text(cfg: RunConfig) -> None:
         )
     for name in ("d_model", "num_heads", "num_layers"):
         if getattr(cfg, name) < 1:
-            raise ConfigError(f"config key '{_key(name)}' must be >= 1, got {getattr(cfg, name)}")
+            raise ConfigError(f"config key '{config_key(name)}' must be >= 1, got {getattr(cfg, name)}")
     for name in ("max_len", "ff_dim", "min_role_chars"):
         if getattr(cfg, name) < 0:
-            raise ConfigError(f"config key '{_key(name)}' must be >= 0, got {getattr(cfg, name)}")
+            raise ConfigError(f"config key '{config_key(name)}' must be >= 0, got {getattr(cfg, name)}")
     if cfg.d_model % cfg.num_heads:
         raise ConfigError(f"config key 'd-model' ({cfg.d_model}) must be a multiple of 'num-heads' ({cfg.num_heads})")
     if cfg.vocab_size < 3:
@@ -246,7 +371,7 @@ def _check_text(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'dropout' must be in [0, 1), got {cfg.dropout}")
 
 
-def _toml_value(value: Scalar) -> str:
+def toml_value(value: Scalar) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -279,9 +404,29 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def load_config(path: Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
-    """Defaults, then the file's keys, then each `key=value` override, in that order."""
-    mapping: dict[str, Any] = dict(read_toml(path)) if path is not None else {}
+    """Defaults, then the file's keys, then each `key=value` override, in that order.
+
+    A relative path (`data-path`, `run-dir`) is made absolute: one from the file against the
+    file's folder, one from an override against the working directory. So the config a run
+    writes names its data wherever it is resumed from.
+    """
+    mapping: dict[str, Any] = {}
+    if path is not None:
+        mapping.update(_absolute_paths(read_toml(path), Path(path).parent))
     for text in overrides:
         key, value = parse_override(text)
-        mapping[key] = value
+        mapping.update(_absolute_paths({key: value}, Path.cwd()))
     return RunConfig.from_mapping(mapping)
+
+
+PATH_KEYS = frozenset(config_key(f.name) for f in fields(RunConfig) if f.metadata["path"])
+
+
+def _absolute_paths(mapping: dict[str, Any], base: Path) -> dict[str, Any]:
+    """`mapping` with its non-empty relative path values joined to `base` (`~` expanded)."""
+    return {
+        key: str((base / Path(value).expanduser()).resolve())
+        if key in PATH_KEYS and isinstance(value, str) and value
+        else value
+        for key, value in mapping.items()
+    }

@@ -8,6 +8,10 @@ A client's `x` is float32 features, or int64 token ids (0 = padding) for the tex
 IMDB reviews (word ids, split by movie) and LEAF Shakespeare (character ids, a client per
 (play, role), each role's text split by time). A text dataset's tokenizer is fitted on its
 training text only and saved as `tokenizer.json` in the run directory.
+
+Every random draw of the data (synthetic devices, partitions, held-out splits) uses the data seed
+(`data-seed`; by default the run's `seed`), so runs over several training seeds can share one
+dataset by fixing it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,16 @@ TOKENIZER_FILE = "tokenizer.json"  # a text dataset's tokenizer, in the run dire
 # Default `max-len` of each text dataset: words kept of a review; Shakespeare's window, as in LEAF.
 TEXT_MAX_LEN = {"imdb": 256, "shakespeare": 80}
 CHUNKS_PER_WINDOW = 4  # a Shakespeare example is a chunk of 4 windows' length (see _shakespeare_federation)
+DATASETS_DOC = "docs/simulation.md#datasets"  # how to get or convert each public dataset (none is downloaded)
+# What `data-path` names, for each dataset read from it (an error about a missing file quotes it).
+DATA_FORMATS = {
+    "mnist": "an NPZ with x_train, y_train, x_test, y_test (28x28 images) or a directory of MNIST's 4 IDX files",
+    "npz": "an NPZ with x_train, y_train (x_test, y_test optional) or x, y; or a directory of 4 IDX files",
+    "fashion-mnist": "a directory of Fashion-MNIST's 4 IDX files (raw or .gz)",
+    "csv": "a CSV file with a header row and a 'label' column",
+    "femnist": "an NPZ with x, y, writer, is_test (LEAF FEMNIST)",
+    "imdb": "JSON lines with text and label, optionally movie and split (plain or gzipped)",
+}
 
 Vocabulary = WordTokenizer | CharVocab
 
@@ -107,7 +121,7 @@ def _with_test(
         x, y = xy_fn(k)
         if central_test is not None:
             return ClientData(x, y, x[:0], y[:0])
-        return holdout_split(x, y, cfg.test_fraction, np.random.default_rng([cfg.seed, k]))
+        return holdout_split(x, y, cfg.test_fraction, np.random.default_rng([cfg.effective_data_seed, k]))
 
     return client_fn
 
@@ -157,12 +171,12 @@ def _text_spec(cfg: RunConfig) -> DataSpec:
 
 
 # The config fields that decide a federation's data (and `model`, which the config checks against
-# `dataset`): the cache ignores every other field (rounds, lr, run-dir, ...), so the engine, the
-# ServerApp and the ClientApp share one copy.
+# `dataset`), with the data seed: the cache ignores every other field (rounds, lr, run-dir, the
+# training seed, ...), so the engine, the ServerApp and the ClientApp share one copy.
 _DATA_FIELDS = (
     "dataset", "data_path", "partition", "dirichlet_alpha", "shards_per_client", "min_client_size",
     "synthetic_alpha", "synthetic_beta", "synthetic_iid", "synthetic_max_samples", "test_fraction",
-    "num_clients", "clients_per_round", "seed", "model", "max_len", "vocab_size", "min_role_chars",
+    "num_clients", "clients_per_round", "model", "max_len", "vocab_size", "min_role_chars",
 )  # fmt: skip
 _CACHE_SIZE = 4  # entries; two may name the same federation (see load_federation)
 _cache: OrderedDict[RunConfig, Federation] = OrderedDict()
@@ -174,7 +188,7 @@ def load_federation(cfg: RunConfig) -> Federation:
     A natural split fixes the number of clients whatever `num-clients` says, so the federation is
     also cached under its own count: the config the engine resolves to finds the same copy.
     """
-    key = RunConfig(**{name: getattr(cfg, name) for name in _DATA_FIELDS})
+    key = RunConfig(**{name: getattr(cfg, name) for name in _DATA_FIELDS}, data_seed=cfg.effective_data_seed)
     if key not in _cache:
         federation = FEDERATIONS[key.dataset](key)
         _check_enough_clients(key, federation.num_clients)
@@ -228,7 +242,7 @@ def _synthetic_federation(cfg: RunConfig) -> Federation:
             alpha=cfg.synthetic_alpha,
             beta=cfg.synthetic_beta,
             iid=cfg.synthetic_iid,
-            seed=cfg.seed,
+            seed=cfg.effective_data_seed,
             max_samples=cfg.synthetic_max_samples or None,
         )
 
@@ -243,7 +257,7 @@ def _imdb_federation(cfg: RunConfig) -> Federation:
         max_len=max_len,
         vocab_size=cfg.vocab_size,
         test_fraction=cfg.test_fraction,
-        seed=cfg.seed,
+        seed=cfg.effective_data_seed,
     )
     splits = reviews.splits
     parts = _partition(cfg, splits.y_train, reviews.movies)
@@ -284,11 +298,13 @@ def _shakespeare_federation(cfg: RunConfig) -> Federation:
 
 
 def _existing(data_path: str, cfg: RunConfig) -> Path:
+    """The dataset's file or directory; where it is missing, the error says what it should be."""
+    wanted = f"dataset '{cfg.dataset}' reads {DATA_FORMATS[cfg.dataset]}; how to get it: {DATASETS_DOC}"
     if not data_path:
-        raise DataError(f"dataset '{cfg.dataset}' needs config key 'data-path'")
+        raise DataError(f"config key 'data-path' is not set: {wanted}")
     path = Path(data_path).expanduser()
     if not path.exists():
-        raise DataError(f"data-path {path} does not exist (dataset '{cfg.dataset}')")
+        raise DataError(f"data-path {path} does not exist: {wanted}")
     return path
 
 
@@ -345,7 +361,7 @@ def _partition(cfg: RunConfig, labels: np.ndarray, keys: np.ndarray | None) -> l
 
 
 def _split(cfg: RunConfig, method: str, labels: np.ndarray, keys: np.ndarray | None) -> list[np.ndarray]:
-    return SPLITS[method](cfg, labels, keys, np.random.default_rng(cfg.seed))
+    return SPLITS[method](cfg, labels, keys, np.random.default_rng(cfg.effective_data_seed))
 
 
 # partition -> the clients' sample indices, from (cfg, labels, natural keys, rng)
@@ -398,5 +414,5 @@ def load_local(path: str | Path, cfg: RunConfig) -> ClientData:
     if len(y) == 0:
         raise DataError(f"data path {path} holds no examples")
     if splits.x_test is None:
-        return holdout_split(x, y, cfg.test_fraction, np.random.default_rng(cfg.seed))
+        return holdout_split(x, y, cfg.test_fraction, np.random.default_rng(cfg.effective_data_seed))
     return ClientData(x, y, as_features(splits.x_test), splits.y_test.astype(np.int64))

@@ -11,6 +11,7 @@ from flwr.cli.build import build_fab_from_disk
 
 from fedserver.staging import CLIENT_APP, SERVER_APP, stage_app
 from shared.config import RunConfig
+from shared.config_docs import FLWR_RUN_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,6 +25,19 @@ def test_pyproject_lists_every_run_config_key():
     assert not keys - set(table), f"add to pyproject.toml [tool.flwr.app.config]: {sorted(keys - set(table))}"
     assert not set(table) - keys, f"not RunConfig keys: {sorted(set(table) - keys)}"
     RunConfig.from_mapping(table)  # and the defaults there are valid
+
+
+def test_flwr_run_defaults_are_runconfigs_but_for_a_small_local_federation():
+    # `flwr run .` on two or three local SuperNodes must not wait for RunConfig's 30 clients;
+    # every other default is RunConfig's own.
+    table = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    defaults = RunConfig().to_mapping()
+
+    differing = {key: value for key, value in table.items() if defaults[key] != value}
+
+    assert differing == FLWR_RUN_OVERRIDES, "pyproject.toml is stale: run python -m shared.config_docs"
+    assert set(differing) == {"num-clients", "clients-per-round", "rounds"}
+    assert table["num-clients"] <= 2 and table["clients-per-round"] <= table["num-clients"]
 
 
 def test_staged_app_builds_a_small_fab_whose_config_is_the_whole_run_config(tmp_path):

@@ -1,3 +1,6 @@
+import dataclasses
+from pathlib import Path
+
 import pytest
 
 from shared.config import ConfigError, RunConfig, load_config, parse_override
@@ -70,3 +73,69 @@ def test_toml_and_mapping_round_trip():
 def test_frozen():
     with pytest.raises(Exception):
         RunConfig().rounds = 3
+
+
+def test_every_key_has_a_section_and_a_meaning():
+    for f in dataclasses.fields(RunConfig):
+        assert f.metadata["section"].title and f.metadata["meaning"].strip(), f.name
+
+
+def test_relative_paths_in_a_file_resolve_against_its_folder_and_are_stored_absolute(tmp_path, monkeypatch):
+    # Prepare: the config in one folder, the working directory another
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "run.toml").write_text('dataset = "mnist"\ndata-path = "../data/mnist.npz"\nrun-dir = "out"\n')
+    monkeypatch.chdir(tmp_path)
+
+    # Execute
+    cfg = load_config(folder / "run.toml")
+    monkeypatch.chdir("/")
+    reread = load_config(_written(tmp_path / "elsewhere", cfg))
+
+    # Assert
+    assert cfg.data_path == str(tmp_path / "data" / "mnist.npz")
+    assert cfg.run_dir == str(folder / "out")
+    assert (reread.data_path, reread.run_dir) == (cfg.data_path, cfg.run_dir)
+
+
+def _written(folder: Path, cfg: RunConfig) -> Path:
+    folder.mkdir()
+    (folder / "config.toml").write_text(cfg.to_toml())
+    return folder / "config.toml"
+
+
+def test_relative_path_in_an_override_resolves_against_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "run.toml").write_text('data-path = "in-file.npz"\n')
+    monkeypatch.chdir(tmp_path)
+
+    cfg = load_config(tmp_path / "conf" / "run.toml", ["data-path=data/mnist.npz", 'run-dir="runs/a"'])
+
+    assert cfg.data_path == str(tmp_path / "data" / "mnist.npz")
+    assert cfg.run_dir == str(tmp_path / "runs" / "a")
+
+
+def test_empty_absolute_and_home_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "run.toml"
+    path.write_text('data-path = "~/d.npz"\nrun-dir = ""\n')
+
+    assert load_config(path).data_path == str(tmp_path / "d.npz")
+    assert load_config(path).run_dir == ""
+    assert load_config(None, ["data-path=/srv/data/x.npz"]).data_path == "/srv/data/x.npz"
+
+
+def test_a_path_of_the_wrong_type_is_a_config_error(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("data-path = 3\n")
+
+    with pytest.raises(ConfigError, match="'data-path' must be str, got int"):
+        load_config(path)
+
+
+def test_data_seed_is_the_seed_unless_set():
+    assert RunConfig(seed=7).effective_data_seed == 7
+    assert RunConfig(seed=7, data_seed=0).effective_data_seed == 0
+    assert RunConfig.from_mapping({"seed": 3, "data-seed": 11}).effective_data_seed == 11
+    with pytest.raises(ConfigError, match="'data-seed' must be >= 0, or -1 for the same as 'seed', got -2"):
+        RunConfig(data_seed=-2)

@@ -15,6 +15,16 @@ def test_every_preset_is_a_valid_config(path):
     assert load_config(path).rounds >= 1
 
 
+def test_preset_data_paths_name_shared_datasets_beside_the_checkout():
+    # A relative data-path is relative to the preset's folder, so ../../shared/datasets from
+    # configs/ is the ../shared/datasets that sits beside the repository.
+    beside = (CONFIGS.parent.parent / "shared" / "datasets").resolve()
+
+    folders = {Path(cfg.data_path).parent for cfg in map(load_config, CONFIGS.glob("*.toml")) if cfg.data_path}
+
+    assert folders == {beside}
+
+
 def real_data_config(name: str, shared_datasets: Path, file: str, *overrides: str):
     data = shared_datasets / file
     if not data.exists():
