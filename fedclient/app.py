@@ -107,6 +107,8 @@ class ClientRuntimes:
     """
 
     def __init__(self, max_runs: int = MAX_RUNS) -> None:
+        if max_runs < 1:
+            raise ValueError(f"max_runs must be >= 1, got {max_runs}")
         self._max_runs = max_runs
         self._runtimes: OrderedDict[tuple, ClientRuntime] = OrderedDict()
 
@@ -181,6 +183,6 @@ def client_seed(cfg: RunConfig, server_round: int, node_id: int) -> int:
     return (cfg.seed * 1_000_003 + server_round * 10_007 + node_id) % (2**63)
 
 
-runtimes = ClientRuntimes()  # the state of `app`: lives as long as this module, i.e. the process
+runtimes = ClientRuntimes()  # `app`'s state: as long as this module is imported (a fedclient worker re-imports per FAB)
 app = make_client_app(runtimes)
 train, evaluate = runtimes.train, runtimes.evaluate
