@@ -11,7 +11,7 @@ median printed in ms per client:
   task.train        shared.task.train on the same tensors (the loop the ClientApp runs)
   ClientApp call    fedclient.app's train handler on a message, as fedsim's grid calls it:
                     partition, model load, task.train, packing the reply
-  partition         materializing one client's partition (fedclient.app.node_data)
+  partition         materializing one client's partition (fedclient.app.ClientRuntime.node_data)
   update handling   packing a reply (to_arrayrecord), screening it (validate_update) and
                     reading its arrays as FedAvg does
 
@@ -57,7 +57,7 @@ def steps(data_path: str) -> dict[str, Callable[[], object]]:
     global_weights = {k: v.clone() for k, v in model.state_dict().items()}
     arrays = to_arrayrecord(global_weights)
     contexts = [grid.context(FIRST_NODE_ID + k) for k in range(CLIENTS)]
-    data = client.node_data(client.node_run_config(contexts[0]), contexts[0])
+    data = client.runtimes.get(contexts[0]).node_data(contexts[0])
     x, y = torch.as_tensor(data.x_train), torch.as_tensor(data.y_train).long()
     calls = itertools.count(1)
 
@@ -78,7 +78,7 @@ def steps(data_path: str) -> dict[str, Callable[[], object]]:
 
     def partition() -> None:
         context = contexts[next(calls) % CLIENTS]
-        client.node_data(client.node_run_config(context), context)
+        client.runtimes.get(context).node_data(context)
 
     def update_handling() -> None:
         reply = to_arrayrecord(model.state_dict())

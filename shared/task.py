@@ -14,7 +14,6 @@ cut to their longest row, so little time goes into padding (``batch_plan``).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -23,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-OPTIMIZERS = ("sgd", "adam")
+from shared.config import OPTIMIZERS
+from shared.data.text import PAD  # token id of padding
+from shared.data.textsets import IGNORE  # a label nothing is scored at (cross_entropy's ignore_index)
+
 DEVICE_TYPES = ("cpu", "cuda", "mps")
-PAD = 0  # token id of padding (shared.data.text.PAD)
-IGNORE = -100  # a label nothing is scored at (cross_entropy's ignore_index)
 BUCKET_POOL = 50  # batches drawn together, then sorted by length (they stay shuffled across pools)
 
 Batch = tuple[torch.Tensor, int | None]  # example indices, and the width to cut token ids to
@@ -36,7 +36,6 @@ Batch = tuple[torch.Tensor, int | None]  # example indices, and the width to cut
 class TrainResult:
     loss: float  # mean cross-entropy over the last epoch's examples (proximal term excluded)
     num_examples: int
-    steps: int  # optimizer steps over all epochs
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,7 @@ class EvalResult:
     loss: float  # mean cross-entropy over scored labels
     accuracy: float
     num_examples: int  # scored labels: examples, or positions not IGNORE
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"`` picks CUDA, then MPS, then CPU; an explicit device must be available."""
@@ -78,8 +78,6 @@ def train(
     proximal_mu: float = 0.0,
     device: str = "auto",
     seed: int | None = None,
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` in place with cross-entropy for ``epochs`` passes over (x, y).
 
@@ -87,7 +85,7 @@ def train(
     are the weights on entry (with plain SGD the pull is stable only for
     lr * mu < 2). ``seed`` fixes the shuffling and dropout, so runs
     on CPU are bit-identical; the global RNG state is left untouched.
-    ``momentum`` applies to SGD only. Mixed precision is used on CUDA only.
+    Mixed precision is used on CUDA only.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
@@ -97,7 +95,7 @@ def train(
     n = len(xs)
     model.to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _make_optimizer(optimizer, params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = _make_optimizer(optimizer, params, lr=lr)
     proximal = _proximal(params, proximal_mu)
     amp_dtype = mixed_precision_dtype(dev)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
@@ -114,8 +112,7 @@ def train(
                 _step(loss, opt, scaler, proximal)
                 if last:
                     loss_sum.add_(loss.detach(), alpha=idx.shape[0])
-    steps = epochs * math.ceil(n / batch_size)
-    return TrainResult(loss=(loss_sum / n).item(), num_examples=n, steps=steps)
+    return TrainResult(loss=(loss_sum / n).item(), num_examples=n)
 
 
 def evaluate(
@@ -217,13 +214,11 @@ def _to_device(
     return xs.to(dev), ys.to(dev, torch.long)  # labels as class indices for cross_entropy
 
 
-def _make_optimizer(
-    name: str, params: list[nn.Parameter], *, lr: float, momentum: float, weight_decay: float
-) -> torch.optim.Optimizer:
+def _make_optimizer(name: str, params: list[nn.Parameter], *, lr: float) -> torch.optim.Optimizer:
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}; allowed: {list(OPTIMIZERS)}")
 
 

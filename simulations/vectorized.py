@@ -3,9 +3,9 @@
 Each client's parameters get a leading client dimension C; one `vmap(grad_and_value(...))`
 call over `functional_call` computes every client's mini-batch loss and gradient at once, and
 the SGD or Adam update is written with plain tensor ops on the stacked tensors. A reply is what
-`fedclient.app.train` would send for the same message: the same data (`node_data`), the same
-seed (`client_seed`), the same per-epoch permutation (`torch.randperm` from a Generator seeded
-with it), the same batches, loss, proximal term, optimizer arithmetic and metrics; only the
+`fedclient.app.train` would send for the same message: the same data (`ClientRuntime.node_data`),
+the same seed (`client_seed`), the same per-epoch permutation (`torch.randperm` from a Generator
+seeded with it), the same batches, loss, proximal term, optimizer arithmetic and metrics; only the
 order of float operations inside the batched matmuls differs (equal to ~1e-6).
 
 What runs here, and what falls back to the ClientApp (the runner returns None):
@@ -37,7 +37,7 @@ from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedclient.app import client_seed, node_data, node_run_config
+from fedclient.app import ClientRuntimes, client_seed
 from shared import messages as keys
 from shared import task
 from shared.config import ConfigError, RunConfig
@@ -119,6 +119,7 @@ class VectorizedTrainer:
         self._model = model_from_config(cfg, data_spec(cfg)).to(self._device)
         self._like = {k: v.cpu() for k, v in self._model.state_dict().items()}
         self._grad: Callable[..., tuple[Params, torch.Tensor]] = vmap(grad_and_value(self._loss))
+        self._runtimes = ClientRuntimes(max_runs=1)  # the nodes' run config and data, as the ClientApp reads them
 
     def __call__(self, messages: list[Message], contexts: list[Context]) -> list[Message] | None:
         if not messages or any(m.metadata.message_type != MessageType.TRAIN for m in messages):
@@ -138,10 +139,11 @@ class VectorizedTrainer:
         return [replies[i] for i in range(len(jobs))]
 
     def _job(self, msg: Message, context: Context) -> _Job:
-        cfg = node_run_config(context)
-        if cfg != self._cfg or context.node_config.get("device", cfg.device) != cfg.device:
+        runtime = self._runtimes.get(context)
+        cfg = runtime.cfg
+        if cfg != self._cfg or runtime.node_device(context) != cfg.device:
             raise ValueError("the node's run config or device is not the one this runner was built for")
-        data = node_data(cfg, context)
+        data = runtime.node_data(context)
         config = msg.content[keys.CONFIG]
         weights = to_state_dict(msg.content[keys.ARRAYS], like=self._like)
         if weights.keys() != self._like.keys() or any(weights[k].shape != v.shape for k, v in self._like.items()):
