@@ -26,6 +26,8 @@ gRPC transports and are where that upgrade lands; this module absorbs it:
   `make_simple_http_retry_invoker`, `HeartbeatSender`, `pull_and_inflate_object_from_tree`
   with its `make_*_fn_protobuf` helpers, `push_message`, `push_task_output`, `Node`.
 - The deployment grid (fedserver/polling.py): `is_http_grid`.
+The `flower-superlink` and `flower-supernode` command lines (fedserver/daemon.py,
+fedclient/node.py) are Flower's public CLI and are not part of this module.
 """
 
 from __future__ import annotations
@@ -130,6 +132,27 @@ DEFERRED_IMPORTS: dict[str, tuple[str, str]] = {
 }
 
 HTTP_GRID = ("flwr.superlink.grid.http_grid", "HttpGrid")  # the deployment (SuperLink) grid
+
+__all__ = [
+    "FLOWER_VERSION",
+    "SUPERLINK_NODE_ID",
+    "ErrorCode",
+    "SType",
+    "SubStatus",
+    "NOOP_FEDERATION_ID",
+    "TaskType",
+    "Run",
+    "TaskIdentity",
+    "ClientAppCallable",
+    "share_keys_plaintext_concat",
+    "share_keys_plaintext_separate",
+    "set_message_id",
+    "set_task_identity",
+    "new_run",
+    "is_http_grid",
+    "npy_view",
+    *DEFERRED_IMPORTS,
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from shared import flower_compat as compat
@@ -102,8 +102,8 @@ def resolve(name: str) -> object:
     return getattr(compat, name)
 
 
-@pytest.mark.parametrize("name", sorted(compat.DEFERRED_IMPORTS))
-def test_every_deferred_symbol_is_where_flower_compat_expects(name):
+@pytest.mark.parametrize("name", sorted(compat.__all__))
+def test_every_symbol_is_where_flower_compat_expects(name):
     assert resolve(name) is not None
 
 
