@@ -140,6 +140,9 @@ def test_api_clients_keep_their_constructor_and_methods(name):
 def test_constants_keep_their_members(name):
     missing = [member for member in CONSTANTS[name] if not hasattr(resolve(name), member)]
     assert not missing, f"Flower {VERSION}: {name} lost {missing}"
+
+
+def test_scalar_constants_keep_their_types():
     assert isinstance(compat.SUPERLINK_NODE_ID, int) and isinstance(compat.NOOP_FEDERATION_ID, str)
     assert isinstance(compat.MAIN_PARAMS_RECORD, str) and isinstance(compat.MAIN_CONFIGS_RECORD, str)
 
