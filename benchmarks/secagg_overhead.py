@@ -55,6 +55,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
+from shared.flower_compat import set_message_id  # noqa: E402
 from shared.secagg import SecAggSettings, as_mean_reply, secagg_mod, secure_train_round  # noqa: E402
 from shared.weights import to_arrayrecord  # noqa: E402
 from simulations.grid import InProcessGrid, server_context  # noqa: E402
@@ -135,7 +136,7 @@ def legacy_app(train: Callable, names: list[str]) -> ClientApp:
                  "config": ConfigRecord({**config, "server-round": 1})}
             )  # fmt: skip
             msg = Message(content, self.context.node_id, "train")
-            msg.metadata.__dict__["_message_id"] = "legacy"
+            set_message_id(msg, "legacy")
             reply = train(msg, self.context)
             arrays = [a.numpy() for a in reply.content["arrays"].values()]
             return arrays, int(reply.content["metrics"]["num-examples"]), {}
@@ -196,15 +197,19 @@ def secure_round(grid: InProcessGrid, arrays: ArrayRecord, n: int, settings: Sec
 
 
 def legacy_round(grid: InProcessGrid, arrays: ArrayRecord, n: int) -> ArrayRecord:
-    from flwr.common import ndarrays_to_parameters
-    from flwr.compat.common import recorddict_compat as compat
-    from flwr.server import ServerConfig
-    from flwr.server.client_manager import SimpleClientManager
-    from flwr.server.compat.grid_client_proxy import GridClientProxy
-    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
     from flwr.server.strategy import FedAvg as LegacyFedAvg
     from flwr.server.workflow import SecAggPlusWorkflow
-    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+
+    from shared.flower_compat import (
+        MAIN_CONFIGS_RECORD,
+        MAIN_PARAMS_RECORD,
+        GridClientProxy,
+        WorkflowKey,
+        arrayrecord_to_parameters,
+        parameters_to_arrayrecord,
+    )
 
     manager = SimpleClientManager()
     for node in grid.get_node_ids():
@@ -212,12 +217,10 @@ def legacy_round(grid: InProcessGrid, arrays: ArrayRecord, n: int) -> ArrayRecor
     strategy = LegacyFedAvg(fraction_fit=1.0, min_fit_clients=n, min_available_clients=n, fraction_evaluate=0.0)
     context = LegacyContext(server_context({}), ServerConfig(num_rounds=1), strategy, manager)
     parameters = ndarrays_to_parameters([a.numpy() for a in arrays.values()])
-    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(parameters, keep_input=True)
-    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 1})
+    context.state.array_records[MAIN_PARAMS_RECORD] = parameters_to_arrayrecord(parameters, keep_input=True)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
     SecAggPlusWorkflow(**LEGACY, max_weight=float(EXAMPLES), timeout=3600)(grid, context)
-    result = compat.arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
-    from flwr.common import parameters_to_ndarrays
-
+    result = arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
     return ArrayRecord({name: Array(a) for name, a in zip(arrays.keys(), parameters_to_ndarrays(result))})
 
 

@@ -233,12 +233,15 @@ def child_ray(spec: dict[str, Any]) -> dict[str, Any]:
 
     import torch
     from flwr.app import Context, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
+
+    from shared.flower_compat import (
+        NOOP_FEDERATION_ID,
+        SUPERLINK_NODE_ID,
+        EventType,
+        new_run,
+        run_simulation_with_context,
+        set_task_identity,
+    )
 
     from fedclient.app import app as client_app
     from fedserver.app import app as server_app
@@ -261,10 +264,8 @@ def child_ray(spec: dict[str, Any]) -> dict[str, Any]:
         "[tool.flwr.app.config]\n" + cfg.to_toml(),
         encoding="utf-8",
     )
-    run = Run.create_empty(run_id=1)
-    run.primary_task_id = 1
-    run.federation_id = NOOP_FEDERATION_ID
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    run = new_run(1, primary_task_id=1, federation_id=NOOP_FEDERATION_ID)
+    set_task_identity(task_id=1, run_id=1, node_id=SUPERLINK_NODE_ID)
     context = Context(run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=mapping)
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -273,7 +274,7 @@ def child_ray(spec: dict[str, Any]) -> dict[str, Any]:
     logging.getLogger("flwr").setLevel(logging.WARNING)  # as fedsim does: no INFO line per sampling
     torch.set_num_threads(cfg.torch_threads)  # the ServerApp's central evaluation, as in fedsim
     started, cpu = time.perf_counter(), cpu_seconds()
-    _run_simulation(
+    run_simulation_with_context(
         num_supernodes=NUM_CLIENTS,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         client_app=client_app,

@@ -12,7 +12,7 @@ input retries sooner, see `pull_task_input`). PyTorch is imported once, and the 
 own per-process caches (its data, its model) survive across rounds.
 
 The ClientApp is the one the task's FAB names, imported from where Flower installs that FAB,
-as `flwr-clientapp` does: the worker forgets its own package before the first import, and when
+as `flwr-clientapp` does: the worker forgets its own packages before the first import, and when
 a task of another FAB (a new run config or new code) arrives, it forgets every module imported
 from the previous FAB's directory and imports the new one (PyTorch stays imported).
 
@@ -37,37 +37,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import Context, Error, Message
-from flwr.cli.install import install_from_fab
-from flwr.clientapp.client_app import ClientApp, LoadClientAppError
-from flwr.clientapp.utils import get_load_client_app_fn
-from flwr.common.config import get_project_dir
-from flwr.common.constant import ErrorCode, SubStatus
-from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
-from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+from flwr.clientapp import ClientApp
+
+from shared.flower_compat import (
     AcquireTaskRequest,
+    ErrorCode,
+    Fab,
+    HeartbeatSender,
+    LoadClientAppError,
+    Node,
     PullAppMessagesRequest,
     PullTaskInputRequest,
+    Run,
+    RuntimeHttpClient,
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
     SendTaskHeartbeatRequest,
-)
-from flwr.supercore.constant import TaskType
-from flwr.supercore.fab import Fab
-from flwr.supercore.heartbeat import HeartbeatSender
-from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    SubStatus,
+    TaskType,
+    context_from_proto,
+    fab_from_proto,
+    get_load_client_app_fn,
+    get_project_dir,
+    install_from_fab,
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
+    make_simple_http_retry_invoker,
+    pull_and_inflate_object_from_tree,
+    push_message,
+    push_task_output,
+    run_from_proto,
+    set_message_id,
+    set_task_identity,
 )
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.run import Run
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 LOG = logging.getLogger("flowerbed.worker")
 DEFAULT_POLL_INTERVAL = 0.2  # s; each poll costs the worker and the SuperNode a request
-OWN_PACKAGE = (__package__ or "fedclient").split(".")[0]  # __name__ is "__main__" under -m
+# The project's packages this worker imports itself; the FAB's ClientApp imports the FAB's copies.
+OWN_PACKAGES = ((__package__ or "fedclient").split(".")[0], "shared")  # __name__ is "__main__" under -m
 WARM_MODULES = ("torch", "numpy")  # what the ClientApp imports that is slow to import
 # Retry delays (s) for a message object the SuperNode has not received yet: first, and cap.
 OBJECT_RETRY = (0.02, 0.2)
@@ -176,7 +183,7 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, F
     one does) waited about 1 s per round for objects that arrive within a few milliseconds.
     """
     res = client.PullTaskInput(PullTaskInputRequest())
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    set_task_identity(task_id=res.task_id, run_id=res.run.run_id, node_id=res.context.node_id)
     context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
     pulled = client.PullMessages(PullAppMessagesRequest())
     if not pulled.messages_list:
@@ -191,7 +198,7 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, F
         initial_backoff=OBJECT_RETRY[0],
         backoff_cap=OBJECT_RETRY[1],
     )
-    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: not part of the content
+    set_message_id(message, tree.object_id)  # as Flower does: not part of the content
     return message, context, run, fab
 
 
@@ -214,7 +221,7 @@ def _client_app(loaded: LoadedApp, run: Run, fab: Fab) -> ClientApp:
         loaded.app = get_load_client_app_fn(default_app_ref=loaded.override, app_path=None, multi_app=False)("", "", "")
         return loaded.app
     if loaded.directory is None:
-        _forget_modules(lambda name, _file: name.split(".")[0] == OWN_PACKAGE)
+        _forget_modules(lambda name, _file: name.split(".")[0] in OWN_PACKAGES)
     else:
         LOG.info("new app (FAB %s): unloading FAB %s", fab.hash_str[:8], loaded.fab_hash[:8])
         _unload(loaded.directory)

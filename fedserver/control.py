@@ -3,7 +3,7 @@ list runs, list nodes.
 
 Calls go through Flower's own protobuf-over-HTTPS client in this process rather than through
 `flwr` subprocesses (about 2 s of start-up each: registering 100 node keys would take minutes).
-This module is the one place that touches Flower's client classes; the requests are the same
+Flower's client classes come from shared/flower_compat.py; the requests are the same
 `flwr supernode register`, `flwr run`, `flwr stop`, `flwr ls` and `flwr supernode ls` send.
 """
 
@@ -16,23 +16,24 @@ from pathlib import Path
 import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.cli.build import build_fab_from_disk
-from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
-from flwr.common.serde import fab_to_proto, user_config_to_proto
-from flwr.proto.control_pb2 import (  # pylint: disable=E0611
+
+from fedserver.state import DaemonError
+from shared.flower_compat import (
+    CliClientHttpInterceptor,
+    ControlHttpClient,
+    Fab,
+    FlowerError,
     ListNodesRequest,
     ListRunsRequest,
     RegisterNodeRequest,
+    RuntimeVersionHttpInterceptor,
     StartRunRequest,
     StopRunRequest,
+    build_fab_from_disk,
+    fab_to_proto,
+    public_key_to_bytes,
+    user_config_to_proto,
 )
-from flwr.supercore.control import ControlHttpClient
-from flwr.supercore.error import FlowerError
-from flwr.supercore.fab import Fab
-from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-from flwr.supercore.primitives.asymmetric import public_key_to_bytes
-
-from fedserver.state import DaemonError
 
 PUBLIC_KEY_IN_USE = 23  # Flower's error code when a node key is registered already
 ACTIVE_STATUSES = ("pending", "starting", "running")

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
+
+from shared.flower_compat import Run, is_http_grid
 
 DEFAULT_INTERVAL = 0.2  # s; Flower polls every 3 s
 BACKOFF = 1.5  # the wait grows by this factor after each pull that brought nothing
@@ -35,7 +35,7 @@ ENV_INTERVAL = "FLOWERBED_GRID_POLL_INTERVAL"
 def fast_polling(grid: Grid, interval: float | None = None) -> Grid:
     """`grid`, pulling replies every `interval` s if it is Flower's deployment (HTTP) grid."""
     interval = poll_interval() if interval is None else interval
-    if interval <= 0 or not _is_deployment_grid(grid):
+    if interval <= 0 or not is_http_grid(grid):
         return grid
     return FastPollingGrid(grid, interval)
 
@@ -52,14 +52,6 @@ def poll_interval() -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{ENV_INTERVAL} must be >= 0 seconds, got {raw!r}")
     return value
-
-
-def _is_deployment_grid(grid: Grid) -> bool:
-    # Looked up, not imported: importing Flower's SuperLink grid costs a simulation ~1 s, and
-    # a grid can only be an HttpGrid once its module has been imported.
-    module = sys.modules.get("flwr.superlink.grid.http_grid")
-    http_grid = getattr(module, "HttpGrid", None)
-    return http_grid is not None and isinstance(grid, http_grid)
 
 
 def _delegate(name: str) -> Callable[..., Any]:

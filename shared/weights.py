@@ -15,7 +15,6 @@ value) and are cast back to the dtype of ``like``.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Mapping
@@ -23,12 +22,12 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from flwr.common.constant import SType
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from shared.errors import ExitCode, FlowerbedError
 from shared.files import atomic_write_bytes
+from shared.flower_compat import npy_view
 
 _NORM_CHUNK = 1 << 16  # elements per chunk: cache-sized, and short float32 sums stay accurate
 _KEY_ORDER = "flowerbed.key_order"  # safetensors metadata entry; the format itself sorts keys
@@ -132,31 +131,12 @@ def _transport_numpy(tensor: torch.Tensor) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def _numpy_view(array: Array) -> np.ndarray:
-    """Read-only ndarray over ``array.data`` without copying (parses the .npy header)."""
-    if array.stype != SType.NUMPY:
-        raise ValueError(f"unsupported serialization type {array.stype!r}")
-    buf = io.BytesIO(array.data)
-    version = np.lib.format.read_magic(buf)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
-    else:  # rare header versions: let numpy decode (one copy)
-        return array.numpy()
-    if dtype.hasobject:
-        raise ValueError(f"object arrays are not allowed (dtype {dtype})")
-    count = int(np.prod(shape, dtype=np.int64))
-    flat = np.frombuffer(array.data, dtype=dtype, count=count, offset=buf.tell())  # (numel,)
-    return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
-
-
 def _numpy_arrays(weights: Weights) -> dict[str, np.ndarray]:
     if isinstance(weights, ArrayRecord):
         out = {}
         for key, array in weights.items():
             try:
-                out[key] = _numpy_view(array)
+                out[key] = npy_view(array)
             except ValueError as e:
                 raise InvalidUpdate(f"{key} weights: cannot decode array: {e}") from e
         return out

@@ -5,8 +5,8 @@ exactly as through the SuperLink. Each virtual node keeps one `Context` across r
 created the first time the node is addressed, so memory grows with the nodes that have been
 sampled, never with a copy of data or model per node.
 
-This is the only module that touches Flower internals (`TaskIdentity`, `Run`, `ErrorCode`,
-`SUPERLINK_NODE_ID`); tests/simulations/test_grid.py fails loudly if an upgrade moves them.
+What the public Grid API does not offer (the Run, message ids, the identity new messages
+carry, error codes) comes from shared/flower_compat.py.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from typing import Protocol
 
 from flwr.app import Context, Error, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+
+from shared.flower_compat import SUPERLINK_NODE_ID, ErrorCode, Run, new_run, set_message_id, set_task_identity
 
 RUN_ID = 1
 FIRST_NODE_ID = 1001  # node ids of virtual nodes: FIRST_NODE_ID + partition id
@@ -57,12 +56,9 @@ class InProcessGrid(Grid):
         self._pending: dict[str, Message] = {}
         self._replies: dict[str, Message] = {}
         self._message_ids = (f"msg-{i}" for i in itertools.count(1))
-        self._run = Run.create_empty(RUN_ID)
-        self._run.override_config = dict(run_config)
+        self._run = new_run(RUN_ID, override_config=run_config)
         # Messages created by the ServerApp take their source and run from this identity.
-        TaskIdentity.task_id = 1
-        TaskIdentity.run_id = RUN_ID
-        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        set_task_identity(task_id=1, run_id=RUN_ID, node_id=SUPERLINK_NODE_ID)
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -102,7 +98,7 @@ class InProcessGrid(Grid):
         for message in messages:
             self._partition_id(message.metadata.dst_node_id)  # unknown node -> error now
             message_id = next(self._message_ids)
-            message.metadata.__dict__["_message_id"] = message_id
+            set_message_id(message, message_id)
             self._pending[message_id] = message
             ids.append(message_id)
         return ids

@@ -14,15 +14,10 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.app.message_type import MessageType
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.secure_aggregation.secaggplus_utils import (
-    share_keys_plaintext_concat,
-    share_keys_plaintext_separate,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from shared import messages as keys
+from shared.flower_compat import ClientAppCallable, share_keys_plaintext_concat, share_keys_plaintext_separate
 from shared.secagg import crypto
 from shared.secagg import protocol as p
 from shared.secagg.encoding import encode, layout_of, numpy_arrays, reduce_modulo

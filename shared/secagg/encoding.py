@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
-from flwr.common.constant import SType
+from flwr.app import ArrayRecord
 
+from shared.flower_compat import npy_view
 from shared.secagg.settings import SecAggError, SecAggSettings
 
 
@@ -55,32 +55,7 @@ class Layout:
 
 def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     """The record's arrays by name, in order (read-only views where possible)."""
-    return {name: array_view(array) for name, array in record.items()}
-
-
-def array_view(array: Array) -> np.ndarray:
-    """A read-only view of an .npy-serialized Array's data, shaped by its metadata.
-
-    `Array.numpy()` parses the .npy header with `ast` and copies the data (about 0.4 ms an
-    array here); this reads the header's length only and checks it names the same dtype and
-    C order, falling back to `numpy()` for anything else.
-    """
-    data = array.data
-    if array.stype != SType.NUMPY or data[:6] != b"\x93NUMPY" or data[6] not in (1, 2, 3):
-        return array.numpy()
-    length_bytes = 2 if data[6] == 1 else 4
-    start = 8 + length_bytes + int.from_bytes(data[8 : 8 + length_bytes], "little")
-    dtype, shape = np.dtype(array.dtype), tuple(array.shape)
-    count = int(np.prod(shape, dtype=np.int64))
-    header = data[:start]
-    if (
-        dtype.hasobject
-        or f"'descr': '{dtype.str}'".encode() not in header
-        or b"'fortran_order': False" not in header
-        or start + count * dtype.itemsize != len(data)
-    ):
-        return array.numpy()
-    return np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape)
+    return {name: npy_view(array) for name, array in record.items()}
 
 
 def layout_of(arrays: Mapping[str, np.ndarray]) -> Layout:

@@ -119,7 +119,7 @@ def test_only_flowers_deployment_grid_is_wrapped(monkeypatch):
     class HttpGrid(FakeGrid):
         pass
 
-    monkeypatch.setattr(polling, "_is_deployment_grid", lambda grid: isinstance(grid, HttpGrid))
+    monkeypatch.setattr(polling, "is_http_grid", lambda grid: isinstance(grid, HttpGrid))
     plain, deployed = FakeGrid(), HttpGrid()
 
     assert fast_polling(plain) is plain  # e.g. fedsim's in-process grid
@@ -136,10 +136,3 @@ def test_the_interval_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(polling.ENV_INTERVAL, "soon")
     with pytest.raises(ValueError, match=polling.ENV_INTERVAL):
         polling.poll_interval()
-
-
-def test_flowers_http_grid_is_recognised():
-    from flwr.superlink.grid.http_grid import HttpGrid
-
-    assert polling._is_deployment_grid(HttpGrid.__new__(HttpGrid))
-    assert not polling._is_deployment_grid(FakeGrid())

@@ -1,10 +1,11 @@
-"""The in-process Grid: delivery to the right node, persistent Contexts, and Flower's internals."""
+"""The in-process Grid: delivery to the right node, persistent Contexts, error replies."""
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_config
+from shared.flower_compat import SUPERLINK_NODE_ID
+from simulations.grid import FIRST_NODE_ID, RUN_ID, InProcessGrid, simulation_node_config
 
 
 def counting_app() -> ClientApp:
@@ -44,12 +45,24 @@ def test_each_message_reaches_its_node_and_state_persists():
 
 def test_replies_point_back_at_their_messages():
     grid = make_grid()
-    ids = grid.push_messages([train_message(FIRST_NODE_ID + 1)])
+    message = train_message(FIRST_NODE_ID + 1)
+    ids = grid.push_messages([message])
 
     replies = list(grid.pull_messages(ids))
 
+    assert message.metadata.message_id == ids[0]
     assert replies[0].metadata.reply_to_message_id == ids[0]
     assert list(grid.pull_messages(ids)) == []  # a reply is handed over once
+
+
+def test_messages_the_server_app_creates_come_from_the_superlink_of_this_run():
+    grid = make_grid()
+
+    message = grid.create_message(RecordDict(), "train", FIRST_NODE_ID, group_id="1")
+
+    assert message.metadata.run_id == grid.run.run_id == RUN_ID
+    assert message.metadata.src_node_id == SUPERLINK_NODE_ID
+    assert grid.run.override_config == {"k": 1}
 
 
 def test_unknown_node_is_refused():
@@ -73,21 +86,18 @@ def test_a_failing_client_app_becomes_an_error_reply():
 
 
 def test_contexts_are_made_only_for_addressed_nodes():
-    grid = make_grid(num_nodes=10_000)
+    made: list[int] = []  # partition ids whose Context was made (node_config is asked once per Context)
+
+    def node_config(partition_id: int) -> dict[str, int]:
+        made.append(partition_id)
+        return {"partition-id": partition_id, "num-partitions": 10_000}
+
+    grid = InProcessGrid(counting_app(), 10_000, {"k": 1}, node_config)
     grid.send_and_receive([train_message(FIRST_NODE_ID + 9_999)])
-    assert len(grid._contexts) == 1
+    grid.send_and_receive([train_message(FIRST_NODE_ID + 9_999)])
 
-
-def test_flower_internals_this_grid_touches_are_where_it_expects():
-    """Fails loudly if a Flower upgrade moves what simulations/grid.py relies on."""
-    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-
-    make_grid()
-    assert TaskIdentity.run_id == 1 and TaskIdentity.node_id == SUPERLINK_NODE_ID
-    assert hasattr(ErrorCode, "CLIENT_APP_RAISED_EXCEPTION")
-    assert Run.create_empty(1).run_id == 1
-    message = train_message(FIRST_NODE_ID)
-    message.metadata.__dict__["_message_id"] = "m"
-    assert message.metadata.message_id == "m"
+    assert made == [9_999]
+    context = grid.context(FIRST_NODE_ID + 9_999)
+    assert context is grid.context(FIRST_NODE_ID + 9_999)
+    assert context.state.config_records["calls"]["n"] == 2
+    assert made == [9_999]  # looking a made Context up makes no other

@@ -1,0 +1,245 @@
+"""Every non-public Flower symbol the project uses, and every write into Flower's objects.
+
+Flowerbed builds on Flower's public Message API (`flwr.app`, `flwr.serverapp`,
+`flwr.serverapp.strategy`, `flwr.clientapp`). What that API does not offer comes from here
+and from nowhere else: constants, the hooks an in-process Grid needs, the .npy layout of
+`Array` bytes, and, for the deployment processes, Flower's Runtime and Control API clients.
+tests/shared/test_flower_compat.py checks each one against the installed Flower, and fails
+naming the symbol and the Flower version when an upgrade moves or changes one; the same test
+keeps every other module off Flower's internal paths.
+
+Cheap symbols (the modules the public API imports anyway) are imported here directly. The
+deployment processes' symbols (`fedclient/worker.py`, `fedserver/control.py`) and the
+benchmarks' stock-Flower baselines are imported on first use through `DEFERRED_IMPORTS`:
+importing them costs seconds (Flower's CLI, SuperNode runtime and simulation packages),
+which `fedsim` and the ClientApp do not pay.
+
+Upgrading Flower. Flower >= 1.43 drops the gRPC Fleet and Control APIs, leaving their
+HTTP variants. Flowerbed already speaks HTTP only (`--isolation process` workers, the
+daemon's Control client, `HttpGrid`), but the names below live in packages shared with the
+gRPC transports and are where that upgrade lands; this module absorbs it:
+- Control API (fedserver/control.py): `ControlHttpClient`, `CliClientHttpInterceptor`,
+  `RuntimeVersionHttpInterceptor`, the `*Request` messages of `flwr.proto.control_pb2`,
+  `FlowerError`, `fab_to_proto`, `user_config_to_proto`, `build_fab_from_disk`.
+- Runtime API of the SuperNode (fedclient/worker.py): `RuntimeHttpClient`, the
+  `flwr.proto.runtime_pb2` requests, `RuntimeTokenHttpInterceptor`,
+  `make_simple_http_retry_invoker`, `HeartbeatSender`, `pull_and_inflate_object_from_tree`
+  with its `make_*_fn_protobuf` helpers, `push_message`, `push_task_output`, `Node`.
+- The deployment grid (fedserver/polling.py): `is_http_grid`.
+The `flower-superlink` and `flower-supernode` command lines (fedserver/daemon.py,
+fedclient/node.py) are Flower's public CLI and are not part of this module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import sys
+from importlib.metadata import version
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, Message
+
+FLOWER_VERSION = version("flwr")
+
+
+def _moved(what: str, err: Exception) -> ImportError:
+    return ImportError(
+        f"Flower {FLOWER_VERSION} has no {what} ({err}); shared/flower_compat.py must follow this Flower version"
+    )
+
+
+try:
+    # Constants: node id of the SuperLink (a message's source on the server), error codes of
+    # Error replies, a task's final sub-status, task types, the no-op federation.
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode, SType, SubStatus
+    from flwr.supercore.constant import NOOP_FEDERATION_ID, TaskType
+
+    # `Grid.set_run`/`Grid.run` take and give a Run; `Message()` stamps run and source from
+    # TaskIdentity (see `set_task_identity`).
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # A ClientApp mod's `call_next`, and the plaintext layout of SecAgg+ key shares.
+    from flwr.clientapp.typing import ClientAppCallable
+    from flwr.common.secure_aggregation.secaggplus_utils import (
+        share_keys_plaintext_concat,
+        share_keys_plaintext_separate,
+    )
+except ImportError as _err:
+    raise _moved("symbol the in-process path needs", _err) from _err
+
+# Imported on first access (`from shared.flower_compat import NAME`): name -> (module, attribute).
+DEFERRED_IMPORTS: dict[str, tuple[str, str]] = {
+    # The SuperNode's Runtime API, as Flower's `flwr-clientapp` uses it (fedclient/worker.py).
+    "AcquireTaskRequest": ("flwr.proto.runtime_pb2", "AcquireTaskRequest"),
+    "PullAppMessagesRequest": ("flwr.proto.runtime_pb2", "PullAppMessagesRequest"),
+    "PullTaskInputRequest": ("flwr.proto.runtime_pb2", "PullTaskInputRequest"),
+    "SendTaskHeartbeatRequest": ("flwr.proto.runtime_pb2", "SendTaskHeartbeatRequest"),
+    "Node": ("flwr.proto.node_pb2", "Node"),
+    "RuntimeHttpClient": ("flwr.supercore.runtime", "RuntimeHttpClient"),
+    "RuntimeTokenHttpInterceptor": ("flwr.supercore.interceptors", "RuntimeTokenHttpInterceptor"),
+    "RuntimeVersionHttpInterceptor": ("flwr.supercore.interceptors", "RuntimeVersionHttpInterceptor"),
+    "make_simple_http_retry_invoker": ("flwr.supercore.retry", "make_simple_http_retry_invoker"),
+    "HeartbeatSender": ("flwr.supercore.heartbeat", "HeartbeatSender"),
+    "pull_and_inflate_object_from_tree": (
+        "flwr.supercore.inflatable.inflatable_utils",
+        "pull_and_inflate_object_from_tree",
+    ),
+    "make_pull_object_fn_protobuf": (
+        "flwr.supercore.inflatable.inflatable_protobuf_utils",
+        "make_pull_object_fn_protobuf",
+    ),
+    "make_confirm_message_received_fn_protobuf": (
+        "flwr.supercore.inflatable.inflatable_protobuf_utils",
+        "make_confirm_message_received_fn_protobuf",
+    ),
+    "push_message": ("flwr.supernode.runtime.run_clientapp", "push_message"),
+    "push_task_output": ("flwr.supernode.runtime.run_clientapp", "push_task_output"),
+    "context_from_proto": ("flwr.common.serde", "context_from_proto"),
+    "fab_from_proto": ("flwr.common.serde", "fab_from_proto"),
+    "run_from_proto": ("flwr.common.serde", "run_from_proto"),
+    "Fab": ("flwr.supercore.fab", "Fab"),
+    "install_from_fab": ("flwr.cli.install", "install_from_fab"),
+    "get_project_dir": ("flwr.common.config", "get_project_dir"),
+    "get_load_client_app_fn": ("flwr.clientapp.utils", "get_load_client_app_fn"),
+    "LoadClientAppError": ("flwr.clientapp.client_app", "LoadClientAppError"),
+    # The SuperLink's Control API, as the `flwr` CLI uses it (fedserver/control.py).
+    "ControlHttpClient": ("flwr.supercore.control", "ControlHttpClient"),
+    "CliClientHttpInterceptor": ("flwr.cli.cli_client_interceptor", "CliClientHttpInterceptor"),
+    "ListNodesRequest": ("flwr.proto.control_pb2", "ListNodesRequest"),
+    "ListRunsRequest": ("flwr.proto.control_pb2", "ListRunsRequest"),
+    "RegisterNodeRequest": ("flwr.proto.control_pb2", "RegisterNodeRequest"),
+    "StartRunRequest": ("flwr.proto.control_pb2", "StartRunRequest"),
+    "StopRunRequest": ("flwr.proto.control_pb2", "StopRunRequest"),
+    "FlowerError": ("flwr.supercore.error", "FlowerError"),
+    "fab_to_proto": ("flwr.common.serde", "fab_to_proto"),
+    "user_config_to_proto": ("flwr.common.serde", "user_config_to_proto"),
+    "build_fab_from_disk": ("flwr.cli.build", "build_fab_from_disk"),
+    "public_key_to_bytes": ("flwr.supercore.primitives.asymmetric", "public_key_to_bytes"),
+    # Stock-Flower baselines (benchmarks/): the entry `flwr run` uses for a Ray simulation,
+    # which, unlike the public `run_simulation()`, passes a run config to the apps ...
+    "run_simulation_with_context": ("flwr.simulation.run_simulation", "_run_simulation"),
+    "EventType": ("flwr.supercore.telemetry", "EventType"),
+    # ... and what Flower's legacy SecAgg+ workflow needs to run on a given Grid.
+    "GridClientProxy": ("flwr.server.compat.grid_client_proxy", "GridClientProxy"),
+    "parameters_to_arrayrecord": ("flwr.compat.common.recorddict_compat", "parameters_to_arrayrecord"),
+    "arrayrecord_to_parameters": ("flwr.compat.common.recorddict_compat", "arrayrecord_to_parameters"),
+    "MAIN_CONFIGS_RECORD": ("flwr.server.workflow.constant", "MAIN_CONFIGS_RECORD"),
+    "MAIN_PARAMS_RECORD": ("flwr.server.workflow.constant", "MAIN_PARAMS_RECORD"),
+    "WorkflowKey": ("flwr.server.workflow.constant", "Key"),
+}
+
+HTTP_GRID = ("flwr.superlink.grid.http_grid", "HttpGrid")  # the deployment (SuperLink) grid
+
+__all__ = [
+    "FLOWER_VERSION",
+    "SUPERLINK_NODE_ID",
+    "ErrorCode",
+    "SType",
+    "SubStatus",
+    "NOOP_FEDERATION_ID",
+    "TaskType",
+    "Run",
+    "TaskIdentity",
+    "ClientAppCallable",
+    "share_keys_plaintext_concat",
+    "share_keys_plaintext_separate",
+    "set_message_id",
+    "set_task_identity",
+    "new_run",
+    "is_http_grid",
+    "npy_view",
+    *DEFERRED_IMPORTS,
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve a `DEFERRED_IMPORTS` name on first access (PEP 562)."""
+    if name not in DEFERRED_IMPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module_name, attribute = DEFERRED_IMPORTS[name]
+    try:
+        value = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise _moved(f"{module_name}.{attribute}", err) from err
+    globals()[name] = value
+    return value
+
+
+def set_message_id(message: Message, message_id: str) -> None:
+    """Give `message` the id a SuperLink or SuperNode would.
+
+    Relies on `Metadata.message_id` being a read-only property over
+    `Metadata.__dict__["_message_id"]`, which Flower itself writes when it stores a message.
+    """
+    message.metadata.__dict__["_message_id"] = message_id
+
+
+def set_task_identity(task_id: int, run_id: int, node_id: int) -> None:
+    """Set the identity this process runs as: messages created from now on carry its run and node.
+
+    Relies on `Message(content, dst_node_id, message_type)` taking `run_id` and `src_node_id`
+    from `TaskIdentity`'s class-level properties, which Flower sets from the task it runs.
+    """
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task_id, run_id, node_id
+
+
+def new_run(
+    run_id: int,
+    *,
+    override_config: dict[str, Any] | None = None,
+    primary_task_id: int | None = None,
+    federation_id: str | None = None,
+) -> Run:
+    """A Run as the SuperLink would hand it to a Grid, with the given fields set.
+
+    Relies on `Run.create_empty(run_id)` and on `Run` being a mutable dataclass with the fields
+    `override_config`, `primary_task_id` and `federation_id`.
+    """
+    run = Run.create_empty(run_id)
+    if override_config is not None:
+        run.override_config = dict(override_config)
+    if primary_task_id is not None:
+        run.primary_task_id = primary_task_id
+    if federation_id is not None:
+        run.federation_id = federation_id
+    return run
+
+
+def is_http_grid(grid: object) -> bool:
+    """Whether `grid` is Flower's deployment grid (`HttpGrid`, which polls the SuperLink).
+
+    Looked up in `sys.modules`, not imported: importing Flower's SuperLink grid costs a
+    simulation about a second, and a grid can only be an HttpGrid once its module is imported.
+    Relies on the class's module path, `HTTP_GRID`.
+    """
+    module_name, attribute = HTTP_GRID
+    http_grid = getattr(sys.modules.get(module_name), attribute, None)
+    return http_grid is not None and isinstance(grid, http_grid)
+
+
+def npy_view(array: Array) -> np.ndarray:
+    """A read-only ndarray over `array.data`, without copying.
+
+    Relies on Flower serializing an ndarray `Array` as .npy bytes (`np.save`) with
+    `stype == SType.NUMPY`. `Array.numpy()` reads the same with `np.load`, which copies the
+    data. Raises ValueError for another serialization type, object dtypes (never unpickled),
+    or data that is not what its header says.
+    """
+    if array.stype != SType.NUMPY:
+        raise ValueError(f"unsupported serialization type {array.stype!r}")
+    buf = io.BytesIO(array.data)
+    header_version = np.lib.format.read_magic(buf)
+    if header_version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+    elif header_version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+    else:  # rare header versions: let numpy decode (one copy)
+        return array.numpy()
+    if dtype.hasobject:
+        raise ValueError(f"object arrays are not allowed (dtype {dtype})")
+    count = int(np.prod(shape, dtype=np.int64))
+    flat = np.frombuffer(array.data, dtype=dtype, count=count, offset=buf.tell())  # (numel,)
+    return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)

@@ -1,0 +1,307 @@
+"""Canary for shared/flower_compat.py: fails naming the symbol and the Flower version when an
+upgrade moves or changes a Flower internal the project relies on, and keeps every other module
+on Flower's public API."""
+
+import ast
+import importlib
+import inspect
+import io
+import re
+import sys
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from shared import flower_compat as compat
+from simulations.grid import InProcessGrid, simulation_node_config
+
+VERSION = compat.FLOWER_VERSION
+REPO = Path(__file__).resolve().parents[2]
+
+# How the project calls each callable: positional argument count, keyword names.
+CALLS = {
+    "install_from_fab": (1, ["skip_prompt"]),
+    "get_load_client_app_fn": (0, ["default_app_ref", "app_path", "multi_app"]),
+    "get_project_dir": (3, []),
+    "push_message": (3, []),
+    "push_task_output": (0, ["client", "context", "sub_status", "details"]),
+    "pull_and_inflate_object_from_tree": (3, ["return_type", "initial_backoff", "backoff_cap"]),
+    "make_pull_object_fn_protobuf": (3, []),
+    "make_confirm_message_received_fn_protobuf": (3, []),
+    "context_from_proto": (1, []),
+    "fab_from_proto": (1, []),
+    "run_from_proto": (1, []),
+    "fab_to_proto": (1, []),
+    "user_config_to_proto": (1, []),
+    "build_fab_from_disk": (1, []),
+    "public_key_to_bytes": (1, []),
+    "make_simple_http_retry_invoker": (0, []),
+    "HeartbeatSender": (1, []),
+    "RuntimeTokenHttpInterceptor": (1, []),
+    "RuntimeVersionHttpInterceptor": (0, ["component_name"]),
+    "CliClientHttpInterceptor": (0, []),
+    "Fab": (3, []),
+    "GridClientProxy": (3, []),
+    "parameters_to_arrayrecord": (1, ["keep_input"]),
+    "arrayrecord_to_parameters": (1, ["keep_input"]),
+    "share_keys_plaintext_concat": (4, []),
+    "share_keys_plaintext_separate": (1, []),
+    "run_simulation_with_context": (
+        0,
+        ["num_supernodes", "exit_event", "client_app", "server_app", "backend_name", "backend_config",
+         "server_app_context", "app_dir", "run", "is_app"],
+    ),  # fmt: skip
+}
+CLIENT_CALLS = {
+    "RuntimeHttpClient": (
+        ["server_address", "insecure", "root_certificates", "interceptors", "retry_invoker"],
+        ["AcquireTask", "PullTaskInput", "PullMessages", "PullObject", "ConfirmMessageReceived",
+         "SendTaskHeartbeat", "close"],
+    ),  # fmt: skip
+    "ControlHttpClient": (
+        ["server_address", "insecure", "root_certificates", "interceptors"],
+        ["RegisterNode", "StartRun", "StopRun", "ListRuns", "ListNodes", "close"],
+    ),
+}
+CONSTANTS = {
+    "ErrorCode": ["CLIENT_APP_RAISED_EXCEPTION", "LOAD_CLIENT_APP_EXCEPTION"],
+    "SubStatus": ["COMPLETED", "FAILED"],
+    "TaskType": ["CLIENT_APP"],
+    "SType": ["NUMPY"],
+    "EventType": ["PYTHON_API_RUN_SIMULATION_LEAVE"],
+    "WorkflowKey": ["CURRENT_ROUND"],
+}
+# Protobuf messages: the fields the project sets (requests) or reads (responses).
+PROTO_FIELDS = {
+    ("AcquireTaskRequest", "AcquireTaskRequest"): ["supported_task_types"],
+    ("AcquireTaskRequest", "AcquireTaskResponse"): ["task", "token"],
+    ("PullTaskInputRequest", "PullTaskInputResponse"): ["task_id", "run", "context", "fab"],
+    ("PullAppMessagesRequest", "PullAppMessagesResponse"): ["messages_list", "message_object_trees"],
+    ("Node", "Node"): ["node_id"],
+    ("RegisterNodeRequest", "RegisterNodeRequest"): ["public_key", "name"],
+    ("StartRunRequest", "StartRunRequest"): ["fab", "override_config"],
+    ("StartRunRequest", "StartRunResponse"): ["run_id"],
+    ("StopRunRequest", "StopRunRequest"): ["run_id"],
+    ("ListRunsRequest", "ListRunsResponse"): ["run_dict"],
+    ("ListNodesRequest", "ListNodesResponse"): ["nodes_info"],
+    ("Node", "NodeInfo"): ["node_id", "name", "status", "last_activated_at"],
+}
+
+# The public Message API, and (for benchmarks' stock-Flower baselines only) the legacy one.
+PUBLIC = {"flwr.app", "flwr.serverapp", "flwr.serverapp.strategy", "flwr.clientapp"}
+LEGACY_PUBLIC = {"flwr.client", "flwr.client.mod", "flwr.common", "flwr.server", "flwr.server.strategy",
+                 "flwr.server.workflow", "flwr.simulation"}  # fmt: skip
+FLOWER_PATH = re.compile(r"flwr(\.\w+)+")
+
+
+def resolve(name: str) -> object:
+    return getattr(compat, name)
+
+
+@pytest.mark.parametrize("name", sorted(compat.__all__))
+def test_every_symbol_is_where_flower_compat_expects(name):
+    assert resolve(name) is not None
+
+
+def test_a_moved_symbol_is_named_with_the_flower_version(monkeypatch):
+    monkeypatch.setitem(compat.DEFERRED_IMPORTS, "Gone", ("flwr.supercore.fab", "NoSuchThing"))
+
+    with pytest.raises(ImportError, match=rf"Flower {re.escape(VERSION)} has no flwr\.supercore\.fab\.NoSuchThing"):
+        resolve("Gone")
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_callables_take_the_arguments_the_project_passes(name):
+    positional, keywords = CALLS[name]
+    signature = inspect.signature(resolve(name))
+    try:
+        signature.bind(*[None] * positional, **dict.fromkeys(keywords))
+    except TypeError as err:
+        pytest.fail(f"Flower {VERSION}: {name}{signature} no longer takes {positional} positional + {keywords}: {err}")
+
+
+@pytest.mark.parametrize("name", sorted(CLIENT_CALLS))
+def test_api_clients_keep_their_constructor_and_methods(name):
+    keywords, methods = CLIENT_CALLS[name]
+    client = resolve(name)
+    try:
+        inspect.signature(client.from_server_address).bind(**dict.fromkeys(keywords))
+    except TypeError as err:
+        pytest.fail(f"Flower {VERSION}: {name}.from_server_address no longer takes {keywords}: {err}")
+    missing = [m for m in methods if not callable(getattr(client, m, None))]
+    assert not missing, f"Flower {VERSION}: {name} lost {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(CONSTANTS))
+def test_constants_keep_their_members(name):
+    missing = [member for member in CONSTANTS[name] if not hasattr(resolve(name), member)]
+    assert not missing, f"Flower {VERSION}: {name} lost {missing}"
+
+
+def test_scalar_constants_keep_their_types():
+    assert isinstance(compat.SUPERLINK_NODE_ID, int) and isinstance(compat.NOOP_FEDERATION_ID, str)
+    assert isinstance(compat.MAIN_PARAMS_RECORD, str) and isinstance(compat.MAIN_CONFIGS_RECORD, str)
+
+
+@pytest.mark.parametrize(("symbol", "message"), sorted(PROTO_FIELDS))
+def test_protobuf_messages_keep_their_fields(symbol, message):
+    module = sys.modules[resolve(symbol).__module__]
+    descriptor = getattr(module, message).DESCRIPTOR
+    missing = [f for f in PROTO_FIELDS[(symbol, message)] if f not in descriptor.fields_by_name]
+    assert not missing, f"Flower {VERSION}: {module.__name__}.{message} lost fields {missing}"
+
+
+@pytest.fixture
+def task_identity():
+    """A server-side identity for the test; then the one this process had (None where it had none)."""
+    saved = {}
+    for attr in ("task_id", "run_id", "node_id"):
+        try:
+            saved[attr] = getattr(compat.TaskIdentity, attr)
+        except RuntimeError:  # not set yet
+            saved[attr] = None
+    compat.set_task_identity(task_id=1, run_id=1, node_id=compat.SUPERLINK_NODE_ID)
+    yield
+    compat.set_task_identity(**saved)
+
+
+def test_a_message_id_set_is_the_message_id_read(task_identity):
+    message = Message(RecordDict(), 1001, "train")
+
+    compat.set_message_id(message, "msg-7")
+
+    assert message.metadata.message_id == "msg-7", f"Flower {VERSION}: Metadata.message_id moved"
+    reply = Message(RecordDict(), reply_to=message)
+    assert reply.metadata.reply_to_message_id == "msg-7"
+
+
+def test_new_messages_carry_the_task_identity(task_identity):
+    compat.set_task_identity(task_id=5, run_id=77, node_id=42)
+
+    message = Message(RecordDict(), 1001, "train")
+
+    assert message.metadata.run_id == 77, f"Flower {VERSION}: Message no longer takes run_id from TaskIdentity"
+    assert message.metadata.src_node_id == 42
+
+
+def test_a_new_run_has_the_fields_given():
+    run = compat.new_run(3, override_config={"rounds": 2}, primary_task_id=1, federation_id=compat.NOOP_FEDERATION_ID)
+
+    assert isinstance(run, compat.Run)
+    assert (run.run_id, run.override_config, run.primary_task_id) == (3, {"rounds": 2}, 1)
+    assert run.federation_id == compat.NOOP_FEDERATION_ID
+    assert compat.new_run(4).override_config == {}
+
+
+def test_only_flowers_http_grid_is_recognised():
+    module_name, attribute = compat.HTTP_GRID
+    http_grid = getattr(importlib.import_module(module_name), attribute)
+
+    assert compat.is_http_grid(http_grid.__new__(http_grid)), f"Flower {VERSION}: {module_name}.{attribute} moved"
+    assert not compat.is_http_grid(InProcessGrid(ClientApp(), 1, {}, simulation_node_config(1)))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4)),
+        np.array([True, False]),
+        np.arange(5, dtype=np.int64)[::2],
+        np.zeros((0, 3), dtype=np.float16),
+        np.array(2.5, dtype=np.float32),
+        np.arange(6, dtype=">i4").reshape(2, 3),
+    ],
+    ids=["float32", "fortran", "bool", "strided", "empty", "scalar", "big-endian"],
+)
+def test_npy_view_reads_what_array_numpy_reads(value):
+    array = Array(value)
+
+    view = compat.npy_view(array)
+
+    expected = array.numpy()
+    assert view.dtype == expected.dtype and view.shape == expected.shape, f"Flower {VERSION}: Array bytes changed"
+    np.testing.assert_array_equal(view, expected)
+    assert not view.flags.writeable  # a view of the message's bytes, not a copy
+
+
+def _npy_array(value: np.ndarray, stype: str | None = None, cut: int = 0) -> Array:
+    buf = io.BytesIO()
+    np.save(buf, value, allow_pickle=True)
+    data = buf.getvalue()
+    return Array(dtype=str(value.dtype), shape=value.shape, stype=stype or compat.SType.NUMPY, data=data[: len(data) - cut])
+
+
+@pytest.mark.parametrize(
+    ("array", "match"),
+    [
+        (_npy_array(np.array([1, None], dtype=object)), "object arrays"),
+        (_npy_array(np.arange(3.0), stype="torch.tensor"), "serialization type"),
+        (_npy_array(np.arange(3.0), cut=8), "buffer"),
+    ],
+    ids=["object", "stype", "truncated"],
+)
+def test_npy_view_refuses_what_it_cannot_view(array, match):
+    with pytest.raises(ValueError, match=match):
+        compat.npy_view(array)
+
+
+def test_a_mod_call_next_and_secagg_share_layout_are_as_expected():
+    assert typing.get_args(compat.ClientAppCallable) == ([Message, Context], Message), f"Flower {VERSION}"
+    plaintext = compat.share_keys_plaintext_concat(3, 9, b"b-share", b"sk-share")
+    assert compat.share_keys_plaintext_separate(plaintext) == (3, 9, b"b-share", b"sk-share")
+
+
+def _flower_paths(tree: ast.Module) -> list[tuple[str, str]]:
+    """(module, name) for every Flower import; ("", path) for a string naming a Flower path."""
+    found: list[tuple[str, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "flwr":
+            found += [(node.module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, "") for alias in node.names if alias.name.split(".")[0] == "flwr"]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and FLOWER_PATH.fullmatch(node.value):
+            found.append(("", node.value))
+    return found
+
+
+def _internal_uses(path: Path) -> list[str]:
+    allowed = PUBLIC | LEGACY_PUBLIC if path.parts[0] == "benchmarks" else PUBLIC
+    bad = []
+    for module, name in _flower_paths(ast.parse((REPO / path).read_text(encoding="utf-8"))):
+        if module not in allowed:
+            bad.append(f"{path}: {'.'.join(filter(None, (module, name)))}")
+        elif name and name != "*" and name not in getattr(importlib.import_module(module), "__all__", [name]):
+            bad.append(f"{path}: {module}.{name} (not exported by {module})")
+    return bad
+
+
+def test_only_flower_compat_touches_flower_internals():
+    """Product code, apps and benchmarks import Flower's public API only (tests may probe Flower)."""
+    sources = [
+        p.relative_to(REPO)
+        for p in REPO.rglob("*.py")
+        if not any(part.startswith(".") or part in ("tests", "build", "venv") for part in p.relative_to(REPO).parts)
+    ]
+    assert Path("shared/flower_compat.py") in sources and len(sources) > 20
+    bad = [use for p in sources if p != Path("shared/flower_compat.py") for use in _internal_uses(p)]
+    assert not bad, "Flower internals outside shared/flower_compat.py:\n" + "\n".join(bad)
+
+
+def test_the_internals_check_catches_each_way_in():
+    source = (
+        "from flwr.app import Message\n"
+        "from flwr.supercore.run import Run\n"
+        "import flwr.proto.node_pb2\n"
+        "HTTP = 'flwr.superlink.grid.http_grid'\n"
+    )
+    assert _flower_paths(ast.parse(source)) == [
+        ("flwr.app", "Message"),
+        ("flwr.supercore.run", "Run"),
+        ("flwr.proto.node_pb2", ""),
+        ("", "flwr.superlink.grid.http_grid"),
+    ]
