@@ -15,6 +15,7 @@ from fedserver.app import RoundFailed
 from fedserver.checkpoints import CheckpointError
 from shared import messages as keys
 from shared import task
+from shared.config import STRATEGIES
 from shared.weights import load_safetensors
 from simulations import cli, engine
 from simulations.grid import InProcessGrid
@@ -53,6 +54,19 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monk
     assert all(straight[k].equal(again[k]) for k in straight)
     assert [r["round"] for r in rows(tmp_path / "crashed")] == [1, 2, 3, 4]  # none lost, none repeated
     assert [r["accuracy"] for r in rows(tmp_path / "crashed")] == [r["accuracy"] for r in rows(tmp_path / "straight")]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_resumes_bit_identical(tmp_path, strategy, tiny_config):
+    straight = tiny_config(strategy=strategy, rounds=2, server_lr=0.05, proximal_mu=0.1)
+    engine.run_simulation(straight, tmp_path / "straight", progress=False)
+    engine.run_simulation(straight.replace(rounds=1), tmp_path / "resumed", progress=False)
+
+    engine.run_simulation(straight, tmp_path / "resumed", progress=False, resume=True)
+
+    expected = load_safetensors(tmp_path / "straight" / "model.safetensors")
+    again = load_safetensors(tmp_path / "resumed" / "model.safetensors")
+    assert all(expected[k].equal(again[k]) for k in expected)
 
 
 def test_fedsim_resume_extends_a_finished_run(tmp_path):
