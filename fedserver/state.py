@@ -16,9 +16,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-METRICS_FILE = "metrics.jsonl"
 FLWR_CONNECTION = "fedserver"
 DEFAULT_ADDRESS = "127.0.0.1:9092"
 
@@ -106,21 +105,6 @@ class DaemonInfo:
             return cls(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             return None
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of run_dir/metrics.jsonl (the ServerApp rewrites it atomically each round)."""
-    try:
-        text = (Path(run_dir) / METRICS_FILE).read_text()
-    except OSError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
 
 
 def _write_flwr_config(flwr_home: Path, address: str, ca: str) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fedserver.state import StateDir, read_metrics
+from fedserver.checkpoints import read_metrics
+from fedserver.state import StateDir
 from shared.processes import free_port, is_alive, stop_tree
 
 pytestmark = pytest.mark.e2e
