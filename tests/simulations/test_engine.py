@@ -62,6 +62,32 @@ def test_stop_at_target_ends_the_run_early(tmp_path, tiny_config):
     assert result.summary["rounds"] == 1 and result.summary["rounds_to_target"] == 1
 
 
+def test_a_resume_keeps_the_summary_true(tmp_path, tiny_config):
+    out = tmp_path / "r"
+    run_simulation(tiny_config(rounds=2), out, progress=False)
+    before = (out / "summary.json").read_text()
+
+    run_simulation(tiny_config(rounds=2), out, progress=False, resume=True)  # adds no round
+    unchanged = (out / "summary.json").read_text()
+    extended = run_simulation(tiny_config(rounds=3), out, progress=False, resume=True)
+
+    seconds = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert unchanged == before
+    assert extended.summary["rounds"] == 3
+    assert extended.summary["wall_seconds"] == round(sum(seconds), 3) > json.loads(before)["wall_seconds"]
+
+
+def test_a_plot_that_cannot_be_drawn_is_one_warning_and_the_run_is_kept(tmp_path, tiny_config, caplog):
+    out = tmp_path / "r"
+    (out / "curves.png").mkdir(parents=True)  # a directory where the plot should go
+
+    result = run_simulation(tiny_config(rounds=1), out, progress=False)
+
+    assert result.summary["rounds"] == 1 and json.loads((out / "summary.json").read_text()) == result.summary
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "could not draw" in warnings[0] and "\n" not in warnings[0]
+
+
 def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path, monkeypatch, tiny_config):
     real_train = task.train
     calls = []
