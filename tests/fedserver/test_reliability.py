@@ -18,7 +18,7 @@ from shared import task
 from shared.config import STRATEGIES
 from shared.weights import load_safetensors
 from simulations import cli, engine
-from simulations.grid import InProcessGrid
+from simulations.grid import InProcessGrid, simulation_node_config
 
 def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -59,10 +59,15 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monk
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_resumes_bit_identical(tmp_path, strategy, tiny_config):
     straight = tiny_config(strategy=strategy, rounds=2, server_lr=0.05, proximal_mu=0.1)
-    engine.run_simulation(straight, tmp_path / "straight", progress=False)
-    engine.run_simulation(straight.replace(rounds=1), tmp_path / "resumed", progress=False)
 
-    engine.run_simulation(straight, tmp_path / "resumed", progress=False, resume=True)
+    def run(cfg, run_dir):  # the ServerApp's rounds on a fresh in-process federation
+        cfg = cfg.replace(run_dir=str(run_dir))
+        grid = InProcessGrid(fedclient.app.app, cfg.num_clients, cfg.to_mapping(), simulation_node_config(cfg.num_clients))
+        fedserver.app.run_federation(grid, cfg)
+
+    run(straight, tmp_path / "straight")
+    run(straight.replace(rounds=1), tmp_path / "resumed")
+    run(straight, tmp_path / "resumed")
 
     expected = load_safetensors(tmp_path / "straight" / "model.safetensors")
     again = load_safetensors(tmp_path / "resumed" / "model.safetensors")
