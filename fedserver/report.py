@@ -51,7 +51,8 @@ def write_summary(path: Path, summary: dict[str, float | int | None]) -> None:
 
 def run_title(cfg: RunConfig) -> str:
     """What ran, for the plot's title."""
-    return f"{cfg.dataset} · {cfg.model} · {cfg.strategy} · {cfg.clients_per_round} of {cfg.num_clients} clients a round"
+    clients = f"{cfg.clients_per_round} of {cfg.num_clients} clients a round"
+    return f"{cfg.dataset} · {cfg.model} · {cfg.strategy} · {clients}"
 
 
 def plot_curves(rows: list[Row], path: Path, title: str = "") -> None:

@@ -7,7 +7,9 @@ replies, so the ServerApp's quorum counts it as missing.
 
 The wrapper acts on training messages (those carrying the round's config), in the order the
 strategy sent them, and draws from a generator seeded with (seed, round), so a run is the
-same for the same seed. Everything else passes through unchanged.
+same for the same seed. Everything else passes through unchanged. Under secure aggregation
+the round's config travels in the masked-input stage, so a dropped straggler drops out there,
+after the key exchange, as a slow client would, and SecAgg+ removes its masks.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ class StragglerGrid(Grid):
 
 def _is_training(message: Message) -> bool:
     content = message.content
-    return message.metadata.message_type == MessageType.TRAIN and keys.CONFIG in content and keys.SERVER_ROUND in content[keys.CONFIG]
+    is_train = message.metadata.message_type == MessageType.TRAIN
+    return is_train and keys.CONFIG in content and keys.SERVER_ROUND in content[keys.CONFIG]
 
 
 def _with_config(message: Message, changes: dict[str, int]) -> Message:

@@ -62,7 +62,8 @@ def test_every_strategy_resumes_bit_identical(tmp_path, strategy, tiny_config):
 
     def run(cfg, run_dir):  # the ServerApp's rounds on a fresh in-process federation
         cfg = cfg.replace(run_dir=str(run_dir))
-        grid = InProcessGrid(fedclient.app.app, cfg.num_clients, cfg.to_mapping(), simulation_node_config(cfg.num_clients))
+        nodes = cfg.num_clients
+        grid = InProcessGrid(fedclient.app.app, nodes, cfg.to_mapping(), simulation_node_config(nodes))
         fedserver.app.run_federation(grid, cfg)
 
     run(straight, tmp_path / "straight")
