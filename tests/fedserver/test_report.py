@@ -8,7 +8,7 @@ from fedserver import report
 from fedserver.app import app as server_app
 from fedserver.app import run_federation
 from fedserver.events import RoundEvent
-from fedserver.report import RunReport, summarize
+from fedserver.report import Curves, RunReport, summarize
 from simulations.grid import InProcessGrid, server_context, simulation_node_config
 
 
@@ -70,3 +70,28 @@ def test_the_plot_title_says_what_ran(tiny_config):
     title = report.run_title(tiny_config(strategy="fedadam"))
 
     assert title == "synthetic · mlp · fedadam · 4 of 6 clients a round"
+
+
+def test_a_long_run_is_redrawn_while_it_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "REDRAW_SECONDS", 0.0)
+    curves = Curves(tmp_path / "curves.png", "run")
+
+    curves.add(_row(1))
+    first = (tmp_path / "curves.png").read_bytes()
+    curves.add(_row(2))
+
+    assert first[:4] == b"\x89PNG" and (tmp_path / "curves.png").read_bytes() != first
+
+
+def test_between_redraws_the_plot_waits_for_close(tmp_path):
+    curves = Curves(tmp_path / "curves.png", "run")  # REDRAW_SECONDS have not passed
+
+    curves.add(_row(1))
+    drawn_early = (tmp_path / "curves.png").exists()
+    curves.close()
+
+    assert not drawn_early and (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _row(round_: int) -> dict:
+    return RoundEvent(round_, 4, train_loss=1.0 / round_, eval_loss=1.2 / round_, accuracy=0.2 * round_, seconds=0.1).row()
