@@ -8,7 +8,8 @@
     state.db          the SuperLink's SQLite state (runs, nodes, messages)
     flwr-home/        FLWR_HOME of the SuperLink, and config.toml for `flwr` (connection "fedserver")
     app/              the staged app the run was built from
-    run/              the run directory: metrics.jsonl, model.safetensors, checkpoints
+    run/              the run directory: metrics.jsonl, summary.json, curves.png, model.safetensors,
+                      checkpoints
 """
 
 from __future__ import annotations

@@ -76,7 +76,11 @@ class CheckpointedFedAdagrad(_ServerMoments, FedAdagrad):
 
 
 class CheckpointedFedAvgM(FedAvgM):
-    """FedAvgM whose server momentum (a list of arrays, one per parameter) a checkpoint keeps."""
+    """FedAvgM whose server momentum (a list of arrays, one per parameter) a checkpoint keeps.
+
+    Its `current_arrays` need no keeping: they equal the committed global weights, which
+    `configure_train` hands it on a resume (tests/fedserver/test_reliability.py checks this).
+    """
 
     def state(self) -> dict[str, np.ndarray]:
         return _flatten("momentum_vector", dict(enumerate(self.momentum_vector or [])))
