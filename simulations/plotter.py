@@ -22,7 +22,7 @@ CLOSE_TIMEOUT = 120.0  # s to wait for the final plot
 
 
 class PlotError(RuntimeError):
-    """The plotting process failed; the message carries its last output lines."""
+    """The plotting process failed; the message carries its last output line (the error)."""
 
 
 class LivePlot:
@@ -62,8 +62,8 @@ class LivePlot:
             self._child.kill()
             _, stderr = self._child.communicate()
         if self._child.returncode != 0:
-            tail = " | ".join((stderr or "").strip().splitlines()[-3:])
-            raise PlotError(f"could not draw {self.path} (exit code {self._child.returncode}): {tail}")
+            cause = ((stderr or "").strip().splitlines() or ["no output"])[-1]  # the exception, not its traceback
+            raise PlotError(f"could not draw {self.path} (exit code {self._child.returncode}): {cause}")
 
 
 def _serve(path: Path, title: str) -> None:
