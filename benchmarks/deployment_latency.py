@@ -47,11 +47,12 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from fedclient.node import NodeOptions, node_env, supernode_argv  # noqa: E402
+from fedserver.checkpoints import read_metrics  # noqa: E402
 from fedserver.control import ControlClient  # noqa: E402
 from fedserver.daemon import Pki, flower_env, superlink_argv  # noqa: E402
 from fedserver.polling import ENV_INTERVAL  # noqa: E402
 from fedserver.staging import stage_app  # noqa: E402
-from fedserver.state import StateDir, read_metrics  # noqa: E402
+from fedserver.state import StateDir  # noqa: E402
 from shared.config import RunConfig  # noqa: E402
 from shared.pki import init_pki  # noqa: E402
 from shared.processes import descendants, free_port, spawn, stop_tree, wait_for_port  # noqa: E402

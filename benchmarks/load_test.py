@@ -51,7 +51,8 @@ for path in (REPO, REPO / "benchmarks"):
 from deployment_latency import MemoryPeak, _memory_kb, cpu_seconds, run_config, write_data  # noqa: E402
 
 from fedclient.node import CONNECTED, node_env  # noqa: E402
-from fedserver.state import StateDir, read_metrics  # noqa: E402
+from fedserver.checkpoints import read_metrics  # noqa: E402
+from fedserver.state import StateDir  # noqa: E402
 from shared.pki import init_pki  # noqa: E402
 from shared.processes import descendants, free_port, spawn, stop_trees, wait_for_port  # noqa: E402
 

@@ -1,8 +1,9 @@
 """The ServerApp: config -> data spec -> model -> strategy -> rounds, each round recorded.
 
 It drives the strategy's public `configure_*` / `aggregate_*` methods itself rather than
-calling `Strategy.start`, because a platform round does more than Flower's loop: stragglers,
-a record of every round in the run directory, a progress event, and stopping at a target.
+calling `Strategy.start`, because a platform round does more than Flower's loop: a quorum of
+screened replies, a checkpoint of every round in the run directory, a round event to each
+subscriber (`fedserver.events`), and stopping at a target.
 """
 
 from __future__ import annotations
@@ -11,17 +12,20 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedserver.checkpoints import Checkpoint, RunDirectory
+from fedserver.events import RoundCallback, RoundEvent, Row, notify
 from fedserver.polling import fast_polling
+from fedserver.report import RunReport
 from fedserver.strategies import (
     build_strategy,
     quorum,
@@ -41,7 +45,6 @@ from shared.weights import to_arrayrecord, to_state_dict
 
 app = ServerApp()
 
-ROUND_LOGGER = logging.getLogger("flowerbed.rounds")
 LOG = logging.getLogger("flowerbed.server")
 NODE_POLL_SECONDS = 1.0  # while waiting for nodes to connect, as Flower's own sampling does
 
@@ -56,18 +59,30 @@ class RoundFailed(FedserverError, RuntimeError):
 class RunResult:
     """The metrics of each completed round and the final global weights."""
 
-    history: list[dict[str, float | None]] = field(default_factory=list)
+    history: list[Row] = field(default_factory=list)
     arrays: ArrayRecord | None = None
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the federation described by the run config."""
-    run_federation(fast_polling(grid), RunConfig.from_mapping(context.run_config))
+    """Run the federation described by the run config; with `run-dir`, keep its summary and plot."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    if not cfg.run_dir:
+        run_federation(fast_polling(grid), cfg)
+        return
+    report = RunReport(Path(cfg.run_dir), cfg, rows=RunDirectory(cfg.run_dir).history())
+    try:
+        run_federation(fast_polling(grid), cfg, on_round=[report])
+    finally:
+        report.close()
 
 
-def run_federation(grid: Grid, cfg: RunConfig) -> RunResult:
-    """Every round of `cfg` on `grid`, resuming after the last round committed in `run-dir`."""
+def run_federation(grid: Grid, cfg: RunConfig, on_round: Sequence[RoundCallback] = ()) -> RunResult:
+    """Every round of `cfg` on `grid`, resuming after the last round committed in `run-dir`.
+
+    After each committed round every `on_round` subscriber gets its `RoundEvent`; the run stops
+    there if one of them returns True.
+    """
     model = model_from_config(cfg, data_spec(cfg))
     central_test = _central_test(cfg)
     strategy = build_strategy(cfg, federated_evaluation=central_test is None)
@@ -88,16 +103,17 @@ def run_federation(grid: Grid, cfg: RunConfig) -> RunResult:
             weights = to_state_dict(new_arrays, like=model.state_dict())
             result.arrays = to_arrayrecord(weights)
             eval_metrics = _evaluate(strategy, grid, cfg, server_round, result.arrays, model, central_test)
-            row = _round_row(server_round, train_metrics, eval_metrics, time.perf_counter() - started)
-            result.history.append(row)
+            event = _round_event(cfg, server_round, train_metrics, eval_metrics, time.perf_counter() - started)
+            result.history.append(event.row())
             if run_dir is not None:
                 state = strategy_state(strategy)
                 run_dir.save(Checkpoint(server_round, weights, state, random.getstate(), result.history), cfg.to_mapping())
-            ROUND_LOGGER.info("round %d/%d %s", server_round, cfg.rounds, row, extra={"round_row": row})
+            if notify(on_round, event):
+                break
     return result
 
 
-def reached_target(cfg: RunConfig, row: dict[str, float | None]) -> bool:
+def reached_target(cfg: RunConfig, row: Row) -> bool:
     """Whether the round's accuracy meets `target-accuracy` and the run should stop there."""
     accuracy = row["accuracy"]
     return cfg.stop_at_target and cfg.target_accuracy > 0 and accuracy is not None and accuracy >= cfg.target_accuracy
@@ -131,7 +147,6 @@ def _train_round(
     for attempt in range(cfg.round_retries + 1):
         with sampling_from(strategy, connected_nodes(grid, cfg, server_round)):
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-        messages = apply_stragglers(messages, cfg, server_round)
         if cfg.secure_aggregation:
             return _secure_round(strategy, grid, cfg, server_round, messages)
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
@@ -186,34 +201,6 @@ def _first_error(replies: list[Message]) -> str:
     return f" (node {failed[0].metadata.src_node_id}: {failed[0].error.reason})" if failed else ""
 
 
-def apply_stragglers(messages: list[Message], cfg: RunConfig, server_round: int) -> list[Message]:
-    """Make `stragglers` of the sampled clients do uniform 1..E epochs (Li et al. 2020).
-
-    FedProx keeps their partial work; every other strategy drops them, as FedAvg does there.
-    """
-    if cfg.stragglers == 0 or not messages:
-        return messages
-    rng = np.random.default_rng([cfg.seed, server_round])
-    slow = set(rng.choice(len(messages), size=int(round(cfg.stragglers * len(messages))), replace=False))
-    if cfg.strategy != "fedprox":
-        return [m for i, m in enumerate(messages) if i not in slow]
-    out = []
-    for i, message in enumerate(messages):
-        if i in slow:
-            epochs = int(rng.integers(1, cfg.local_epochs + 1))
-            message = _with_config(message, {keys.LOCAL_EPOCHS: epochs})
-        out.append(message)
-    return out
-
-
-def _with_config(message: Message, changes: dict[str, int]) -> Message:
-    """A copy of a training message whose config has `changes` (the content is shared)."""
-    content = message.content
-    config = ConfigRecord({**content[keys.CONFIG], **changes})
-    new_content = RecordDict({keys.ARRAYS: content[keys.ARRAYS], keys.CONFIG: config})
-    return Message(new_content, message.metadata.dst_node_id, message.metadata.message_type)
-
-
 def _evaluate(
     strategy: Strategy,
     grid: Grid,
@@ -235,16 +222,17 @@ def _evaluate(
     return strategy.aggregate_evaluate(server_round, replies)
 
 
-def _round_row(
-    server_round: int, train: MetricRecord | None, evaluation: MetricRecord | None, seconds: float
-) -> dict[str, float | None]:
+def _round_event(
+    cfg: RunConfig, server_round: int, train: MetricRecord | None, evaluation: MetricRecord | None, seconds: float
+) -> RoundEvent:
     def metric(record: MetricRecord | None, key: str) -> float | None:
         return float(record[key]) if record is not None and key in record else None
 
-    return {
-        "round": server_round,
-        "train_loss": metric(train, keys.TRAIN_LOSS),
-        "eval_loss": metric(evaluation, keys.EVAL_LOSS),
-        "accuracy": metric(evaluation, keys.ACCURACY),
-        "seconds": round(seconds, 4),
-    }
+    return RoundEvent(
+        round=server_round,
+        rounds=cfg.rounds,
+        train_loss=metric(train, keys.TRAIN_LOSS),
+        eval_loss=metric(evaluation, keys.EVAL_LOSS),
+        accuracy=metric(evaluation, keys.ACCURACY),
+        seconds=round(seconds, 4),
+    )

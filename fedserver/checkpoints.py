@@ -13,15 +13,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import safetensors.numpy
-import torch
 
+from fedserver.events import Row
+from shared.config import RunConfig
 from shared.errors import FedserverError
 from shared.files import atomic_write_bytes, atomic_write_text
-from shared.weights import load_safetensors, save_safetensors
+
+if TYPE_CHECKING:
+    import torch
 
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
@@ -30,7 +33,6 @@ CHECKPOINT_DIR = "checkpoints"
 # Keys that may change between a run and its resumption without changing its results so far.
 RESUMABLE_CHANGES = frozenset({"rounds", "run-dir", "target-accuracy", "stop-at-target", "round-timeout"})
 
-Row = dict[str, float | None]
 
 
 class CheckpointError(FedserverError, RuntimeError):
@@ -56,6 +58,8 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def save(self, checkpoint: Checkpoint, config: dict[str, Any]) -> None:
+        from shared.weights import save_safetensors  # torch: see `_read_tensors`
+
         n = checkpoint.round
         save_safetensors(checkpoint.weights, self._weights_file(n))
         atomic_write_bytes(self._strategy_file(n), safetensors.numpy.save(checkpoint.strategy_state))
@@ -83,6 +87,17 @@ class RunDirectory:
             history=read_metrics(self.path)[:n],
         )
 
+    def history(self) -> list[Row]:
+        """The rows of the committed rounds, without loading weights (none for a new run)."""
+        state_file = self.path / STATE_FILE
+        if not state_file.exists():
+            return []
+        try:
+            committed = int(_read_json(state_file)["round"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{state_file} is corrupt: {err}") from None
+        return read_metrics(self.path)[:committed]
+
     def _weights_file(self, n: int) -> Path:
         return self.path / CHECKPOINT_DIR / f"round-{n}.safetensors"
 
@@ -91,7 +106,8 @@ class RunDirectory:
 
 
 def read_metrics(path: str | Path) -> list[Row]:
-    """The rounds recorded in a run directory (an empty list before the first round)."""
+    """The rounds recorded in a run directory (an empty list before the first round); a
+    corrupt file is a CheckpointError (the file is written atomically, so never half)."""
     file = Path(path) / METRICS_FILE
     if not file.exists():
         return []
@@ -102,6 +118,8 @@ def read_metrics(path: str | Path) -> list[Row]:
 
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], state_file: Path) -> None:
+    # A key added to RunConfig after the run was saved ran with its default.
+    saved = {**RunConfig().to_mapping(), **saved}
     for key in sorted(set(saved) | set(current)):
         if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key):
             raise CheckpointError(
@@ -118,6 +136,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    # Imported here: `fedserver status` and the daemon read metrics without loading torch.
+    from shared.weights import load_safetensors
+
     try:
         return load_safetensors(path)
     except Exception as err:  # safetensors raises its own error types for corrupt files

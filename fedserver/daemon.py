@@ -41,9 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from fedserver.checkpoints import read_metrics
 from fedserver.control import ControlClient, ControlError, RunInfo
 from fedserver.staging import stage_app
-from fedserver.state import DEFAULT_ADDRESS, DaemonError, DaemonInfo, StateDir, read_metrics
+from fedserver.state import DEFAULT_ADDRESS, DaemonError, DaemonInfo, StateDir
 from shared.config import RunConfig, load_config
 from shared.pki import PkiError
 from shared.processes import (

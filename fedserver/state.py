@@ -8,7 +8,8 @@
     state.db          the SuperLink's SQLite state (runs, nodes, messages)
     flwr-home/        FLWR_HOME of the SuperLink, and config.toml for `flwr` (connection "fedserver")
     app/              the staged app the run was built from
-    run/              the run directory: metrics.jsonl, model.safetensors, checkpoints
+    run/              the run directory: metrics.jsonl, summary.json, curves.png, model.safetensors,
+                      checkpoints
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from shared.errors import ExitCode, FedserverError
 
-METRICS_FILE = "metrics.jsonl"
 FLWR_CONNECTION = "fedserver"
 DEFAULT_ADDRESS = "127.0.0.1:9092"
 
@@ -110,21 +110,6 @@ class DaemonInfo:
             return cls(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             return None
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of run_dir/metrics.jsonl (the ServerApp rewrites it atomically each round)."""
-    try:
-        text = (Path(run_dir) / METRICS_FILE).read_text()
-    except OSError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
 
 
 def _write_flwr_config(flwr_home: Path, address: str, ca: str) -> None:

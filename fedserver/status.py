@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedserver.checkpoints import read_metrics
 from fedserver.control import ControlClient, ControlError
-from fedserver.state import DaemonInfo, StateDir, read_metrics
+from fedserver.state import DaemonInfo, StateDir
 from shared.processes import is_alive
 
 

@@ -1,5 +1,5 @@
 """Flower's strategies by name, and the platform's rules around them: quorum, update checks,
-and the server-optimizer state a checkpoint must keep."""
+and the server-optimizer state a checkpoint must keep (`StatefulStrategy`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
@@ -32,6 +32,64 @@ from shared.weights import InvalidUpdate, validate_update
 LOG = logging.getLogger("flowerbed.server")
 
 
+@runtime_checkable
+class StatefulStrategy(Protocol):
+    """A strategy whose state between rounds a checkpoint keeps, so that a resumed run is exact."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The state between rounds as named arrays (empty before the first aggregation)."""
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Put back what `state()` returned."""
+
+
+class _ServerMoments:
+    """`state()` / `load_state()` of Flower's FedOpt family: the moments `m_t` and `v_t`
+    (parameter name -> array), which FedAdam, FedYogi and FedAdagrad update every round.
+
+    Each stateful Flower strategy gets a subclass one level below it, rather than one function
+    reading attributes of any strategy by name, so that the names of Flower's attributes are
+    used only by the class that inherits them, and a strategy that keeps state must say so.
+    """
+
+    m_t: dict[str, np.ndarray] | None
+    v_t: dict[str, np.ndarray] | None
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {**_flatten("m_t", self.m_t or {}), **_flatten("v_t", self.v_t or {})}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.m_t = _unflatten("m_t", state) or None
+        self.v_t = _unflatten("v_t", state) or None
+
+
+class CheckpointedFedAdam(_ServerMoments, FedAdam):
+    """FedAdam whose moments a checkpoint keeps."""
+
+
+class CheckpointedFedYogi(_ServerMoments, FedYogi):
+    """FedYogi whose moments a checkpoint keeps."""
+
+
+class CheckpointedFedAdagrad(_ServerMoments, FedAdagrad):
+    """FedAdagrad whose moments a checkpoint keeps."""
+
+
+class CheckpointedFedAvgM(FedAvgM):
+    """FedAvgM whose server momentum (a list of arrays, one per parameter) a checkpoint keeps.
+
+    Its `current_arrays` need no keeping: they equal the committed global weights, which
+    `configure_train` hands it on a resume (tests/fedserver/test_reliability.py checks this).
+    """
+
+    def state(self) -> dict[str, np.ndarray]:
+        return _flatten("momentum_vector", dict(enumerate(self.momentum_vector or [])))
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        by_index = _unflatten("momentum_vector", state)
+        self.momentum_vector = [by_index[i] for i in sorted(by_index, key=int)] or None
+
+
 def _server_lr(cfg: RunConfig) -> dict[str, float]:
     # 0 keeps each server optimizer's own default learning rate.
     return {"eta": cfg.server_lr} if cfg.server_lr > 0 else {}
@@ -46,10 +104,10 @@ def _fedavgm(cfg: RunConfig) -> dict[str, Any]:
 STRATEGIES: dict[str, tuple[type[Strategy], Callable[[RunConfig], dict[str, Any]]]] = {
     "fedavg": (FedAvg, lambda cfg: {}),
     "fedprox": (FedProx, lambda cfg: {"proximal_mu": cfg.proximal_mu}),
-    "fedadam": (FedAdam, _server_lr),
-    "fedyogi": (FedYogi, _server_lr),
-    "fedadagrad": (FedAdagrad, _server_lr),
-    "fedavgm": (FedAvgM, _fedavgm),
+    "fedadam": (CheckpointedFedAdam, _server_lr),
+    "fedyogi": (CheckpointedFedYogi, _server_lr),
+    "fedadagrad": (CheckpointedFedAdagrad, _server_lr),
+    "fedavgm": (CheckpointedFedAvgM, _fedavgm),
     "fedmedian": (FedMedian, lambda cfg: {}),
     "fedtrimmedavg": (FedTrimmedAvg, lambda cfg: {"beta": cfg.trim_beta}),
     "krum": (Krum, lambda cfg: {"num_malicious_nodes": cfg.num_malicious}),
@@ -102,34 +160,24 @@ def sampling_from(strategy: Strategy, connected: int) -> Iterator[None]:
             setattr(strategy, name, value)
 
 
-# Server-optimizer state that must survive a restart for a resumed run to be exact:
-# FedAdam/FedYogi/FedAdagrad keep moments `m_t`/`v_t` (name -> array), FedAvgM a list `momentum_vector`.
-_DICT_STATE = ("m_t", "v_t")
-_LIST_STATE = ("momentum_vector",)
-
-
 def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
-    """The strategy's own state between rounds, flattened to named arrays."""
-    state: dict[str, np.ndarray] = {}
-    for attr in _DICT_STATE:
-        for name, value in (getattr(strategy, attr, None) or {}).items():
-            state[f"{attr}/{name}"] = np.ascontiguousarray(value)
-    for attr in _LIST_STATE:
-        for i, value in enumerate(getattr(strategy, attr, None) or []):
-            state[f"{attr}/{i}"] = np.ascontiguousarray(value)
-    return state
+    """The strategy's state between rounds (empty for a stateless strategy)."""
+    return strategy.state() if isinstance(strategy, StatefulStrategy) else {}
 
 
 def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
-    """Put back what `strategy_state` saved (nothing to do for stateless strategies)."""
-    for attr in _DICT_STATE:
-        values = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{attr}/")}
-        if values:
-            setattr(strategy, attr, values)
-    for attr in _LIST_STATE:
-        values = sorted(((int(k.split("/", 1)[1]), v) for k, v in state.items() if k.startswith(f"{attr}/")))
-        if values:
-            setattr(strategy, attr, [v for _, v in values])
+    """Put back what `strategy_state` saved (nothing to do for a stateless strategy)."""
+    if isinstance(strategy, StatefulStrategy):
+        strategy.load_state(state)
+
+
+def _flatten(prefix: str, arrays: dict[Any, np.ndarray]) -> dict[str, np.ndarray]:
+    # Keys `prefix/name`: the layout checkpoints have always used.
+    return {f"{prefix}/{name}": np.ascontiguousarray(value) for name, value in arrays.items()}
+
+
+def _unflatten(prefix: str, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {key.split("/", 1)[1]: value for key, value in state.items() if key.startswith(f"{prefix}/")}
 
 
 def quorum(cfg: RunConfig, sampled: int) -> int:

@@ -1,8 +1,9 @@
 """fedsim's engine: build the federation, run the deployment's ServerApp on an in-process Grid.
 
-The ServerApp (`fedserver.app`) and ClientApp (`fedclient.app`) are the very objects a
-deployment runs; this module only wires them together and turns the run directory the
-ServerApp writes into a summary and a plot.
+The ServerApp's rounds (`fedserver.app.run_federation`) and the ClientApp (`fedclient.app`)
+are the very code a deployment runs; this module only wires them together, adds simulated
+stragglers on the grid, and subscribes a progress bar, a live plot and the summary to the
+round events.
 """
 
 from __future__ import annotations
@@ -10,27 +11,27 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedclient.app import app as client_app
-from fedserver.app import ROUND_LOGGER
-from fedserver.app import app as server_app
-from fedserver.checkpoints import STATE_FILE, read_metrics
+from fedserver.app import run_federation
+from fedserver.checkpoints import STATE_FILE, RunDirectory
+from fedserver.events import RoundCallback
+from fedserver.report import CURVES_FILE, SUMMARY_FILE, run_title, summarize, write_summary
 from shared.config import RunConfig
 from shared.data.federation import load_federation
 from shared.errors import FedsimError
 from shared.files import atomic_write_text
-from simulations.grid import InProcessGrid, server_context, simulation_node_config
-from simulations.plotter import LivePlot
-from simulations.report import ProgressBar, Row, RoundRowHandler, summarize, write_summary
+from simulations.grid import InProcessGrid, simulation_node_config
+from simulations.plotter import LivePlot, PlotError
+from simulations.report import ProgressBar
+from simulations.stragglers import with_stragglers
 from simulations.vectorized import batch_runner_for
 
+LOG = logging.getLogger("flowerbed.sim")
 CONFIG_FILE = "config.toml"
-SUMMARY_FILE = "summary.json"
-CURVES_FILE = "curves.png"
 LABELS_FILE = "labels.json"  # {class name: id}, where the data named its classes in text
 
 
@@ -64,33 +65,34 @@ def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resum
             if not resume
             else f"{output} holds no run to resume ({STATE_FILE} is missing)"
         )
-    cfg = resolve(cfg).replace(run_dir=str(output))
+    cfg = resolve(cfg).replace(run_dir=str(output.resolve()))
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / CONFIG_FILE, cfg.to_toml())
     write_labels(cfg, output)
-    run_config = cfg.to_mapping()
     grid = InProcessGrid(
         client_app,
         cfg.num_clients,
-        run_config,
+        cfg.to_mapping(),
         simulation_node_config(cfg.num_clients),
         batch_runner=batch_runner_for(cfg),
     )
-    started = time.perf_counter()
+    rows = RunDirectory(output).history()
+    plot = LivePlot(output / CURVES_FILE, run_title(cfg), rows=rows)
+    subscribers: list[RoundCallback] = [lambda event: rows.append(event.row()), plot]
+    if progress:
+        subscribers.append(ProgressBar())
     interrupted = False
-    plot = LivePlot(output / CURVES_FILE, title=output.name, rows=read_metrics(output))
-    with _quiet_flower(), _on_rounds(_progress_handlers(cfg.rounds if progress else 0) + [plot.add]):
+    with _quiet_flower():
         try:
-            server_app(grid, server_context(run_config))
+            run_federation(with_stragglers(grid, cfg), cfg, on_round=subscribers)
         except KeyboardInterrupt:
             interrupted = True
         except BaseException:
             plot.cancel()  # the run failed: no plot, and no plotting process left behind
             raise
-    rows = read_metrics(output)
-    summary = summarize(rows, cfg.target_accuracy, time.perf_counter() - started)
+    summary = summarize(rows, cfg.target_accuracy)
     write_summary(output / SUMMARY_FILE, summary)
-    plot.close()
+    _finish(plot)
     return SimulationResult(output, summary, interrupted)
 
 
@@ -100,6 +102,14 @@ def write_labels(cfg: RunConfig, output: Path) -> None:
     if classes is not None:
         labels = {name: label_id for label_id, name in enumerate(classes)}
         atomic_write_text(output / LABELS_FILE, json.dumps(labels, indent=2) + "\n")
+
+
+def _finish(plot: LivePlot) -> None:
+    """The final plot; one that cannot be drawn is a warning, the run's other outputs stand."""
+    try:
+        plot.close()
+    except PlotError as err:
+        LOG.warning("%s", err)
 
 
 @contextlib.contextmanager
@@ -112,21 +122,3 @@ def _quiet_flower() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-def _progress_handlers(total_rounds: int) -> list[Callable[[Row], None]]:
-    return [ProgressBar(total_rounds)] if total_rounds else []
-
-
-@contextlib.contextmanager
-def _on_rounds(callbacks: list[Callable[[Row], None]]) -> Iterator[None]:
-    """Hand each row the ServerApp logs at the end of a round to every callback."""
-    handler = RoundRowHandler(callbacks)
-    level = ROUND_LOGGER.level
-    ROUND_LOGGER.addHandler(handler)
-    ROUND_LOGGER.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        ROUND_LOGGER.removeHandler(handler)
-        ROUND_LOGGER.setLevel(level)

@@ -2,9 +2,9 @@
 
 Importing matplotlib and drawing a figure cost about a second of CPU. fedsim trains on one
 thread, so a child process does the drawing on another core: it imports matplotlib while the
-first round trains, redraws the plot as rounds end (at most every `REDRAW_SECONDS`, so the
-plot of a long run shows its progress), and draws the final plot when its input closes. Rows
-travel as JSON lines on the child's stdin: `python -m simulations.plotter PNG TITLE`.
+first round trains, redraws the plot as rounds end (as `fedserver.report.Curves` does in a
+deployment), and draws the final plot when its input closes. Rows travel as JSON lines on
+the child's stdin: `python -m simulations.plotter PNG TITLE`.
 """
 
 from __future__ import annotations
@@ -12,25 +12,25 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from fedserver.events import RoundEvent, Row
+from fedserver.report import Curves, draw_curves
 from shared.errors import ExitCode, FedsimError
-from simulations.report import Row, draw_curves, plot_curves
 
-REDRAW_SECONDS = 10.0
 CLOSE_TIMEOUT = 120.0  # s to wait for the final plot
 
 
 class PlotError(FedsimError, RuntimeError):
-    """The plotting process failed; the message carries its last output lines."""
+    """The plotting process failed; the message carries its last output line (the error)."""
 
     exit_code = ExitCode.FAILED
 
 
 class LivePlot:
-    """Sends each round's row to a plotting child; `close()` waits for the final `path`."""
+    """A round-event subscriber that hands each round's row to a plotting child; `close()`
+    waits for the final `path`. `rows` are the rounds before (of a resumed run)."""
 
     def __init__(self, path: Path, title: str, rows: Iterable[Row] = ()) -> None:
         self.path = path
@@ -39,9 +39,12 @@ class LivePlot:
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         for row in rows:
-            self.add(row)
+            self._send(row)
 
-    def add(self, row: Row) -> None:
+    def __call__(self, event: RoundEvent) -> None:
+        self._send(event.row())
+
+    def _send(self, row: Row) -> None:
         assert self._child.stdin is not None
         try:
             self._child.stdin.write(json.dumps(row) + "\n")
@@ -62,21 +65,16 @@ class LivePlot:
             self._child.kill()
             _, stderr = self._child.communicate()
         if self._child.returncode != 0:
-            tail = " | ".join((stderr or "").strip().splitlines()[-3:])
-            raise PlotError(f"could not draw {self.path} (exit code {self._child.returncode}): {tail}")
+            cause = ((stderr or "").strip().splitlines() or ["no output"])[-1]  # the exception, not its traceback
+            raise PlotError(f"could not draw {self.path} (exit code {self._child.returncode}): {cause}")
 
 
 def _serve(path: Path, title: str) -> None:
-    rows: list[Row] = []
-    drawn_at = time.monotonic()
     draw_curves([], title)  # imports matplotlib and loads its fonts while the first round trains
+    curves = Curves(path, title)
     for line in sys.stdin:
-        rows.append(json.loads(line))
-        if time.monotonic() - drawn_at >= REDRAW_SECONDS:
-            plot_curves(rows, path, title)
-            drawn_at = time.monotonic()
-    if rows:
-        plot_curves(rows, path, title)
+        curves.add(json.loads(line))
+    curves.close()
 
 
 if __name__ == "__main__":

@@ -6,13 +6,15 @@ The tests of this module share one federation and run in file order.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from fedserver.state import StateDir, read_metrics
+from fedserver.checkpoints import read_metrics
+from fedserver.state import StateDir
 from shared.processes import free_port, is_alive, stop_tree
 
 pytestmark = pytest.mark.e2e
@@ -72,6 +74,9 @@ def test_three_rounds_improve_the_model_and_leave_metrics_and_model(federation: 
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     assert rows[-1]["accuracy"] > max(0.5, rows[0]["accuracy"])  # 3 x 300 images: ~0.7 after round 3
     assert (federation.state.run_dir / "model.safetensors").stat().st_size > 0
+    # The run directory has what a simulation's has, written by the same ServerApp.
+    assert json.loads((federation.state.run_dir / "summary.json").read_text())["rounds"] == ROUNDS
+    assert (federation.state.run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert status["running"] and status["connected_nodes"] == CLIENTS
     assert _our_run(status)["current_round"] == ROUNDS and status["last_metrics"] == rows[-1]
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedserver.state import StateDir, read_metrics
+from fedserver.checkpoints import read_metrics
+from fedserver.state import StateDir
 from shared.processes import descendants, free_port, is_alive, port_in_use, recorded_process, stop_trees
 from shared.weights import load_safetensors
 

@@ -23,8 +23,8 @@ from flwr.app.message_type import MessageType
 
 from fedclient.app import app
 from fedclient.app import train as client_train
-from fedserver.checkpoints import CHECKPOINT_DIR
-from fedserver.state import StateDir, read_metrics
+from fedserver.checkpoints import CHECKPOINT_DIR, read_metrics
+from fedserver.state import StateDir
 from shared import messages as keys
 from shared.config import RunConfig, load_config
 from shared.data.federation import data_spec

@@ -15,9 +15,10 @@ from fedserver.app import RoundFailed
 from fedserver.checkpoints import CheckpointError
 from shared import messages as keys
 from shared import task
+from shared.config import STRATEGIES
 from shared.weights import load_safetensors
 from simulations import cli, engine
-from simulations.grid import InProcessGrid
+from simulations.grid import InProcessGrid, simulation_node_config
 
 def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -53,6 +54,25 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monk
     assert all(straight[k].equal(again[k]) for k in straight)
     assert [r["round"] for r in rows(tmp_path / "crashed")] == [1, 2, 3, 4]  # none lost, none repeated
     assert [r["accuracy"] for r in rows(tmp_path / "crashed")] == [r["accuracy"] for r in rows(tmp_path / "straight")]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_resumes_bit_identical(tmp_path, strategy, tiny_config):
+    straight = tiny_config(strategy=strategy, rounds=2, server_lr=0.05, proximal_mu=0.1)
+
+    def run(cfg, run_dir):  # the ServerApp's rounds on a fresh in-process federation
+        cfg = cfg.replace(run_dir=str(run_dir))
+        nodes = cfg.num_clients
+        grid = InProcessGrid(fedclient.app.app, nodes, cfg.to_mapping(), simulation_node_config(nodes))
+        fedserver.app.run_federation(grid, cfg)
+
+    run(straight, tmp_path / "straight")
+    run(straight.replace(rounds=1), tmp_path / "resumed")
+    run(straight, tmp_path / "resumed")
+
+    expected = load_safetensors(tmp_path / "straight" / "model.safetensors")
+    again = load_safetensors(tmp_path / "resumed" / "model.safetensors")
+    assert all(expected[k].equal(again[k]) for k in expected)
 
 
 def test_fedsim_resume_extends_a_finished_run(tmp_path):
@@ -93,6 +113,18 @@ def test_a_checkpoint_from_another_config_is_refused(tmp_path, tiny_config):
 
     with pytest.raises(CheckpointError, match="lr = 0.05, not 0.1"):
         engine.run_simulation(tiny_config(rounds=2, lr=0.1), out, progress=False, resume=True)
+
+
+def test_a_run_saved_before_a_key_existed_resumes_with_its_default(tmp_path, tiny_config):
+    out = tmp_path / "run"
+    engine.run_simulation(tiny_config(rounds=1), out, progress=False)
+    state = json.loads((out / "state.json").read_text())
+    del state["config"]["data-seed"]
+    (out / "state.json").write_text(json.dumps(state))
+
+    result = engine.run_simulation(tiny_config(rounds=2), out, progress=False, resume=True)
+
+    assert result.summary["rounds"] == 2
 
 
 def failing_nodes(monkeypatch, nodes: set[int]) -> None:

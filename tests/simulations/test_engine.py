@@ -1,20 +1,14 @@
-"""fedsim end to end: outputs, every strategy, determinism, stragglers, stopping, errors."""
+"""fedsim end to end: outputs, every strategy, determinism, stopping, errors."""
 
 import json
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.clientapp import ClientApp
-
-from fedserver.app import apply_stragglers
-from shared import messages as keys
 from shared import task
 from shared.config import STRATEGIES, ConfigError, RunConfig
 from shared.weights import load_safetensors
 from simulations import cli
 from simulations.engine import run_simulation
-from simulations.grid import InProcessGrid, simulation_node_config
 
 def test_a_tiny_run_writes_every_output(tmp_path, tiny_config):
     result = run_simulation(tiny_config(rounds=3, target_accuracy=0.05), tmp_path / "run", progress=False)
@@ -68,6 +62,32 @@ def test_stop_at_target_ends_the_run_early(tmp_path, tiny_config):
     assert result.summary["rounds"] == 1 and result.summary["rounds_to_target"] == 1
 
 
+def test_a_resume_keeps_the_summary_true(tmp_path, tiny_config):
+    out = tmp_path / "r"
+    run_simulation(tiny_config(rounds=2), out, progress=False)
+    before = (out / "summary.json").read_text()
+
+    run_simulation(tiny_config(rounds=2), out, progress=False, resume=True)  # adds no round
+    unchanged = (out / "summary.json").read_text()
+    extended = run_simulation(tiny_config(rounds=3), out, progress=False, resume=True)
+
+    seconds = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert unchanged == before
+    assert extended.summary["rounds"] == 3
+    assert extended.summary["wall_seconds"] == round(sum(seconds), 3) > json.loads(before)["wall_seconds"]
+
+
+def test_a_plot_that_cannot_be_drawn_is_one_warning_and_the_run_is_kept(tmp_path, tiny_config, caplog):
+    out = tmp_path / "r"
+    (out / "curves.png").mkdir(parents=True)  # a directory where the plot should go
+
+    result = run_simulation(tiny_config(rounds=1), out, progress=False)
+
+    assert result.summary["rounds"] == 1 and json.loads((out / "summary.json").read_text()) == result.summary
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "could not draw" in warnings[0] and "\n" not in warnings[0]
+
+
 def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path, monkeypatch, tiny_config):
     real_train = task.train
     calls = []
@@ -85,29 +105,6 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path, monkeypatch, 
     assert result.interrupted
     assert result.summary["rounds"] == 1
     assert (tmp_path / "r" / "curves.png").exists() and (tmp_path / "r" / "model.safetensors").exists()
-
-
-def train_messages(n: int) -> list[Message]:
-    InProcessGrid(ClientApp(), n, {}, simulation_node_config(n))  # the server-side identity messages need
-    content = RecordDict({keys.ARRAYS: ArrayRecord(), keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1})})
-    return [Message(content, 1001 + i, "train") for i in range(n)]
-
-
-def test_fedavg_drops_stragglers(tiny_config):
-    kept = apply_stragglers(train_messages(10), tiny_config(stragglers=0.9, strategy="fedavg"), server_round=1)
-    assert len(kept) == 1
-
-
-def test_fedprox_keeps_stragglers_with_partial_epochs(tiny_config):
-    cfg = tiny_config(stragglers=0.9, strategy="fedprox", local_epochs=20)
-
-    sent = apply_stragglers(train_messages(10), cfg, server_round=1)
-
-    straggler_epochs = [m.content[keys.CONFIG][keys.LOCAL_EPOCHS] for m in sent if keys.LOCAL_EPOCHS in m.content[keys.CONFIG]]
-    assert len(sent) == 10
-    assert len(straggler_epochs) == 9
-    assert all(1 <= e <= 20 for e in straggler_epochs) and len(set(straggler_epochs)) > 1
-    assert [m.metadata.dst_node_id for m in sent] == list(range(1001, 1011))
 
 
 @pytest.mark.parametrize(

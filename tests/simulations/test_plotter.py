@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import io
-import json
+import time
 from pathlib import Path
 
 import pytest
 
-from simulations import plotter
+from fedserver.events import RoundEvent
 from simulations.plotter import LivePlot, PlotError
 from simulations.report import ProgressBar
 
 
-def _row(round_: int) -> dict:
-    return {"round": round_, "train_loss": 1.0 / round_, "eval_loss": 1.2 / round_, "accuracy": 0.5, "seconds": 0.1}
+def _event(round_: int, rounds: int = 4) -> RoundEvent:
+    return RoundEvent(round_, rounds, train_loss=1.0 / round_, eval_loss=1.2 / round_, accuracy=0.5, seconds=0.1)
+
+
+def _plotters_of(path: Path) -> list[str]:
+    """The command lines of running processes that plot to `path` (Linux's /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"simulations.plotter" in args and str(path).encode() in args:
+            found.append(cmdline.parent.name)
+    return found
 
 
 def test_the_final_plot_is_drawn_when_the_rows_end(tmp_path: Path):
-    plot = LivePlot(tmp_path / "curves.png", "run", rows=[_row(1)])
-    plot.add(_row(2))
+    plot = LivePlot(tmp_path / "curves.png", "run", rows=[_event(1).row()])
+    plot(_event(2))
     plot.close()
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png"]  # no temporary file left
@@ -28,32 +41,29 @@ def test_the_final_plot_is_drawn_when_the_rows_end(tmp_path: Path):
 def test_a_failing_plot_names_the_file_and_the_cause(tmp_path: Path):
     taken = tmp_path / "curves.png"
     taken.mkdir()  # a directory where the plot should go
-    plot = LivePlot(taken, "run", rows=[_row(1)])
+    plot = LivePlot(taken, "run", rows=[_event(1).row()])
     with pytest.raises(PlotError, match=r"curves.png \(exit code 1\): .*Error"):
         plot.close()
 
 
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="lists processes through Linux's /proc")
 def test_a_cancelled_plot_stops_its_process_and_draws_nothing(tmp_path: Path):
-    plot = LivePlot(tmp_path / "curves.png", "run", rows=[_row(1)])
+    plot = LivePlot(tmp_path / "curves.png", "run", rows=[_event(1).row()])
+    deadline = time.monotonic() + 30  # until the child has exec'd (before, it shows the parent's command)
+    while not _plotters_of(tmp_path / "curves.png") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _plotters_of(tmp_path / "curves.png")  # the check below can see the process
+
     plot.cancel()
-    assert plot._child.poll() is not None
+
+    assert _plotters_of(tmp_path / "curves.png") == []
     assert not (tmp_path / "curves.png").exists()
-
-
-def test_a_long_run_is_redrawn_while_it_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    drawn: list[int] = []
-    monkeypatch.setattr(plotter, "REDRAW_SECONDS", 0.0)
-    monkeypatch.setattr(plotter, "plot_curves", lambda rows, path, title: drawn.append(len(rows)))
-    monkeypatch.setattr(plotter, "draw_curves", lambda rows, title: b"")
-    monkeypatch.setattr("sys.stdin", io.StringIO("".join(json.dumps(_row(r)) + "\n" for r in (1, 2, 3))))
-    plotter._serve(tmp_path / "curves.png", "run")
-    assert drawn == [1, 2, 3, 3]  # after each row, then the final plot
 
 
 def test_the_progress_bar_shows_the_round_and_latest_metrics():
     stream = io.StringIO()
-    bar = ProgressBar(4, stream=stream, width=8)
-    bar(_row(1))
-    bar(_row(2))
+    bar = ProgressBar(stream=stream, width=8)
+    bar(_event(1))
+    bar(_event(2))
     assert stream.getvalue().splitlines()[-1].startswith("[####....] round 2/4 | acc 0.5000 | loss 0.6000")
     assert stream.getvalue().rstrip().endswith("0.2s")
