@@ -40,11 +40,11 @@ def _our_run(status: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory, e2e, shared_datasets: Path) -> Federation:
+def federation(tmp_path_factory, e2e) -> Federation:
     work = tmp_path_factory.mktemp("deploy")
     assert e2e.run_cli(["fedserver.cli", "init", str(work / "pki"), "--clients", str(CLIENTS)]).returncode == 0
     assert e2e.run_cli(["fedserver.cli", "init", str(work / "other"), "--clients", "1"]).returncode == 0
-    parts, server_data = e2e.write_partitions(work, shared_datasets / "mnist.npz", CLIENTS, SAMPLES)
+    parts, server_data = e2e.write_partitions(work, CLIENTS, SAMPLES)
     config = work / "run.toml"
     config.write_text(e2e.run_toml(server_data, CLIENTS, ROUNDS))
     state, address = StateDir(work / "state"), f"127.0.0.1:{free_port()}"
