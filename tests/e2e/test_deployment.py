@@ -70,7 +70,7 @@ def test_three_rounds_improve_the_model_and_leave_metrics_and_model(federation: 
     assert [r["round"] for r in rows] == [1, 2, 3]
     # Learning, not noise: the loss falls, and accuracy is far above the untrained model's (chance, 0.1).
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
-    assert rows[-1]["accuracy"] > max(0.5, rows[0]["accuracy"])  # 3 x 300 images: ~0.7 after round 3
+    assert rows[-1]["accuracy"] > max(0.5, rows[0]["accuracy"])  # 3 x 300 digits: ~0.6, then ~0.8 by round 3
     assert (federation.state.run_dir / "model.safetensors").stat().st_size > 0
     assert status["running"] and status["connected_nodes"] == CLIENTS
     assert _our_run(status)["current_round"] == ROUNDS and status["last_metrics"] == rows[-1]

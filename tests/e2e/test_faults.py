@@ -1,7 +1,7 @@
 """Faults in a real deployment on 127.0.0.1: `fedserver` and `fedclient` processes killed with
 SIGKILL, and one of 6 clients sending NaN / wrong-shape / huge updates.
 
-Each test runs a federation of its own (MNIST 2NN, a few hundred images per client) and stops
+Each test runs a federation of its own (MNIST 2NN, a few hundred digits per client) and stops
 its processes when it ends.
 """
 
