@@ -18,15 +18,14 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.app.message_type import MessageType
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from shared import messages as keys
 from shared.config import RunConfig
 
 if TYPE_CHECKING:
-    from flwr.supercore.run import Run
+    from shared.flower_compat import Run
 
 
 def with_stragglers(grid: Grid, cfg: RunConfig) -> Grid:
