@@ -30,7 +30,6 @@ from fedserver.strategies import (
     build_strategy,
     quorum,
     restore_strategy_state,
-    sampling_from,
     screen_replies,
     strategy_state,
 )
@@ -39,6 +38,7 @@ from shared import task
 from shared.config import RunConfig
 from shared.data.federation import data_spec, load_federation
 from shared.errors import ExitCode, FedserverError
+from shared.flower_compat import sampling_from
 from shared.recipe import model_from_config
 from shared.secagg import SecAggError, SecAggSettings, as_mean_reply, secure_train_round
 from shared.weights import to_arrayrecord, to_state_dict

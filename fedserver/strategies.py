@@ -3,10 +3,9 @@ and the server-optimizer state a checkpoint must keep (`StatefulStrategy`)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -137,27 +136,6 @@ def build_strategy(cfg: RunConfig, *, federated_evaluation: bool) -> Strategy:
         min_available_nodes=cfg.num_clients,
         **own_kwargs(cfg),
     )
-
-
-SAMPLING_MINIMUMS = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
-
-
-@contextlib.contextmanager
-def sampling_from(strategy: Strategy, connected: int) -> Iterator[None]:
-    """Let one configure_train/configure_evaluate call sample from `connected` nodes.
-
-    Flower's strategies wait, without end, until `min_available_nodes` nodes are connected; a
-    device that is gone for good would stall the run. Within this block the minimums are at
-    most `connected`, so the strategy samples from the nodes that are there.
-    """
-    saved = {name: getattr(strategy, name) for name in SAMPLING_MINIMUMS}
-    for name, value in saved.items():
-        setattr(strategy, name, min(value, connected))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(strategy, name, value)
 
 
 def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:

@@ -32,14 +32,17 @@ fedclient/node.py) are Flower's public CLI and are not part of this module.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import sys
 from importlib.metadata import version
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, Message
+from flwr.serverapp.strategy import Strategy
 
 FLOWER_VERSION = version("flwr")
 
@@ -151,6 +154,7 @@ __all__ = [
     "new_run",
     "is_http_grid",
     "npy_view",
+    "sampling_from",
     *DEFERRED_IMPORTS,
 ]
 
@@ -243,3 +247,27 @@ def npy_view(array: Array) -> np.ndarray:
     count = int(np.prod(shape, dtype=np.int64))
     flat = np.frombuffer(array.data, dtype=dtype, count=count, offset=buf.tell())  # (numel,)
     return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
+
+
+SAMPLING_MINIMUMS = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
+
+
+@contextlib.contextmanager
+def sampling_from(strategy: Strategy, connected: int) -> Iterator[None]:
+    """Let one configure_train/configure_evaluate call sample from `connected` nodes.
+
+    Writes Flower strategies' public sampling minimums (`SAMPLING_MINIMUMS`), set in their
+    constructors, and puts them back after the block.
+
+    Flower's strategies wait, without end, until `min_available_nodes` nodes are connected; a
+    device that is gone for good would stall the run. Within this block the minimums are at
+    most `connected`, so the strategy samples from the nodes that are there.
+    """
+    saved = {name: getattr(strategy, name) for name in SAMPLING_MINIMUMS}
+    for name, value in saved.items():
+        setattr(strategy, name, min(value, connected))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(strategy, name, value)

@@ -16,7 +16,9 @@ import pytest
 from flwr.app import Array, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedserver.strategies import build_strategy
 from shared import flower_compat as compat
+from shared.config import STRATEGIES
 from simulations.grid import InProcessGrid, simulation_node_config
 
 VERSION = compat.FLOWER_VERSION
@@ -203,6 +205,19 @@ def test_only_flowers_http_grid_is_recognised():
 
     assert compat.is_http_grid(http_grid.__new__(http_grid)), f"Flower {VERSION}: {module_name}.{attribute} moved"
     assert not compat.is_http_grid(InProcessGrid(ClientApp(), 1, {}, simulation_node_config(1)))
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_sampling_from_lowers_every_strategys_minimums_for_its_block(name, tiny_config):
+    strategy = build_strategy(tiny_config(strategy=name, num_clients=6, clients_per_round=4), federated_evaluation=True)
+    before = {attr: getattr(strategy, attr, None) for attr in compat.SAMPLING_MINIMUMS}
+    assert all(isinstance(v, int) for v in before.values()), f"Flower {VERSION}: {name} sampling minimums {before}"
+
+    with compat.sampling_from(strategy, 2):
+        inside = {attr: getattr(strategy, attr) for attr in compat.SAMPLING_MINIMUMS}
+
+    assert inside == {attr: min(value, 2) for attr, value in before.items()}
+    assert {attr: getattr(strategy, attr) for attr in compat.SAMPLING_MINIMUMS} == before
 
 
 @pytest.mark.parametrize(
