@@ -18,13 +18,13 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from shared.flower_compat import Run, is_http_grid
+from fedserver.grid_wrapper import GridWrapper
+from shared.flower_compat import is_http_grid
 
 DEFAULT_INTERVAL = 0.2  # s; Flower polls every 3 s
 BACKOFF = 1.5  # the wait grows by this factor after each pull that brought nothing
@@ -54,37 +54,13 @@ def poll_interval() -> float:
     return value
 
 
-def _delegate(name: str) -> Callable[..., Any]:
-    """A method that calls the wrapped grid's method `name` with the same arguments."""
-
-    def method(self: FastPollingGrid, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.inner, name)(*args, **kwargs)
-
-    method.__name__ = name
-    return method
-
-
-class FastPollingGrid(Grid):
+class FastPollingGrid(GridWrapper):
     """A `Grid` that delegates everything to `inner` but polls replies from every `interval` s
     (after a reply) up to every `MAX_INTERVAL` s (after empty pulls)."""
 
     def __init__(self, inner: Grid, interval: float) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.interval = interval
-
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    # Grid's abstract methods, passed on unchanged.
-    create_message = _delegate("create_message")
-    get_node_ids = _delegate("get_node_ids")
-    get_nodes = _delegate("get_nodes")
-    push_messages = _delegate("push_messages")
-    pull_messages = _delegate("pull_messages")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push `messages`, then pull replies until all came or `timeout` passed."""
@@ -101,7 +77,3 @@ class FastPollingGrid(Grid):
             wait = self.interval if received else min(wait * BACKOFF, max(MAX_INTERVAL, self.interval))
             time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
         return replies
-
-    def __getattr__(self, name: str) -> object:
-        # Anything else the wrapped grid offers (e.g. `close`), unchanged.
-        return getattr(self.inner, name)

@@ -15,17 +15,14 @@ after the key exchange, as a slow client would, and SecAgg+ removes its masks.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedserver.grid_wrapper import GridWrapper
 from shared import messages as keys
 from shared.config import RunConfig
-
-if TYPE_CHECKING:
-    from shared.flower_compat import Run
 
 
 def with_stragglers(grid: Grid, cfg: RunConfig) -> Grid:
@@ -33,33 +30,12 @@ def with_stragglers(grid: Grid, cfg: RunConfig) -> Grid:
     return StragglerGrid(grid, cfg) if cfg.stragglers > 0 else grid
 
 
-class StragglerGrid(Grid):
+class StragglerGrid(GridWrapper):
     """Delegates to `inner`; `send_and_receive` slows down the stragglers of a training round."""
 
     def __init__(self, inner: Grid, cfg: RunConfig) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.cfg = cfg
-
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
