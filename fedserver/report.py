@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedserver.events import RoundEvent, Row
 from shared.config import RunConfig
@@ -25,6 +26,9 @@ from shared.files import atomic_write_bytes, atomic_write_text
 SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
 REDRAW_SECONDS = 10.0  # a long run's plot is redrawn at most this often while it runs
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 LOG = logging.getLogger("flowerbed.report")
 
@@ -61,11 +65,24 @@ def plot_curves(rows: list[Row], path: Path, title: str = "") -> None:
 
 
 def draw_curves(rows: list[Row], title: str = "") -> bytes:
-    """The PNG of `plot_curves`. Accuracy is drawn on 0..1, so a change of 1 % looks like one."""
+    """The PNG of `plot_curves`."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(rows, title)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    return png.getvalue()
+
+
+def curves_figure(rows: list[Row], title: str = "") -> Figure:
+    """Accuracy (left) and losses (right) per round. Accuracy is drawn on 0..1, so a change of
+    1 % looks like one, and rounds are whole numbers on the x axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] for r in rows]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
@@ -77,12 +94,10 @@ def draw_curves(rows: list[Row], title: str = "") -> bytes:
     ax_loss.legend()
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    return png.getvalue()
+    return fig
 
 
 def _nan(value: float | None) -> float:

@@ -95,3 +95,16 @@ def test_between_redraws_the_plot_waits_for_close(tmp_path):
 
 def _row(round_: int) -> dict:
     return RoundEvent(round_, 4, train_loss=1.0 / round_, eval_loss=1.2 / round_, accuracy=0.2 * round_, seconds=0.1).row()
+
+
+def test_the_accuracy_axis_spans_zero_to_one_and_rounds_are_whole():
+    rows = [{"round": r, "train_loss": 1.0 / r, "eval_loss": 1.1 / r, "accuracy": 0.96 + r / 1000} for r in (1, 2, 3, 4)]
+
+    fig = report.curves_figure(rows, "synthetic · mlp")
+
+    ax_acc, ax_loss = fig.axes
+    assert ax_acc.get_ylim() == (0.0, 1.0)  # 0.961..0.964 is not zoomed into a dramatic climb
+    for ax in (ax_acc, ax_loss):
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 4]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+    assert fig.get_suptitle() == "synthetic · mlp"
