@@ -33,7 +33,7 @@ SAY_TORCH_BUILD := import torch; v = torch.version; \
 	build = f"CUDA {v.cuda}" if v.cuda else f"ROCm {v.hip}" if v.hip else "CPU-only"; \
 	print(f"torch {torch.__version__} installed in $(VENV): {build} build")
 
-.PHONY: demo test setup test-data clean
+.PHONY: demo test setup test-data config-docs clean
 
 demo: $(STAMP)
 	$(VENV)/bin/fedsim run
@@ -62,6 +62,10 @@ test-data: $(STAMP)
 		{ apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; } >/dev/null 2>&1 \
 			</dev/null || echo "dataset-fashion-mnist not installed: its tests will skip"; \
 	fi
+
+# docs/config.md and pyproject's [tool.flwr.app.config], generated from shared/config.py's RunConfig.
+config-docs: $(STAMP)
+	$(PY) -m shared.config_docs
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
