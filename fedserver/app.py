@@ -71,7 +71,8 @@ def main(grid: Grid, context: Context) -> None:
     if not cfg.run_dir:
         run_federation(fast_polling(grid), cfg)
         return
-    report = RunReport(Path(cfg.run_dir), cfg, rows=RunDirectory(cfg.run_dir).history(), evaluated_on=evaluated_on(cfg))
+    rows = RunDirectory(cfg.run_dir).history()
+    report = RunReport(Path(cfg.run_dir), cfg, rows=rows, evaluated_on=evaluated_on(cfg))
     try:
         run_federation(fast_polling(grid), cfg, on_round=[report])
     finally:
@@ -246,10 +247,12 @@ def _federated_evaluation(
     """Every round, evaluated or not, orders all connected nodes at random from the run's stream;
     an evaluation asks the first `eval-clients` of them. So the stream the training rounds sample
     from is the same whatever `eval-clients` and `eval-every` are, and a resume continues it."""
-    connected_nodes(grid, cfg, server_round)
+    evaluated = cfg.evaluates(server_round)
+    if evaluated:
+        connected_nodes(grid, cfg, server_round)  # in a deployment, wait for the nodes as training does
     nodes = list(grid.get_node_ids())
     order = random.sample(nodes, len(nodes))
-    if not cfg.evaluates(server_round):
+    if not evaluated:
         return None
     cohort = order[: cfg.eval_cohort(len(order))]
     with random_untouched(), sampling_from(strategy, len(cohort)):  # the strategy draws from the cohort only

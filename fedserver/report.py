@@ -144,7 +144,9 @@ class RunReport:
     A plot that cannot be drawn is a warning: it never stops the run.
     """
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, rows: Iterable[Row] = (), evaluated_on: str | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, cfg: RunConfig, rows: Iterable[Row] = (), evaluated_on: str | None = None
+    ) -> None:
         self.summary_path = run_dir / SUMMARY_FILE
         self.target_accuracy = cfg.target_accuracy
         self.evaluated_on = evaluated_on

@@ -18,7 +18,8 @@ class Recording(GridWrapper):
     """An in-process grid that remembers the nodes of each evaluation it is asked for."""
 
     def __init__(self, cfg) -> None:
-        super().__init__(InProcessGrid(fedclient.app.app, cfg.num_clients, cfg.to_mapping(), simulation_node_config(cfg.num_clients)))
+        nodes = cfg.num_clients
+        super().__init__(InProcessGrid(fedclient.app.app, nodes, cfg.to_mapping(), simulation_node_config(nodes)))
         self.evaluations: list[list[int]] = []
 
     def send_and_receive(self, messages, *, timeout=None):
