@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedserver.checkpoints import Checkpoint, RunDirectory
 from fedserver.events import RoundCallback, RoundEvent, Row, notify
+from fedserver.grid_wrapper import GridWrapper
 from fedserver.polling import fast_polling
 from fedserver.report import RunReport
 from fedserver.strategies import (
@@ -70,7 +71,8 @@ def main(grid: Grid, context: Context) -> None:
     if not cfg.run_dir:
         run_federation(fast_polling(grid), cfg)
         return
-    report = RunReport(Path(cfg.run_dir), cfg, rows=RunDirectory(cfg.run_dir).history())
+    rows = RunDirectory(cfg.run_dir).history()
+    report = RunReport(Path(cfg.run_dir), cfg, rows=rows, evaluated_on=evaluated_on(cfg))
     try:
         run_federation(fast_polling(grid), cfg, on_round=[report])
     finally:
@@ -122,15 +124,33 @@ def reached_target(cfg: RunConfig, row: Row) -> bool:
 @contextlib.contextmanager
 def global_random(seed: int, state: object | None = None) -> Iterator[None]:
     """Python's `random` seeded for the run (or put back to a checkpoint's state), restored after."""
+    with random_untouched():
+        if state is None:
+            random.seed(seed)
+        else:
+            random.setstate(state)
+        yield
+
+
+@contextlib.contextmanager
+def random_untouched() -> Iterator[None]:
+    """Python's `random` left after the block as it was before, whatever the block draws."""
     saved = random.getstate()
-    if state is None:
-        random.seed(seed)
-    else:
-        random.setstate(state)
     try:
         yield
     finally:
         random.setstate(saved)
+
+
+def evaluated_on(cfg: RunConfig) -> str:
+    """What the accuracy of `cfg`'s rounds is measured on (a line of `summary.json`)."""
+    central_test = _central_test(cfg)
+    if central_test is not None:
+        return f"central test set ({len(central_test[1])} examples)"
+    cohort, registered = cfg.eval_cohort(cfg.num_clients), cfg.num_clients
+    if cohort == registered:
+        return f"federated: all {registered} clients' held-out data"
+    return f"federated: {cohort} of {registered} clients' held-out data, sampled for each evaluation"
 
 
 def _central_test(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray] | None:
@@ -210,16 +230,48 @@ def _evaluate(
     model: torch.nn.Module,
     central_test: tuple[np.ndarray, np.ndarray] | None,
 ) -> MetricRecord | None:
-    if central_test is not None:
-        model.load_state_dict(to_state_dict(arrays, like=model.state_dict()))
-        res = task.evaluate(model, *central_test, batch_size=cfg.eval_batch_size, device=cfg.device)
-        return MetricRecord({keys.EVAL_LOSS: res.loss, keys.ACCURACY: res.accuracy})
-    with sampling_from(strategy, connected_nodes(grid, cfg, server_round)):
-        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+    """The round's scores: on the central test set where there is one, else on the held-out
+    data of a sampled cohort of clients; None for a round that `eval-every` skips."""
+    if central_test is None:
+        return _federated_evaluation(strategy, grid, cfg, server_round, arrays)
+    if not cfg.evaluates(server_round):
+        return None
+    model.load_state_dict(to_state_dict(arrays, like=model.state_dict()))
+    res = task.evaluate(model, *central_test, batch_size=cfg.eval_batch_size, device=cfg.device)
+    return MetricRecord({keys.EVAL_LOSS: res.loss, keys.ACCURACY: res.accuracy})
+
+
+def _federated_evaluation(
+    strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, arrays: ArrayRecord
+) -> MetricRecord | None:
+    """Every round, evaluated or not, orders all connected nodes at random from the run's stream;
+    an evaluation asks the first `eval-clients` of them. So the stream the training rounds sample
+    from is the same whatever `eval-clients` and `eval-every` are, and a resume continues it."""
+    evaluated = cfg.evaluates(server_round)
+    if evaluated:
+        connected_nodes(grid, cfg, server_round)  # in a deployment, wait for the nodes as training does
+    nodes = list(grid.get_node_ids())
+    order = random.sample(nodes, len(nodes))
+    if not evaluated:
+        return None
+    cohort = order[: cfg.eval_cohort(len(order))]
+    with random_untouched(), sampling_from(strategy, len(cohort)):  # the strategy draws from the cohort only
+        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), CohortGrid(grid, cohort))
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     if replies and all(r.has_error() for r in replies):
         raise RoundFailed(f"round {server_round}: every evaluation failed{_first_error(replies)}")
     return strategy.aggregate_evaluate(server_round, replies)
+
+
+class CohortGrid(GridWrapper):
+    """`grid` as a strategy's sampling sees it: with only the nodes of `cohort` connected."""
+
+    def __init__(self, grid: Grid, cohort: list[int]) -> None:
+        super().__init__(grid)
+        self.cohort = cohort
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.cohort)
 
 
 def _round_event(

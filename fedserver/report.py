@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -31,25 +30,34 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 LOG = logging.getLogger("flowerbed.report")
+Summary = dict[str, float | int | str | None]  # the content of summary.json
 
 
-def summarize(rows: list[Row], target_accuracy: float) -> dict[str, float | int | None]:
+def summarize(rows: list[Row], target_accuracy: float, evaluated_on: str | None = None) -> Summary:
     """`summary.json`: final and best accuracy, final loss, the first round at the target, and
-    `wall_seconds`, the time spent in all rounds (those before a resume included)."""
-    accuracies = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
-    reached = [int(r["round"]) for r in rows if target_accuracy > 0 and (r.get("accuracy") or 0) >= target_accuracy]
-    last = rows[-1] if rows else {}
+    `wall_seconds`, the time spent in all rounds (those before a resume included).
+
+    The final accuracy and loss are those of the last evaluated round (`final_accuracy_round`;
+    the last round unless the run was interrupted between evaluations); `evaluated_on` says
+    what they were measured on.
+    """
+    evaluated = [r for r in rows if r.get("accuracy") is not None]
+    reached = [int(r["round"]) for r in evaluated if 0 < target_accuracy <= r["accuracy"]]
+    last = evaluated[-1] if evaluated else {}
     return {
         "rounds": len(rows),
         "final_accuracy": last.get("accuracy"),
         "final_loss": last.get("eval_loss"),
-        "best_accuracy": max(accuracies) if accuracies else None,
+        "best_accuracy": max(r["accuracy"] for r in evaluated) if evaluated else None,
         "wall_seconds": round(sum(r.get("seconds") or 0.0 for r in rows), 3),
         "rounds_to_target": reached[0] if reached else None,
+        "final_accuracy_round": int(last["round"]) if last else None,
+        "evaluated_rounds": len(evaluated),
+        "evaluated_on": evaluated_on,
     }
 
 
-def write_summary(path: Path, summary: dict[str, float | int | None]) -> None:
+def write_summary(path: Path, summary: Summary) -> None:
     atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
 
 
@@ -77,19 +85,19 @@ def draw_curves(rows: list[Row], title: str = "") -> bytes:
 
 def curves_figure(rows: list[Row], title: str = "") -> Figure:
     """Accuracy (left) and losses (right) per round. Accuracy is drawn on 0..1, so a change of
-    1 % looks like one, and rounds are whole numbers on the x axes."""
+    1 % looks like one, and rounds are whole numbers on the x axes. A curve joins the rounds that
+    have its value: with `eval-every`, the evaluated ones."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    rounds = [r["round"] for r in rows]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_acc.plot(rounds, [_nan(r.get("accuracy")) for r in rows], marker=".")
+    ax_acc.plot(*_measured(rows, "accuracy"), marker=".")
     ax_acc.set(xlabel="round", ylabel="accuracy", title="test accuracy", ylim=(0.0, 1.0))
     for key, label in (("train_loss", "train"), ("eval_loss", "eval")):
-        ax_loss.plot(rounds, [_nan(r.get(key)) for r in rows], marker=".", label=label)
+        ax_loss.plot(*_measured(rows, key), marker=".", label=label)
     ax_loss.set(xlabel="round", ylabel="loss", title="loss")
     ax_loss.legend()
     for ax in (ax_acc, ax_loss):
@@ -100,8 +108,10 @@ def curves_figure(rows: list[Row], title: str = "") -> Figure:
     return fig
 
 
-def _nan(value: float | None) -> float:
-    return math.nan if value is None else value
+def _measured(rows: list[Row], key: str) -> tuple[list[float], list[float]]:
+    """The rounds that have a value of `key`, and those values."""
+    measured = [r for r in rows if r.get(key) is not None]
+    return [r["round"] for r in measured], [r[key] for r in measured]
 
 
 class Curves:
@@ -134,16 +144,19 @@ class RunReport:
     A plot that cannot be drawn is a warning: it never stops the run.
     """
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, rows: Iterable[Row] = ()) -> None:
+    def __init__(
+        self, run_dir: Path, cfg: RunConfig, rows: Iterable[Row] = (), evaluated_on: str | None = None
+    ) -> None:
         self.summary_path = run_dir / SUMMARY_FILE
         self.target_accuracy = cfg.target_accuracy
+        self.evaluated_on = evaluated_on
         self.rows = list(rows)
         self.curves = Curves(run_dir / CURVES_FILE, run_title(cfg), self.rows)
 
     def __call__(self, event: RoundEvent) -> None:
         row = event.row()
         self.rows.append(row)
-        write_summary(self.summary_path, summarize(self.rows, self.target_accuracy))
+        write_summary(self.summary_path, summarize(self.rows, self.target_accuracy, self.evaluated_on))
         with self._plot_failure_warned():
             self.curves.add(row)
 

@@ -122,17 +122,20 @@ STRATEGIES: dict[str, tuple[type[Strategy], Callable[[RunConfig], dict[str, Any]
 
 
 def build_strategy(cfg: RunConfig, *, federated_evaluation: bool) -> Strategy:
-    """Flower's strategy for `cfg.strategy`, sampling exactly `clients-per-round` nodes a round."""
+    """Flower's strategy for `cfg.strategy`, sampling exactly `clients-per-round` nodes a round.
+
+    With `federated_evaluation` it evaluates on every node it is shown: the ServerApp shows it
+    only the round's evaluation cohort (`eval-clients`, `fedserver.app`).
+    """
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy '{cfg.strategy}'; allowed: {', '.join(STRATEGIES)}")
     cls, own_kwargs = STRATEGIES[cfg.strategy]
-    eval_clients = (cfg.eval_clients or cfg.num_clients) if federated_evaluation else 0
     return cls(
         # fraction * nodes may round down; the minimum makes the sample exactly clients-per-round.
         fraction_train=cfg.clients_per_round / cfg.num_clients,
         min_train_nodes=cfg.clients_per_round,
-        fraction_evaluate=min(eval_clients, cfg.num_clients) / cfg.num_clients,
-        min_evaluate_nodes=min(eval_clients, cfg.num_clients),
+        fraction_evaluate=1.0 if federated_evaluation else 0.0,
+        min_evaluate_nodes=1 if federated_evaluation else 0,
         min_available_nodes=cfg.num_clients,
         **own_kwargs(cfg),
     )

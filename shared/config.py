@@ -84,6 +84,12 @@ SECAGG = Section(
     "Secure aggregation", "SecAgg+ (`shared/secagg`): the server learns only the sum of the clients' updates."
 )
 SAME_AS_SEED = -1  # `data-seed` default: the data is drawn with the run's `seed`
+EVERY_CLIENT = -1  # `eval-clients`: evaluate on every connected client
+# `eval-clients = 0`: evaluate on `clients-per-round` clients, but at least this many (all where
+# there are fewer). An evaluation's cost is then bounded by the round's size, not by the clients
+# registered (10,000 in a cross-device federation), while a hundred clients' held-out data is
+# enough that the score does not swing with which few clients happened to be drawn.
+DEFAULT_EVAL_CLIENTS = 100
 
 
 @dataclass(frozen=True)
@@ -210,7 +216,14 @@ class RunConfig:
     stop_at_target: bool = EVALUATION.option(False, "End the run at the round that reaches `target-accuracy`.")
     eval_batch_size: int = EVALUATION.option(1000, "Batch size of evaluation.")
     eval_clients: int = EVALUATION.option(
-        0, "Federated evaluation (datasets without a central test set): clients asked each round; 0 = all."
+        0,
+        "Federated evaluation (datasets without a central test set): clients sampled for each evaluation; "
+        "0 = `clients-per-round`, at least 100, at most `num-clients`; -1 = every client.",
+    )
+    eval_every: int = EVALUATION.option(
+        1,
+        "Rounds between evaluations; the last round is always evaluated. Rounds in between have no accuracy, "
+        "so `target-accuracy` is checked on evaluated rounds only. Training is the same whatever this is.",
     )
     vectorized: str = EXECUTION.option(
         "auto", "fedsim: train a round's clients together with `torch.func`; `auto` = only on CUDA."
@@ -274,6 +287,17 @@ class RunConfig:
     def hidden_sizes(self) -> tuple[int, ...]:
         return tuple(int(h) for h in self.hidden.split(",") if h.strip())
 
+    def eval_cohort(self, connected: int) -> int:
+        """Clients a federated evaluation samples among `connected` ones (`eval-clients`)."""
+        if self.eval_clients == EVERY_CLIENT:
+            return connected
+        wanted = self.eval_clients or max(self.clients_per_round, DEFAULT_EVAL_CLIENTS)
+        return min(wanted, connected)
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether `server_round` is evaluated: every `eval-every`-th round, and the last."""
+        return server_round % self.eval_every == 0 or server_round == self.rounds
+
     @property
     def effective_data_seed(self) -> int:
         """The seed every data draw uses: `data-seed`, or `seed` where that is -1."""
@@ -302,7 +326,7 @@ def _check_values(cfg: RunConfig) -> None:
         value = getattr(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is '{value}'; allowed: {', '.join(allowed)}")
-    positive = ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size")
+    positive = ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "eval_every")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"config key '{config_key(name)}' must be >= 1, got {getattr(cfg, name)}")
@@ -321,6 +345,8 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError("config keys 'min-replies' must be > 0, 'round-retries' and 'max-update-norm' >= 0")
     if cfg.proximal_mu < 0:
         raise ConfigError(f"config key 'proximal-mu' must be >= 0, got {cfg.proximal_mu}")
+    if cfg.eval_clients < EVERY_CLIENT:
+        raise ConfigError(f"config key 'eval-clients' must be >= 0, or -1 for every client, got {cfg.eval_clients}")
     if cfg.data_seed < SAME_AS_SEED:
         raise ConfigError(f"config key 'data-seed' must be >= 0, or -1 for the same as 'seed', got {cfg.data_seed}")
     try:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedclient.app import app as client_app
-from fedserver.app import run_federation
+from fedserver.app import evaluated_on, run_federation
 from fedserver.checkpoints import STATE_FILE, RunDirectory
 from fedserver.events import RoundCallback
-from fedserver.report import CURVES_FILE, SUMMARY_FILE, run_title, summarize, write_summary
+from fedserver.report import CURVES_FILE, SUMMARY_FILE, Summary, run_title, summarize, write_summary
 from shared.config import RunConfig
 from shared.data.federation import load_federation
 from shared.errors import FedsimError
@@ -38,7 +38,7 @@ LABELS_FILE = "labels.json"  # {class name: id}, where the data named its classe
 @dataclass(frozen=True)
 class SimulationResult:
     output: Path
-    summary: dict[str, float | int | None]
+    summary: Summary
     interrupted: bool
 
 
@@ -90,7 +90,7 @@ def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resum
         except BaseException:
             plot.cancel()  # the run failed: no plot, and no plotting process left behind
             raise
-    summary = summarize(rows, cfg.target_accuracy)
+    summary = summarize(rows, cfg.target_accuracy, evaluated_on(cfg))
     write_summary(output / SUMMARY_FILE, summary)
     _finish(plot)
     return SimulationResult(output, summary, interrupted)

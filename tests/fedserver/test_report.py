@@ -43,7 +43,8 @@ def test_a_deployed_server_app_leaves_a_summary_and_a_plot_in_its_run_dir(tmp_pa
     server_app(grid_for(cfg), server_context(cfg.to_mapping()))
 
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summarize(rows, cfg.target_accuracy)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary == summarize(rows, cfg.target_accuracy, "federated: all 6 clients' held-out data")
     assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -51,6 +52,32 @@ def test_wall_seconds_counts_every_round_before_and_after_a_resume():
     rows = [{"round": 1, "accuracy": 0.5, "seconds": 1.5}, {"round": 2, "accuracy": 0.6, "seconds": 2.25}]
 
     assert summarize(rows, target_accuracy=0.0)["wall_seconds"] == 3.75
+
+
+def test_rounds_between_evaluations_leave_the_final_and_best_scores_to_the_evaluated_ones():
+    rows = [
+        {"round": 1, "train_loss": 0.9, "eval_loss": None, "accuracy": None, "seconds": 1.0},
+        {"round": 2, "train_loss": 0.8, "eval_loss": 0.7, "accuracy": 0.6, "seconds": 1.0},
+        {"round": 3, "train_loss": 0.7, "eval_loss": None, "accuracy": None, "seconds": 1.0},
+    ]  # a run interrupted after round 3, evaluated every 2nd round
+
+    summary = summarize(rows, target_accuracy=0.5, evaluated_on="central test set (25 examples)")
+
+    assert summary["rounds"] == 3 and summary["evaluated_rounds"] == 1
+    assert (summary["final_accuracy"], summary["final_loss"], summary["final_accuracy_round"]) == (0.6, 0.7, 2)
+    assert summary["best_accuracy"] == 0.6 and summary["rounds_to_target"] == 2
+    assert summary["evaluated_on"] == "central test set (25 examples)"
+    assert summarize(rows[:1], target_accuracy=0.5)["final_accuracy"] is None
+
+
+def test_the_curves_join_the_evaluated_rounds():
+    rows = [_row(1), {**_row(2), "accuracy": None, "eval_loss": None}, _row(3)]
+
+    ax_acc, ax_loss = report.curves_figure(rows).axes
+
+    assert list(ax_acc.lines[0].get_xdata()) == [1, 3]
+    train, evaluation = ax_loss.lines
+    assert list(train.get_xdata()) == [1, 2, 3] and list(evaluation.get_xdata()) == [1, 3]
 
 
 def test_a_plot_that_cannot_be_drawn_is_a_warning_and_the_summary_is_kept(tmp_path, tiny_config, monkeypatch, caplog):

@@ -139,3 +139,28 @@ def test_data_seed_is_the_seed_unless_set():
     assert RunConfig.from_mapping({"seed": 3, "data-seed": 11}).effective_data_seed == 11
     with pytest.raises(ConfigError, match="'data-seed' must be >= 0, or -1 for the same as 'seed', got -2"):
         RunConfig(data_seed=-2)
+
+
+def test_the_default_evaluation_cohort_is_bounded_by_the_round_not_the_federation():
+    assert RunConfig(num_clients=10_000, clients_per_round=100).eval_cohort(10_000) == 100
+    assert RunConfig(num_clients=10_000, clients_per_round=10).eval_cohort(10_000) == 100  # at least 100
+    assert RunConfig(num_clients=10_000, clients_per_round=500).eval_cohort(10_000) == 500
+    assert RunConfig(num_clients=30, clients_per_round=10).eval_cohort(30) == 30  # small federations: all
+    assert RunConfig(num_clients=10_000, clients_per_round=100).eval_cohort(40) == 40  # only those connected
+
+
+def test_eval_clients_asks_for_a_number_or_every_client():
+    assert RunConfig(num_clients=10_000, eval_clients=7).eval_cohort(10_000) == 7
+    assert RunConfig(num_clients=10_000, eval_clients=-1).eval_cohort(10_000) == 10_000
+    assert RunConfig(num_clients=30, eval_clients=50).eval_cohort(30) == 30
+    with pytest.raises(ConfigError, match="'eval-clients' must be >= 0, or -1 for every client, got -2"):
+        RunConfig(eval_clients=-2)
+
+
+def test_eval_every_evaluates_its_multiples_and_the_last_round():
+    cfg = RunConfig(rounds=7, eval_every=3)
+
+    assert [r for r in range(1, 8) if cfg.evaluates(r)] == [3, 6, 7]
+    assert all(RunConfig(rounds=4).evaluates(r) for r in range(1, 5))
+    with pytest.raises(ConfigError, match="'eval-every' must be >= 1, got 0"):
+        RunConfig(eval_every=0)

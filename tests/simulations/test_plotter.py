@@ -67,3 +67,12 @@ def test_the_progress_bar_shows_the_round_and_latest_metrics():
     bar(_event(2))
     assert stream.getvalue().splitlines()[-1].startswith("[####....] round 2/4 | acc 0.5000 | loss 0.6000")
     assert stream.getvalue().rstrip().endswith("0.2s")
+
+
+def test_between_evaluations_the_progress_bar_shows_the_last_scores_and_their_round():
+    stream = io.StringIO()
+    bar = ProgressBar(stream=stream, width=8)
+    bar(_event(1))
+    bar(RoundEvent(2, 4, train_loss=0.25, eval_loss=None, accuracy=None, seconds=0.1))
+
+    assert "| acc 0.5000 | loss 1.2000 (round 1) | train 0.2500 |" in stream.getvalue().splitlines()[-1]
