@@ -31,7 +31,10 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.json"
 CHECKPOINT_DIR = "checkpoints"
 # Keys that may change between a run and its resumption without changing its results so far.
-RESUMABLE_CHANGES = frozenset({"rounds", "run-dir", "target-accuracy", "stop-at-target", "round-timeout"})
+# Evaluation keys qualify because evaluation sampling leaves the training stream untouched.
+RESUMABLE_CHANGES = frozenset(
+    {"rounds", "run-dir", "target-accuracy", "stop-at-target", "round-timeout", "eval-clients", "eval-every"}
+)
 
 
 

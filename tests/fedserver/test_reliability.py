@@ -127,6 +127,16 @@ def test_a_run_saved_before_a_key_existed_resumes_with_its_default(tmp_path, tin
     assert result.summary["rounds"] == 2
 
 
+def test_a_resume_may_evaluate_differently_and_trains_the_same(tmp_path, tiny_config):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    engine.run_simulation(tiny_config(rounds=3), straight, progress=False)
+    engine.run_simulation(tiny_config(rounds=1), resumed, progress=False)
+
+    engine.run_simulation(tiny_config(rounds=3, eval_every=2, eval_clients=2), resumed, progress=False, resume=True)
+
+    assert (resumed / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+
+
 def failing_nodes(monkeypatch, nodes: set[int]) -> None:
     real_train = task.train
 
