@@ -56,7 +56,8 @@ class FlowerApp:
 
     `run_config` is the app's `[tool.flwr.app.config]` merged with `--run-config`, as `flwr run`
     merges them; every node and the ServerApp see it. Node `i` (0 <= i < num_supernodes) gets
-    the node config `simulation_node_config(num_supernodes)(i)`.
+    the node config `node_config(i)`. A worker process rebuilds the ClientApp with
+    `load_client_app()`.
     """
 
     directory: Path
@@ -64,6 +65,10 @@ class FlowerApp:
     client_ref: str
     run_config: UserConfig = field(hash=False)
     num_supernodes: int
+
+    def node_config(self, partition_id: int) -> UserConfig:
+        """Node `partition_id`'s `Context.node_config`, as in Flower's simulation."""
+        return simulation_node_config(self.num_supernodes)(partition_id)
 
     def load_server_app(self) -> ServerApp:
         return _load(self.server_ref, "serverapp", self.directory, ServerApp)
@@ -114,7 +119,9 @@ def _read_project(directory: Path) -> dict[str, Any]:
 
 
 def _configured_num_supernodes(project: dict[str, Any]) -> object:
-    federations = project["tool"]["flwr"].get("federations", {})
+    federations = project["tool"]["flwr"].get("federations")
+    if not isinstance(federations, dict):
+        return DEFAULT_SIMULATION_CONFIG.num_supernodes
     for name in (federations.get("default"), LOCAL_SIMULATION):
         federation = federations.get(name) if isinstance(name, str) else None
         options = federation.get("options") if isinstance(federation, dict) else None
@@ -212,7 +219,7 @@ def run_flower_app(app: FlowerApp, output: Path) -> AppRunResult:
         raise AppError(f"{output} already holds a run: choose another --output")
     server_app, client_app = app.load_server_app(), app.load_client_app()
     grid = CountingGrid(
-        InProcessGrid(client_app, app.num_supernodes, app.run_config, simulation_node_config(app.num_supernodes))
+        InProcessGrid(client_app, app.num_supernodes, app.run_config, app.node_config)
     )
     started, interrupted = time.perf_counter(), False
     try:

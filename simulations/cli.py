@@ -81,24 +81,31 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(config, args.overrides)
     output = args.resume or args.output or default_output(args.config)
     result = run_simulation(cfg, output, progress=not args.quiet, resume=args.resume is not None)
-    print(json.dumps(result.summary, indent=2))
-    print(f"outputs in {result.output}/ (config.toml, metrics.jsonl, summary.json, curves.png, model.safetensors)")
-    if result.interrupted:
-        print(f"{PROG}: interrupted; what was written is kept", file=sys.stderr)
-        return ExitCode.INTERRUPTED
-    return ExitCode.OK
+    files = "config.toml, metrics.jsonl, summary.json, curves.png, model.safetensors"
+    return report(result.summary, f"{result.output}/ ({files})", result.interrupted)
 
 
 def run_app(args: argparse.Namespace) -> int:
     from simulations.apps import TIMING_FILE, load_flower_app, run_flower_app  # Flower loads only for a run
 
     app = load_flower_app(args.app, args.run_config, args.num_supernodes)
+    flower_log = logging.getLogger("flwr")
+    level = flower_log.level
     if args.quiet:
-        logging.getLogger("flwr").setLevel(logging.WARNING)  # the app's Flower log: warnings only
-    result = run_flower_app(app, args.output or default_output(app.directory))
-    print(json.dumps(result.timing, indent=2))
-    print(f"outputs in {result.output}/ ({TIMING_FILE}); the app's own outputs are where it writes them")
-    if result.interrupted:
+        flower_log.setLevel(logging.WARNING)  # the app's Flower log: warnings only
+    try:
+        result = run_flower_app(app, args.output or default_output(app.directory))
+    finally:
+        flower_log.setLevel(level)
+    where = f"{result.output}/ ({TIMING_FILE}); the app's own outputs are where it writes them"
+    return report(result.timing, where, result.interrupted)
+
+
+def report(summary: dict[str, object], outputs: str, interrupted: bool) -> int:
+    """Print a run's summary and where its outputs are; return the exit status."""
+    print(json.dumps(summary, indent=2))
+    print(f"outputs in {outputs}")
+    if interrupted:
         print(f"{PROG}: interrupted; what was written is kept", file=sys.stderr)
         return ExitCode.INTERRUPTED
     return ExitCode.OK

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -284,6 +285,9 @@ def test_fedsim_ends_where_flowers_ray_engine_ends(tmp_path, app, nodes, expecte
 
     # Assert
     assert engine.returncode == 0, engine.stderr[-3000:]
+    replies = [int(n) for n in re.findall(r"aggregate_train: Received (\d+) results", engine.stderr)]
+    if replies and min(replies) < nodes:  # seen at Ray's start-up on a busy machine: no reference
+        pytest.skip(f"Flower's Ray engine lost train messages (replies per round: {replies})")
     assert code == 0
     np.testing.assert_allclose(np.load(fedsim_result), np.load(ray_result), rtol=1e-12)
     np.testing.assert_allclose(np.load(ray_result), expected, rtol=1e-12)
