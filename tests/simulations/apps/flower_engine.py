@@ -30,7 +30,7 @@ def main(directory: str, num_supernodes: str, *run_config: str) -> None:
     run = new_run(1, override_config=app.run_config, primary_task_id=1, federation_id=NOOP_FEDERATION_ID)
     set_task_identity(task_id=1, run_id=1, node_id=SUPERLINK_NODE_ID)
     context = Context(run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=app.run_config)
-    logging.getLogger("flwr").setLevel(logging.INFO)  # its "Received N results" lines show lost messages
+    logging.getLogger("flwr").setLevel(logging.INFO)  # its "Sampled N nodes" lines show a short round
     try:
         run_simulation_with_context(
             num_supernodes=app.num_supernodes,
