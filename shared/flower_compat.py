@@ -285,8 +285,8 @@ def sampling_from(strategy: Strategy, connected: int) -> Iterator[None]:
 def parse_run_config(overrides: list[str]) -> dict[str, Any]:
     """The `--run-config` strings of `flwr run` as the flat dict Flower's `parse_config_args` makes.
 
-    Each string holds space-separated `key=value` pairs, the values read as TOML (or a string is
-    one `.toml` file of overrides). Raises ValueError for what Flower refuses: it raises click's
+    Each string holds space-separated `key=value` pairs, the values read as TOML; a single
+    string ending in `.toml` is a file of overrides. Raises ValueError for what Flower refuses: it raises click's
     ClickException for a value that is not TOML, which is turned into a ValueError here.
     """
     from click import ClickException  # a dependency of Flower's CLI, which its config module imports

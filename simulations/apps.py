@@ -89,7 +89,7 @@ def load_flower_app(directory: Path, run_config: list[str], num_supernodes: int 
     project = _read_project(directory)
     components = project["tool"]["flwr"]["app"]["components"]
     for kind in ("serverapp", "clientapp"):
-        if not isinstance(components.get(kind), str):
+        if not isinstance(components, dict) or not isinstance(components.get(kind), str):
             raise AppError(f"{directory / APP_FILE}: [tool.flwr.app.components] names no {kind}")
     nodes = num_supernodes if num_supernodes is not None else _configured_num_supernodes(project)
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
