@@ -3,16 +3,18 @@
     python tests/simulations/apps/flower_engine.py APP_DIR NUM_SUPERNODES [RUN_CONFIG ...]
 
 The reference for `fedsim run --app` (tests/simulations/test_apps.py): the same app, run config
-and node count, the ServerApp and ClientApp on Flower's Ray engine. Run in its own process, so
-that Ray's processes end with it.
+and node count, the ServerApp and ClientApp on Flower's Ray engine, every node registered before
+the ServerApp starts (as in fedsim). Run in its own process, so that Ray's processes end with it.
 """
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import ray
 from flwr.app import Context, RecordDict
+from flwr.serverapp import Grid, ServerApp
 
 from shared.flower_compat import (
     NOOP_FEDERATION_ID,
@@ -23,6 +25,23 @@ from shared.flower_compat import (
     set_task_identity,
 )
 from simulations.apps import load_flower_app
+
+
+def once_all_registered(server_app: ServerApp, nodes: int) -> ServerApp:
+    """The app's ServerApp, called once Flower's engine has registered all its nodes.
+
+    Flower's engine starts the ServerApp while it registers the nodes, so a strategy that waits
+    for fewer than all (FedAvg waits for 2) may sample fewer in its first round.
+    """
+    waiting = ServerApp()
+
+    @waiting.main()
+    def main(grid: Grid, context: Context) -> None:
+        while len(list(grid.get_node_ids())) < nodes:
+            time.sleep(0.1)
+        server_app(grid=grid, context=context)
+
+    return waiting
 
 
 def main(directory: str, num_supernodes: str, *run_config: str) -> None:
@@ -36,7 +55,7 @@ def main(directory: str, num_supernodes: str, *run_config: str) -> None:
             num_supernodes=app.num_supernodes,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
             client_app=app.load_client_app(),
-            server_app=app.load_server_app(),
+            server_app=once_all_registered(app.load_server_app(), app.num_supernodes),
             backend_name="ray",
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                             "init_args": {"num_cpus": 2, "logging_level": "error", "log_to_driver": False}},

@@ -11,8 +11,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run FedAvg with every node each round; save the final array where `result-path` says."""
-    strategy = FedAvg(min_available_nodes=int(context.run_config["min-nodes"]))
-    result = strategy.start(
+    result = FedAvg().start(
         grid=grid,
         initial_arrays=ArrayRecord([np.zeros(3)]),
         num_rounds=int(context.run_config["num-server-rounds"]),
