@@ -108,6 +108,14 @@ DEFERRED_IMPORTS: dict[str, tuple[str, str]] = {
     "get_project_dir": ("flwr.common.config", "get_project_dir"),
     "get_load_client_app_fn": ("flwr.clientapp.utils", "get_load_client_app_fn"),
     "LoadClientAppError": ("flwr.clientapp.client_app", "LoadClientAppError"),
+    # A Flower app directory, read as `flwr run` reads it (simulations/apps.py): the checks on
+    # its pyproject.toml, the run config merge, Flower's loader (it puts the app's directory on
+    # sys.path), and the number of SuperNodes a local simulation has when none is configured.
+    "validate_fields_in_config": ("flwr.common.config", "validate_fields_in_config"),
+    "get_fused_config_from_dir": ("flwr.common.config", "get_fused_config_from_dir"),
+    "flatten_dict": ("flwr.common.config", "flatten_dict"),
+    "load_app": ("flwr.supercore.object_ref", "load_app"),
+    "DEFAULT_SIMULATION_CONFIG": ("flwr.supercore.constant", "DEFAULT_SIMULATION_CONFIG"),
     # The SuperLink's Control API, as the `flwr` CLI uses it (fedserver/control.py).
     "ControlHttpClient": ("flwr.supercore.control", "ControlHttpClient"),
     "CliClientHttpInterceptor": ("flwr.cli.cli_client_interceptor", "CliClientHttpInterceptor"),
@@ -155,6 +163,7 @@ __all__ = [
     "is_http_grid",
     "npy_view",
     "sampling_from",
+    "parse_run_config",
     *DEFERRED_IMPORTS,
 ]
 
@@ -271,3 +280,19 @@ def sampling_from(strategy: Strategy, connected: int) -> Iterator[None]:
     finally:
         for name, value in saved.items():
             setattr(strategy, name, value)
+
+
+def parse_run_config(overrides: list[str]) -> dict[str, Any]:
+    """The `--run-config` strings of `flwr run` as the flat dict Flower's `parse_config_args` makes.
+
+    Each string holds space-separated `key=value` pairs, the values read as TOML; a single
+    string ending in `.toml` is a file of overrides. Raises ValueError for what Flower refuses: it raises click's
+    ClickException for a value that is not TOML, which is turned into a ValueError here.
+    """
+    from click import ClickException  # a dependency of Flower's CLI, which its config module imports
+    from flwr.common.config import parse_config_args
+
+    try:
+        return parse_config_args(overrides)
+    except ClickException as err:
+        raise ValueError(err.message) from err

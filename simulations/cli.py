@@ -1,10 +1,14 @@
-"""`fedsim run [CONFIG.toml | --config CONFIG.toml] [--set key=value ...] [--output DIR]`: parse, then call the engine."""
+"""`fedsim run [CONFIG.toml | --config CONFIG.toml] [--set key=value ...] [--output DIR]`: parse, then call the engine.
+
+`fedsim run --app DIR [--run-config 'key=value ...'] [--num-supernodes N]` runs a Flower app
+directory instead (simulations/apps.py)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -28,7 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, help="output directory (default runs/<config name>-<time>)")
     run.add_argument("--resume", type=Path, metavar="DIR",
                      help="go on with the run in DIR after its last completed round (its config.toml, plus --set)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", action="store_true", help="no progress bar (with --app: no Flower INFO log)")
+    app = run.add_argument_group("a Flower app (instead of a platform config)")
+    app.add_argument("--app", type=Path, metavar="DIR",
+                     help="run the Flower app in DIR (its pyproject.toml names a serverapp and a clientapp)")
+    app.add_argument("--run-config", dest="run_config", action="append", default=[], metavar="'KEY=VALUE ...'",
+                     help="override the app's [tool.flwr.app.config], as 'flwr run --run-config' (repeatable)")
+    app.add_argument("--num-supernodes", type=int, metavar="N",
+                     help="virtual nodes (default: the app's local-simulation federation, else Flower's default)")
     return parser
 
 
@@ -40,7 +51,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.config = args.config or args.config_arg
     if args.resume is not None and (args.config is not None or args.output is not None):
         raise UsageError("--resume DIR takes its config and output from DIR")
+    _check_app_args(args)
     return args
+
+
+def _check_app_args(args: argparse.Namespace) -> None:
+    """`--app` brings its own config; `--run-config` and `--num-supernodes` are for an app only."""
+    if args.app is None:
+        if args.run_config or args.num_supernodes is not None:
+            raise UsageError("--run-config and --num-supernodes go with --app DIR")
+        return
+    platform = [name for name, given in (("CONFIG", args.config), ("--set", args.overrides),
+                                         ("--resume", args.resume)) if given]  # fmt: skip
+    if platform:
+        raise UsageError(f"--app runs a Flower app with its own config: give --run-config, not {', '.join(platform)}")
 
 
 def default_output(config: Path | None) -> Path:
@@ -49,15 +73,39 @@ def default_output(config: Path | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.app is not None:
+        return run_app(args)
     from simulations.engine import CONFIG_FILE, run_simulation  # torch and Flower load only for a run
 
     config = args.resume / CONFIG_FILE if args.resume else args.config
     cfg = load_config(config, args.overrides)
     output = args.resume or args.output or default_output(args.config)
     result = run_simulation(cfg, output, progress=not args.quiet, resume=args.resume is not None)
-    print(json.dumps(result.summary, indent=2))
-    print(f"outputs in {result.output}/ (config.toml, metrics.jsonl, summary.json, curves.png, model.safetensors)")
-    if result.interrupted:
+    files = "config.toml, metrics.jsonl, summary.json, curves.png, model.safetensors"
+    return report(result.summary, f"{result.output}/ ({files})", result.interrupted)
+
+
+def run_app(args: argparse.Namespace) -> int:
+    from simulations.apps import TIMING_FILE, load_flower_app, run_flower_app  # Flower loads only for a run
+
+    app = load_flower_app(args.app, args.run_config, args.num_supernodes)
+    flower_log = logging.getLogger("flwr")
+    level = flower_log.level
+    if args.quiet:
+        flower_log.setLevel(logging.WARNING)  # the app's Flower log: warnings only
+    try:
+        result = run_flower_app(app, args.output or default_output(app.directory))
+    finally:
+        flower_log.setLevel(level)
+    where = f"{result.output}/ ({TIMING_FILE}); the app's own outputs are where it writes them"
+    return report(result.timing, where, result.interrupted)
+
+
+def report(summary: dict[str, object], outputs: str, interrupted: bool) -> int:
+    """Print a run's summary and where its outputs are; return the exit status."""
+    print(json.dumps(summary, indent=2))
+    print(f"outputs in {outputs}")
+    if interrupted:
         print(f"{PROG}: interrupted; what was written is kept", file=sys.stderr)
         return ExitCode.INTERRUPTED
     return ExitCode.OK

@@ -52,6 +52,10 @@ CALLS = {
     "arrayrecord_to_parameters": (1, ["keep_input"]),
     "share_keys_plaintext_concat": (4, []),
     "share_keys_plaintext_separate": (1, []),
+    "validate_fields_in_config": (1, []),
+    "get_fused_config_from_dir": (2, []),
+    "flatten_dict": (1, []),
+    "load_app": (3, []),
     "run_simulation_with_context": (
         0,
         ["num_supernodes", "exit_event", "client_app", "server_app", "backend_name", "backend_config",
@@ -197,6 +201,18 @@ def test_a_new_run_has_the_fields_given():
     assert (run.run_id, run.override_config, run.primary_task_id) == (3, {"rounds": 2}, 1)
     assert run.federation_id == compat.NOOP_FEDERATION_ID
     assert compat.new_run(4).override_config == {}
+
+
+def test_run_config_strings_parse_as_flwr_run_parses_them():
+    assert compat.parse_run_config(["lr=0.1 name='a b'", "rounds=3 deep.key=true"]) == {
+        "lr": 0.1, "name": "a b", "rounds": 3, "deep.key": True
+    }
+    with pytest.raises(ValueError, match="invalid format"):  # Flower's message, as a ValueError
+        compat.parse_run_config(["lr=abc"])
+
+
+def test_a_local_simulation_has_flowers_default_number_of_supernodes():
+    assert compat.DEFAULT_SIMULATION_CONFIG.num_supernodes == 2, f"Flower {VERSION}: docs/simulation.md says 2"
 
 
 def test_only_flowers_http_grid_is_recognised():

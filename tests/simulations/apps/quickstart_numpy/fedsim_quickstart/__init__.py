@@ -1,0 +1,1 @@
+"""fedsim-quickstart: the shape of Flower's quickstart-numpy example, deterministic."""
