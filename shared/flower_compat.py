@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, Message
+from flwr.app import Array, Context, Message, RecordDict
 from flwr.serverapp.strategy import Strategy
 
 FLOWER_VERSION = version("flwr")
@@ -108,6 +108,15 @@ DEFERRED_IMPORTS: dict[str, tuple[str, str]] = {
     "get_project_dir": ("flwr.common.config", "get_project_dir"),
     "get_load_client_app_fn": ("flwr.clientapp.utils", "get_load_client_app_fn"),
     "LoadClientAppError": ("flwr.clientapp.client_app", "LoadClientAppError"),
+    # Flower's wire format of a Message and a Context, as a SuperNode sends them to its ClientApp
+    # process: what carries a message to fedsim's worker processes (see `message_to_bytes`).
+    "ProtoMessage": ("flwr.proto.message_pb2", "Message"),
+    "ProtoContext": ("flwr.proto.message_pb2", "Context"),
+    "metadata_to_proto": ("flwr.common.serde_utils", "metadata_to_proto"),
+    "recorddict_to_proto": ("flwr.common.serde", "recorddict_to_proto"),
+    "error_to_proto": ("flwr.common.serde_utils", "error_to_proto"),
+    "message_from_proto": ("flwr.common.serde", "message_from_proto"),
+    "context_to_proto": ("flwr.common.serde", "context_to_proto"),
     # The SuperLink's Control API, as the `flwr` CLI uses it (fedserver/control.py).
     "ControlHttpClient": ("flwr.supercore.control", "ControlHttpClient"),
     "CliClientHttpInterceptor": ("flwr.cli.cli_client_interceptor", "CliClientHttpInterceptor"),
@@ -155,6 +164,10 @@ __all__ = [
     "is_http_grid",
     "npy_view",
     "sampling_from",
+    "message_to_bytes",
+    "message_from_bytes",
+    "context_to_bytes",
+    "context_from_bytes",
     *DEFERRED_IMPORTS,
 ]
 
@@ -271,3 +284,41 @@ def sampling_from(strategy: Strategy, connected: int) -> Iterator[None]:
     finally:
         for name, value in saved.items():
             setattr(strategy, name, value)
+
+
+def _deferred(name: str) -> Any:
+    """A `DEFERRED_IMPORTS` name from inside this module (module globals skip `__getattr__`)."""
+    return globals()[name] if name in globals() else __getattr__(name)
+
+
+def message_to_bytes(message: Message, content: RecordDict | None = None) -> bytes:
+    """`message` in Flower's wire format (its protobuf), with `content` in place of its own if given.
+
+    Relies on `flwr.proto.message_pb2.Message` having the fields `metadata`, `content`, `error`,
+    filled by Flower's serde as `message_to_proto` does.
+    """
+    proto = _deferred("ProtoMessage")(metadata=_deferred("metadata_to_proto")(message.metadata))
+    if message.has_error():
+        proto.error.CopyFrom(_deferred("error_to_proto")(message.error))
+    else:
+        proto.content.CopyFrom(_deferred("recorddict_to_proto")(message.content if content is None else content))
+    return proto.SerializeToString()
+
+
+def message_from_bytes(data: bytes) -> Message:
+    """The Message `message_to_bytes` wrote."""
+    proto = _deferred("ProtoMessage")()
+    proto.ParseFromString(data)
+    return _deferred("message_from_proto")(proto)
+
+
+def context_to_bytes(context: Context) -> bytes:
+    """`context` (node config, state, run config) in Flower's wire format."""
+    return _deferred("context_to_proto")(context).SerializeToString()
+
+
+def context_from_bytes(data: bytes) -> Context:
+    """The Context `context_to_bytes` wrote."""
+    proto = _deferred("ProtoContext")()
+    proto.ParseFromString(data)
+    return _deferred("context_from_proto")(proto)

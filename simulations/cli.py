@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, help="output directory (default runs/<config name>-<time>)")
     run.add_argument("--resume", type=Path, metavar="DIR",
                      help="go on with the run in DIR after its last completed round (its config.toml, plus --set)")
+    run.add_argument("--workers", metavar="N", help="processes training clients in parallel: a count or 'auto' (= --set workers=N)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -52,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from simulations.engine import CONFIG_FILE, run_simulation  # torch and Flower load only for a run
 
     config = args.resume / CONFIG_FILE if args.resume else args.config
-    cfg = load_config(config, args.overrides)
+    workers = [f"workers={args.workers}"] if args.workers is not None else []
+    cfg = load_config(config, [*args.overrides, *workers])
     output = args.resume or args.output or default_output(args.config)
     result = run_simulation(cfg, output, progress=not args.quiet, resume=args.resume is not None)
     print(json.dumps(result.summary, indent=2))

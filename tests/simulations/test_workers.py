@@ -1,0 +1,131 @@
+"""Parallel clients: worker processes give the results of one process, keep state, survive a death."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from shared.config import ConfigError, RunConfig
+from shared.processes import is_alive
+from simulations.engine import run_simulation
+from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_config
+from simulations.workers import WorkerPool, worker_count
+
+NODES = 6
+DIE_AT = "die"  # a message whose config holds this key makes the worker serving it exit at once
+INTERRUPT_AT = "interrupt"  # ... makes it send Ctrl-C to the pool's process
+
+
+def state_app() -> ClientApp:
+    """A ClientApp counting its calls in Context.state, echoing the sum of its arrays and its process."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config = msg.content["config"]
+        if DIE_AT in config and config[DIE_AT] == context.node_config["partition-id"]:
+            os._exit(9)
+        if INTERRUPT_AT in config:
+            os.kill(os.getppid(), signal.SIGINT)
+        calls = context.state.config_records.get("calls", ConfigRecord({"n": 0}))
+        calls["n"] = int(calls["n"]) + 1
+        context.state["calls"] = calls
+        total = float(sum(a.sum() for a in msg.content["arrays"].to_numpy_ndarrays()))
+        metrics = MetricRecord({"calls": calls["n"], "sum": total, "pid": os.getpid()})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def make_grid(pool: WorkerPool) -> InProcessGrid:
+    return InProcessGrid(state_app(), NODES, {"k": 1}, simulation_node_config(NODES), batch_runner=pool)
+
+
+def train_messages(grid: InProcessGrid, **config: int) -> list[Message]:
+    arrays = ArrayRecord([np.arange(4, dtype=np.float32)])  # one record for all: the global weights
+    content = lambda: RecordDict({"arrays": arrays, "config": ConfigRecord(config)})  # noqa: E731
+    return [grid.create_message(content(), "train", node, group_id="1") for node in grid.get_node_ids()]
+
+
+@pytest.fixture
+def pool():
+    with WorkerPool(state_app, 2) as workers:
+        yield workers
+
+
+def test_state_persists_across_rounds_whichever_worker_serves_a_node(pool):
+    grid = make_grid(pool)
+
+    first = grid.send_and_receive(train_messages(grid))
+    second = grid.send_and_receive(train_messages(grid))
+
+    assert [r.content["metrics"]["calls"] for r in first] == [1] * NODES
+    assert [r.content["metrics"]["calls"] for r in second] == [2] * NODES
+    assert [r.content["metrics"]["sum"] for r in second] == [6.0] * NODES  # the shared weights arrived whole
+    assert [r.metadata.src_node_id for r in second] == grid.get_node_ids()  # replies in message order
+    assert {r.content["metrics"]["pid"] for r in first + second} <= set(pool.pids)
+    assert grid.context(FIRST_NODE_ID).state.config_records["calls"]["n"] == 2
+
+
+def test_a_dead_worker_makes_its_message_an_error_and_is_replaced(pool):
+    grid = make_grid(pool)
+    before = set(pool.pids)
+
+    replies = grid.send_and_receive(train_messages(grid, die=3))
+    after = grid.send_and_receive(train_messages(grid))
+
+    errors = [r.metadata.src_node_id for r in replies if r.has_error()]
+    assert errors == [FIRST_NODE_ID + 3]
+    assert "died" in replies[3].error.reason
+    assert len(pool.pids) == 2 and set(pool.pids) != before
+    assert not any(r.has_error() for r in after)
+    assert after[3].content["metrics"]["calls"] == 1  # the lost message left the node's state as it was
+
+
+def test_ctrl_c_stops_every_worker():
+    pool = WorkerPool(state_app, 2)
+    grid = make_grid(pool)
+    pids = pool.pids
+
+    with pytest.raises(KeyboardInterrupt), pool:
+        grid.send_and_receive(train_messages(grid, interrupt=1))
+
+    assert pids and not any(is_alive(pid) for pid in pids)
+
+
+def test_a_client_app_that_cannot_be_built_gives_error_replies():
+    with WorkerPool(broken_app, 1) as pool:
+        grid = make_grid(pool)
+        replies = grid.send_and_receive(train_messages(grid))
+
+    assert all(r.has_error() and "could not be loaded" in r.error.reason for r in replies)
+
+
+def broken_app() -> ClientApp:
+    raise RuntimeError("no such app")
+
+
+def test_two_workers_give_the_weights_of_one_process(tiny_config, tmp_path):
+    cfg = tiny_config(rounds=2)
+
+    run_simulation(cfg, tmp_path / "one", progress=False)
+    run_simulation(cfg.replace(workers="2"), tmp_path / "two", progress=False)
+
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("value", [0, -1, "abc", "0"])
+def test_workers_below_one_or_not_a_count_is_a_one_line_error(value, tiny_config):
+    with pytest.raises(ConfigError, match=r"config key 'workers' must be 'auto' or an integer >= 1") as err:
+        tiny_config(workers=value)
+    assert "\n" not in str(err.value)
+
+
+def test_workers_takes_a_count_or_auto():
+    assert RunConfig.from_mapping({"workers": 3}).workers == "3"
+    assert worker_count("3", clients_per_round=10) == 3
+    assert worker_count("auto", clients_per_round=2) == 1  # too small a round to pay for processes
+    assert 1 <= worker_count("auto", clients_per_round=100) <= os.cpu_count()
