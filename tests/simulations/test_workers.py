@@ -9,7 +9,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from shared.config import ConfigError, RunConfig
+from shared.errors import ExitCode
 from shared.processes import is_alive
+from simulations import cli
 from simulations.engine import run_simulation
 from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_config
 from simulations.workers import WorkerPool, worker_count
@@ -129,3 +131,12 @@ def test_workers_takes_a_count_or_auto():
     assert worker_count("3", clients_per_round=10) == 3
     assert worker_count("auto", clients_per_round=2) == 1  # too small a round to pay for processes
     assert 1 <= worker_count("auto", clients_per_round=100) <= os.cpu_count()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc"])
+def test_fedsim_run_workers_flag_refuses_a_bad_count_in_one_line(value, tmp_path, capsys):
+    code = cli.main(["run", "--workers", value, "--output", str(tmp_path / "run"), "--quiet"])
+
+    err = capsys.readouterr().err.strip()
+    assert code == ExitCode.USAGE and "config key 'workers'" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
