@@ -17,8 +17,8 @@ the strategy aggregates them in the same order as in one process. The largest cl
 `size`) are handed out first, each worker taking the next message when it replies, so a round
 does not end waiting on one straggler.
 
-A worker that dies turns the message it was serving into an error reply (the round's quorum
-decides) and is replaced. Workers ignore Ctrl-C (the terminal sends it to every process of the
+A worker that dies turns the messages it held (the one it was serving, and the next one
+queued behind it) into error replies (the round's quorum decides) and is replaced. Workers ignore Ctrl-C (the terminal sends it to every process of the
 group); the pool stops them all when it is closed, and a worker whose parent is gone exits at
 its next read. Each worker reads its data through the normal loaders (the federation's
 `load_federation`) on first use: nothing of the dataset is pickled to it.
@@ -32,7 +32,7 @@ import signal
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
 
@@ -50,6 +50,7 @@ from simulations.grid import call_client, error_reply
 
 AUTO = "auto"
 AUTO_MIN_CLIENTS = 4  # `auto` trains in process below this many clients a round: start-up would not pay
+PREFETCH_BYTES = 16 << 10  # a busy worker is sent its next message ahead when it is this small at most
 STOP_GRACE = 5.0  # seconds a worker gets to exit on SIGTERM before SIGKILL
 
 AppFactory = Callable[[], ClientApp]  # picklable (a module-level function): builds a worker's ClientApp
@@ -101,7 +102,7 @@ class _Task:
 class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: Connection
-    task: _Task | None = None  # the message it is serving
+    tasks: deque[_Task] = field(default_factory=deque)  # sent, not yet answered: the first is being served
 
 
 class WorkerPool:
@@ -133,8 +134,7 @@ class WorkerPool:
             while len(replies) < len(messages):
                 self._hand_out(todo)
                 for worker in self._ready():
-                    index, reply = self._collect(worker, messages, contexts)
-                    replies[index] = reply
+                    replies.update(self._collect(worker, messages, contexts))
         return [replies[i] for i in range(len(messages))]
 
     def close(self) -> None:
@@ -175,40 +175,48 @@ class WorkerPool:
         return _Task(index, message_to_bytes(message, light), context_to_bytes(context), block, records)
 
     def _hand_out(self, todo: deque[_Task]) -> None:
+        """Keep every worker busy: a message to serve, and the next one queued when it is small.
+
+        Queuing one ahead spares a worker waiting on this process between messages; only small
+        ones, so a send never blocks on a pipe the worker is writing its reply into.
+        """
         for worker in self._workers:
-            if worker.task is None and todo:
-                if not worker.process.is_alive():  # died between rounds
-                    worker = self._replace(worker)
-                worker.task = todo.popleft()
+            if not worker.tasks and not worker.process.is_alive():  # died between rounds
+                worker = self._replace(worker)
+            while todo and (not worker.tasks or (len(worker.tasks) == 1 and _small(todo[0]))):
+                worker.tasks.append(todo.popleft())
                 try:
-                    worker.conn.send(worker.task)
+                    worker.conn.send(worker.tasks[-1])
                 except OSError:  # it died: `_ready` reports it
-                    pass
+                    break
 
     def _ready(self) -> list[_Worker]:
-        busy = [w for w in self._workers if w.task is not None]
+        busy = [w for w in self._workers if w.tasks]
         handles = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
         return [w for w in busy if w.conn in handles or w.process.sentinel in handles]
 
-    def _collect(self, worker: _Worker, messages: list[Message], contexts: list[Context]) -> tuple[int, Message]:
-        """The reply of `worker`'s message; a worker that died gives an error reply and is replaced."""
-        task, worker.task = worker.task, None
-        assert task is not None
-        message = messages[task.index]
+    def _collect(self, worker: _Worker, messages: list[Message], contexts: list[Context]) -> dict[int, Message]:
+        """The reply to `worker`'s first message; a worker that died gives an error reply to each
+        message it held, and is replaced."""
         try:
             reply, context = worker.conn.recv()
         except (EOFError, OSError):
             self._replace(worker)
             reason = f"the worker process serving this node died (exit code {worker.process.exitcode})"
-            return task.index, error_reply(message, ErrorCode.CLIENT_APP_CRASHED, reason)
+            return {t.index: error_reply(messages[t.index], ErrorCode.CLIENT_APP_CRASHED, reason) for t in worker.tasks}
+        task = worker.tasks.popleft()
         contexts[task.index].state = context_from_bytes(context).state
-        return task.index, message_from_bytes(reply)
+        return {task.index: message_from_bytes(reply)}
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.conn.close()
         worker.process.join()
         new = self._workers[self._workers.index(worker)] = self._start()
         return new
+
+
+def _small(task: _Task) -> bool:
+    return len(task.message) + len(task.context) <= PREFETCH_BYTES
 
 
 @contextmanager

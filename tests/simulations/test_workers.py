@@ -79,12 +79,13 @@ def test_a_dead_worker_makes_its_message_an_error_and_is_replaced(pool):
     replies = grid.send_and_receive(train_messages(grid, die=3))
     after = grid.send_and_receive(train_messages(grid))
 
-    errors = [r.metadata.src_node_id for r in replies if r.has_error()]
-    assert errors == [FIRST_NODE_ID + 3]
-    assert "died" in replies[3].error.reason
+    lost = [i for i, r in enumerate(replies) if r.has_error()]
+    assert 3 in lost and len(lost) <= 2  # the message it served, and the one queued behind it
+    assert all("died" in replies[i].error.reason for i in lost)
     assert len(pool.pids) == 2 and set(pool.pids) != before
     assert not any(r.has_error() for r in after)
-    assert after[3].content["metrics"]["calls"] == 1  # the lost message left the node's state as it was
+    # a lost message left its node's state as it was
+    assert [r.content["metrics"]["calls"] for r in after] == [1 if i in lost else 2 for i in range(NODES)]
 
 
 def test_ctrl_c_stops_every_worker():
