@@ -127,6 +127,8 @@ class WorkerPool:
 
     def __call__(self, messages: list[Message], contexts: list[Context]) -> list[Message]:
         """The replies to `messages`, in their order, each node's Context.state updated."""
+        if not self._workers:
+            raise RuntimeError("the worker pool is closed")
         order = sorted(range(len(messages)), key=self._rank(contexts))
         replies: dict[int, Message] = {}
         with _shared_records(messages) as (block, shared):
@@ -170,8 +172,10 @@ class WorkerPool:
     def _task(
         self, index: int, message: Message, context: Context, block: str, shared: dict[int, tuple[int, tuple]]
     ) -> _Task:
-        records = {k: shared[id(v)] for k, v in message.content.items() if id(v) in shared} if message.has_content() else {}
-        light = RecordDict({k: ArrayRecord() if k in records else v for k, v in message.content.items()}) if records else None
+        """The message to send: its ArrayRecords left empty, their place in `block` given instead."""
+        content = message.content.items() if message.has_content() else []
+        records = {key: shared[id(record)] for key, record in content if id(record) in shared}
+        light = RecordDict({k: ArrayRecord() if k in records else v for k, v in content}) if records else None
         return _Task(index, message_to_bytes(message, light), context_to_bytes(context), block, records)
 
     def _hand_out(self, todo: deque[_Task]) -> None:
@@ -270,7 +274,7 @@ def _read_record(block: str, arrays: tuple[_SharedArray, ...]) -> ArrayRecord:
     try:
         return ArrayRecord(
             {
-                a.name: Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=bytes(memory.buf[a.offset : a.offset + a.size]))
+                a.name: Array(a.dtype, a.shape, a.stype, bytes(memory.buf[a.offset : a.offset + a.size]))
                 for a in arrays
             }
         )

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ def state_app() -> ClientApp:
         calls["n"] = int(calls["n"]) + 1
         context.state["calls"] = calls
         total = float(sum(a.sum() for a in msg.content["arrays"].to_numpy_ndarrays()))
-        metrics = MetricRecord({"calls": calls["n"], "sum": total, "pid": os.getpid()})
+        metrics = MetricRecord({"calls": calls["n"], "sum": total, "pid": os.getpid(), "at": time.monotonic_ns()})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     return app
@@ -86,6 +87,15 @@ def test_a_dead_worker_makes_its_message_an_error_and_is_replaced(pool):
     assert not any(r.has_error() for r in after)
     # a lost message left its node's state as it was
     assert [r.content["metrics"]["calls"] for r in after] == [1 if i in lost else 2 for i in range(NODES)]
+
+
+def test_the_largest_clients_are_served_first():
+    with WorkerPool(state_app, 1, size=lambda context: int(context.node_config["partition-id"]) % 4) as pool:
+        grid = make_grid(pool)
+        replies = grid.send_and_receive(train_messages(grid))
+
+    served = sorted(range(NODES), key=lambda i: replies[i].content["metrics"]["at"])
+    assert served == [3, 2, 1, 5, 0, 4]  # sizes 0,1,2,3,0,1: largest first, ties in message order
 
 
 def test_ctrl_c_stops_every_worker():
