@@ -57,7 +57,7 @@ class OutputExists(FedsimError, ValueError):
 
 
 def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resume: bool = False) -> SimulationResult:
-    """Run every round of `cfg` with its clients in this process; write all outputs to `output`.
+    """Run every round of `cfg`, its clients in this process or in `workers` processes; write all outputs to `output`.
 
     With `resume`, `output` must hold a run: it goes on after its last committed round.
     """

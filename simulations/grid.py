@@ -5,6 +5,9 @@ exactly as through the SuperLink. Each virtual node keeps one `Context` across r
 created the first time the node is addressed, so memory grows with the nodes that have been
 sampled, never with a copy of data or model per node.
 
+A `batch_runner` may take a whole batch of messages instead: the vectorized trainer
+(simulations/vectorized.py) or a pool of worker processes (simulations/workers.py).
+
 What the public Grid API does not offer (the Run, message ids, the identity new messages
 carry, error codes) comes from shared/flower_compat.py.
 """

@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 
 from shared.config import ConfigError, RunConfig
 from shared.errors import ExitCode
+from shared.flower_compat import context_from_bytes, context_to_bytes, message_from_bytes, message_to_bytes
 from shared.processes import is_alive
 from simulations import cli
 from simulations.engine import run_simulation
@@ -151,3 +152,24 @@ def test_fedsim_run_workers_flag_refuses_a_bad_count_in_one_line(value, tmp_path
     err = capsys.readouterr().err.strip()
     assert code == ExitCode.USAGE and "config key 'workers'" in err and "\n" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_message_and_a_context_cross_processes_whole():
+    grid = make_grid_in_process()
+    (message,) = train_messages(grid)[:1]
+    grid.push_messages([message])
+    context = grid.context(message.metadata.dst_node_id)
+    context.state["calls"] = ConfigRecord({"n": 3})
+
+    light = RecordDict({"config": message.content["config"]})
+    sent = message_from_bytes(message_to_bytes(message, light))
+    back = context_from_bytes(context_to_bytes(context))
+
+    assert sent.metadata == message.metadata
+    assert list(sent.content) == ["config"] and sent.content["config"] == message.content["config"]
+    assert back.node_config == context.node_config and back.run_config == context.run_config
+    assert back.state.config_records["calls"]["n"] == 3
+
+
+def make_grid_in_process() -> InProcessGrid:
+    return InProcessGrid(state_app(), NODES, {"k": 1}, simulation_node_config(NODES))
