@@ -2,7 +2,7 @@
 
 The ServerApp's rounds (`fedserver.app.run_federation`) and the ClientApp (`fedclient.app`)
 are the very code a deployment runs; this module only wires them together, adds simulated
-stragglers on the grid, and subscribes a progress bar, a live plot and the summary to the
+stragglers on the grid, starts the pool of worker processes `workers` asks for, and subscribes a progress bar, a live plot and the summary to the
 round events.
 """
 
