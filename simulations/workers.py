@@ -29,6 +29,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -141,16 +142,17 @@ class WorkerPool:
 
     def close(self) -> None:
         """Stop every worker now: they keep nothing that outlives the pool (an interrupted round's
-        messages are simply not answered)."""
-        for worker in self._workers:
-            worker.process.terminate()
-        for worker in self._workers:
-            worker.process.join(STOP_GRACE)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join()
-            worker.conn.close()
-        self._workers = []
+        messages are simply not answered). A second Ctrl-C meanwhile does not cut the stop short."""
+        workers, self._workers = self._workers, []
+        with _ctrl_c_ignored():
+            for worker in workers:
+                worker.process.terminate()
+            for worker in workers:
+                worker.process.join(STOP_GRACE)
+                if worker.process.is_alive():
+                    worker.process.kill()
+                    worker.process.join()
+                worker.conn.close()
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -217,6 +219,19 @@ class WorkerPool:
         worker.process.join()
         new = self._workers[self._workers.index(worker)] = self._start()
         return new
+
+
+@contextmanager
+def _ctrl_c_ignored() -> Iterator[None]:
+    """Ignore SIGINT inside the block (in the main thread, the only one that can set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _small(task: _Task) -> bool:

@@ -19,8 +19,8 @@ from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_confi
 from simulations.workers import WorkerPool, worker_count
 
 NODES = 6
-DIE_AT = "die"  # a message whose config holds this key makes the worker serving it exit at once
-INTERRUPT_AT = "interrupt"  # ... makes it send Ctrl-C to the pool's process
+DIE_AT = "die"  # config key: the node whose partition id it holds makes its worker exit at once
+INTERRUPT_AT = "interrupt"  # ... makes its worker send Ctrl-C (SIGINT) to the pool's process
 
 
 def state_app() -> ClientApp:
@@ -32,7 +32,7 @@ def state_app() -> ClientApp:
         config = msg.content["config"]
         if DIE_AT in config and config[DIE_AT] == context.node_config["partition-id"]:
             os._exit(9)
-        if INTERRUPT_AT in config:
+        if INTERRUPT_AT in config and config[INTERRUPT_AT] == context.node_config["partition-id"]:
             os.kill(os.getppid(), signal.SIGINT)
         calls = context.state.config_records.get("calls", ConfigRecord({"n": 0}))
         calls["n"] = int(calls["n"]) + 1
