@@ -341,7 +341,7 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'hidden' must be comma-separated ints, got '{cfg.hidden}'") from None
     for key in COUNT_OR_AUTO:
         value = getattr(cfg, key.replace("-", "_"))
-        if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        if value != "auto" and not (value.isascii() and value.isdigit() and int(value) >= 1):
             raise ConfigError(f"config key '{key}' must be 'auto' or an integer >= 1, got '{value}'")
     _check_text(cfg)
     _check_secure_aggregation(cfg)

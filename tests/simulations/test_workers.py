@@ -131,7 +131,7 @@ def test_two_workers_give_the_weights_of_one_process(tiny_config, tmp_path):
     assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("value", [0, -1, "abc", "0"])
+@pytest.mark.parametrize("value", [0, -1, "abc", "0", "²"])
 def test_workers_below_one_or_not_a_count_is_a_one_line_error(value, tiny_config):
     with pytest.raises(ConfigError, match=r"config key 'workers' must be 'auto' or an integer >= 1") as err:
         tiny_config(workers=value)
