@@ -13,7 +13,9 @@ from shared.config import ConfigError, RunConfig
 from shared.errors import ExitCode
 from shared.flower_compat import context_from_bytes, context_to_bytes, message_from_bytes, message_to_bytes
 from shared.processes import is_alive
-from simulations import cli
+from fedclient.app import make_client_app
+from shared import messages as keys
+from simulations import cli, engine
 from simulations.engine import run_simulation
 from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_config
 from simulations.workers import WorkerPool, worker_count
@@ -173,3 +175,33 @@ def test_a_message_and_a_context_cross_processes_whole():
 
 def make_grid_in_process() -> InProcessGrid:
     return InProcessGrid(state_app(), NODES, {"k": 1}, simulation_node_config(NODES))
+
+
+VICTIM = 2  # partition id whose worker dies in round 1 of `dying_fedclient_app`
+
+
+def dying_fedclient_app() -> ClientApp:
+    """fedclient's ClientApp, except that the worker training node VICTIM in round 1 dies."""
+    inner = make_client_app()
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        if msg.content[keys.CONFIG][keys.SERVER_ROUND] == 1 and context.node_config["partition-id"] == VICTIM:
+            os._exit(9)
+        return inner(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return inner(msg, context)
+
+    return app
+
+
+def test_a_run_goes_on_past_a_dead_worker_when_the_quorum_holds(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "make_client_app", dying_fedclient_app)
+    cfg = tiny_config(num_clients=6, clients_per_round=6, rounds=2, min_replies=3, workers="2")
+
+    result = engine.run_simulation(cfg, tmp_path / "run", progress=False)
+
+    assert result.summary["rounds"] == 2 and not result.interrupted
