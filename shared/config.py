@@ -49,6 +49,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+COUNT_OR_AUTO = ("workers",)  # str keys holding `auto` or a count >= 1 (TOML may write the count as an int)
+
+
 class ConfigError(FlowerbedError, ValueError):
     """A run configuration names an unknown key, has a wrong type or an impossible value."""
 
@@ -228,6 +231,12 @@ class RunConfig:
     vectorized: str = EXECUTION.option(
         "auto", "fedsim: train a round's clients together with `torch.func`; `auto` = only on CUDA."
     )
+    workers: str = EXECUTION.option(
+        "1",
+        "fedsim: processes training a round's clients in parallel, each keeping its ClientApp warm; "
+        "`1` = in this process; `auto` = one per core, at most `clients-per-round`, and in this process "
+        "below 4 clients a round. The same seed gives bit-identical weights whatever the number.",
+    )
     torch_threads: int = EXECUTION.option(
         1, "torch threads of a client; 1 measured fastest for small models on 2 cores; 0 = torch's default."
     )
@@ -311,9 +320,12 @@ def _unknown_key_message(key: str, known: Mapping[str, Any]) -> str:
 
 
 def _coerce(key: str, value: Any, expected: type) -> Scalar:
-    """Accept a value of the key's type; an int may stand for a float, nothing else converts."""
+    """Accept a value of the key's type; an int may stand for a float, or for a count-or-`auto` key's
+    string, nothing else converts."""
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if key in COUNT_OR_AUTO and type(value) is int:
+        return str(value)
     if type(value) is not expected:
         raise ConfigError(
             f"config key '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}"
@@ -353,6 +365,10 @@ def _check_values(cfg: RunConfig) -> None:
         cfg.hidden_sizes
     except ValueError:
         raise ConfigError(f"config key 'hidden' must be comma-separated ints, got '{cfg.hidden}'") from None
+    for key in COUNT_OR_AUTO:
+        value = getattr(cfg, key.replace("-", "_"))
+        if value != "auto" and not (value.isascii() and value.isdigit() and int(value) >= 1):
+            raise ConfigError(f"config key '{key}' must be 'auto' or an integer >= 1, got '{value}'")
     _check_text(cfg)
     _check_secure_aggregation(cfg)
 

@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, Message
+from flwr.app import Array, Context, Message, RecordDict
 from flwr.serverapp.strategy import Strategy
 
 FLOWER_VERSION = version("flwr")
@@ -116,6 +116,15 @@ DEFERRED_IMPORTS: dict[str, tuple[str, str]] = {
     "flatten_dict": ("flwr.common.config", "flatten_dict"),
     "load_app": ("flwr.supercore.object_ref", "load_app"),
     "DEFAULT_SIMULATION_CONFIG": ("flwr.supercore.constant", "DEFAULT_SIMULATION_CONFIG"),
+    # Flower's wire format of a Message and a Context, as a SuperNode sends them to its ClientApp
+    # process: what carries a message to fedsim's worker processes (see `message_to_bytes`).
+    "ProtoMessage": ("flwr.proto.message_pb2", "Message"),
+    "ProtoContext": ("flwr.proto.message_pb2", "Context"),
+    "metadata_to_proto": ("flwr.common.serde_utils", "metadata_to_proto"),
+    "recorddict_to_proto": ("flwr.common.serde", "recorddict_to_proto"),
+    "error_to_proto": ("flwr.common.serde_utils", "error_to_proto"),
+    "message_from_proto": ("flwr.common.serde", "message_from_proto"),
+    "context_to_proto": ("flwr.common.serde", "context_to_proto"),
     # The SuperLink's Control API, as the `flwr` CLI uses it (fedserver/control.py).
     "ControlHttpClient": ("flwr.supercore.control", "ControlHttpClient"),
     "CliClientHttpInterceptor": ("flwr.cli.cli_client_interceptor", "CliClientHttpInterceptor"),
@@ -164,6 +173,10 @@ __all__ = [
     "npy_view",
     "sampling_from",
     "parse_run_config",
+    "message_to_bytes",
+    "message_from_bytes",
+    "context_to_bytes",
+    "context_from_bytes",
     *DEFERRED_IMPORTS,
 ]
 
@@ -296,3 +309,41 @@ def parse_run_config(overrides: list[str]) -> dict[str, Any]:
         return parse_config_args(overrides)
     except ClickException as err:
         raise ValueError(err.message) from err
+
+
+def _deferred(name: str) -> Any:
+    """A `DEFERRED_IMPORTS` name from inside this module (module globals skip `__getattr__`)."""
+    return globals()[name] if name in globals() else __getattr__(name)
+
+
+def message_to_bytes(message: Message, content: RecordDict | None = None) -> bytes:
+    """`message` in Flower's wire format (its protobuf), with `content` in place of its own if given.
+
+    Relies on `flwr.proto.message_pb2.Message` having the fields `metadata`, `content`, `error`,
+    filled by Flower's serde as `message_to_proto` does.
+    """
+    proto = _deferred("ProtoMessage")(metadata=_deferred("metadata_to_proto")(message.metadata))
+    if message.has_error():
+        proto.error.CopyFrom(_deferred("error_to_proto")(message.error))
+    else:
+        proto.content.CopyFrom(_deferred("recorddict_to_proto")(message.content if content is None else content))
+    return proto.SerializeToString()
+
+
+def message_from_bytes(data: bytes) -> Message:
+    """The Message `message_to_bytes` wrote."""
+    proto = _deferred("ProtoMessage")()
+    proto.ParseFromString(data)
+    return _deferred("message_from_proto")(proto)
+
+
+def context_to_bytes(context: Context) -> bytes:
+    """`context` (node config, state, run config) in Flower's wire format."""
+    return _deferred("context_to_proto")(context).SerializeToString()
+
+
+def context_from_bytes(data: bytes) -> Context:
+    """The Context `context_to_bytes` wrote."""
+    proto = _deferred("ProtoContext")()
+    proto.ParseFromString(data)
+    return _deferred("context_from_proto")(proto)

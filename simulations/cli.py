@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, help="output directory (default runs/<config name>-<time>)")
     run.add_argument("--resume", type=Path, metavar="DIR",
                      help="go on with the run in DIR after its last completed round (its config.toml, plus --set)")
+    run.add_argument("--workers", metavar="N", help="processes training clients in parallel: a count or 'auto' (= --set workers=N)")
     run.add_argument("--quiet", action="store_true", help="no progress bar (with --app: no Flower INFO log)")
     app = run.add_argument_group("a Flower app (instead of a platform config)")
     app.add_argument("--app", type=Path, metavar="DIR",
@@ -62,7 +63,7 @@ def _check_app_args(args: argparse.Namespace) -> None:
             raise UsageError("--run-config and --num-supernodes go with --app DIR")
         return
     platform = [name for name, given in (("CONFIG", args.config), ("--set", args.overrides),
-                                         ("--resume", args.resume)) if given]  # fmt: skip
+                                         ("--resume", args.resume), ("--workers", args.workers)) if given]  # fmt: skip
     if platform:
         raise UsageError(f"--app runs a Flower app with its own config: give --run-config, not {', '.join(platform)}")
 
@@ -78,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     from simulations.engine import CONFIG_FILE, run_simulation  # torch and Flower load only for a run
 
     config = args.resume / CONFIG_FILE if args.resume else args.config
-    cfg = load_config(config, args.overrides)
+    workers = [f"workers={args.workers}"] if args.workers is not None else []
+    cfg = load_config(config, [*args.overrides, *workers])
     output = args.resume or args.output or default_output(args.config)
     result = run_simulation(cfg, output, progress=not args.quiet, resume=args.resume is not None)
     files = "config.toml, metrics.jsonl, summary.json, curves.png, model.safetensors"

@@ -2,8 +2,8 @@
 
 The ServerApp's rounds (`fedserver.app.run_federation`) and the ClientApp (`fedclient.app`)
 are the very code a deployment runs; this module only wires them together, adds simulated
-stragglers on the grid, and subscribes a progress bar, a live plot and the summary to the
-round events.
+stragglers on the grid, starts the pool of worker processes `workers` asks for, and
+subscribes a progress bar, a live plot and the summary to the round events.
 """
 
 from __future__ import annotations
@@ -11,24 +11,28 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from flwr.app import Context
+
 from fedclient.app import app as client_app
+from fedclient.app import make_client_app
 from fedserver.app import evaluated_on, run_federation
 from fedserver.checkpoints import STATE_FILE, RunDirectory
 from fedserver.events import RoundCallback
 from fedserver.report import CURVES_FILE, SUMMARY_FILE, Summary, run_title, summarize, write_summary
 from shared.config import RunConfig
 from shared.data.federation import load_federation
-from shared.errors import FedsimError
+from shared.errors import FedsimError, FlowerbedError
 from shared.files import atomic_write_text
-from simulations.grid import InProcessGrid, simulation_node_config
+from simulations.grid import InProcessGrid, first_of, simulation_node_config
 from simulations.plotter import LivePlot, PlotError
 from simulations.report import ProgressBar
 from simulations.stragglers import with_stragglers
 from simulations.vectorized import batch_runner_for
+from simulations.workers import WorkerPool, worker_count
 
 LOG = logging.getLogger("flowerbed.sim")
 CONFIG_FILE = "config.toml"
@@ -55,7 +59,7 @@ class OutputExists(FedsimError, ValueError):
 
 
 def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resume: bool = False) -> SimulationResult:
-    """Run every round of `cfg` with its clients in this process; write all outputs to `output`.
+    """Run every round of `cfg`, its clients in this process or in `workers` processes; write all outputs to `output`.
 
     With `resume`, `output` must hold a run: it goes on after its last committed round.
     """
@@ -69,12 +73,17 @@ def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resum
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / CONFIG_FILE, cfg.to_toml())
     write_labels(cfg, output)
+    with _worker_pool(cfg) as pool:
+        return _run(cfg, output, pool, progress)
+
+
+def _run(cfg: RunConfig, output: Path, pool: WorkerPool | None, progress: bool) -> SimulationResult:
     grid = InProcessGrid(
         client_app,
         cfg.num_clients,
         cfg.to_mapping(),
         simulation_node_config(cfg.num_clients),
-        batch_runner=batch_runner_for(cfg),
+        batch_runner=first_of(batch_runner_for(cfg), pool),
     )
     rows = RunDirectory(output).history()
     plot = LivePlot(output / CURVES_FILE, run_title(cfg), rows=rows)
@@ -94,6 +103,35 @@ def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resum
     write_summary(output / SUMMARY_FILE, summary)
     _finish(plot)
     return SimulationResult(output, summary, interrupted)
+
+
+@contextlib.contextmanager
+def _worker_pool(cfg: RunConfig) -> Iterator[WorkerPool | None]:
+    """The pool of `workers` processes serving the clients (see simulations/workers.py), or None
+    for the clients in this process; stopped, every worker with it, when the run ends."""
+    workers = worker_count(cfg.workers, cfg.clients_per_round)
+    if workers == 1:
+        yield None
+        return
+    with WorkerPool(make_client_app, workers, size=training_size(cfg)) as pool:
+        yield pool
+
+
+def training_size(cfg: RunConfig) -> Callable[[Context], int]:
+    """A node's number of training examples (read once per node), to schedule the largest first."""
+    federation = load_federation(cfg)
+    sizes: dict[int, int] = {}
+
+    def size(context: Context) -> int:
+        partition_id = int(context.node_config.get("partition-id", -1))
+        if partition_id not in sizes:
+            try:
+                sizes[partition_id] = len(federation.client(partition_id).y_train)
+            except FlowerbedError:  # not a partition: the ClientApp will say so
+                sizes[partition_id] = 0
+        return sizes[partition_id]
+
+    return size
 
 
 def write_labels(cfg: RunConfig, output: Path) -> None:

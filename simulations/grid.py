@@ -5,6 +5,9 @@ exactly as through the SuperLink. Each virtual node keeps one `Context` across r
 created the first time the node is addressed, so memory grows with the nodes that have been
 sampled, never with a copy of data or model per node.
 
+A `batch_runner` may take a whole batch of messages instead: the vectorized trainer
+(simulations/vectorized.py) or a pool of worker processes (simulations/workers.py).
+
 What the public Grid API does not offer (the Run, message ids, the identity new messages
 carry, error codes) comes from shared/flower_compat.py.
 """
@@ -119,24 +122,46 @@ class InProcessGrid(Grid):
         contexts = [self.context(m.metadata.dst_node_id) for m in messages]
         replies = self._batch_runner(messages, contexts) if self._batch_runner else None
         if replies is None:
-            replies = [self._call_client(m, c) for m, c in zip(messages, contexts)]
+            replies = [call_client(self._client_app, m, c) for m, c in zip(messages, contexts)]
         for message_id, reply in zip(message_ids, replies, strict=True):
             self._replies[message_id] = reply
-
-    def _call_client(self, message: Message, context: Context) -> Message:
-        try:
-            return self._client_app(message, context)
-        except KeyboardInterrupt:
-            raise
-        except Exception as err:  # the ClientApp failed: reply with an error, as a SuperNode does
-            reason = f"{type(err).__name__}: {err}"
-            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
 
     def _partition_id(self, node_id: int) -> int:
         partition_id = node_id - FIRST_NODE_ID
         if not 0 <= partition_id < self._num_nodes:
             raise ValueError(f"unknown node id {node_id}: this grid has {self._num_nodes} nodes")
         return partition_id
+
+
+def call_client(client_app: ClientApp, message: Message, context: Context) -> Message:
+    """The ClientApp's reply to `message`; an exception in it becomes an error reply, as a SuperNode sends."""
+    try:
+        return client_app(message, context)
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # the ClientApp failed: reply with an error, as a SuperNode does
+        return error_reply(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}")
+
+
+def error_reply(message: Message, code: int, reason: str) -> Message:
+    """A reply to `message` carrying an Error instead of content."""
+    return Message(Error(code, reason), reply_to=message)
+
+
+def first_of(*runners: RoundRunner | None) -> RoundRunner | None:
+    """A runner asking each of `runners` in turn, the first reply list winning (None: all declined)."""
+    chain = [runner for runner in runners if runner is not None]
+    if len(chain) <= 1:
+        return chain[0] if chain else None
+
+    def run(messages: list[Message], contexts: list[Context]) -> list[Message] | None:
+        for runner in chain:
+            replies = runner(messages, contexts)
+            if replies is not None:
+                return replies
+        return None
+
+    return run
 
 
 def simulation_node_config(num_nodes: int) -> Callable[[int], Mapping[str, int]]:

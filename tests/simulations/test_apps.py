@@ -221,6 +221,7 @@ def test_an_unusable_app_is_one_line_and_exit_2(tmp_path, capsys, case):
         (["--app", "A", "--config", "C.toml"], "not CONFIG"),
         (["--app", "A", "--set", "rounds=2"], "not --set"),
         (["--app", "A", "--resume", "R"], "not --resume"),
+        (["--app", "A", "--workers", "2"], "not --workers"),
         (["--run-config", "step=2"], "go with --app"),
         (["--num-supernodes", "3"], "go with --app"),
         (["--app", str(NUMPY_APP), "--run-config", "step=abc"], "--run-config: The provided configuration string"),
@@ -229,7 +230,7 @@ def test_an_unusable_app_is_one_line_and_exit_2(tmp_path, capsys, case):
         (["--app", str(NUMPY_APP), "--run-config", "step=[1,2]"], "--run-config: The value for key step"),
         (["--app", str(NUMPY_APP), "--num-supernodes", "0"], "num-supernodes must be a whole number >= 1"),
     ],
-    ids=["config", "--config", "--set", "--resume", "run-config-alone", "num-supernodes-alone", "not-toml",
+    ids=["config", "--config", "--set", "--resume", "--workers", "run-config-alone", "num-supernodes-alone", "not-toml",
          "unknown-key", "no-pair", "list-value", "zero-nodes"],  # fmt: skip
 )
 def test_bad_app_arguments_are_one_line_and_exit_2(capsys, args, expected):

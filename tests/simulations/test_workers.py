@@ -1,0 +1,207 @@
+"""Parallel clients: worker processes give the results of one process, keep state, survive a death."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from shared.config import ConfigError, RunConfig
+from shared.errors import ExitCode
+from shared.flower_compat import context_from_bytes, context_to_bytes, message_from_bytes, message_to_bytes
+from shared.processes import is_alive
+from fedclient.app import make_client_app
+from shared import messages as keys
+from simulations import cli, engine
+from simulations.engine import run_simulation
+from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_config
+from simulations.workers import WorkerPool, worker_count
+
+NODES = 6
+DIE_AT = "die"  # config key: the node whose partition id it holds makes its worker exit at once
+INTERRUPT_AT = "interrupt"  # ... makes its worker send Ctrl-C (SIGINT) to the pool's process
+
+
+def state_app() -> ClientApp:
+    """A ClientApp counting its calls in Context.state, echoing the sum of its arrays and its process."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config = msg.content["config"]
+        if DIE_AT in config and config[DIE_AT] == context.node_config["partition-id"]:
+            os._exit(9)
+        if INTERRUPT_AT in config and config[INTERRUPT_AT] == context.node_config["partition-id"]:
+            os.kill(os.getppid(), signal.SIGINT)
+        calls = context.state.config_records.get("calls", ConfigRecord({"n": 0}))
+        calls["n"] = int(calls["n"]) + 1
+        context.state["calls"] = calls
+        total = float(sum(a.sum() for a in msg.content["arrays"].to_numpy_ndarrays()))
+        metrics = MetricRecord({"calls": calls["n"], "sum": total, "pid": os.getpid(), "at": time.monotonic_ns()})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def make_grid(pool: WorkerPool) -> InProcessGrid:
+    return InProcessGrid(state_app(), NODES, {"k": 1}, simulation_node_config(NODES), batch_runner=pool)
+
+
+def train_messages(grid: InProcessGrid, **config: int) -> list[Message]:
+    arrays = ArrayRecord([np.arange(4, dtype=np.float32)])  # one record for all: the global weights
+    content = lambda: RecordDict({"arrays": arrays, "config": ConfigRecord(config)})  # noqa: E731
+    return [grid.create_message(content(), "train", node, group_id="1") for node in grid.get_node_ids()]
+
+
+@pytest.fixture
+def pool():
+    with WorkerPool(state_app, 2) as workers:
+        yield workers
+
+
+def test_state_persists_across_rounds_whichever_worker_serves_a_node(pool):
+    grid = make_grid(pool)
+
+    first = grid.send_and_receive(train_messages(grid))
+    second = grid.send_and_receive(train_messages(grid))
+
+    assert [r.content["metrics"]["calls"] for r in first] == [1] * NODES
+    assert [r.content["metrics"]["calls"] for r in second] == [2] * NODES
+    assert [r.content["metrics"]["sum"] for r in second] == [6.0] * NODES  # the shared weights arrived whole
+    assert [r.metadata.src_node_id for r in second] == grid.get_node_ids()  # replies in message order
+    assert {r.content["metrics"]["pid"] for r in first + second} <= set(pool.pids)
+    assert grid.context(FIRST_NODE_ID).state.config_records["calls"]["n"] == 2
+
+
+def test_a_dead_worker_makes_its_message_an_error_and_is_replaced(pool):
+    grid = make_grid(pool)
+    before = set(pool.pids)
+
+    replies = grid.send_and_receive(train_messages(grid, die=3))
+    after = grid.send_and_receive(train_messages(grid))
+
+    lost = [i for i, r in enumerate(replies) if r.has_error()]
+    assert 3 in lost and len(lost) <= 2  # the message it served, and the one queued behind it
+    assert all("died" in replies[i].error.reason for i in lost)
+    assert len(pool.pids) == 2 and set(pool.pids) != before
+    assert not any(r.has_error() for r in after)
+    # a lost message left its node's state as it was
+    assert [r.content["metrics"]["calls"] for r in after] == [1 if i in lost else 2 for i in range(NODES)]
+
+
+def test_the_largest_clients_are_served_first():
+    with WorkerPool(state_app, 1, size=lambda context: int(context.node_config["partition-id"]) % 4) as pool:
+        grid = make_grid(pool)
+        replies = grid.send_and_receive(train_messages(grid))
+
+    served = sorted(range(NODES), key=lambda i: replies[i].content["metrics"]["at"])
+    assert served == [3, 2, 1, 5, 0, 4]  # sizes 0,1,2,3,0,1: largest first, ties in message order
+
+
+def test_ctrl_c_stops_every_worker():
+    pool = WorkerPool(state_app, 2)
+    grid = make_grid(pool)
+    pids = pool.pids
+
+    with pytest.raises(KeyboardInterrupt), pool:
+        grid.send_and_receive(train_messages(grid, interrupt=1))
+
+    assert pids and not any(is_alive(pid) for pid in pids)
+
+
+def test_a_client_app_that_cannot_be_built_gives_error_replies():
+    with WorkerPool(broken_app, 1) as pool:
+        grid = make_grid(pool)
+        replies = grid.send_and_receive(train_messages(grid))
+
+    assert all(r.has_error() and "could not be loaded" in r.error.reason for r in replies)
+
+
+def broken_app() -> ClientApp:
+    raise RuntimeError("no such app")
+
+
+def test_two_workers_give_the_weights_of_one_process(tiny_config, tmp_path):
+    cfg = tiny_config(rounds=2)
+
+    run_simulation(cfg, tmp_path / "one", progress=False)
+    run_simulation(cfg.replace(workers="2"), tmp_path / "two", progress=False)
+
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("value", [0, -1, "abc", "0", "²"])
+def test_workers_below_one_or_not_a_count_is_a_one_line_error(value, tiny_config):
+    with pytest.raises(ConfigError, match=r"config key 'workers' must be 'auto' or an integer >= 1") as err:
+        tiny_config(workers=value)
+    assert "\n" not in str(err.value)
+
+
+def test_workers_takes_a_count_or_auto():
+    assert RunConfig.from_mapping({"workers": 3}).workers == "3"
+    assert worker_count("3", clients_per_round=10) == 3
+    assert worker_count("auto", clients_per_round=2) == 1  # too small a round to pay for processes
+    assert 1 <= worker_count("auto", clients_per_round=100) <= os.cpu_count()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc"])
+def test_fedsim_run_workers_flag_refuses_a_bad_count_in_one_line(value, tmp_path, capsys):
+    code = cli.main(["run", "--workers", value, "--output", str(tmp_path / "run"), "--quiet"])
+
+    err = capsys.readouterr().err.strip()
+    assert code == ExitCode.USAGE and "config key 'workers'" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_message_and_a_context_cross_processes_whole():
+    grid = make_grid_in_process()
+    (message,) = train_messages(grid)[:1]
+    grid.push_messages([message])
+    context = grid.context(message.metadata.dst_node_id)
+    context.state["calls"] = ConfigRecord({"n": 3})
+
+    light = RecordDict({"config": message.content["config"]})
+    sent = message_from_bytes(message_to_bytes(message, light))
+    back = context_from_bytes(context_to_bytes(context))
+
+    assert sent.metadata == message.metadata
+    assert list(sent.content) == ["config"] and sent.content["config"] == message.content["config"]
+    assert back.node_config == context.node_config and back.run_config == context.run_config
+    assert back.state.config_records["calls"]["n"] == 3
+
+
+def make_grid_in_process() -> InProcessGrid:
+    return InProcessGrid(state_app(), NODES, {"k": 1}, simulation_node_config(NODES))
+
+
+VICTIM = 2  # partition id whose worker dies in round 1 of `dying_fedclient_app`
+
+
+def dying_fedclient_app() -> ClientApp:
+    """fedclient's ClientApp, except that the worker training node VICTIM in round 1 dies."""
+    inner = make_client_app()
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        if msg.content[keys.CONFIG][keys.SERVER_ROUND] == 1 and context.node_config["partition-id"] == VICTIM:
+            os._exit(9)
+        return inner(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return inner(msg, context)
+
+    return app
+
+
+def test_a_run_goes_on_past_a_dead_worker_when_the_quorum_holds(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "make_client_app", dying_fedclient_app)
+    cfg = tiny_config(num_clients=6, clients_per_round=6, rounds=2, min_replies=3, workers="2")
+
+    result = engine.run_simulation(cfg, tmp_path / "run", progress=False)
+
+    assert result.summary["rounds"] == 2 and not result.interrupted
