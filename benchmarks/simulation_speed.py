@@ -232,29 +232,17 @@ def child_ray(spec: dict[str, Any]) -> dict[str, Any]:
     import logging
 
     import torch
-    from flwr.app import Context, RecordDict
-
-    from shared.flower_compat import (
-        NOOP_FEDERATION_ID,
-        SUPERLINK_NODE_ID,
-        EventType,
-        new_run,
-        run_simulation_with_context,
-        set_task_identity,
-    )
 
     from fedclient.app import app as client_app
     from fedserver.app import app as server_app
     from fedserver.checkpoints import read_metrics
+    from shared.flower_compat import run_on_ray_engine
 
     tmp = Path(spec["tmp"])
     run_dir = tmp / "run"
     cfg = run_config(spec["data"], spec["per_round"], spec["rounds"]).replace(run_dir=str(run_dir))
     mapping = cfg.to_mapping()
-    # The public flwr.simulation.run_simulation() takes no run config (the ServerApp and every
-    # ClientApp would see an empty one), so use the entry Flower's own simulation process
-    # (`flwr run` -> flower-simulation) calls: an app directory whose pyproject.toml holds the
-    # run config, and the ServerApp's Context carrying it.
+    # Flower's engine reads the ClientApps' run config from an app directory's pyproject.toml.
     app_dir = tmp / "app"
     app_dir.mkdir(parents=True, exist_ok=True)
     (app_dir / "pyproject.toml").write_text(
@@ -264,33 +252,18 @@ def child_ray(spec: dict[str, Any]) -> dict[str, Any]:
         "[tool.flwr.app.config]\n" + cfg.to_toml(),
         encoding="utf-8",
     )
-    run = new_run(1, primary_task_id=1, federation_id=NOOP_FEDERATION_ID)
-    set_task_identity(task_id=1, run_id=1, node_id=SUPERLINK_NODE_ID)
-    context = Context(run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=mapping)
-    backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count(), "logging_level": "error", "log_to_driver": False},
-    }
     logging.getLogger("flwr").setLevel(logging.WARNING)  # as fedsim does: no INFO line per sampling
     torch.set_num_threads(cfg.torch_threads)  # the ServerApp's central evaluation, as in fedsim
     started, cpu = time.perf_counter(), cpu_seconds()
-    run_simulation_with_context(
-        num_supernodes=NUM_CLIENTS,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+    run_on_ray_engine(
         client_app=client_app,
         server_app=server_app,
-        backend_name="ray",
-        backend_config=backend_config,
-        server_app_context=context,
+        run_config=mapping,
+        num_supernodes=NUM_CLIENTS,
         app_dir=str(app_dir),
-        run=run,
-        is_app=True,
+        num_cpus=os.cpu_count() or 1,
     )
     wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu  # the driver's CPU only
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
     rows = read_metrics(run_dir)
     if len(rows) != cfg.rounds:
         raise RuntimeError(f"the Ray run recorded {len(rows)} of {cfg.rounds} rounds")

@@ -172,6 +172,7 @@ __all__ = [
     "is_http_grid",
     "npy_view",
     "sampling_from",
+    "run_on_ray_engine",
     "parse_run_config",
     "message_to_bytes",
     "message_from_bytes",
@@ -347,3 +348,49 @@ def context_from_bytes(data: bytes) -> Context:
     proto = _deferred("ProtoContext")()
     proto.ParseFromString(data)
     return _deferred("context_from_proto")(proto)
+
+
+def run_on_ray_engine(
+    *,
+    client_app: Any,
+    server_app: Any,
+    run_config: dict[str, Any],
+    num_supernodes: int,
+    app_dir: str,
+    num_cpus: int,
+) -> None:
+    """Run `server_app` and `client_app` on Flower's own simulation engine (Ray), as
+    `flwr run` -> flower-simulation does: an app directory whose pyproject.toml holds the run
+    config, and a ServerApp Context carrying `run_config`. Each node may use one CPU; Ray is
+    shut down afterwards.
+
+    Relies on `flwr.simulation.run_simulation._run_simulation` (the public `run_simulation()`
+    takes no run config) and its keyword arguments, and needs the `ray` extra.
+    """
+    from flwr.app import Context, RecordDict
+
+    run = new_run(1, override_config=run_config, primary_task_id=1, federation_id=NOOP_FEDERATION_ID)
+    set_task_identity(task_id=1, run_id=1, node_id=SUPERLINK_NODE_ID)
+    context = Context(run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=run_config)
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": num_cpus, "logging_level": "error", "log_to_driver": False},
+    }
+    import ray
+
+    try:
+        _deferred("run_simulation_with_context")(
+            num_supernodes=num_supernodes,
+            exit_event=_deferred("EventType").PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_name="ray",
+            backend_config=backend_config,
+            server_app_context=context,
+            app_dir=app_dir,
+            run=run,
+            is_app=True,
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
