@@ -2,6 +2,7 @@
 """How fast is fedsim? MNIST-2NN FedAvg against a bare PyTorch loop and Flower's Ray simulation.
 
     .venv/bin/python benchmarks/simulation_speed.py [--rounds 10] [--quick] [--repeat N]
+        [--systems floor,fedsim,fedsim-vec,ray] [--workers 1,auto] [--device cpu|cuda]
 
 Workload (McMahan et al. 2017, MNIST 2NN, IID): 100 clients x 600 examples, E = 1, B = 10,
 SGD lr 0.1, central evaluation on the 10k test set after every round; once with 10 and once
@@ -9,23 +10,33 @@ with 100 clients per round. MNIST is read from ../shared/datasets/mnist.npz (rel
 repository) when present, else a synthetic stand-in of the same shapes is written to a temp NPZ.
 Systems, each configuration in a fresh subprocess:
 
-  floor   a plain single-process PyTorch loop: the same model (shared.recipe), the same sampled
-          clients, shuffles, SGD steps, weighted average and evaluation; no Flower at all;
-  fedsim  simulations.engine.run_simulation (vectorized = "off", and "on" where
-          simulations.vectorized provides a batch runner);
-  ray     Flower's own simulation runtime on Ray (needs `pip install -e '.[ray]'`), running the
-          same ServerApp (fedserver.app:app) and ClientApp (fedclient.app:app), 100 SuperNodes,
-          1 CPU a client. The public `flwr.simulation.run_simulation()` takes no run config, so
-          this calls the entry `flwr run`'s simulation process uses (`_run_simulation` with an
-          app directory holding the run config).
+  floor       a plain single-process PyTorch loop: the same model (shared.recipe), the same sampled
+              clients, shuffles, SGD steps, weighted average and evaluation; no Flower at all;
+  fedsim      simulations.engine.run_simulation, vectorized = "off", once per --workers value
+              (`1`: the clients in the process; `auto`: one worker process per core);
+  fedsim-vec  the same with vectorized = "on" (where simulations.vectorized provides a batch runner);
+  ray         Flower's own simulation runtime on Ray (needs `pip install -e '.[ray]'`; skipped, and
+              said so, without it), running the same ServerApp (fedserver.app:app) and ClientApp
+              (fedclient.app:app), 100 SuperNodes, 1 CPU a client, through
+              shared.flower_compat.run_on_ray_engine (the entry `flwr run`'s simulation process uses).
+
+--device cuda runs all of them on the GPU: the floor and fedsim with device = "cuda" (give
+--workers 1,2,4 for workers per GPU; fedsim and fedsim-vec for the vectorized path off and on),
+Ray with --ray-gpus of a GPU per ClientApp (default 0.25: four share a GPU). Without CUDA it stops
+with a one-line error.
 
 Columns: "wall s" is the whole run call in its process (data loading, setup, every round, run
-directory writes, fedsim's plot, Ray's start and stop), without interpreter start-up and imports;
-"CPU s" the process's user + system time over the same span (Ray: the driver only); "s/round" the
-mean round (training + central evaluation) as the ServerApp records it (`seconds` in
-metrics.jsonl) or, for the floor, as measured around the same work; "steady" the median of rounds
-2.. ; "peak MB" the peak RSS (for Ray, of the whole process tree, sampled from /proc).
+directory writes, fedsim's plot and worker processes, Ray's start and stop), without interpreter
+start-up and imports; "CPU s" the process's user + system time over the same span, with its
+reaped children (fedsim's workers; Ray: the driver and what it reaps, not its workers, marked *);
+"s/round" the mean round (training + central evaluation) as the ServerApp records it (`seconds`
+in metrics.jsonl) or, for the floor, as measured around the same work; "steady" the median of
+rounds 2.. ; "peak MB" the peak RSS of the whole process tree (the sampled sum over the process
+and its descendants from /proc, at least the process's own exact peak, VmHWM); "x floor" wall time over
+the floor's; "Ray/x" Ray's wall time over this row's. Below the table, the targets of issue 13
+(set for a 2-core CPU machine) next to the measured ratios, PASS or MISS.
 With --repeat N the configurations run round-robin N times and each keeps its fastest run.
+The `--app` comparison (a Flower app directory, whole commands) is benchmarks/app_speed.py.
 """
 
 from __future__ import annotations
@@ -54,19 +65,32 @@ MNIST_NPZ = REPO.parent / "shared" / "datasets" / "mnist.npz"
 NUM_CLIENTS = 100
 FIRST_NODE_ID = 1001  # simulations.grid.FIRST_NODE_ID: node id = FIRST_NODE_ID + partition id
 SYSTEMS = ("floor", "fedsim", "fedsim-vec", "ray")
+FEDSIM = ("fedsim", "fedsim-vec")  # run once per --workers value: the table's row "fedsim:auto"
 LABELS = {
     "floor": "floor: plain PyTorch loop",
-    "fedsim": "fedsim vectorized=off",
-    "fedsim-vec": "fedsim vectorized=on",
-    "ray": "Flower run_simulation (Ray)",
+    "fedsim": "fedsim",
+    "fedsim-vec": "fedsim vectorized",
+    "ray": "Flower on Ray",
 }
 ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+NO_RAY = "skipped: Ray is not installed here (pip install -e '.[ray]')"
+# Issue 13's targets, set for a 2-core CPU machine: (clients a round, measure, row / against, bound).
+TARGETS = (
+    (100, "wall", "fedsim:1", "floor", "<=", 1.10),
+    (100, "wall", "fedsim:auto", "floor", "<=", 0.65),
+    (100, "wall", "ray", "fedsim:auto", ">=", 1.8),
+    (10, "wall", "ray", "fedsim:auto", ">=", 3.0),
+    (100, "peak MB", "fedsim:auto", "ray", "<=", 0.5),
+    (10, "peak MB", "fedsim:auto", "ray", "<=", 0.5),
+)
 
 
 # ----------------------------------------------------------------------------- configuration
 
 
-def run_config(data_path: str, per_round: int, rounds: int, vectorized: str = "off") -> Any:
+def run_config(
+    data_path: str, per_round: int, rounds: int, vectorized: str = "off", workers: str = "1", device: str = "cpu"
+) -> Any:
     from shared.config import RunConfig
 
     return RunConfig(
@@ -83,9 +107,10 @@ def run_config(data_path: str, per_round: int, rounds: int, vectorized: str = "o
         optimizer="sgd",
         strategy="fedavg",
         seed=0,
-        device="cpu",
+        device=device,
         torch_threads=1,
         vectorized=vectorized,
+        workers=workers,
     )
 
 
@@ -137,7 +162,7 @@ def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
     from shared.data.federation import DataSpec
     from shared.recipe import model_from_config
 
-    cfg = run_config(spec["data"], spec["per_round"], spec["rounds"])
+    cfg = run_config(spec["data"], spec["per_round"], spec["rounds"], device=spec["device"])
     torch.set_num_threads(cfg.torch_threads)  # fedsim's default torch-threads = 1
     started, cpu = time.perf_counter(), cpu_seconds()
 
@@ -147,11 +172,12 @@ def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
         y_train = torch.from_numpy(f["y_train"].astype(np.int64))  # (60000,)
         x_test = torch.from_numpy(f["x_test"].reshape(10_000, -1).astype(np.float32) / 255.0)  # (10000, 784)
         y_test = torch.from_numpy(f["y_test"].astype(np.int64))  # (10000,)
+    x_train, y_train, x_test, y_test = (t.to(cfg.device) for t in (x_train, y_train, x_test, y_test))
     order = np.random.default_rng(cfg.seed).permutation(len(y_train))
     parts = [np.sort(p) for p in np.array_split(order, cfg.num_clients)]
     clients = [(x_train[p], y_train[p]) for p in parts]  # (600, 784), (600,) each
 
-    model = model_from_config(cfg, DataSpec(784, 10))  # the ServerApp's initial weights
+    model = model_from_config(cfg, DataSpec(784, 10)).to(cfg.device)  # the ServerApp's initial weights
     global_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sampler = random.Random(cfg.seed)  # Flower's sample_nodes draws random.sample under seed `seed`
     node_ids = list(range(FIRST_NODE_ID, FIRST_NODE_ID + cfg.num_clients))
@@ -198,8 +224,9 @@ def child_fedsim(spec: dict[str, Any], vectorized: str) -> dict[str, Any]:
     from fedserver.checkpoints import read_metrics
     from simulations import vectorized as vec
     from simulations.engine import run_simulation
+    from simulations.workers import worker_count
 
-    cfg = run_config(spec["data"], spec["per_round"], spec["rounds"], vectorized)
+    cfg = run_config(spec["data"], spec["per_round"], spec["rounds"], vectorized, spec["workers"], spec["device"])
     if vectorized == "on":
         try:
             runner = vec.batch_runner_for(cfg)
@@ -220,6 +247,7 @@ def child_fedsim(spec: dict[str, Any], vectorized: str) -> dict[str, Any]:
         "round_s": [r["seconds"] for r in rows],
         "accuracy": rows[-1]["accuracy"] if rows else None,
         "interrupted": result.interrupted,
+        "workers": worker_count(cfg.workers, cfg.clients_per_round),
     }
 
 
@@ -227,7 +255,7 @@ def child_ray(spec: dict[str, Any]) -> dict[str, Any]:
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
-        return {"skipped": "skipped: pip install -e '.[ray]'"}
+        return {"skipped": NO_RAY}
 
     import logging
 
@@ -240,7 +268,7 @@ def child_ray(spec: dict[str, Any]) -> dict[str, Any]:
 
     tmp = Path(spec["tmp"])
     run_dir = tmp / "run"
-    cfg = run_config(spec["data"], spec["per_round"], spec["rounds"]).replace(run_dir=str(run_dir))
+    cfg = run_config(spec["data"], spec["per_round"], spec["rounds"], device=spec["device"]).replace(run_dir=str(run_dir))
     mapping = cfg.to_mapping()
     # Flower's engine reads the ClientApps' run config from an app directory's pyproject.toml.
     app_dir = tmp / "app"
@@ -262,6 +290,7 @@ def child_ray(spec: dict[str, Any]) -> dict[str, Any]:
         num_supernodes=NUM_CLIENTS,
         app_dir=str(app_dir),
         num_cpus=os.cpu_count() or 1,
+        client_gpus=spec["ray_gpus"] if cfg.device == "cuda" else 0.0,
     )
     wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu  # the driver's CPU only
     rows = read_metrics(run_dir)
@@ -271,9 +300,9 @@ def child_ray(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """User + system CPU time of this process, all threads, and of its children it has reaped."""
+    usages = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return sum(usage.ru_utime + usage.ru_stime for usage in usages)
 
 
 def child_main(spec_json: str) -> None:
@@ -294,9 +323,8 @@ def child_main(spec_json: str) -> None:
             raise RuntimeError(f"{len(result['round_s'])} of {spec['rounds']} rounds recorded")
         if sum(result["round_s"]) > result["wall_s"] * 1.01:
             raise RuntimeError(f"rounds took {sum(result['round_s']):.2f} s in a {result['wall_s']:.2f} s run")
-    kib = 1024.0  # ru_maxrss is in KiB on Linux
-    result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib
-    result["maxrss_children_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib
+    # VmHWM, not ru_maxrss: a forked child's ru_maxrss starts at its parent's RSS and survives exec.
+    result["maxrss_mb"] = _status_kib(os.getpid(), "VmHWM:") / 1024
     Path(spec["result"]).write_text(json.dumps(result), encoding="utf-8")
 
 
@@ -361,32 +389,48 @@ def _field_kib(path: str, field: str) -> float:
 # ----------------------------------------------------------------------------- the parent
 
 
-def run_child(spec: dict[str, Any], tmp: Path, timeout: float) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix=f"{spec['system']}-{spec['per_round']}-", dir=tmp))  # one per run
-    spec = {**spec, "tmp": str(work), "result": str(work / "result.json")}
-    log_path = work / "child.log"
-    env = {**os.environ, **ENV}
+def run_measured(
+    argv: list[str], log_path: Path, timeout: float, interval: float = 0.5
+) -> tuple[int | None, float, TreeMemory]:
+    """Run `argv` in the repository (Flower telemetry off, the repository first on PYTHONPATH) with
+    its output in `log_path`: its exit code (None: killed after `timeout` s), its wall time from
+    start to exit, and its process tree's memory. Then wait for what it left behind to stop."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, **ENV, "PYTHONPATH": path}
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
-        )  # fmt: skip
-        sampler = TreeMemory(proc.pid)
+        started = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        sampler = TreeMemory(proc.pid, interval)
         sampler.start()
         try:
-            rc = proc.wait(timeout=timeout)
+            rc: int | None = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
             rc = None
         finally:
+            wall = time.perf_counter() - started
             sampler.stop()
             settle(sampler.seen - {os.getpid()})
+    return rc, wall, sampler
+
+
+def failure(log_path: Path, rc: int | None, timeout: float) -> str:
+    """Why a measured command failed, with the last lines of its log."""
+    tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
+    why = f"timed out after {timeout:.0f} s" if rc is None else f"exit code {rc}"
+    return f"{why}; last lines of {log_path}:\n      " + "\n      ".join(tail)
+
+
+def run_child(spec: dict[str, Any], tmp: Path, timeout: float) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix=f"{spec['system']}-{spec['per_round']}-", dir=tmp))  # one per run
+    spec = {**spec, "tmp": str(work), "result": str(work / "result.json")}
+    log_path = work / "child.log"
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    rc, _, sampler = run_measured(argv, log_path, timeout)
     result_path = Path(spec["result"])
     if rc != 0 or not result_path.exists():
-        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
-        why = f"timed out after {timeout:.0f} s" if rc is None else f"exit code {rc}"
-        return {"error": f"{why}; last lines of {log_path}:\n      " + "\n      ".join(tail)}
+        return {"error": failure(log_path, rc, timeout)}
     result = json.loads(result_path.read_text(encoding="utf-8"))
     result["tree_rss_mb"], result["tree_pss_mb"] = sampler.peak_rss_mb, sampler.peak_pss_mb
     result["tree_processes"] = sampler.max_processes
@@ -401,11 +445,9 @@ def settle(pids: set[int], timeout: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-def peak_mb(system: str, result: dict[str, Any]) -> float:
-    """Exact ru_maxrss for the single-process systems; the process tree's sampled RSS sum for Ray."""
-    if system == "ray":
-        return max(result["tree_rss_mb"], result["maxrss_mb"])
-    return result["maxrss_mb"]
+def peak_mb(result: dict[str, Any]) -> float:
+    """The process tree's sampled peak RSS sum, at least the process's own exact peak (VmHWM)."""
+    return max(result["tree_rss_mb"], result["maxrss_mb"])
 
 
 def mean_round(result: dict[str, Any]) -> float:
@@ -419,87 +461,129 @@ def steady_round(result: dict[str, Any]) -> float:
     return rest[mid] if len(rest) % 2 else (rest[mid - 1] + rest[mid]) / 2
 
 
-def fmt_row(workload: str, system: str, result: dict[str, Any]) -> str:
-    label = LABELS[system]
+def table_rows(systems: list[str], workers: list[str]) -> list[str]:
+    """The table's rows in order: a fedsim system once per `workers` value ("fedsim:auto"), the others once."""
+    rows: list[str] = []
+    for system in systems:
+        rows += [f"{system}:{w}" for w in workers] if system in FEDSIM else [system]
+    return rows
+
+
+def label(row: str, result: dict[str, Any]) -> str:
+    """The row's name in the table: "fedsim workers=auto (2)" says how many workers `auto` made."""
+    system, _, workers = row.partition(":")
+    if not workers:
+        return LABELS[system]
+    count = f" ({result['workers']})" if workers == "auto" and "workers" in result else ""
+    return f"{LABELS[system]} workers={workers}{count}"
+
+
+def measure(result: dict[str, Any], what: str) -> float | None:
+    if "wall_s" not in result:
+        return None
+    return result["wall_s"] if what == "wall" else peak_mb(result)
+
+
+def ratio(results: dict[str, dict[str, Any]], num: str, den: str, what: str = "wall") -> float | None:
+    """`what` ("wall" or "peak MB") of row `num` over row `den`; None where either was not measured."""
+    a, b = measure(results.get(num, {}), what), measure(results.get(den, {}), what)
+    return None if a is None or b is None else a / b
+
+
+def fmt_row(workload: str, row: str, results: dict[str, dict[str, Any]]) -> str:
+    result = results[row]
+    name = label(row, result)
     if "skipped" in result or "error" in result:
-        return f"{workload:<10} {label:<29} {result.get('skipped') or 'ERROR: ' + result['error']}"
+        return f"{workload:<10} {name:<34} {result.get('skipped') or 'ERROR: ' + result['error']}"
     acc = "-" if result["accuracy"] is None else f"{result['accuracy']:.4f}"
-    cpu = f"{result['cpu_s']:.2f}" + ("*" if system == "ray" else " ")
+    cpu = f"{result['cpu_s']:.2f}" + ("*" if row == "ray" else " ")
+    ratios = [ratio(results, row, "floor"), ratio(results, "ray", row)]
+    x_floor, ray_x = ("-" if r is None else f"{r:.2f}x" for r in ratios)
     return (
-        f"{workload:<10} {label:<29} {result['wall_s']:>8.2f} {cpu:>8} {mean_round(result):>8.3f} "
-        f"{steady_round(result):>8.3f} {peak_mb(system, result):>8.0f} {acc:>9}"
+        f"{workload:<10} {name:<34} {result['wall_s']:>8.2f} {cpu:>8} {mean_round(result):>8.3f} "
+        f"{steady_round(result):>8.3f} {peak_mb(result):>8.0f} {x_floor:>8} {ray_x:>8} {acc:>9}"
     )
 
 
-def ratio(results: dict[str, dict[str, Any]], num: str, den: str) -> tuple[float, float, float] | None:
-    """(wall, CPU, steady-state round) ratios of system `num` over system `den`."""
-    a, b = results.get(num, {}), results.get(den, {})
-    if "wall_s" not in a or "wall_s" not in b:
-        return None
-    return a["wall_s"] / b["wall_s"], a["cpu_s"] / b["cpu_s"], steady_round(a) / steady_round(b)
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10, help="rounds per run (default 10)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds")
     parser.add_argument("--per-round", default="10,100", help="clients per round, comma-separated")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--workers", default="1,auto", help="fedsim's workers values, comma-separated (default 1,auto)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every system trains")
+    parser.add_argument("--ray-gpus", type=float, default=0.25, help="with --device cuda: GPU share of a Ray ClientApp")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration; the fastest is shown")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (run dirs, child logs)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        return args
+    args.systems = [s for s in args.systems.split(",") if s]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; allowed: {','.join(SYSTEMS)}")
+    args.workers = [w.strip() for w in args.workers.split(",") if w.strip()]
+    bad = [w for w in args.workers if w != "auto" and not (w.isascii() and w.isdigit() and int(w) >= 1)]
+    if bad or not args.workers:
+        parser.error(f"--workers takes counts >= 1 or 'auto', comma-separated; got {bad or 'nothing'}")
+    why_not = unusable_device(args.device)
+    if why_not:
+        parser.error(why_not)
+    return args
+
+
+def unusable_device(device: str) -> str | None:
+    """Why `device` cannot run here, or None."""
+    if device != "cuda":
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+    return f"--device cuda: no CUDA device is available here (torch {torch.__version__}, {build})"
+
+
+def mnist_data(tmp: Path) -> tuple[Path, str]:
+    """MNIST's NPZ and what it is: the real one where present, else a stand-in written to `tmp`."""
+    if MNIST_NPZ.is_file():
+        return MNIST_NPZ, f"real MNIST ({MNIST_NPZ})"
+    data = tmp / "mnist-stand-in.npz"
+    write_stand_in(data)
+    return data, f"SYNTHETIC stand-in of MNIST's shapes ({MNIST_NPZ} not found)"
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
         child_main(args.child)
         return
     rounds = 2 if args.quick else args.rounds
     workloads = [int(k) for k in args.per_round.split(",")]
-    systems = [s for s in args.systems.split(",") if s]
-    unknown = set(systems) - set(SYSTEMS)
-    if unknown:
-        parser.error(f"unknown systems {sorted(unknown)}; allowed: {','.join(SYSTEMS)}")
-
+    rows = table_rows(args.systems, args.workers)
     tmp = Path(tempfile.mkdtemp(prefix="flowerbed-bench-"))
     try:
-        if MNIST_NPZ.is_file():
-            data, source = MNIST_NPZ, f"real MNIST ({MNIST_NPZ})"
-        else:
-            data = tmp / "mnist-stand-in.npz"
-            write_stand_in(data)
-            source = f"SYNTHETIC stand-in of MNIST's shapes ({MNIST_NPZ} not found)"
+        data, source = mnist_data(tmp)
         import torch
 
         print(
             f"MNIST-2NN FedAvg: {source}\n"
             f"  {NUM_CLIENTS} clients x 600 (IID), E=1, B=10, SGD lr 0.1, {rounds} rounds, central eval on "
-            f"the 10k test set each round; torch {torch.__version__}, 1 torch thread, "
+            f"the 10k test set each round; device {args.device}; torch {torch.__version__}, 1 torch thread, "
             f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
             flush=True,
         )
-        # Repeats go round-robin over the configurations, so that a noisy spell on the machine
-        # hits all of them alike; each configuration keeps its fastest (least disturbed) run.
-        all_results: dict[int, dict[str, dict[str, Any]]] = {k: {} for k in workloads}
+        base = {"rounds": rounds, "data": str(data), "device": args.device, "ray_gpus": args.ray_gpus}
         load_before = os.getloadavg()
-        failures: list[str] = []
-        for repeat in range(args.repeat):
-            for per_round in workloads:
-                for system in systems:
-                    if "skipped" in all_results[per_round].get(system, {}):
-                        continue
-                    spec = {"system": system, "per_round": per_round, "rounds": rounds, "data": str(data)}
-                    print(f"  run {repeat + 1}/{args.repeat}: {system}, {per_round}/round ...", flush=True, file=sys.stderr)
-                    result = run_child(spec, tmp, args.timeout)
-                    if "error" in result:
-                        failures.append(f"{system} {per_round}/round, run {repeat + 1}: {result['error']}")
-                    best = all_results[per_round].get(system)
-                    if best is None or "wall_s" not in best or result.get("wall_s", float("inf")) < best["wall_s"]:
-                        all_results[per_round][system] = result
+        all_results, failures = run_all(base, workloads, rows, tmp, args)
         load = os.getloadavg()
         print(f"  load average before: {load_before[0]:.2f}, after: {load[0]:.2f} (1 min; other work on the machine skews timings)")
-        for failure in failures:
-            print(f"  FAILED {failure}")
-        print_report(all_results, systems, args.repeat)
+        for failed in failures:
+            print(f"  FAILED {failed}")
+        print_report(all_results, rows, args.repeat)
         if args.keep:
             print(f"kept {tmp}")
     finally:
@@ -507,77 +591,120 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def print_report(all_results: dict[int, dict[str, dict[str, Any]]], systems: list[str], repeat: int) -> None:
+def run_all(
+    base: dict[str, Any], workloads: list[int], rows: list[str], tmp: Path, args: argparse.Namespace
+) -> tuple[dict[int, dict[str, dict[str, Any]]], list[str]]:
+    """Every row at every workload, `args.repeat` times round-robin (so that a noisy spell on the
+    machine hits all of them alike), each keeping its fastest (least disturbed) run; and the failures."""
+    all_results: dict[int, dict[str, dict[str, Any]]] = {k: {} for k in workloads}
+    failures: list[str] = []
+    for repeat in range(args.repeat):
+        for per_round in workloads:
+            for row in rows:
+                if "skipped" in all_results[per_round].get(row, {}):
+                    continue
+                system, _, workers = row.partition(":")
+                spec = {**base, "system": system, "workers": workers or "1", "per_round": per_round}
+                print(f"  run {repeat + 1}/{args.repeat}: {row}, {per_round}/round ...", flush=True, file=sys.stderr)
+                result = run_child(spec, tmp, args.timeout)
+                if "error" in result:
+                    failures.append(f"{row} {per_round}/round, run {repeat + 1}: {result['error']}")
+                best = all_results[per_round].get(row)
+                if best is None or "wall_s" not in best or result.get("wall_s", float("inf")) < best["wall_s"]:
+                    all_results[per_round][row] = result
+    return all_results, failures
+
+
+def print_report(all_results: dict[int, dict[str, dict[str, Any]]], rows: list[str], repeat: int) -> None:
     print()
     print(
-        f"{'workload':<10} {'system':<29} {'wall s':>8} {'CPU s':>8} {'s/round':>8} {'steady':>8} "
-        f"{'peak MB':>8} {'final acc':>9}"
+        f"{'workload':<10} {'system':<34} {'wall s':>8} {'CPU s':>8} {'s/round':>8} {'steady':>8} "
+        f"{'peak MB':>8} {'x floor':>8} {'Ray/x':>8} {'final acc':>9}"
     )
-    print("-" * 95)
+    print("-" * 120)
     for per_round, results in all_results.items():
-        for system in systems:
-            print(fmt_row(f"{per_round}/round", system, results[system]))
+        for row in rows:
+            print(fmt_row(f"{per_round}/round", row, results))
     print()
-    notes = [
+    for note in [*general_notes(repeat), *memory_notes(all_results), *accuracy_notes(all_results)]:
+        print("note: " + note)
+    print()
+    print(f"targets (issue 13, set for a 2-core CPU machine; this one has {os.cpu_count()} CPUs):")
+    for line in target_lines(all_results):
+        print("  " + line)
+
+
+def general_notes(repeat: int) -> list[str]:
+    return [
         "wall s: the whole run call in a fresh process (data load, setup, every round, run-dir writes, "
-        "fedsim's plot, Ray start/stop), imports excluded. s/round: mean recorded round (train + central "
-        "eval); steady: median of rounds 2.. (Ray's round 1 includes starting its workers). CPU s: user+system "
-        "time of the process over the same span as wall s (less disturbed than wall by other load on the "
-        "machine); * Ray: the driver only, its workers' CPU is not counted."
+        "fedsim's plot and workers, Ray start/stop), imports excluded. s/round: mean recorded round (train + "
+        "central eval); steady: median of rounds 2.. (round 1 includes starting Ray's or fedsim's workers). "
+        "CPU s: user+system time of the process and its reaped children (fedsim's workers) over the same span "
+        "as wall s; * Ray: the driver and what it reaps, its workers' CPU may be missed."
         + (f" Fastest of {repeat} runs each, run round-robin." if repeat > 1 else ""),
-        "peak MB: peak RSS; ru_maxrss of the one process for floor/fedsim; for Ray the sampled (0.5 s) peak "
-        "of the summed RSS of the driver and all its descendants (GCS, raylet, workers), read from /proc.",
-        "fedsim and floor run in one thread (torch-threads = 1); Ray runs one ClientApp per CPU "
-        f"({os.cpu_count()} workers in parallel here) and the ServerApp in the driver.",
+        "peak MB: the peak of the summed RSS of the process and all its descendants (fedsim's workers and "
+        "plot process; Ray's GCS, raylet and workers), sampled every 0.5 s from /proc, at least the "
+        "process's own peak (VmHWM). x floor: wall s over the floor's; Ray/x: Ray's wall s over this row's.",
+        "floor and fedsim run each client in one thread (torch-threads = 1), fedsim workers=N in N processes; "
+        f"Ray runs one ClientApp per CPU ({os.cpu_count()} in parallel here) and the ServerApp in the driver.",
     ]
+
+
+def memory_notes(all_results: dict[int, dict[str, dict[str, Any]]]) -> list[str]:
+    """The process trees' sizes, for the rows that ran more than one process."""
+    notes = []
     for per_round, results in all_results.items():
-        ray = results.get("ray", {})
-        if "tree_rss_mb" in ray:
-            notes.append(
-                f"Ray {per_round}/round memory: driver ru_maxrss {ray['maxrss_mb']:.0f} MB; tree of up to "
-                f"{ray['tree_processes']} processes: RSS sum {ray['tree_rss_mb']:.0f} MB (shared pages counted "
-                f"once per process), PSS sum {ray['tree_pss_mb']:.0f} MB; largest reaped child "
-                f"(RUSAGE_CHILDREN) {ray['maxrss_children_mb']:.0f} MB. Worker memory that peaks between "
-                "samples or leaves the process tree is not captured."
-            )
-        floor = results.get("floor", {})
-        why = {
-            "fedsim": "same clients sampled, same shuffles and SGD steps",
-            "fedsim-vec": "same clients, shuffles and steps; only the float order in batched matmuls differs",
-        }
-        for system in ("fedsim", "fedsim-vec"):
-            other = results.get(system, {})
-            if floor.get("accuracy") is not None and other.get("accuracy") is not None:
-                diff = other["accuracy"] - floor["accuracy"]
+        for row, result in results.items():
+            if result.get("tree_processes", 0) > 1:
+                notes.append(
+                    f"{per_round}/round {label(row, result)} memory: its own peak {result['maxrss_mb']:.0f} MB; tree of "
+                    f"up to {result['tree_processes']} processes: RSS sum {result['tree_rss_mb']:.0f} MB (shared "
+                    f"pages counted once per process), PSS sum {result['tree_pss_mb']:.0f} MB."
+                )
+    return notes
+
+
+def accuracy_notes(all_results: dict[int, dict[str, dict[str, Any]]]) -> list[str]:
+    """Each fedsim row's final accuracy against the floor's, and why Ray's differs."""
+    why = {
+        "fedsim": "same clients sampled, same shuffles and SGD steps",
+        "fedsim-vec": "same clients, shuffles and steps; only the float order in batched matmuls differs",
+    }
+    notes = []
+    for per_round, results in all_results.items():
+        floor = results.get("floor", {}).get("accuracy")
+        for row, result in results.items():
+            system = row.partition(":")[0]
+            if system in why and floor is not None and result.get("accuracy") is not None:
+                diff = result["accuracy"] - floor
                 same = "identical" if diff == 0 else f"differs by {diff:+.4f}"
                 notes.append(
-                    f"{per_round}/round accuracy: floor {floor['accuracy']:.4f} vs {LABELS[system]} "
-                    f"{other['accuracy']:.4f} ({same}; {why[system]})."
+                    f"{per_round}/round accuracy: floor {floor:.4f} vs {label(row, result)} "
+                    f"{result['accuracy']:.4f} ({same}; {why[system]})."
                 )
         if results.get("ray", {}).get("accuracy") is not None:
             notes.append(
                 f"{per_round}/round: Ray's accuracy differs only because its SuperNodes have random 64-bit ids, "
                 "so other clients are sampled and shuffled."
             )
-    for note in notes:
-        print("note: " + note)
-    parts = []
-    for per_round, results in all_results.items():
-        for num, den, target, ok in (
-            ("fedsim", "floor", "<=1.10", lambda r: r <= 1.10),
-            ("ray", "fedsim", ">=3", lambda r: r >= 3.0),
-        ):
-            r = ratio(results, num, den)
-            if r is None:
-                parts.append(f"{per_round}/round {num}/{den} n/a")
-                continue
-            verdict = "met" if ok(r[0]) else "NOT met"
-            cpu = "" if "ray" in (num, den) else f", {r[1]:.2f}x CPU"
-            parts.append(
-                f"{per_round}/round {num}/{den} {r[0]:.2f}x wall{cpu}, {r[2]:.2f}x steady round "
-                f"(target {target} on wall: {verdict})"
-            )
-    print("ratios: " + "; ".join(parts))
+    return notes
+
+
+def target_lines(all_results: dict[int, dict[str, dict[str, Any]]]) -> list[str]:
+    """Each target of TARGETS whose workload ran, next to the measured ratio: PASS, MISS or n/a."""
+    lines = []
+    for per_round, what, num, den, op, bound in TARGETS:
+        if per_round not in all_results:
+            continue
+        measured = ratio(all_results[per_round], num, den, what)
+        if measured is None:
+            verdict = "n/a (not measured in this run)"
+        else:
+            met = measured <= bound if op == "<=" else measured >= bound
+            verdict = f"{measured:.2f}x  {'PASS' if met else 'MISS'}"
+        name = f"{per_round}/round {what}: {label(num, {})} / {label(den, {})}"
+        lines.append(f"{name:<55} target {op} {bound:.2f}x   {verdict}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -358,11 +358,13 @@ def run_on_ray_engine(
     num_supernodes: int,
     app_dir: str,
     num_cpus: int,
+    client_gpus: float = 0.0,
 ) -> None:
     """Run `server_app` and `client_app` on Flower's own simulation engine (Ray), as
     `flwr run` -> flower-simulation does: an app directory whose pyproject.toml holds the run
-    config, and a ServerApp Context carrying `run_config`. Each node may use one CPU; Ray is
-    shut down afterwards.
+    config, and a ServerApp Context carrying `run_config`. Each node may use one CPU and
+    `client_gpus` of a GPU (a fraction shares a GPU among that many ClientApps); Ray is shut
+    down afterwards.
 
     Relies on `flwr.simulation.run_simulation._run_simulation` (the public `run_simulation()`
     takes no run config) and its keyword arguments, and needs the `ray` extra.
@@ -373,7 +375,7 @@ def run_on_ray_engine(
     set_task_identity(task_id=1, run_id=1, node_id=SUPERLINK_NODE_ID)
     context = Context(run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=run_config)
     backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": 1, "num_gpus": client_gpus},
         "init_args": {"num_cpus": num_cpus, "logging_level": "error", "log_to_driver": False},
     }
     import ray
