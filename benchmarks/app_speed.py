@@ -18,7 +18,7 @@ Both get the same app, --run-config and --num-supernodes (default: the app's loc
 federation). Columns: "wall s" the whole command; "peak MB" the sampled (0.2 s) peak of the
 summed RSS of the command's process tree (Ray's GCS, raylet and workers; fedsim's workers);
 "Ray/x" Ray's wall time over this row's; "result" whether the app's final arrays (where its run
-config has `result-path`, which the default app saves them to) equal Ray's. Target (issue 13):
+config has `result-path`, which the default app saves them to) equal Ray's. Target:
 Ray / fedsim >= 3x, whole command. With --repeat N the commands run round-robin N times and each
 keeps its fastest run.
 """
@@ -173,7 +173,7 @@ def print_report(best: dict[str, dict[str, Any]]) -> None:
         ray_x = f"{ray['wall_s'] / result['wall_s']:.2f}x" if "wall_s" in ray else "-"
         same = "(the reference)" if name == RAY else same_result(result, ray)
         print(f"{name:<28} {result['wall_s']:>8.2f} {result['peak_mb']:>8.0f} {ray_x:>8}  {same}")
-    print(f"\ntarget (issue 13): Flower on Ray / fedsim --app >= {TARGET:.1f}x, whole command")
+    print(f"\ntarget: Flower on Ray / fedsim --app >= {TARGET:.1f}x, whole command")
     for name, result in best.items():
         if name != RAY:
             print("  " + verdict(name, result, ray))

@@ -32,9 +32,9 @@ reaped children (fedsim's workers; Ray: the driver and what it reaps, not its wo
 "s/round" the mean round (training + central evaluation) as the ServerApp records it (`seconds`
 in metrics.jsonl) or, for the floor, as measured around the same work; "steady" the median of
 rounds 2.. ; "peak MB" the peak RSS of the whole process tree (the sampled sum over the process
-and its descendants from /proc, at least the process's own exact peak, VmHWM); "x floor" wall time over
-the floor's; "Ray/x" Ray's wall time over this row's. Below the table, the targets of issue 13
-(set for a 2-core CPU machine) next to the measured ratios, PASS or MISS.
+and its descendants from /proc, at least the process's own exact peak, VmHWM); "x floor" wall
+time over the floor's; "Ray/x" Ray's wall time over this row's. Below the table, the targets (set for a
+2-core CPU machine) next to the measured ratios, PASS or MISS.
 With --repeat N the configurations run round-robin N times and each keeps its fastest run.
 The `--app` comparison (a Flower app directory, whole commands) is benchmarks/app_speed.py.
 """
@@ -74,7 +74,7 @@ LABELS = {
 }
 ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 NO_RAY = "skipped: Ray is not installed here (pip install -e '.[ray]')"
-# Issue 13's targets, set for a 2-core CPU machine: (clients a round, measure, row / against, bound).
+# The targets, set for a 2-core CPU machine: (clients a round, measure, row / against, bound).
 TARGETS = (
     (100, "wall", "fedsim:1", "floor", "<=", 1.10),
     (100, "wall", "fedsim:auto", "floor", "<=", 0.65),
@@ -629,7 +629,7 @@ def print_report(all_results: dict[int, dict[str, dict[str, Any]]], rows: list[s
     for note in [*general_notes(repeat), *memory_notes(all_results), *accuracy_notes(all_results)]:
         print("note: " + note)
     print()
-    print(f"targets (issue 13, set for a 2-core CPU machine; this one has {os.cpu_count()} CPUs):")
+    print(f"targets (set for a 2-core CPU machine; this one has {os.cpu_count()} CPUs):")
     for line in target_lines(all_results):
         print("  " + line)
 
