@@ -33,8 +33,8 @@ reaped children (fedsim's workers; Ray: the driver and what it reaps, not its wo
 in metrics.jsonl) or, for the floor, as measured around the same work; "steady" the median of
 rounds 2.. ; "peak MB" the peak RSS of the whole process tree (the sampled sum over the process
 and its descendants from /proc, at least the process's own exact peak, VmHWM); "x floor" wall
-time over the floor's; "Ray/x" Ray's wall time over this row's. Below the table, the targets (set for a
-2-core CPU machine) next to the measured ratios, PASS or MISS.
+time over the floor's; "Ray/x" Ray's wall time over this row's. Below the table, the targets
+(set for a 2-core CPU machine) next to the measured ratios, PASS or MISS.
 With --repeat N the configurations run round-robin N times and each keeps its fastest run.
 The `--app` comparison (a Flower app directory, whole commands) is benchmarks/app_speed.py.
 """
