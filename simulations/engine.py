@@ -23,6 +23,7 @@ from fedserver.app import evaluated_on, run_federation
 from fedserver.checkpoints import STATE_FILE, RunDirectory
 from fedserver.events import RoundCallback
 from fedserver.report import CURVES_FILE, SUMMARY_FILE, Summary, run_title, summarize, write_summary
+from shared import task
 from shared.config import RunConfig
 from shared.data.federation import load_federation
 from shared.errors import FedsimError, FlowerbedError
@@ -32,7 +33,7 @@ from simulations.plotter import LivePlot, PlotError
 from simulations.report import ProgressBar
 from simulations.stragglers import with_stragglers
 from simulations.vectorized import batch_runner_for
-from simulations.workers import WorkerPool, worker_count
+from simulations.workers import WorkerPool, client_workers, visible_gpus, worker_count
 
 LOG = logging.getLogger("flowerbed.sim")
 CONFIG_FILE = "config.toml"
@@ -109,12 +110,20 @@ def _run(cfg: RunConfig, output: Path, pool: WorkerPool | None, progress: bool) 
 def _worker_pool(cfg: RunConfig) -> Iterator[WorkerPool | None]:
     """The pool of `workers` processes serving the clients (see simulations/workers.py), or None
     for the clients in this process; stopped, every worker with it, when the run ends."""
-    workers = worker_count(cfg.workers, cfg.clients_per_round)
-    if workers == 1:
-        yield None
-        return
-    with WorkerPool(make_client_app, workers, size=training_size(cfg)) as pool:
+    gpus = _cuda_devices(cfg)
+    workers = worker_count(cfg.workers, cfg.clients_per_round, gpus)
+    size = training_size(cfg) if workers > 1 else None
+    with client_workers(make_client_app, workers, size, gpus=gpus, gpu_memory_fraction=cfg.gpu_memory_fraction) as pool:
         yield pool
+
+
+def _cuda_devices(cfg: RunConfig) -> int:
+    """The GPUs the clients train on: every visible one where `device` resolves to CUDA, else none."""
+    try:
+        on_cuda = task.resolve_device(cfg.device).type == "cuda"
+    except ValueError:  # the ClientApp will report the bad device
+        return 0
+    return visible_gpus() if on_cuda else 0
 
 
 def training_size(cfg: RunConfig) -> Callable[[Context], int]:

@@ -22,6 +22,11 @@ queued behind it) into error replies (the round's quorum decides) and is replace
 group); the pool stops them all when it is closed, and a worker whose parent is gone exits at
 its next read. Each worker reads its data through the normal loaders (the federation's
 `load_federation`) on first use: nothing of the dataset is pickled to it.
+
+With CUDA, worker i is given visible GPU i mod (their number) as its only device
+(`CUDA_VISIBLE_DEVICES`, set in the worker before its ClientApp is built, so `cuda` and
+`cuda:0` both mean its GPU), and `gpu_memory_fraction` caps what each worker's PyTorch may
+allocate there, so many workers cannot run a card out of memory between them.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from shared.flower_compat import (
 from simulations.grid import call_client, error_reply
 
 AUTO = "auto"
+CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 AUTO_MIN_CLIENTS = 4  # `auto` trains in process below this many clients a round: start-up would not pay
 PREFETCH_BYTES = 16 << 10  # a busy worker is sent its next message ahead when it is this small at most
 STOP_GRACE = 5.0  # seconds a worker gets to exit on SIGTERM before SIGKILL
@@ -65,17 +71,84 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def worker_count(setting: str, clients_per_round: int) -> int:
+def visible_gpus() -> int:
+    """CUDA devices this process may use (0 without CUDA).
+
+    PyTorch counts them through NVML where it can, without initialising CUDA here. PyTorch is
+    imported only when asked (an app's workers may need no PyTorch at all).
+    """
+    import torch  # noqa: PLC0415 - seconds to import; only where GPUs matter
+
+    return torch.cuda.device_count()
+
+
+def worker_count(setting: str, clients_per_round: int, gpus: int = 0) -> int:
     """Worker processes for config key `workers`: a count, or `auto`.
 
-    `auto`: one per core, at most one per client of a round; 1 (in process) on one core or
-    with fewer than AUTO_MIN_CLIENTS clients a round.
+    `auto`: one per core, or one per GPU where the clients train on `gpus` CUDA devices, at
+    most one per client of a round; 1 (in process) on one core or with fewer than
+    AUTO_MIN_CLIENTS clients a round.
     """
     if setting != AUTO:
         return int(setting)
     if clients_per_round < AUTO_MIN_CLIENTS:
         return 1
-    return max(1, min(available_cores(), clients_per_round))
+    return max(1, min(gpus or available_cores(), clients_per_round))
+
+
+def worker_gpu(index: int, gpus: int, visible: str | None) -> str | None:
+    """Worker `index`'s CUDA_VISIBLE_DEVICES: the (index mod gpus)-th of this process's `gpus`
+    devices, named as `visible` (this process's own CUDA_VISIBLE_DEVICES, if set) names them;
+    None without GPUs."""
+    if gpus < 1:
+        return None
+    devices = [d.strip() for d in visible.split(",")][:gpus] if visible else [str(i) for i in range(gpus)]
+    return devices[index % len(devices)]
+
+
+def limit_gpu_memory(fraction: float) -> None:
+    """Cap this process's PyTorch allocations on its current CUDA device at `fraction` of the
+    device's memory (`torch.cuda.set_per_process_memory_fraction`); 0, or no CUDA: nothing."""
+    if fraction <= 0:
+        return
+    import torch  # noqa: PLC0415 - as in visible_gpus
+
+    if torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(fraction, torch.cuda.current_device())
+
+
+@dataclass(frozen=True)
+class _Device:
+    """Where a worker trains: its one GPU (a CUDA_VISIBLE_DEVICES entry; None: no GPU), its VRAM cap."""
+
+    gpu: str | None
+    memory_fraction: float
+
+    def use(self) -> None:
+        """Make the GPU the worker's only device and cap its memory (before CUDA is initialised)."""
+        if self.gpu is not None:
+            os.environ[CUDA_VISIBLE_DEVICES] = self.gpu
+            limit_gpu_memory(self.memory_fraction)
+
+
+@contextmanager
+def client_workers(
+    app_factory: AppFactory,
+    workers: int,
+    size: Callable[[Context], int] | None = None,
+    *,
+    gpus: int = 0,
+    gpu_memory_fraction: float = 0.0,
+) -> Iterator[WorkerPool | None]:
+    """A pool of `workers` processes (see WorkerPool), stopped with every worker at the end; for
+    one worker, None: the clients train in this process, its VRAM capped where they use `gpus`."""
+    if workers == 1:
+        if gpus:
+            limit_gpu_memory(gpu_memory_fraction)
+        yield None
+        return
+    with WorkerPool(app_factory, workers, size, gpus=gpus, gpu_memory_fraction=gpu_memory_fraction) as pool:
+        yield pool
 
 
 @dataclass(frozen=True)
@@ -110,16 +183,27 @@ class WorkerPool:
     """`workers` processes serving batches of messages with the ClientApp `app_factory` builds.
 
     `size(context)` ranks a node's message for scheduling (larger first); None keeps message order.
-    Use as a context manager, or call `close`.
+    With `gpus` CUDA devices, each worker gets one (see `worker_gpu`), its PyTorch allocations
+    capped at `gpu_memory_fraction` of it (0: no cap). Use as a context manager, or call `close`.
     """
 
-    def __init__(self, app_factory: AppFactory, workers: int, size: Callable[[Context], int] | None = None) -> None:
+    def __init__(
+        self,
+        app_factory: AppFactory,
+        workers: int,
+        size: Callable[[Context], int] | None = None,
+        *,
+        gpus: int = 0,
+        gpu_memory_fraction: float = 0.0,
+    ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self._factory = app_factory
         self._size = size
+        self._gpus = gpus
+        self._memory_fraction = gpu_memory_fraction
         self._spawn = multiprocessing.get_context("spawn")
-        self._workers = [self._start() for _ in range(workers)]
+        self._workers = [self._start(index) for index in range(workers)]
 
     @property
     def pids(self) -> list[int]:
@@ -160,9 +244,12 @@ class WorkerPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _start(self) -> _Worker:
+    def _start(self, index: int) -> _Worker:
         parent, child = self._spawn.Pipe()
-        process = self._spawn.Process(target=_serve, args=(child, self._factory), daemon=True, name="fedsim-worker")
+        device = _Device(worker_gpu(index, self._gpus, os.environ.get(CUDA_VISIBLE_DEVICES)), self._memory_fraction)
+        process = self._spawn.Process(
+            target=_serve, args=(child, self._factory, device), daemon=True, name=f"fedsim-worker-{index}"
+        )
         process.start()
         child.close()
         return _Worker(process, parent)
@@ -217,7 +304,8 @@ class WorkerPool:
     def _replace(self, worker: _Worker) -> _Worker:
         worker.conn.close()
         worker.process.join()
-        new = self._workers[self._workers.index(worker)] = self._start()
+        index = self._workers.index(worker)
+        new = self._workers[index] = self._start(index)  # the same GPU as the worker it replaces
         return new
 
 
@@ -297,10 +385,12 @@ def _read_record(block: str, arrays: tuple[_SharedArray, ...]) -> ArrayRecord:
         memory.close()
 
 
-def _serve(conn: Connection, app_factory: AppFactory) -> None:
-    """A worker's loop: build the ClientApp, then reply to each task until the pool stops it or is gone."""
+def _serve(conn: Connection, app_factory: AppFactory, device: _Device) -> None:
+    """A worker's loop: take its GPU, build the ClientApp, then reply to each task until the pool
+    stops it or is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the pool stops us
     try:
+        device.use()
         client_app: ClientApp | None = app_factory()
         failure = ""
     except Exception as err:  # noqa: BLE001 - every message gets the reason as its error reply
