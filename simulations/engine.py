@@ -9,6 +9,7 @@ subscribes a progress bar, a live plot and the summary to the round events.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -28,11 +29,11 @@ from shared.config import RunConfig
 from shared.data.federation import load_federation
 from shared.errors import FedsimError, FlowerbedError
 from shared.files import atomic_write_text
-from simulations.grid import InProcessGrid, first_of, simulation_node_config
+from simulations.grid import InProcessGrid, simulation_node_config
 from simulations.plotter import LivePlot, PlotError
 from simulations.report import ProgressBar
 from simulations.stragglers import with_stragglers
-from simulations.vectorized import batch_runner_for
+from simulations.vectorized import batch_runner_for, vectorizes
 from simulations.workers import WorkerPool, client_workers, visible_gpus, worker_count
 
 LOG = logging.getLogger("flowerbed.sim")
@@ -84,7 +85,7 @@ def _run(cfg: RunConfig, output: Path, pool: WorkerPool | None, progress: bool) 
         cfg.num_clients,
         cfg.to_mapping(),
         simulation_node_config(cfg.num_clients),
-        batch_runner=first_of(batch_runner_for(cfg), pool),
+        batch_runner=pool if pool is not None else batch_runner_for(cfg),
     )
     rows = RunDirectory(output).history()
     plot = LivePlot(output / CURVES_FILE, run_title(cfg), rows=rows)
@@ -109,11 +110,15 @@ def _run(cfg: RunConfig, output: Path, pool: WorkerPool | None, progress: bool) 
 @contextlib.contextmanager
 def _worker_pool(cfg: RunConfig) -> Iterator[WorkerPool | None]:
     """The pool of `workers` processes serving the clients (see simulations/workers.py), or None
-    for the clients in this process; stopped, every worker with it, when the run ends."""
+    for the clients in this process; stopped, every worker with it, when the run ends. Where the
+    run is vectorized, each worker trains its share of a round on the vectorized path."""
     gpus = _cuda_devices(cfg)
     workers = worker_count(cfg.workers, cfg.clients_per_round, gpus)
     size = training_size(cfg) if workers > 1 else None
-    with client_workers(make_client_app, workers, size, gpus=gpus, gpu_memory_fraction=cfg.gpu_memory_fraction) as pool:
+    vectorized = functools.partial(batch_runner_for, cfg) if workers > 1 and vectorizes(cfg) else None
+    with client_workers(
+        make_client_app, workers, size, gpus=gpus, gpu_memory_fraction=cfg.gpu_memory_fraction, batch_factory=vectorized
+    ) as pool:
         yield pool
 
 

@@ -17,7 +17,7 @@ from fedclient.app import make_client_app
 from shared import messages as keys
 from simulations import cli, engine
 from simulations.engine import run_simulation
-from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_config
+from simulations.grid import FIRST_NODE_ID, InProcessGrid, RoundRunner, simulation_node_config
 from simulations import workers as workers_module
 from simulations.workers import WorkerPool, limit_gpu_memory, worker_count, worker_gpu
 
@@ -123,6 +123,41 @@ def test_a_client_app_that_cannot_be_built_gives_error_replies():
 
 def broken_app() -> ClientApp:
     raise RuntimeError("no such app")
+
+
+def batch_runner() -> RoundRunner:
+    """A batch runner taking TRAIN batches (as the vectorized path does): each reply says the size
+    of the batch it came in and the node's calls so far; other batches go to the ClientApp."""
+
+    def run(messages: list[Message], contexts: list[Context]) -> list[Message] | None:
+        if any(m.metadata.message_type != "train" for m in messages):
+            return None
+        replies = []
+        for message, context in zip(messages, contexts, strict=True):
+            calls = context.state.config_records.get("calls", ConfigRecord({"n": 0}))
+            calls["n"] = int(calls["n"]) + 1
+            context.state["calls"] = calls
+            metrics = MetricRecord({"batch": len(messages), "calls": calls["n"], "pid": os.getpid()})
+            replies.append(Message(RecordDict({"metrics": metrics}), reply_to=message))
+        return replies
+
+    return run
+
+
+def test_with_a_batch_runner_each_worker_serves_its_share_of_a_round_at_once():
+    with WorkerPool(state_app, 2, batch_factory=batch_runner) as pool:
+        grid = make_grid(pool)
+        first = grid.send_and_receive(train_messages(grid))
+        second = grid.send_and_receive(train_messages(grid))
+        evaluated = grid.send_and_receive(
+            [grid.create_message(RecordDict(), "evaluate", node, group_id="1") for node in grid.get_node_ids()]
+        )
+
+    assert [r.content["metrics"]["batch"] for r in first] == [NODES // 2] * NODES  # half a round each
+    assert len({r.content["metrics"]["pid"] for r in first}) == 2
+    assert [r.metadata.src_node_id for r in second] == grid.get_node_ids()  # replies in message order
+    assert [r.content["metrics"]["calls"] for r in second] == [2] * NODES  # state kept, whoever serves
+    assert all(r.has_error() for r in evaluated)  # declined: the ClientApp (no evaluate) replied
 
 
 def test_two_workers_give_the_weights_of_one_process(tiny_config, tmp_path):
