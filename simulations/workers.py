@@ -26,7 +26,10 @@ its next read. Each worker reads its data through the normal loaders (the federa
 With CUDA, worker i is given visible GPU i mod (their number) as its only device
 (`CUDA_VISIBLE_DEVICES`, set in the worker before its ClientApp is built, so `cuda` and
 `cuda:0` both mean its GPU), and `gpu_memory_fraction` caps what each worker's PyTorch may
-allocate there, so many workers cannot run a card out of memory between them.
+allocate there, so many workers cannot run a card out of memory between them. Where training
+is vectorized, each worker also builds the batch runner (simulations/vectorized.py) and is
+handed its share of a batch at once instead of one message at a time (see `WorkerPool`); a
+worker that dies then turns its whole share into error replies.
 """
 
 from __future__ import annotations
