@@ -233,9 +233,15 @@ class RunConfig:
     )
     workers: str = EXECUTION.option(
         "1",
-        "fedsim: processes training a round's clients in parallel, each keeping its ClientApp warm; "
-        "`1` = in this process; `auto` = one per core, at most `clients-per-round`, and in this process "
-        "below 4 clients a round. The same seed gives bit-identical weights whatever the number.",
+        "fedsim: processes training a round's clients in parallel, each keeping its ClientApp warm (on CUDA, "
+        "worker i on GPU i mod the GPUs' number); `1` = in this process; `auto` = one per core (one per GPU "
+        "on CUDA), at most `clients-per-round`, and in this process below 4 clients a round. The same seed "
+        "gives bit-identical weights whatever the number.",
+    )
+    gpu_memory_fraction: float = EXECUTION.option(
+        0.0,
+        "fedsim on CUDA: the share of a GPU's memory each worker (or fedsim's own process, with `workers = 1`) "
+        "may allocate, so that many workers cannot run a card out of memory; 0.0 = no cap. Ignored without CUDA.",
     )
     torch_threads: int = EXECUTION.option(
         1, "torch threads of a client; 1 measured fastest for small models on 2 cores; 0 = torch's default."
@@ -347,7 +353,7 @@ def _check_values(cfg: RunConfig) -> None:
             f"config key 'clients-per-round' ({cfg.clients_per_round}) is more than "
             f"'num-clients' ({cfg.num_clients})"
         )
-    for name in ("stragglers", "target_accuracy", "test_fraction"):
+    for name in ("stragglers", "target_accuracy", "test_fraction", "gpu_memory_fraction"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ConfigError(f"config key '{config_key(name)}' must be in [0, 1], got {getattr(cfg, name)}")
     for name in ("lr", "dirichlet_alpha", "round_timeout"):

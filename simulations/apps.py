@@ -7,12 +7,16 @@ does (Flower's own checks, `--run-config` parsing and config merge, and loader, 
 shared/flower_compat.py) into a `FlowerApp`: plain data, so a grid runner in another process
 can load the same apps again from it. `run_flower_app` calls the ServerApp, unchanged, on an
 `InProcessGrid`, each virtual node holding Flower's simulation node config (`partition-id`,
-`num-partitions`) and one `Context` for the whole run, and writes fedsim's timing summary.
+`num-partitions`) and one `Context` for the whole run, and writes fedsim's timing summary. With
+`workers`, the nodes' ClientApp runs in a pool of worker processes (simulations/workers.py),
+each loading the app from its directory; an app has no clients per round, so `auto` is capped
+at its number of nodes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import tomllib
 from collections.abc import Iterable
@@ -29,6 +33,7 @@ from shared.errors import FedsimError
 from shared.files import atomic_write_text
 from shared.flower_compat import (
     DEFAULT_SIMULATION_CONFIG,
+    ErrorCode,
     flatten_dict,
     get_fused_config_from_dir,
     load_app,
@@ -36,6 +41,9 @@ from shared.flower_compat import (
     validate_fields_in_config,
 )
 from simulations.grid import InProcessGrid, server_context, simulation_node_config
+from simulations.workers import client_workers, visible_gpus, worker_count
+
+LOG = logging.getLogger("flowerbed.sim")
 
 APP_FILE = "pyproject.toml"
 TIMING_FILE = "timing.json"
@@ -162,14 +170,20 @@ def _load(ref: str, kind: str, directory: Path, expected: type) -> Any:
 
 def _one_line(err: Exception) -> str:
     """The first line of a Flower message (its loader appends a paragraph of help)."""
-    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return _first_line(str(err)) or type(err).__name__
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 class CountingGrid(GridWrapper):
     """Counts what the ServerApp sends, for the timing summary: rounds, messages, client errors.
 
     A round is a batch of `train` messages (one `send_and_receive` or `push_messages` call), which
-    is one per round for Flower's strategies (`Strategy.start`).
+    is one per round for Flower's strategies (`Strategy.start`). A ClientApp that a worker process
+    could not load is reported once (a warning), and ends the run (AppError) when no reply of a
+    batch came from a loaded one: the ServerApp would otherwise go on with no client at all.
     """
 
     def __init__(self, inner: Grid) -> None:
@@ -177,6 +191,7 @@ class CountingGrid(GridWrapper):
         self.rounds = 0
         self.messages: dict[str, int] = {}
         self.client_errors = 0
+        self._load_failures: set[str] = set()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.inner.push_messages(self._count(messages))
@@ -198,6 +213,16 @@ class CountingGrid(GridWrapper):
     def _errors(self, replies: Iterable[Message]) -> list[Message]:
         replies = list(replies)
         self.client_errors += sum(reply.has_error() for reply in replies)
+        failures = [
+            _first_line(r.error.reason)
+            for r in replies
+            if r.has_error() and r.error.code == ErrorCode.LOAD_CLIENT_APP_EXCEPTION
+        ]
+        if failures and len(failures) == len(replies):
+            raise AppError(f"{failures[0]} (in the worker processes)")
+        for reason in sorted(set(failures) - self._load_failures):
+            LOG.warning("fedsim: %s", reason)
+        self._load_failures.update(failures)
         return replies
 
 
@@ -208,35 +233,42 @@ class AppRunResult:
     interrupted: bool
 
 
-def run_flower_app(app: FlowerApp, output: Path) -> AppRunResult:
+def run_flower_app(app: FlowerApp, output: Path, *, workers: str = "1", gpu_memory_fraction: float = 0.0) -> AppRunResult:
     """Run the app's ServerApp on an in-process Grid of `app.num_supernodes` nodes.
 
+    Its ClientApp runs in this process, or in worker processes as config key `workers` (a count
+    or `auto`) says, on the visible GPUs with `gpu-memory-fraction` where CUDA is available.
     What the apps write is theirs (relative paths from the working directory, as under
     `flwr run`); fedsim writes only `output/timing.json` (see `timing`). Ctrl-C ends the run
     with the timing of what was done.
     """
     if (output / TIMING_FILE).exists():
         raise AppError(f"{output} already holds a run: choose another --output")
-    server_app, client_app = app.load_server_app(), app.load_client_app()
-    grid = CountingGrid(
-        InProcessGrid(client_app, app.num_supernodes, app.run_config, app.node_config)
-    )
-    started, interrupted = time.perf_counter(), False
-    try:
-        server_app(grid=grid, context=server_context(dict(app.run_config)))
-    except KeyboardInterrupt:
-        interrupted = True
-    summary = timing(app, grid, time.perf_counter() - started, interrupted)
+    server_app, client_app = app.load_server_app(), app.load_client_app()  # a bad app: one line, before any worker
+    gpus = visible_gpus() if workers != "1" or gpu_memory_fraction > 0 else 0  # spares importing PyTorch
+    count = worker_count(workers, app.num_supernodes, gpus)
+    with client_workers(app.load_client_app, count, gpus=gpus, gpu_memory_fraction=gpu_memory_fraction) as pool:
+        grid = CountingGrid(
+            InProcessGrid(client_app, app.num_supernodes, app.run_config, app.node_config, batch_runner=pool)
+        )
+        started, interrupted = time.perf_counter(), False
+        try:
+            server_app(grid=grid, context=server_context(dict(app.run_config)))
+        except KeyboardInterrupt:
+            interrupted = True
+        elapsed = time.perf_counter() - started
+    summary = timing(app, grid, elapsed, interrupted, count)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / TIMING_FILE, json.dumps(summary, indent=2) + "\n")
     return AppRunResult(output, summary, interrupted)
 
 
-def timing(app: FlowerApp, grid: CountingGrid, wall_seconds: float, interrupted: bool) -> dict[str, Any]:
+def timing(app: FlowerApp, grid: CountingGrid, wall_seconds: float, interrupted: bool, workers: int) -> dict[str, Any]:
     """fedsim's summary of an app's run: the ServerApp's wall time and what went through the grid."""
     return {
         "app": str(app.directory),
         "num_supernodes": app.num_supernodes,
+        "workers": workers,
         "wall_seconds": round(wall_seconds, 3),
         "rounds": grid.rounds,
         "seconds_per_round": round(wall_seconds / grid.rounds, 3) if grid.rounds else None,

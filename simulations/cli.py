@@ -1,7 +1,7 @@
 """`fedsim run [CONFIG.toml | --config CONFIG.toml] [--set key=value ...] [--output DIR]`: parse, then call the engine.
 
-`fedsim run --app DIR [--run-config 'key=value ...'] [--num-supernodes N]` runs a Flower app
-directory instead (simulations/apps.py)."""
+`fedsim run --app DIR [--run-config 'key=value ...'] [--num-supernodes N] [--workers N]` runs a
+Flower app directory instead (simulations/apps.py)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, help="output directory (default runs/<config name>-<time>)")
     run.add_argument("--resume", type=Path, metavar="DIR",
                      help="go on with the run in DIR after its last completed round (its config.toml, plus --set)")
-    run.add_argument("--workers", metavar="N", help="processes training clients in parallel: a count or 'auto' (= --set workers=N)")
+    run.add_argument("--workers", metavar="N",
+                     help="processes training clients in parallel: a count or 'auto' (= --set workers=N); also with --app")
+    run.add_argument("--gpu-memory-fraction", metavar="F",
+                     help="on CUDA, the share of a GPU's memory each worker may use (= --set gpu-memory-fraction=F); "
+                          "also with --app")
     run.add_argument("--quiet", action="store_true", help="no progress bar (with --app: no Flower INFO log)")
     app = run.add_argument_group("a Flower app (instead of a platform config)")
     app.add_argument("--app", type=Path, metavar="DIR",
@@ -63,7 +67,7 @@ def _check_app_args(args: argparse.Namespace) -> None:
             raise UsageError("--run-config and --num-supernodes go with --app DIR")
         return
     platform = [name for name, given in (("CONFIG", args.config), ("--set", args.overrides),
-                                         ("--resume", args.resume), ("--workers", args.workers)) if given]  # fmt: skip
+                                         ("--resume", args.resume)) if given]  # fmt: skip
     if platform:
         raise UsageError(f"--app runs a Flower app with its own config: give --run-config, not {', '.join(platform)}")
 
@@ -79,24 +83,35 @@ def run(args: argparse.Namespace) -> int:
     from simulations.engine import CONFIG_FILE, run_simulation  # torch and Flower load only for a run
 
     config = args.resume / CONFIG_FILE if args.resume else args.config
-    workers = [f"workers={args.workers}"] if args.workers is not None else []
-    cfg = load_config(config, [*args.overrides, *workers])
+    cfg = load_config(config, [*args.overrides, *execution_overrides(args)])
     output = args.resume or args.output or default_output(args.config)
     result = run_simulation(cfg, output, progress=not args.quiet, resume=args.resume is not None)
     files = "config.toml, metrics.jsonl, summary.json, curves.png, model.safetensors"
     return report(result.summary, f"{result.output}/ ({files})", result.interrupted)
 
 
+def execution_overrides(args: argparse.Namespace) -> list[str]:
+    """The config overrides `--workers` and `--gpu-memory-fraction` stand for."""
+    flags = (("workers", args.workers), ("gpu-memory-fraction", args.gpu_memory_fraction))
+    return [f"{key}={value}" for key, value in flags if value is not None]
+
+
 def run_app(args: argparse.Namespace) -> int:
     from simulations.apps import TIMING_FILE, load_flower_app, run_flower_app  # Flower loads only for a run
 
+    execution = load_config(None, execution_overrides(args))  # checked as the platform's config keys
     app = load_flower_app(args.app, args.run_config, args.num_supernodes)
     flower_log = logging.getLogger("flwr")
     level = flower_log.level
     if args.quiet:
         flower_log.setLevel(logging.WARNING)  # the app's Flower log: warnings only
     try:
-        result = run_flower_app(app, args.output or default_output(app.directory))
+        result = run_flower_app(
+            app,
+            args.output or default_output(app.directory),
+            workers=execution.workers,
+            gpu_memory_fraction=execution.gpu_memory_fraction,
+        )
     finally:
         flower_log.setLevel(level)
     where = f"{result.output}/ ({TIMING_FILE}); the app's own outputs are where it writes them"

@@ -9,6 +9,7 @@ subscribes a progress bar, a live plot and the summary to the round events.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -23,16 +24,17 @@ from fedserver.app import evaluated_on, run_federation
 from fedserver.checkpoints import STATE_FILE, RunDirectory
 from fedserver.events import RoundCallback
 from fedserver.report import CURVES_FILE, SUMMARY_FILE, Summary, run_title, summarize, write_summary
+from shared import task
 from shared.config import RunConfig
 from shared.data.federation import load_federation
 from shared.errors import FedsimError, FlowerbedError
 from shared.files import atomic_write_text
-from simulations.grid import InProcessGrid, first_of, simulation_node_config
+from simulations.grid import InProcessGrid, simulation_node_config
 from simulations.plotter import LivePlot, PlotError
 from simulations.report import ProgressBar
 from simulations.stragglers import with_stragglers
-from simulations.vectorized import batch_runner_for
-from simulations.workers import WorkerPool, worker_count
+from simulations.vectorized import batch_runner_for, vectorizes
+from simulations.workers import WorkerPool, client_workers, visible_gpus, worker_count
 
 LOG = logging.getLogger("flowerbed.sim")
 CONFIG_FILE = "config.toml"
@@ -83,7 +85,7 @@ def _run(cfg: RunConfig, output: Path, pool: WorkerPool | None, progress: bool) 
         cfg.num_clients,
         cfg.to_mapping(),
         simulation_node_config(cfg.num_clients),
-        batch_runner=first_of(batch_runner_for(cfg), pool),
+        batch_runner=pool if pool is not None else batch_runner_for(cfg),
     )
     rows = RunDirectory(output).history()
     plot = LivePlot(output / CURVES_FILE, run_title(cfg), rows=rows)
@@ -108,13 +110,25 @@ def _run(cfg: RunConfig, output: Path, pool: WorkerPool | None, progress: bool) 
 @contextlib.contextmanager
 def _worker_pool(cfg: RunConfig) -> Iterator[WorkerPool | None]:
     """The pool of `workers` processes serving the clients (see simulations/workers.py), or None
-    for the clients in this process; stopped, every worker with it, when the run ends."""
-    workers = worker_count(cfg.workers, cfg.clients_per_round)
-    if workers == 1:
-        yield None
-        return
-    with WorkerPool(make_client_app, workers, size=training_size(cfg)) as pool:
+    for the clients in this process; stopped, every worker with it, when the run ends. Where the
+    run is vectorized, each worker trains its share of a round on the vectorized path."""
+    gpus = _cuda_devices(cfg)
+    workers = worker_count(cfg.workers, cfg.clients_per_round, gpus)
+    size = training_size(cfg) if workers > 1 else None
+    vectorized = functools.partial(batch_runner_for, cfg) if workers > 1 and vectorizes(cfg) else None
+    with client_workers(
+        make_client_app, workers, size, gpus=gpus, gpu_memory_fraction=cfg.gpu_memory_fraction, batch_factory=vectorized
+    ) as pool:
         yield pool
+
+
+def _cuda_devices(cfg: RunConfig) -> int:
+    """The GPUs the clients train on: every visible one where `device` resolves to CUDA, else none."""
+    try:
+        on_cuda = task.resolve_device(cfg.device).type == "cuda"
+    except ValueError:  # the ClientApp will report the bad device
+        return 0
+    return visible_gpus() if on_cuda else 0
 
 
 def training_size(cfg: RunConfig) -> Callable[[Context], int]:

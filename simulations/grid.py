@@ -148,22 +148,6 @@ def error_reply(message: Message, code: int, reason: str) -> Message:
     return Message(Error(code, reason), reply_to=message)
 
 
-def first_of(*runners: RoundRunner | None) -> RoundRunner | None:
-    """A runner asking each of `runners` in turn, the first reply list winning (None: all declined)."""
-    chain = [runner for runner in runners if runner is not None]
-    if len(chain) <= 1:
-        return chain[0] if chain else None
-
-    def run(messages: list[Message], contexts: list[Context]) -> list[Message] | None:
-        for runner in chain:
-            replies = runner(messages, contexts)
-            if replies is not None:
-                return replies
-        return None
-
-    return run
-
-
 def simulation_node_config(num_nodes: int) -> Callable[[int], Mapping[str, int]]:
     """Flower's node-config keys for a simulated node: its partition and their number."""
 

@@ -54,19 +54,24 @@ Params = dict[str, torch.Tensor]  # name -> (C, *shape)
 
 
 def batch_runner_for(cfg: RunConfig) -> RoundRunner | None:
-    """The runner the grid should use for `cfg` (see the module docstring), or None."""
+    """The runner the grid (or each worker process) should use for `cfg` (see the module docstring), or None."""
+    return VectorizedTrainer(cfg) if vectorizes(cfg) else None
+
+
+def vectorizes(cfg: RunConfig) -> bool:
+    """Whether `cfg`'s clients train on the vectorized path; a ConfigError where `on` cannot."""
     if cfg.vectorized == "off":
-        return None
+        return False
     if cfg.vectorized == "auto":
         try:
             on_cuda = task.resolve_device(cfg.device).type == "cuda"
         except ValueError:  # the ClientApp will report the bad device
-            return None
-        return VectorizedTrainer(cfg) if on_cuda and unsupported_reason(cfg) is None else None
+            return False
+        return on_cuda and unsupported_reason(cfg) is None
     reason = unsupported_reason(cfg)
     if reason is not None:
         raise ConfigError(f"config key 'vectorized' is 'on' but this run cannot be vectorized: {reason}")
-    return VectorizedTrainer(cfg)
+    return True
 
 
 def unsupported_reason(cfg: RunConfig) -> str | None:

@@ -22,6 +22,14 @@ queued behind it) into error replies (the round's quorum decides) and is replace
 group); the pool stops them all when it is closed, and a worker whose parent is gone exits at
 its next read. Each worker reads its data through the normal loaders (the federation's
 `load_federation`) on first use: nothing of the dataset is pickled to it.
+
+With CUDA, worker i is given visible GPU i mod (their number) as its only device
+(`CUDA_VISIBLE_DEVICES`, set in the worker before its ClientApp is built, so `cuda` and
+`cuda:0` both mean its GPU), and `gpu_memory_fraction` caps what each worker's PyTorch may
+allocate there, so many workers cannot run a card out of memory between them. Where training
+is vectorized, each worker also builds the batch runner (simulations/vectorized.py) and is
+handed its share of a batch at once instead of one message at a time (see `WorkerPool`); a
+worker that dies then turns its whole share into error replies.
 """
 
 from __future__ import annotations
@@ -47,14 +55,16 @@ from shared.flower_compat import (
     message_from_bytes,
     message_to_bytes,
 )
-from simulations.grid import call_client, error_reply
+from simulations.grid import RoundRunner, call_client, error_reply
 
 AUTO = "auto"
+CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 AUTO_MIN_CLIENTS = 4  # `auto` trains in process below this many clients a round: start-up would not pay
 PREFETCH_BYTES = 16 << 10  # a busy worker is sent its next message ahead when it is this small at most
 STOP_GRACE = 5.0  # seconds a worker gets to exit on SIGTERM before SIGKILL
 
 AppFactory = Callable[[], ClientApp]  # picklable (a module-level function): builds a worker's ClientApp
+BatchFactory = Callable[[], RoundRunner | None]  # picklable: builds a worker's batch runner (the vectorized path)
 
 
 def available_cores() -> int:
@@ -65,17 +75,87 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def worker_count(setting: str, clients_per_round: int) -> int:
+def visible_gpus() -> int:
+    """CUDA devices this process may use (0 without CUDA).
+
+    PyTorch counts them through NVML where it can, without initialising CUDA here. PyTorch is
+    imported only when asked (an app's workers may need no PyTorch at all).
+    """
+    import torch  # noqa: PLC0415 - seconds to import; only where GPUs matter
+
+    return torch.cuda.device_count()
+
+
+def worker_count(setting: str, clients_per_round: int, gpus: int = 0) -> int:
     """Worker processes for config key `workers`: a count, or `auto`.
 
-    `auto`: one per core, at most one per client of a round; 1 (in process) on one core or
-    with fewer than AUTO_MIN_CLIENTS clients a round.
+    `auto`: one per core, or one per GPU where the clients train on `gpus` CUDA devices, at
+    most one per client of a round; 1 (in process) on one core or with fewer than
+    AUTO_MIN_CLIENTS clients a round.
     """
     if setting != AUTO:
         return int(setting)
     if clients_per_round < AUTO_MIN_CLIENTS:
         return 1
-    return max(1, min(available_cores(), clients_per_round))
+    return max(1, min(gpus or available_cores(), clients_per_round))
+
+
+def worker_gpu(index: int, gpus: int, visible: str | None) -> str | None:
+    """Worker `index`'s CUDA_VISIBLE_DEVICES: the (index mod gpus)-th of this process's `gpus`
+    devices, named as `visible` (this process's own CUDA_VISIBLE_DEVICES, if set) names them;
+    None without GPUs."""
+    if gpus < 1:
+        return None
+    devices = [d.strip() for d in visible.split(",")][:gpus] if visible else [str(i) for i in range(gpus)]
+    return devices[index % len(devices)]
+
+
+def limit_gpu_memory(fraction: float) -> None:
+    """Cap this process's PyTorch allocations on its current CUDA device at `fraction` of the
+    device's memory (`torch.cuda.set_per_process_memory_fraction`); 0, or no CUDA: nothing."""
+    if fraction <= 0:
+        return
+    import torch  # noqa: PLC0415 - as in visible_gpus
+
+    if torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(fraction, torch.cuda.current_device())
+
+
+@dataclass(frozen=True)
+class _Device:
+    """Where a worker trains: its one GPU (a CUDA_VISIBLE_DEVICES entry; None: no GPU), its VRAM cap."""
+
+    gpu: str | None
+    memory_fraction: float
+
+    def use(self) -> None:
+        """Make the GPU the worker's only device and cap its memory (before CUDA is initialised)."""
+        if self.gpu is not None:
+            os.environ[CUDA_VISIBLE_DEVICES] = self.gpu
+            limit_gpu_memory(self.memory_fraction)
+
+
+@contextmanager
+def client_workers(
+    app_factory: AppFactory,
+    workers: int,
+    size: Callable[[Context], int] | None = None,
+    *,
+    gpus: int = 0,
+    gpu_memory_fraction: float = 0.0,
+    batch_factory: BatchFactory | None = None,
+) -> Iterator[WorkerPool | None]:
+    """A pool of `workers` processes (see WorkerPool), stopped with every worker at the end; for
+    one worker, None: the clients train in this process, its VRAM capped where they use `gpus`."""
+    if workers == 1:
+        if gpus:
+            limit_gpu_memory(gpu_memory_fraction)
+        yield None
+        return
+    with WorkerPool(
+        app_factory, workers, size, gpus=gpus, gpu_memory_fraction=gpu_memory_fraction, batch_factory=batch_factory
+    ) as pool:
+        yield pool
 
 
 @dataclass(frozen=True)
@@ -99,27 +179,46 @@ class _Task:
     shared: dict[str, tuple[int, tuple[_SharedArray, ...]]]  # key -> (record number, its arrays)
 
 
+_Job = tuple[_Task, ...]  # what one send carries: one message, or a worker's share of a batch (batch runner)
+
+
 @dataclass
 class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: Connection
-    tasks: deque[_Task] = field(default_factory=deque)  # sent, not yet answered: the first is being served
+    jobs: deque[_Job] = field(default_factory=deque)  # sent, not yet answered: the first is being served
 
 
 class WorkerPool:
     """`workers` processes serving batches of messages with the ClientApp `app_factory` builds.
 
     `size(context)` ranks a node's message for scheduling (larger first); None keeps message order.
-    Use as a context manager, or call `close`.
+    With `gpus` CUDA devices, each worker gets one (see `worker_gpu`), its PyTorch allocations
+    capped at `gpu_memory_fraction` of it (0: no cap). With a `batch_factory`, each worker builds
+    a batch runner too, and a batch is dealt out whole: worker w of W gets the w-th, (w+W)-th, ...
+    messages of the size order at once, which its batch runner serves (its ClientApp where the
+    runner declines). Use as a context manager, or call `close`.
     """
 
-    def __init__(self, app_factory: AppFactory, workers: int, size: Callable[[Context], int] | None = None) -> None:
+    def __init__(
+        self,
+        app_factory: AppFactory,
+        workers: int,
+        size: Callable[[Context], int] | None = None,
+        *,
+        gpus: int = 0,
+        gpu_memory_fraction: float = 0.0,
+        batch_factory: BatchFactory | None = None,
+    ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self._factory = app_factory
+        self._batch_factory = batch_factory
         self._size = size
+        self._gpus = gpus
+        self._memory_fraction = gpu_memory_fraction
         self._spawn = multiprocessing.get_context("spawn")
-        self._workers = [self._start() for _ in range(workers)]
+        self._workers = [self._start(index) for index in range(workers)]
 
     @property
     def pids(self) -> list[int]:
@@ -133,7 +232,7 @@ class WorkerPool:
         order = sorted(range(len(messages)), key=self._rank(contexts))
         replies: dict[int, Message] = {}
         with _shared_records(messages) as (block, shared):
-            todo = deque(self._task(i, messages[i], contexts[i], block, shared) for i in order)
+            todo = self._jobs([self._task(i, messages[i], contexts[i], block, shared) for i in order])
             while len(replies) < len(messages):
                 self._hand_out(todo)
                 for worker in self._ready():
@@ -160,9 +259,15 @@ class WorkerPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _start(self) -> _Worker:
+    def _start(self, index: int) -> _Worker:
         parent, child = self._spawn.Pipe()
-        process = self._spawn.Process(target=_serve, args=(child, self._factory), daemon=True, name="fedsim-worker")
+        device = _Device(worker_gpu(index, self._gpus, os.environ.get(CUDA_VISIBLE_DEVICES)), self._memory_fraction)
+        process = self._spawn.Process(
+            target=_serve,
+            args=(child, self._factory, device, self._batch_factory),
+            daemon=True,
+            name=f"fedsim-worker-{index}",
+        )
         process.start()
         child.close()
         return _Worker(process, parent)
@@ -180,44 +285,59 @@ class WorkerPool:
         light = RecordDict({k: ArrayRecord() if k in records else v for k, v in content}) if records else None
         return _Task(index, message_to_bytes(message, light), context_to_bytes(context), block, records)
 
-    def _hand_out(self, todo: deque[_Task]) -> None:
-        """Keep every worker busy: a message to serve, and the next one queued when it is small.
+    def _jobs(self, tasks: list[_Task]) -> deque[_Job]:
+        """One job per message; with a batch runner, one per worker, dealt out in turn."""
+        if self._batch_factory is None:
+            return deque((task,) for task in tasks)
+        workers = len(self._workers)
+        return deque(tuple(tasks[w::workers]) for w in range(min(workers, len(tasks))))
+
+    def _hand_out(self, todo: deque[_Job]) -> None:
+        """Keep every worker busy: a job to serve, and the next one queued when it is small.
 
         Queuing one ahead spares a worker waiting on this process between messages; only small
-        ones, so a send never blocks on a pipe the worker is writing its reply into.
+        ones, so a send never blocks on a pipe the worker is writing its reply into. A batch's
+        shares are never queued: each is for a worker of its own.
         """
         for worker in self._workers:
-            if not worker.tasks and not worker.process.is_alive():  # died between rounds
+            if not worker.jobs and not worker.process.is_alive():  # died between rounds
                 worker = self._replace(worker)
-            while todo and (not worker.tasks or (len(worker.tasks) == 1 and _small(todo[0]))):
-                worker.tasks.append(todo.popleft())
+            while todo and (not worker.jobs or (len(worker.jobs) == 1 and self._prefetch(todo[0]))):
+                worker.jobs.append(todo.popleft())
                 try:
-                    worker.conn.send(worker.tasks[-1])
+                    worker.conn.send(worker.jobs[-1])
                 except OSError:  # it died: `_ready` reports it
                     break
 
+    def _prefetch(self, job: _Job) -> bool:
+        return self._batch_factory is None and sum(len(t.message) + len(t.context) for t in job) <= PREFETCH_BYTES
+
     def _ready(self) -> list[_Worker]:
-        busy = [w for w in self._workers if w.tasks]
+        busy = [w for w in self._workers if w.jobs]
         handles = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
         return [w for w in busy if w.conn in handles or w.process.sentinel in handles]
 
     def _collect(self, worker: _Worker, messages: list[Message], contexts: list[Context]) -> dict[int, Message]:
-        """The reply to `worker`'s first message; a worker that died gives an error reply to each
+        """The replies to `worker`'s first job; a worker that died gives an error reply to each
         message it held, and is replaced."""
         try:
-            reply, context = worker.conn.recv()
+            answers: list[tuple[bytes, bytes]] = worker.conn.recv()
         except (EOFError, OSError):
             self._replace(worker)
             reason = f"the worker process serving this node died (exit code {worker.process.exitcode})"
-            return {t.index: error_reply(messages[t.index], ErrorCode.CLIENT_APP_CRASHED, reason) for t in worker.tasks}
-        task = worker.tasks.popleft()
-        contexts[task.index].state = context_from_bytes(context).state
-        return {task.index: message_from_bytes(reply)}
+            held = [task.index for job in worker.jobs for task in job]
+            return {i: error_reply(messages[i], ErrorCode.CLIENT_APP_CRASHED, reason) for i in held}
+        replies = {}
+        for task, (reply, context) in zip(worker.jobs.popleft(), answers, strict=True):
+            contexts[task.index].state = context_from_bytes(context).state
+            replies[task.index] = message_from_bytes(reply)
+        return replies
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.conn.close()
         worker.process.join()
-        new = self._workers[self._workers.index(worker)] = self._start()
+        index = self._workers.index(worker)
+        new = self._workers[index] = self._start(index)  # the same GPU as the worker it replaces
         return new
 
 
@@ -232,10 +352,6 @@ def _ctrl_c_ignored() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _small(task: _Task) -> bool:
-    return len(task.message) + len(task.context) <= PREFETCH_BYTES
 
 
 @contextmanager
@@ -297,29 +413,46 @@ def _read_record(block: str, arrays: tuple[_SharedArray, ...]) -> ArrayRecord:
         memory.close()
 
 
-def _serve(conn: Connection, app_factory: AppFactory) -> None:
-    """A worker's loop: build the ClientApp, then reply to each task until the pool stops it or is gone."""
+def _serve(conn: Connection, app_factory: AppFactory, device: _Device, batch_factory: BatchFactory | None) -> None:
+    """A worker's loop: take its GPU, build the ClientApp (and batch runner), then reply to each
+    job until the pool stops it or is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the pool stops us
     try:
+        device.use()
         client_app: ClientApp | None = app_factory()
+        batch_runner = batch_factory() if batch_factory is not None else None
         failure = ""
     except Exception as err:  # noqa: BLE001 - every message gets the reason as its error reply
-        client_app, failure = None, f"the ClientApp could not be loaded: {type(err).__name__}: {err}"
+        client_app, batch_runner = None, None
+        failure = f"the ClientApp could not be loaded: {type(err).__name__}: {err}"
     records = _Records()
     while True:
         try:
-            task: _Task = conn.recv()
+            job: _Job = conn.recv()
         except (EOFError, OSError):  # the pool is gone
             return
-        conn.send(_reply(client_app, failure, records, task))
+        conn.send(_replies(client_app, batch_runner, failure, records, job))
 
 
-def _reply(client_app: ClientApp | None, failure: str, records: _Records, task: _Task) -> tuple[bytes, bytes]:
-    message, context = message_from_bytes(task.message), context_from_bytes(task.context)
+def _replies(
+    client_app: ClientApp | None, batch_runner: RoundRunner | None, failure: str, records: _Records, job: _Job
+) -> list[tuple[bytes, bytes]]:
+    """The job's replies, each with its node's Context: the batch runner's where it takes the
+    job, else the ClientApp's (or the reason it could not be loaded)."""
+    messages = [_message(records, task) for task in job]
+    contexts = [context_from_bytes(task.context) for task in job]
+    if client_app is None:
+        replies = [error_reply(m, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, failure) for m in messages]
+    else:
+        replies = batch_runner(messages, contexts) if batch_runner is not None else None
+        if replies is None:
+            replies = [call_client(client_app, m, c) for m, c in zip(messages, contexts, strict=True)]
+    return [(message_to_bytes(r), context_to_bytes(c)) for r, c in zip(replies, contexts, strict=True)]
+
+
+def _message(records: _Records, task: _Task) -> Message:
+    """The task's message, its shared ArrayRecords read back in."""
+    message = message_from_bytes(task.message)
     for key, (number, arrays) in task.shared.items():
         message.content[key] = records.get(task.block, number, arrays)
-    if client_app is None:
-        reply = error_reply(message, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, failure)
-    else:
-        reply = call_client(client_app, message, context)
-    return message_to_bytes(reply), context_to_bytes(context)
+    return message

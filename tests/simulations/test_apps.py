@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations import cli
+from simulations import apps, cli
 from simulations.apps import TIMING_FILE, AppError, load_flower_app
 
 APPS = Path(__file__).parent / "apps"
@@ -111,6 +111,32 @@ def test_a_flower_app_ends_with_the_hand_computed_arrays(tmp_path):
     assert timing["wall_seconds"] > 0 and timing["interrupted"] is False
 
 
+def test_worker_processes_end_with_the_arrays_of_one_process(tmp_path):
+    # Prepare: numpy_app's nodes count their rounds in Context.state, whichever worker serves them
+    result = tmp_path / "final.npy"
+
+    # Execute
+    code = fedsim("--app", str(NUMPY_APP), "--workers", "2", "--run-config", f"step=2 result-path='{result}'",
+                  "--output", str(tmp_path / "out"))  # fmt: skip
+
+    # Assert
+    assert code == 0
+    np.testing.assert_array_equal(np.load(result), numpy_app_final(nodes=4, rounds=3, step=2.0))
+    timing = json.loads((tmp_path / "out" / TIMING_FILE).read_text())
+    assert (timing["workers"], timing["client_errors"]) == (2, 0)
+
+
+def test_auto_workers_are_capped_by_the_supernodes(tmp_path):
+    result = tmp_path / "final.npy"
+
+    code = fedsim("--app", str(NUMPY_APP), "--workers", "auto", "--num-supernodes", "2",
+                  "--run-config", f"result-path='{result}'", "--output", str(tmp_path / "out"))  # fmt: skip
+
+    assert code == 0
+    np.testing.assert_array_equal(np.load(result), numpy_app_final(nodes=2, rounds=3, step=1.0))
+    assert json.loads((tmp_path / "out" / TIMING_FILE).read_text())["workers"] == 1  # 2 nodes: not worth a process
+
+
 def test_num_supernodes_sets_the_nodes_and_their_num_partitions(tmp_path):
     result = tmp_path / "final.npy"
 
@@ -158,6 +184,41 @@ def test_a_failing_client_is_an_error_reply_counted_in_the_timing(tmp_path):
     assert code == 0
     timing = json.loads((tmp_path / "out" / TIMING_FILE).read_text())
     assert (timing["rounds"], timing["messages"], timing["client_errors"]) == (2, {"train": 6}, 2)
+
+
+def failing_in_workers(condition: str) -> str:
+    """APP_SOURCE, except that its module raises on import in a worker process where `condition` holds."""
+    guard = f"import multiprocessing, os\nif multiprocessing.parent_process() is not None and {condition}:\n" \
+            "    raise RuntimeError('no such device in this worker')\n"  # fmt: skip
+    return guard + APP_SOURCE.replace('if context.node_config["partition-id"] == 0:', "if False:")
+
+
+def test_a_clientapp_no_worker_can_load_is_one_line_and_exit_2(tmp_path, capsys):
+    app = write_app(tmp_path, failing_in_workers("True"))
+
+    code = fedsim("--app", str(app), "--num-supernodes", "4", "--workers", "2", "--output", str(tmp_path / "out"))
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("fedsim: error: ") and err.count("\n") == 1, err
+    assert "the ClientApp could not be loaded: " in err and "no such device in this worker" in err
+
+
+def test_a_clientapp_some_workers_cannot_load_is_reported_once(tmp_path, monkeypatch, caplog):
+    # Prepare: two "GPUs", the worker on the second cannot load the app
+    monkeypatch.setattr(apps, "visible_gpus", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    app = write_app(tmp_path, failing_in_workers("os.environ['CUDA_VISIBLE_DEVICES'] == '1'"))
+
+    # Execute
+    code = fedsim("--app", str(app), "--num-supernodes", "4", "--workers", "2", "--output", str(tmp_path / "out"))
+
+    # Assert: the other worker served the rest (each is handed messages from the start)
+    assert code == 0
+    timing = json.loads((tmp_path / "out" / TIMING_FILE).read_text())
+    assert 0 < timing["client_errors"] < timing["messages"]["train"]
+    reports = [r for r in caplog.records if "no such device in this worker" in r.getMessage()]
+    assert len(reports) == 1 and reports[0].levelname == "WARNING"
 
 
 def test_ctrl_c_in_the_serverapp_keeps_the_timing_and_exits_130(tmp_path):
@@ -221,7 +282,8 @@ def test_an_unusable_app_is_one_line_and_exit_2(tmp_path, capsys, case):
         (["--app", "A", "--config", "C.toml"], "not CONFIG"),
         (["--app", "A", "--set", "rounds=2"], "not --set"),
         (["--app", "A", "--resume", "R"], "not --resume"),
-        (["--app", "A", "--workers", "2"], "not --workers"),
+        (["--app", "A", "--workers", "0"], "config key 'workers' must be 'auto' or an integer >= 1"),
+        (["--app", "A", "--gpu-memory-fraction", "-1"], "config key 'gpu-memory-fraction' must be in [0, 1]"),
         (["--run-config", "step=2"], "go with --app"),
         (["--num-supernodes", "3"], "go with --app"),
         (["--app", str(NUMPY_APP), "--run-config", "step=abc"], "--run-config: The provided configuration string"),
@@ -230,7 +292,7 @@ def test_an_unusable_app_is_one_line_and_exit_2(tmp_path, capsys, case):
         (["--app", str(NUMPY_APP), "--run-config", "step=[1,2]"], "--run-config: The value for key step"),
         (["--app", str(NUMPY_APP), "--num-supernodes", "0"], "num-supernodes must be a whole number >= 1"),
     ],
-    ids=["config", "--config", "--set", "--resume", "--workers", "run-config-alone", "num-supernodes-alone", "not-toml",
+    ids=["config", "--config", "--set", "--resume", "--workers", "--gpu-memory-fraction", "run-config-alone", "num-supernodes-alone", "not-toml",
          "unknown-key", "no-pair", "list-value", "zero-nodes"],  # fmt: skip
 )
 def test_bad_app_arguments_are_one_line_and_exit_2(capsys, args, expected):

@@ -18,8 +18,9 @@ from shared.config import ConfigError, RunConfig
 from shared.data.federation import data_spec, load_federation
 from shared.recipe import model_from_config
 from shared.weights import load_safetensors, to_arrayrecord, to_state_dict
+from simulations import engine
 from simulations.engine import run_simulation
-from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_config
+from simulations.grid import FIRST_NODE_ID, InProcessGrid, RoundRunner, simulation_node_config
 from simulations.vectorized import VectorizedTrainer, batch_runner_for
 
 ATOL = 1e-5
@@ -122,6 +123,41 @@ def pushed(
     ]
     grid.push_messages(messages)
     return messages
+
+
+BATCHES_FILE = "vectorized-batches.txt"
+
+
+def noting_batch_runner_for(cfg: RunConfig) -> RoundRunner | None:
+    """batch_runner_for, noting in the run directory the size of each batch it trains (whatever process it runs in)."""
+    runner = batch_runner_for(cfg)
+
+    def run(messages: list[Message], contexts: list[Context]) -> list[Message] | None:
+        replies = runner(messages, contexts)
+        if replies is not None:
+            with (Path(cfg.run_dir) / BATCHES_FILE).open("a") as note:
+                note.write(f"{len(messages)}\n")
+        return replies
+
+    return run
+
+
+def test_worker_processes_train_their_share_of_a_round_vectorized(npz, tmp_path, monkeypatch):
+    # Prepare
+    cfg = make_cfg(npz, clients_per_round=6)
+    monkeypatch.setattr(engine, "batch_runner_for", noting_batch_runner_for)
+
+    # Execute
+    run_simulation(cfg, tmp_path / "one", progress=False)
+    run_simulation(cfg.replace(workers="2"), tmp_path / "two", progress=False)
+
+    # Assert: each worker trained its half of each round at once
+    assert (tmp_path / "one" / BATCHES_FILE).read_text().split() == ["6"] * cfg.rounds
+    assert (tmp_path / "two" / BATCHES_FILE).read_text().split() == ["3"] * 2 * cfg.rounds
+    one, two = (load_safetensors(tmp_path / run / MODEL_FILE) for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    for name in one:  # vmap over 3 clients instead of 6: equal but for the order of float operations
+        torch.testing.assert_close(two[name], one[name], atol=ATOL, rtol=0)
 
 
 def test_runner_replies_equal_the_client_apps(npz):

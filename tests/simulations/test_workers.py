@@ -17,8 +17,9 @@ from fedclient.app import make_client_app
 from shared import messages as keys
 from simulations import cli, engine
 from simulations.engine import run_simulation
-from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_config
-from simulations.workers import WorkerPool, worker_count
+from simulations.grid import FIRST_NODE_ID, InProcessGrid, RoundRunner, simulation_node_config
+from simulations import workers as workers_module
+from simulations.workers import WorkerPool, limit_gpu_memory, worker_count, worker_gpu
 
 NODES = 6
 DIE_AT = "die"  # config key: the node whose partition id it holds makes its worker exit at once
@@ -124,6 +125,41 @@ def broken_app() -> ClientApp:
     raise RuntimeError("no such app")
 
 
+def batch_runner() -> RoundRunner:
+    """A batch runner taking TRAIN batches (as the vectorized path does): each reply says the size
+    of the batch it came in and the node's calls so far; other batches go to the ClientApp."""
+
+    def run(messages: list[Message], contexts: list[Context]) -> list[Message] | None:
+        if any(m.metadata.message_type != "train" for m in messages):
+            return None
+        replies = []
+        for message, context in zip(messages, contexts, strict=True):
+            calls = context.state.config_records.get("calls", ConfigRecord({"n": 0}))
+            calls["n"] = int(calls["n"]) + 1
+            context.state["calls"] = calls
+            metrics = MetricRecord({"batch": len(messages), "calls": calls["n"], "pid": os.getpid()})
+            replies.append(Message(RecordDict({"metrics": metrics}), reply_to=message))
+        return replies
+
+    return run
+
+
+def test_with_a_batch_runner_each_worker_serves_its_share_of_a_round_at_once():
+    with WorkerPool(state_app, 2, batch_factory=batch_runner) as pool:
+        grid = make_grid(pool)
+        first = grid.send_and_receive(train_messages(grid))
+        second = grid.send_and_receive(train_messages(grid))
+        evaluated = grid.send_and_receive(
+            [grid.create_message(RecordDict(), "evaluate", node, group_id="1") for node in grid.get_node_ids()]
+        )
+
+    assert [r.content["metrics"]["batch"] for r in first] == [NODES // 2] * NODES  # half a round each
+    assert len({r.content["metrics"]["pid"] for r in first}) == 2
+    assert [r.metadata.src_node_id for r in second] == grid.get_node_ids()  # replies in message order
+    assert [r.content["metrics"]["calls"] for r in second] == [2] * NODES  # state kept, whoever serves
+    assert all(r.has_error() for r in evaluated)  # declined: the ClientApp (no evaluate) replied
+
+
 def test_two_workers_give_the_weights_of_one_process(tiny_config, tmp_path):
     cfg = tiny_config(rounds=2)
 
@@ -205,3 +241,117 @@ def test_a_run_goes_on_past_a_dead_worker_when_the_quorum_holds(tiny_config, tmp
     result = engine.run_simulation(cfg, tmp_path / "run", progress=False)
 
     assert result.summary["rounds"] == 2 and not result.interrupted
+
+
+# --- GPUs ---------------------------------------------------------------------------------------
+
+
+def gpu_app() -> ClientApp:
+    """A ClientApp replying with the CUDA_VISIBLE_DEVICES its worker process sees."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        seen = ConfigRecord({"gpu": os.environ.get("CUDA_VISIBLE_DEVICES", "none")})
+        return Message(RecordDict({"seen": seen}), reply_to=msg)
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("gpus", "visible", "expected"),
+    [
+        (0, None, [None, None, None]),  # no CUDA: no GPU for any worker
+        (2, None, ["0", "1", "0"]),  # worker i on GPU i mod 2
+        (1, None, ["0", "0", "0"]),
+        (2, "3,5", ["3", "5", "3"]),  # the devices this process sees, as it names them
+        (2, "GPU-a1, GPU-b2,GPU-c3", ["GPU-a1", "GPU-b2", "GPU-a1"]),  # UUIDs; only the `gpus` first usable
+    ],
+)
+def test_worker_i_gets_gpu_i_mod_the_visible_gpus(gpus, visible, expected):
+    assert [worker_gpu(index, gpus, visible) for index in range(3)] == expected
+
+
+def test_auto_is_one_worker_per_gpu_where_the_clients_train_on_cuda():
+    assert worker_count("auto", clients_per_round=100, gpus=3) == 3
+    assert worker_count("auto", clients_per_round=5, gpus=8) == 5  # at most one per client
+    assert worker_count("auto", clients_per_round=2, gpus=4) == 1  # too small a round
+    assert worker_count("2", clients_per_round=100, gpus=4) == 2  # a count is a count
+
+
+def test_each_worker_sees_only_its_gpu_and_a_memory_cap_is_a_no_op_without_cuda(monkeypatch):
+    # Prepare: this process "sees" GPUs 4 and 6 (no CUDA here: the workers only get the variable)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+
+    # Execute
+    with WorkerPool(gpu_app, 2, gpus=2, gpu_memory_fraction=0.5) as pool:
+        grid = InProcessGrid(gpu_app(), NODES, {}, simulation_node_config(NODES), batch_runner=pool)
+        replies = grid.send_and_receive(train_messages(grid))
+
+    # Assert
+    assert not any(r.has_error() for r in replies)
+    assert {r.content["seen"]["gpu"] for r in replies} == {"4", "6"}
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda as `limit_gpu_memory` sees it, CUDA or not as the test says; returns the caps set."""
+    import torch
+
+    capped: list[tuple[float, int]] = []
+
+    def install(available: bool) -> list[tuple[float, int]]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: capped.append((f, d)))
+        return capped
+
+    return install
+
+
+def test_gpu_memory_fraction_caps_the_current_cuda_device(fake_cuda):
+    capped = fake_cuda(available=True)
+
+    limit_gpu_memory(0.25)
+    limit_gpu_memory(0.0)  # 0: no cap
+
+    assert capped == [(0.25, 0)]
+
+
+def test_gpu_memory_fraction_is_a_no_op_without_cuda(fake_cuda):
+    capped = fake_cuda(available=False)
+
+    limit_gpu_memory(0.25)
+
+    assert capped == []
+
+
+def test_one_worker_on_cuda_caps_fedsims_own_process(fake_cuda):
+    capped = fake_cuda(available=True)
+
+    with workers_module.client_workers(state_app, 1, gpus=1, gpu_memory_fraction=0.5) as pool:
+        assert pool is None  # in process
+    with workers_module.client_workers(state_app, 1, gpus=0, gpu_memory_fraction=0.5):
+        pass  # the clients train on the CPU: nothing to cap
+
+    assert capped == [(0.5, 0)]
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_gpu_memory_fraction_outside_0_1_is_a_one_line_error(value, tiny_config):
+    with pytest.raises(ConfigError, match=r"config key 'gpu-memory-fraction' must be in \[0, 1\]") as err:
+        tiny_config(gpu_memory_fraction=value)
+    assert "\n" not in str(err.value)
+
+
+def test_gpu_memory_fraction_takes_0_to_1():
+    assert RunConfig().gpu_memory_fraction == 0.0  # no cap by default
+    assert RunConfig.from_mapping({"gpu-memory-fraction": 1}).gpu_memory_fraction == 1.0
+    assert RunConfig.from_mapping({"gpu-memory-fraction": 0.3}).gpu_memory_fraction == 0.3
+
+
+def test_fedsim_run_gpu_memory_fraction_flag_is_the_config_key(tmp_path, capsys):
+    code = cli.main(["run", "--gpu-memory-fraction", "2", "--output", str(tmp_path / "run"), "--quiet"])
+
+    err = capsys.readouterr().err.strip()
+    assert code == ExitCode.USAGE and "config key 'gpu-memory-fraction'" in err and "\n" not in err
