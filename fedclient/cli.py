@@ -40,14 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-app",
         default="",
         metavar="MODULE:ATTR",
-        help="for tests: run this ClientApp object (importable here) instead of the one the run names",
+        help="for tests: run this ClientApp object (importable here) instead of the installed one",
+    )
+    start.add_argument(
+        "--trust-server-code",
+        action="store_true",
+        help="run the ClientApp code each run's FAB ships from the server (Flower's behaviour); "
+        "by default a device runs only its installed ClientApp and refuses a run naming another",
     )
     return parser
 
 
 def options_from(args: argparse.Namespace) -> NodeOptions:
     return NodeOptions(
-        args.server, args.ca, args.key, args.data, args.device, args.isolation, args.runtime_port, args.client_app
+        args.server,
+        args.ca,
+        args.key,
+        args.data,
+        args.device,
+        args.isolation,
+        args.runtime_port,
+        args.client_app,
+        args.trust_server_code,
     )
 
 
