@@ -6,9 +6,9 @@ install, app import and data loading, each round, several seconds on a small boa
 `--isolation process` the SuperNode leaves running ClientApps to a process of the operator's
 choosing, which acquires tasks from the SuperNode's local Runtime API. This is that process:
 it polls the Runtime API every `poll_interval` s, like SuperExec, and runs each task *here*,
-with the same steps as Flower's `flwr-clientapp` (pull the task input, install the FAB, load
-the ClientApp it names, call it, push the reply and the context back; only the pull of the task
-input retries sooner, see `pull_task_input`). PyTorch is imported once, and the ClientApp's
+with the same steps as Flower's `flwr-clientapp` (pull the task input, load the ClientApp,
+call it, push the reply and the context back; only the pull of the task input retries sooner,
+see `pull_task_input`). PyTorch is imported once, and the ClientApp's
 own per-process caches (its data, its model) survive across rounds.
 
 Which code runs. By default the worker runs the ClientApp *installed on this device*
