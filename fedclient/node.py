@@ -114,7 +114,8 @@ class NodeOptions:
 
 
 def check_inputs(options: NodeOptions) -> None:
-    """Every file exists and the data path can be passed in Flower's node config."""
+    """Every file exists, the data path can be passed in Flower's node config, the flags go
+    together (subprocess isolation runs server code) and `--server` is HOST:PORT."""
     for flag, path in (("--ca", options.ca), ("--key", options.key), ("--data", options.data)):
         if not path.exists():
             raise NodeError(f"{flag} {path} does not exist")

@@ -22,7 +22,7 @@ gRPC transports and are where that upgrade lands; this module absorbs it:
   `RuntimeVersionHttpInterceptor`, the `*Request` messages of `flwr.proto.control_pb2`,
   `FlowerError`, `fab_to_proto`, `user_config_to_proto`, `build_fab_from_disk`.
 - Runtime API of the SuperNode (fedclient/worker.py): `RuntimeHttpClient`, the
-  `flwr.proto.runtime_pb2` requests, `RuntimeTokenHttpInterceptor`,
+  `flwr.proto.runtime_pb2` requests, `RuntimeTokenHttpInterceptor`, `SuperExecAuthHttpInterceptor`,
   `make_simple_http_retry_invoker`, `HeartbeatSender`, `pull_and_inflate_object_from_tree`
   with its `make_*_fn_protobuf` helpers, `push_message`, `push_task_output`, `Node`.
 - The deployment grid (fedserver/polling.py): `is_http_grid`.
