@@ -76,6 +76,7 @@ RETRYABLE_REFUSALS = ("[code: 2004]",)
 REFUSAL_GRACE = ONLINE_WINDOW + 15.0
 REFUSAL_RETRY = 5.0
 CONNECTED = "SuperNode ID:"  # what flower-supernode logs once the SuperLink accepted it
+RETRYING = "Connection attempt failed, retrying"  # what it logs, without the address, when it lost the SuperLink
 # What flower-supernode logs when it drops a message whose run was stopped while it was being
 # received (e.g. the server restarted mid-round). Flower 1.41 then leaves the task it created
 # for that message unfinished, and a worker that took the task waits for its input for up to
@@ -237,6 +238,7 @@ class Child:
     name: str
     argv: list[str]
     pipe_output: bool = False
+    server: str = ""  # the SuperNode's SuperLink: named, with the reason, when it cannot be reached
     process: subprocess.Popen[bytes] | None = None
     watcher: OutputWatcher | None = None
     started: float = 0.0
@@ -250,7 +252,7 @@ class Child:
         self.started = time.monotonic()
         self.first_started = self.first_started or self.started
         if self.pipe_output:
-            self.watcher = OutputWatcher(self.process.stdout, sys.stdout.buffer)  # type: ignore[arg-type]
+            self.watcher = OutputWatcher(self.process.stdout, sys.stdout.buffer, self.server)  # type: ignore[arg-type]
             self.watcher.start()
 
     def exited(self) -> int | None:
@@ -281,9 +283,9 @@ class Child:
 class OutputWatcher(threading.Thread):
     """Copies a child's output through and remembers whether it connected, and why it failed."""
 
-    def __init__(self, source: IO[bytes], sink: IO[bytes]) -> None:
+    def __init__(self, source: IO[bytes], sink: IO[bytes], server: str = "") -> None:
         super().__init__(daemon=True)
-        self.source, self.sink = source, sink
+        self.source, self.sink, self.server = source, sink, server
         self.connected = False
         self.abandoned_task = threading.Event()  # set when the SuperNode dropped a message of a stopped run
         self.lines: list[str] = []  # the last 40, colour codes removed
@@ -296,7 +298,15 @@ class OutputWatcher(threading.Thread):
             self.connected = self.connected or CONNECTED in line
             if ABANDONED_TASK in line:
                 self.abandoned_task.set()
+            if RETRYING in line and self.server:
+                self._say_why_unreachable()
             self.lines = (self.lines + [line])[-40:]
+
+    def _say_why_unreachable(self) -> None:
+        """Flower's retry line names neither the server nor the reason: say both, when TCP shows one."""
+        reason = unreachable_reason(*split_address(self.server))
+        if reason is not None:
+            _say(f"cannot reach the server at {self.server}: {reason}; the SuperNode keeps trying")
 
     def refusal(self) -> str:
         """Flower's reason for giving up, from its exit message."""
@@ -321,7 +331,8 @@ def run_node(options: NodeOptions) -> int:
     if not wait_for_server(options.server, stop):
         return 0
     with runtime_secret(options.isolation) as secret:
-        children = [Child("flower-supernode", supernode_argv(options, port, secret), pipe_output=True)]
+        supernode = supernode_argv(options, port, secret)
+        children = [Child("flower-supernode", supernode, pipe_output=True, server=options.server)]
         if options.isolation == "warm":
             children.append(Child("worker", worker_argv(options, port, secret)))
         try:

@@ -149,7 +149,8 @@ def serve(
     interceptors: list[object] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
     if auth_secret_file is not None:
         secret = load_superexec_auth_secret(str(auth_secret_file))
-        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=SUPEREXEC_AUTH_METHODS))
+        signer = SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=SUPEREXEC_AUTH_METHODS)
+        interceptors.append(signer)
     superexec = _runtime_client(address, *interceptors)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     code = "the FAB's ClientApp (--trust-server-code)" if loaded.trust_server_code else "the installed ClientApp"

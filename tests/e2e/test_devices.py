@@ -189,7 +189,7 @@ def _other_code_app(directory: Path, out: Path, marker: Path) -> Path:
     return directory
 
 
-def test_a_device_refuses_a_run_whose_fab_names_other_code_unless_it_trusts_server_code(federation: Federation, e2e):
+def test_a_device_refuses_a_run_whose_fab_names_other_code_unless_it_trusts_server_code(federation, e2e):
     # Prepare: a third device that trusts server code; a run of another app submitted to the server
     out, marker = federation.work / "replies.json", federation.work / "ran"
     marker.mkdir()
@@ -205,7 +205,8 @@ def test_a_device_refuses_a_run_whose_fab_names_other_code_unless_it_trusts_serv
 
         # Execute
         control.start_run(app)
-        replies = json.loads(str(e2e.wait_until(lambda: out.exists() and out.read_text(), 240, "the other run's replies")))
+        written = e2e.wait_until(lambda: out.exists() and out.read_text(), 240, "the other run's replies")
+        replies = json.loads(str(written))
 
     # Assert: the two devices that run only their installed ClientApp refused with the reason, and
     # never ran the other code; the one started with --trust-server-code ran it

@@ -84,7 +84,8 @@ def local_config(work: Path, pki: Path, listen_port: int, upstream: str) -> str:
         assert value in server, f"the documented nginx configuration no longer has {value!r}"
     server = server.replace(DOCUMENTED["listen"], f"listen 127.0.0.1:{listen_port} ssl;")
     server = server.replace(DOCUMENTED["pki"], str(pki)).replace(DOCUMENTED["upstream"], upstream)
-    temp = "\n".join(f"    {kind}_temp_path {work / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    temp = "\n".join(f"    {kind}_temp_path {work / kind};" for kind in kinds)
     user = "user root;\n" if os.geteuid() == 0 else ""  # workers must reach the test's private temp dirs
     return (
         f"{user}worker_processes 1;\npid {work / 'nginx.pid'};\nerror_log {work / 'error.log'};\n"

@@ -57,7 +57,7 @@ def test_subprocess_isolation_is_flowers_default(files):
 def test_subprocess_isolation_runs_server_code_so_it_needs_trust_server_code(files):
     options = NodeOptions("h:1", files["ca.pem"], files["client-1.key"], files["data.npz"], isolation="subprocess")
 
-    with pytest.raises(node.NodeError, match="--isolation subprocess runs the code the server sends.*--trust-server-code"):
+    with pytest.raises(node.NodeError, match="--isolation subprocess runs the code the server sends.*--trust-server"):
         node.check_inputs(options)
     node.check_inputs(NodeOptions(*list(vars(options).values())[:-1], trust_server_code=True))
 
@@ -76,6 +76,19 @@ def test_an_ipv6_server_address_is_split_into_host_and_port():
 
 def test_a_closed_port_is_reported_as_refused():
     assert node.unreachable_reason("127.0.0.1", free_port()) == "connection refused"
+
+
+def test_a_supernode_that_lost_its_server_is_explained_with_the_address_and_reason(capsys):
+    # Prepare: Flower's retry line, which names neither
+    server = f"127.0.0.1:{free_port()}"
+    lost = b"WARNING :   Connection attempt failed, retrying in 2.31 seconds\n"
+    watcher = OutputWatcher(io.BytesIO(lost), io.BytesIO(), server)
+
+    # Execute
+    watcher.run()
+
+    # Assert
+    assert f"cannot reach the server at {server}: connection refused" in capsys.readouterr().out
 
 
 def test_the_runtime_api_secret_is_random_private_to_its_user_and_removed(files):

@@ -72,7 +72,8 @@ def test_by_default_a_fab_naming_another_clientapp_is_refused(tmp_path, monkeypa
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
     fab = _fab(tmp_path / "app", client_app="fedclient.evil:app")
 
-    with pytest.raises(worker.ForeignClientAppError, match=r"names the ClientApp 'fedclient.evil:app'.*--trust-server-code"):
+    refused = r"names the ClientApp 'fedclient.evil:app'.*--trust-server-code"
+    with pytest.raises(worker.ForeignClientAppError, match=refused):
         worker._client_app(worker.LoadedApp(), RUN, fab)
     assert not (tmp_path / "home").exists()
 
