@@ -245,6 +245,7 @@ class Child:
     backoff: float = 1.0
     restart_at: float = 0.0
     first_started: float | None = None
+    refused: bool = False  # refused since its first start (fedclient said why it tries again)
 
     def start(self) -> None:
         stdout = subprocess.PIPE if self.pipe_output else None
@@ -266,6 +267,7 @@ class Child:
         self.restart_at = time.monotonic() + pause
         self.process = None
         self.first_started = None  # a restarted server may register keys late again: a new grace
+        self.refused = False
         return pause
 
     def may_retry_refusal(self, reason: str) -> bool:
@@ -380,12 +382,23 @@ def _restart_or_give_up(child: Child, code: int, server: str) -> None:
         if not child.may_retry_refusal(reason):
             raise NodeRefused(f"cannot join {server}: {reason}")
         child.restart_at, child.process = time.monotonic() + REFUSAL_RETRY, None
-        _say(f"refused ({reason}); trying again in {REFUSAL_RETRY:.0f} s for up to {REFUSAL_GRACE:.0f} s: "
-             f"the server still counts this node online for {ONLINE_WINDOW:.0f} s after a stop that was not "
-             "clean, or is still registering node keys")  # fmt: skip
+        _say(_refusal_note(reason, child.refused))
+        child.refused = True
         return
     pause = child.schedule_restart()
     _say(f"{child.name} exited with code {code}; restarting it in {pause:.0f} s")
+
+
+def _refusal_note(reason: str, waiting: bool) -> str:
+    """What fedclient says about a refusal it will try again: why at first, then only that it still is."""
+    code = reason.split("]")[0] + "]" if reason.startswith("[code:") else reason
+    if waiting:
+        return f"still refused {code}; trying again in {REFUSAL_RETRY:.0f} s"
+    return (
+        f"refused {code}: the server still counts this node online for {ONLINE_WINDOW:.0f} s after a stop that "
+        "was not clean, is still registering node keys, or does not know this key; trying again every "
+        f"{REFUSAL_RETRY:.0f} s for up to {REFUSAL_GRACE:.0f} s"
+    )
 
 
 def _stop_on_signals() -> threading.Event:
