@@ -105,7 +105,7 @@ class LoadedApp:
     fab_hash: str = ""
     app: ClientApp | None = None
     directory: Path | None = None
-    override: str = ""  # MODULE:ATTR served instead of the FAB's ClientApp (tests)
+    override: str = ""  # MODULE:ATTR served instead of the installed or the FAB's ClientApp (tests)
     trust_server_code: bool = False  # run the FAB's code (Flower's behaviour), not the installed app
 
 
