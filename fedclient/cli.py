@@ -9,6 +9,7 @@ from pathlib import Path
 from fedclient.node import ISOLATIONS, NodeOptions, run_node
 from shared.cli import add_command, build_parser as build_command_parser, run_cli
 from shared.config import DEVICES
+from shared.pki import make_node_key_pair
 
 PROG = "fedclient"
 
@@ -40,20 +41,51 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-app",
         default="",
         metavar="MODULE:ATTR",
-        help="for tests: run this ClientApp object (importable here) instead of the one the run names",
+        help="for tests: run this ClientApp object (importable here) instead of the installed one",
+    )
+    start.add_argument(
+        "--trust-server-code",
+        action="store_true",
+        help="run the ClientApp code each run's FAB ships from the server (Flower's behaviour); "
+        "by default a device runs only its installed ClientApp and refuses a run naming another",
+    )
+    keygen = add_command(sub, "keygen", "make this device's key pair; only its public key goes to the server")
+    keygen.add_argument("name", metavar="NAME", help="the device's name: letters, digits, '_', '-', '.'")
+    keygen.add_argument(
+        "--dir", type=Path, default=Path("."), metavar="DIR", help="where to write NAME.key and NAME.pub (default: .)"
     )
     return parser
 
 
+def run_keygen(args: argparse.Namespace) -> int:
+    """`fedclient keygen NAME`: the key pair, and where each half goes."""
+    key, pub = make_node_key_pair(args.dir, args.name)
+    print(f"private key  {key}  (stays on this device: {PROG} start --key {key})")
+    print(f"public key   {pub}  (give it to the server's operator: it goes to the PKI as clients/{pub.name})")
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    return run_keygen(args) if args.command == "keygen" else run_node(options_from(args))
+
+
 def options_from(args: argparse.Namespace) -> NodeOptions:
     return NodeOptions(
-        args.server, args.ca, args.key, args.data, args.device, args.isolation, args.runtime_port, args.client_app
+        args.server,
+        args.ca,
+        args.key,
+        args.data,
+        args.device,
+        args.isolation,
+        args.runtime_port,
+        args.client_app,
+        args.trust_server_code,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fedclient` console script; returns the exit status (shared.errors.ExitCode)."""
-    return run_cli(PROG, lambda: run_node(options_from(build_parser().parse_args(argv))))
+    return run_cli(PROG, lambda: run_command(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -11,42 +11,72 @@ The node is two processes, supervised from here:
   fedclient/worker.py); with `"subprocess"`, Flower's default, a fresh `flwr-clientapp`
   process runs each message.
 
-A SuperNode that exits before it ever connected was refused (unregistered key, wrong CA, bad
-key file): that is a one-line error and exit status 1 (an unregistered key is retried for
-REFUSAL_GRACE s first: a daemon registers keys just after its port opens). One that exits
-after it had connected, or a worker that exits, is restarted after a growing pause.
-SIGTERM or SIGINT stops both; a fedclient killed outright (SIGKILL, OOM) takes both with it
-(the kernel's parent-death signal, Linux), so no orphan keeps training as this node.
+Which code runs: the warm worker runs the ClientApp installed on this device and refuses a run
+whose FAB names another; `trust_server_code` (`--trust-server-code`) makes it run the FAB's
+code, as Flower does. `"subprocess"` isolation always runs the FAB's code (Flower's
+`flwr-clientapp` installs it), so it needs `trust_server_code`.
+
+Who may take this node's tasks: the SuperNode's local Runtime API listens on 127.0.0.1, where
+every local user can reach it. In warm isolation fedclient writes a random secret to a new
+file only its user can read (0600) and gives it to both the SuperNode
+(`--superexec-auth-secret-file`, Flower's SuperExec authentication) and the worker: a request
+for a task without a signature made with that secret is refused, and every other Runtime API
+call needs the token a task hands out. Flower ignores the secret in `"subprocess"` isolation.
+
+Before the SuperNode starts, fedclient checks that the server's address accepts connections;
+while it does not, it says why (refused, no such host, timed out) and tries again after a
+growing pause. A SuperNode that exits before it ever connected was refused (unregistered key,
+wrong CA, bad key file): that is a one-line error and exit status 1. Flower's refusal of an
+unregistered key (code 2004) is also its refusal of a key whose node it still counts online: a
+node that stopped without saying so (a crash, SIGKILL, power loss) stays online on the server
+for ONLINE_WINDOW s after its last heartbeat. So a 2004 is retried for REFUSAL_GRACE s (the
+online window and a margin) before it counts, saying so; a daemon that registers keys just
+after its port opens is covered by the same wait. A clean stop (SIGTERM, SIGINT) lets the
+SuperNode deactivate its node on the server, so a restart at once is accepted at once.
+One that exits after it had connected, or a worker that exits, is restarted after a growing
+pause. SIGTERM or SIGINT stops both; a fedclient killed outright (SIGKILL, OOM) takes both with
+it (the kernel's parent-death signal, Linux), so no orphan keeps training as this node.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import IO
 
 from shared.errors import ExitCode, FedclientError
+from shared.flower_compat import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from shared.processes import free_port, spawn, stop_tree
 
 ISOLATIONS = ("warm", "subprocess")
 STOP_GRACE = 5.0  # seconds a child gets to exit on SIGTERM before SIGKILL
 MAX_BACKOFF = 30.0  # longest pause before restarting a child
 STABLE_SECONDS = 60.0  # a child up this long has its restart pause reset
-# A daemon registers node keys a moment after its port opens: a node refused as unregistered
-# (Flower's code 2004) in its first REFUSAL_GRACE s tries again before the refusal counts.
+CONNECT_TIMEOUT = 5.0  # seconds one check that the server accepts connections may take
+# A node that stopped uncleanly stays online on the SuperLink this long after its last
+# heartbeat (Flower 1.41: 2 x 30 s), and activating it again is refused with code 2004, as an
+# unregistered key is; a daemon also registers node keys a moment after its port opens. So a
+# 2004 in a node's first REFUSAL_GRACE s is tried again every REFUSAL_RETRY s before it counts.
 # A TLS failure (wrong CA) counts at once: waiting does not change a certificate.
+ONLINE_WINDOW = float(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL)
 RETRYABLE_REFUSALS = ("[code: 2004]",)
-REFUSAL_GRACE = 15.0
-REFUSAL_RETRY = 2.0
+REFUSAL_GRACE = ONLINE_WINDOW + 15.0
+REFUSAL_RETRY = 5.0
 CONNECTED = "SuperNode ID:"  # what flower-supernode logs once the SuperLink accepted it
+RETRYING = "Connection attempt failed, retrying"  # what it logs, without the address, when it lost the SuperLink
 # What flower-supernode logs when it drops a message whose run was stopped while it was being
 # received (e.g. the server restarted mid-round). Flower 1.41 then leaves the task it created
 # for that message unfinished, and a worker that took the task waits for its input for up to
@@ -54,7 +84,8 @@ CONNECTED = "SuperNode ID:"  # what flower-supernode logs once the SuperLink acc
 ABANDONED_TASK = "is not in `RUNNING` status. Ignoring message"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HINTS = {
-    "[code: 2004]": "is this node's public key registered on the server (its PKI's clients/*.pub)?",
+    "[code: 2004]": "is this node's public key registered on the server (its PKI's clients/*.pub)? "
+    "Or is another fedclient already running with this key?",
     "CERTIFICATE_VERIFY_FAILED": "--ca must be the CA certificate (ca.pem) of the server's PKI",
     "private key": "--key must be this node's private key (clients/NAME.key)",
 }
@@ -79,11 +110,13 @@ class NodeOptions:
     device: str = "auto"
     isolation: str = "warm"
     runtime_port: int = 0  # the SuperNode's local Runtime API port; 0 = any free one
-    client_app: str = ""  # for tests: MODULE:ATTR run instead of the FAB's ClientApp (warm only)
+    client_app: str = ""  # for tests: MODULE:ATTR run instead of the installed ClientApp (warm only)
+    trust_server_code: bool = False  # run the ClientApp the server's FAB names (Flower's behaviour)
 
 
 def check_inputs(options: NodeOptions) -> None:
-    """Every file exists and the data path can be passed in Flower's node config."""
+    """Every file exists, the data path can be passed in Flower's node config, the flags go
+    together (subprocess isolation runs server code) and `--server` is HOST:PORT."""
     for flag, path in (("--ca", options.ca), ("--key", options.key), ("--data", options.data)):
         if not path.exists():
             raise NodeError(f"{flag} {path} does not exist")
@@ -93,11 +126,27 @@ def check_inputs(options: NodeOptions) -> None:
         raise NodeError(f"--isolation must be one of {', '.join(ISOLATIONS)}, got {options.isolation!r}")
     if options.client_app and options.isolation != "warm":
         raise NodeError("--client-app needs --isolation warm (the worker loads it)")
+    if options.isolation == "subprocess" and not options.trust_server_code:
+        raise NodeError(
+            "--isolation subprocess runs the code the server sends (Flower's flwr-clientapp installs "
+            "each run's FAB): add --trust-server-code, or use --isolation warm"
+        )
+    split_address(options.server)
 
 
-def supernode_argv(options: NodeOptions, runtime_port: int) -> list[str]:
-    """The `flower-supernode` command line for `options`."""
+def split_address(server: str) -> tuple[str, int]:
+    """HOST and PORT of `server` ("HOST:PORT", "[IPv6]:PORT"); NodeError if it is not one."""
+    host, _, port = server.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise NodeError(f"--server must be HOST:PORT (the server's Fleet API address), got {server!r}")
+    return host, int(port)
+
+
+def supernode_argv(options: NodeOptions, runtime_port: int, secret: Path | None = None) -> list[str]:
+    """The `flower-supernode` command line for `options`; `secret`: the Runtime API's SuperExec secret file."""
     node_config = f'data-path="{options.data.resolve()}" device="{options.device}"'
+    auth = ["--superexec-auth-secret-file", str(secret)] if secret is not None else []
     return [
         _executable("flower-supernode"),
         "--superlink", options.server,
@@ -107,12 +156,68 @@ def supernode_argv(options: NodeOptions, runtime_port: int) -> list[str]:
         "--isolation", "process" if options.isolation == "warm" else "subprocess",
         "--host", "127.0.0.1",
         "--port", str(runtime_port),
+        *auth,
     ]  # fmt: skip
 
 
-def worker_argv(runtime_port: int, client_app: str = "") -> list[str]:
+def worker_argv(options: NodeOptions, runtime_port: int, secret: Path | None = None) -> list[str]:
+    """The warm worker's command line: which ClientApp it runs, and the Runtime API's secret file."""
     argv = [sys.executable, "-m", "fedclient.worker", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
-    return [*argv, "--client-app", client_app] if client_app else argv
+    if options.client_app:
+        argv += ["--client-app", options.client_app]
+    if options.trust_server_code:
+        argv.append("--trust-server-code")
+    return [*argv, "--auth-secret-file", str(secret)] if secret is not None else argv
+
+
+@contextmanager
+def runtime_secret(isolation: str) -> Iterator[Path | None]:
+    """A random SuperExec secret in a new file only this user can read (0600), removed at the end.
+
+    None in `"subprocess"` isolation, where Flower's SuperNode ignores the secret.
+    """
+    if isolation != "warm":
+        yield None
+        return
+    descriptor, name = tempfile.mkstemp(prefix="fedclient-", suffix=".secret")  # mode 0600
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secrets.token_hex(32))
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def wait_for_server(server: str, stop: threading.Event) -> bool:
+    """Wait until `server` accepts TCP connections (True) or `stop` is set (False).
+
+    Each failed try is reported with the address and the reason, then tried again after a
+    pause that doubles up to MAX_BACKOFF s: a device may start before its server.
+    """
+    host, port = split_address(server)
+    pause = 1.0
+    while not stop.is_set():
+        reason = unreachable_reason(host, port)
+        if reason is None:
+            return True
+        _say(f"cannot reach the server at {server}: {reason}; trying again in {pause:.0f} s "
+             f"(is fedserver running there, and is {port} its Fleet API port?)")  # fmt: skip
+        stop.wait(pause)
+        pause = min(pause * 2, MAX_BACKOFF)
+    return False
+
+
+def unreachable_reason(host: str, port: int) -> str | None:
+    """Why a TCP connection to `host`:`port` fails (e.g. "connection refused"), or None if it opens."""
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
+    except socket.gaierror as err:
+        return f"cannot resolve {host} ({err.strerror or err})"
+    except TimeoutError:
+        return f"no answer within {CONNECT_TIMEOUT:.0f} s"
+    except OSError as err:
+        return (err.strerror or str(err)).lower()
+    return None
 
 
 def node_env() -> dict[str, str]:
@@ -133,12 +238,14 @@ class Child:
     name: str
     argv: list[str]
     pipe_output: bool = False
+    server: str = ""  # the SuperNode's SuperLink: named, with the reason, when it cannot be reached
     process: subprocess.Popen[bytes] | None = None
     watcher: OutputWatcher | None = None
     started: float = 0.0
     backoff: float = 1.0
     restart_at: float = 0.0
     first_started: float | None = None
+    refused: bool = False  # refused since its first start (fedclient said why it tries again)
 
     def start(self) -> None:
         stdout = subprocess.PIPE if self.pipe_output else None
@@ -146,7 +253,7 @@ class Child:
         self.started = time.monotonic()
         self.first_started = self.first_started or self.started
         if self.pipe_output:
-            self.watcher = OutputWatcher(self.process.stdout, sys.stdout.buffer)  # type: ignore[arg-type]
+            self.watcher = OutputWatcher(self.process.stdout, sys.stdout.buffer, self.server)  # type: ignore[arg-type]
             self.watcher.start()
 
     def exited(self) -> int | None:
@@ -160,6 +267,7 @@ class Child:
         self.restart_at = time.monotonic() + pause
         self.process = None
         self.first_started = None  # a restarted server may register keys late again: a new grace
+        self.refused = False
         return pause
 
     def may_retry_refusal(self, reason: str) -> bool:
@@ -177,9 +285,9 @@ class Child:
 class OutputWatcher(threading.Thread):
     """Copies a child's output through and remembers whether it connected, and why it failed."""
 
-    def __init__(self, source: IO[bytes], sink: IO[bytes]) -> None:
+    def __init__(self, source: IO[bytes], sink: IO[bytes], server: str = "") -> None:
         super().__init__(daemon=True)
-        self.source, self.sink = source, sink
+        self.source, self.sink, self.server = source, sink, server
         self.connected = False
         self.abandoned_task = threading.Event()  # set when the SuperNode dropped a message of a stopped run
         self.lines: list[str] = []  # the last 40, colour codes removed
@@ -192,7 +300,15 @@ class OutputWatcher(threading.Thread):
             self.connected = self.connected or CONNECTED in line
             if ABANDONED_TASK in line:
                 self.abandoned_task.set()
+            if RETRYING in line and self.server:
+                self._say_why_unreachable()
             self.lines = (self.lines + [line])[-40:]
+
+    def _say_why_unreachable(self) -> None:
+        """Flower's retry line names neither the server nor the reason: say both, when TCP shows one."""
+        reason = unreachable_reason(*split_address(self.server))
+        if reason is not None:
+            _say(f"cannot reach the server at {self.server}: {reason}; the SuperNode keeps trying")
 
     def refusal(self) -> str:
         """Flower's reason for giving up, from its exit message."""
@@ -214,16 +330,20 @@ def run_node(options: NodeOptions) -> int:
     check_inputs(options)
     port = options.runtime_port or free_port()
     stop = _stop_on_signals()
-    children = [Child("flower-supernode", supernode_argv(options, port), pipe_output=True)]
-    if options.isolation == "warm":
-        children.append(Child("worker", worker_argv(port, options.client_app)))
-    try:
-        for child in children:
-            child.start()
-        _supervise(children, options.server, stop)
-    finally:
-        for child in reversed(children):
-            child.stop()
+    if not wait_for_server(options.server, stop):
+        return 0
+    with runtime_secret(options.isolation) as secret:
+        supernode = supernode_argv(options, port, secret)
+        children = [Child("flower-supernode", supernode, pipe_output=True, server=options.server)]
+        if options.isolation == "warm":
+            children.append(Child("worker", worker_argv(options, port, secret)))
+        try:
+            for child in children:
+                child.start()
+            _supervise(children, options.server, stop)
+        finally:
+            for child in reversed(children):
+                child.stop()
     return 0
 
 
@@ -262,10 +382,23 @@ def _restart_or_give_up(child: Child, code: int, server: str) -> None:
         if not child.may_retry_refusal(reason):
             raise NodeRefused(f"cannot join {server}: {reason}")
         child.restart_at, child.process = time.monotonic() + REFUSAL_RETRY, None
-        _say(f"refused ({reason}); retrying, in case the server is still registering node keys")
+        _say(_refusal_note(reason, child.refused))
+        child.refused = True
         return
     pause = child.schedule_restart()
     _say(f"{child.name} exited with code {code}; restarting it in {pause:.0f} s")
+
+
+def _refusal_note(reason: str, waiting: bool) -> str:
+    """What fedclient says about a refusal it will try again: why at first, then only that it still is."""
+    code = reason.split("]")[0] + "]" if reason.startswith("[code:") else reason
+    if waiting:
+        return f"still refused {code}; trying again in {REFUSAL_RETRY:.0f} s"
+    return (
+        f"refused {code}: the server still counts this node online for {ONLINE_WINDOW:.0f} s after a stop that "
+        "was not clean, is still registering node keys, or does not know this key; trying again every "
+        f"{REFUSAL_RETRY:.0f} s for up to {REFUSAL_GRACE:.0f} s"
+    )
 
 
 def _stop_on_signals() -> threading.Event:

@@ -6,21 +6,34 @@ install, app import and data loading, each round, several seconds on a small boa
 `--isolation process` the SuperNode leaves running ClientApps to a process of the operator's
 choosing, which acquires tasks from the SuperNode's local Runtime API. This is that process:
 it polls the Runtime API every `poll_interval` s, like SuperExec, and runs each task *here*,
-with the same steps as Flower's `flwr-clientapp` (pull the task input, install the FAB, load
-the ClientApp it names, call it, push the reply and the context back; only the pull of the task
-input retries sooner, see `pull_task_input`). PyTorch is imported once, and the ClientApp's
+with the same steps as Flower's `flwr-clientapp` (pull the task input, load the ClientApp,
+call it, push the reply and the context back; only the pull of the task input retries sooner,
+see `pull_task_input`). PyTorch is imported once, and the ClientApp's
 own per-process caches (its data, its model) survive across rounds.
 
-The ClientApp is the one the task's FAB names, imported from where Flower installs that FAB,
-as `flwr-clientapp` does: the worker forgets its own packages before the first import, and when
-a task of another FAB (a new run config or new code) arrives, it forgets every module imported
-from the previous FAB's directory and imports the new one (PyTorch stays imported).
+Which code runs. By default the worker runs the ClientApp *installed on this device*
+(`fedclient.app:app`, imported from this process's own packages) and never installs the FAB:
+a task whose FAB names another ClientApp is refused with a log line and an error reply (code
+LOAD_CLIENT_APP_EXCEPTION), so a server cannot make a device run code of its choosing; the
+run's config still arrives with the task (its Context), only the FAB's code is ignored.
 
-For tests, `--client-app MODULE:ATTR` runs that ClientApp object for every task instead of
-the FAB's (Flower's own single-app loading, `multi_app=False`), e.g. a client that sends bad
-updates (tests/e2e/faulty_client.py).
+With `--trust-server-code` the worker does what `flwr-clientapp` does: the ClientApp is the
+one the task's FAB names, imported from where Flower installs that FAB. The worker forgets its
+own packages before the first import, and when a task of another FAB (a new run config or new
+code) arrives, it forgets every module imported from the previous FAB's directory and imports
+the new one (PyTorch stays imported).
+
+For tests, `--client-app MODULE:ATTR` runs that ClientApp object for every task instead of the
+installed one (Flower's own single-app loading, `multi_app=False`), e.g. a client that sends
+bad updates (tests/e2e/faulty_client.py).
+
+Only this worker may take tasks from the SuperNode: with `--auth-secret-file` it signs its
+requests for tasks with the secret the SuperNode was started with (Flower's SuperExec
+authentication, `flower-supernode --superexec-auth-secret-file`); every other Runtime API call
+needs the token that a task hands out.
 
     python -m fedclient.worker --runtime-api-address 127.0.0.1:9094 [--poll-interval 0.2] [--client-app M:A]
+        [--trust-server-code] [--auth-secret-file PATH]
 """
 
 from __future__ import annotations
@@ -53,13 +66,17 @@ from shared.flower_compat import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
     SendTaskHeartbeatRequest,
+    SUPEREXEC_AUTH_METHODS,
     SubStatus,
+    SuperExecAuthHttpInterceptor,
     TaskType,
     context_from_proto,
     fab_from_proto,
+    get_fab_config,
     get_load_client_app_fn,
     get_project_dir,
     install_from_fab,
+    load_superexec_auth_secret,
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
     make_simple_http_retry_invoker,
@@ -76,6 +93,7 @@ DEFAULT_POLL_INTERVAL = 0.2  # s; each poll costs the worker and the SuperNode a
 # The project's packages this worker imports itself; the FAB's ClientApp imports the FAB's copies.
 OWN_PACKAGES = ((__package__ or "fedclient").split(".")[0], "shared")  # __name__ is "__main__" under -m
 WARM_MODULES = ("torch", "numpy")  # what the ClientApp imports that is slow to import
+INSTALLED_CLIENT_APP = "fedclient.app:app"  # the ClientApp a device runs; Flowerbed's FABs name it
 # Retry delays (s) for a message object the SuperNode has not received yet: first, and cap.
 OBJECT_RETRY = (0.02, 0.2)
 
@@ -87,7 +105,12 @@ class LoadedApp:
     fab_hash: str = ""
     app: ClientApp | None = None
     directory: Path | None = None
-    override: str = ""  # MODULE:ATTR served instead of the FAB's ClientApp (tests)
+    override: str = ""  # MODULE:ATTR served instead of the installed or the FAB's ClientApp (tests)
+    trust_server_code: bool = False  # run the FAB's code (Flower's behaviour), not the installed app
+
+
+class ForeignClientAppError(LoadClientAppError):  # type: ignore[misc,valid-type]
+    """A task's FAB names a ClientApp other than the installed one, and server code is not trusted."""
 
 
 @dataclass
@@ -110,13 +133,28 @@ class TaskOutcome:
             self.seconds[step] = time.perf_counter() - started
 
 
-def serve(address: str, poll_interval: float = DEFAULT_POLL_INTERVAL, client_app: str = "") -> None:
-    """Acquire and run ClientApp tasks from the SuperNode at `address` until stopped."""
+def serve(
+    address: str,
+    poll_interval: float = DEFAULT_POLL_INTERVAL,
+    loaded: LoadedApp | None = None,
+    auth_secret_file: Path | None = None,
+) -> None:
+    """Acquire and run ClientApp tasks from the SuperNode at `address` until stopped.
+
+    `loaded` says which ClientApp to run (default: the installed one); with `auth_secret_file`
+    the requests for tasks are signed with the SuperNode's SuperExec secret.
+    """
+    loaded = loaded or LoadedApp()
     warm_imports()
-    superexec = _runtime_client(address, RuntimeVersionHttpInterceptor(component_name="SuperExec"))
-    loaded = LoadedApp(override=client_app)
+    interceptors: list[object] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if auth_secret_file is not None:
+        secret = load_superexec_auth_secret(str(auth_secret_file))
+        signer = SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=SUPEREXEC_AUTH_METHODS)
+        interceptors.append(signer)
+    superexec = _runtime_client(address, *interceptors)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
-    LOG.info("warm ClientApp worker polling %s every %.2f s", address, poll_interval)
+    code = "the FAB's ClientApp (--trust-server-code)" if loaded.trust_server_code else "the installed ClientApp"
+    LOG.info("warm ClientApp worker polling %s every %.2f s; runs %s", address, poll_interval, code)
     while True:
         response = superexec.AcquireTask(request)
         if response.HasField("task") and response.token:
@@ -168,7 +206,10 @@ def _execute(client: RuntimeHttpClient, loaded: LoadedApp, outcome: TaskOutcome)
         # As flwr-clientapp does: the failure goes back to the server as an Error reply.
         code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
         reason = f"{type(ex)}:<'{ex}'>"
-        LOG.error("ClientApp raised an exception", exc_info=ex)
+        if isinstance(ex, ForeignClientAppError):
+            LOG.error("refused the task: %s", ex)
+        else:
+            LOG.error("ClientApp raised an exception", exc_info=ex)
         outcome.details = reason
         if message is not None:
             outcome.reply = Message(Error(code=code, reason=reason), reply_to=message)
@@ -214,6 +255,37 @@ def _finish(client: RuntimeHttpClient, outcome: TaskOutcome) -> None:
 
 
 def _client_app(loaded: LoadedApp, run: Run, fab: Fab) -> ClientApp:
+    """The ClientApp to run for a task of `run` with `fab`: the installed one or the FAB's."""
+    if loaded.trust_server_code:
+        return _fab_client_app(loaded, run, fab)
+    return _installed_client_app(loaded, fab)
+
+
+def _installed_client_app(loaded: LoadedApp, fab: Fab) -> ClientApp:
+    """The installed ClientApp (or the override), once `fab` is known to name the installed one."""
+    if fab.hash_str != loaded.fab_hash:
+        named = fab_client_app(fab.content)
+        if named != INSTALLED_CLIENT_APP:
+            raise ForeignClientAppError(
+                f"the run's FAB names the ClientApp {named!r}; this device runs only its installed "
+                f"{INSTALLED_CLIENT_APP} (start fedclient with --trust-server-code to run the server's code)"
+            )
+        loaded.fab_hash = fab.hash_str
+    if loaded.app is None:
+        reference = loaded.override or INSTALLED_CLIENT_APP
+        loaded.app = get_load_client_app_fn(default_app_ref=reference, app_path=None, multi_app=False)("", "", "")
+    return loaded.app
+
+
+def fab_client_app(content: bytes) -> str:
+    """The `clientapp` component a FAB's pyproject.toml names, read without installing the FAB."""
+    try:
+        return str(get_fab_config(content)["tool"]["flwr"]["app"]["components"]["clientapp"])
+    except Exception as ex:  # pylint: disable=broad-exception-caught  # a zip, TOML or schema error
+        raise ForeignClientAppError(f"the run's FAB names no ClientApp that can be read ({ex})") from ex
+
+
+def _fab_client_app(loaded: LoadedApp, run: Run, fab: Fab) -> ClientApp:
     """The FAB's ClientApp (or the override): installed and imported on its first task only."""
     if loaded.app is not None and (loaded.override or fab.hash_str == loaded.fab_hash):
         return loaded.app
@@ -276,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT", help="the SuperNode's Runtime API")
     parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL, metavar="SECONDS")
     parser.add_argument("--client-app", default="", metavar="MODULE:ATTR", help="for tests: serve this ClientApp")
+    parser.add_argument("--trust-server-code", action="store_true", help="run the ClientApp each run's FAB names")
+    parser.add_argument("--auth-secret-file", type=Path, metavar="PATH", help="the SuperNode's SuperExec secret")
     return parser
 
 
@@ -285,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     for chatty in ("httpx", "httpcore"):  # a line per poll otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
-        serve(args.runtime_api_address, args.poll_interval, args.client_app)
+        loaded = LoadedApp(override=args.client_app, trust_server_code=args.trust_server_code)
+        serve(args.runtime_api_address, args.poll_interval, loaded, args.auth_secret_file)
     except KeyboardInterrupt:
         return 0
     return 0

@@ -22,7 +22,7 @@ gRPC transports and are where that upgrade lands; this module absorbs it:
   `RuntimeVersionHttpInterceptor`, the `*Request` messages of `flwr.proto.control_pb2`,
   `FlowerError`, `fab_to_proto`, `user_config_to_proto`, `build_fab_from_disk`.
 - Runtime API of the SuperNode (fedclient/worker.py): `RuntimeHttpClient`, the
-  `flwr.proto.runtime_pb2` requests, `RuntimeTokenHttpInterceptor`,
+  `flwr.proto.runtime_pb2` requests, `RuntimeTokenHttpInterceptor`, `SuperExecAuthHttpInterceptor`,
   `make_simple_http_retry_invoker`, `HeartbeatSender`, `pull_and_inflate_object_from_tree`
   with its `make_*_fn_protobuf` helpers, `push_message`, `push_task_output`, `Node`.
 - The deployment grid (fedserver/polling.py): `is_http_grid`.
@@ -84,6 +84,17 @@ DEFERRED_IMPORTS: dict[str, tuple[str, str]] = {
     "RuntimeHttpClient": ("flwr.supercore.runtime", "RuntimeHttpClient"),
     "RuntimeTokenHttpInterceptor": ("flwr.supercore.interceptors", "RuntimeTokenHttpInterceptor"),
     "RuntimeVersionHttpInterceptor": ("flwr.supercore.interceptors", "RuntimeVersionHttpInterceptor"),
+    # SuperExec authentication of the Runtime API (`--superexec-auth-secret-file`): the
+    # interceptor that signs a request with the shared secret, the methods SuperExec signs,
+    # and how the secret file is read.
+    "SuperExecAuthHttpInterceptor": ("flwr.supercore.interceptors", "SuperExecAuthHttpInterceptor"),
+    "SUPEREXEC_AUTH_METHODS": ("flwr.supercore.superexec.run_superexec", "_SUPEREXEC_AUTH_METHODS"),
+    "load_superexec_auth_secret": ("flwr.supercore.auth", "load_superexec_auth_secret"),
+    # A FAB's pyproject.toml (its `clientapp` component), read without installing the FAB.
+    "get_fab_config": ("flwr.common.config", "get_fab_config"),
+    # How long a SuperLink counts a node online after its last heartbeat (fedclient/node.py).
+    "HEARTBEAT_DEFAULT_INTERVAL": ("flwr.common.constant", "HEARTBEAT_DEFAULT_INTERVAL"),
+    "HEARTBEAT_PATIENCE": ("flwr.common.constant", "HEARTBEAT_PATIENCE"),
     "make_simple_http_retry_invoker": ("flwr.supercore.retry", "make_simple_http_retry_invoker"),
     "HeartbeatSender": ("flwr.supercore.heartbeat", "HeartbeatSender"),
     "pull_and_inflate_object_from_tree": (

@@ -103,10 +103,21 @@ def add_client(directory: Path, name: str) -> tuple[Path, Path]:
     directory = Path(directory)
     _check_client_name(name)
     _check_initialised(directory)
-    key_path, pub_path = _client_paths(directory, name)
+    return make_node_key_pair(directory / "clients", name)
+
+
+def make_node_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
+    """Write a node key pair NAME.key (0600) and NAME.pub in `directory`; returns their paths.
+
+    What `fedclient keygen` runs on a device, so the private key never leaves it: only NAME.pub
+    goes to the server's PKI (clients/NAME.pub). Never replaces a file: a key is a node's identity.
+    """
+    directory = Path(directory)
+    _check_client_name(name)
+    key_path, pub_path = directory / f"{name}.key", directory / f"{name}.pub"
     existing = [p.name for p in (key_path, pub_path) if p.exists()]
     if existing:
-        raise PkiError(f"client {name!r} already exists in {directory / 'clients'} ({', '.join(existing)})")
+        raise PkiError(f"client {name!r} already exists in {directory} ({', '.join(existing)})")
     _write_node_key_pair(key_path, pub_path)
     return key_path, pub_path
 

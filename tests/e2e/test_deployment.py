@@ -97,7 +97,7 @@ def intruders(federation: Federation, e2e) -> dict[str, subprocess.Popen[bytes]]
 
 
 def _refusal(e2e, intruders: dict, name: str) -> str:
-    code = intruders[name].wait(timeout=90)
+    code = intruders[name].wait(timeout=150)  # an unregistered key is retried through the online window
     output = e2e.log(name)
     assert code == 1, output
     errors = [line for line in output.splitlines() if line.startswith("fedclient: error:")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from fedclient import cli, node
 from fedclient.node import Child, NodeOptions, NodeRefused, OutputWatcher, supernode_argv
+from shared.processes import free_port
 
 # What flower-supernode prints when the SuperLink refuses an unregistered key (Flower 1.41).
 REFUSED = """\
@@ -52,6 +54,71 @@ def test_subprocess_isolation_is_flowers_default(files):
     assert argv[argv.index("--isolation") + 1] == "subprocess"
 
 
+def test_subprocess_isolation_runs_server_code_so_it_needs_trust_server_code(files):
+    options = NodeOptions("h:1", files["ca.pem"], files["client-1.key"], files["data.npz"], isolation="subprocess")
+
+    with pytest.raises(node.NodeError, match="--isolation subprocess runs the code the server sends.*--trust-server"):
+        node.check_inputs(options)
+    node.check_inputs(NodeOptions(*list(vars(options).values())[:-1], trust_server_code=True))
+
+
+@pytest.mark.parametrize("server", ["h", "h:", ":9092", "h:port", "h:70000", "h:0"])
+def test_a_server_address_without_host_and_port_is_a_one_line_error(files, server):
+    options = NodeOptions(server, files["ca.pem"], files["client-1.key"], files["data.npz"])
+
+    with pytest.raises(node.NodeError, match=r"--server must be HOST:PORT"):
+        node.check_inputs(options)
+
+
+def test_an_ipv6_server_address_is_split_into_host_and_port():
+    assert node.split_address("[::1]:9092") == ("::1", 9092)
+
+
+def test_a_closed_port_is_reported_as_refused():
+    assert node.unreachable_reason("127.0.0.1", free_port()) == "connection refused"
+
+
+def test_a_supernode_that_lost_its_server_is_explained_with_the_address_and_reason(capsys):
+    # Prepare: Flower's retry line, which names neither
+    server = f"127.0.0.1:{free_port()}"
+    lost = b"WARNING :   Connection attempt failed, retrying in 2.31 seconds\n"
+    watcher = OutputWatcher(io.BytesIO(lost), io.BytesIO(), server)
+
+    # Execute
+    watcher.run()
+
+    # Assert
+    assert f"cannot reach the server at {server}: connection refused" in capsys.readouterr().out
+
+
+def test_the_runtime_api_secret_is_random_private_to_its_user_and_removed(files):
+    # Execute
+    with node.runtime_secret("warm") as first, node.runtime_secret("warm") as second:
+        modes = [stat.S_IMODE(path.stat().st_mode) for path in (first, second)]
+        contents = [path.read_text() for path in (first, second)]
+    with node.runtime_secret("subprocess") as none:
+        pass
+
+    # Assert
+    assert modes == [0o600, 0o600]
+    assert contents[0] != contents[1] and len(contents[0]) >= 64
+    assert not first.exists() and not second.exists()
+    assert none is None  # Flower ignores the secret in subprocess isolation
+
+
+def test_the_supernode_and_the_worker_share_the_secret_and_the_worker_runs_installed_code(files, tmp_path):
+    options = NodeOptions("h:1", files["ca.pem"], files["client-1.key"], files["data.npz"])
+    secret = tmp_path / "s.secret"
+
+    supernode, worker = supernode_argv(options, 9400, secret), node.worker_argv(options, 9400, secret)
+
+    assert supernode[supernode.index("--superexec-auth-secret-file") + 1] == str(secret)
+    assert worker[worker.index("--auth-secret-file") + 1] == str(secret)
+    assert "--trust-server-code" not in worker
+    trusting = NodeOptions(*list(vars(options).values())[:-1], trust_server_code=True)
+    assert "--trust-server-code" in node.worker_argv(trusting, 9400, secret)
+
+
 def test_a_missing_file_is_a_one_line_error_exit_2(tmp_path, capsys):
     code = cli.main(["start", "--server", "h:1", "--ca", str(tmp_path / "ca.pem"), "--key", "k", "--data", "d"])
 
@@ -78,7 +145,7 @@ def _script_child(tmp_path: Path, body: str) -> Child:
 
 def test_a_supernode_refused_before_it_connected_is_retried_then_stops_the_node(tmp_path, monkeypatch, capsys):
     # Prepare: the server keeps refusing; the grace period shortened
-    monkeypatch.setattr(node, "REFUSAL_GRACE", 1.5)
+    monkeypatch.setattr(node, "REFUSAL_GRACE", 3.0)
     monkeypatch.setattr(node, "REFUSAL_RETRY", 0.1)
     starts = tmp_path / "starts"
     child = _script_child(
@@ -90,7 +157,9 @@ def test_a_supernode_refused_before_it_connected_is_retried_then_stops_the_node(
     with pytest.raises(NodeRefused, match=r"cannot join h:1: \[code: 2004\]"):
         node._supervise([child], "h:1", threading.Event())
     assert len(starts.read_text()) >= 2  # it tried again: the server may not have registered keys yet
-    assert "retrying" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.count("online for 60 s after a stop that was not clean") == 1  # says why it waits, once
+    assert "still refused [code: 2004]; trying again" in out
 
 
 def test_a_tls_refusal_stops_the_node_at_once(tmp_path):
@@ -131,10 +200,11 @@ def _quick_restart(self: Child) -> float:
 def test_a_test_client_app_goes_to_the_warm_worker_only(files):
     options = NodeOptions("h:1", files["ca.pem"], files["client-1.key"], files["data.npz"], client_app="m:app")
 
-    assert node.worker_argv(9400, options.client_app)[-2:] == ["--client-app", "m:app"]
+    argv = node.worker_argv(options, 9400)
+    assert argv[argv.index("--client-app") + 1] == "m:app"
     with pytest.raises(node.NodeError, match="--client-app needs --isolation warm"):
         node.check_inputs(NodeOptions("h:1", files["ca.pem"], files["client-1.key"], files["data.npz"],
-                                      isolation="subprocess", client_app="m:app"))  # fmt: skip
+                                      isolation="subprocess", client_app="m:app", trust_server_code=True))  # fmt: skip
 
 
 def test_the_worker_is_restarted_when_the_supernode_drops_a_message_of_a_stopped_run(tmp_path, capsys):
