@@ -8,6 +8,7 @@ shared/flower_compat.py) into a `FlowerApp`: plain data, so a grid runner in ano
 can load the same apps again from it. `run_flower_app` calls the ServerApp, unchanged, on an
 `InProcessGrid`, each virtual node holding Flower's simulation node config (`partition-id`,
 `num-partitions`) and one `Context` for the whole run, and writes fedsim's timing summary.
+With `--backend ray` the same ServerApp runs on Flower's Ray engine instead (ray_backend.py).
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from __future__ import annotations
 import json
 import time
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message, MessageType, UserConfig
+from flwr.app import Context, Message, MessageType, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -165,18 +166,25 @@ def _one_line(err: Exception) -> str:
     return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
-class CountingGrid(GridWrapper):
-    """Counts what the ServerApp sends, for the timing summary: rounds, messages, client errors.
+@dataclass
+class GridCounts:
+    """What a ServerApp sent through its grid, for the timing summary: rounds, messages, client errors.
 
     A round is a batch of `train` messages (one `send_and_receive` or `push_messages` call), which
     is one per round for Flower's strategies (`Strategy.start`).
     """
 
-    def __init__(self, inner: Grid) -> None:
+    rounds: int = 0
+    messages: dict[str, int] = field(default_factory=dict)
+    client_errors: int = 0
+
+
+class CountingGrid(GridWrapper):
+    """Counts into `counts` what the ServerApp sends through `inner` and the errors it gets back."""
+
+    def __init__(self, inner: Grid, counts: GridCounts) -> None:
         super().__init__(inner)
-        self.rounds = 0
-        self.messages: dict[str, int] = {}
-        self.client_errors = 0
+        self.counts = counts
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.inner.push_messages(self._count(messages))
@@ -191,13 +199,13 @@ class CountingGrid(GridWrapper):
         batch = list(messages)
         for message in batch:
             kind = message.metadata.message_type
-            self.messages[kind] = self.messages.get(kind, 0) + 1
-        self.rounds += any(m.metadata.message_type == MessageType.TRAIN for m in batch)
+            self.counts.messages[kind] = self.counts.messages.get(kind, 0) + 1
+        self.counts.rounds += any(m.metadata.message_type == MessageType.TRAIN for m in batch)
         return batch
 
     def _errors(self, replies: Iterable[Message]) -> list[Message]:
         replies = list(replies)
-        self.client_errors += sum(reply.has_error() for reply in replies)
+        self.counts.client_errors += sum(reply.has_error() for reply in replies)
         return replies
 
 
@@ -208,8 +216,9 @@ class AppRunResult:
     interrupted: bool
 
 
-def run_flower_app(app: FlowerApp, output: Path) -> AppRunResult:
-    """Run the app's ServerApp on an in-process Grid of `app.num_supernodes` nodes.
+def run_flower_app(app: FlowerApp, output: Path, backend: str = "fedsim") -> AppRunResult:
+    """Run the app's ServerApp on an in-process Grid of `app.num_supernodes` nodes, or with
+    `backend="ray"` on as many SuperNodes of Flower's Ray engine (simulations/ray_backend.py).
 
     What the apps write is theirs (relative paths from the working directory, as under
     `flwr run`); fedsim writes only `output/timing.json` (see `timing`). Ctrl-C ends the run
@@ -218,29 +227,44 @@ def run_flower_app(app: FlowerApp, output: Path) -> AppRunResult:
     if (output / TIMING_FILE).exists():
         raise AppError(f"{output} already holds a run: choose another --output")
     server_app, client_app = app.load_server_app(), app.load_client_app()
-    grid = CountingGrid(
-        InProcessGrid(client_app, app.num_supernodes, app.run_config, app.node_config)
-    )
-    started, interrupted = time.perf_counter(), False
-    try:
-        server_app(grid=grid, context=server_context(dict(app.run_config)))
-    except KeyboardInterrupt:
-        interrupted = True
-    summary = timing(app, grid, time.perf_counter() - started, interrupted)
+    counts = GridCounts()
+
+    def server_main(grid: Grid, context: Context) -> None:
+        server_app(grid=CountingGrid(grid, counts), context=context)
+
+    started = time.perf_counter()
+    if backend == "ray":
+        from simulations.ray_backend import run_on_ray  # Ray loads only for a Ray run
+
+        interrupted = run_on_ray(server_main, client_app, app.run_config, app.num_supernodes, app_dir=app.directory)
+    else:
+        interrupted = _run_in_process(server_main, client_app, app)
+    summary = timing(app, backend, counts, time.perf_counter() - started, interrupted)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / TIMING_FILE, json.dumps(summary, indent=2) + "\n")
     return AppRunResult(output, summary, interrupted)
 
 
-def timing(app: FlowerApp, grid: CountingGrid, wall_seconds: float, interrupted: bool) -> dict[str, Any]:
+def _run_in_process(server_main: Callable[[Grid, Context], None], client_app: ClientApp, app: FlowerApp) -> bool:
+    """Call `server_main` on an InProcessGrid of the app's nodes; return whether Ctrl-C ended it."""
+    grid = InProcessGrid(client_app, app.num_supernodes, app.run_config, app.node_config)
+    try:
+        server_main(grid, server_context(dict(app.run_config)))
+    except KeyboardInterrupt:
+        return True
+    return False
+
+
+def timing(app: FlowerApp, backend: str, counts: GridCounts, wall_seconds: float, interrupted: bool) -> dict[str, Any]:
     """fedsim's summary of an app's run: the ServerApp's wall time and what went through the grid."""
     return {
         "app": str(app.directory),
+        "backend": backend,
         "num_supernodes": app.num_supernodes,
         "wall_seconds": round(wall_seconds, 3),
-        "rounds": grid.rounds,
-        "seconds_per_round": round(wall_seconds / grid.rounds, 3) if grid.rounds else None,
-        "messages": dict(sorted(grid.messages.items())),
-        "client_errors": grid.client_errors,
+        "rounds": counts.rounds,
+        "seconds_per_round": round(wall_seconds / counts.rounds, 3) if counts.rounds else None,
+        "messages": dict(sorted(counts.messages.items())),
+        "client_errors": counts.client_errors,
         "interrupted": interrupted,
     }

@@ -1,7 +1,8 @@
 """`fedsim run [CONFIG.toml | --config CONFIG.toml] [--set key=value ...] [--output DIR]`: parse, then call the engine.
 
 `fedsim run --app DIR [--run-config 'key=value ...'] [--num-supernodes N]` runs a Flower app
-directory instead (simulations/apps.py)."""
+directory instead (simulations/apps.py). `--backend ray` runs either on Flower's Ray engine
+(simulations/ray_backend.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from shared.cli import add_command, build_parser as build_command_parser, run_cli
-from shared.config import load_config
+from shared.config import BACKENDS, load_config
 from shared.errors import ExitCode, UsageError
 
 PROG = "fedsim"
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", type=Path, metavar="DIR",
                      help="go on with the run in DIR after its last completed round (its config.toml, plus --set)")
     run.add_argument("--workers", metavar="N", help="processes training clients in parallel: a count or 'auto' (= --set workers=N)")
+    run.add_argument("--backend", choices=BACKENDS,
+                     help="what runs the clients: fedsim's own grid, or Flower's Ray engine (= --set backend=NAME)")
     run.add_argument("--quiet", action="store_true", help="no progress bar (with --app: no Flower INFO log)")
     app = run.add_argument_group("a Flower app (instead of a platform config)")
     app.add_argument("--app", type=Path, metavar="DIR",
@@ -79,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from simulations.engine import CONFIG_FILE, run_simulation  # torch and Flower load only for a run
 
     config = args.resume / CONFIG_FILE if args.resume else args.config
-    workers = [f"workers={args.workers}"] if args.workers is not None else []
-    cfg = load_config(config, [*args.overrides, *workers])
+    flags = [f"{key}={value}" for key, value in (("workers", args.workers), ("backend", args.backend)) if value is not None]
+    cfg = load_config(config, [*args.overrides, *flags])
     output = args.resume or args.output or default_output(args.config)
     result = run_simulation(cfg, output, progress=not args.quiet, resume=args.resume is not None)
     files = "config.toml, metrics.jsonl, summary.json, curves.png, model.safetensors"
@@ -96,7 +99,7 @@ def run_app(args: argparse.Namespace) -> int:
     if args.quiet:
         flower_log.setLevel(logging.WARNING)  # the app's Flower log: warnings only
     try:
-        result = run_flower_app(app, args.output or default_output(app.directory))
+        result = run_flower_app(app, args.output or default_output(app.directory), backend=args.backend or "fedsim")
     finally:
         flower_log.setLevel(level)
     where = f"{result.output}/ ({TIMING_FILE}); the app's own outputs are where it writes them"
