@@ -14,6 +14,7 @@ with what it did, as on fedsim's own grid.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedclient.app import app as client_app
 from fedserver.polling import FastPollingGrid
 from shared.config import RunConfig
-from shared.errors import ExitCode, FedsimError
+from shared.errors import ExitCode, FedsimError, FlowerbedError
 from shared.flower_compat import run_on_ray_engine
 from simulations.engine import SimulationResult, prepare_output, quiet_flower, run_rounds
 
@@ -89,7 +90,9 @@ def run_on_ray(
     """Run `server_main` as the ServerApp and `clients` on `num_supernodes` SuperNodes of Flower's
     Ray engine; return whether Ctrl-C interrupted it (after the ServerApp's thread has ended).
 
-    `server_main` gets a grid that raises KeyboardInterrupt once Ctrl-C has reached this thread.
+    `server_main` is called once every node is registered, as on fedsim's grid (Flower's engine
+    alone starts the ServerApp while it registers them, so a first round may sample fewer). It
+    gets a grid that raises KeyboardInterrupt once Ctrl-C has reached this thread.
     """
     require_ray()
     stop, started, finished = threading.Event(), threading.Event(), threading.Event()
@@ -98,8 +101,11 @@ def run_on_ray(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         started.set()
+        grid = InterruptibleGrid(grid, stop)
         try:
-            server_main(InterruptibleGrid(grid, stop), context)
+            while len(list(grid.get_node_ids())) < num_supernodes:  # Flower's engine registers them meanwhile
+                time.sleep(PULL_SECONDS)
+            server_main(grid, context)
         except KeyboardInterrupt:
             pass  # raised by the grid after Ctrl-C: the main thread reports it
         finally:
@@ -116,6 +122,8 @@ def run_on_ray(
         )
     except KeyboardInterrupt:
         return True
+    except FlowerbedError:  # the ServerApp's own (e.g. a round without quorum), re-raised by Flower's engine
+        raise
     except RuntimeError as err:  # Flower's engine failed, its cause logged (e.g. no actor fits the resources)
         raise RayEngineError(f"Flower's Ray engine stopped: {_one_line(err.__cause__ or err)}") from err
     finally:  # Flower's engine has ended, the ServerApp's thread may not have: end it

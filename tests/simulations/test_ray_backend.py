@@ -120,6 +120,9 @@ class NeverReplies:
     def __init__(self) -> None:
         self.pulled = threading.Event()
 
+    def get_node_ids(self) -> list[int]:
+        return [1]
+
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         return ["message-1"]
 
