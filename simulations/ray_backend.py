@@ -125,7 +125,7 @@ def run_on_ray(
     except FlowerbedError:  # the ServerApp's own (e.g. a round without quorum), re-raised by Flower's engine
         raise
     except RuntimeError as err:  # Flower's engine failed, its cause logged (e.g. no actor fits the resources)
-        raise RayEngineError(f"Flower's Ray engine stopped: {_one_line(err.__cause__ or err)}") from err
+        raise RayEngineError(f"Flower's Ray engine stopped: {_first_cause(err)}") from err
     finally:  # Flower's engine has ended, the ServerApp's thread may not have: end it
         stop.set()
         if started.is_set():
@@ -160,5 +160,8 @@ class InterruptibleGrid(FastPollingGrid):
             raise KeyboardInterrupt
 
 
-def _one_line(err: BaseException) -> str:
+def _first_cause(err: BaseException) -> str:
+    """The exception that started the chain `err` ends, as one line (Flower wraps it twice)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
     return " ".join(str(err).split()) or type(err).__name__

@@ -155,3 +155,22 @@ def test_ctrl_c_ends_the_serverapps_thread_too(monkeypatch):
     # Assert
     assert interrupted is True
     assert not threads[0].is_alive()
+
+
+def crashing_engine(**_: object) -> None:
+    """Flower's engine when no actor fits the resources: the cause, wrapped twice."""
+    try:
+        try:
+            raise ValueError("ActorPool is empty. Stopping Simulation.")
+        except ValueError as err:
+            raise RuntimeError("Simulation Runtime crashed.") from err
+    except RuntimeError as err:
+        raise RuntimeError("An error was encountered. Ending simulation.") from err
+
+
+def test_an_engine_failure_is_one_line_naming_its_first_cause(monkeypatch):
+    monkeypatch.setattr(ray_backend, "run_on_ray_engine", crashing_engine)
+    monkeypatch.setattr(ray_backend, "require_ray", lambda: None)
+
+    with pytest.raises(ray_backend.RayEngineError, match=r"^Flower's Ray engine stopped: ActorPool is empty\. Stopping"):
+        ray_backend.run_on_ray(lambda grid, context: None, clients=None, run_config={}, num_supernodes=1)
