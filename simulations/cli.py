@@ -82,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
     from simulations.engine import CONFIG_FILE, run_simulation  # torch and Flower load only for a run
 
     config = args.resume / CONFIG_FILE if args.resume else args.config
-    flags = [f"{key}={value}" for key, value in (("workers", args.workers), ("backend", args.backend)) if value is not None]
-    cfg = load_config(config, [*args.overrides, *flags])
+    flags = {"workers": args.workers, "backend": args.backend}  # the flags that stand for a --set
+    overrides = [*args.overrides, *(f"{key}={value}" for key, value in flags.items() if value is not None)]
+    cfg = load_config(config, overrides)
     output = args.resume or args.output or default_output(args.config)
     result = run_simulation(cfg, output, progress=not args.quiet, resume=args.resume is not None)
     files = "config.toml, metrics.jsonl, summary.json, curves.png, model.safetensors"
