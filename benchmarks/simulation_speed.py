@@ -290,7 +290,7 @@ def child_ray(spec: dict[str, Any]) -> dict[str, Any]:
         num_supernodes=NUM_CLIENTS,
         app_dir=str(app_dir),
         num_cpus=os.cpu_count() or 1,
-        client_gpus=spec["ray_gpus"] if cfg.device == "cuda" else 0.0,
+        client_resources={"num_cpus": 1, "num_gpus": spec["ray_gpus"] if cfg.device == "cuda" else 0.0},
     )
     wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu  # the driver's CPU only
     rows = read_metrics(run_dir)

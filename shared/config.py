@@ -36,6 +36,7 @@ PARTITIONS = ("auto", "iid", "dirichlet", "shards", "natural")  # auto: natural 
 OPTIMIZERS = ("sgd", "adam")
 VECTORIZED = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+BACKENDS = ("fedsim", "ray")  # ray: Flower's own simulation engine (the `ray` extra), on one machine or a cluster
 
 # Keys whose value must be one of a fixed set.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -46,6 +47,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": OPTIMIZERS,
     "vectorized": VECTORIZED,
     "device": DEVICES,
+    "backend": BACKENDS,
 }
 
 
@@ -228,6 +230,18 @@ class RunConfig:
         "Rounds between evaluations; the last round is always evaluated. Rounds in between have no accuracy, "
         "so `target-accuracy` is checked on evaluated rounds only. Training is the same whatever this is.",
     )
+    backend: str = EXECUTION.option(
+        "fedsim",
+        "What runs the clients of a fedsim run: `fedsim` its own grid (in process or in `workers`); `ray` "
+        "Flower's Ray simulation engine, on this machine or the Ray cluster `RAY_ADDRESS` names (needs the "
+        "`ray` extra). Same ServerApp, ClientApp and outputs.",
+    )
+    ray_cpus_per_client: float = EXECUTION.option(
+        1.0, "`backend = \"ray\"`: CPUs Ray reserves for each running ClientApp (> 0; fractions allowed)."
+    )
+    ray_gpus_per_client: float = EXECUTION.option(
+        0.0, "`backend = \"ray\"`: GPUs Ray reserves for each running ClientApp (>= 0; 0.25 = four per GPU)."
+    )
     vectorized: str = EXECUTION.option(
         "auto", "fedsim: train a round's clients together with `torch.func`; `auto` = only on CUDA."
     )
@@ -356,13 +370,14 @@ def _check_values(cfg: RunConfig) -> None:
     for name in ("stragglers", "target_accuracy", "test_fraction", "gpu_memory_fraction"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ConfigError(f"config key '{config_key(name)}' must be in [0, 1], got {getattr(cfg, name)}")
-    for name in ("lr", "dirichlet_alpha", "round_timeout"):
+    for name in ("lr", "dirichlet_alpha", "round_timeout", "ray_cpus_per_client"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"config key '{config_key(name)}' must be > 0, got {getattr(cfg, name)}")
     if cfg.min_replies <= 0 or cfg.round_retries < 0 or cfg.max_update_norm < 0:
         raise ConfigError("config keys 'min-replies' must be > 0, 'round-retries' and 'max-update-norm' >= 0")
-    if cfg.proximal_mu < 0:
-        raise ConfigError(f"config key 'proximal-mu' must be >= 0, got {cfg.proximal_mu}")
+    for name in ("proximal_mu", "ray_gpus_per_client"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"config key '{config_key(name)}' must be >= 0, got {getattr(cfg, name)}")
     if cfg.eval_clients < EVERY_CLIENT:
         raise ConfigError(f"config key 'eval-clients' must be >= 0, or -1 for every client, got {cfg.eval_clients}")
     if cfg.data_seed < SAME_AS_SEED:

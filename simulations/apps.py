@@ -10,7 +10,8 @@ can load the same apps again from it. `run_flower_app` calls the ServerApp, unch
 `num-partitions`) and one `Context` for the whole run, and writes fedsim's timing summary. With
 `workers`, the nodes' ClientApp runs in a pool of worker processes (simulations/workers.py),
 each loading the app from its directory; an app has no clients per round, so `auto` is capped
-at its number of nodes.
+at its number of nodes. With `--backend ray` the same ServerApp runs on Flower's Ray engine
+instead (ray_backend.py).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import json
 import logging
 import time
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message, MessageType, UserConfig
+from flwr.app import Context, Message, MessageType, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -40,7 +41,7 @@ from shared.flower_compat import (
     parse_run_config,
     validate_fields_in_config,
 )
-from simulations.grid import InProcessGrid, server_context, simulation_node_config
+from simulations.grid import InProcessGrid, RoundRunner, server_context, simulation_node_config
 from simulations.workers import client_workers, visible_gpus, worker_count
 
 LOG = logging.getLogger("flowerbed.sim")
@@ -177,20 +178,30 @@ def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
-class CountingGrid(GridWrapper):
-    """Counts what the ServerApp sends, for the timing summary: rounds, messages, client errors.
+@dataclass
+class GridCounts:
+    """What a ServerApp sent through its grid, for the timing summary: rounds, messages, client errors.
 
     A round is a batch of `train` messages (one `send_and_receive` or `push_messages` call), which
-    is one per round for Flower's strategies (`Strategy.start`). A ClientApp that a worker process
-    could not load is reported once (a warning), and ends the run (AppError) when no reply of a
-    batch came from a loaded one: the ServerApp would otherwise go on with no client at all.
+    is one per round for Flower's strategies (`Strategy.start`).
     """
 
-    def __init__(self, inner: Grid) -> None:
+    rounds: int = 0
+    messages: dict[str, int] = field(default_factory=dict)
+    client_errors: int = 0
+
+
+class CountingGrid(GridWrapper):
+    """Counts into `counts` what the ServerApp sends through `inner` and the errors it gets back.
+
+    A ClientApp that a worker process could not load is reported once (a warning), and ends the
+    run (AppError) when no reply of a batch came from a loaded one: the ServerApp would otherwise
+    go on with no client at all.
+    """
+
+    def __init__(self, inner: Grid, counts: GridCounts) -> None:
         super().__init__(inner)
-        self.rounds = 0
-        self.messages: dict[str, int] = {}
-        self.client_errors = 0
+        self.counts = counts
         self._load_failures: set[str] = set()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -206,13 +217,13 @@ class CountingGrid(GridWrapper):
         batch = list(messages)
         for message in batch:
             kind = message.metadata.message_type
-            self.messages[kind] = self.messages.get(kind, 0) + 1
-        self.rounds += any(m.metadata.message_type == MessageType.TRAIN for m in batch)
+            self.counts.messages[kind] = self.counts.messages.get(kind, 0) + 1
+        self.counts.rounds += any(m.metadata.message_type == MessageType.TRAIN for m in batch)
         return batch
 
     def _errors(self, replies: Iterable[Message]) -> list[Message]:
         replies = list(replies)
-        self.client_errors += sum(reply.has_error() for reply in replies)
+        self.counts.client_errors += sum(reply.has_error() for reply in replies)
         failures = [
             _first_line(r.error.reason)
             for r in replies
@@ -233,8 +244,15 @@ class AppRunResult:
     interrupted: bool
 
 
-def run_flower_app(app: FlowerApp, output: Path, *, workers: str = "1", gpu_memory_fraction: float = 0.0) -> AppRunResult:
-    """Run the app's ServerApp on an in-process Grid of `app.num_supernodes` nodes.
+def run_flower_app(
+    app: FlowerApp, output: Path, *, backend: str = "fedsim", workers: str = "1", gpu_memory_fraction: float = 0.0
+) -> AppRunResult:
+    """Run the app's ServerApp on an in-process Grid of `app.num_supernodes` nodes, or with
+    `backend="ray"` on as many SuperNodes of Flower's Ray engine (simulations/ray_backend.py).
+
+    On fedsim's grid its ClientApp runs in this process, or in worker processes as config key
+    `workers` (a count or `auto`) says, on the visible GPUs with `gpu-memory-fraction` where CUDA
+    is available.
 
     Its ClientApp runs in this process, or in worker processes as config key `workers` (a count
     or `auto`) says, on the visible GPUs with `gpu-memory-fraction` where CUDA is available.
@@ -245,34 +263,53 @@ def run_flower_app(app: FlowerApp, output: Path, *, workers: str = "1", gpu_memo
     if (output / TIMING_FILE).exists():
         raise AppError(f"{output} already holds a run: choose another --output")
     server_app, client_app = app.load_server_app(), app.load_client_app()  # a bad app: one line, before any worker
-    gpus = visible_gpus() if workers != "1" or gpu_memory_fraction > 0 else 0  # spares importing PyTorch
-    count = worker_count(workers, app.num_supernodes, gpus)
-    with client_workers(app.load_client_app, count, gpus=gpus, gpu_memory_fraction=gpu_memory_fraction) as pool:
-        grid = CountingGrid(
-            InProcessGrid(client_app, app.num_supernodes, app.run_config, app.node_config, batch_runner=pool)
-        )
-        started, interrupted = time.perf_counter(), False
-        try:
-            server_app(grid=grid, context=server_context(dict(app.run_config)))
-        except KeyboardInterrupt:
-            interrupted = True
-        elapsed = time.perf_counter() - started
-    summary = timing(app, grid, elapsed, interrupted, count)
+    counts = GridCounts()
+
+    def server_main(grid: Grid, context: Context) -> None:
+        server_app(grid=CountingGrid(grid, counts), context=context)
+
+    started, count = time.perf_counter(), 1
+    if backend == "ray":
+        from simulations.ray_backend import run_on_ray  # Ray loads only for a Ray run
+
+        interrupted = run_on_ray(server_main, client_app, app.run_config, app.num_supernodes, app_dir=app.directory)
+    else:
+        gpus = visible_gpus() if workers != "1" or gpu_memory_fraction > 0 else 0  # spares importing PyTorch
+        count = worker_count(workers, app.num_supernodes, gpus)
+        with client_workers(app.load_client_app, count, gpus=gpus, gpu_memory_fraction=gpu_memory_fraction) as pool:
+            interrupted = _run_in_process(server_main, client_app, app, pool)
+    summary = timing(app, backend, counts, time.perf_counter() - started, interrupted, count)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / TIMING_FILE, json.dumps(summary, indent=2) + "\n")
     return AppRunResult(output, summary, interrupted)
 
 
-def timing(app: FlowerApp, grid: CountingGrid, wall_seconds: float, interrupted: bool, workers: int) -> dict[str, Any]:
+def _run_in_process(
+    server_main: Callable[[Grid, Context], None], client_app: ClientApp, app: FlowerApp, pool: RoundRunner | None
+) -> bool:
+    """Call `server_main` on an InProcessGrid of the app's nodes, their ClientApp in `pool` where
+    given; return whether Ctrl-C ended it."""
+    grid = InProcessGrid(client_app, app.num_supernodes, app.run_config, app.node_config, batch_runner=pool)
+    try:
+        server_main(grid, server_context(dict(app.run_config)))
+    except KeyboardInterrupt:
+        return True
+    return False
+
+
+def timing(
+    app: FlowerApp, backend: str, counts: GridCounts, wall_seconds: float, interrupted: bool, workers: int
+) -> dict[str, Any]:
     """fedsim's summary of an app's run: the ServerApp's wall time and what went through the grid."""
     return {
         "app": str(app.directory),
+        "backend": backend,
         "num_supernodes": app.num_supernodes,
         "workers": workers,
         "wall_seconds": round(wall_seconds, 3),
-        "rounds": grid.rounds,
-        "seconds_per_round": round(wall_seconds / grid.rounds, 3) if grid.rounds else None,
-        "messages": dict(sorted(grid.messages.items())),
-        "client_errors": grid.client_errors,
+        "rounds": counts.rounds,
+        "seconds_per_round": round(wall_seconds / counts.rounds, 3) if counts.rounds else None,
+        "messages": dict(sorted(counts.messages.items())),
+        "client_errors": counts.client_errors,
         "interrupted": interrupted,
     }

@@ -1,7 +1,8 @@
 """`fedsim run [CONFIG.toml | --config CONFIG.toml] [--set key=value ...] [--output DIR]`: parse, then call the engine.
 
 `fedsim run --app DIR [--run-config 'key=value ...'] [--num-supernodes N] [--workers N]` runs a
-Flower app directory instead (simulations/apps.py)."""
+Flower app directory instead (simulations/apps.py). `--backend ray` runs either on Flower's Ray
+engine (simulations/ray_backend.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from shared.cli import add_command, build_parser as build_command_parser, run_cli
-from shared.config import load_config
+from shared.config import BACKENDS, load_config
 from shared.errors import ExitCode, UsageError
 
 PROG = "fedsim"
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gpu-memory-fraction", metavar="F",
                      help="on CUDA, the share of a GPU's memory each worker may use (= --set gpu-memory-fraction=F); "
                           "also with --app")
+    run.add_argument("--backend", choices=BACKENDS,
+                     help="what runs the clients: fedsim's own grid, or Flower's Ray engine (= --set backend=NAME)")
     run.add_argument("--quiet", action="store_true", help="no progress bar (with --app: no Flower INFO log)")
     app = run.add_argument_group("a Flower app (instead of a platform config)")
     app.add_argument("--app", type=Path, metavar="DIR",
@@ -91,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def execution_overrides(args: argparse.Namespace) -> list[str]:
-    """The config overrides `--workers` and `--gpu-memory-fraction` stand for."""
-    flags = (("workers", args.workers), ("gpu-memory-fraction", args.gpu_memory_fraction))
+    """The config overrides `--workers`, `--gpu-memory-fraction` and `--backend` stand for."""
+    flags = (("workers", args.workers), ("gpu-memory-fraction", args.gpu_memory_fraction), ("backend", args.backend))
     return [f"{key}={value}" for key, value in flags if value is not None]
 
 
@@ -109,6 +112,7 @@ def run_app(args: argparse.Namespace) -> int:
         result = run_flower_app(
             app,
             args.output or default_output(app.directory),
+            backend=execution.backend,
             workers=execution.workers,
             gpu_memory_fraction=execution.gpu_memory_fraction,
         )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context
+from flwr.serverapp import Grid
 
 from fedclient.app import app as client_app
 from fedclient.app import make_client_app
@@ -63,8 +64,21 @@ class OutputExists(FedsimError, ValueError):
 def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resume: bool = False) -> SimulationResult:
     """Run every round of `cfg`, its clients in this process or in `workers` processes; write all outputs to `output`.
 
-    With `resume`, `output` must hold a run: it goes on after its last committed round.
+    With `resume`, `output` must hold a run: it goes on after its last committed round. With
+    `backend = "ray"` the clients run on Flower's Ray engine instead (simulations/ray_backend.py).
     """
+    if cfg.backend == "ray":
+        from simulations.ray_backend import run_simulation_on_ray  # Ray loads only for a Ray run
+
+        return run_simulation_on_ray(cfg, output, progress=progress, resume=resume)
+    cfg = prepare_output(cfg, output, resume)
+    with _worker_pool(cfg) as pool:
+        return _run(cfg, output, pool, progress)
+
+
+def prepare_output(cfg: RunConfig, output: Path, resume: bool) -> RunConfig:
+    """The config as it will run, its `run-dir` `output`, written there with the labels; a new
+    run's `output` must hold no run, a resumed one's must (else OutputExists)."""
     if (output / STATE_FILE).exists() != resume:
         raise OutputExists(
             f"{output} already holds a run: resume it with --resume {output} or choose another --output"
@@ -75,8 +89,7 @@ def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resum
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / CONFIG_FILE, cfg.to_toml())
     write_labels(cfg, output)
-    with _worker_pool(cfg) as pool:
-        return _run(cfg, output, pool, progress)
+    return cfg
 
 
 def _run(cfg: RunConfig, output: Path, pool: WorkerPool | None, progress: bool) -> SimulationResult:
@@ -87,13 +100,20 @@ def _run(cfg: RunConfig, output: Path, pool: WorkerPool | None, progress: bool) 
         simulation_node_config(cfg.num_clients),
         batch_runner=pool if pool is not None else batch_runner_for(cfg),
     )
+    return run_rounds(grid, cfg, output, progress)
+
+
+def run_rounds(grid: Grid, cfg: RunConfig, output: Path, progress: bool) -> SimulationResult:
+    """The ServerApp's rounds of `cfg` on `grid` (stragglers added), each round's event to the
+    metrics rows, the live plot and the progress bar; then the summary. Ctrl-C ends the run
+    with what it did."""
     rows = RunDirectory(output).history()
     plot = LivePlot(output / CURVES_FILE, run_title(cfg), rows=rows)
     subscribers: list[RoundCallback] = [lambda event: rows.append(event.row()), plot]
     if progress:
         subscribers.append(ProgressBar())
     interrupted = False
-    with _quiet_flower():
+    with quiet_flower():
         try:
             run_federation(with_stragglers(grid, cfg), cfg, on_round=subscribers)
         except KeyboardInterrupt:
@@ -165,7 +185,7 @@ def _finish(plot: LivePlot) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_flower() -> Iterator[None]:
+def quiet_flower() -> Iterator[None]:
     """Flower logs every sampling and aggregation at INFO; fedsim shows its own progress."""
     logger = logging.getLogger("flwr")
     level = logger.level
