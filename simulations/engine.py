@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from flwr.app import Context
@@ -24,7 +25,7 @@ from fedserver.checkpoints import STATE_FILE, RunDirectory
 from fedserver.events import RoundCallback
 from fedserver.report import CURVES_FILE, SUMMARY_FILE, Summary, run_title, summarize, write_summary
 from shared.config import RunConfig
-from shared.data.federation import load_federation
+from shared.data.federation import load_federation, shared_federation, with_shared_data
 from shared.errors import FedsimError, FlowerbedError
 from shared.files import atomic_write_text
 from simulations.grid import InProcessGrid, first_of, simulation_node_config
@@ -108,12 +109,19 @@ def _run(cfg: RunConfig, output: Path, pool: WorkerPool | None, progress: bool) 
 @contextlib.contextmanager
 def _worker_pool(cfg: RunConfig) -> Iterator[WorkerPool | None]:
     """The pool of `workers` processes serving the clients (see simulations/workers.py), or None
-    for the clients in this process; stopped, every worker with it, when the run ends."""
+    for the clients in this process; stopped, every worker with it, when the run ends.
+
+    The workers build their federation from the dataset's arrays as read here, memory-mapped
+    (`shared_federation`), not from the file: one copy, read once, whatever their number.
+    """
     workers = worker_count(cfg.workers, cfg.clients_per_round)
     if workers == 1:
         yield None
         return
-    with WorkerPool(make_client_app, workers, size=training_size(cfg)) as pool:
+    with (
+        shared_federation(cfg) as data,
+        WorkerPool(partial(with_shared_data, data, make_client_app), workers, size=training_size(cfg)) as pool,
+    ):
         yield pool
 
 
