@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -65,12 +66,7 @@ def shakespeare_dir(tmp_path: Path) -> tuple[Path, RunConfig]:
 
 
 def remove(path: Path) -> None:
-    if path.is_dir():
-        for child in path.iterdir():
-            child.unlink()
-        path.rmdir()
-    else:
-        path.unlink()
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 @pytest.fixture(autouse=True)
