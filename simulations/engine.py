@@ -27,7 +27,7 @@ from fedserver.events import RoundCallback
 from fedserver.report import CURVES_FILE, SUMMARY_FILE, Summary, run_title, summarize, write_summary
 from shared import task
 from shared.config import RunConfig
-from shared.data.federation import load_federation
+from shared.data.federation import load_federation, shared_federation, with_shared_data
 from shared.errors import FedsimError, FlowerbedError
 from shared.files import atomic_write_text
 from simulations.grid import InProcessGrid, simulation_node_config
@@ -131,14 +131,29 @@ def run_rounds(grid: Grid, cfg: RunConfig, output: Path, progress: bool) -> Simu
 def _worker_pool(cfg: RunConfig) -> Iterator[WorkerPool | None]:
     """The pool of `workers` processes serving the clients (see simulations/workers.py), or None
     for the clients in this process; stopped, every worker with it, when the run ends. Where the
-    run is vectorized, each worker trains its share of a round on the vectorized path."""
+    run is vectorized, each worker trains its share of a round on the vectorized path.
+
+    The workers build their federation from the dataset's arrays as read here, memory-mapped
+    (`shared_federation`), not from the file: one copy, read once, whatever their number.
+    """
     gpus = _cuda_devices(cfg)
     workers = worker_count(cfg.workers, cfg.clients_per_round, gpus)
-    size = training_size(cfg) if workers > 1 else None
-    vectorized = functools.partial(batch_runner_for, cfg) if workers > 1 and vectorizes(cfg) else None
-    with client_workers(
-        make_client_app, workers, size, gpus=gpus, gpu_memory_fraction=cfg.gpu_memory_fraction, batch_factory=vectorized
-    ) as pool:
+    if workers == 1:  # in this process, its VRAM capped on CUDA
+        with client_workers(make_client_app, 1, gpus=gpus, gpu_memory_fraction=cfg.gpu_memory_fraction) as pool:
+            yield pool
+        return
+    vectorized = functools.partial(batch_runner_for, cfg) if vectorizes(cfg) else None
+    with (
+        shared_federation(cfg) as data,
+        client_workers(
+            functools.partial(with_shared_data, data, make_client_app),
+            workers,
+            training_size(cfg),
+            gpus=gpus,
+            gpu_memory_fraction=cfg.gpu_memory_fraction,
+            batch_factory=vectorized,
+        ) as pool,
+    ):
         yield pool
 
 

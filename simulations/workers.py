@@ -20,8 +20,9 @@ does not end waiting on one straggler.
 A worker that dies turns the messages it held (the one it was serving, and the next one
 queued behind it) into error replies (the round's quorum decides) and is replaced. Workers ignore Ctrl-C (the terminal sends it to every process of the
 group); the pool stops them all when it is closed, and a worker whose parent is gone exits at
-its next read. Each worker reads its data through the normal loaders (the federation's
-`load_federation`) on first use: nothing of the dataset is pickled to it.
+its next read. Each worker builds its data views through the normal loaders (the federation's
+`load_federation`) on first use, from the dataset's arrays the engine read and shared
+(memory-mapped): nothing of the dataset is pickled to it, nor read again from its file.
 
 With CUDA, worker i is given visible GPU i mod (their number) as its only device
 (`CUDA_VISIBLE_DEVICES`, set in the worker before its ClientApp is built, so `cuda` and

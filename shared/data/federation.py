@@ -12,14 +12,23 @@ training text only and saved as `tokenizer.json` in the run directory.
 Every random draw of the data (synthetic devices, partitions, held-out splits) uses the data seed
 (`data-seed`; by default the run's `seed`), so runs over several training seeds can share one
 dataset by fixing it.
+
+A federation is built in two steps: reading the file into the arrays it is made from (its
+`source`: decoding, tokenizing), then partitioning them (cheap, seeded). `shared_federation`
+saves one federation's source for other processes, which `attach` it, memory-mapped: fedsim's
+workers build the very same federation without reading the file again.
 """
 
 from __future__ import annotations
 
+import functools
+import tempfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -27,6 +36,7 @@ from shared.config import TEXT_MODELS, RunConfig
 from shared.data import partition as partitioners
 from shared.data.errors import DataError
 from shared.data.readers import Splits, read_csv, read_idx_dir, read_leaf_json, read_npz
+from shared.data.shared_arrays import ArraySet, open_arrays, save_arrays
 from shared.data.synthetic import synthetic_device
 from shared.data.text import CharVocab, WordTokenizer
 from shared.data.textsets import next_char_chunks, read_reviews, read_roles
@@ -48,6 +58,8 @@ DATA_FORMATS = {
 }
 
 Vocabulary = WordTokenizer | CharVocab
+TestSet = tuple[np.ndarray, np.ndarray]  # features, labels
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -85,23 +97,35 @@ class ClientData:
 
 
 class Federation:
-    """Clients' data as lazy views: `client_fn(k)` materializes client k only when asked for."""
+    """Clients' data as lazy views: `client_fn(k)` materializes client k only when asked for.
+
+    The central test set too is made on first use (`central_test`), so a process that only
+    trains clients, as a fedsim worker, never holds it. `source` holds the arrays the federation
+    is built from, to share with other processes; None where no file was read (synthetic data).
+    """
 
     def __init__(
         self,
         spec: DataSpec,
         num_clients: int,
         client_fn: Callable[[int], ClientData],
-        central_test: tuple[np.ndarray, np.ndarray] | None,
+        central_test: Callable[[], TestSet] | None,
         vocabulary: Vocabulary | None = None,
         classes: tuple[str, ...] | None = None,
+        source: ArraySet | None = None,
     ) -> None:
         self.spec = spec
         self.num_clients = num_clients
-        self.central_test = central_test
         self.vocabulary = vocabulary
         self.classes = classes  # class names by label id, where the file wrote its labels as text
+        self.source = source
         self._client_fn = client_fn
+        self._central_test = central_test
+
+    @functools.cached_property
+    def central_test(self) -> TestSet | None:
+        """The central test set, or None where each client holds out its own."""
+        return None if self._central_test is None else self._central_test()
 
     def client(self, partition_id: int) -> ClientData:
         """Client `partition_id`'s data."""
@@ -111,15 +135,13 @@ class Federation:
 
 
 def _with_test(
-    xy_fn: Callable[[int], tuple[np.ndarray, np.ndarray]],
-    central_test: tuple[np.ndarray, np.ndarray] | None,
-    cfg: RunConfig,
+    xy_fn: Callable[[int], tuple[np.ndarray, np.ndarray]], has_central_test: bool, cfg: RunConfig
 ) -> Callable[[int], ClientData]:
     """Client data from (x, y): no local test part with a central test set, else `test-fraction` held out."""
 
     def client_fn(k: int) -> ClientData:
         x, y = xy_fn(k)
-        if central_test is not None:
+        if has_central_test:
             return ClientData(x, y, x[:0], y[:0])
         return holdout_split(x, y, cfg.test_fraction, np.random.default_rng([cfg.effective_data_seed, k]))
 
@@ -204,27 +226,99 @@ def _remember(key: RunConfig, federation: Federation) -> None:
         _cache.popitem(last=False)
 
 
+# ---------------------------------------------------------------- sources: what a federation is built from
+
+# Names in a source: the natural keys (writer, movie) of the training examples; a tokenizer's
+# words and a vocabulary's characters (meta); the config a shared source was read for (meta).
+NATURAL_KEYS, WORDS, CHARS, SOURCE_KEY = "keys", "words", "chars", "source"
+_SPLIT_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+# The config fields that any dataset's reading (not its partitioning) depends on, with the data seed.
+_SOURCE_FIELDS = ("dataset", "data_path", "max_len", "vocab_size", "test_fraction", "min_role_chars")
+_attached: dict[tuple, ArraySet] = {}  # the source this process was given (`attach`), by its config
+
+
+def _source_key(cfg: RunConfig) -> tuple:
+    return (*(getattr(cfg, name) for name in _SOURCE_FIELDS), cfg.effective_data_seed)
+
+
+def _source(cfg: RunConfig, read: Callable[[RunConfig], ArraySet]) -> ArraySet:
+    """The arrays `cfg`'s federation is built from: those shared with this process, else `read` from the file."""
+    attached = _attached.get(_source_key(cfg))
+    return attached if attached is not None else read(cfg)
+
+
+def _splits_source(splits: Splits, keys: np.ndarray | None = None, **meta: object) -> ArraySet:
+    """A source holding `splits` (its class names too) and the natural keys, if any."""
+    named = {name: getattr(splits, name) for name in _SPLIT_ARRAYS} | {NATURAL_KEYS: keys}
+    arrays = {name: array for name, array in named.items() if array is not None}
+    classes = list(splits.classes) if splits.classes is not None else None
+    return ArraySet(arrays, {"classes": classes, **meta})
+
+
+def _splits(source: ArraySet) -> Splits:
+    classes = source.meta["classes"]
+    return Splits(
+        *(source.arrays.get(name) for name in _SPLIT_ARRAYS), classes=tuple(classes) if classes is not None else None
+    )
+
+
+@contextmanager
+def shared_federation(cfg: RunConfig) -> Iterator[str | None]:
+    """A directory holding the source of `cfg`'s federation (read once, here), for other processes
+    to `attach` instead of reading the file; None where no file is read (synthetic data).
+
+    The directory is a temporary one, removed when the block ends, however it ends.
+    """
+    source = load_federation(cfg).source
+    if source is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="flowerbed-data-") as directory:
+        save_arrays(ArraySet(source.arrays, {**source.meta, SOURCE_KEY: _source_key(cfg)}), Path(directory))
+        yield directory
+
+
+def attach(directory: str | None) -> None:
+    """Build this process's federations from the source `shared_federation` saved in `directory`
+    (memory-mapped), where it was read for the same data config; None: from their files."""
+    _attached.clear()
+    if directory is not None:
+        source = open_arrays(Path(directory))
+        _attached[tuple(source.meta[SOURCE_KEY])] = source
+
+
+def with_shared_data(directory: str | None, make: Callable[[], T]) -> T:
+    """`make()`, after `attach(directory)`: a worker's app factory, picklable (unlike a closure)
+    as `functools.partial(with_shared_data, directory, factory)`."""
+    attach(directory)
+    return make()
+
+
+# ---------------------------------------------------------------- each dataset's federation
+
+
 def _array_federation(
     read: Callable[[RunConfig], tuple[Splits, np.ndarray | None]],
 ) -> Callable[[RunConfig], Federation]:
     """A federation over a file of feature arrays, partitioned by `partition`."""
 
     def build(cfg: RunConfig) -> Federation:
-        splits, keys = read(cfg)
-        parts = _partition(cfg, splits.y_train, keys)
-        x_train, y_train = splits.x_train, splits.y_train
-        test = None
-        if splits.x_test is not None:
-            test = (as_features(splits.x_test), splits.y_test.astype(np.int64))
+        source = _source(cfg, lambda cfg: _splits_source(*read(cfg)))
+        splits = _splits(source)
+        parts = _partition(cfg, splits.y_train, source.arrays.get(NATURAL_KEYS))
+        x_train, y_train, x_test, y_test = splits.x_train, splits.y_train, splits.x_test, splits.y_test
+        test = None if x_test is None else lambda: (as_features(x_test), y_test.astype(np.int64))
         spec = DataSpec(
             int(np.prod(x_train.shape[1:])),
-            int(max(y_train.max(), -1 if test is None else test[1].max())) + 1,
+            int(max(y_train.max(), -1 if y_test is None else y_test.max())) + 1,
         )
 
         def xy(k: int) -> tuple[np.ndarray, np.ndarray]:
             return as_features(x_train[parts[k]]), y_train[parts[k]].astype(np.int64)
 
-        return Federation(spec, len(parts), _with_test(xy, test, cfg), test, classes=splits.classes)
+        return Federation(
+            spec, len(parts), _with_test(xy, test is not None, cfg), test, classes=splits.classes, source=source
+        )
 
     return build
 
@@ -246,28 +340,33 @@ def _synthetic_federation(cfg: RunConfig) -> Federation:
             max_samples=cfg.synthetic_max_samples or None,
         )
 
-    return Federation(KNOWN_SPECS["synthetic"], cfg.num_clients, _with_test(xy, None, cfg), None)
+    return Federation(KNOWN_SPECS["synthetic"], cfg.num_clients, _with_test(xy, False, cfg), None)
 
 
 def _imdb_federation(cfg: RunConfig) -> Federation:
     """Reviews as word ids, partitioned by `partition` (natural = by movie); the test split is central."""
     max_len = cfg.max_len or TEXT_MAX_LEN["imdb"]
-    reviews = read_reviews(
-        _existing(cfg.data_path, cfg),
-        max_len=max_len,
-        vocab_size=cfg.vocab_size,
-        test_fraction=cfg.test_fraction,
-        seed=cfg.effective_data_seed,
-    )
-    splits = reviews.splits
-    parts = _partition(cfg, splits.y_train, reviews.movies)
-    test = (splits.x_test, splits.y_test)
-    spec = DataSpec(max_len, int(max(splits.y_train.max(), splits.y_test.max())) + 1, len(reviews.tokenizer))
+    source = _source(cfg, _read_imdb)
+    splits, tokenizer = _splits(source), WordTokenizer(source.meta[WORDS])
+    parts = _partition(cfg, splits.y_train, source.arrays.get(NATURAL_KEYS))
+    spec = DataSpec(max_len, int(max(splits.y_train.max(), splits.y_test.max())) + 1, len(tokenizer))
 
     def xy(k: int) -> tuple[np.ndarray, np.ndarray]:
         return splits.x_train[parts[k]], splits.y_train[parts[k]]
 
-    return Federation(spec, len(parts), _with_test(xy, test, cfg), test, reviews.tokenizer)
+    test = lambda: (splits.x_test, splits.y_test)  # noqa: E731
+    return Federation(spec, len(parts), _with_test(xy, True, cfg), test, tokenizer, source=source)
+
+
+def _read_imdb(cfg: RunConfig) -> ArraySet:
+    reviews = read_reviews(
+        _existing(cfg.data_path, cfg),
+        max_len=cfg.max_len or TEXT_MAX_LEN["imdb"],
+        vocab_size=cfg.vocab_size,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.effective_data_seed,
+    )
+    return _splits_source(reviews.splits, reviews.movies, **{WORDS: reviews.tokenizer.words})
 
 
 def _shakespeare_federation(cfg: RunConfig) -> Federation:
@@ -282,19 +381,38 @@ def _shakespeare_federation(cfg: RunConfig) -> Federation:
     if cfg.partition not in ("auto", "natural"):
         raise DataError("dataset 'shakespeare' is split by (play, role) (partition 'natural')")
     window = cfg.max_len or TEXT_MAX_LEN["shakespeare"]
-    roles = read_roles(
-        cfg.data_path or None, min_chars=cfg.min_role_chars, window=window, test_fraction=cfg.test_fraction
-    )
+    source = _source(cfg, _read_roles)
+    train, test, vocab = _pieces(source, "train"), _pieces(source, "test"), CharVocab(source.meta[CHARS])
     length = CHUNKS_PER_WINDOW * window
 
     def client_fn(k: int) -> ClientData:
         return ClientData(
-            *next_char_chunks(roles.train[k], length, context=0),
-            *next_char_chunks(roles.test[k], length, context=window - 1),
+            *next_char_chunks(train[k], length, context=0),
+            *next_char_chunks(test[k], length, context=window - 1),
         )
 
-    spec = DataSpec(window, len(roles.vocab), len(roles.vocab))
-    return Federation(spec, len(roles.names), client_fn, None, roles.vocab)
+    spec = DataSpec(window, len(vocab), len(vocab))
+    return Federation(spec, len(train), client_fn, None, vocab, source=source)
+
+
+def _read_roles(cfg: RunConfig) -> ArraySet:
+    """Every role's train and test character ids, each joined into one array with the roles' ends."""
+    roles = read_roles(
+        cfg.data_path or None,
+        min_chars=cfg.min_role_chars,
+        window=cfg.max_len or TEXT_MAX_LEN["shakespeare"],
+        test_fraction=cfg.test_fraction,
+    )
+    arrays = {}
+    for name, pieces in (("train", roles.train), ("test", roles.test)):
+        arrays[name] = np.concatenate(pieces)
+        arrays[f"{name}_ends"] = np.cumsum([len(piece) for piece in pieces])
+    return ArraySet(arrays, {CHARS: roles.vocab.chars})
+
+
+def _pieces(source: ArraySet, name: str) -> list[np.ndarray]:
+    """The per-role arrays `_read_roles` joined, as views."""
+    return np.split(source.arrays[name], source.arrays[f"{name}_ends"][:-1])
 
 
 def _existing(data_path: str, cfg: RunConfig) -> Path:

@@ -169,6 +169,25 @@ def test_two_workers_give_the_weights_of_one_process(tiny_config, tmp_path):
     assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
 
 
+def test_workers_train_on_the_data_read_once_and_give_the_weights_of_one_process(tiny_config, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (240, 4, 4), dtype=np.uint8), rng.integers(0, 3, 240)
+    data = tmp_path / "data.npz"
+    np.savez(data, x_train=x, y_train=y, x_test=x[:30], y_test=y[:30])
+    cfg = tiny_config(dataset="npz", data_path=str(data), partition="dirichlet", rounds=2)
+
+    def pool_without_the_file(*args, **kwargs) -> WorkerPool:
+        data.unlink()  # the engine has read it: the workers must not need it
+        return WorkerPool(*args, **kwargs)
+
+    run_simulation(cfg, tmp_path / "one", progress=False)
+    monkeypatch.setattr(engine, "WorkerPool", pool_without_the_file)
+    result = run_simulation(cfg.replace(workers="2"), tmp_path / "two", progress=False)
+
+    assert not data.exists() and result.summary["rounds"] == 2
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize("value", [0, -1, "abc", "0", "²"])
 def test_workers_below_one_or_not_a_count_is_a_one_line_error(value, tiny_config):
     with pytest.raises(ConfigError, match=r"config key 'workers' must be 'auto' or an integer >= 1") as err:
