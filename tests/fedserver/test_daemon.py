@@ -78,24 +78,113 @@ def test_a_bad_run_config_is_a_one_line_error(tmp_path, capsys, pki):
     assert "learning-rate" in _error_line(capsys)
 
 
-def test_a_second_daemon_on_the_same_state_dir_is_refused(tmp_path, capsys, pki, run_toml):
-    # Prepare: a live process owns the state directory's pid file
+# A stand-in for a running daemon: it holds the state directory's lock and, unless told
+# otherwise, has written its pid file.
+HOLDER = """
+import os, sys, time
+from fedserver.state import StateDir
+from shared.processes import record_process
+state = StateDir(sys.argv[1])
+with state.locked():
+    if sys.argv[2] == "pid":
+        record_process(state.pid_file, os.getpid())
+    print("ready", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("pid_file", ["pid", "none"])
+def test_a_second_daemon_on_the_same_state_dir_is_refused(tmp_path, capsys, pki, run_toml, pid_file):
+    # Prepare: a live process owns the state directory (its lock; its pid file or none)
     state = StateDir(tmp_path / "state")
-    state.create()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(state.root), pid_file], stdout=subprocess.PIPE)
     try:
-        state.pid_file.write_text(f"{sleeper.pid}\n")
+        assert holder.stdout.readline() == b"ready\n"
 
         # Execute
         code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(state.root),
                      "--address", f"127.0.0.1:{free_port()}"])  # fmt: skip
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        holder.kill()
+        holder.wait()
 
     # Assert
     assert code == 1
-    assert f"pid {sleeper.pid}" in _error_line(capsys)
+    error = _error_line(capsys)
+    assert "already running" in error and (f"pid {holder.pid}" in error) == (pid_file == "pid")
+
+
+def _serve_stand_in(calls: list[StateDir]):
+    """In place of `daemon._serve`: records that start got that far, writes a file itself and
+    one from a child process (as the SuperLink writes state.db)."""
+
+    def serve(options, state, pki, cfg, stop) -> int:
+        calls.append(state)
+        (state.root / "own.txt").write_text("x")
+        subprocess.run([sys.executable, "-c", f"open({str(state.root / 'child.txt')!r}, 'w').write('x')"], check=True)
+        return 0
+
+    return serve
+
+
+def test_a_stale_pid_file_neither_blocks_start_nor_reads_as_running(tmp_path, capsys, monkeypatch, pki, run_toml):
+    # Prepare: the pid file names a live process, but not the one that wrote it (a reused pid)
+    state = StateDir(tmp_path / "state")
+    state.create()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    calls: list[StateDir] = []
+    monkeypatch.setattr(daemon, "_serve", _serve_stand_in(calls))
+    try:
+        state.pid_file.write_text(f"{other.pid} 1\n")
+
+        # Execute
+        status = main(["status", "--state-dir", str(state.root)])
+        stop = main(["stop", "--state-dir", str(state.root), "--timeout", "0.5"])
+        out = capsys.readouterr().out
+        started = main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(state.root),
+                        "--address", f"127.0.0.1:{free_port()}"])  # fmt: skip
+
+        # Assert
+        assert status == EXIT_NOT_RUNNING and "not running" in out
+        assert stop == 0 and "no fedserver running" in out
+        assert other.poll() is None  # never signalled
+        assert started == 0 and [s.root for s in calls] == [state.root]
+        assert not state.pid_file.exists()  # the daemon's own, removed when it ended
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_the_state_directory_and_its_files_are_private(tmp_path, monkeypatch, pki, run_toml):
+    # Prepare: a state directory an earlier version left readable by all
+    state = StateDir(tmp_path / "state")
+    state.run_dir.mkdir(parents=True)
+    state.root.chmod(0o755)
+    (state.run_dir / "metrics.jsonl").write_text("")
+    (state.run_dir / "metrics.jsonl").chmod(0o644)
+    monkeypatch.setattr(daemon, "_serve", _serve_stand_in([]))
+
+    # Execute
+    code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(state.root),
+                 "--address", f"127.0.0.1:{free_port()}"])  # fmt: skip
+
+    # Assert
+    assert code == 0
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (state.root, *state.root.rglob("*"))}
+    assert modes["state"] == modes["run"] == modes["flwr-home"] == 0o700
+    for name in ("own.txt", "child.txt", "fedserver.log", "fedserver.lock", "metrics.jsonl"):
+        assert modes[name] == 0o600, name
+
+
+def test_a_config_the_server_app_cannot_use_is_refused_before_anything_starts(tmp_path, capsys, pki):
+    config = tmp_path / "run.toml"
+    config.write_text('dataset = "csv"\nnum-clients = 2\nclients-per-round = 2\n')
+
+    code = main(["start", "--pki", str(pki), "--config", str(config), "--state-dir", str(tmp_path / "s")])
+
+    assert code == 2
+    assert "'data-path' is not set" in _error_line(capsys)
+    assert not (tmp_path / "s").exists()
 
 
 def test_run_config_puts_the_run_dir_in_the_state_dir_and_makes_data_path_absolute(tmp_path, monkeypatch):
@@ -167,7 +256,7 @@ def test_stop_terminates_the_daemon_from_its_pid_file(tmp_path, capsys):
     ignoring = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
     stand_in = subprocess.Popen([sys.executable, "-c", ignoring], stdout=subprocess.PIPE)
     assert stand_in.stdout.readline() == b"ready\n"
-    state.pid_file.write_text(f"{stand_in.pid}\n")
+    record_process(state.pid_file, stand_in.pid)
 
     # Execute
     code = main(["stop", "--state-dir", str(tmp_path), "--timeout", "0.5"])
