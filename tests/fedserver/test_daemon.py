@@ -4,6 +4,7 @@ addresses, the state directory, and status/stop of a daemon that is not running.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from fedserver import daemon
+from fedserver import daemon, logs, status
 from fedserver.cli import EXIT_NOT_RUNNING, main
+from fedserver.control import NodeInfo, RunInfo
 from fedserver.state import DaemonInfo, StateDir
 from shared.pki import init_pki
 from shared.processes import free_port, is_alive, port_in_use, record_process, spawn
@@ -241,6 +243,63 @@ def test_status_of_a_stopped_daemon_shows_the_last_metrics_and_exits_3(tmp_path,
     assert snapshot["running"] is False and snapshot["run_id"] == 42
     assert snapshot["rounds_completed"] == 2 and snapshot["last_metrics"]["accuracy"] == 0.75
     assert (state.flwr_home / "config.toml").read_text().count('"127.0.0.1:9092"') == 1
+
+
+class FailedRunControl:
+    """The Control API of a SuperLink whose run 42 failed."""
+
+    def __init__(self, address: str, ca: Path) -> None:
+        pass
+
+    def __enter__(self) -> FailedRunControl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def list_runs(self) -> list[RunInfo]:
+        return [RunInfo(42, "finished:failed", "round 2: fewer than 2 valid replies", "t1", "t2")]
+
+    def list_nodes(self) -> list[NodeInfo]:
+        return [NodeInfo(7, "client-1", "online", "t0")]
+
+
+def test_status_of_a_failed_run_gives_its_reason_and_exits_1(tmp_path, capsys, monkeypatch):
+    # Prepare: a running daemon (this process) whose run failed
+    state = StateDir(tmp_path / "state")
+    state.create()
+    DaemonInfo(os.getpid(), "127.0.0.1:9092", "127.0.0.1:9092", "/x/ca.pem", 42, 5).write(state.info)
+    record_process(state.pid_file, os.getpid())
+    monkeypatch.setattr(status, "ControlClient", FailedRunControl)
+
+    # Execute
+    text_code = main(["status", "--state-dir", str(state.root)])
+    text = capsys.readouterr().out
+    json_code = main(["status", "--state-dir", str(state.root), "--json"])
+    snapshot = json.loads(capsys.readouterr().out)
+
+    # Assert
+    assert text_code == json_code == 1
+    assert "run 42 failed: round 2: fewer than 2 valid replies" in text
+    assert snapshot["error"] == "run 42 failed: round 2: fewer than 2 valid replies"
+    assert snapshot["running"] is True and snapshot["connected_nodes"] == 1
+
+
+def test_the_superlink_log_is_rotated_by_size(tmp_path):
+    # Prepare: 40 lines of 10 bytes, files of at most 100 bytes, 2 old ones kept
+    reader, writer = os.pipe()
+    with os.fdopen(writer, "wb") as stream:
+        stream.write(b"".join(b"line %04d\n" % k for k in range(40)))
+
+    # Execute
+    with os.fdopen(reader, "rb") as stream:
+        logs.copy_lines(stream, tmp_path / "superlink.log", max_bytes=100, backups=2).join(5)
+
+    # Assert
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["superlink.log", "superlink.log.1", "superlink.log.2"]
+    assert all(p.stat().st_size <= 100 for p in tmp_path.iterdir())
+    assert (tmp_path / "superlink.log").read_text().splitlines()[-1] == "line 0039"
 
 
 def test_stop_without_a_daemon_says_so(tmp_path, capsys):
