@@ -49,7 +49,7 @@ from fedserver.checkpoints import read_metrics
 from fedserver.control import ControlClient, ControlError, RunInfo, load_public_key
 from fedserver.logs import copy_lines, rotating_handler
 from fedserver.staging import stage_app
-from fedserver.state import DEFAULT_ADDRESS, DaemonError, DaemonInfo, StateDir, private_files
+from fedserver.state import DEFAULT_ADDRESS, DaemonError, DaemonInfo, StateDir, make_private, private_files
 from shared.config import RunConfig, load_config
 from shared.pki import PkiError
 from shared.processes import (
@@ -168,7 +168,7 @@ def run_config(path: Path, state: StateDir) -> RunConfig:
 
 def _serve(options: StartOptions, state: StateDir, pki: Pki, cfg: RunConfig, stop: threading.Event) -> int:
     host, port = parse_address(options.address)
-    stage_app(state.app, cfg)
+    make_private(stage_app(state.app, cfg))  # copied with the sources' modes
     LOG.info("starting the SuperLink on %s (state in %s)", options.address, state.root)
     argv = superlink_argv(pki, host, port, state, in_memory=options.database == "memory")
     superlink = spawn(argv, env=flower_env(state), stdout=subprocess.PIPE)
