@@ -123,7 +123,7 @@ def local_address(host: str, port: int) -> str:
 def start(options: StartOptions) -> int:
     """Run the daemon until SIGTERM/SIGINT; 0 after a requested stop, 1 if the SuperLink died."""
     state = StateDir(options.state_dir)
-    host, port = parse_address(options.address)
+    parse_address(options.address)  # a bad address is the first error
     pki = Pki.load(options.pki_dir)
     cfg = run_config(options.config, state)
     check_server_app(cfg)

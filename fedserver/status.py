@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FAILED = "finished:failed"
-
 from fedserver.checkpoints import read_metrics
 from fedserver.control import ControlClient, ControlError
 from fedserver.state import DaemonInfo, StateDir
+
+FAILED = "finished:failed"
 
 
 @dataclass

@@ -285,6 +285,31 @@ def test_status_of_a_failed_run_gives_its_reason_and_exits_1(tmp_path, capsys, m
     assert snapshot["running"] is True and snapshot["connected_nodes"] == 1
 
 
+class NodesControl:
+    """The Control API of a SuperLink with three nodes: key b"a", key b"b", and one unregistered."""
+
+    def __init__(self) -> None:
+        self.unregistered: list[int] = []
+
+    def list_nodes(self) -> list[NodeInfo]:
+        return [
+            NodeInfo(1, "client-1", "online", "t0", b"a"),
+            NodeInfo(2, "client-2", "offline", "t0", b"b"),
+            NodeInfo(3, "client-3", "unregistered", "t0", b"c"),
+        ]
+
+    def unregister_node(self, node_id: int) -> None:
+        self.unregistered.append(node_id)
+
+
+def test_start_unregisters_the_nodes_whose_key_is_gone():
+    control = NodesControl()
+
+    revoked = daemon.unregister_keys(control, lambda key: key not in {b"a"})
+
+    assert revoked == [(2, "client-2")] and control.unregistered == [2]
+
+
 def test_the_superlink_log_is_rotated_by_size(tmp_path):
     # Prepare: 40 lines of 10 bytes, files of at most 100 bytes, 2 old ones kept
     reader, writer = os.pipe()
