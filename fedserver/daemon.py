@@ -4,9 +4,10 @@
 `Type=simple` service expects. In order, each step failing with a one-line error before any
 process is started where it can:
 
-1. checks the PKI files, the run config (and that the ServerApp can build its model and data
-   from it), that the state directory is not in use by another fedserver (a lock held for the
-   daemon's life), and that the address is free;
+1. checks the PKI files, the run config, that the state directory is not in use by another
+   fedserver, that the address is free (after stopping a SuperLink a killed daemon left, see
+   below), that the ServerApp can build its model and data from the config, and takes the state
+   directory's lock, held for the daemon's life;
 2. stages the app in STATE/app: this project's packages and a pyproject.toml whose
    `[tool.flwr.app.config]` is the whole resolved run config, `run-dir` = STATE/run (the
    ServerApp writes metrics.jsonl and model.safetensors there after every round);
@@ -34,12 +35,14 @@ their own, and the SuperLink can hang on SIGTERM while a client streams).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,16 +126,15 @@ def local_address(host: str, port: int) -> str:
 def start(options: StartOptions) -> int:
     """Run the daemon until SIGTERM/SIGINT; 0 after a requested stop, 1 if the SuperLink died."""
     state = StateDir(options.state_dir)
-    parse_address(options.address)  # a bad address is the first error
+    host, port = parse_address(options.address)
     pki = Pki.load(options.pki_dir)
     cfg = run_config(options.config, state)
-    check_server_app(cfg)
     _check_not_running(state)
-    if recorded_process(state.superlink_pid) is None:  # else the port may be that SuperLink's
-        _check_port_free(options.address)  # before anything is written
+    stale = stop_stale_superlink(state)  # a killed daemon's, first: it may hold the port
+    if port_in_use(host, port):
+        raise DaemonError(f"address {options.address} is already in use")
+    check_server_app(cfg)
     with private_files(), state.locked():
-        stale = stop_stale_superlink(state)
-        _check_port_free(options.address)
         _configure_logging(state.log)
         if stale is not None:
             LOG.warning("stopped SuperLink pid %d and its processes, left running by a fedserver that was killed", stale)
@@ -142,21 +144,21 @@ def start(options: StartOptions) -> int:
 
 
 def check_server_app(cfg: RunConfig) -> None:
-    """What the ServerApp builds first, built here: the model, the data it needs and the central
-    test set, so that a config it cannot use is refused before anything starts (a DataError or
-    ConfigError naming the key)."""
-    from fedserver.app import evaluated_on  # torch: only `start` needs it
+    """What the ServerApp builds first, built once in a child process: the model, the data it
+    needs and the central test set, so that a config it cannot use is refused before anything
+    starts (its DataError or ConfigError, naming the key). In a child, so that the daemon holds
+    neither torch nor the data for its whole life."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
+        child.submit(_build_server_inputs, cfg.replace(run_dir="")).result()  # run-dir: a tokenizer would go there
+
+
+def _build_server_inputs(cfg: RunConfig) -> None:
+    from fedserver.app import evaluated_on
     from shared.data.federation import data_spec
     from shared.recipe import model_from_config
 
-    probe = cfg.replace(run_dir="")  # a text dataset's spec would save its tokenizer to run-dir
-    model_from_config(probe, data_spec(probe))
-    evaluated_on(probe)
-
-
-def _check_port_free(address: str) -> None:
-    if port_in_use(*parse_address(address)):
-        raise DaemonError(f"address {address} is already in use")
+    model_from_config(cfg, data_spec(cfg))
+    evaluated_on(cfg)
 
 
 def run_config(path: Path, state: StateDir) -> RunConfig:
