@@ -88,7 +88,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Sequence[RoundCallback]
     model = model_from_config(cfg, data_spec(cfg))
     central_test = _central_test(cfg)
     strategy = build_strategy(cfg, federated_evaluation=central_test is None)
-    run_dir = RunDirectory(cfg.run_dir) if cfg.run_dir else None
+    run_dir = RunDirectory(cfg.run_dir, keep=cfg.keep_checkpoints) if cfg.run_dir else None
     resumed = run_dir.load(cfg.to_mapping()) if run_dir else None
     result = RunResult(arrays=to_arrayrecord(model.state_dict()))
     if resumed is not None:
@@ -187,14 +187,14 @@ def _train_round(
 
 def connected_nodes(grid: Grid, cfg: RunConfig, server_round: int) -> int:
     """How many nodes a round samples from: all `num-clients` as soon as they are connected, else,
-    after `round-timeout` s, those connected then (a node that is gone must not stall the run)."""
-    deadline = time.monotonic() + cfg.round_timeout
+    after `node-wait-timeout` s, those connected then (a node that is gone must not stall the run)."""
+    deadline = time.monotonic() + cfg.node_wait_timeout
     while (count := len(list(grid.get_node_ids()))) < cfg.num_clients and time.monotonic() < deadline:
         time.sleep(NODE_POLL_SECONDS)
     if count < cfg.num_clients:
         LOG.warning(
             "round %d: %d of %d nodes connected after %g s; sampling from those",
-            server_round, count, cfg.num_clients, cfg.round_timeout,
+            server_round, count, cfg.num_clients, cfg.node_wait_timeout,
         )  # fmt: skip
     return count
 

@@ -6,6 +6,10 @@ After round N, in this order, each file atomically (temporary name, fsync, renam
 `metrics.jsonl`, and last `state.json`, the commit point naming round N. A crash before
 `state.json` is written leaves round N uncommitted: a restart redoes it from round N-1's
 files, and drops any metrics line past the committed round, so no round is lost or repeated.
+
+Once round N is committed, checkpoints older than the last `keep` rounds are deleted (`keep` = 0
+keeps them all). A restart needs only the committed round's files, and those are never deleted:
+a crash before `state.json` names round N leaves round N-1's files in place.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ CHECKPOINT_DIR = "checkpoints"
 # Keys that may change between a run and its resumption without changing its results so far.
 # Evaluation keys qualify because evaluation sampling leaves the training stream untouched.
 RESUMABLE_CHANGES = frozenset(
-    {"rounds", "run-dir", "target-accuracy", "stop-at-target", "round-timeout", "eval-clients", "eval-every"}
-)
+    {"rounds", "run-dir", "target-accuracy", "stop-at-target", "round-timeout", "eval-clients", "eval-every",
+     "node-wait-timeout", "keep-checkpoints"}
+)  # fmt: skip
 
 
 
@@ -56,8 +61,10 @@ class Checkpoint:
 class RunDirectory:
     """A run's files; see the module docstring for what is written when."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, keep: int = 0) -> None:
+        """`keep`: how many of the last rounds' checkpoints to keep; 0 = all."""
         self.path = Path(path)
+        self.keep = keep
         self.path.mkdir(parents=True, exist_ok=True)
 
     def save(self, checkpoint: Checkpoint, config: dict[str, Any]) -> None:
@@ -70,6 +77,8 @@ class RunDirectory:
         atomic_write_text(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in checkpoint.history))
         state = {"round": n, "random_state": _jsonable(checkpoint.random_state), "config": config}
         atomic_write_text(self.path / STATE_FILE, json.dumps(state) + "\n")
+        if self.keep:
+            self._prune(oldest_kept=n - self.keep + 1)
 
     def load(self, config: dict[str, Any]) -> Checkpoint | None:
         """The last committed round, or None for a new run; refuses another run's checkpoint."""
@@ -101,11 +110,27 @@ class RunDirectory:
             raise CheckpointError(f"{state_file} is corrupt: {err}") from None
         return read_metrics(self.path)[:committed]
 
+    def checkpoint_rounds(self) -> list[int]:
+        """The rounds whose global weights are kept in `checkpoints/`, in order."""
+        return sorted(n for n in (_round_of(f) for f in (self.path / CHECKPOINT_DIR).glob("round-*.safetensors")) if n)
+
+    def _prune(self, oldest_kept: int) -> None:
+        for n in self.checkpoint_rounds():
+            if n < oldest_kept:
+                self._weights_file(n).unlink(missing_ok=True)
+                self._strategy_file(n).unlink(missing_ok=True)
+
     def _weights_file(self, n: int) -> Path:
         return self.path / CHECKPOINT_DIR / f"round-{n}.safetensors"
 
     def _strategy_file(self, n: int) -> Path:
         return self.path / CHECKPOINT_DIR / f"strategy-{n}.safetensors"
+
+
+def _round_of(path: Path) -> int | None:
+    """N of `round-N.safetensors`; None for another name."""
+    number = path.name.removeprefix("round-").removesuffix(".safetensors")
+    return int(number) if number.isdigit() else None
 
 
 def read_metrics(path: str | Path) -> list[Row]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from fedserver.state import DEFAULT_ADDRESS, StateDir
 from shared.cli import add_command, build_parser as build_command_parser, run_cli
 from shared.errors import ExitCode
-from shared.pki import PkiPaths, add_client, init_pki
+from shared.pki import PkiPaths, add_client, init_pki, remove_client
 
 PROG = "fedserver"
 EXIT_NOT_RUNNING = ExitCode.NOT_RUNNING  # `status`: no daemon runs for this state directory
@@ -92,6 +92,28 @@ def _run_add_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remove_client_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_client_arguments(parser)
+    _add_state_dir(parser)
+
+
+def _run_remove_client(args: argparse.Namespace) -> int:
+    from fedserver import daemon
+    from fedserver.control import load_public_key
+
+    public_key = args.dir / "clients" / f"{args.name}.pub"
+    key = load_public_key(public_key) if public_key.is_file() else None
+    for path in remove_client(args.dir, args.name):
+        print(f"deleted {path}")
+    revoked = daemon.revoke(args.state_dir, key) if key is not None else None
+    if revoked is None:
+        print(f"{args.name} can no longer join once '{PROG} start' runs again with {args.dir}")
+    else:
+        nodes = ", ".join(f"node {node_id}" for node_id, _ in revoked) or "no node"
+        print(f"unregistered from the running fedserver: {nodes}; {args.name} can no longer join")
+    return 0
+
+
 def _add_state_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir",
@@ -137,6 +159,8 @@ def _run_status(args: argparse.Namespace) -> int:
 
     snapshot = status.collect(args.state_dir)
     print(snapshot.to_json() if args.json else status.render(snapshot))
+    if snapshot.failed:
+        return ExitCode.FAILED
     return 0 if snapshot.running else EXIT_NOT_RUNNING
 
 
@@ -167,6 +191,11 @@ COMMANDS: dict[str, Command] = {
         "add a SuperNode key pair (clients/NAME.key, clients/NAME.pub)",
         _add_client_arguments,
         _run_add_client,
+    ),
+    "remove-client": Command(
+        "revoke a SuperNode key: delete clients/NAME.*, and unregister it from a running daemon at once",
+        _remove_client_arguments,
+        _run_remove_client,
     ),
     "start": Command(
         "run the SuperLink with TLS and node authentication, register the node keys, submit the run",

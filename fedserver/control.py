@@ -1,10 +1,10 @@
-"""The SuperLink's Control API, as `flwr` (the CLI) speaks it: register nodes, start, stop and
-list runs, list nodes.
+"""The SuperLink's Control API, as `flwr` (the CLI) speaks it: register and unregister nodes,
+start, stop and list runs, list nodes.
 
 Calls go through Flower's own protobuf-over-HTTPS client in this process rather than through
 `flwr` subprocesses (about 2 s of start-up each: registering 100 node keys would take minutes).
 Flower's client classes come from shared/flower_compat.py; the requests are the same
-`flwr supernode register`, `flwr run`, `flwr stop`, `flwr ls` and `flwr supernode ls` send.
+`flwr supernode register`, `flwr supernode unregister`, `flwr run`, `flwr stop`, `flwr ls` and `flwr supernode ls` send.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from shared.flower_compat import (
     RuntimeVersionHttpInterceptor,
     StartRunRequest,
     StopRunRequest,
+    UnregisterNodeRequest,
     build_fab_from_disk,
     fab_to_proto,
     public_key_to_bytes,
@@ -66,6 +67,11 @@ class NodeInfo:
     name: str
     status: str  # "registered", "online", "offline", "unregistered"
     last_activated_at: str
+    public_key: bytes = b""  # as `load_public_key` gives it
+
+    @property
+    def registered(self) -> bool:
+        return self.status != "unregistered"
 
 
 class ControlClient:
@@ -100,6 +106,10 @@ class ControlClient:
             raise
         return True
 
+    def unregister_node(self, node_id: int) -> None:
+        """Revoke a node: from now on the SuperLink refuses its key and sends it no message."""
+        self._call(self._client.UnregisterNode, UnregisterNodeRequest(node_id=node_id))
+
     def start_run(self, app_dir: Path) -> int:
         """Build the app's FAB and start a run of it with the app's own config (as `flwr run APP`)."""
         fab_bytes = build_fab_from_disk(app_dir)
@@ -120,7 +130,8 @@ class ControlClient:
     def list_nodes(self) -> list[NodeInfo]:
         response = self._call(self._client.ListNodes, ListNodesRequest())
         return [
-            NodeInfo(int(n.node_id), n.name, n.status, n.last_activated_at) for n in response.nodes_info
+            NodeInfo(int(n.node_id), n.name, n.status, n.last_activated_at, bytes(n.public_key))
+            for n in response.nodes_info
         ]
 
     def _call(self, method, request):  # type: ignore[no-untyped-def]

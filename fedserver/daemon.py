@@ -5,17 +5,22 @@
 process is started where it can:
 
 1. checks the PKI files, the run config, that the state directory is not in use by another
-   fedserver, and that the address is free;
+   fedserver, that the address is free (after stopping a SuperLink a killed daemon left, see
+   below), that the ServerApp can build its model and data from the config, and takes the state
+   directory's lock, held for the daemon's life;
 2. stages the app in STATE/app: this project's packages and a pyproject.toml whose
    `[tool.flwr.app.config]` is the whole resolved run config, `run-dir` = STATE/run (the
    ServerApp writes metrics.jsonl and model.safetensors there after every round);
 3. starts `flower-superlink` (TLS from the PKI, SuperNode authentication, SQLite state in
    STATE/state.db or in memory, no per-run dependency installation, telemetry off) in its
-   own process group, its output appended to STATE/superlink.log;
-4. registers every PKI clients/*.pub (keys already registered are fine), stops runs a
+   own process group, its output copied to STATE/superlink.log (rotated, see fedserver/logs.py);
+4. registers every PKI clients/*.pub (keys already registered are fine), unregisters the nodes
+   whose key is no longer there (`fedserver remove-client`, `init --force`), stops runs a
    previous daemon left active, and submits the run (which resumes from STATE/run's last
    checkpoint where there is one);
 5. logs each completed round and every change of run status to STATE/fedserver.log and stdout.
+
+Everything the daemon and its processes create in the state directory is private (umask 077).
 
 The SuperLink's pid (and start time) is kept in STATE/superlink.pid. A daemon killed with
 SIGKILL cannot stop its SuperLink, which lives in a process group of its own and keeps the
@@ -30,31 +35,35 @@ their own, and the SuperLink can hang on SIGTERM while a client streams).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 from fedserver.checkpoints import read_metrics
-from fedserver.control import ControlClient, ControlError, RunInfo
+from fedserver.control import ControlClient, ControlError, RunInfo, load_public_key
+from fedserver.logs import copy_lines, rotating_handler
 from fedserver.staging import stage_app
-from fedserver.state import DEFAULT_ADDRESS, DaemonError, DaemonInfo, StateDir
+from fedserver.state import DEFAULT_ADDRESS, DaemonError, DaemonInfo, StateDir, make_private, private_files
 from shared.config import RunConfig, load_config
 from shared.pki import PkiError
 from shared.processes import (
-    is_alive, port_in_use, record_process, recorded_process, spawn, stop_pid, stop_tree, wait_for_port,
+    port_in_use, record_process, recorded_process, spawn, stop_pid, stop_tree, wait_for_port,
 )  # fmt: skip
 
 STOP_GRACE = 10.0  # seconds the SuperLink gets to exit on SIGTERM before SIGKILL
 READY_TIMEOUT = 60.0  # seconds the SuperLink gets to start listening
 POLL_SECONDS = 1.0  # how often the daemon looks at the run and the metrics
 STATUS_EVERY = 5  # polls between two Control API queries
+LOG_DRAIN_TIMEOUT = 5.0  # seconds the SuperLink's last output gets to reach superlink.log
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 # Where the SuperLink keeps runs, nodes and messages. "sqlite": STATE/state.db, which outlives
 # the daemon. "memory": Flower's in-memory state, about 4 CPU-seconds a round cheaper for the
@@ -75,6 +84,7 @@ class Pki:
     server_cert: Path
     server_key: Path
     client_keys: tuple[Path, ...]  # public keys, clients/*.pub
+    client_keys_dir: Path
 
     @classmethod
     def load(cls, directory: Path) -> Pki:
@@ -86,7 +96,8 @@ class Pki:
         for path in (ca, cert, key):
             if not path.is_file():
                 raise PkiError(f"missing certificate file {path}")
-        return cls(ca, cert, key, tuple(sorted((directory / "clients").glob("*.pub"))))
+        clients = directory / "clients"
+        return cls(ca, cert, key, tuple(sorted(clients.glob("*.pub"))), clients)
 
 
 @dataclass(frozen=True)
@@ -119,16 +130,35 @@ def start(options: StartOptions) -> int:
     pki = Pki.load(options.pki_dir)
     cfg = run_config(options.config, state)
     _check_not_running(state)
-    stale = stop_stale_superlink(state)
+    stale = stop_stale_superlink(state)  # a killed daemon's, first: it may hold the port
     if port_in_use(host, port):
         raise DaemonError(f"address {options.address} is already in use")
-    state.create()
-    _configure_logging(state.log)
-    if stale is not None:
-        LOG.warning("stopped SuperLink pid %d and its processes, left running by a fedserver that was killed", stale)
-    stop = _stop_on_signals()
-    with _pid_file(state):
-        return _serve(options, state, pki, cfg, stop)
+    check_server_app(cfg)
+    with private_files(), state.locked():
+        _configure_logging(state.log)
+        if stale is not None:
+            LOG.warning("stopped SuperLink pid %d and its processes, left running by a fedserver that was killed", stale)
+        stop = _stop_on_signals()
+        with _pid_file(state):
+            return _serve(options, state, pki, cfg, stop)
+
+
+def check_server_app(cfg: RunConfig) -> None:
+    """What the ServerApp builds first, built once in a child process: the model, the data it
+    needs and the central test set, so that a config it cannot use is refused before anything
+    starts (its DataError or ConfigError, naming the key). In a child, so that the daemon holds
+    neither torch nor the data for its whole life."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
+        child.submit(_build_server_inputs, cfg.replace(run_dir="")).result()  # run-dir: a tokenizer would go there
+
+
+def _build_server_inputs(cfg: RunConfig) -> None:
+    from fedserver.app import evaluated_on
+    from shared.data.federation import data_spec
+    from shared.recipe import model_from_config
+
+    model_from_config(cfg, data_spec(cfg))
+    evaluated_on(cfg)
 
 
 def run_config(path: Path, state: StateDir) -> RunConfig:
@@ -140,11 +170,11 @@ def run_config(path: Path, state: StateDir) -> RunConfig:
 
 def _serve(options: StartOptions, state: StateDir, pki: Pki, cfg: RunConfig, stop: threading.Event) -> int:
     host, port = parse_address(options.address)
-    stage_app(state.app, cfg)
+    make_private(stage_app(state.app, cfg))  # copied with the sources' modes
     LOG.info("starting the SuperLink on %s (state in %s)", options.address, state.root)
     argv = superlink_argv(pki, host, port, state, in_memory=options.database == "memory")
-    with state.open_superlink_log() as log:
-        superlink = spawn(argv, env=flower_env(state), stdout=log)
+    superlink = spawn(argv, env=flower_env(state), stdout=subprocess.PIPE)
+    log_copy = copy_lines(superlink.stdout, state.superlink_log)
     record_process(state.superlink_pid, superlink.pid)
     try:
         if not wait_for_port(_connect_host(host), port, READY_TIMEOUT, alive=superlink):
@@ -161,12 +191,16 @@ def _serve(options: StartOptions, state: StateDir, pki: Pki, cfg: RunConfig, sto
         LOG.info("stopping the SuperLink")
         stop_tree(superlink, STOP_GRACE)
         state.superlink_pid.unlink(missing_ok=True)
+        log_copy.join(LOG_DRAIN_TIMEOUT)
         LOG.info("stopped")
 
 
 def _submit(control: ControlClient, pki: Pki, state: StateDir) -> int:
     registered = sum(control.register_node(key) for key in pki.client_keys)
     LOG.info("node keys: %d registered now, %d already", registered, len(pki.client_keys) - registered)
+    allowed = {load_public_key(key) for key in pki.client_keys}
+    for node_id, name in unregister_keys(control, lambda key: key not in allowed):
+        LOG.info("node %d (%s) unregistered: its key is no longer in %s", node_id, name, pki.client_keys_dir)
     for run in control.list_runs():
         if run.active:
             LOG.info("stopping run %d left %s by an earlier daemon", run.run_id, run.status)
@@ -174,6 +208,25 @@ def _submit(control: ControlClient, pki: Pki, state: StateDir) -> int:
     run_id = control.start_run(state.app)
     LOG.info("run %d submitted; metrics and model go to %s", run_id, state.run_dir)
     return run_id
+
+
+def unregister_keys(control: ControlClient, revoked: Callable[[bytes], bool]) -> list[tuple[int, str]]:
+    """Unregister every registered node whose public key is `revoked`; their (node id, name)."""
+    nodes = [node for node in control.list_nodes() if node.registered and revoked(node.public_key)]
+    for node in nodes:
+        control.unregister_node(node.node_id)
+    return [(node.node_id, node.name) for node in nodes]
+
+
+def revoke(state_dir: Path, public_key: bytes) -> list[tuple[int, str]] | None:
+    """Unregister the nodes of `public_key` from the daemon running on `state_dir` at once; their
+    (node id, name), or None when no daemon runs there (its next start unregisters them)."""
+    state = StateDir(state_dir)
+    info = DaemonInfo.read(state.info)
+    if state.read_pid() is None or info is None:
+        return None
+    with ControlClient(info.control_address, Path(info.ca)) as control:
+        return unregister_keys(control, lambda key: key == public_key)
 
 
 def _watch(
@@ -239,8 +292,8 @@ def stop(state_dir: Path, timeout: float = 30.0) -> bool:
     False if it was not running. A SuperLink left by a killed daemon is stopped too (True).
     """
     state = StateDir(state_dir)
-    pid = state.read_pid()
-    if pid is None or not is_alive(pid):
+    pid = state.read_pid()  # None for a stale pid file, or one whose pid now names another process
+    if pid is None:
         return stop_stale_superlink(state, timeout) is not None
     return stop_pid(pid, grace=timeout)
 
@@ -304,13 +357,13 @@ def _last_error(log_file: Path) -> str:
 
 def _check_not_running(state: StateDir) -> None:
     pid = state.read_pid()
-    if pid is not None and pid != os.getpid() and is_alive(pid):
+    if pid is not None and pid != os.getpid():
         raise DaemonError(f"a fedserver (pid {pid}) is already running with state directory {state.root}")
 
 
 @contextmanager
 def _pid_file(state: StateDir) -> Iterator[None]:
-    state.pid_file.write_text(f"{os.getpid()}\n")
+    record_process(state.pid_file, os.getpid())
     try:
         yield
     finally:
@@ -335,6 +388,6 @@ def _configure_logging(log_file: Path) -> None:
     LOG.setLevel(logging.INFO)
     LOG.propagate = False
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    for handler in (logging.FileHandler(log_file), logging.StreamHandler(sys.stdout)):
+    for handler in (rotating_handler(log_file), logging.StreamHandler(sys.stdout)):
         handler.setFormatter(formatter)
         LOG.addHandler(handler)

@@ -1,8 +1,9 @@
 """The daemon's state directory: what `fedserver start` writes and `status` / `stop` read.
 
-    fedserver.pid     the daemon's pid while it runs
-    fedserver.log     the daemon's own log (also on its stdout)
-    superlink.log     the SuperLink's, SuperExec's and ServerApp's output
+    fedserver.lock    locked (flock) by the daemon for its whole life: one daemon per directory
+    fedserver.pid     the daemon's pid and start time while it runs
+    fedserver.log     the daemon's own log (also on its stdout), rotated (fedserver.log.1, ...)
+    superlink.log     the SuperLink's, SuperExec's and ServerApp's output, rotated likewise
     superlink.pid     the SuperLink's pid and start time while the daemon's SuperLink runs
     daemon.json       address, CA, run id and rounds of the current daemon
     state.db          the SuperLink's SQLite state (runs, nodes, messages)
@@ -10,19 +11,28 @@
     app/              the staged app the run was built from
     run/              the run directory: metrics.jsonl, summary.json, curves.png, model.safetensors,
                       checkpoints
+
+The directory is the daemon's alone (mode 0700, its files 0600): state.db holds every client's
+update in plaintext. A pid file names a process by its pid and start time, so a file left by a
+daemon that died, or a pid the system has since given to another process, reads as "not running".
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
 
 from shared.errors import ExitCode, FedserverError
+from shared.processes import recorded_process
 
 FLWR_CONNECTION = "fedserver"
 DEFAULT_ADDRESS = "127.0.0.1:9092"
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 
 
 class DaemonError(FedserverError, RuntimeError):
@@ -38,6 +48,10 @@ class StateDir:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser().resolve()
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "fedserver.lock"
 
     @property
     def pid_file(self) -> Path:
@@ -76,17 +90,59 @@ class StateDir:
         return self.root / "run"
 
     def create(self) -> None:
+        """The directory and its subfolders, private to this user; what an earlier version left
+        readable by others is made private too."""
         for directory in (self.root, self.flwr_home, self.run_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        make_private(self.root)
 
-    def open_superlink_log(self) -> IO[bytes]:
-        return open(self.superlink_log, "ab")  # noqa: SIM115 - the child process writes to it
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the directory's lock for the block; a DaemonError if another daemon holds it.
+
+        The kernel drops the lock when the process ends, however it ends, so a daemon that was
+        killed never leaves a lock behind (unlike its pid file).
+        """
+        self.create()
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = self.read_pid()
+            raise DaemonError(
+                f"a fedserver{f' (pid {pid})' if pid else ''} is already running with state directory {self.root}"
+            ) from None
+        try:
+            yield
+        finally:
+            os.close(fd)
 
     def read_pid(self) -> int | None:
-        try:
-            return int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
+        """The daemon's pid if the process the pid file names still runs (same pid, same start
+        time), else None."""
+        return recorded_process(self.pid_file)
+
+
+@contextmanager
+def private_files() -> Iterator[None]:
+    """Files and folders created in the block, by this process or the processes it starts,
+    readable by this user only (umask 077); the umask is put back after."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def make_private(root: Path) -> None:
+    """Take group and other permissions off `root` and everything under it."""
+    for path in (root, *root.rglob("*")):
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            path.chmod(mode & 0o700)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from typing import Any
 from fedserver.checkpoints import read_metrics
 from fedserver.control import ControlClient, ControlError
 from fedserver.state import DaemonInfo, StateDir
-from shared.processes import is_alive
+
+FAILED = "finished:failed"
 
 
 @dataclass
@@ -32,7 +33,12 @@ class Status:
     connected_nodes: int = 0
     rounds_completed: int = 0
     last_metrics: dict[str, Any] | None = None
-    error: str | None = None  # why runs/nodes are missing though the daemon runs
+    error: str | None = None  # why runs/nodes are missing though the daemon runs, or why the run failed
+
+    @property
+    def failed(self) -> bool:
+        """Whether the daemon's own run ended in failure (`fedserver status` then exits 1)."""
+        return any(run["run_id"] == self.run_id and run["status"] == FAILED for run in self.runs)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -42,10 +48,10 @@ def collect(state_dir: Path) -> Status:
     """Everything `fedserver status` shows for the daemon of `state_dir`."""
     state = StateDir(state_dir)
     pid = state.read_pid()
-    running = pid is not None and is_alive(pid)
+    running = pid is not None
     info = DaemonInfo.read(state.info)
     rows = read_metrics(state.run_dir)
-    status = Status(str(state.root), running, pid if running else None, rounds_completed=len(rows))
+    status = Status(str(state.root), running, pid, rounds_completed=len(rows))
     status.last_metrics = rows[-1] if rows else None
     if info is not None:
         status.address, status.run_id = info.address, info.run_id
@@ -65,8 +71,11 @@ def _add_live(status: Status, info: DaemonInfo, completed: int) -> None:
         ours = run.run_id == info.run_id
         current = min(completed + 1, info.rounds) if ours and run.active else (completed if ours else None)
         status.runs.append(
-            {"run_id": run.run_id, "status": run.status, "current_round": current, "rounds": info.rounds if ours else None}
-        )
+            {"run_id": run.run_id, "status": run.status, "current_round": current, "rounds": info.rounds if ours else None,
+             "details": run.details}
+        )  # fmt: skip
+        if ours and run.status == FAILED:
+            status.error = f"run {run.run_id} failed: {run.details or 'no reason given; see superlink.log'}"
     status.nodes = [{"node_id": n.node_id, "name": n.name, "status": n.status} for n in nodes]
     status.connected_nodes = sum(n.status == "online" for n in nodes)
 
@@ -77,12 +86,14 @@ def render(status: Status) -> str:
         lines = [f"fedserver: not running (state {status.state_dir})"]
     else:
         lines = [f"fedserver: running, pid {status.pid}, on {status.address} (state {status.state_dir})"]
-    if status.error:
+    if status.error and not status.failed:
         lines.append(f"  cannot query the SuperLink: {status.error}")
     for run in status.runs:
         where = f", round {run['current_round']} of {run['rounds']}" if run["rounds"] else ""
         lines.append(f"  run {run['run_id']}: {run['status']}{where}")
-    if status.running and not status.error:
+    if status.failed:
+        lines.append(f"  {status.error}")
+    if status.running and (not status.error or status.failed):
         named = ", ".join(f"{n['name'] or n['node_id']} {n['status']}" for n in status.nodes)
         lines.append(f"  nodes: {status.connected_nodes} connected of {len(status.nodes)} registered ({named})")
     lines.append(f"  {_metrics_line(status)}")

@@ -173,7 +173,7 @@ class RunConfig:
     num_clients: int = FEDERATION.option(
         30,
         "Clients in the federation: fedsim's virtual clients; in a deployment, the nodes a round waits "
-        "for (at most `round-timeout`) before sampling. A `natural` partition takes it from the data.",
+        "for (at most `node-wait-timeout`) before sampling. A `natural` partition takes it from the data.",
     )
     clients_per_round: int = FEDERATION.option(10, "Clients sampled for each training round; at most `num-clients`.")
     rounds: int = FEDERATION.option(40, "Training rounds.")
@@ -266,7 +266,19 @@ class RunConfig:
         "from `--output`, `fedserver start` to its state directory. Relative: as `data-path`.",
         path=True,
     )
-    round_timeout: float = EXECUTION.option(3600.0, "Seconds a round waits for replies (and for nodes to connect).")
+    keep_checkpoints: int = EXECUTION.option(
+        3, "Rounds whose checkpoints `run-dir` keeps, the last always among them; 0 = every round's."
+    )
+    round_timeout: float = EXECUTION.option(
+        600.0,
+        "Seconds a round waits for the replies of its sampled clients; those that have not replied by "
+        "then count as dropped. Raise it where local training takes longer (big models, slow devices).",
+    )
+    node_wait_timeout: float = EXECUTION.option(
+        120.0,
+        "Deployment: seconds a round waits, while fewer than `num-clients` nodes are connected, for "
+        "the others to connect; then it samples from those connected.",
+    )
     min_replies: float = EXECUTION.option(
         1.0, "Quorum of valid replies a round needs: >= 1 a count, < 1 a share of the clients sampled."
     )
@@ -373,6 +385,9 @@ def _check_values(cfg: RunConfig) -> None:
     for name in ("lr", "dirichlet_alpha", "round_timeout", "ray_cpus_per_client"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"config key '{config_key(name)}' must be > 0, got {getattr(cfg, name)}")
+    for name in ("node_wait_timeout", "keep_checkpoints"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"config key '{config_key(name)}' must be >= 0, got {getattr(cfg, name)}")
     if cfg.min_replies <= 0 or cfg.round_retries < 0 or cfg.max_update_norm < 0:
         raise ConfigError("config keys 'min-replies' must be > 0, 'round-retries' and 'max-update-norm' >= 0")
     for name in ("proximal_mu", "ray_gpus_per_client"):

@@ -23,8 +23,8 @@ TABLE_HEADER = "[tool.flwr.app.config]"
 FLWR_RUN_OVERRIDES: dict[str, Scalar] = {"num-clients": 2, "clients-per-round": 2, "rounds": 3}
 FLWR_RUN_REASON = (
     "`flwr run .` runs on the SuperNodes that are connected, usually two or three on a first try; "
-    f"with {RunConfig().num_clients} clients every round would wait `round-timeout` "
-    f"({RunConfig().round_timeout:g} s) for nodes that never come. Set the federation's size with "
+    f"with {RunConfig().num_clients} clients every round would wait `node-wait-timeout` "
+    f"({RunConfig().node_wait_timeout:g} s) for nodes that never come. Set the federation's size with "
     "`flwr run . <federation> --run-config 'num-clients=N clients-per-round=K'`."
 )
 

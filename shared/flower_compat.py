@@ -147,6 +147,7 @@ DEFERRED_IMPORTS: dict[str, tuple[str, str]] = {
     "RegisterNodeRequest": ("flwr.proto.control_pb2", "RegisterNodeRequest"),
     "StartRunRequest": ("flwr.proto.control_pb2", "StartRunRequest"),
     "StopRunRequest": ("flwr.proto.control_pb2", "StopRunRequest"),
+    "UnregisterNodeRequest": ("flwr.proto.control_pb2", "UnregisterNodeRequest"),
     "FlowerError": ("flwr.supercore.error", "FlowerError"),
     "fab_to_proto": ("flwr.common.serde", "fab_to_proto"),
     "user_config_to_proto": ("flwr.common.serde", "user_config_to_proto"),

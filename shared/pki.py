@@ -68,14 +68,16 @@ def init_pki(
     later for new hosts without changing ca.pem, which every client already trusts; node keys
     need no CA (see the module docstring) so ``add_client`` works without it.
 
-    Refuses a non-empty `directory` unless `force`; with `force` the files above are replaced,
-    other files (e.g. clients/client-9.* from an earlier, larger run) are left alone.
+    Refuses a non-empty `directory` unless `force`; with `force` the files above are replaced and
+    every other node key pair in clients/ is deleted (the next `fedserver start` unregisters it),
+    so no device keeps a key of the PKI that was replaced.
     """
     directory = Path(directory)
     sans = _subject_alt_names(hosts)
     if clients < 0:
         raise PkiError(f"--clients must be >= 0, got {clients}")
     _check_can_write(directory, force)
+    _remove_node_keys(directory / "clients")
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = _ca_certificate(ca_key)
@@ -120,6 +122,24 @@ def make_node_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
         raise PkiError(f"client {name!r} already exists in {directory} ({', '.join(existing)})")
     _write_node_key_pair(key_path, pub_path)
     return key_path, pub_path
+
+
+def remove_client(directory: Path, name: str) -> list[Path]:
+    """Delete clients/NAME.key and clients/NAME.pub (whichever exist); the paths deleted."""
+    directory = Path(directory)
+    _check_client_name(name)
+    _check_initialised(directory)
+    existing = [path for path in _client_paths(directory, name) if path.exists()]
+    if not existing:
+        raise PkiError(f"no client {name!r} in {directory / 'clients'}")
+    for path in existing:
+        path.unlink()
+    return existing
+
+
+def _remove_node_keys(clients: Path) -> None:
+    for path in (*clients.glob("*.key"), *clients.glob("*.pub")):
+        path.unlink()
 
 
 # --- checks ------------------------------------------------------------------------------

@@ -81,6 +81,16 @@ def test_three_rounds_improve_the_model_and_leave_metrics_and_model(federation: 
     assert _our_run(status)["current_round"] == ROUNDS and status["last_metrics"] == rows[-1]
 
 
+def test_the_state_directory_is_the_daemons_alone(federation: Federation):
+    root = federation.state.root
+
+    shared = [p for p in (root, *root.rglob("*")) if not p.is_symlink() and p.stat().st_mode & 0o077]
+
+    assert root.stat().st_mode & 0o777 == 0o700
+    assert shared == []
+    assert (root / "state.db").is_file() and (root / "superlink.log").is_file()
+
+
 @pytest.fixture(scope="module")
 def intruders(federation: Federation, e2e) -> dict[str, subprocess.Popen[bytes]]:
     """Three nodes that must not join, started together (a refusal takes seconds each)."""
@@ -139,6 +149,9 @@ def test_clients_survive_a_server_restart(federation: Federation, e2e):
     stopped = e2e.run_cli(["fedserver.cli", "stop", "--state-dir", str(federation.state.root)])
     assert stopped.returncode == 0 and federation.daemon.wait(timeout=30) == 0
     assert not federation.state.pid_file.exists()
+    # A pid file left behind whose pid now names another process (a client): not a daemon
+    federation.state.pid_file.write_text(f"{federation.clients[0].pid} 1\n")
+    assert e2e.status(federation.state)["running"] is False
     federation.config.write_text(e2e.run_toml(federation.parts[0].parent / "server.npz", CLIENTS, ROUNDS + 1))
 
     # Execute: the same state, one more round; the clients were never restarted
@@ -149,3 +162,23 @@ def test_clients_survive_a_server_restart(federation: Federation, e2e):
     assert all(client.poll() is None for client in federation.clients)
     assert [r["round"] for r in read_metrics(federation.state.run_dir)] == list(range(1, ROUNDS + 2))
     assert all(is_alive(c.pid) for c in federation.clients)
+
+
+def test_a_removed_client_is_unregistered_at_once_and_cannot_join_again(federation: Federation, e2e):
+    # Prepare: keep a copy of the key the device has
+    key = federation.pki / "clients" / "client-3.key"
+    copy = federation.work / "revoked.key"
+    copy.write_bytes(key.read_bytes())
+    copy.chmod(0o600)
+
+    # Execute
+    removed = e2e.run_cli(["fedserver.cli", "remove-client", str(federation.pki), "client-3",
+                           "--state-dir", str(federation.state.root)])  # fmt: skip
+    rejoin = e2e.start_fedclient("revoked", federation.address, federation.pki, copy, federation.parts[2])
+
+    # Assert
+    assert removed.returncode == 0 and "unregistered from the running fedserver: node" in removed.stdout
+    nodes = {node["name"]: node["status"] for node in e2e.status(federation.state)["nodes"]}
+    assert nodes["client-3"] == "unregistered" and nodes["client-1"] == "online"
+    assert rejoin.wait(timeout=90) == 1
+    assert "cannot join" in e2e.log("revoked")

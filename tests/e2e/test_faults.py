@@ -140,7 +140,7 @@ def test_a_server_killed_with_sigkill_resumes_without_losing_or_repeating_a_roun
 
 def test_a_client_killed_with_sigkill_mid_round_leaves_the_round_to_the_others(deploy, e2e):
     # Prepare: 4 devices; a round needs 3 valid replies and waits at most 10 s. num-clients = 3
-    # lets a round start as soon as 3 devices are connected (else it waits round-timeout first).
+    # lets a round start as soon as 3 devices are connected (else it waits node-wait-timeout first).
     timeout = 10.0
     fed = deploy(clients=4, rounds=3, num_clients=3, clients_per_round=3, min_replies=3, round_timeout=timeout)
     fed.start_daemon()

@@ -68,6 +68,40 @@ def test_init_refuses_existing_pki_without_force_then_overwrites_with_it(tmp_pat
     assert (tmp_path / "ca.pem").read_bytes() != old_ca
 
 
+def test_init_force_leaves_no_key_of_the_pki_it_replaces(tmp_path, capsys):
+    main(["init", str(tmp_path), "--clients", "3"])
+    old_pub = (tmp_path / "clients" / "client-1.pub").read_bytes()
+
+    code = main(["init", str(tmp_path), "--clients", "1", "--force"])
+
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "clients").iterdir()) == ["client-1.key", "client-1.pub"]
+    assert (tmp_path / "clients" / "client-1.pub").read_bytes() != old_pub
+
+
+def test_remove_client_without_a_daemon_deletes_the_key_pair_and_says_when_it_applies(tmp_path, capsys):
+    main(["init", str(tmp_path / "pki"), "--clients", "2"])
+    capsys.readouterr()
+
+    code = main(["remove-client", str(tmp_path / "pki"), "client-1", "--state-dir", str(tmp_path / "state")])
+
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"deleted {tmp_path / 'pki' / 'clients' / 'client-1.pub'}" in out
+    assert "can no longer join once 'fedserver start' runs again" in out
+    assert sorted(p.name for p in (tmp_path / "pki" / "clients").iterdir()) == ["client-2.key", "client-2.pub"]
+
+
+def test_remove_client_of_an_unknown_name_is_one_line_exit_2(tmp_path, capsys):
+    main(["init", str(tmp_path), "--clients", "1"])
+    capsys.readouterr()
+
+    code = main(["remove-client", str(tmp_path), "client-9"])
+
+    assert code == 2
+    assert "no client 'client-9'" in _error_line(capsys)
+
+
 def test_add_client_prints_both_paths(tmp_path, capsys):
     # Prepare
     main(["init", str(tmp_path), "--clients", "0"])

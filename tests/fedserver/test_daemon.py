@@ -4,6 +4,7 @@ addresses, the state directory, and status/stop of a daemon that is not running.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from fedserver import daemon
+from fedserver import daemon, logs, status
 from fedserver.cli import EXIT_NOT_RUNNING, main
+from fedserver.control import NodeInfo, RunInfo
 from fedserver.state import DaemonInfo, StateDir
 from shared.pki import init_pki
 from shared.processes import free_port, is_alive, port_in_use, record_process, spawn
@@ -68,34 +70,123 @@ def test_a_missing_certificate_is_a_one_line_error_naming_the_file(tmp_path, cap
     assert not (tmp_path / "s").exists()
 
 
-def test_a_bad_run_config_is_a_one_line_error(tmp_path, capsys, pki):
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("rounds = 3\nlearning-rate = 0.1\n", "learning-rate"),
+        # valid keys, but the ServerApp could not build its model: no data to take its shape from
+        ('dataset = "csv"\nnum-clients = 2\nclients-per-round = 2\n', "'data-path' is not set"),
+    ],
+)
+def test_a_run_config_the_server_cannot_use_is_a_one_line_error_before_anything_starts(
+    tmp_path, capsys, pki, text, expected
+):
     bad = tmp_path / "bad.toml"
-    bad.write_text("rounds = 3\nlearning-rate = 0.1\n")
+    bad.write_text(text)
 
     code = main(["start", "--pki", str(pki), "--config", str(bad), "--state-dir", str(tmp_path / "s")])
 
     assert code == 2
-    assert "learning-rate" in _error_line(capsys)
+    assert expected in _error_line(capsys)
+    assert not (tmp_path / "s").exists()
 
 
-def test_a_second_daemon_on_the_same_state_dir_is_refused(tmp_path, capsys, pki, run_toml):
-    # Prepare: a live process owns the state directory's pid file
+# A stand-in for a running daemon: it holds the state directory's lock and, unless told
+# otherwise, has written its pid file.
+HOLDER = """
+import os, sys, time
+from fedserver.state import StateDir
+from shared.processes import record_process
+state = StateDir(sys.argv[1])
+with state.locked():
+    if sys.argv[2] == "pid":
+        record_process(state.pid_file, os.getpid())
+    print("ready", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("pid_file", ["pid", "none"])
+def test_a_second_daemon_on_the_same_state_dir_is_refused(tmp_path, capsys, pki, run_toml, pid_file):
+    # Prepare: a live process owns the state directory (its lock; its pid file or none)
     state = StateDir(tmp_path / "state")
-    state.create()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(state.root), pid_file], stdout=subprocess.PIPE)
     try:
-        state.pid_file.write_text(f"{sleeper.pid}\n")
+        assert holder.stdout.readline() == b"ready\n"
 
         # Execute
         code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(state.root),
                      "--address", f"127.0.0.1:{free_port()}"])  # fmt: skip
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        holder.kill()
+        holder.wait()
 
     # Assert
     assert code == 1
-    assert f"pid {sleeper.pid}" in _error_line(capsys)
+    error = _error_line(capsys)
+    assert "already running" in error and (f"pid {holder.pid}" in error) == (pid_file == "pid")
+
+
+def _serve_stand_in(calls: list[StateDir]):
+    """In place of `daemon._serve`: records that start got that far, writes a file itself and
+    one from a child process (as the SuperLink writes state.db)."""
+
+    def serve(options, state, pki, cfg, stop) -> int:
+        calls.append(state)
+        (state.root / "own.txt").write_text("x")
+        subprocess.run([sys.executable, "-c", f"open({str(state.root / 'child.txt')!r}, 'w').write('x')"], check=True)
+        return 0
+
+    return serve
+
+
+def test_a_stale_pid_file_neither_blocks_start_nor_reads_as_running(tmp_path, capsys, monkeypatch, pki, run_toml):
+    # Prepare: the pid file names a live process, but not the one that wrote it (a reused pid)
+    state = StateDir(tmp_path / "state")
+    state.create()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    calls: list[StateDir] = []
+    monkeypatch.setattr(daemon, "_serve", _serve_stand_in(calls))
+    try:
+        state.pid_file.write_text(f"{other.pid} 1\n")
+
+        # Execute
+        status = main(["status", "--state-dir", str(state.root)])
+        stop = main(["stop", "--state-dir", str(state.root), "--timeout", "0.5"])
+        out = capsys.readouterr().out
+        started = main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(state.root),
+                        "--address", f"127.0.0.1:{free_port()}"])  # fmt: skip
+
+        # Assert
+        assert status == EXIT_NOT_RUNNING and "not running" in out
+        assert stop == 0 and "no fedserver running" in out
+        assert other.poll() is None  # never signalled
+        assert started == 0 and [s.root for s in calls] == [state.root]
+        assert not state.pid_file.exists()  # the daemon's own, removed when it ended
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_the_state_directory_and_its_files_are_private(tmp_path, monkeypatch, pki, run_toml):
+    # Prepare: a state directory an earlier version left readable by all
+    state = StateDir(tmp_path / "state")
+    state.run_dir.mkdir(parents=True)
+    state.root.chmod(0o755)
+    (state.run_dir / "metrics.jsonl").write_text("")
+    (state.run_dir / "metrics.jsonl").chmod(0o644)
+    monkeypatch.setattr(daemon, "_serve", _serve_stand_in([]))
+
+    # Execute
+    code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(state.root),
+                 "--address", f"127.0.0.1:{free_port()}"])  # fmt: skip
+
+    # Assert
+    assert code == 0
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (state.root, *state.root.rglob("*"))}
+    assert modes["state"] == modes["run"] == modes["flwr-home"] == 0o700
+    for name in ("own.txt", "child.txt", "fedserver.log", "fedserver.lock", "metrics.jsonl"):
+        assert modes[name] == 0o600, name
 
 
 def test_run_config_puts_the_run_dir_in_the_state_dir_and_makes_data_path_absolute(tmp_path, monkeypatch):
@@ -154,6 +245,88 @@ def test_status_of_a_stopped_daemon_shows_the_last_metrics_and_exits_3(tmp_path,
     assert (state.flwr_home / "config.toml").read_text().count('"127.0.0.1:9092"') == 1
 
 
+class FailedRunControl:
+    """The Control API of a SuperLink whose run 42 failed."""
+
+    def __init__(self, address: str, ca: Path) -> None:
+        pass
+
+    def __enter__(self) -> FailedRunControl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def list_runs(self) -> list[RunInfo]:
+        return [RunInfo(42, "finished:failed", "round 2: fewer than 2 valid replies", "t1", "t2")]
+
+    def list_nodes(self) -> list[NodeInfo]:
+        return [NodeInfo(7, "client-1", "online", "t0")]
+
+
+def test_status_of_a_failed_run_gives_its_reason_and_exits_1(tmp_path, capsys, monkeypatch):
+    # Prepare: a running daemon (this process) whose run failed
+    state = StateDir(tmp_path / "state")
+    state.create()
+    DaemonInfo(os.getpid(), "127.0.0.1:9092", "127.0.0.1:9092", "/x/ca.pem", 42, 5).write(state.info)
+    record_process(state.pid_file, os.getpid())
+    monkeypatch.setattr(status, "ControlClient", FailedRunControl)
+
+    # Execute
+    text_code = main(["status", "--state-dir", str(state.root)])
+    text = capsys.readouterr().out
+    json_code = main(["status", "--state-dir", str(state.root), "--json"])
+    snapshot = json.loads(capsys.readouterr().out)
+
+    # Assert
+    assert text_code == json_code == 1
+    assert "run 42 failed: round 2: fewer than 2 valid replies" in text
+    assert snapshot["error"] == "run 42 failed: round 2: fewer than 2 valid replies"
+    assert snapshot["running"] is True and snapshot["connected_nodes"] == 1
+
+
+class NodesControl:
+    """The Control API of a SuperLink with three nodes: key b"a", key b"b", and one unregistered."""
+
+    def __init__(self) -> None:
+        self.unregistered: list[int] = []
+
+    def list_nodes(self) -> list[NodeInfo]:
+        return [
+            NodeInfo(1, "client-1", "online", "t0", b"a"),
+            NodeInfo(2, "client-2", "offline", "t0", b"b"),
+            NodeInfo(3, "client-3", "unregistered", "t0", b"c"),
+        ]
+
+    def unregister_node(self, node_id: int) -> None:
+        self.unregistered.append(node_id)
+
+
+def test_start_unregisters_the_nodes_whose_key_is_gone():
+    control = NodesControl()
+
+    revoked = daemon.unregister_keys(control, lambda key: key not in {b"a"})
+
+    assert revoked == [(2, "client-2")] and control.unregistered == [2]
+
+
+def test_the_superlink_log_is_rotated_by_size(tmp_path):
+    # Prepare: 40 lines of 10 bytes, files of at most 100 bytes, 2 old ones kept
+    reader, writer = os.pipe()
+    with os.fdopen(writer, "wb") as stream:
+        stream.write(b"".join(b"line %04d\n" % k for k in range(40)))
+
+    # Execute
+    with os.fdopen(reader, "rb") as stream:
+        logs.copy_lines(stream, tmp_path / "superlink.log", max_bytes=100, backups=2).join(5)
+
+    # Assert
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["superlink.log", "superlink.log.1", "superlink.log.2"]
+    assert all(p.stat().st_size <= 100 for p in tmp_path.iterdir())
+    assert (tmp_path / "superlink.log").read_text().splitlines()[-1] == "line 0039"
+
+
 def test_stop_without_a_daemon_says_so(tmp_path, capsys):
     code = main(["stop", "--state-dir", str(tmp_path)])
 
@@ -167,7 +340,7 @@ def test_stop_terminates_the_daemon_from_its_pid_file(tmp_path, capsys):
     ignoring = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
     stand_in = subprocess.Popen([sys.executable, "-c", ignoring], stdout=subprocess.PIPE)
     assert stand_in.stdout.readline() == b"ready\n"
-    state.pid_file.write_text(f"{stand_in.pid}\n")
+    record_process(state.pid_file, stand_in.pid)
 
     # Execute
     code = main(["stop", "--state-dir", str(tmp_path), "--timeout", "0.5"])

@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 import fedclient.app
 import fedserver.app
 from fedserver.app import RoundFailed
-from fedserver.checkpoints import CheckpointError
+from fedserver.checkpoints import CheckpointError, RunDirectory
 from shared import messages as keys
 from shared import task
 from shared.config import STRATEGIES
@@ -54,6 +54,29 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monk
     assert all(straight[k].equal(again[k]) for k in straight)
     assert [r["round"] for r in rows(tmp_path / "crashed")] == [1, 2, 3, 4]  # none lost, none repeated
     assert [r["accuracy"] for r in rows(tmp_path / "crashed")] == [r["accuracy"] for r in rows(tmp_path / "straight")]
+
+
+@pytest.mark.parametrize(("keep", "kept_when_crashed", "kept_at_the_end"), [(1, [2], [4]), (3, [1, 2], [2, 3, 4]), (0, [1, 2], [1, 2, 3, 4])])
+def test_keep_checkpoints_bounds_the_checkpoints_and_a_run_still_resumes(
+    tmp_path, monkeypatch, tiny_config, keep, kept_when_crashed, kept_at_the_end
+):
+    # Prepare: a run interrupted in round 3, keeping `keep` rounds' checkpoints (0 = all)
+    cfg = tiny_config(rounds=4, keep_checkpoints=keep)
+    engine.run_simulation(cfg, tmp_path / "straight", progress=False)
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, calls_before_interrupt=4 * 2 + 2)
+        engine.run_simulation(cfg, tmp_path / "crashed", progress=False)
+    kept = RunDirectory(tmp_path / "crashed").checkpoint_rounds()
+
+    # Execute
+    engine.run_simulation(cfg, tmp_path / "crashed", progress=False, resume=True)
+
+    # Assert
+    assert kept == kept_when_crashed
+    assert RunDirectory(tmp_path / "crashed").checkpoint_rounds() == kept_at_the_end
+    straight = load_safetensors(tmp_path / "straight" / "model.safetensors")
+    again = load_safetensors(tmp_path / "crashed" / "model.safetensors")
+    assert all(straight[k].equal(again[k]) for k in straight)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -163,7 +186,7 @@ def test_a_node_that_is_gone_for_good_does_not_stall_the_run(tmp_path, monkeypat
     monkeypatch.setattr(fedserver.app, "NODE_POLL_SECONDS", 0.05)
     everyone = InProcessGrid.get_node_ids
     monkeypatch.setattr(InProcessGrid, "get_node_ids", lambda grid: [n for n in everyone(grid) if n != 1001])
-    cfg = tiny_config(rounds=2, clients_per_round=6, round_timeout=0.5, min_replies=0.5)
+    cfg = tiny_config(rounds=2, clients_per_round=6, node_wait_timeout=0.5, min_replies=0.5)
 
     try:
         result = engine.run_simulation(cfg, tmp_path / "r", progress=False)
