@@ -38,7 +38,7 @@ CHECKPOINT_DIR = "checkpoints"
 # Evaluation keys qualify because evaluation sampling leaves the training stream untouched.
 RESUMABLE_CHANGES = frozenset(
     {"rounds", "run-dir", "target-accuracy", "stop-at-target", "round-timeout", "eval-clients", "eval-every",
-     "node-wait-timeout", "keep-checkpoints"}
+     "node-wait-timeout", "keep-checkpoints", "workers", "gpu-memory-fraction"}
 )  # fmt: skip
 
 

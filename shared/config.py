@@ -246,11 +246,12 @@ class RunConfig:
         "auto", "fedsim: train a round's clients together with `torch.func`; `auto` = only on CUDA."
     )
     workers: str = EXECUTION.option(
-        "1",
+        "auto",
         "fedsim: processes training a round's clients in parallel, each keeping its ClientApp warm (on CUDA, "
         "worker i on GPU i mod the GPUs' number); `1` = in this process; `auto` = one per core (one per GPU "
-        "on CUDA), at most `clients-per-round`, and in this process below 4 clients a round. The same seed "
-        "gives bit-identical weights whatever the number.",
+        "on CUDA), at most `clients-per-round`, and in this process on one core, below 4 clients a round or "
+        "where the whole run trains fewer than 150,000 examples. The same seed gives bit-identical weights "
+        "whatever the number.",
     )
     gpu_memory_fraction: float = EXECUTION.option(
         0.0,

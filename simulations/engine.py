@@ -35,10 +35,11 @@ from simulations.plotter import LivePlot, PlotError
 from simulations.report import ProgressBar
 from simulations.stragglers import with_stragglers
 from simulations.vectorized import batch_runner_for, vectorizes
-from simulations.workers import WorkerPool, client_workers, visible_gpus, worker_count
+from simulations.workers import AUTO, WorkerPool, client_workers, visible_gpus, worker_count
 
 LOG = logging.getLogger("flowerbed.sim")
 CONFIG_FILE = "config.toml"
+SIZE_SAMPLE = 20  # clients whose training sizes estimate a run's size for `workers = "auto"`
 LABELS_FILE = "labels.json"  # {class name: id}, where the data named its classes in text
 
 
@@ -137,7 +138,7 @@ def _worker_pool(cfg: RunConfig) -> Iterator[WorkerPool | None]:
     (`shared_federation`), not from the file: one copy, read once, whatever their number.
     """
     gpus = _cuda_devices(cfg)
-    workers = worker_count(cfg.workers, cfg.clients_per_round, gpus)
+    workers = planned_workers(cfg, gpus)
     if workers == 1:  # in this process, its VRAM capped on CUDA
         with client_workers(make_client_app, 1, gpus=gpus, gpu_memory_fraction=cfg.gpu_memory_fraction) as pool:
             yield pool
@@ -155,6 +156,22 @@ def _worker_pool(cfg: RunConfig) -> Iterator[WorkerPool | None]:
         ) as pool,
     ):
         yield pool
+
+
+def planned_workers(cfg: RunConfig, gpus: int = 0) -> int:
+    """The worker processes the run will use (1: in this process); `auto` weighs the run's size."""
+    run_examples = estimated_run_examples(cfg) if cfg.workers == AUTO else None
+    return worker_count(cfg.workers, cfg.clients_per_round, gpus, run_examples)
+
+
+def estimated_run_examples(cfg: RunConfig) -> int:
+    """Examples the whole run trains on: rounds x clients a round x local epochs x a client's
+    mean training size, estimated from up to SIZE_SAMPLE clients spread over the federation."""
+    federation = load_federation(cfg)
+    step = max(1, federation.num_clients // SIZE_SAMPLE)
+    sample = range(0, federation.num_clients, step)[:SIZE_SAMPLE]
+    mean_size = sum(len(federation.client(k).y_train) for k in sample) / len(sample)
+    return int(cfg.rounds * cfg.clients_per_round * cfg.local_epochs * mean_size)
 
 
 def _cuda_devices(cfg: RunConfig) -> int:

@@ -16,10 +16,10 @@ from shared.processes import is_alive
 from fedclient.app import make_client_app
 from shared import messages as keys
 from simulations import cli, engine
-from simulations.engine import run_simulation
+from simulations.engine import estimated_run_examples, planned_workers, run_simulation
 from simulations.grid import FIRST_NODE_ID, InProcessGrid, RoundRunner, simulation_node_config
 from simulations import workers as workers_module
-from simulations.workers import WorkerPool, limit_gpu_memory, worker_count, worker_gpu
+from simulations.workers import AUTO_MIN_EXAMPLES, WorkerPool, available_cores, limit_gpu_memory, worker_count, worker_gpu
 
 NODES = 6
 DIE_AT = "die"  # config key: the node whose partition id it holds makes its worker exit at once
@@ -374,3 +374,19 @@ def test_fedsim_run_gpu_memory_fraction_flag_is_the_config_key(tmp_path, capsys)
 
     err = capsys.readouterr().err.strip()
     assert code == ExitCode.USAGE and "config key 'gpu-memory-fraction'" in err and "\n" not in err
+
+
+def test_auto_stays_in_process_for_a_small_run() -> None:
+    assert worker_count("auto", clients_per_round=100, run_examples=AUTO_MIN_EXAMPLES - 1) == 1
+    assert worker_count("auto", clients_per_round=100, run_examples=AUTO_MIN_EXAMPLES) == min(available_cores(), 100)
+    assert worker_count("2", clients_per_round=100, run_examples=10) == 2  # a count is a count
+
+
+def test_planned_workers_weighs_the_run() -> None:
+    small = RunConfig(num_clients=20, clients_per_round=10, rounds=2, synthetic_max_samples=50)
+    assert estimated_run_examples(small) <= 2 * 10 * 50
+    assert planned_workers(small) == 1
+    big = small.replace(rounds=1000, synthetic_max_samples=0)
+    assert estimated_run_examples(big) >= AUTO_MIN_EXAMPLES
+    assert planned_workers(big) == min(available_cores(), 10)
+    assert planned_workers(big.replace(workers="1")) == 1
