@@ -168,7 +168,8 @@ def _train_round(
     """One training round: the new global weights (checked, with `like`'s dtypes) and the metrics.
     An attempt that fails (below quorum, a secure round stopped, an aggregate refused) is retried
     with freshly sampled clients."""
-    for attempt in range(cfg.round_retries + 1):
+    attempts = cfg.round_retries + 1
+    for attempt in range(1, attempts + 1):
         with sampling_from(strategy, connected_nodes(grid, cfg, server_round)):
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
         aggregate = _secure_attempt if cfg.secure_aggregation else _plain_attempt
@@ -177,10 +178,8 @@ def _train_round(
             return checked_aggregate(arrays, new_arrays, like, cfg), metrics
         except AttemptFailed as err:
             failure = err
-            LOG.warning("round %d: %s%s (attempt %d of %d)", server_round, err, err.detail, attempt + 1, cfg.round_retries + 1)
-    raise RoundFailed(
-        f"round {server_round}: {failure} after {cfg.round_retries + 1} attempts{failure.detail}; nothing was aggregated"
-    )
+            LOG.warning("round %d: %s%s (attempt %d of %d)", server_round, err, err.detail, attempt, attempts)
+    raise RoundFailed(f"round {server_round}: {failure} after {attempts} attempts{failure.detail}; nothing was aggregated")
 
 
 class AttemptFailed(Exception):

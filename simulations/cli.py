@@ -1,4 +1,5 @@
-"""`fedsim run [CONFIG.toml | --config CONFIG.toml] [--set key=value ...] [--output DIR]`: parse, then call the engine.
+"""`fedsim run [CONFIG.toml | --config CONFIG.toml] [--set key=value ...] [--output DIR] [--client-app MODULE:ATTR]`:
+parse, then call the engine.
 
 `fedsim run --app DIR [--run-config 'key=value ...'] [--num-supernodes N]` runs a Flower app
 directory instead (simulations/apps.py)."""
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="go on with the run in DIR after its last completed round (its config.toml, plus --set)")
     run.add_argument("--workers", metavar="N", help="processes training clients in parallel: a count or 'auto' (= --set workers=N)")
     run.add_argument("--quiet", action="store_true", help="no progress bar (with --app: no Flower INFO log)")
+    run.add_argument("--client-app", default="", metavar="MODULE:ATTR",
+                     help="every node runs this ClientApp object instead of Flowerbed's (e.g. a malicious one)")
     app = run.add_argument_group("a Flower app (instead of a platform config)")
     app.add_argument("--app", type=Path, metavar="DIR",
                      help="run the Flower app in DIR (its pyproject.toml names a serverapp and a clientapp)")
@@ -62,8 +65,8 @@ def _check_app_args(args: argparse.Namespace) -> None:
         if args.run_config or args.num_supernodes is not None:
             raise UsageError("--run-config and --num-supernodes go with --app DIR")
         return
-    platform = [name for name, given in (("CONFIG", args.config), ("--set", args.overrides),
-                                         ("--resume", args.resume), ("--workers", args.workers)) if given]  # fmt: skip
+    platform = [name for name, given in (("CONFIG", args.config), ("--set", args.overrides), ("--resume", args.resume),
+                                         ("--workers", args.workers), ("--client-app", args.client_app)) if given]  # fmt: skip
     if platform:
         raise UsageError(f"--app runs a Flower app with its own config: give --run-config, not {', '.join(platform)}")
 
@@ -82,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     workers = [f"workers={args.workers}"] if args.workers is not None else []
     cfg = load_config(config, [*args.overrides, *workers])
     output = args.resume or args.output or default_output(args.config)
-    result = run_simulation(cfg, output, progress=not args.quiet, resume=args.resume is not None)
+    result = run_simulation(
+        cfg, output, progress=not args.quiet, resume=args.resume is not None, client_app=args.client_app
+    )
     files = "config.toml, metrics.jsonl, summary.json, curves.png, model.safetensors"
     return report(result.summary, f"{result.output}/ ({files})", result.interrupted)
 

@@ -9,13 +9,17 @@ subscribes a progress bar, a live plot and the summary to the round events.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
+import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 
 from fedclient.app import app as client_app
 from fedclient.app import make_client_app
@@ -23,7 +27,7 @@ from fedserver.app import evaluated_on, run_federation
 from fedserver.checkpoints import STATE_FILE, RunDirectory
 from fedserver.events import RoundCallback
 from fedserver.report import CURVES_FILE, SUMMARY_FILE, Summary, run_title, summarize, write_summary
-from shared.config import RunConfig
+from shared.config import ConfigError, RunConfig
 from shared.data.federation import load_federation
 from shared.errors import FedsimError, FlowerbedError
 from shared.files import atomic_write_text
@@ -58,11 +62,43 @@ class OutputExists(FedsimError, ValueError):
     """The output directory already holds a run, and this is not a resumption of it."""
 
 
-def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resume: bool = False) -> SimulationResult:
+class ClientAppNotFound(FedsimError, ValueError):
+    """`--client-app MODULE:ATTR` names no ClientApp that can be imported."""
+
+
+@dataclass(frozen=True)
+class ImportedClientApp:
+    """The ClientApp object at `MODULE:ATTR` (MODULE importable here or from the current
+    directory), imported when called: a picklable factory, so each worker imports it itself."""
+
+    reference: str
+
+    def __call__(self) -> ClientApp:
+        module_name, _, attr = self.reference.partition(":")
+        if not module_name or not attr:
+            raise ClientAppNotFound(f"--client-app '{self.reference}': expected MODULE:ATTR")
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())  # as `python -m` finds modules of the current directory
+        try:
+            app = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ClientAppNotFound(f"--client-app '{self.reference}': {err}") from None
+        if not isinstance(app, ClientApp):
+            raise ClientAppNotFound(f"--client-app '{self.reference}' is a {type(app).__name__}, not a ClientApp")
+        return app
+
+
+def run_simulation(
+    cfg: RunConfig, output: Path, *, progress: bool = True, resume: bool = False, client_app: str = ""
+) -> SimulationResult:
     """Run every round of `cfg`, its clients in this process or in `workers` processes; write all outputs to `output`.
 
-    With `resume`, `output` must hold a run: it goes on after its last committed round.
+    With `resume`, `output` must hold a run: it goes on after its last committed round. With
+    `client_app` (MODULE:ATTR) every node runs that ClientApp instead of Flowerbed's own.
     """
+    own_app = ImportedClientApp(client_app)() if client_app else None  # a wrong one fails before any output
+    if own_app is not None and cfg.vectorized == "on":
+        raise ConfigError("config key 'vectorized' is 'on': a vectorized round runs no ClientApp, not --client-app")
     if (output / STATE_FILE).exists() != resume:
         raise OutputExists(
             f"{output} already holds a run: resume it with --resume {output} or choose another --output"
@@ -73,17 +109,19 @@ def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resum
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / CONFIG_FILE, cfg.to_toml())
     write_labels(cfg, output)
-    with _worker_pool(cfg) as pool:
-        return _run(cfg, output, pool, progress)
+    with _worker_pool(cfg, ImportedClientApp(client_app) if client_app else make_client_app) as pool:
+        return _run(cfg, output, pool, progress, own_app)
 
 
-def _run(cfg: RunConfig, output: Path, pool: WorkerPool | None, progress: bool) -> SimulationResult:
+def _run(
+    cfg: RunConfig, output: Path, pool: WorkerPool | None, progress: bool, own_app: ClientApp | None
+) -> SimulationResult:
     grid = InProcessGrid(
-        client_app,
+        own_app or client_app,
         cfg.num_clients,
         cfg.to_mapping(),
         simulation_node_config(cfg.num_clients),
-        batch_runner=first_of(batch_runner_for(cfg), pool),
+        batch_runner=first_of(None if own_app else batch_runner_for(cfg), pool),
     )
     rows = RunDirectory(output).history()
     plot = LivePlot(output / CURVES_FILE, run_title(cfg), rows=rows)
@@ -106,14 +144,14 @@ def _run(cfg: RunConfig, output: Path, pool: WorkerPool | None, progress: bool) 
 
 
 @contextlib.contextmanager
-def _worker_pool(cfg: RunConfig) -> Iterator[WorkerPool | None]:
+def _worker_pool(cfg: RunConfig, app_factory: Callable[[], ClientApp]) -> Iterator[WorkerPool | None]:
     """The pool of `workers` processes serving the clients (see simulations/workers.py), or None
     for the clients in this process; stopped, every worker with it, when the run ends."""
     workers = worker_count(cfg.workers, cfg.clients_per_round)
     if workers == 1:
         yield None
         return
-    with WorkerPool(make_client_app, workers, size=training_size(cfg)) as pool:
+    with WorkerPool(app_factory, workers, size=training_size(cfg)) as pool:
         yield pool
 
 
