@@ -173,18 +173,8 @@ def test_bad_updates_are_refused_with_the_node_and_reason_and_the_model_keeps_le
     # Execute
     rows = fed.wait_for_rounds(3, 300)
 
-    # Assert: each bad update refused, naming the node and the reason; the model finite and learning
-    node_id = e2e.node_id(f"{fed.work.name}-client-6")
-    server_log = fed.run_log()
-    refusals = re.findall(rf"node {node_id}: update refused: (.*)", server_log)
-    assert len(refusals) == 3, server_log[-3000:]
-    assert "non-finite values" in refusals[0] and "shape" in refusals[1] and "exceeds max_norm" in refusals[2]
-    assert server_log.count("update refused") == 3
-    assert [row["round"] for row in rows] == [1, 2, 3]
-    assert _learned(rows)
-    model = load_safetensors(fed.state.run_dir / "model.safetensors")
-    assert all(torch.isfinite(tensor).all() for tensor in model.values())
-    assert all(node.poll() is None for node in fed.nodes)
+    # Assert
+    _assert_refused_each_round(fed, e2e, rows, 6, ["non-finite values", "shape", "exceeds max_norm"])
 
 
 def test_bad_reply_metrics_are_refused_with_the_node_and_reason_and_the_run_completes(deploy, e2e):
@@ -197,15 +187,24 @@ def test_bad_reply_metrics_are_refused_with_the_node_and_reason_and_the_run_comp
     # Execute
     rows = fed.wait_for_rounds(3, 300)
 
-    # Assert: each refused with its reason; every round completed, the model finite and learning
-    node_id = e2e.node_id(f"{fed.work.name}-client-4")
-    server_log = fed.run_log()
-    refusals = re.findall(rf"node {node_id}: update refused: (.*)", server_log)
-    assert len(refusals) == 3, server_log[-3000:]
+    # Assert
     reasons = ["num-examples: 1000000000000 is not an integer in [1, 1000000]",
                "metrics: missing [], unexpected ['extra']", "metric 'train_loss': nan is not a finite number"]  # fmt: skip
+    _assert_refused_each_round(fed, e2e, rows, 4, reasons)
+
+
+def _assert_refused_each_round(fed: Deployment, e2e, rows: list[dict], client: int, reasons: list[str]) -> None:
+    """Client `client`'s training reply refused in round r with a log line naming its node and
+    `reasons[r - 1]`, no other reply refused; every round committed, the model finite and
+    learning, every client still running."""
+    node_id = e2e.node_id(f"{fed.work.name}-client-{client}")
+    server_log = fed.run_log()
+    refusals = re.findall(rf"node {node_id}: update refused: (.*)", server_log)
+    assert len(refusals) == len(reasons), server_log[-3000:]
     assert all(reason in refusal for reason, refusal in zip(reasons, refusals, strict=True)), refusals
-    assert [row["round"] for row in rows] == [1, 2, 3]
+    assert server_log.count("update refused") == len(reasons)
+    assert [row["round"] for row in rows] == list(range(1, len(reasons) + 1))
     assert _learned(rows)
     model = load_safetensors(fed.state.run_dir / "model.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in model.values())
+    assert all(node.poll() is None for node in fed.nodes)
