@@ -1,7 +1,8 @@
 """fedsim's engine: build the federation, run the deployment's ServerApp on an in-process Grid.
 
 The ServerApp's rounds (`fedserver.app.run_federation`) and the ClientApp (`fedclient.app`)
-are the very code a deployment runs; this module only wires them together, adds simulated
+are the very code a deployment runs (`--client-app` puts a user's ClientApp in its place,
+`simulations/client_apps.py`); this module only wires them together, adds simulated
 stragglers on the grid, starts the pool of worker processes `workers` asks for, and
 subscribes a progress bar, a live plot and the summary to the round events.
 """
@@ -9,11 +10,8 @@ subscribes a progress bar, a live plot and the summary to the round events.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
-import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from shared.config import ConfigError, RunConfig
 from shared.data.federation import load_federation
 from shared.errors import FedsimError, FlowerbedError
 from shared.files import atomic_write_text
+from simulations.client_apps import ImportedClientApp
 from simulations.grid import InProcessGrid, first_of, simulation_node_config
 from simulations.plotter import LivePlot, PlotError
 from simulations.report import ProgressBar
@@ -60,32 +59,6 @@ def resolve(cfg: RunConfig) -> RunConfig:
 
 class OutputExists(FedsimError, ValueError):
     """The output directory already holds a run, and this is not a resumption of it."""
-
-
-class ClientAppNotFound(FedsimError, ValueError):
-    """`--client-app MODULE:ATTR` names no ClientApp that can be imported."""
-
-
-@dataclass(frozen=True)
-class ImportedClientApp:
-    """The ClientApp object at `MODULE:ATTR` (MODULE importable here or from the current
-    directory), imported when called: a picklable factory, so each worker imports it itself."""
-
-    reference: str
-
-    def __call__(self) -> ClientApp:
-        module_name, _, attr = self.reference.partition(":")
-        if not module_name or not attr:
-            raise ClientAppNotFound(f"--client-app '{self.reference}': expected MODULE:ATTR")
-        if os.getcwd() not in sys.path:
-            sys.path.append(os.getcwd())  # as `python -m` finds modules of the current directory
-        try:
-            app = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ClientAppNotFound(f"--client-app '{self.reference}': {err}") from None
-        if not isinstance(app, ClientApp):
-            raise ClientAppNotFound(f"--client-app '{self.reference}' is a {type(app).__name__}, not a ClientApp")
-        return app
 
 
 def run_simulation(
