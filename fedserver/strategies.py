@@ -210,6 +210,9 @@ def _screen(replies: list[Message], what: str, check: Callable[[RecordDict], Non
         except (RefusedReply, InvalidUpdate) as err:
             LOG.warning("node %d: %s refused: %s", node, what, err)
             continue
+        except Exception as err:  # noqa: BLE001 - whatever a client sends must not end the run
+            LOG.warning("node %d: %s refused: unreadable: %s: %s", node, what, type(err).__name__, err)
+            continue
         valid.append(reply)
     return valid
 
@@ -233,7 +236,7 @@ def _check_metrics(metrics: MetricRecord, expected: tuple[str, ...], max_example
         raise RefusedReply(f"metrics: missing {missing}, unexpected {extra}")
     for name in expected:
         value = metrics[name]
-        if not isinstance(value, int | float) or not math.isfinite(value):
+        if not isinstance(value, int | float) or (isinstance(value, float) and not math.isfinite(value)):
             raise RefusedReply(f"metric '{name}': {value!r} is not a finite number")
     count = metrics[keys.NUM_EXAMPLES]
     if not isinstance(count, int) or not 1 <= count <= max_examples:

@@ -64,6 +64,7 @@ NUM_EXAMPLES = [
     ("num-examples 0", with_metric(keys.NUM_EXAMPLES, 0), "num-examples: 0 is not an integer in [1, 1000000]"),
     ("num-examples negative", with_metric(keys.NUM_EXAMPLES, -5), "num-examples: -5 is not an integer in [1, 1000000]"),
     ("num-examples 10^12", with_metric(keys.NUM_EXAMPLES, 10**12), "num-examples: 1000000000000 is not an integer"),
+    ("num-examples 10^400", with_metric(keys.NUM_EXAMPLES, 10**400), "num-examples: 1000000000000000000000"),
     ("num-examples a float", with_metric(keys.NUM_EXAMPLES, 12.5), "num-examples: 12.5 is not an integer"),
     ("num-examples a list", with_metric(keys.NUM_EXAMPLES, [1, 2]), "metric 'num-examples': [1, 2] is not a finite"),
     ("an extra metric", with_metric("extra", 1.0), "metrics: missing [], unexpected ['extra']"),
