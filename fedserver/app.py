@@ -179,7 +179,9 @@ def _train_round(
         except AttemptFailed as err:
             failure = err
             LOG.warning("round %d: %s%s (attempt %d of %d)", server_round, err, err.detail, attempt, attempts)
-    raise RoundFailed(f"round {server_round}: {failure} after {attempts} attempts{failure.detail}; nothing was aggregated")
+    raise RoundFailed(
+        f"round {server_round}: {failure} after {attempts} attempts{failure.detail}; nothing was aggregated"
+    )
 
 
 class AttemptFailed(Exception):

@@ -65,8 +65,9 @@ def _check_app_args(args: argparse.Namespace) -> None:
         if args.run_config or args.num_supernodes is not None:
             raise UsageError("--run-config and --num-supernodes go with --app DIR")
         return
-    platform = [name for name, given in (("CONFIG", args.config), ("--set", args.overrides), ("--resume", args.resume),
-                                         ("--workers", args.workers), ("--client-app", args.client_app)) if given]  # fmt: skip
+    given = (("CONFIG", args.config), ("--set", args.overrides), ("--resume", args.resume),
+             ("--workers", args.workers), ("--client-app", args.client_app))  # fmt: skip
+    platform = [name for name, value in given if value]
     if platform:
         raise UsageError(f"--app runs a Flower app with its own config: give --run-config, not {', '.join(platform)}")
 

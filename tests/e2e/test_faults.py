@@ -188,8 +188,11 @@ def test_bad_reply_metrics_are_refused_with_the_node_and_reason_and_the_run_comp
     rows = fed.wait_for_rounds(3, 300)
 
     # Assert
-    reasons = ["num-examples: 1000000000000 is not an integer in [1, 1000000]",
-               "metrics: missing [], unexpected ['extra']", "metric 'train_loss': nan is not a finite number"]  # fmt: skip
+    reasons = [
+        "num-examples: 1000000000000 is not an integer in [1, 1000000]",
+        "metrics: missing [], unexpected ['extra']",
+        "metric 'train_loss': nan is not a finite number",
+    ]
     _assert_refused_each_round(fed, e2e, rows, 4, reasons)
 
 

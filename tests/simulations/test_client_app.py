@@ -37,6 +37,8 @@ def test_a_client_app_that_cannot_be_imported_is_one_line_and_nothing_is_written
 
 
 def test_a_client_app_reference_must_name_a_client_app(tmp_path, capsys):
-    code = cli.main(["run", *TEN_CLIENTS, "--output", str(tmp_path / "run"), "--client-app", "examples.malicious_client:SHIFT"])
+    not_an_app = "examples.malicious_client:SHIFT"
+
+    code = cli.main(["run", *TEN_CLIENTS, "--output", str(tmp_path / "run"), "--client-app", not_an_app])
 
     assert code != 0 and "is a float, not a ClientApp" in capsys.readouterr().err
