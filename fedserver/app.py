@@ -12,9 +12,10 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from fedserver.strategies import (
     build_strategy,
     quorum,
     restore_strategy_state,
+    screen_evaluation_replies,
     screen_replies,
     strategy_state,
 )
@@ -42,12 +44,14 @@ from shared.errors import ExitCode, FedserverError
 from shared.flower_compat import sampling_from
 from shared.recipe import model_from_config
 from shared.secagg import SecAggError, SecAggSettings, as_mean_reply, secure_train_round
-from shared.weights import to_arrayrecord, to_state_dict
+from shared.weights import InvalidUpdate, to_arrayrecord, to_state_dict, validate_update
 
 app = ServerApp()
 
 LOG = logging.getLogger("flowerbed.server")
 NODE_POLL_SECONDS = 1.0  # while waiting for nodes to connect, as Flower's own sampling does
+StateDict = dict[str, torch.Tensor]
+AggregateT = TypeVar("AggregateT")
 
 
 class RoundFailed(FedserverError, RuntimeError):
@@ -100,9 +104,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Sequence[RoundCallback]
             if result.history and reached_target(cfg, result.history[-1]):
                 break
             started = time.perf_counter()
-            new_arrays, train_metrics = _train_round(strategy, grid, cfg, server_round, result.arrays)
-            # Server optimizers compute in float64: the global model keeps the model's own dtypes.
-            weights = to_state_dict(new_arrays, like=model.state_dict())
+            weights, train_metrics = _train_round(strategy, grid, cfg, server_round, result.arrays, model.state_dict())
             result.arrays = to_arrayrecord(weights)
             eval_metrics = _evaluate(strategy, grid, cfg, server_round, result.arrays, model, central_test)
             event = _round_event(cfg, server_round, train_metrics, eval_metrics, time.perf_counter() - started)
@@ -161,28 +163,88 @@ def _central_test(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _train_round(
-    strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, arrays: ArrayRecord
-) -> tuple[ArrayRecord, MetricRecord | None]:
-    """One training round; below quorum it is retried with freshly sampled clients."""
-    for attempt in range(cfg.round_retries + 1):
+    strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, arrays: ArrayRecord, like: StateDict
+) -> tuple[StateDict, MetricRecord | None]:
+    """One training round: the new global weights (checked, with `like`'s dtypes) and the metrics.
+    An attempt that fails (below quorum, a secure round stopped, an aggregate refused) is retried
+    with freshly sampled clients."""
+    attempts = cfg.round_retries + 1
+    for attempt in range(1, attempts + 1):
         with sampling_from(strategy, connected_nodes(grid, cfg, server_round)):
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-        if cfg.secure_aggregation:
-            return _secure_round(strategy, grid, cfg, server_round, messages)
-        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-        valid = screen_replies(replies, arrays, cfg)
-        needed = quorum(cfg, len(messages))
-        if len(valid) >= needed:
-            new_arrays, metrics = strategy.aggregate_train(server_round, valid)
-            return (new_arrays if new_arrays is not None else arrays), metrics
-        LOG.warning(
-            "round %d: %d valid replies of %d sent, quorum %d (attempt %d of %d)",
-            server_round, len(valid), len(messages), needed, attempt + 1, cfg.round_retries + 1,
-        )  # fmt: skip
+        aggregate = _secure_attempt if cfg.secure_aggregation else _plain_attempt
+        try:
+            new_arrays, metrics = aggregate(strategy, grid, cfg, server_round, messages, arrays)
+            return checked_aggregate(arrays, new_arrays, like, cfg), metrics
+        except AttemptFailed as err:
+            failure = err
+            LOG.warning("round %d: %s%s (attempt %d of %d)", server_round, err, err.detail, attempt, attempts)
     raise RoundFailed(
-        f"round {server_round}: fewer than {needed} valid replies after {cfg.round_retries + 1} attempts"
-        f"{_first_error(replies)}; nothing was aggregated"
+        f"round {server_round}: {failure} after {attempts} attempts{failure.detail}; nothing was aggregated"
     )
+
+
+class AttemptFailed(Exception):
+    """One attempt at a training round gave nothing to commit; `detail` names a client's error."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.detail = detail
+
+
+def _plain_attempt(
+    strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, messages: list[Message], arrays: ArrayRecord
+) -> tuple[ArrayRecord, MetricRecord | None]:
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    valid = screen_replies(replies, arrays, cfg)
+    needed = quorum(cfg, len(messages))
+    if len(valid) < needed:
+        raise AttemptFailed(f"fewer than {needed} valid replies", _first_error(replies))
+    new_arrays, metrics = _aggregated(lambda: strategy.aggregate_train(server_round, valid))
+    return (new_arrays if new_arrays is not None else arrays), metrics
+
+
+def _secure_attempt(
+    strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, messages: list[Message], arrays: ArrayRecord
+) -> tuple[ArrayRecord, MetricRecord | None]:
+    """SecAgg+: the strategy aggregates one reply holding the unmasked weighted mean, never a
+    client's own update (so per-client update checks cannot apply; the clipping range bounds it,
+    and the total count must be one a reply could claim for each client in the sum)."""
+    settings = SecAggSettings.from_mapping(cfg.to_mapping())
+    try:
+        aggregate = secure_train_round(grid, messages, settings, timeout=cfg.round_timeout)
+    except SecAggError as err:
+        raise AttemptFailed(str(err)) from err
+    for node, why in aggregate.failures.items():
+        LOG.warning("node %d: dropped out of the secure round: %s", node, why)
+    summed, needed = len(aggregate.survivors.masked), quorum(cfg, len(messages))
+    if summed < needed:
+        raise AttemptFailed(f"{summed} clients in the secure sum, fewer than {needed}")
+    if not summed <= aggregate.num_examples <= summed * cfg.max_client_examples:
+        raise AttemptFailed(
+            f"the secure sum claims {aggregate.num_examples} examples from {summed} clients, "
+            f"outside [1, {cfg.max_client_examples}] (max-client-examples) each"
+        )
+    return _aggregated(lambda: strategy.aggregate_train(server_round, [as_mean_reply(aggregate, messages[0])]))
+
+
+def _aggregated(aggregate: Callable[[], AggregateT]) -> AggregateT:
+    """The strategy's aggregate of screened replies; anything it raises fails the attempt, not the run."""
+    try:
+        return aggregate()
+    except Exception as err:  # noqa: BLE001 - Flower's own checks (InconsistentMessageReplies) and arithmetic
+        raise AttemptFailed(f"the strategy could not aggregate: {type(err).__name__}: {err}") from err
+
+
+def checked_aggregate(previous: ArrayRecord, new: ArrayRecord, like: StateDict, cfg: RunConfig) -> StateDict:
+    """`new` as weights with `like`'s dtypes (server optimizers compute in float64), if finite and,
+    with `max-update-norm`, no further than that from `previous`; else AttemptFailed."""
+    try:
+        weights = to_state_dict(new, like=like)
+        validate_update(previous, weights, max_norm=cfg.max_update_norm or None)
+    except InvalidUpdate as err:
+        raise AttemptFailed(f"aggregate refused: {err}") from err
+    return weights
 
 
 def connected_nodes(grid: Grid, cfg: RunConfig, server_round: int) -> int:
@@ -197,23 +259,6 @@ def connected_nodes(grid: Grid, cfg: RunConfig, server_round: int) -> int:
             server_round, count, cfg.num_clients, cfg.node_wait_timeout,
         )  # fmt: skip
     return count
-
-
-def _secure_round(
-    strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, messages: list[Message]
-) -> tuple[ArrayRecord, MetricRecord | None]:
-    """SecAgg+: the strategy aggregates one reply holding the unmasked weighted mean, never a
-    client's own update (so per-client update checks cannot apply; the clipping range bounds it)."""
-    settings = SecAggSettings.from_mapping(cfg.to_mapping())
-    try:
-        aggregate = secure_train_round(grid, messages, settings, timeout=cfg.round_timeout)
-    except SecAggError as err:
-        raise RoundFailed(f"round {server_round}: {err}; nothing was aggregated") from err
-    needed = quorum(cfg, len(messages))
-    if len(aggregate.survivors.masked) < needed:
-        raise RoundFailed(f"round {server_round}: {len(aggregate.survivors.masked)} clients in the sum, quorum {needed}")
-    new_arrays, metrics = strategy.aggregate_train(server_round, [as_mean_reply(aggregate, messages[0])])
-    return new_arrays, metrics
 
 
 def _first_error(replies: list[Message]) -> str:
@@ -258,9 +303,14 @@ def _federated_evaluation(
     with random_untouched(), sampling_from(strategy, len(cohort)):  # the strategy draws from the cohort only
         messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), CohortGrid(grid, cohort))
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-    if replies and all(r.has_error() for r in replies):
-        raise RoundFailed(f"round {server_round}: every evaluation failed{_first_error(replies)}")
-    return strategy.aggregate_evaluate(server_round, replies)
+    valid = screen_evaluation_replies(replies, cfg)
+    needed = quorum(cfg, len(messages))
+    try:
+        if len(valid) < needed:
+            raise AttemptFailed(f"fewer than {needed} valid evaluation replies", _first_error(replies))
+        return _aggregated(lambda: strategy.aggregate_evaluate(server_round, valid))
+    except AttemptFailed as err:
+        raise RoundFailed(f"round {server_round}: {err}{err.detail}") from err
 
 
 class CohortGrid(GridWrapper):

@@ -1,5 +1,5 @@
-"""Flower's strategies by name, and the platform's rules around them: quorum, update checks,
-and the server-optimizer state a checkpoint must keep (`StatefulStrategy`)."""
+"""Flower's strategies by name, and the platform's rules around them: quorum, the screening of
+replies, and the server-optimizer state a checkpoint must keep (`StatefulStrategy`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from shared import messages as keys
 from shared.config import ConfigError, RunConfig
 from shared.weights import InvalidUpdate, validate_update
 
@@ -168,8 +169,36 @@ def quorum(cfg: RunConfig, sampled: int) -> int:
     return max(1, math.ceil(cfg.min_replies * sampled))
 
 
+class RefusedReply(ValueError):
+    """A reply that fails a check of its content; the message names the check and what was wrong."""
+
+
 def screen_replies(replies: list[Message], reference: ArrayRecord, cfg: RunConfig) -> list[Message]:
     """The training replies fit to aggregate; each refused one is logged with its node and reason."""
+    return _screen(replies, "update", lambda content: check_train_reply(content, reference, cfg))
+
+
+def screen_evaluation_replies(replies: list[Message], cfg: RunConfig) -> list[Message]:
+    """The evaluation replies fit to aggregate; each refused one is logged with its node and reason."""
+    return _screen(replies, "evaluation", lambda content: check_evaluate_reply(content, cfg))
+
+
+def check_train_reply(content: RecordDict, reference: ArrayRecord, cfg: RunConfig) -> None:
+    """Raise RefusedReply (or InvalidUpdate) unless `content` is exactly what the ClientApp's
+    training sends: the weights, fitting `reference` (and within `max-update-norm` of it when
+    set), and the training metrics."""
+    _check_records(content, keys.TRAIN_REPLY_RECORDS)
+    _check_metrics(content[keys.METRICS], keys.TRAIN_REPLY_METRICS, cfg.max_client_examples)
+    validate_update(reference, content[keys.ARRAYS], max_norm=cfg.max_update_norm or None)
+
+
+def check_evaluate_reply(content: RecordDict, cfg: RunConfig) -> None:
+    """Raise RefusedReply unless `content` is exactly what the ClientApp's evaluation sends."""
+    _check_records(content, keys.EVALUATE_REPLY_RECORDS)
+    _check_metrics(content[keys.METRICS], keys.EVALUATE_REPLY_METRICS, cfg.max_client_examples)
+
+
+def _screen(replies: list[Message], what: str, check: Callable[[RecordDict], None]) -> list[Message]:
     valid = []
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -177,17 +206,40 @@ def screen_replies(replies: list[Message], reference: ArrayRecord, cfg: RunConfi
             LOG.warning("node %d: reply refused: the client failed: %s", node, reply.error.reason)
             continue
         try:
-            arrays = _the_arrays(reply)
-            validate_update(reference, arrays, max_norm=cfg.max_update_norm or None)
-        except (InvalidUpdate, KeyError, ValueError) as err:
-            LOG.warning("node %d: update refused: %s", node, err)
+            check(reply.content)
+        except (RefusedReply, InvalidUpdate) as err:
+            LOG.warning("node %d: %s refused: %s", node, what, err)
+            continue
+        except Exception as err:  # noqa: BLE001 - whatever a client sends must not end the run
+            LOG.warning("node %d: %s refused: unreadable: %s: %s", node, what, type(err).__name__, err)
             continue
         valid.append(reply)
     return valid
 
 
-def _the_arrays(reply: Message) -> ArrayRecord:
-    records = list(reply.content.array_records.values())
-    if len(records) != 1:
-        raise ValueError(f"a reply must hold exactly one ArrayRecord, it holds {len(records)}")
-    return records[0]
+def _check_records(content: RecordDict, expected: tuple[str, ...]) -> None:
+    """Exactly the records named `expected`: `arrays` an ArrayRecord, `metrics` a MetricRecord."""
+    names = sorted(content)
+    if names != sorted(expected):
+        raise RefusedReply(f"records: {names}, expected exactly {sorted(expected)}")
+    kinds = {keys.ARRAYS: ArrayRecord, keys.METRICS: MetricRecord}
+    for name in expected:
+        if not isinstance(content[name], kinds[name]):
+            raise RefusedReply(f"records: '{name}' is a {type(content[name]).__name__}, not a {kinds[name].__name__}")
+
+
+def _check_metrics(metrics: MetricRecord, expected: tuple[str, ...], max_examples: int) -> None:
+    """Exactly the `expected` entries, each a finite scalar; `num-examples` an int in [1, max_examples]."""
+    names = sorted(metrics)
+    if names != sorted(expected):
+        missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
+        raise RefusedReply(f"metrics: missing {missing}, unexpected {extra}")
+    for name in expected:
+        value = metrics[name]
+        if not isinstance(value, int | float) or (isinstance(value, float) and not math.isfinite(value)):
+            raise RefusedReply(f"metric '{name}': {value!r} is not a finite number")
+    count = metrics[keys.NUM_EXAMPLES]
+    if not isinstance(count, int) or not 1 <= count <= max_examples:
+        raise RefusedReply(
+            f"{keys.NUM_EXAMPLES}: {count!r} is not an integer in [1, {max_examples}] (max-client-examples)"
+        )

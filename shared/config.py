@@ -285,7 +285,14 @@ class RunConfig:
     )
     round_retries: int = EXECUTION.option(2, "A round below quorum is retried this often with fresh clients.")
     max_update_norm: float = EXECUTION.option(
-        0.0, "L2 bound on a reply's change to the global model (a reply beyond it is refused); 0.0 = no bound."
+        0.0,
+        "L2 bound on a reply's change to the global model (a reply beyond it is refused), and on the "
+        "aggregate's step; 0.0 = no bound.",
+    )
+    max_client_examples: int = EXECUTION.option(
+        1_000_000,
+        "Largest `num-examples` a reply may claim (FedAvg and its kin weight each update by this count, "
+        "which the client reports itself); a reply claiming more, or less than 1, is refused.",
     )
     secure_aggregation: bool = SECAGG.option(False, "Aggregate with SecAgg+.")
     secagg_threshold: int = SECAGG.option(
@@ -371,7 +378,9 @@ def _check_values(cfg: RunConfig) -> None:
         value = getattr(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is '{value}'; allowed: {', '.join(allowed)}")
-    positive = ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "eval_every")
+    positive = (
+        "num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "eval_every", "max_client_examples",
+    )  # fmt: skip
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"config key '{config_key(name)}' must be >= 1, got {getattr(cfg, name)}")

@@ -18,3 +18,9 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train_loss"
 EVAL_LOSS = "eval_loss"
 ACCURACY = "accuracy"
+
+# What a reply holds, exactly: the records by name, and the entries of its metric record.
+TRAIN_REPLY_RECORDS = (ARRAYS, METRICS)
+TRAIN_REPLY_METRICS = (TRAIN_LOSS, NUM_EXAMPLES)
+EVALUATE_REPLY_RECORDS = (METRICS,)
+EVALUATE_REPLY_METRICS = (EVAL_LOSS, ACCURACY, NUM_EXAMPLES)

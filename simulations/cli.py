@@ -1,4 +1,5 @@
-"""`fedsim run [CONFIG.toml | --config CONFIG.toml] [--set key=value ...] [--output DIR]`: parse, then call the engine.
+"""`fedsim run [CONFIG.toml | --config CONFIG.toml] [--set key=value ...] [--output DIR] [--client-app MODULE:ATTR]`:
+parse, then call the engine.
 
 `fedsim run --app DIR [--run-config 'key=value ...'] [--num-supernodes N] [--workers N]` runs a
 Flower app directory instead (simulations/apps.py). `--backend ray` runs either on Flower's Ray
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=BACKENDS,
                      help="what runs the clients: fedsim's own grid, or Flower's Ray engine (= --set backend=NAME)")
     run.add_argument("--quiet", action="store_true", help="no progress bar (with --app: no Flower INFO log)")
+    run.add_argument("--client-app", default="", metavar="MODULE:ATTR",
+                     help="every node runs this ClientApp object instead of Flowerbed's (e.g. a malicious one)")
     app = run.add_argument_group("a Flower app (instead of a platform config)")
     app.add_argument("--app", type=Path, metavar="DIR",
                      help="run the Flower app in DIR (its pyproject.toml names a serverapp and a clientapp)")
@@ -69,8 +72,9 @@ def _check_app_args(args: argparse.Namespace) -> None:
         if args.run_config or args.num_supernodes is not None:
             raise UsageError("--run-config and --num-supernodes go with --app DIR")
         return
-    platform = [name for name, given in (("CONFIG", args.config), ("--set", args.overrides),
-                                         ("--resume", args.resume)) if given]  # fmt: skip
+    given = (("CONFIG", args.config), ("--set", args.overrides), ("--resume", args.resume),
+             ("--client-app", args.client_app))  # fmt: skip
+    platform = [name for name, value in given if value]
     if platform:
         raise UsageError(f"--app runs a Flower app with its own config: give --run-config, not {', '.join(platform)}")
 
@@ -88,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     config = args.resume / CONFIG_FILE if args.resume else args.config
     cfg = load_config(config, [*args.overrides, *execution_overrides(args)])
     output = args.resume or args.output or default_output(args.config)
-    result = run_simulation(cfg, output, progress=not args.quiet, resume=args.resume is not None)
+    result = run_simulation(
+        cfg, output, progress=not args.quiet, resume=args.resume is not None, client_app=args.client_app
+    )
     files = "config.toml, metrics.jsonl, summary.json, curves.png, model.safetensors"
     return report(result.summary, f"{result.output}/ ({files})", result.interrupted)
 

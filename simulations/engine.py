@@ -1,7 +1,8 @@
 """fedsim's engine: build the federation, run the deployment's ServerApp on an in-process Grid.
 
 The ServerApp's rounds (`fedserver.app.run_federation`) and the ClientApp (`fedclient.app`)
-are the very code a deployment runs; this module only wires them together, adds simulated
+are the very code a deployment runs (`--client-app` puts a user's ClientApp in its place,
+`simulations/client_apps.py`); this module only wires them together, adds simulated
 stragglers on the grid, starts the pool of worker processes `workers` asks for, and
 subscribes a progress bar, a live plot and the summary to the round events.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
 from fedclient.app import app as client_app
@@ -26,10 +28,11 @@ from fedserver.checkpoints import STATE_FILE, RunDirectory
 from fedserver.events import RoundCallback
 from fedserver.report import CURVES_FILE, SUMMARY_FILE, Summary, run_title, summarize, write_summary
 from shared import task
-from shared.config import RunConfig
+from shared.config import ConfigError, RunConfig
 from shared.data.federation import load_federation, shared_federation, with_shared_data
 from shared.errors import FedsimError, FlowerbedError
 from shared.files import atomic_write_text
+from simulations.client_apps import ImportedClientApp
 from simulations.grid import InProcessGrid, simulation_node_config
 from simulations.plotter import LivePlot, PlotError
 from simulations.report import ProgressBar
@@ -62,19 +65,25 @@ class OutputExists(FedsimError, ValueError):
     """The output directory already holds a run, and this is not a resumption of it."""
 
 
-def run_simulation(cfg: RunConfig, output: Path, *, progress: bool = True, resume: bool = False) -> SimulationResult:
+def run_simulation(
+    cfg: RunConfig, output: Path, *, progress: bool = True, resume: bool = False, client_app: str = ""
+) -> SimulationResult:
     """Run every round of `cfg`, its clients in this process or in `workers` processes; write all outputs to `output`.
 
     With `resume`, `output` must hold a run: it goes on after its last committed round. With
+    `client_app` (MODULE:ATTR) every node runs that ClientApp instead of Flowerbed's own. With
     `backend = "ray"` the clients run on Flower's Ray engine instead (simulations/ray_backend.py).
     """
+    own_app = ImportedClientApp(client_app)() if client_app else None  # a wrong one fails before any output
+    if own_app is not None and cfg.vectorized == "on":
+        raise ConfigError("config key 'vectorized' is 'on': a vectorized round runs no ClientApp, not --client-app")
     if cfg.backend == "ray":
         from simulations.ray_backend import run_simulation_on_ray  # Ray loads only for a Ray run
 
-        return run_simulation_on_ray(cfg, output, progress=progress, resume=resume)
+        return run_simulation_on_ray(cfg, output, progress=progress, resume=resume, client_app=own_app)
     cfg = prepare_output(cfg, output, resume)
-    with _worker_pool(cfg) as pool:
-        return _run(cfg, output, pool, progress)
+    with _worker_pool(cfg, client_app) as pool:
+        return _run(cfg, output, pool, progress, own_app)
 
 
 def prepare_output(cfg: RunConfig, output: Path, resume: bool) -> RunConfig:
@@ -93,13 +102,15 @@ def prepare_output(cfg: RunConfig, output: Path, resume: bool) -> RunConfig:
     return cfg
 
 
-def _run(cfg: RunConfig, output: Path, pool: WorkerPool | None, progress: bool) -> SimulationResult:
+def _run(
+    cfg: RunConfig, output: Path, pool: WorkerPool | None, progress: bool, own_app: ClientApp | None
+) -> SimulationResult:
     grid = InProcessGrid(
-        client_app,
+        own_app or client_app,
         cfg.num_clients,
         cfg.to_mapping(),
         simulation_node_config(cfg.num_clients),
-        batch_runner=pool if pool is not None else batch_runner_for(cfg),
+        batch_runner=pool if pool is not None or own_app else batch_runner_for(cfg),
     )
     return run_rounds(grid, cfg, output, progress)
 
@@ -129,25 +140,28 @@ def run_rounds(grid: Grid, cfg: RunConfig, output: Path, progress: bool) -> Simu
 
 
 @contextlib.contextmanager
-def _worker_pool(cfg: RunConfig) -> Iterator[WorkerPool | None]:
+def _worker_pool(cfg: RunConfig, client_app: str) -> Iterator[WorkerPool | None]:
     """The pool of `workers` processes serving the clients (see simulations/workers.py), or None
-    for the clients in this process; stopped, every worker with it, when the run ends. Where the
-    run is vectorized, each worker trains its share of a round on the vectorized path.
+    for the clients in this process; stopped, every worker with it, when the run ends. Each
+    worker runs Flowerbed's ClientApp, or the one `client_app` (MODULE:ATTR) names. Where the
+    run is vectorized (never with `client_app`), each worker trains its share of a round on the
+    vectorized path.
 
     The workers build their federation from the dataset's arrays as read here, memory-mapped
     (`shared_federation`), not from the file: one copy, read once, whatever their number.
     """
     gpus = _cuda_devices(cfg)
     workers = planned_workers(cfg, gpus)
+    app_factory: Callable[[], ClientApp] = ImportedClientApp(client_app) if client_app else make_client_app
     if workers == 1:  # in this process, its VRAM capped on CUDA
-        with client_workers(make_client_app, 1, gpus=gpus, gpu_memory_fraction=cfg.gpu_memory_fraction) as pool:
+        with client_workers(app_factory, 1, gpus=gpus, gpu_memory_fraction=cfg.gpu_memory_fraction) as pool:
             yield pool
         return
-    vectorized = functools.partial(batch_runner_for, cfg) if vectorizes(cfg) else None
+    vectorized = functools.partial(batch_runner_for, cfg) if vectorizes(cfg) and not client_app else None
     with (
         shared_federation(cfg) as data,
         client_workers(
-            functools.partial(with_shared_data, data, make_client_app),
+            functools.partial(with_shared_data, data, app_factory),
             workers,
             training_size(cfg),
             gpus=gpus,

@@ -22,7 +22,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedclient.app import app as client_app
+from fedclient.app import app as flowerbed_client_app
 from fedserver.polling import FastPollingGrid
 from shared.config import RunConfig
 from shared.errors import ExitCode, FedsimError, FlowerbedError
@@ -54,10 +54,11 @@ def require_ray() -> None:
 
 
 def run_simulation_on_ray(
-    cfg: RunConfig, output: Path, *, progress: bool = True, resume: bool = False
+    cfg: RunConfig, output: Path, *, progress: bool = True, resume: bool = False, client_app: ClientApp | None = None
 ) -> SimulationResult:
     """`engine.run_simulation` with the clients on Flower's Ray engine: `num-clients` SuperNodes
-    running `fedclient.app:app`, each reserving `ray-cpus-per-client` and `ray-gpus-per-client`."""
+    running `fedclient.app:app` (or `client_app`), each reserving `ray-cpus-per-client` and
+    `ray-gpus-per-client`."""
     require_ray()
     cfg = prepare_output(cfg, output, resume)
     results: list[SimulationResult] = []
@@ -68,7 +69,7 @@ def run_simulation_on_ray(
     with quiet_flower():
         interrupted = run_on_ray(
             server_main,
-            client_app,
+            client_app or flowerbed_client_app,
             cfg.to_mapping(),
             cfg.num_clients,
             {"num_cpus": cfg.ray_cpus_per_client, "num_gpus": cfg.ray_gpus_per_client},

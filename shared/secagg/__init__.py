@@ -19,7 +19,9 @@ Threat model: an honest-but-curious server and clients, any of whom may drop at 
 server learns the sum over the clients whose vectors arrived and nothing of any one of them
 unless t of a client's neighbours collude with it. Not covered: a server that lies about who
 dropped out to different clients (Bell et al.'s consistency round with signatures), and
-clients that send malformed inputs (they can spoil the sum, not learn others' inputs).
+clients that send malformed inputs: they cannot learn others' inputs, and can spoil the sum only
+within the clipping range (a decoded mean outside it is refused), as a client's count within
+[1, max-client-examples].
 """
 
 from shared.secagg.client import secagg_mod

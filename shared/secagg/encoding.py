@@ -24,7 +24,10 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from shared.flower_compat import npy_view
-from shared.secagg.settings import SecAggError, SecAggSettings
+from shared.secagg.settings import SecAggError, SecAggIntegrityError, SecAggSettings
+
+
+RANGE_TOLERANCE = 1e-9  # relative: float64 rounding of the decoded mean, far below one quantization step
 
 
 @dataclass(frozen=True)
@@ -111,12 +114,25 @@ def decode(
         delta_sum -= count * settings.clipping_range  # sum_i n_i (x_i - r), shape (numel,)
         ref = np.asarray(reference[name], dtype=np.float64).ravel()
         dtype, shape = np.dtype(layout.dtypes[i]), layout.shapes[i]
+        delta_mean = _within(delta_sum / count, settings.clipping_range, f"tensor {name!r}")
         sums[name] = _restore(delta_sum + count * ref, dtype, shape)
-        means[name] = _restore(delta_sum / count + ref, dtype, shape)
+        means[name] = _restore(delta_mean + ref, dtype, shape)
     metric_sums = total[layout.count_index + 1 :].astype(np.float64) * settings.metric_step
     metric_sums -= count * settings.metric_clipping_range
-    metrics = {key: float(value / count) for key, value in zip(layout.metric_keys, metric_sums, strict=True)}
+    metric_means = _within(metric_sums / count, settings.metric_clipping_range, "metrics")
+    metrics = {key: float(value) for key, value in zip(layout.metric_keys, metric_means, strict=True)}
     return sums, means, count, metrics
+
+
+def _within(mean: np.ndarray, clip: float, what: str) -> np.ndarray:
+    """`mean`, a weighted mean of values clipped to [-clip, clip], if it lies there: honest vectors
+    cannot decode outside it (up to float rounding), a malformed one almost surely does."""
+    if mean.size and not np.abs(mean).max() <= clip * (1 + RANGE_TOLERANCE):
+        raise SecAggIntegrityError(
+            f"{what}: the decoded mean reaches {np.abs(mean).max():.6g}, outside the clipping range ±{clip:g}: "
+            "a malformed masked vector spoiled the sum"
+        )
+    return mean
 
 
 def _quantize_into(out: np.ndarray, values: np.ndarray, clip: float, step: float, what: str) -> None:

@@ -50,8 +50,6 @@ DROPPED = "dropped"  # unmask: share owners that shared keys but sent no masked 
 OWNERS = "owners"  # unmask reply; parallel to SHARES
 SHARES = "shares"
 
-ERROR_TAG = "SecAggIntegrityError"  # found in a client's error reply when a share fails authentication
-
 
 def neighbour_graph(nodes: Sequence[int], degree: int) -> dict[int, frozenset[int]]:
     """A random `degree`-regular graph: a Harary ring over a secret random order of `nodes`.

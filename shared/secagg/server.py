@@ -50,6 +50,7 @@ class SecureAggregate:
     num_examples: int  # sum_i n_i
     metrics: dict[str, float]  # example-weighted means of the clients' scalar metrics
     survivors: Survivors
+    failures: dict[int, str] = field(default_factory=dict)  # node -> why it dropped out
 
 
 def secure_train_round(
@@ -59,10 +60,12 @@ def secure_train_round(
 
     Every message must carry the same arrays (FedAvg and its kin send one global model); each
     client trains on its own message's content. A client that fails, answers wrongly or not
-    in time drops out; the round completes while every stage keeps at least `threshold`
-    clients and every secret to rebuild has `threshold` shares, else raises SecAggError with
-    nothing aggregated. A share that fails authentication at a client raises
-    SecAggIntegrityError.
+    in time drops out, as does one that finds a protocol message tampered with or replayed (its
+    error reply says so: `SecureAggregate.failures`); the round completes while every stage keeps
+    at least `threshold` clients and every secret to rebuild has `threshold` shares, else raises
+    SecAggError with nothing aggregated. A rebuilt key that does not match its public key, or a
+    decoded mean outside the clipping range (a malformed vector spoiled the sum), raise
+    SecAggIntegrityError: no client can be blamed, the round is not aggregated.
     """
     secure_round = _SecureRound(grid, list(train_messages), settings, timeout)
     return secure_round.run()
@@ -101,7 +104,7 @@ class _SecureRound:
         self._remove_masks(total, shares, graph, public_keys, list(inbox), masked)
         weighted_sum, mean, count, metrics = decode(total, reference, layout, self.settings)
         survivors = Survivors(*(tuple(sorted(s)) for s in (nodes, public_keys, inbox, masked, unmasked)))
-        return SecureAggregate(weighted_sum, mean, count, metrics, survivors)
+        return SecureAggregate(weighted_sum, mean, count, metrics, survivors, dict(self.failures))
 
     # ------------------------------------------------------------------ stages
 
@@ -249,11 +252,8 @@ class _SecureRound:
         return replies
 
     def _reply_record(self, stage: str, node: int, reply: Message) -> ConfigRecord | None:
-        if reply.has_error():
-            reason = reply.error.reason or ""
-            if p.ERROR_TAG in reason:
-                raise SecAggIntegrityError(f"{stage}: node {node} rejected a protocol message: {reason}")
-            self.failures[node] = f"{stage}: {reason}"
+        if reply.has_error():  # whatever it says, a client's error is that client dropping out
+            self.failures[node] = f"{stage}: {reply.error.reason}"
             return None
         record = reply.content.get(p.RECORD)
         if not isinstance(record, ConfigRecord) or record.get(p.STAGE) != stage or record.get(p.ROUND_ID) != self.round_id:

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.e2e
 
 SAMPLES = 200  # per client
 FAULTY_APP = "tests.e2e.faulty_client:app"
+BAD_REPLY_APP = "tests.e2e.bad_reply_client:app"
 
 
 @dataclass
@@ -172,14 +173,40 @@ def test_bad_updates_are_refused_with_the_node_and_reason_and_the_model_keeps_le
     # Execute
     rows = fed.wait_for_rounds(3, 300)
 
-    # Assert: each bad update refused, naming the node and the reason; the model finite and learning
-    node_id = e2e.node_id(f"{fed.work.name}-client-6")
+    # Assert
+    _assert_refused_each_round(fed, e2e, rows, 6, ["non-finite values", "shape", "exceeds max_norm"])
+
+
+def test_bad_reply_metrics_are_refused_with_the_node_and_reason_and_the_run_completes(deploy, e2e):
+    # Prepare: 4 clients; client 4 claims 10^12 examples (round 1), adds a metric key (2), sends
+    # a NaN loss (3); a round needs 3 valid replies
+    fed = deploy(clients=4, rounds=3, num_clients=4, clients_per_round=4, min_replies=3)
+    fed.start_daemon()
+    fed.start_clients(extra={4: ["--client-app", BAD_REPLY_APP]})
+
+    # Execute
+    rows = fed.wait_for_rounds(3, 300)
+
+    # Assert
+    reasons = [
+        "num-examples: 1000000000000 is not an integer in [1, 1000000]",
+        "metrics: missing [], unexpected ['extra']",
+        "metric 'train_loss': nan is not a finite number",
+    ]
+    _assert_refused_each_round(fed, e2e, rows, 4, reasons)
+
+
+def _assert_refused_each_round(fed: Deployment, e2e, rows: list[dict], client: int, reasons: list[str]) -> None:
+    """Client `client`'s training reply refused in round r with a log line naming its node and
+    `reasons[r - 1]`, no other reply refused; every round committed, the model finite and
+    learning, every client still running."""
+    node_id = e2e.node_id(f"{fed.work.name}-client-{client}")
     server_log = fed.run_log()
     refusals = re.findall(rf"node {node_id}: update refused: (.*)", server_log)
-    assert len(refusals) == 3, server_log[-3000:]
-    assert "non-finite values" in refusals[0] and "shape" in refusals[1] and "exceeds max_norm" in refusals[2]
-    assert server_log.count("update refused") == 3
-    assert [row["round"] for row in rows] == [1, 2, 3]
+    assert len(refusals) == len(reasons), server_log[-3000:]
+    assert all(reason in refusal for reason, refusal in zip(reasons, refusals, strict=True)), refusals
+    assert server_log.count("update refused") == len(reasons)
+    assert [row["round"] for row in rows] == list(range(1, len(reasons) + 1))
     assert _learned(rows)
     model = load_safetensors(fed.state.run_dir / "model.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in model.values())

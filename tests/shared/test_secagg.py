@@ -60,9 +60,10 @@ def client_update(reference: dict[str, np.ndarray], pid: int) -> dict[str, np.nd
     return out
 
 
-def toy_app(secure: bool = True, crash: dict[int, str] | None = None) -> ClientApp:
-    """Trains to `client_update`; with `crash`, node -> the stage at which it raises."""
-    mods = ([crash_mod(crash)] if crash else []) + ([secagg_mod] if secure else [])
+def toy_app(secure: bool = True, crash: dict[int, str] | None = None, outer: list[Callable] | None = None) -> ClientApp:
+    """Trains to `client_update`; with `crash`, node -> the stage at which it raises; `outer`: mods
+    around all others (a client misbehaving)."""
+    mods = (outer or []) + ([crash_mod(crash)] if crash else []) + ([secagg_mod] if secure else [])
     app = ClientApp(mods=mods)
 
     @app.train()
@@ -344,6 +345,14 @@ def test_too_small_a_round_is_refused_before_any_message():
 # ----------------------------------------------------------------------------- (4) tampering and replay
 
 
+def assert_dropped_alone(aggregate: SecureAggregate, reason: str) -> None:
+    """The one client that found a message tampered with dropped out, saying why; the round
+    summed the others (a client's error never stops the round: it could be a lie)."""
+    refused = [node for node, why in aggregate.failures.items() if reason in why]
+    assert len(refused) == 1 and refused[0] not in aggregate.survivors.unmasked, aggregate.failures
+    assert_sum_within_bound(aggregate)
+
+
 def _first_share_message(messages: list[Message]) -> ConfigRecord:
     return next(m.content[p.RECORD] for m in messages if m.content[p.RECORD][p.SOURCES])
 
@@ -357,8 +366,7 @@ def test_a_tampered_share_is_detected():
 
     grid = FaultyGrid(toy_app())
     grid.rewrite[p.MASKED_INPUT] = flip_a_bit
-    with pytest.raises(SecAggIntegrityError, match="authentication failed"):
-        secure_round(grid)
+    assert_dropped_alone(secure_round(grid), "authentication failed")
 
 
 def test_a_share_reflected_to_its_sender_is_detected():
@@ -376,8 +384,7 @@ def test_a_share_reflected_to_its_sender_is_detected():
         record[p.CIPHERTEXTS] = blobs
 
     grid.rewrite[p.MASKED_INPUT] = reflect
-    with pytest.raises(SecAggIntegrityError, match="authentication failed"):
-        secure_round(grid)
+    assert_dropped_alone(secure_round(grid), "authentication failed")
 
 
 def test_a_share_replayed_from_an_earlier_round_is_detected():
@@ -392,8 +399,7 @@ def test_a_share_replayed_from_an_earlier_round_is_detected():
         record[p.SOURCES], record[p.CIPHERTEXTS] = list(previous[p.SOURCES]), list(previous[p.CIPHERTEXTS])
 
     grid.rewrite[p.MASKED_INPUT] = replay
-    with pytest.raises(SecAggIntegrityError, match="authentication failed"):
-        secure_round(grid, settings)
+    assert_dropped_alone(secure_round(grid, settings), "authentication failed")
 
 
 def test_a_duplicated_share_is_detected():
@@ -404,8 +410,7 @@ def test_a_duplicated_share_is_detected():
 
     grid = FaultyGrid(toy_app())
     grid.rewrite[p.MASKED_INPUT] = duplicate
-    with pytest.raises(SecAggIntegrityError, match="arrived twice"):
-        secure_round(grid)
+    assert_dropped_alone(secure_round(grid), "arrived twice")
 
 
 def test_a_stage_message_of_an_earlier_round_is_refused():
@@ -417,8 +422,7 @@ def test_a_stage_message_of_an_earlier_round_is_refused():
         messages[0].content = old[messages[0].metadata.dst_node_id]
 
     grid.rewrite[p.SHARE_KEYS] = replay
-    with pytest.raises(SecAggIntegrityError, match="another round"):
-        secure_round(grid)
+    assert_dropped_alone(secure_round(grid), "another round")
 
 
 def test_a_client_refuses_to_reveal_both_secrets_of_a_node():
@@ -428,8 +432,7 @@ def test_a_client_refuses_to_reveal_both_secrets_of_a_node():
 
     grid = FaultyGrid(toy_app())
     grid.rewrite[p.UNMASK] = list_alive_as_dropped
-    with pytest.raises(SecAggIntegrityError, match="both alive and dropped"):
-        secure_round(grid)
+    assert_dropped_alone(secure_round(grid), "both alive and dropped")
 
 
 def test_a_client_answers_one_unmask_request_per_round():
@@ -439,6 +442,46 @@ def test_a_client_answers_one_unmask_request_per_round():
     again = Message(request.content, request.metadata.dst_node_id, "train", group_id="1")
     (reply,) = grid.send_and_receive([again])
     assert reply.has_error() and "no secure round in progress" in reply.error.reason
+
+
+def spoil_vector(node: int) -> Callable:
+    """A mod outside SecAgg's by which `node` adds 2^40 to the first elements of its masked vector
+    (its count untouched): past any n * q(update) an honest client could send."""
+
+    def mod(msg: Message, context: Context, call_next: Callable) -> Message:
+        reply = call_next(msg, context)
+        arrays = reply.content.get(p.MASKED) if reply.has_content() else None
+        if msg.metadata.dst_node_id == node and isinstance(arrays, ArrayRecord):
+            vector = arrays[p.VECTOR].numpy().copy()
+            vector[:10] += vector.dtype.type(1 << 40)
+            arrays[p.VECTOR] = Array(vector)
+        return reply
+
+    return mod
+
+
+def claim_integrity_failure(node: int, stage: str) -> Callable:
+    """A mod by which `node` answers `stage` with an error naming SecAggIntegrityError (a lie)."""
+
+    def mod(msg: Message, context: Context, call_next: Callable) -> Message:
+        if msg.metadata.dst_node_id == node and stage_of(msg) == stage:
+            raise SecAggIntegrityError("a share failed authentication (says this client)")
+        return call_next(msg, context)
+
+    return mod
+
+
+def test_a_malformed_masked_vector_is_caught_by_the_clipping_range():
+    grid = FaultyGrid(toy_app(outer=[spoil_vector(1004)]))
+    with pytest.raises(SecAggIntegrityError, match="outside the clipping range ±1: a malformed masked vector"):
+        secure_round(grid)
+
+
+@pytest.mark.parametrize("stage", p.STAGES)
+def test_a_client_claiming_an_integrity_failure_only_drops_out(stage):
+    aggregate = secure_round(FaultyGrid(toy_app(outer=[claim_integrity_failure(1004, stage)])))
+    assert "SecAggIntegrityError" in aggregate.failures[1004] and 1004 not in aggregate.survivors.unmasked
+    assert_sum_within_bound(aggregate)
 
 
 # ----------------------------------------------------------------------------- the mod in a ClientApp

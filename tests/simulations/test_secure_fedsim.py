@@ -1,9 +1,18 @@
 """Secure aggregation through fedsim: the same ServerApp and ClientApp, the sum only."""
 
-import pytest
+from collections.abc import Callable
 
+import pytest
+from flwr.app import Array, Context, Message
+from flwr.clientapp import ClientApp
+
+import fedclient.app
+from shared import messages as keys
 from shared.config import ConfigError, RunConfig
+from shared.secagg import protocol as p
+from shared.secagg import secagg_mod
 from shared.weights import load_safetensors
+from simulations import engine
 from simulations.engine import run_simulation
 
 BASE = {"dataset": "synthetic", "num-clients": 8, "clients-per-round": 6, "rounds": 3, "hidden": "8",
@@ -29,3 +38,70 @@ def test_secure_rounds_match_plaintext_within_the_quantization_bound(tmp_path, s
 def test_robust_strategies_refuse_secure_aggregation():
     with pytest.raises(ConfigError, match="secure-aggregation"):
         RunConfig.from_mapping({**BASE, "strategy": "krum", "secure-aggregation": True})
+
+
+def once(spoil: Callable[[Message], Message]) -> Callable:
+    """A mod around SecAgg's that spoils the first masked-input reply of the run, then none."""
+    done: list[bool] = []
+
+    def mod(msg: Message, context: Context, call_next: Callable) -> Message:
+        reply = call_next(msg, context)
+        if not done and reply.has_content() and p.MASKED in reply.content:
+            done.append(True)
+            return spoil(reply)
+        return reply
+
+    return mod
+
+
+def inflated_vector(reply: Message) -> Message:
+    """2^40 added to the first elements of the masked vector: past any honest client's."""
+    vector = reply.content[p.MASKED][p.VECTOR].numpy().copy()
+    vector[:10] += vector.dtype.type(1 << 40)
+    reply.content[p.MASKED][p.VECTOR] = Array(vector)
+    return reply
+
+
+def inflating_app(claim: int) -> ClientApp:
+    """Flowerbed's ClientApp whose first training reply of the run claims `claim` examples (SecAgg weights by it)."""
+    done: list[bool] = []
+
+    def train(msg: Message, context: Context) -> Message:
+        reply = fedclient.app.train(msg, context)
+        if not done:
+            done.append(True)
+            reply.content[keys.METRICS][keys.NUM_EXAMPLES] = claim
+        return reply
+
+    app = ClientApp(mods=[secagg_mod])
+    app.train()(train)
+    app.evaluate()(fedclient.app.evaluate)
+    return app
+
+
+def with_mod(mod: Callable) -> ClientApp:
+    app = ClientApp(mods=[mod, secagg_mod])
+    app.train()(fedclient.app.train)
+    app.evaluate()(fedclient.app.evaluate)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("app", "reason"),
+    [
+        (lambda: with_mod(once(inflated_vector)), "outside the clipping range ±8: a malformed masked vector"),
+        (lambda: inflating_app(10**9), "the secure sum claims 1000000"),
+    ],
+    ids=["malformed vector", "count beyond max-client-examples"],
+)
+def test_a_spoiled_secure_round_is_retried_and_the_run_completes(tmp_path, monkeypatch, caplog, app, reason):
+    monkeypatch.setattr(engine, "client_app", app())
+    cfg = RunConfig.from_mapping({**BASE, "secure-aggregation": True})
+
+    result = run_simulation(cfg, tmp_path / "r", progress=False)
+
+    assert any(reason in r.getMessage() and "round 1:" in r.getMessage() and "(attempt 1 of 3)" in r.getMessage()
+               for r in caplog.records), caplog.text  # fmt: skip
+    assert result.summary["rounds"] == 3
+    weights = load_safetensors(tmp_path / "r" / "model.safetensors")
+    assert all(bool(w.isfinite().all()) for w in weights.values())
