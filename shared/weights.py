@@ -21,13 +21,13 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from shared.errors import ExitCode, FlowerbedError
 from shared.files import atomic_write_bytes
-from shared.flower_compat import npy_view
+from shared.flower_compat import npy_array, npy_view
 
 _NORM_CHUNK = 1 << 16  # elements per chunk: cache-sized, and short float32 sums stay accurate
 _KEY_ORDER = "flowerbed.key_order"  # safetensors metadata entry; the format itself sorts keys
@@ -43,7 +43,7 @@ class InvalidUpdate(FlowerbedError, ValueError):
 
 def to_arrayrecord(state_dict: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Pack a state_dict: one flat Array per transported dtype, values in key order."""
-    return ArrayRecord({name: Array.from_numpy_ndarray(flat) for name, flat in _packed(state_dict).items()})
+    return ArrayRecord({name: npy_array(parts) for name, parts in _grouped(state_dict).items()})
 
 
 def to_state_dict(record: ArrayRecord, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -111,11 +111,16 @@ def load_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 def _packed(state_dict: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """Flat (numel,) arrays by transported dtype name, each tensor's values in key order."""
+    return {name: np.concatenate(parts) for name, parts in _grouped(state_dict).items()}
+
+
+def _grouped(state_dict: Mapping[str, torch.Tensor]) -> dict[str, list[np.ndarray]]:
+    """Each tensor's values, flat (views where they can be), by transported dtype name, in key order."""
     groups: dict[str, list[np.ndarray]] = {}
     for tensor in state_dict.values():
         values = _transport_numpy(tensor)
         groups.setdefault(values.dtype.name, []).append(values.reshape(-1))
-    return {name: np.concatenate(parts) for name, parts in groups.items()}
+    return groups
 
 
 def _layout(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:

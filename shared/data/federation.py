@@ -164,7 +164,9 @@ def as_features(x: np.ndarray) -> np.ndarray:
     """Flatten to (N, D) float32; 8-bit images are scaled to [0, 1]."""
     flat = x.reshape(len(x), -1)
     if flat.dtype == np.uint8:
-        return flat.astype(np.float32) / 255.0
+        scaled = flat.astype(np.float32)
+        scaled /= 255.0  # in place: one array a client, not two
+        return scaled
     return flat.astype(np.float32, copy=False)
 
 

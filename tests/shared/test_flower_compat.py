@@ -260,6 +260,24 @@ def test_npy_view_reads_what_array_numpy_reads(value):
     assert not view.flags.writeable  # a view of the message's bytes, not a copy
 
 
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([7.5], dtype=np.float32)],
+        [np.arange(5, dtype=np.int64)[::2], np.zeros(0, dtype=np.int64)],
+        [np.array([True, False])],
+    ],
+    ids=["float32", "strided-and-empty", "bool"],
+)
+def test_npy_array_is_what_array_makes_of_the_concatenation(parts):
+    expected = Array.from_numpy_ndarray(np.concatenate([p.reshape(-1) for p in parts]))
+
+    array = compat.npy_array(parts)
+
+    assert (array.dtype, array.shape, array.stype) == (expected.dtype, expected.shape, expected.stype)
+    assert array.data == expected.data, f"Flower {VERSION}: Array bytes changed"
+
+
 def _npy_array(value: np.ndarray, stype: str | None = None, cut: int = 0) -> Array:
     buf = io.BytesIO()
     np.save(buf, value, allow_pickle=True)

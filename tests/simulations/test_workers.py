@@ -181,7 +181,7 @@ def test_workers_train_on_the_data_read_once_and_give_the_weights_of_one_process
         return WorkerPool(*args, **kwargs)
 
     run_simulation(cfg, tmp_path / "one", progress=False)
-    monkeypatch.setattr(engine, "WorkerPool", pool_without_the_file)
+    monkeypatch.setattr(workers_module, "WorkerPool", pool_without_the_file)
     result = run_simulation(cfg.replace(workers="2"), tmp_path / "two", progress=False)
 
     assert not data.exists() and result.summary["rounds"] == 2
