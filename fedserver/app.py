@@ -38,6 +38,7 @@ from shared import messages as keys
 from shared import task
 from shared.config import RunConfig
 from shared.data.federation import data_spec, load_federation
+from shared.data.shipping import tokenizer_entries
 from shared.errors import ExitCode, FedserverError
 from shared.flower_compat import sampling_from
 from shared.recipe import model_from_config
@@ -166,7 +167,7 @@ def _train_round(
     """One training round; below quorum it is retried with freshly sampled clients."""
     for attempt in range(cfg.round_retries + 1):
         with sampling_from(strategy, connected_nodes(grid, cfg, server_round)):
-            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(tokenizer_entries(cfg)), grid))
         if cfg.secure_aggregation:
             return _secure_round(strategy, grid, cfg, server_round, messages)
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
@@ -256,7 +257,8 @@ def _federated_evaluation(
         return None
     cohort = order[: cfg.eval_cohort(len(order))]
     with random_untouched(), sampling_from(strategy, len(cohort)):  # the strategy draws from the cohort only
-        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), CohortGrid(grid, cohort))
+        config = ConfigRecord(tokenizer_entries(cfg))
+        messages = strategy.configure_evaluate(server_round, arrays, config, CohortGrid(grid, cohort))
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     if replies and all(r.has_error() for r in replies):
         raise RoundFailed(f"round {server_round}: every evaluation failed{_first_error(replies)}")
