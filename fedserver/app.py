@@ -167,7 +167,8 @@ def _train_round(
     """One training round; below quorum it is retried with freshly sampled clients."""
     for attempt in range(cfg.round_retries + 1):
         with sampling_from(strategy, connected_nodes(grid, cfg, server_round)):
-            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(tokenizer_entries(cfg)), grid))
+            config = ConfigRecord(tokenizer_entries(cfg))  # the run's tokenizer, where it ships one
+            messages = list(strategy.configure_train(server_round, arrays, config, grid))
         if cfg.secure_aggregation:
             return _secure_round(strategy, grid, cfg, server_round, messages)
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))

@@ -152,8 +152,8 @@ def as_features(x: np.ndarray) -> np.ndarray:
 def data_spec(cfg: RunConfig, tokenizer: UnfittedTokenizer | None = None) -> DataSpec:
     """The model's input size and class count: config keys first, then the dataset's.
 
-    A text dataset's spec comes from its tokenizer (`tokenizer`, e.g. the one a device was sent,
-    else the config's), which is saved to `run-dir` (when set).
+    A text dataset's spec comes from its tokenizer: `tokenizer` (the one a device was sent), else
+    the config's, which is then saved to `run-dir` (when set; a device never writes the run's files).
     """
     if cfg.dataset in TEXT_MODELS:
         return _text_spec(cfg, tokenizer)
@@ -167,6 +167,7 @@ def data_spec(cfg: RunConfig, tokenizer: UnfittedTokenizer | None = None) -> Dat
 
 def _text_spec(cfg: RunConfig, tokenizer: UnfittedTokenizer | None) -> DataSpec:
     """Fitted: the federation's spec (its data read). Else known from the tokenizer alone."""
+    sent = tokenizer is not None
     tokenizer = tokenizer or text_tokenizer(cfg)
     if tokenizer is None:
         federation = load_federation(cfg)
@@ -175,7 +176,7 @@ def _text_spec(cfg: RunConfig, tokenizer: UnfittedTokenizer | None) -> DataSpec:
         max_len = cfg.max_len or TEXT_MAX_LEN[cfg.dataset]
         classes = IMDB_CLASSES if cfg.dataset == "imdb" else len(tokenizer)
         vocabulary, spec = tokenizer, DataSpec(max_len, classes, len(tokenizer))
-    if cfg.run_dir and not isinstance(vocabulary, ByteTokenizer):
+    if cfg.run_dir and not sent and not isinstance(vocabulary, ByteTokenizer):
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         vocabulary.save(run_dir / TOKENIZER_FILE)

@@ -1,4 +1,4 @@
-"""Tokenizers that need no client's text (`bytes`, `file`), a device's own text, and the shipped tokenizer's checksum."""
+"""Tokenizers that need no client's text (`bytes`, `file`), a device's own text, the shipped tokenizer's checksum."""
 
 import gzip
 import hashlib
@@ -77,7 +77,7 @@ def test_loading_a_config_pins_the_tokenizer_checksum(tmp_path):
 
 def test_a_missing_tokenizer_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read tokenizer-path"):
-        load_config(None, ["dataset=imdb", "model=transformer-classifier", "tokenizer=file", "tokenizer-path=nope.json"])
+        load_config(None, ["dataset=imdb", "model=transformer-classifier", "tokenizer=file", "tokenizer-path=no.json"])
 
 
 def test_tokenizer_file_needs_a_path():
