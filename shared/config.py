@@ -163,7 +163,9 @@ class RunConfig:
         "characters; 0 = the dataset's default (imdb 256, shakespeare 80 as in LEAF).",
     )
     vocab_size: int = TEXT.option(
-        20000, "`imdb`: most words the tokenizer keeps, ids 0 (padding) and 1 (unknown) included; >= 3."
+        20000,
+        "`imdb`, `tokenizer = \"fitted\"`: most words the tokenizer keeps, ids 0 (padding) and 1 (unknown) "
+        "included; >= 3.",
     )
     tokenizer: str = TEXT.option(
         "fitted",
