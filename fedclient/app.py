@@ -21,7 +21,15 @@ from flwr.clientapp import ClientApp
 from shared import messages as keys
 from shared import task
 from shared.config import RunConfig
-from shared.data.federation import ClientData, Federation, data_spec, load_federation, load_local
+from shared.data.federation import (
+    ClientData,
+    Federation,
+    UnfittedTokenizer,
+    data_spec,
+    load_federation,
+    load_local,
+)
+from shared.data.shipping import received_tokenizer
 from shared.recipe import model_from_config
 from shared.secagg import secagg_mod
 from shared.weights import to_arrayrecord, to_state_dict
@@ -40,7 +48,9 @@ class ClientRuntime:
       round instead of once a client (`load_state_dict` copies them into the model, so sharing
       the decoded tensors is safe);
     - the data: a simulated node's partition is a view of the run's federation, read once; a
-      deployed node's file is read once.
+      deployed node's file is read once;
+    - the tokenizer the run ships (`tokenizer = "file"`), taken from the first message, checked
+      against the run's pinned checksum before the model or the data is built from it.
 
     One runtime serves every node of the run that this process hosts (all of a simulation's
     nodes, the one node of a deployed worker): that is what lets a round decode its weights once.
@@ -57,6 +67,7 @@ class ClientRuntime:
         self._decoded: dict[str, torch.Tensor] = {}
         self._federation: Federation | None = None
         self._local: tuple[str, ClientData] | None = None  # a deployed node's data path and data
+        self._tokenizer: UnfittedTokenizer | None = None
 
     def apply_threads(self) -> None:
         """Run this process's PyTorch ops on the run's `torch-threads` (0: leave torch's own)."""
@@ -68,8 +79,13 @@ class ClientRuntime:
     def model(self) -> torch.nn.Module:
         """The run's model (built on first use), holding whichever weights were loaded last."""
         if self._model is None:
-            self._model = model_from_config(self.cfg, data_spec(self.cfg))
+            self._model = model_from_config(self.cfg, data_spec(self.cfg, self._tokenizer))
         return self._model
+
+    def receive(self, config: ConfigRecord | None) -> None:
+        """Take the run's tokenizer from a message's config, once (a no-op unless `tokenizer = "file"`)."""
+        if self._tokenizer is None:
+            self._tokenizer = received_tokenizer(self.cfg, config or {})
 
     def model_with(self, arrays: ArrayRecord) -> torch.nn.Module:
         """The model, loaded with the global weights in `arrays`."""
@@ -85,7 +101,7 @@ class ClientRuntime:
         if "data-path" in node_config:
             path = str(node_config["data-path"])
             if self._local is None or self._local[0] != path:
-                self._local = (path, load_local(path, self.cfg))
+                self._local = (path, load_local(path, self.cfg, self._tokenizer))
             return self._local[1]
         if "partition-id" not in node_config:
             raise ValueError("node config has neither 'data-path' nor 'partition-id'")
@@ -124,10 +140,10 @@ class ClientRuntimes:
 
     def train(self, msg: Message, context: Context) -> Message:
         """Train the received global model on this node's data and reply with the new weights."""
-        runtime = self._entered(context)
+        config: ConfigRecord = msg.content[keys.CONFIG]
+        runtime = self._entered(context, config)
         cfg, data = runtime.cfg, runtime.node_data(context)
         model = runtime.model_with(msg.content[keys.ARRAYS])
-        config: ConfigRecord = msg.content[keys.CONFIG]
         result = task.train(
             model,
             data.x_train,
@@ -146,7 +162,7 @@ class ClientRuntimes:
 
     def evaluate(self, msg: Message, context: Context) -> Message:
         """Evaluate the received global model on this node's held-out data."""
-        runtime = self._entered(context)
+        runtime = self._entered(context, msg.content.config_records.get(keys.CONFIG))
         data = runtime.node_data(context)
         if len(data.y_test) == 0:
             raise ValueError(f"node {context.node_id} has no held-out data to evaluate on")
@@ -159,10 +175,12 @@ class ClientRuntimes:
         )
         return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
 
-    def _entered(self, context: Context) -> ClientRuntime:
-        """The message's runtime, its thread count applied: the process may have served another run."""
+    def _entered(self, context: Context, config: ConfigRecord | None) -> ClientRuntime:
+        """The message's runtime, its thread count applied (the process may have served another
+        run) and the run's tokenizer taken from the message's `config`."""
         runtime = self.get(context)
         runtime.apply_threads()
+        runtime.receive(config)
         return runtime
 
 

@@ -40,6 +40,7 @@ from shared import messages as keys
 from shared import task
 from shared.config import RunConfig
 from shared.data.federation import data_spec, load_federation
+from shared.data.shipping import tokenizer_entries
 from shared.errors import ExitCode, FedserverError
 from shared.flower_compat import sampling_from
 from shared.recipe import model_from_config
@@ -171,7 +172,8 @@ def _train_round(
     attempts = cfg.round_retries + 1
     for attempt in range(1, attempts + 1):
         with sampling_from(strategy, connected_nodes(grid, cfg, server_round)):
-            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+            config = ConfigRecord(tokenizer_entries(cfg))  # the run's tokenizer, where it ships one
+            messages = list(strategy.configure_train(server_round, arrays, config, grid))
         aggregate = _secure_attempt if cfg.secure_aggregation else _plain_attempt
         try:
             new_arrays, metrics = aggregate(strategy, grid, cfg, server_round, messages, arrays)
@@ -301,7 +303,8 @@ def _federated_evaluation(
         return None
     cohort = order[: cfg.eval_cohort(len(order))]
     with random_untouched(), sampling_from(strategy, len(cohort)):  # the strategy draws from the cohort only
-        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), CohortGrid(grid, cohort))
+        config = ConfigRecord(tokenizer_entries(cfg))
+        messages = strategy.configure_evaluate(server_round, arrays, config, CohortGrid(grid, cohort))
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     valid = screen_evaluation_replies(replies, cfg)
     needed = quorum(cfg, len(messages))

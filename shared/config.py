@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -34,6 +35,8 @@ MODELS = ("mlp", "2nn", "transformer-classifier", "char-lm")
 TEXT_MODELS: dict[str, str] = {"imdb": "transformer-classifier", "shakespeare": "char-lm"}
 PARTITIONS = ("auto", "iid", "dirichlet", "shards", "natural")  # auto: natural where the data has a key, else iid
 OPTIMIZERS = ("sgd", "adam")
+# fitted: on the training split (fedsim, research); bytes and file need no client's text (deployments).
+TOKENIZERS = ("fitted", "bytes", "file")
 VECTORIZED = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BACKENDS = ("fedsim", "ray")  # ray: Flower's own simulation engine (the `ray` extra), on one machine or a cluster
@@ -45,6 +48,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model": MODELS,
     "partition": PARTITIONS,
     "optimizer": OPTIMIZERS,
+    "tokenizer": TOKENIZERS,
     "vectorized": VECTORIZED,
     "device": DEVICES,
     "backend": BACKENDS,
@@ -161,7 +165,23 @@ class RunConfig:
         "characters; 0 = the dataset's default (imdb 256, shakespeare 80 as in LEAF).",
     )
     vocab_size: int = TEXT.option(
-        20000, "`imdb`: most words the tokenizer keeps, ids 0 (padding) and 1 (unknown) included; >= 3."
+        20000,
+        "`imdb`, `tokenizer = \"fitted\"`: most words the tokenizer keeps, ids 0 (padding) and 1 (unknown) "
+        "included; >= 3.",
+    )
+    tokenizer: str = TEXT.option(
+        "fitted",
+        "`fitted`: a vocabulary fitted on the training split (fedsim only: research, it reads every "
+        "client's text); `bytes`: UTF-8 bytes, nothing fitted; `file`: the `tokenizers` JSON at "
+        "`tokenizer-path`, fitted on public text and shipped to devices with the run.",
+    )
+    tokenizer_path: str = TEXT.option(
+        "", "`tokenizer = \"file\"`: the server's `tokenizers` JSON file.", path=True
+    )
+    tokenizer_sha256: str = TEXT.option(
+        "",
+        "The SHA-256 of `tokenizer-path`, pinned when the config is loaded (\"\" = computed then); "
+        "a device refuses a shipped tokenizer that differs.",
     )
     min_role_chars: int = TEXT.option(1000, "`shakespeare`: roles speaking fewer characters are dropped.")
     d_model: int = TEXT.option(64, "Transformer width; a multiple of `num-heads`.")
@@ -443,8 +463,10 @@ def _check_text(cfg: RunConfig) -> None:
     if wanted is not None and (cfg.input_dim or cfg.num_classes):
         raise ConfigError(
             f"config keys 'input-dim' and 'num-classes' do not apply to dataset '{cfg.dataset}': "
-            "its model is shaped by 'max-len' and the fitted vocabulary"
+            "its model is shaped by 'max-len' and the vocabulary"
         )
+    if cfg.tokenizer == "file" and not cfg.tokenizer_path:
+        raise ConfigError("config key 'tokenizer-path' is not set: tokenizer 'file' reads it")
     for name in ("d_model", "num_heads", "num_layers"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"config key '{config_key(name)}' must be >= 1, got {getattr(cfg, name)}")
@@ -504,7 +526,19 @@ def load_config(path: Path | None = None, overrides: Iterable[str] = ()) -> RunC
     for text in overrides:
         key, value = parse_override(text)
         mapping.update(_absolute_paths({key: value}, Path.cwd()))
-    return RunConfig.from_mapping(mapping)
+    return RunConfig.from_mapping(_pin_tokenizer(mapping))
+
+
+def _pin_tokenizer(mapping: dict[str, Any]) -> dict[str, Any]:
+    """`mapping` with `tokenizer-sha256` set from `tokenizer-path`'s file, for `tokenizer = "file"`."""
+    path = mapping.get("tokenizer-path")
+    if mapping.get("tokenizer") != "file" or mapping.get("tokenizer-sha256") or not isinstance(path, str) or not path:
+        return mapping
+    try:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as err:
+        raise ConfigError(f"cannot read tokenizer-path {path}: {err.strerror}") from None
+    return {**mapping, "tokenizer-sha256": digest}
 
 
 PATH_KEYS = frozenset(config_key(f.name) for f in fields(RunConfig) if f.metadata["path"])

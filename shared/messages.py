@@ -12,6 +12,9 @@ METRICS = "metrics"
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 LOCAL_EPOCHS = "local-epochs"
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+# With `tokenizer = "file"`, in training and evaluation messages: the tokenizer file's bytes and SHA-256.
+TOKENIZER = "tokenizer"
+TOKENIZER_SHA256 = "tokenizer-sha256"
 
 # Metric entries in a reply.
 NUM_EXAMPLES = "num-examples"

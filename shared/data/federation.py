@@ -6,8 +6,9 @@ Both give a `ClientData`, so the ClientApp trains on either the same way.
 
 A client's `x` is float32 features, or int64 token ids (0 = padding) for the text datasets:
 IMDB reviews (word ids, split by movie) and LEAF Shakespeare (character ids, a client per
-(play, role), each role's text split by time). A text dataset's tokenizer is fitted on its
-training text only and saved as `tokenizer.json` in the run directory.
+(play, role), each role's text split by time). With `tokenizer = "fitted"` (fedsim only) a text
+dataset's tokenizer is fitted on its training text and saved as `tokenizer.json` in the run
+directory; `bytes` and `file` tokenizers need no client's text, so deployed devices use them.
 
 Every random draw of the data (synthetic devices, partitions, held-out splits) uses the data seed
 (`data-seed`; by default the run's `seed`), so runs over several training seeds can share one
@@ -35,16 +36,17 @@ import numpy as np
 from shared.config import TEXT_MODELS, RunConfig
 from shared.data import partition as partitioners
 from shared.data.errors import DataError
-from shared.data.readers import Splits, read_csv, read_idx_dir, read_leaf_json, read_npz
+from shared.data.readers import Splits, read_csv, read_idx_dir, read_jsonl, read_leaf_json, read_npz, read_text
 from shared.data.shared_arrays import ArraySet, open_arrays, save_arrays
 from shared.data.synthetic import synthetic_device
-from shared.data.text import CharVocab, WordTokenizer
+from shared.data.text import ByteTokenizer, CharVocab, FileTokenizer, WordTokenizer
 from shared.data.textsets import next_char_chunks, read_reviews, read_roles
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 TOKENIZER_FILE = "tokenizer.json"  # a text dataset's tokenizer, in the run directory beside the model
 # Default `max-len` of each text dataset: words kept of a review; Shakespeare's window, as in LEAF.
 TEXT_MAX_LEN = {"imdb": 256, "shakespeare": 80}
+IMDB_CLASSES = 2  # the classifier's classes where no data is read (a deployment): negative, positive
 CHUNKS_PER_WINDOW = 4  # a Shakespeare example is a chunk of 4 windows' length (see _shakespeare_federation)
 DATASETS_DOC = "docs/simulation.md#datasets"  # how to get or convert each public dataset (none is downloaded)
 # What `data-path` names, for each dataset read from it (an error about a missing file quotes it).
@@ -57,7 +59,8 @@ DATA_FORMATS = {
     "imdb": "JSON lines with text and label, optionally movie and split (plain or gzipped)",
 }
 
-Vocabulary = WordTokenizer | CharVocab
+Vocabulary = WordTokenizer | CharVocab | ByteTokenizer | FileTokenizer
+UnfittedTokenizer = ByteTokenizer | FileTokenizer  # built without any client's text
 TestSet = tuple[np.ndarray, np.ndarray]  # features, labels
 T = TypeVar("T")
 
@@ -170,13 +173,14 @@ def as_features(x: np.ndarray) -> np.ndarray:
     return flat.astype(np.float32, copy=False)
 
 
-def data_spec(cfg: RunConfig) -> DataSpec:
+def data_spec(cfg: RunConfig, tokenizer: UnfittedTokenizer | None = None) -> DataSpec:
     """The model's input size and class count: config keys first, then the dataset's.
 
-    A text dataset's spec comes from its fitted tokenizer, which is saved to `run-dir` (when set).
+    A text dataset's spec comes from its tokenizer: `tokenizer` (the one a device was sent), else
+    the config's, which is then saved to `run-dir` (when set; a device never writes the run's files).
     """
     if cfg.dataset in TEXT_MODELS:
-        return _text_spec(cfg)
+        return _text_spec(cfg, tokenizer)
     known = KNOWN_SPECS.get(cfg.dataset)
     if known is None and (cfg.input_dim == 0 or cfg.num_classes == 0):
         known = load_federation(cfg).spec
@@ -185,13 +189,43 @@ def data_spec(cfg: RunConfig) -> DataSpec:
     return DataSpec(input_dim, num_classes)
 
 
-def _text_spec(cfg: RunConfig) -> DataSpec:
-    federation = load_federation(cfg)
-    if cfg.run_dir:
+def _text_spec(cfg: RunConfig, tokenizer: UnfittedTokenizer | None) -> DataSpec:
+    """Fitted: the federation's spec (its data read). Else known from the tokenizer alone."""
+    sent = tokenizer is not None
+    tokenizer = tokenizer or text_tokenizer(cfg)
+    if tokenizer is None:
+        federation = load_federation(cfg)
+        vocabulary, spec = federation.vocabulary, federation.spec
+    else:
+        max_len = cfg.max_len or TEXT_MAX_LEN[cfg.dataset]
+        classes = IMDB_CLASSES if cfg.dataset == "imdb" else len(tokenizer)
+        vocabulary, spec = tokenizer, DataSpec(max_len, classes, len(tokenizer))
+    if cfg.run_dir and not sent and not isinstance(vocabulary, ByteTokenizer):
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        federation.vocabulary.save(run_dir / TOKENIZER_FILE)
-    return federation.spec
+        vocabulary.save(run_dir / TOKENIZER_FILE)
+    return spec
+
+
+def text_tokenizer(cfg: RunConfig) -> UnfittedTokenizer | None:
+    """The config's tokenizer where nothing is fitted: bytes, or the file at `tokenizer-path` (its
+    SHA-256 checked against `tokenizer-sha256` where pinned); None for `fitted`."""
+    if cfg.tokenizer == "bytes":
+        return ByteTokenizer()
+    if cfg.tokenizer != "file":
+        return None
+    tokenizer = FileTokenizer.load(cfg.tokenizer_path)
+    check_pinned(tokenizer, cfg)
+    return tokenizer
+
+
+def check_pinned(tokenizer: FileTokenizer, cfg: RunConfig) -> None:
+    """A tokenizer that is not the one the run pinned (`tokenizer-sha256`) is refused."""
+    if cfg.tokenizer_sha256 and tokenizer.sha256 != cfg.tokenizer_sha256:
+        raise DataError(
+            f"tokenizer checksum mismatch: SHA-256 {tokenizer.sha256}, the run pins {cfg.tokenizer_sha256} "
+            "(the tokenizer file changed since the run was configured)"
+        )
 
 
 # The config fields that decide a federation's data (and `model`, which the config checks against
@@ -201,6 +235,7 @@ _DATA_FIELDS = (
     "dataset", "data_path", "partition", "dirichlet_alpha", "shards_per_client", "min_client_size",
     "synthetic_alpha", "synthetic_beta", "synthetic_iid", "synthetic_max_samples", "test_fraction",
     "num_clients", "clients_per_round", "model", "max_len", "vocab_size", "min_role_chars",
+    "tokenizer", "tokenizer_path", "tokenizer_sha256",
 )  # fmt: skip
 _CACHE_SIZE = 4  # entries; two may name the same federation (see load_federation)
 _cache: OrderedDict[RunConfig, Federation] = OrderedDict()
@@ -235,7 +270,10 @@ def _remember(key: RunConfig, federation: Federation) -> None:
 NATURAL_KEYS, WORDS, CHARS, SOURCE_KEY = "keys", "words", "chars", "source"
 _SPLIT_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 # The config fields that any dataset's reading (not its partitioning) depends on, with the data seed.
-_SOURCE_FIELDS = ("dataset", "data_path", "max_len", "vocab_size", "test_fraction", "min_role_chars")
+_SOURCE_FIELDS = (
+    "dataset", "data_path", "max_len", "vocab_size", "test_fraction", "min_role_chars",
+    "tokenizer", "tokenizer_path", "tokenizer_sha256",
+)  # fmt: skip
 _attached: dict[tuple, ArraySet] = {}  # the source this process was given (`attach`), by its config
 
 
@@ -349,7 +387,7 @@ def _imdb_federation(cfg: RunConfig) -> Federation:
     """Reviews as word ids, partitioned by `partition` (natural = by movie); the test split is central."""
     max_len = cfg.max_len or TEXT_MAX_LEN["imdb"]
     source = _source(cfg, _read_imdb)
-    splits, tokenizer = _splits(source), WordTokenizer(source.meta[WORDS])
+    splits, tokenizer = _splits(source), text_tokenizer(cfg) or WordTokenizer(source.meta[WORDS])
     parts = _partition(cfg, splits.y_train, source.arrays.get(NATURAL_KEYS))
     spec = DataSpec(max_len, int(max(splits.y_train.max(), splits.y_test.max())) + 1, len(tokenizer))
 
@@ -367,8 +405,10 @@ def _read_imdb(cfg: RunConfig) -> ArraySet:
         vocab_size=cfg.vocab_size,
         test_fraction=cfg.test_fraction,
         seed=cfg.effective_data_seed,
+        tokenizer=text_tokenizer(cfg),
     )
-    return _splits_source(reviews.splits, reviews.movies, **{WORDS: reviews.tokenizer.words})
+    fitted = {WORDS: reviews.tokenizer.words} if isinstance(reviews.tokenizer, WordTokenizer) else {}
+    return _splits_source(reviews.splits, reviews.movies, **fitted)
 
 
 def _shakespeare_federation(cfg: RunConfig) -> Federation:
@@ -384,7 +424,8 @@ def _shakespeare_federation(cfg: RunConfig) -> Federation:
         raise DataError("dataset 'shakespeare' is split by (play, role) (partition 'natural')")
     window = cfg.max_len or TEXT_MAX_LEN["shakespeare"]
     source = _source(cfg, _read_roles)
-    train, test, vocab = _pieces(source, "train"), _pieces(source, "test"), CharVocab(source.meta[CHARS])
+    train, test = _pieces(source, "train"), _pieces(source, "test")
+    vocab = text_tokenizer(cfg) or CharVocab(source.meta[CHARS])
     length = CHUNKS_PER_WINDOW * window
 
     def client_fn(k: int) -> ClientData:
@@ -404,12 +445,13 @@ def _read_roles(cfg: RunConfig) -> ArraySet:
         min_chars=cfg.min_role_chars,
         window=cfg.max_len or TEXT_MAX_LEN["shakespeare"],
         test_fraction=cfg.test_fraction,
+        vocab=text_tokenizer(cfg),
     )
     arrays = {}
     for name, pieces in (("train", roles.train), ("test", roles.test)):
         arrays[name] = np.concatenate(pieces)
         arrays[f"{name}_ends"] = np.cumsum([len(piece) for piece in pieces])
-    return ArraySet(arrays, {CHARS: roles.vocab.chars})
+    return ArraySet(arrays, {CHARS: roles.vocab.chars} if isinstance(roles.vocab, CharVocab) else {})
 
 
 def _pieces(source: ArraySet, name: str) -> list[np.ndarray]:
@@ -504,16 +546,14 @@ def _check_enough_clients(cfg: RunConfig, num_clients: int) -> None:
         )
 
 
-def load_local(path: str | Path, cfg: RunConfig) -> ClientData:
-    """A deployed client's own data file (NPZ, CSV, IDX directory or LEAF JSON), whole."""
-    if cfg.dataset in TEXT_MODELS:
-        raise DataError(
-            f"dataset '{cfg.dataset}' runs in fedsim only: a deployed client would need the "
-            "federation's tokenizer, which is not shipped to nodes yet"
-        )
+def load_local(path: str | Path, cfg: RunConfig, tokenizer: UnfittedTokenizer | None = None) -> ClientData:
+    """A deployed client's own data file (NPZ, CSV, IDX directory, LEAF JSON; for text, JSON lines
+    or plain text), whole. Text is encoded with `tokenizer` (the one the run shipped), else the config's."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data path {path} does not exist")
+    if cfg.dataset in TEXT_MODELS:
+        return _local_text(path, cfg, tokenizer or text_tokenizer(cfg))
     if path.is_dir() and not any(path.glob("*.json")):
         splits = read_idx_dir(path)
     elif path.is_dir() or path.suffix == ".json":
@@ -536,3 +576,31 @@ def load_local(path: str | Path, cfg: RunConfig) -> ClientData:
     if splits.x_test is None:
         return holdout_split(x, y, cfg.test_fraction, np.random.default_rng(cfg.effective_data_seed))
     return ClientData(x, y, as_features(splits.x_test), splits.y_test.astype(np.int64))
+
+
+def _local_text(path: Path, cfg: RunConfig, tokenizer: UnfittedTokenizer | None) -> ClientData:
+    """IMDB: JSON lines with `text` and `label`, `test-fraction` held out. Shakespeare (the
+    character LM): plain text, or `.jsonl` with `text`, its last `test-fraction` held out."""
+    if tokenizer is None:
+        raise DataError(
+            f"dataset '{cfg.dataset}' with tokenizer 'fitted' runs in fedsim only: that vocabulary is "
+            "fitted on every client's text; a deployment sets tokenizer = \"bytes\" or \"file\""
+        )
+    max_len = cfg.max_len or TEXT_MAX_LEN[cfg.dataset]
+    if cfg.dataset == "imdb":
+        records = read_jsonl(path)
+        bad = records.labels[(records.labels < 0) | (records.labels >= IMDB_CLASSES)]
+        if len(bad):
+            raise DataError(f"{path}: label {bad[0]} out of range: the classifier's labels are 0..{IMDB_CLASSES - 1}")
+        x = tokenizer.encode_batch(records.texts, max_len)
+        return holdout_split(x, records.labels, cfg.test_fraction, np.random.default_rng(cfg.effective_data_seed))
+    ids = tokenizer.encode(read_text(path))
+    cut = len(ids) - int(round(len(ids) * cfg.test_fraction))
+    length = CHUNKS_PER_WINDOW * max_len
+    data = ClientData(
+        *next_char_chunks(ids[:cut], length, context=0),
+        *next_char_chunks(ids[cut:], length, context=max_len - 1),
+    )
+    if len(data.y_train) == 0:
+        raise DataError(f"data path {path} holds too little text to train on ({len(ids)} tokens)")
+    return data

@@ -237,6 +237,17 @@ def read_jsonl(
     )
 
 
+def read_text(path: PathLike, text_field: str = "text") -> str:
+    """A file's text: plain text (raw or gzipped), or for `.jsonl` names each record's `text_field`,
+    one record a line."""
+    name = Path(path).name
+    with open_text(path) as f:
+        if not (name.endswith(".jsonl") or name.endswith(".jsonl.gz")):
+            return f.read()
+        records = (_json_record(path, n, line, [text_field]) for n, line in enumerate(f, start=1) if line.strip())
+        return "\n".join(str(r[text_field]) for r in records)
+
+
 def _json_record(path: PathLike, line_no: int, line: str, fields: list[str]) -> dict[str, Any]:
     try:
         record = json.loads(line)

@@ -1,14 +1,19 @@
-"""Tokenizers for the text tasks, fitted on training text only and saved as JSON.
+"""Tokenizers for the text tasks.
 
-Both reserve id 0 for padding and id 1 for anything not seen when fitting.
+`WordTokenizer` and `CharVocab` are fitted on training text (fedsim's `tokenizer = "fitted"`)
+and saved as JSON. `ByteTokenizer` fits nothing and `FileTokenizer` reads one fitted on public
+text: those two need no client's data, so a deployed server and its devices build the same model.
+All reserve id 0 for padding and id 1 for anything unknown.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -106,6 +111,66 @@ class WordTokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> WordTokenizer:
         return cls(_load_tokens(path, cls._FORMAT, "words"))
+
+
+def padded(rows: Sequence[np.ndarray], max_len: int) -> np.ndarray:
+    """(len(rows), max_len) ids: each row's first `max_len` ids, zero-padded at the end."""
+    out = np.zeros((len(rows), max_len), np.int64)
+    for i, row in enumerate(rows):
+        out[i, : min(len(row), max_len)] = row[:max_len]
+    return out
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 2..257 (byte + 2): nothing fitted, so no text is needed to build it."""
+
+    def __len__(self) -> int:
+        return 256 + _RESERVED
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int64) + _RESERVED
+
+    def encode_batch(self, texts: Iterable[str], max_len: int) -> np.ndarray:
+        return padded([self.encode(text) for text in texts], max_len)
+
+
+class FileTokenizer:
+    """A `tokenizers` library tokenizer (its JSON file), its ids shifted by 2 past padding and unknown.
+
+    `sha256` is the file's checksum: a run pins it, and a device checks the file it is sent against it.
+    """
+
+    def __init__(self, data: bytes, source: str = "tokenizer") -> None:
+        from tokenizers import Tokenizer  # imported here: only runs with `tokenizer = "file"` need it
+
+        try:
+            self._tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as err:  # noqa: BLE001 - the library raises plain Exception on bad JSON
+            raise DataError(f"{source}: not a tokenizers JSON file: {err}") from None
+        self.data = data
+        self.sha256 = hashlib.sha256(data).hexdigest()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FileTokenizer:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as err:
+            raise DataError(f"cannot read tokenizer {path}: {err.strerror}") from None
+        return cls(data, str(path))
+
+    def __len__(self) -> int:
+        return self._tokenizer.get_vocab_size() + _RESERVED
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return np.asarray(ids, np.int64) + _RESERVED
+
+    def encode_batch(self, texts: Iterable[str], max_len: int) -> np.ndarray:
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return padded([np.asarray(e.ids, np.int64) + _RESERVED for e in encodings], max_len)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        Path(path).write_bytes(self.data)
 
 
 def _load_tokens(path: str | os.PathLike[str], expected_format: str, key: str) -> list[str]:

@@ -1,7 +1,8 @@
 """The text datasets as arrays of token ids: IMDB reviews and LEAF-style Shakespeare roles.
 
-Each tokenizer is fitted on training text only (test text never adds a word or a character;
-what it holds that training text did not becomes the unknown id 1). Token id 0 is padding.
+A tokenizer given is used as it is (`bytes`, `file`); otherwise one is fitted on training text
+only (test text never adds a word or a character; what it holds that training text did not
+becomes the unknown id 1). Token id 0 is padding.
 `shared.data.federation` turns these arrays into clients.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 from shared.data._io import open_text
 from shared.data.errors import DataError
 from shared.data.readers import Splits, TextRecords, read_jsonl, read_shakespeare
-from shared.data.text import PAD, CharVocab, WordTokenizer
+from shared.data.text import PAD, ByteTokenizer, CharVocab, FileTokenizer, WordTokenizer
 
 IGNORE = -100  # a label position nothing is predicted at (torch's cross-entropy ignore_index)
 TRAIN_SPLIT, TEST_SPLIT = "train", "test"
@@ -30,11 +31,17 @@ class EncodedReviews:
 
     splits: Splits
     movies: np.ndarray | None
-    tokenizer: WordTokenizer
+    tokenizer: WordTokenizer | ByteTokenizer | FileTokenizer
 
 
 def read_reviews(
-    path: Path, *, max_len: int, vocab_size: int, test_fraction: float, seed: int
+    path: Path,
+    *,
+    max_len: int,
+    vocab_size: int,
+    test_fraction: float,
+    seed: int,
+    tokenizer: ByteTokenizer | FileTokenizer | None = None,
 ) -> EncodedReviews:
     """JSON lines with `text` and `label`, optionally `movie` (natural client) and `split`.
 
@@ -50,7 +57,8 @@ def read_reviews(
     )
     train, test = _split_indices(path, records, test_fraction, seed)
     train_texts = [records.texts[i] for i in train]
-    tokenizer = WordTokenizer.fit(train_texts, max_vocab=vocab_size)
+    if tokenizer is None:
+        tokenizer = WordTokenizer.fit(train_texts, max_vocab=vocab_size)
     splits = Splits(
         tokenizer.encode_batch(train_texts, max_len),
         records.labels[train],
@@ -96,11 +104,16 @@ class Roles:
     names: list[tuple[str, str]]
     train: list[np.ndarray]
     test: list[np.ndarray]
-    vocab: CharVocab
+    vocab: CharVocab | ByteTokenizer | FileTokenizer
 
 
 def read_roles(
-    texts_dir: str | os.PathLike[str] | None, *, min_chars: int, window: int, test_fraction: float
+    texts_dir: str | os.PathLike[str] | None,
+    *,
+    min_chars: int,
+    window: int,
+    test_fraction: float,
+    vocab: ByteTokenizer | FileTokenizer | None = None,
 ) -> Roles:
     """Roles speaking at least `min_chars` characters, each split by time: the first (1 - test_fraction)
     of its text trains, the rest tests. Roles whose test part holds no `window`-char window are dropped.
@@ -114,7 +127,8 @@ def read_roles(
             f"no Shakespeare role has >= {min_chars} characters and a test part longer than {window}; "
             "lower 'min-role-chars' or 'max-len'"
         )
-    vocab = CharVocab.fit(text[: cuts[name]] for name, text in kept.items())
+    if vocab is None:
+        vocab = CharVocab.fit(text[: cuts[name]] for name, text in kept.items())
     encoded = {name: vocab.encode(text) for name, text in kept.items()}
     return Roles(
         names=list(kept),

@@ -1,5 +1,7 @@
 """The ClientApp: a node's own data, file or partition; its seed; the state it keeps per run."""
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -13,6 +15,7 @@ from shared import messages as keys
 from shared import task
 from shared.config import RunConfig
 from shared.data.federation import data_spec, load_federation
+from shared.data.text import FileTokenizer
 from shared.recipe import model_from_config
 from shared.weights import to_arrayrecord, to_state_dict, validate_update
 from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_config
@@ -133,3 +136,52 @@ def test_a_client_app_keeps_the_state_of_its_last_max_runs_runs(tiny_config, mon
 
     # Assert
     assert len(builds) == 4  # a, b, c, b
+
+
+def text_node(tmp_path, sha256: str) -> tuple[InProcessGrid, RunConfig, dict]:
+    """A deployed node holding reviews, in a run with a `file` tokenizer pinned to `sha256`, and
+    the config entries its server ships (the tokenizer file is the server's, not the node's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(["good bad film"], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    tokenizer.save(str(tmp_path / "server-tokenizer.json"))
+    shipped = (tmp_path / "server-tokenizer.json").read_bytes()
+    reviews = tmp_path / "reviews.jsonl"
+    rows = [{"text": f"{word} film", "label": i % 2} for i, word in enumerate(["bad", "good"] * 5)]
+    reviews.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = RunConfig.from_mapping({
+        "dataset": "imdb", "model": "transformer-classifier", "tokenizer": "file", "max-len": 4, "d-model": 8,
+        "num-heads": 2, "num-layers": 1, "tokenizer-path": "/on/the/server.json", "tokenizer-sha256": sha256,
+    })  # fmt: skip
+    grid = InProcessGrid(app, 1, cfg.to_mapping(), lambda _: {"data-path": str(reviews), "device": "cpu"})
+    return grid, cfg, {keys.TOKENIZER: shipped, keys.TOKENIZER_SHA256: hashlib.sha256(shipped).hexdigest()}
+
+
+def train_with(grid: InProcessGrid, arrays, config: dict) -> Message:
+    content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1, **config})})
+    (reply,) = grid.send_and_receive([grid.create_message(content, MessageType.TRAIN, FIRST_NODE_ID, "1")])
+    return reply
+
+
+def test_a_deployed_node_trains_on_its_reviews_with_the_shipped_tokenizer(tmp_path):
+    sha256 = text_node(tmp_path, "")[2][keys.TOKENIZER_SHA256]
+    grid, cfg, shipped = text_node(tmp_path, sha256)
+    spec = data_spec(cfg, FileTokenizer(shipped[keys.TOKENIZER]))
+    arrays = to_arrayrecord(model_from_config(cfg, spec).state_dict())
+
+    reply = train_with(grid, arrays, shipped)
+
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert reply.content[keys.METRICS][keys.NUM_EXAMPLES] == 8  # 10 reviews, a fifth held out
+    validate_update(arrays, reply.content[keys.ARRAYS])
+
+
+def test_a_deployed_node_refuses_a_tokenizer_the_run_did_not_pin(tmp_path):
+    grid, cfg, shipped = text_node(tmp_path, "0" * 64)
+    arrays = to_arrayrecord(model_from_config(cfg, data_spec(cfg, FileTokenizer(shipped[keys.TOKENIZER]))).state_dict())
+
+    reply = train_with(grid, arrays, shipped)
+
+    assert reply.has_error() and "tokenizer checksum mismatch" in reply.error.reason

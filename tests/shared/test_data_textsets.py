@@ -125,9 +125,11 @@ def test_a_text_spec_saves_the_tokenizer_in_the_run_directory(tmp_path):
     assert (spec.input_dim, spec.num_classes, spec.vocab_size) == (6, 2, len(saved))
 
 
-def test_a_deployed_node_cannot_train_on_text_yet(tmp_path):
-    with pytest.raises(DataError, match="runs in fedsim only"):
-        load_local(tmp_path, imdb_config(tmp_path))
+def test_a_deployed_node_cannot_use_a_fitted_tokenizer(tmp_path):
+    path = write_reviews(tmp_path / "r.jsonl", REVIEWS)
+
+    with pytest.raises(DataError, match="tokenizer 'fitted' runs in fedsim only"):
+        load_local(path, imdb_config(path))
 
 
 @pytest.mark.parametrize(
