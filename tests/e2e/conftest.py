@@ -26,8 +26,6 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON = [sys.executable, "-m"]
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "e2e: end-to-end deployment tests (real Flower processes, ~2-3 min)")
 
 
 class E2E:
