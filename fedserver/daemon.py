@@ -134,13 +134,10 @@ def start(options: StartOptions) -> int:
     if port_in_use(host, port):
         raise DaemonError(f"address {options.address} is already in use")
     check_server_app(cfg)
-    with private_files(), state.locked():
-        _configure_logging(state.log)
+    with private_files(), state.locked(), _logging_to(state.log), _stop_on_signals() as stop, _pid_file(state):
         if stale is not None:
             LOG.warning("stopped SuperLink pid %d and its processes, left running by a fedserver that was killed", stale)
-        stop = _stop_on_signals()
-        with _pid_file(state):
-            return _serve(options, state, pki, cfg, stop)
+        return _serve(options, state, pki, cfg, stop)
 
 
 def check_server_app(cfg: RunConfig) -> None:
@@ -371,23 +368,36 @@ def _pid_file(state: StateDir) -> Iterator[None]:
             state.pid_file.unlink(missing_ok=True)
 
 
-def _stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT (Ctrl-C)."""
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGTERM or SIGINT (Ctrl-C); the previous handlers are back afterwards."""
     event = threading.Event()
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         LOG.info("got %s", signal.Signals(signum).name)
         event.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return event
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield event
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
-def _configure_logging(log_file: Path) -> None:
+@contextmanager
+def _logging_to(log_file: Path) -> Iterator[None]:
+    """The daemon's log to `log_file` (rotated) and stdout while it runs."""
     LOG.setLevel(logging.INFO)
     LOG.propagate = False
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    for handler in (rotating_handler(log_file), logging.StreamHandler(sys.stdout)):
+    handlers = (rotating_handler(log_file), logging.StreamHandler(sys.stdout))
+    for handler in handlers:
         handler.setFormatter(formatter)
         LOG.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            LOG.removeHandler(handler)
+            handler.close()
