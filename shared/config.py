@@ -30,8 +30,9 @@ STRATEGIES = (
     "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
 )  # fmt: skip
 DATASETS = ("synthetic", "mnist", "fashion-mnist", "femnist", "npz", "csv", "imdb", "shakespeare")
-MODELS = ("mlp", "2nn", "transformer-classifier", "char-lm")
-# Text datasets carry token ids, so each has its one model; every other dataset takes mlp or 2nn.
+MODELS = ("mlp", "2nn", "cnn", "transformer-classifier", "char-lm")
+# Text datasets carry token ids, so each has its one model; every other dataset takes mlp or 2nn,
+# and cnn where its features are a square image's pixels.
 TEXT_MODELS: dict[str, str] = {"imdb": "transformer-classifier", "shakespeare": "char-lm"}
 PARTITIONS = ("auto", "iid", "dirichlet", "shards", "natural")  # auto: natural where the data has a key, else iid
 OPTIMIZERS = ("sgd", "adam")
@@ -152,10 +153,16 @@ class RunConfig:
     model: str = MODEL.option(
         "mlp",
         "`mlp` (hidden sizes from `hidden`), `2nn` (the FedAvg paper's two hidden layers of 200), "
-        "`transformer-classifier` (for `imdb`), `char-lm` (for `shakespeare`).",
+        "`cnn` (the FedAvg paper's MNIST CNN; LEAF's on `femnist`: for square one-channel images such "
+        "as 28×28), `transformer-classifier` (for `imdb`), `char-lm` (for `shakespeare`).",
     )
     hidden: str = MODEL.option(
         "200,200", "`mlp`: hidden layer sizes, comma-separated; `\"\"` = multinomial logistic regression."
+    )
+    cnn_hidden: int = MODEL.option(
+        0,
+        "`cnn`: units of its fully connected ReLU layer; 0 = the paper's for the dataset: 2048 on "
+        "`femnist` (LEAF), else 512 (McMahan et al. 2017).",
     )
     num_classes: int = MODEL.option(0, "Number of classes; 0 = from the dataset.")
     input_dim: int = MODEL.option(0, "Flattened input size; 0 = from the dataset.")
@@ -415,7 +422,7 @@ def _check_values(cfg: RunConfig) -> None:
     for name in ("lr", "dirichlet_alpha", "round_timeout", "ray_cpus_per_client"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"config key '{config_key(name)}' must be > 0, got {getattr(cfg, name)}")
-    for name in ("node_wait_timeout", "keep_checkpoints"):
+    for name in ("node_wait_timeout", "keep_checkpoints", "cnn_hidden"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"config key '{config_key(name)}' must be >= 0, got {getattr(cfg, name)}")
     if cfg.min_replies <= 0 or cfg.round_retries < 0 or cfg.max_update_norm < 0:

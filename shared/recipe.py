@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from shared.config import RunConfig
+from shared.config import ConfigError, RunConfig
 from shared.data.federation import DataSpec
 from shared.models import build_model
 
@@ -32,6 +32,18 @@ def _mlp(cfg: RunConfig, spec: DataSpec) -> torch.nn.Module:
     return build_model("mlp", input_dim=spec.input_dim, hidden=tuple(hidden), num_classes=spec.num_classes)
 
 
+def _cnn(cfg: RunConfig, spec: DataSpec) -> torch.nn.Module:
+    """McMahan et al.'s MNIST CNN, or LEAF's on `femnist`; a ConfigError where the data is no square image."""
+    preset = "femnist" if cfg.dataset == "femnist" else "mnist"
+    options = dict(preset=preset, input_dim=spec.input_dim, num_classes=spec.num_classes)
+    if cfg.cnn_hidden:
+        options["hidden"] = cfg.cnn_hidden
+    try:
+        return build_model("cnn", **options)
+    except ValueError as err:
+        raise ConfigError(f"model 'cnn' cannot take dataset '{cfg.dataset}': {err}") from None
+
+
 def _transformer(cfg: RunConfig, spec: DataSpec) -> torch.nn.Module:
     """`transformer-classifier` or `char-lm`: token ids of up to `spec.input_dim` (max-len) positions."""
     options = dict(
@@ -52,6 +64,7 @@ def _transformer(cfg: RunConfig, spec: DataSpec) -> torch.nn.Module:
 BUILDERS: dict[str, Callable[[RunConfig, DataSpec], torch.nn.Module]] = {
     "mlp": _mlp,
     "2nn": _mlp,
+    "cnn": _cnn,
     "transformer-classifier": _transformer,
     "char-lm": _transformer,
 }

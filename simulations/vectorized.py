@@ -15,8 +15,9 @@ What runs here, and what falls back to the ClientApp (the runner returns None):
   clients share a group (e.g. the unequal-sized "synthetic" devices) falls back;
 - a client whose data or weights cannot be prepared, or whose node config names its own
   `device`, falls back, so the ClientApp trains (or reports) it;
-- models must be built from Linear and ReLU layers only (no buffers, no dropout RNG), the
-  optimizer SGD or Adam, and on CUDA autocast must be bf16 (fp16 needs a GradScaler).
+- models must be built from Linear, ReLU, Conv2d, MaxPool2d and Flatten layers only (no buffers,
+  no dropout RNG: the MLPs and the CNN are), the optimizer SGD or Adam, and on CUDA autocast must
+  be bf16 (fp16 needs a GradScaler).
 
 `vectorized`: "off" never; "on" always, or a ConfigError naming why this run cannot be;
 "auto" only when training runs on CUDA. On the 2-core CPU this project is developed on, vmap
@@ -46,7 +47,7 @@ from shared.recipe import model_from_config
 from shared.weights import to_arrayrecord, to_state_dict
 from simulations.grid import RoundRunner
 
-SUPPORTED_LAYERS = (nn.Linear, nn.ReLU)
+SUPPORTED_LAYERS = (nn.Linear, nn.ReLU, nn.Conv2d, nn.MaxPool2d, nn.Flatten)
 SUPPORTED_OPTIMIZERS = ("sgd", "adam")
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as task.train uses them
 

@@ -8,12 +8,14 @@ from typing import Any
 
 from torch import nn
 
+from shared.models.cnn import CNN
 from shared.models.mlp import MLP
 from shared.models.transformer import CharLM, TransformerClassifier
 
 # name -> builder; a builder's keyword parameters are exactly the options it accepts.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
+    "cnn": CNN,
     "transformer-classifier": TransformerClassifier,
     "char-lm": CharLM,
 }
@@ -34,4 +36,4 @@ def build_model(name: str, **options: Any) -> nn.Module:
     return builder(**options)
 
 
-__all__ = ["MLP", "MODELS", "CharLM", "TransformerClassifier", "build_model"]
+__all__ = ["CNN", "MLP", "MODELS", "CharLM", "TransformerClassifier", "build_model"]

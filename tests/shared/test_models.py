@@ -62,6 +62,59 @@ def test_mlp_works_with_functional_call():
     assert torch.equal(out, torch.zeros(3, 2))
 
 
+def test_cnn_has_mcmahan_parameter_count_with_same_padding():
+    # Execute
+    model = build_model("cnn")
+
+    # Assert: conv 5x5x1x32, conv 5x5x32x64, dense 7*7*64 -> 512 -> 10 (28 -> 14 -> 7 with 'same' padding)
+    expected = (25 * 32 + 32) + (25 * 32 * 64 + 64) + (7 * 7 * 64 * 512 + 512) + (512 * 10 + 10)
+    assert sum(p.numel() for p in model.parameters()) == expected == 1_663_370
+    assert model(torch.rand(2, 784)).shape == (2, 10)
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_cnn_femnist_preset_has_leaf_shape():
+    # Execute
+    model = build_model("cnn", preset="femnist")
+
+    # Assert: LEAF's dense layer of 2048 and 62 classes
+    assert model.classifier[0].out_features == 2048
+    assert sum(p.numel() for p in model.parameters()) == 832 + 51_264 + (3136 * 2048 + 2048) + (2048 * 62 + 62)
+    assert model(torch.rand(3, 784)).shape == (3, 62)
+
+
+def test_cnn_takes_any_square_image():
+    # Execute
+    model = build_model("cnn", input_dim=64, hidden=16, num_classes=3)
+
+    # Assert: 8x8 -> 4x4 -> 2x2, 64 channels
+    assert model.classifier[0].in_features == 64 * 2 * 2
+    assert model(torch.rand(5, 64)).shape == (5, 3)
+
+
+@pytest.mark.parametrize("input_dim", [60, 785, 9, 0])
+def test_cnn_refuses_inputs_that_are_no_square_image(input_dim):
+    message = rf"square one-channel images \(side >= 4\): {input_dim} input features are not"
+    with pytest.raises(ValueError, match=message):
+        build_model("cnn", input_dim=input_dim)
+
+
+def test_cnn_works_with_vmap_over_functional_call():
+    # Prepare: two copies of the weights, the second scaled, stacked on a leading client dimension
+    model = build_model("cnn", input_dim=16, hidden=4, num_classes=2)
+    params = {k: torch.stack([v.detach(), 2 * v.detach()]) for k, v in model.named_parameters()}
+    x = torch.randn(2, 3, 16)
+
+    # Execute
+    out = torch.func.vmap(lambda p, xb: torch.func.functional_call(model, p, (xb,)))(params, x)
+
+    # Assert
+    second = {k: v[1] for k, v in params.items()}
+    assert out.shape == (2, 3, 2)
+    torch.testing.assert_close(out[0], model(x[0]))
+    torch.testing.assert_close(out[1], torch.func.functional_call(model, second, (x[1],)))
+
+
 def test_classifier_output_shape():
     # Prepare
     model = _tiny_classifier(num_classes=5)
@@ -165,7 +218,7 @@ def test_char_lm_sees_at_most_max_len_tokens(num_layers):
 
 
 def test_unknown_model_lists_allowed():
-    with pytest.raises(ValueError, match=r"'resnet'.*char-lm.*mlp.*transformer-classifier"):
+    with pytest.raises(ValueError, match=r"'resnet'.*char-lm.*cnn.*mlp.*transformer-classifier"):
         build_model("resnet")
 
 
@@ -190,6 +243,17 @@ def _blobs(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x[:, 0] > 0).long()
 
 
+def _bright_quadrant(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """8x8 images, flattened; the class is which quadrant is brightest."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (n,), generator=g)
+    images = 0.2 * torch.rand(n, 8, 8, generator=g)
+    for i, quadrant in enumerate(y.tolist()):
+        row, col = divmod(quadrant, 2)
+        images[i, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4] += 1.0
+    return images.reshape(n, 64), y
+
+
 def _token_classes(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Class 0 sequences use tokens 1..5, class 1 tokens 6..11; trailing padding."""
     g = torch.Generator().manual_seed(0)
@@ -211,10 +275,11 @@ def _cyclic_text(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     ("make_model", "make_data", "optimizer", "lr"),
     [
         (lambda: build_model("mlp", input_dim=8, hidden=[16], num_classes=2), _blobs, "sgd", 0.5),
+        (lambda: build_model("cnn", input_dim=64, hidden=16, num_classes=4), _bright_quadrant, "sgd", 0.05),
         (_tiny_classifier, _token_classes, "adam", 3e-3),
         (_tiny_lm, _cyclic_text, "adam", 3e-3),
     ],
-    ids=["mlp", "transformer-classifier", "char-lm"],
+    ids=["mlp", "cnn", "transformer-classifier", "char-lm"],
 )
 def test_training_lowers_loss(make_model, make_data, optimizer, lr):
     # Prepare

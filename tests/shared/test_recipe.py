@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from shared.config import RunConfig
-from shared.data.federation import DataSpec
+from shared.config import ConfigError, RunConfig
+from shared.data.federation import DataSpec, data_spec
 from shared.recipe import model_from_config
 
 
@@ -34,3 +34,36 @@ def test_both_sides_build_the_same_weights_and_compile_keeps_them():
     assert list(compiled.state_dict()) == list(expected)
     assert all(torch.equal(expected[k], v) for k, v in compiled.state_dict().items())
     assert compiled._compiled_call_impl is not None and server._compiled_call_impl is None
+
+
+@pytest.mark.parametrize(
+    ("dataset", "cnn_hidden", "hidden", "classes"),
+    [("mnist", 0, 512, 10), ("fashion-mnist", 0, 512, 10), ("femnist", 0, 2048, 62), ("mnist", 128, 128, 10)],
+)
+def test_cnn_is_mcmahans_or_leafs_by_dataset_unless_cnn_hidden_says(dataset, cnn_hidden, hidden, classes):
+    cfg = RunConfig(dataset=dataset, model="cnn", cnn_hidden=cnn_hidden)
+
+    model = model_from_config(cfg, data_spec(cfg))
+
+    assert model.classifier[0].out_features == hidden
+    assert model(torch.rand(2, 784)).shape == (2, classes)
+
+
+def test_cnn_on_features_that_are_no_square_image_is_a_one_line_config_error():
+    with pytest.raises(ConfigError, match=r"^model 'cnn' cannot take dataset 'synthetic': .*60 input features[^\n]*$"):
+        model_from_config(RunConfig(model="cnn"), DataSpec(input_dim=60, num_classes=10))
+    with pytest.raises(ConfigError, match=r"^model 'cnn' cannot take dataset 'npz': .*785 input features"):
+        model_from_config(RunConfig(dataset="npz", model="cnn", input_dim=785), DataSpec(785, 10))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(dataset="imdb"), "dataset 'imdb' needs model 'transformer-classifier', got 'cnn'"),
+        (dict(dataset="shakespeare"), "dataset 'shakespeare' needs model 'char-lm', got 'cnn'"),
+        (dict(cnn_hidden=-1), "config key 'cnn-hidden' must be >= 0, got -1"),
+    ],
+)
+def test_cnn_config_errors(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(model="cnn", **changes)

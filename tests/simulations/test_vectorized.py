@@ -34,20 +34,23 @@ def one_thread():
     torch.set_num_threads(previous)  # the ClientApp sets torch-threads
 
 
-@pytest.fixture
-def npz(tmp_path: Path) -> Path:
-    """A tiny learnable dataset: 8 features, 3 classes, IID-split into equal client shares."""
+def write_blobs(path: Path, features: int) -> Path:
+    """A tiny learnable dataset: `features` features, 3 classes, for NUM_CLIENTS equal client shares."""
     rng = np.random.default_rng(0)
-    centers = rng.normal(size=(3, 8)).astype(np.float32)
+    centers = rng.normal(size=(3, features)).astype(np.float32)
 
     def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
         y = rng.integers(0, 3, size=n)
-        return (centers[y] + 0.7 * rng.normal(size=(n, 8))).astype(np.float32), y
+        return (centers[y] + 0.7 * rng.normal(size=(n, features))).astype(np.float32), y
 
     (x_train, y_train), (x_test, y_test) = draw(NUM_CLIENTS * PER_CLIENT), draw(60)
-    path = tmp_path / "tiny.npz"
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     return path
+
+
+@pytest.fixture
+def npz(tmp_path: Path) -> Path:
+    return write_blobs(tmp_path / "tiny.npz", 8)
 
 
 def make_cfg(npz: Path, **changes: object) -> RunConfig:
@@ -105,6 +108,26 @@ def test_a_vectorized_run_equals_the_sequential_run(npz, tmp_path, monkeypatch, 
     for row_off, row_on in zip(rows_off, rows_on, strict=True):
         assert row_on["train_loss"] == pytest.approx(row_off["train_loss"], abs=ATOL)
         assert row_on["accuracy"] == pytest.approx(row_off["accuracy"], abs=1e-9)
+
+
+def test_a_vectorized_cnn_run_equals_the_sequential_run(tmp_path, monkeypatch):
+    # Prepare: 8x8 "images", two clients trained together each round
+    images = write_blobs(tmp_path / "images.npz", 64)
+    cfg = make_cfg(images, model="cnn", cnn_hidden=8, clients_per_round=2, local_epochs=1)
+    sizes = count_answered_batches(monkeypatch)
+
+    # Execute
+    run_simulation(cfg.replace(vectorized="off"), tmp_path / "off", progress=False)
+    run_simulation(cfg, tmp_path / "on", progress=False)
+
+    # Assert
+    assert sizes == [2] * cfg.rounds
+    off, on = load_safetensors(tmp_path / "off" / MODEL_FILE), load_safetensors(tmp_path / "on" / MODEL_FILE)
+    assert off.keys() == on.keys() and any(k.startswith("features.") for k in off)
+    for key in off:
+        torch.testing.assert_close(on[key], off[key], atol=ATOL, rtol=0)
+    for row_off, row_on in zip(read_metrics(tmp_path / "off"), read_metrics(tmp_path / "on"), strict=True):
+        assert row_on["train_loss"] == pytest.approx(row_off["train_loss"], abs=ATOL)
 
 
 def make_grid(cfg: RunConfig) -> InProcessGrid:
