@@ -223,8 +223,8 @@ def child_fedsim(spec: dict[str, Any], vectorized: str) -> dict[str, Any]:
 
     from fedserver.checkpoints import read_metrics
     from simulations import vectorized as vec
-    from simulations.engine import run_simulation
-    from simulations.workers import worker_count
+    from simulations.engine import planned_workers, run_simulation
+    from simulations.workers import visible_gpus
 
     cfg = run_config(spec["data"], spec["per_round"], spec["rounds"], vectorized, spec["workers"], spec["device"])
     if vectorized == "on":
@@ -247,7 +247,7 @@ def child_fedsim(spec: dict[str, Any], vectorized: str) -> dict[str, Any]:
         "round_s": [r["seconds"] for r in rows],
         "accuracy": rows[-1]["accuracy"] if rows else None,
         "interrupted": result.interrupted,
-        "workers": worker_count(cfg.workers, cfg.clients_per_round),
+        "workers": planned_workers(cfg, visible_gpus() if cfg.device == "cuda" else 0),  # what `auto` chose
     }
 
 

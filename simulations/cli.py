@@ -119,7 +119,7 @@ def run_app(args: argparse.Namespace) -> int:
             app,
             args.output or default_output(app.directory),
             backend=execution.backend,
-            workers=execution.workers,
+            workers=execution.workers if args.workers is not None else "1",  # an app's work is unknown: in process
             gpu_memory_fraction=execution.gpu_memory_fraction,
         )
     finally:

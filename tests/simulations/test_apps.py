@@ -109,6 +109,7 @@ def test_a_flower_app_ends_with_the_hand_computed_arrays(tmp_path):
     assert timing["num_supernodes"] == 4  # the app's local-simulation federation
     assert (timing["rounds"], timing["messages"], timing["client_errors"]) == (3, {"evaluate": 12, "train": 12}, 0)
     assert timing["wall_seconds"] > 0 and timing["interrupted"] is False
+    assert timing["workers"] == 1  # without --workers an app runs in fedsim's process, whatever `workers` defaults to
 
 
 def test_worker_processes_end_with_the_arrays_of_one_process(tmp_path):
