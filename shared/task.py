@@ -95,10 +95,10 @@ def train(
     n = len(xs)
     model.to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _make_optimizer(optimizer, params, lr=lr)
     proximal = _proximal(params, proximal_mu)
     amp_dtype = mixed_precision_dtype(dev)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    opt = _make_optimizer(optimizer, params, lr=lr, scaled=scaler is not None)
     amp = autocast_context(dev, amp_dtype)  # reusable: entered once per step, never nested
     shuffle = _generator(seed)
     loss_sum = torch.zeros((), device=dev)
@@ -214,9 +214,35 @@ def _to_device(
     return xs.to(dev), ys.to(dev, torch.long)  # labels as class indices for cross_entropy
 
 
-def _make_optimizer(name: str, params: list[nn.Parameter], *, lr: float) -> torch.optim.Optimizer:
+class PlainSGD:
+    """SGD without momentum or weight decay: `p -= lr * p.grad`, the very op torch.optim.SGD's
+    single-tensor step makes for these settings (so the weights are bit-identical).
+
+    Why not torch.optim.SGD itself: the first use of torch.optim in a process imports
+    torch._dynamo, 2.6 s on this project's 2-core machine (`benchmarks/simulation_speed.py` notes
+    it), which every fedsim worker and every device's ClientApp process would pay for one add.
+    A GradScaler needs a torch.optim optimizer, so mixed precision on CUDA keeps torch's.
+    """
+
+    def __init__(self, params: list[nn.Parameter], lr: float) -> None:
+        self.params, self.lr = params, lr
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-self.lr)
+
+
+def _make_optimizer(
+    name: str, params: list[nn.Parameter], *, lr: float, scaled: bool = False
+) -> torch.optim.Optimizer | PlainSGD:
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
+        return torch.optim.SGD(params, lr=lr) if scaled else PlainSGD(params, lr)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}; allowed: {list(OPTIMIZERS)}")
@@ -224,7 +250,7 @@ def _make_optimizer(name: str, params: list[nn.Parameter], *, lr: float) -> torc
 
 def _step(
     loss: torch.Tensor,
-    opt: torch.optim.Optimizer,
+    opt: torch.optim.Optimizer | PlainSGD,
     scaler: torch.amp.GradScaler | None,
     proximal: Callable[[], None] | None,
 ) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -326,3 +329,25 @@ def test_per_position_labels_score_every_label_but_ignored_ones():
     # Assert
     assert (result.accuracy, result.num_examples) == (0.6, 5)
     assert math.isfinite(fit.loss) and fit.num_examples == 2
+
+
+def test_plain_sgd_gives_torch_sgds_weights_without_importing_dynamo() -> None:
+    # torch.optim's first use imports torch._dynamo (seconds per process); PlainSGD must not,
+    # and must give bit for bit what torch.optim.SGD gives (checked in a fresh interpreter).
+    script = """
+import sys, numpy as np, torch
+from shared import task
+def trained(optimizer_class):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 3, 50)
+    task.PlainSGD = optimizer_class
+    task.train(model, x, y, epochs=2, batch_size=7, lr=0.1, seed=3, device="cpu", proximal_mu=0.1)
+    return [p.detach() for p in model.parameters()]
+plain = trained(task.PlainSGD)
+assert "torch._dynamo" not in sys.modules
+reference = trained(lambda params, lr: torch.optim.SGD(params, lr=lr))
+assert all(torch.equal(a, b) for a, b in zip(plain, reference, strict=True))
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).resolve().parents[2])
