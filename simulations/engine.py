@@ -33,7 +33,7 @@ from shared.data.federation import load_federation, shared_federation, with_shar
 from shared.errors import FedsimError, FlowerbedError
 from shared.files import atomic_write_text
 from simulations.client_apps import ImportedClientApp
-from simulations.grid import InProcessGrid, simulation_node_config
+from simulations.grid import InProcessGrid, RoundRunner, simulation_node_config
 from simulations.plotter import LivePlot, PlotError
 from simulations.report import ProgressBar
 from simulations.stragglers import with_stragglers
@@ -110,9 +110,17 @@ def _run(
         cfg.num_clients,
         cfg.to_mapping(),
         simulation_node_config(cfg.num_clients),
-        batch_runner=pool if pool is not None or own_app else batch_runner_for(cfg),
+        batch_runner=_batch_runner(cfg, pool, own_app),
     )
     return run_rounds(grid, cfg, output, progress)
+
+
+def _batch_runner(cfg: RunConfig, pool: WorkerPool | None, own_app: ClientApp | None) -> RoundRunner | None:
+    """The worker pool where there is one; else the vectorized path where it applies, never with a
+    user's ClientApp (the vectorized path runs no ClientApp)."""
+    if pool is not None:
+        return pool
+    return None if own_app is not None else batch_runner_for(cfg)
 
 
 def run_rounds(grid: Grid, cfg: RunConfig, output: Path, progress: bool) -> SimulationResult:
