@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedclient.node import ISOLATIONS, NodeOptions, run_node
+from fedclient.node import ISOLATIONS, REFUSAL_GRACE, NodeOptions, run_node
 from shared.cli import add_command, build_parser as build_command_parser, run_cli
 from shared.config import DEVICES
 from shared.pki import make_node_key_pair
@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the ClientApp code each run's FAB ships from the server (Flower's behaviour); "
         "by default a device runs only its installed ClientApp and refuses a run naming another",
     )
+    start.add_argument(
+        "--refusal-grace",
+        type=float,
+        default=REFUSAL_GRACE,
+        metavar="SECONDS",
+        help="how long a refusal with Flower's code 2004 (an unregistered key, or a node the server still "
+        f"counts online after an unclean stop) is retried before fedclient gives up (default: {REFUSAL_GRACE:.0f})",
+    )
     keygen = add_command(sub, "keygen", "make this device's key pair; only its public key goes to the server")
     keygen.add_argument("name", metavar="NAME", help="the device's name: letters, digits, '_', '-', '.'")
     keygen.add_argument(
@@ -80,6 +88,7 @@ def options_from(args: argparse.Namespace) -> NodeOptions:
         args.runtime_port,
         args.client_app,
         args.trust_server_code,
+        args.refusal_grace,
     )
 
 

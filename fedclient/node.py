@@ -112,6 +112,7 @@ class NodeOptions:
     runtime_port: int = 0  # the SuperNode's local Runtime API port; 0 = any free one
     client_app: str = ""  # for tests: MODULE:ATTR run instead of the installed ClientApp (warm only)
     trust_server_code: bool = False  # run the ClientApp the server's FAB names (Flower's behaviour)
+    refusal_grace: float = REFUSAL_GRACE  # seconds a code-2004 refusal is retried after the first start
 
 
 def check_inputs(options: NodeOptions) -> None:
@@ -124,6 +125,8 @@ def check_inputs(options: NodeOptions) -> None:
         raise NodeError(f"--data {options.data}: a path with a double quote cannot be passed to Flower")
     if options.isolation not in ISOLATIONS:
         raise NodeError(f"--isolation must be one of {', '.join(ISOLATIONS)}, got {options.isolation!r}")
+    if not 0 <= options.refusal_grace < float("inf"):
+        raise NodeError(f"--refusal-grace must be a number of seconds, 0 or more, got {options.refusal_grace}")
     if options.client_app and options.isolation != "warm":
         raise NodeError("--client-app needs --isolation warm (the worker loads it)")
     if options.isolation == "subprocess" and not options.trust_server_code:
@@ -246,6 +249,7 @@ class Child:
     restart_at: float = 0.0
     first_started: float | None = None
     refused: bool = False  # refused since its first start (fedclient said why it tries again)
+    refusal_grace: float = REFUSAL_GRACE
 
     def start(self) -> None:
         stdout = subprocess.PIPE if self.pipe_output else None
@@ -273,7 +277,7 @@ class Child:
     def may_retry_refusal(self, reason: str) -> bool:
         """Whether a refusal for `reason` comes within the grace period after the first start."""
         retryable = any(marker in reason for marker in RETRYABLE_REFUSALS)
-        return retryable and time.monotonic() - (self.first_started or 0.0) < REFUSAL_GRACE
+        return retryable and time.monotonic() - (self.first_started or 0.0) < self.refusal_grace
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -334,7 +338,8 @@ def run_node(options: NodeOptions) -> int:
         return 0
     with runtime_secret(options.isolation) as secret:
         supernode = supernode_argv(options, port, secret)
-        children = [Child("flower-supernode", supernode, pipe_output=True, server=options.server)]
+        children = [Child("flower-supernode", supernode, pipe_output=True, server=options.server,
+                          refusal_grace=options.refusal_grace)]  # fmt: skip
         if options.isolation == "warm":
             children.append(Child("worker", worker_argv(options, port, secret)))
         try:
@@ -382,14 +387,14 @@ def _restart_or_give_up(child: Child, code: int, server: str) -> None:
         if not child.may_retry_refusal(reason):
             raise NodeRefused(f"cannot join {server}: {reason}")
         child.restart_at, child.process = time.monotonic() + REFUSAL_RETRY, None
-        _say(_refusal_note(reason, child.refused))
+        _say(_refusal_note(reason, child.refused, child.refusal_grace))
         child.refused = True
         return
     pause = child.schedule_restart()
     _say(f"{child.name} exited with code {code}; restarting it in {pause:.0f} s")
 
 
-def _refusal_note(reason: str, waiting: bool) -> str:
+def _refusal_note(reason: str, waiting: bool, grace: float) -> str:
     """What fedclient says about a refusal it will try again: why at first, then only that it still is."""
     code = reason.split("]")[0] + "]" if reason.startswith("[code:") else reason
     if waiting:
@@ -397,7 +402,7 @@ def _refusal_note(reason: str, waiting: bool) -> str:
     return (
         f"refused {code}: the server still counts this node online for {ONLINE_WINDOW:.0f} s after a stop that "
         "was not clean, is still registering node keys, or does not know this key; trying again every "
-        f"{REFUSAL_RETRY:.0f} s for up to {REFUSAL_GRACE:.0f} s"
+        f"{REFUSAL_RETRY:.0f} s for up to {grace:.0f} s"
     )
 
 

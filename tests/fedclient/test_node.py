@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import stat
 import sys
@@ -59,7 +60,7 @@ def test_subprocess_isolation_runs_server_code_so_it_needs_trust_server_code(fil
 
     with pytest.raises(node.NodeError, match="--isolation subprocess runs the code the server sends.*--trust-server"):
         node.check_inputs(options)
-    node.check_inputs(NodeOptions(*list(vars(options).values())[:-1], trust_server_code=True))
+    node.check_inputs(dataclasses.replace(options, trust_server_code=True))
 
 
 @pytest.mark.parametrize("server", ["h", "h:", ":9092", "h:port", "h:70000", "h:0"])
@@ -115,7 +116,7 @@ def test_the_supernode_and_the_worker_share_the_secret_and_the_worker_runs_insta
     assert supernode[supernode.index("--superexec-auth-secret-file") + 1] == str(secret)
     assert worker[worker.index("--auth-secret-file") + 1] == str(secret)
     assert "--trust-server-code" not in worker
-    trusting = NodeOptions(*list(vars(options).values())[:-1], trust_server_code=True)
+    trusting = dataclasses.replace(options, trust_server_code=True)
     assert "--trust-server-code" in node.worker_argv(trusting, 9400, secret)
 
 
@@ -137,19 +138,20 @@ def test_a_refusal_is_read_from_flowers_exit_message():
     assert "registered" in reason  # the hint
 
 
-def _script_child(tmp_path: Path, body: str) -> Child:
+def _script_child(tmp_path: Path, body: str, refusal_grace: float = node.REFUSAL_GRACE) -> Child:
     script = tmp_path / "fake_supernode.py"
     script.write_text(body)
-    return Child("flower-supernode", [sys.executable, str(script)], pipe_output=True)
+    return Child("flower-supernode", [sys.executable, str(script)], pipe_output=True, refusal_grace=refusal_grace)
 
 
 def test_a_supernode_refused_before_it_connected_is_retried_then_stops_the_node(tmp_path, monkeypatch, capsys):
-    # Prepare: the server keeps refusing; the grace period shortened
-    monkeypatch.setattr(node, "REFUSAL_GRACE", 3.0)
+    # Prepare: the server keeps refusing; the grace period shortened (fedclient start --refusal-grace)
     monkeypatch.setattr(node, "REFUSAL_RETRY", 0.1)
     starts = tmp_path / "starts"
     child = _script_child(
-        tmp_path, f"import sys\nopen({str(starts)!r}, 'a').write('x')\nsys.stdout.write({REFUSED!r})\nsys.exit(1)\n"
+        tmp_path,
+        f"import sys\nopen({str(starts)!r}, 'a').write('x')\nsys.stdout.write({REFUSED!r})\nsys.exit(1)\n",
+        refusal_grace=3.0,
     )
     child.start()
 
@@ -160,6 +162,7 @@ def test_a_supernode_refused_before_it_connected_is_retried_then_stops_the_node(
     out = capsys.readouterr().out
     assert out.count("online for 60 s after a stop that was not clean") == 1  # says why it waits, once
     assert "still refused [code: 2004]; trying again" in out
+    assert "for up to 3 s" in out
 
 
 def test_a_tls_refusal_stops_the_node_at_once(tmp_path):
@@ -228,3 +231,13 @@ def test_the_worker_is_restarted_when_the_supernode_drops_a_message_of_a_stopped
     assert capsys.readouterr().out.count("restarting the worker") == 1
     worker.stop()
     supernode.stop()
+
+
+@pytest.mark.parametrize("grace", ["-1", "nan", "inf"])
+def test_a_refusal_grace_that_is_not_seconds_is_a_one_line_error_exit_2(files, grace, capsys):
+    argv = ["start", "--server", "h:1", "--ca", str(files["ca.pem"]), "--key", str(files["client-1.key"])]
+
+    code = cli.main([*argv, "--data", str(files["data.npz"]), "--refusal-grace", grace])
+
+    assert code == 2
+    assert capsys.readouterr().err == f"fedclient: error: --refusal-grace must be a number of seconds, 0 or more, got {float(grace)}\n"
