@@ -1,5 +1,5 @@
 """Faults in a real deployment on 127.0.0.1: `fedserver` and `fedclient` processes killed with
-SIGKILL, and one of 6 clients sending NaN / wrong-shape / huge updates.
+SIGKILL, and two of 6 clients sending NaN / wrong-shape / huge updates and malformed metrics.
 
 Each test runs a federation of its own (MNIST 2NN, a few hundred digits per client) and stops
 its processes when it ends.
@@ -158,56 +158,49 @@ def test_a_client_killed_with_sigkill_mid_round_leaves_the_round_to_the_others(d
     # Assert: its processes died with it; the rounds went on from the 3 others, each within the timeout
     assert children and not any(is_alive(pid) for pid in children)
     assert [row["round"] for row in rows] == [1, 2, 3]
-    assert all(row["seconds"] < timeout + 15 for row in rows[1:])
+    assert all(row["seconds"] < timeout + 30 for row in rows[1:])  # the timeout, and a loaded machine's slack
     assert _learned(rows)
     assert all(node.poll() is None for node in fed.nodes[:-1])
 
 
-def test_bad_updates_are_refused_with_the_node_and_reason_and_the_model_keeps_learning(deploy, e2e):
+def test_bad_updates_and_bad_reply_metrics_are_refused_with_the_node_and_reason_and_the_model_keeps_learning(
+    deploy, e2e
+):
     # Prepare: 6 clients (the suite's load test: benchmarks/load_test.py runs 50, too heavy for
-    # the suite at ~400 MB a client); client 6 runs a ClientApp that sends NaN (round 1), a
-    # wrong shape (2), +1e6 (3); a round needs 5 valid replies
-    fed = deploy(clients=6, rounds=3, min_replies=0.75, max_update_norm=100.0)
+    # the suite at ~400 MB a client). Client 6 runs a ClientApp that sends NaN weights (round 1),
+    # a wrong shape (2), +1e6 (3); client 5 one that claims 10^12 examples (1), adds a metric key
+    # (2), sends a NaN loss (3). A round needs the 4 honest replies.
+    fed = deploy(clients=6, rounds=3, min_replies=4, max_update_norm=100.0)
     fed.start_daemon()
-    fed.start_clients(extra={6: ["--client-app", FAULTY_APP]})
+    fed.start_clients(extra={5: ["--client-app", BAD_REPLY_APP], 6: ["--client-app", FAULTY_APP]})
 
     # Execute
     rows = fed.wait_for_rounds(3, 300)
 
     # Assert
-    _assert_refused_each_round(fed, e2e, rows, 6, ["non-finite values", "shape", "exceeds max_norm"])
+    refused = {
+        6: ["non-finite values", "shape", "exceeds max_norm"],
+        5: [
+            "num-examples: 1000000000000 is not an integer in [1, 1000000]",
+            "metrics: missing [], unexpected ['extra']",
+            "metric 'train_loss': nan is not a finite number",
+        ],
+    }
+    _assert_refused_each_round(fed, e2e, rows, refused)
 
 
-def test_bad_reply_metrics_are_refused_with_the_node_and_reason_and_the_run_completes(deploy, e2e):
-    # Prepare: 4 clients; client 4 claims 10^12 examples (round 1), adds a metric key (2), sends
-    # a NaN loss (3); a round needs 3 valid replies
-    fed = deploy(clients=4, rounds=3, num_clients=4, clients_per_round=4, min_replies=3)
-    fed.start_daemon()
-    fed.start_clients(extra={4: ["--client-app", BAD_REPLY_APP]})
-
-    # Execute
-    rows = fed.wait_for_rounds(3, 300)
-
-    # Assert
-    reasons = [
-        "num-examples: 1000000000000 is not an integer in [1, 1000000]",
-        "metrics: missing [], unexpected ['extra']",
-        "metric 'train_loss': nan is not a finite number",
-    ]
-    _assert_refused_each_round(fed, e2e, rows, 4, reasons)
-
-
-def _assert_refused_each_round(fed: Deployment, e2e, rows: list[dict], client: int, reasons: list[str]) -> None:
-    """Client `client`'s training reply refused in round r with a log line naming its node and
-    `reasons[r - 1]`, no other reply refused; every round committed, the model finite and
-    learning, every client still running."""
-    node_id = e2e.node_id(f"{fed.work.name}-client-{client}")
+def _assert_refused_each_round(fed: Deployment, e2e, rows: list[dict], refused: dict[int, list[str]]) -> None:
+    """Each client k of `refused` had its training reply refused in round r with a log line naming
+    its node and `refused[k][r - 1]`, no other reply refused; every round committed, the model
+    finite and learning, every client still running."""
     server_log = fed.run_log()
-    refusals = re.findall(rf"node {node_id}: update refused: (.*)", server_log)
-    assert len(refusals) == len(reasons), server_log[-3000:]
-    assert all(reason in refusal for reason, refusal in zip(reasons, refusals, strict=True)), refusals
-    assert server_log.count("update refused") == len(reasons)
-    assert [row["round"] for row in rows] == list(range(1, len(reasons) + 1))
+    for client, reasons in refused.items():
+        node_id = e2e.node_id(f"{fed.work.name}-client-{client}")
+        refusals = re.findall(rf"node {node_id}: update refused: (.*)", server_log)
+        assert len(refusals) == len(reasons), server_log[-3000:]
+        assert all(reason in refusal for reason, refusal in zip(reasons, refusals, strict=True)), refusals
+    assert server_log.count("update refused") == sum(len(reasons) for reasons in refused.values())
+    assert [row["round"] for row in rows] == [1, 2, 3]
     assert _learned(rows)
     model = load_safetensors(fed.state.run_dir / "model.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in model.values())
