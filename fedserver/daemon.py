@@ -53,7 +53,7 @@ from fedserver.control import ControlClient, ControlError, RunInfo, load_public_
 from fedserver.logs import copy_lines, rotating_handler
 from fedserver.staging import stage_app
 from fedserver.state import DEFAULT_ADDRESS, DaemonError, DaemonInfo, StateDir, make_private, private_files
-from shared.config import RunConfig, load_config
+from shared.config import TEXT_MODELS, ConfigError, RunConfig, load_config
 from shared.pki import PkiError
 from shared.processes import (
     port_in_use, record_process, recorded_process, spawn, stop_pid, stop_tree, wait_for_port,
@@ -144,7 +144,13 @@ def check_server_app(cfg: RunConfig) -> None:
     """What the ServerApp builds first, built once in a child process: the model, the data it
     needs and the central test set, so that a config it cannot use is refused before anything
     starts (its DataError or ConfigError, naming the key). In a child, so that the daemon holds
-    neither torch nor the data for its whole life."""
+    neither torch nor the data for its whole life. A text run's tokenizer must need no device's
+    text: every device would refuse a `fitted` one."""
+    if cfg.dataset in TEXT_MODELS and cfg.tokenizer == "fitted":
+        raise ConfigError(
+            f"dataset '{cfg.dataset}' with tokenizer 'fitted' runs in fedsim only (that vocabulary is fitted on "
+            'every client\'s text): a deployment sets tokenizer = "bytes", or "file" with tokenizer-path'
+        )
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
         child.submit(_build_server_inputs, cfg.replace(run_dir="")).result()  # run-dir: a tokenizer would go there
 

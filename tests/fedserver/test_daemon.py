@@ -76,6 +76,8 @@ def test_a_missing_certificate_is_a_one_line_error_naming_the_file(tmp_path, cap
         ("rounds = 3\nlearning-rate = 0.1\n", "learning-rate"),
         # valid keys, but the ServerApp could not build its model: no data to take its shape from
         ('dataset = "csv"\nnum-clients = 2\nclients-per-round = 2\n', "'data-path' is not set"),
+        # a vocabulary fitted on the devices' text, which the server never has
+        ('dataset = "imdb"\nmodel = "transformer-classifier"\n', "tokenizer 'fitted' runs in fedsim only"),
     ],
 )
 def test_a_run_config_the_server_cannot_use_is_a_one_line_error_before_anything_starts(
