@@ -38,8 +38,9 @@ SAY_TORCH_BUILD := import torch; v = torch.version; \
 demo: $(STAMP)
 	$(VENV)/bin/fedsim run
 
+# One pytest worker per core; each test module stays on one worker, in order (tests/conftest.py).
 test: $(STAMP) test-data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadgroup
 
 setup: $(STAMP)
 

@@ -72,6 +72,17 @@ def locate_dataset(name: str) -> Path:
     pytest.skip(missing)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist with `--dist loadgroup` (`make test`), each module's tests go to one
+    worker, in file order (its module-scoped deployments start once), unless they name a group:
+    the tests that start Flower's Ray engine are `xdist_group("ray")`, as they look for Ray
+    processes left behind among all of the machine's."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+
+
 @pytest.fixture
 def dataset() -> Callable[[str], Path]:
     """`dataset("mnist.npz")`: the path of a dataset the test needs (see `locate_dataset`)."""

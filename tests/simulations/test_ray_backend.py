@@ -28,6 +28,7 @@ NUMPY_APP = Path(__file__).parent / "apps" / "numpy_app"
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="Ray is not installed: pip install -e '.[ray]'"
 )
+pytestmark = pytest.mark.xdist_group("ray")  # one Ray engine at a time under pytest-xdist (tests/conftest.py)
 
 # Every client each round (Flower's engine names its nodes at random, so a sample would differ)
 # and one batch per epoch (the local shuffle, seeded by node id, then cannot change the update).
