@@ -307,15 +307,24 @@ def shared_federation(cfg: RunConfig) -> Iterator[str | None]:
     """A directory holding the source of `cfg`'s federation (read once, here), for other processes
     to `attach` instead of reading the file; None where no file is read (synthetic data).
 
-    The directory is a temporary one, removed when the block ends, however it ends.
+    The directory is a temporary one, removed when the block ends, however it ends. While the
+    block lasts this process builds its federations on the saved arrays too, memory-mapped: the
+    copy it read from the file is let go, so the dataset is in memory once, in the page cache.
     """
     source = load_federation(cfg).source
     if source is None:
         yield None
         return
-    with tempfile.TemporaryDirectory(prefix="flowerbed-data-") as directory:
+    with tempfile.TemporaryDirectory(prefix="flowerbed-data-", ignore_cleanup_errors=True) as directory:
         save_arrays(ArraySet(source.arrays, {**source.meta, SOURCE_KEY: _source_key(cfg)}), Path(directory))
-        yield directory
+        del source
+        _cache.clear()  # federations built on the copy read from the file
+        attach(directory)
+        try:
+            yield directory
+        finally:
+            attach(None)
+            _cache.clear()  # federations built on the mapped files, about to be removed
 
 
 def attach(directory: str | None) -> None:
