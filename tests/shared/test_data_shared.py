@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import mmap
 import shutil
 from pathlib import Path
 
@@ -102,6 +103,27 @@ def test_a_shared_source_builds_the_same_federation_without_its_file(tmp_path, m
         assert_same_federation(read, rebuilt)
 
     assert not Path(directory).exists()
+
+
+def _mapped(array: np.ndarray) -> bool:
+    """Whether `array` is a view of a memory-mapped file."""
+    while array.base is not None and not isinstance(array.base, mmap.mmap):
+        array = array.base
+    return isinstance(array.base, mmap.mmap)
+
+
+def test_while_the_source_is_shared_this_process_builds_on_the_mapped_arrays_too(tmp_path):
+    path, cfg = npz_file(tmp_path)
+    read = load_federation(cfg)
+
+    with shared_federation(cfg):
+        remove(path)
+        inside = load_federation(cfg)  # rebuilt on the saved arrays: the copy read is let go
+
+        assert inside is not read and _mapped(inside.source.arrays["x_train"])
+        assert_same_federation(read, inside)
+    with pytest.raises(DataError, match="does not exist"):  # nothing built on the removed arrays is kept: read again
+        load_federation(cfg)
 
 
 def test_a_source_shared_for_other_data_is_not_used(tmp_path):
