@@ -14,6 +14,7 @@ cut to their longest row, so little time goes into padding (``batch_plan``).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -150,10 +151,13 @@ def evaluate(
 
 def token_lengths(x: torch.Tensor | np.ndarray) -> torch.Tensor | None:
     """Each row's length up to its trailing padding, (N,) on the CPU, for integer (token id) x; else None."""
-    xt = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
-    if xt.ndim != 2 or xt.is_floating_point():
+    if isinstance(x, np.ndarray):  # counted in numpy: x may be a read-only view of memory-mapped data
+        if x.ndim != 2 or np.issubdtype(x.dtype, np.floating):
+            return None
+        return torch.from_numpy((x != PAD).sum(axis=1, dtype=np.int64))
+    if x.ndim != 2 or x.is_floating_point():
         return None
-    return (xt != PAD).sum(dim=1).cpu()
+    return (x != PAD).sum(dim=1).cpu()
 
 
 def batch_plan(n: int, batch_size: int, shuffle: torch.Generator, lengths: torch.Tensor | None) -> list[Batch]:
@@ -205,13 +209,21 @@ def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _to_device(
     x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, dev: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    xs = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
-    ys = torch.from_numpy(y) if isinstance(y, np.ndarray) else y
+    xs = input_tensor(x) if isinstance(x, np.ndarray) else x
+    ys = input_tensor(y) if isinstance(y, np.ndarray) else y
     if len(xs) == 0:
         raise ValueError("no examples: x is empty")
     if len(xs) != len(ys):
         raise ValueError(f"x and y differ in length: {len(xs)} != {len(ys)}")
     return xs.to(dev), ys.to(dev, torch.long)  # labels as class indices for cross_entropy
+
+
+def input_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor on `array`'s memory, a read-only array too (fedsim's memory-mapped data), without
+    PyTorch's warning that it cannot mark the tensor read-only: training never writes its input."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 class PlainSGD:

@@ -176,8 +176,8 @@ class VectorizedTrainer:
         """Train a group of clients with equal (N, epochs, mu) exactly as task.train would."""
         cfg, dev = self._cfg, self._device
         n, epochs, mu = jobs[0].group
-        x = torch.stack([torch.from_numpy(j.x) for j in jobs]).to(dev)  # (C, N, D)
-        y = torch.stack([torch.from_numpy(j.y) for j in jobs]).to(dev, torch.long)  # (C, N)
+        x = torch.stack([task.input_tensor(j.x) for j in jobs]).to(dev)  # (C, N, D)
+        y = torch.stack([task.input_tensor(j.y) for j in jobs]).to(dev, torch.long)  # (C, N)
         params = {k: torch.stack([j.weights[k] for j in jobs]).to(dev) for k in self._like}  # (C, *shape)
         anchor = dict(params)  # updates are out of place, so these stay the starting weights
         update = _sgd(cfg.lr) if cfg.optimizer == "sgd" else _adam(cfg.lr, params)

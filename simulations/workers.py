@@ -10,6 +10,10 @@ factory and keeps it, with its data views and model, warm across rounds. Per mes
   (the ClientApp then decodes the weights once a batch, not once a client);
 - the node's Context (node config, state, run config): it comes back with the reply, so
   `Context.state` persists whichever worker serves the node.
+Replies come back the same way: the worker writes the ArrayRecords of a job's replies (the
+trained weights) into a shared-memory block of its own and sends only the rest through the
+pipe; the pool reads the records back and unlinks the block. So a worker never waits for this
+process to drain a pipe of weights, and goes straight on to its next message.
 
 Results do not depend on the number of workers: a client's training depends only on its
 message, its Context and its seed, and replies are returned in the order of the messages, so
@@ -40,7 +44,7 @@ import os
 import signal
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -186,6 +190,16 @@ class _Task:
 
 
 _Job = tuple[_Task, ...]  # what one send carries: one message, or a worker's share of a batch (batch runner)
+_Places = dict[str, tuple["_SharedArray", ...]]  # a message's ArrayRecords left out of its bytes: key -> arrays
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A job's replies: each one's bytes (ArrayRecords left empty), its node's Context and where in
+    `block` its ArrayRecords are; `block` is "" where no reply has any."""
+
+    block: str
+    replies: tuple[tuple[bytes, bytes, _Places], ...]
 
 
 @dataclass
@@ -288,8 +302,7 @@ class WorkerPool:
         """The message to send: its ArrayRecords left empty, their place in `block` given instead."""
         content = message.content.items() if message.has_content() else []
         records = {key: shared[id(record)] for key, record in content if id(record) in shared}
-        light = RecordDict({k: ArrayRecord() if k in records else v for k, v in content}) if records else None
-        return _Task(index, message_to_bytes(message, light), context_to_bytes(context), block, records)
+        return _Task(index, message_to_bytes(message, _light(message, records)), context_to_bytes(context), block, records)
 
     def _jobs(self, tasks: list[_Task]) -> deque[_Job]:
         """One job per message; with a batch runner, one per worker, dealt out in turn."""
@@ -327,16 +340,17 @@ class WorkerPool:
         """The replies to `worker`'s first job; a worker that died gives an error reply to each
         message it held, and is replaced."""
         try:
-            answers: list[tuple[bytes, bytes]] = worker.conn.recv()
+            answer: _Answer = worker.conn.recv()
         except (EOFError, OSError):
             self._replace(worker)
             reason = f"the worker process serving this node died (exit code {worker.process.exitcode})"
             held = [task.index for job in worker.jobs for task in job]
             return {i: error_reply(messages[i], ErrorCode.CLIENT_APP_CRASHED, reason) for i in held}
         replies = {}
-        for task, (reply, context) in zip(worker.jobs.popleft(), answers, strict=True):
-            contexts[task.index].state = context_from_bytes(context).state
-            replies[task.index] = message_from_bytes(reply)
+        with _opened(answer.block, unlink=True) as block:
+            for task, (reply, context, places) in zip(worker.jobs.popleft(), answer.replies, strict=True):
+                contexts[task.index].state = context_from_bytes(context).state
+                replies[task.index] = _with_records(message_from_bytes(reply), block, places)
         return replies
 
     def _replace(self, worker: _Worker) -> _Worker:
@@ -372,23 +386,58 @@ def _shared_records(messages: list[Message]) -> Iterator[tuple[str, dict[int, tu
         if message.has_content():
             for record in message.content.array_records.values():
                 records.setdefault(id(record), record)
-    places: dict[int, tuple[int, tuple[_SharedArray, ...]]] = {}
+    block, places = _pack(list(records.values()))
+    try:
+        yield block.name, {key: (number, arrays) for number, (key, arrays) in enumerate(zip(records, places))}
+    finally:
+        block.close()
+        block.unlink()
+
+
+def _pack(records: list[ArrayRecord]) -> tuple[SharedMemory, list[tuple[_SharedArray, ...]]]:
+    """`records` written one after another into a new shared-memory block; the block (the caller
+    closes it, and unlinks it or has it unlinked), and each record's arrays' places in it."""
+    places: list[tuple[_SharedArray, ...]] = []
     offset = 0
-    for number, (key, record) in enumerate(records.items()):
+    for record in records:
         arrays = []
         for name, array in record.items():
             arrays.append(_SharedArray(name, array.dtype, tuple(array.shape), array.stype, offset, len(array.data)))
             offset += len(array.data)
-        places[key] = (number, tuple(arrays))
+        places.append(tuple(arrays))
     block = SharedMemory(create=True, size=max(offset, 1))
+    for record, arrays in zip(records, places, strict=True):
+        for place, array in zip(arrays, record.values(), strict=True):
+            block.buf[place.offset : place.offset + place.size] = array.data
+    return block, places
+
+
+@contextmanager
+def _opened(name: str, unlink: bool = False) -> Iterator[SharedMemory | None]:
+    """The shared-memory block `name` ("": none), closed (and with `unlink`, removed) at the end."""
+    if not name:
+        yield None
+        return
+    memory = SharedMemory(name=name, create=False)
     try:
-        for key, record in records.items():
-            for place, array in zip(places[key][1], record.values(), strict=True):
-                block.buf[place.offset : place.offset + place.size] = array.data
-        yield block.name, places
+        yield memory
     finally:
-        block.close()
-        block.unlink()
+        memory.close()
+        if unlink:
+            memory.unlink()
+
+
+def _read_record(memory: SharedMemory, arrays: tuple[_SharedArray, ...]) -> ArrayRecord:
+    return ArrayRecord(
+        {a.name: Array(a.dtype, a.shape, a.stype, bytes(memory.buf[a.offset : a.offset + a.size])) for a in arrays}
+    )
+
+
+def _with_records(message: Message, block: SharedMemory | None, places: _Places) -> Message:
+    """`message` with the ArrayRecords its sender left in `block` put back in."""
+    for key, arrays in places.items():
+        message.content[key] = _read_record(block, arrays)  # type: ignore[arg-type] - places imply a block
+    return message
 
 
 class _Records:
@@ -402,21 +451,9 @@ class _Records:
         if block != self._block:
             self._block, self._records = block, {}
         if number not in self._records:
-            self._records[number] = _read_record(block, arrays)
+            with _opened(block) as memory:
+                self._records[number] = _read_record(memory, arrays)  # type: ignore[arg-type]
         return self._records[number]
-
-
-def _read_record(block: str, arrays: tuple[_SharedArray, ...]) -> ArrayRecord:
-    memory = SharedMemory(name=block, create=False)
-    try:
-        return ArrayRecord(
-            {
-                a.name: Array(a.dtype, a.shape, a.stype, bytes(memory.buf[a.offset : a.offset + a.size]))
-                for a in arrays
-            }
-        )
-    finally:
-        memory.close()
 
 
 def _serve(conn: Connection, app_factory: AppFactory, device: _Device, batch_factory: BatchFactory | None) -> None:
@@ -442,7 +479,7 @@ def _serve(conn: Connection, app_factory: AppFactory, device: _Device, batch_fac
 
 def _replies(
     client_app: ClientApp | None, batch_runner: RoundRunner | None, failure: str, records: _Records, job: _Job
-) -> list[tuple[bytes, bytes]]:
+) -> _Answer:
     """The job's replies, each with its node's Context: the batch runner's where it takes the
     job, else the ClientApp's (or the reason it could not be loaded)."""
     messages = [_message(records, task) for task in job]
@@ -453,7 +490,40 @@ def _replies(
         replies = batch_runner(messages, contexts) if batch_runner is not None else None
         if replies is None:
             replies = [call_client(client_app, m, c) for m, c in zip(messages, contexts, strict=True)]
-    return [(message_to_bytes(r), context_to_bytes(c)) for r, c in zip(replies, contexts, strict=True)]
+    return _answer(replies, contexts)
+
+
+def _answer(replies: list[Message], contexts: list[Context]) -> _Answer:
+    """`replies` to send back: their ArrayRecords in a new shared-memory block (the pool unlinks
+    it), the rest in Flower's wire format, each with its node's Context."""
+    keyed = [
+        (i, key, record)
+        for i, reply in enumerate(replies)
+        if reply.has_content()
+        for key, record in reply.content.array_records.items()
+    ]
+    if not keyed:
+        return _Answer("", tuple((message_to_bytes(r), context_to_bytes(c), {}) for r, c in zip(replies, contexts)))
+    block, places = _pack([record for _, _, record in keyed])
+    block.close()
+    left_out: list[_Places] = [{} for _ in replies]
+    for (i, key, _record), arrays in zip(keyed, places, strict=True):
+        left_out[i][key] = arrays
+    return _Answer(
+        block.name,
+        tuple(
+            (message_to_bytes(reply, _light(reply, shared)), context_to_bytes(context), shared)
+            for reply, context, shared in zip(replies, contexts, left_out, strict=True)
+        ),
+    )
+
+
+def _light(message: Message, shared: Collection[str]) -> RecordDict | None:
+    """`message`'s content with the ArrayRecords under the keys `shared` left empty (they travel
+    through shared memory); None where there are none."""
+    if not shared:
+        return None
+    return RecordDict({k: ArrayRecord() if k in shared else v for k, v in message.content.items()})
 
 
 def _message(records: _Records, task: _Task) -> Message:
