@@ -2,7 +2,7 @@
 """How fast is fedsim? MNIST-2NN FedAvg against a bare PyTorch loop and Flower's Ray simulation.
 
     .venv/bin/python benchmarks/simulation_speed.py [--rounds 10] [--quick] [--repeat N]
-        [--systems floor,fedsim,fedsim-vec,ray] [--workers 1,auto] [--device cpu|cuda]
+        [--systems floor,floor-plain,fedsim,fedsim-vec,ray] [--workers 1,auto] [--device cpu|cuda]
 
 Workload (McMahan et al. 2017, MNIST 2NN, IID): 100 clients x 600 examples, E = 1, B = 10,
 SGD lr 0.1, central evaluation on the 10k test set after every round; once with 10 and once
@@ -12,6 +12,8 @@ Systems, each configuration in a fresh subprocess:
 
   floor       a plain single-process PyTorch loop: the same model (shared.recipe), the same sampled
               clients, shuffles, SGD steps, weighted average and evaluation; no Flower at all;
+  floor-plain the floor with fedsim's SGD step (shared.task.PlainSGD) instead of torch.optim.SGD:
+              the same weights, without torch.optim's per-step and first-use (torch._dynamo) costs;
   fedsim      simulations.engine.run_simulation, vectorized = "off", once per --workers value
               (`1`: the clients in the process; `auto`: one worker process per core);
   fedsim-vec  the same with vectorized = "on" (where simulations.vectorized provides a batch runner);
@@ -64,10 +66,11 @@ from shared.processes import descendants  # noqa: E402 - stdlib only: the childr
 MNIST_NPZ = REPO.parent / "shared" / "datasets" / "mnist.npz"
 NUM_CLIENTS = 100
 FIRST_NODE_ID = 1001  # simulations.grid.FIRST_NODE_ID: node id = FIRST_NODE_ID + partition id
-SYSTEMS = ("floor", "fedsim", "fedsim-vec", "ray")
+SYSTEMS = ("floor", "floor-plain", "fedsim", "fedsim-vec", "ray")
 FEDSIM = ("fedsim", "fedsim-vec")  # run once per --workers value: the table's row "fedsim:auto"
 LABELS = {
     "floor": "floor: plain PyTorch loop",
+    "floor-plain": "floor, fedsim's SGD step",
     "fedsim": "fedsim",
     "fedsim-vec": "fedsim vectorized",
     "ray": "Flower on Ray",
@@ -82,6 +85,9 @@ TARGETS = (
     (10, "wall", "ray", "fedsim:auto", ">=", 3.0),
     (100, "peak MB", "fedsim:auto", "ray", "<=", 0.5),
     (10, "peak MB", "fedsim:auto", "ray", "<=", 0.5),
+    (100, "peak PSS MB", "fedsim:auto", "ray", "<=", 0.5),
+    (10, "peak PSS MB", "fedsim:auto", "ray", "<=", 0.5),
+    (100, "wall", "fedsim:auto", "floor-plain", "<=", 0.65),
 )
 
 
@@ -135,13 +141,18 @@ def write_stand_in(path: Path) -> None:
 # Each runs inside a child process and returns a result dict; wall time excludes imports.
 
 
-def bare_local_training(model: Any, x: Any, y: Any, cfg: Any, seed: int) -> None:
+def bare_local_training(model: Any, x: Any, y: Any, cfg: Any, seed: int, plain: bool = False) -> None:
     """The floor's local training: plain SGD over shuffled batches, nothing else."""
     import torch
     import torch.nn.functional as F
 
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    if plain:  # fedsim's step (bit-identical weights) without torch.optim's per-step and first-use costs
+        from shared.task import PlainSGD
+
+        opt: Any = PlainSGD(list(model.parameters()), lr=cfg.lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     for _ in range(cfg.local_epochs):
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
         for start in range(0, len(y), cfg.batch_size):
@@ -152,7 +163,7 @@ def bare_local_training(model: Any, x: Any, y: Any, cfg: Any, seed: int) -> None
             opt.step()
 
 
-def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
+def child_floor(spec: dict[str, Any], plain: bool = False) -> dict[str, Any]:
     import random
 
     import numpy as np
@@ -191,7 +202,8 @@ def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
             x, y = clients[node_id - FIRST_NODE_ID]
             model.load_state_dict(global_weights)
             # fedclient.app.client_seed: one shuffle seed per (run seed, round, node)
-            bare_local_training(model, x, y, cfg, (cfg.seed * 1_000_003 + server_round * 10_007 + node_id) % (2**63))
+            seed = (cfg.seed * 1_000_003 + server_round * 10_007 + node_id) % (2**63)
+            bare_local_training(model, x, y, cfg, seed, plain)
             weight = len(y) / total  # FedAvg: weighted by num-examples, summed in reply order
             with torch.no_grad():
                 for key, value in model.state_dict().items():
@@ -308,8 +320,8 @@ def cpu_seconds() -> float:
 def child_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     system = spec["system"]
-    if system == "floor":
-        result = child_floor(spec)
+    if system in ("floor", "floor-plain"):
+        result = child_floor(spec, plain=system == "floor-plain")
     elif system == "fedsim":
         result = child_fedsim(spec, "off")
     elif system == "fedsim-vec":
@@ -479,13 +491,15 @@ def label(row: str, result: dict[str, Any]) -> str:
 
 
 def measure(result: dict[str, Any], what: str) -> float | None:
+    """A row's "wall" s, "peak MB" (the tree's RSS sum) or "peak PSS MB" (each shared page counted
+    once: the memory the tree takes from the machine); None where the row was not measured."""
     if "wall_s" not in result:
         return None
-    return result["wall_s"] if what == "wall" else peak_mb(result)
+    return {"wall": result["wall_s"], "peak MB": peak_mb(result), "peak PSS MB": result["tree_pss_mb"]}[what]
 
 
 def ratio(results: dict[str, dict[str, Any]], num: str, den: str, what: str = "wall") -> float | None:
-    """`what` ("wall" or "peak MB") of row `num` over row `den`; None where either was not measured."""
+    """`what` (see `measure`) of row `num` over row `den`; None where either was not measured."""
     a, b = measure(results.get(num, {}), what), measure(results.get(den, {}), what)
     return None if a is None or b is None else a / b
 
