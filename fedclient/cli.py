@@ -9,7 +9,6 @@ from pathlib import Path
 from fedclient.node import ISOLATIONS, REFUSAL_GRACE, NodeOptions, run_node
 from shared.cli import add_command, build_parser as build_command_parser, run_cli
 from shared.config import DEVICES
-from shared.pki import make_node_key_pair
 
 PROG = "fedclient"
 
@@ -67,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_keygen(args: argparse.Namespace) -> int:
     """`fedclient keygen NAME`: the key pair, and where each half goes."""
+    from shared.pki import make_node_key_pair  # noqa: PLC0415 - `start` runs for days without `cryptography`
+
     key, pub = make_node_key_pair(args.dir, args.name)
     print(f"private key  {key}  (stays on this device: {PROG} start --key {key})")
     print(f"public key   {pub}  (give it to the server's operator: it goes to the PKI as clients/{pub.name})")

@@ -58,7 +58,6 @@ from types import FrameType
 from typing import IO
 
 from shared.errors import ExitCode, FedclientError
-from shared.flower_compat import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from shared.processes import free_port, spawn, stop_tree
 
 ISOLATIONS = ("warm", "subprocess")
@@ -67,11 +66,13 @@ MAX_BACKOFF = 30.0  # longest pause before restarting a child
 STABLE_SECONDS = 60.0  # a child up this long has its restart pause reset
 CONNECT_TIMEOUT = 5.0  # seconds one check that the server accepts connections may take
 # A node that stopped uncleanly stays online on the SuperLink this long after its last
-# heartbeat (Flower 1.41: 2 x 30 s), and activating it again is refused with code 2004, as an
+# heartbeat (Flower 1.41: HEARTBEAT_PATIENCE 2 x HEARTBEAT_DEFAULT_INTERVAL 30 s, checked against
+# Flower's constants by tests/fedclient/test_node.py: this supervisor does not import Flower, which
+# would add about 50 MB to a device), and activating it again is refused with code 2004, as an
 # unregistered key is; a daemon also registers node keys a moment after its port opens. So a
 # 2004 in a node's first REFUSAL_GRACE s is tried again every REFUSAL_RETRY s before it counts.
 # A TLS failure (wrong CA) counts at once: waiting does not change a certificate.
-ONLINE_WINDOW = float(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL)
+ONLINE_WINDOW = 60.0
 RETRYABLE_REFUSALS = ("[code: 2004]",)
 REFUSAL_GRACE = ONLINE_WINDOW + 15.0
 REFUSAL_RETRY = 5.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import stat
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -241,3 +242,13 @@ def test_a_refusal_grace_that_is_not_seconds_is_a_one_line_error_exit_2(files, g
 
     assert code == 2
     assert capsys.readouterr().err == f"fedclient: error: --refusal-grace must be a number of seconds, 0 or more, got {float(grace)}\n"
+
+
+def test_the_online_window_is_flowers_and_the_supervisor_imports_neither_flower_nor_torch():
+    from shared.flower_compat import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+
+    imports = "import sys, fedclient.cli; print(sorted({'flwr', 'torch', 'cryptography'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", imports], capture_output=True, text=True, check=True).stdout
+
+    assert node.ONLINE_WINDOW == HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
+    assert loaded == "[]\n"  # a device runs `fedclient start` for days: each would cost it memory
