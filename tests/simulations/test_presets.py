@@ -71,3 +71,16 @@ def test_mnist_cnn_iid_learns_in_one_short_round(tmp_path, dataset):
 
     assert result.summary["rounds"] == 1 and "rounds_to_target" in result.summary
     assert result.summary["final_accuracy"] > 0.5  # measured 0.614; chance is 0.1
+
+
+def test_imdb_by_movie_gives_each_movie_a_client(dataset):
+    from shared.data.federation import load_federation
+
+    cfg = real_data_config("imdb-by-movie.toml", dataset("imdb.jsonl.gz"))
+
+    federation = load_federation(cfg)
+
+    sizes = sorted(len(federation.client(k).y_train) for k in range(federation.num_clients))
+    # 1,322 movies with 5 to 30 training reviews each, and one client pooling the smaller movies' 4,254
+    assert federation.num_clients == 1323 and sum(sizes) == 20_000
+    assert sizes[0] == 5 and sizes[-2] == 30 and sizes[-1] == 4254
