@@ -152,7 +152,11 @@ def test_sealed_shares_fail_when_tampered_replayed_or_redirected():
 # ----------------------------------------------------------------------------- Shamir
 
 
-@pytest.mark.parametrize("secret", [bytes(range(32)), crypto.new_key_pair()[0], os.urandom(32)])
+@pytest.mark.parametrize(
+    "secret",
+    [bytes(range(32)), crypto.new_key_pair()[0], os.urandom(32)],
+    ids=["counting", "private-key", "random"],  # random bytes in an id differ between pytest-xdist's workers
+)
 def test_any_threshold_shares_rebuild_the_secret_and_fewer_do_not(secret):
     shares = crypto.split_secret(secret, 4, 7)
     assert [int.from_bytes(share[:4], "little") for share in shares] == list(range(1, 8))
