@@ -38,9 +38,9 @@ SAY_TORCH_BUILD := import torch; v = torch.version; \
 demo: $(STAMP)
 	$(VENV)/bin/fedsim run
 
-# One pytest worker per core; each test module stays on one worker, in order (tests/conftest.py).
+# One pytest worker per core; each test module stays on one worker, in order (its deployments start once).
 test: $(STAMP) test-data
-	$(PY) -m pytest -q -n auto --dist loadgroup
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 setup: $(STAMP)
 

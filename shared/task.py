@@ -151,13 +151,10 @@ def evaluate(
 
 def token_lengths(x: torch.Tensor | np.ndarray) -> torch.Tensor | None:
     """Each row's length up to its trailing padding, (N,) on the CPU, for integer (token id) x; else None."""
-    if isinstance(x, np.ndarray):  # counted in numpy: x may be a read-only view of memory-mapped data
-        if x.ndim != 2 or np.issubdtype(x.dtype, np.floating):
-            return None
-        return torch.from_numpy((x != PAD).sum(axis=1, dtype=np.int64))
-    if x.ndim != 2 or x.is_floating_point():
+    xt = input_tensor(x) if isinstance(x, np.ndarray) else x
+    if xt.ndim != 2 or xt.is_floating_point():
         return None
-    return (x != PAD).sum(dim=1).cpu()
+    return (xt != PAD).sum(dim=1).cpu()
 
 
 def batch_plan(n: int, batch_size: int, shuffle: torch.Generator, lengths: torch.Tensor | None) -> list[Batch]:

@@ -302,7 +302,8 @@ class WorkerPool:
         """The message to send: its ArrayRecords left empty, their place in `block` given instead."""
         content = message.content.items() if message.has_content() else []
         records = {key: shared[id(record)] for key, record in content if id(record) in shared}
-        return _Task(index, message_to_bytes(message, _light(message, records)), context_to_bytes(context), block, records)
+        light = message_to_bytes(message, _light(message, records))
+        return _Task(index, light, context_to_bytes(context), block, records)
 
     def _jobs(self, tasks: list[_Task]) -> deque[_Job]:
         """One job per message; with a batch runner, one per worker, dealt out in turn."""
@@ -406,9 +407,14 @@ def _pack(records: list[ArrayRecord]) -> tuple[SharedMemory, list[tuple[_SharedA
             offset += len(array.data)
         places.append(tuple(arrays))
     block = SharedMemory(create=True, size=max(offset, 1))
-    for record, arrays in zip(records, places, strict=True):
-        for place, array in zip(arrays, record.values(), strict=True):
-            block.buf[place.offset : place.offset + place.size] = array.data
+    try:
+        for record, arrays in zip(records, places, strict=True):
+            for place, array in zip(arrays, record.values(), strict=True):
+                block.buf[place.offset : place.offset + place.size] = array.data
+    except BaseException:
+        block.close()
+        block.unlink()
+        raise
     return block, places
 
 

@@ -1,8 +1,9 @@
 """Fixtures shared by the whole test suite."""
 
+import fcntl
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,15 +73,14 @@ def locate_dataset(name: str) -> Path:
     pytest.skip(missing)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist with `--dist loadgroup` (`make test`), each module's tests go to one
-    worker, in file order (its module-scoped deployments start once), unless they name a group:
-    the tests that start Flower's Ray engine are `xdist_group("ray")`, as they look for Ray
-    processes left behind among all of the machine's."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+@pytest.fixture
+def one_ray_engine_at_a_time(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests that start Flower's Ray engine look for Ray processes left behind among all of the
+    machine's: under pytest-xdist (`make test`) they take turns, by a lock the workers share."""
+    lock = tmp_path_factory.getbasetemp().parent / "ray-engine.lock"
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture

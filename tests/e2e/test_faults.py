@@ -109,8 +109,8 @@ def _learned(rows: list[dict]) -> bool:
     return rows[-1]["eval_loss"] < rows[0]["eval_loss"] and max(r["accuracy"] for r in rows[1:]) > rows[0]["accuracy"]
 
 
-def _wait_dead(e2e, pids: set[int], what: str) -> None:
-    e2e.wait_until(lambda: not any(is_alive(pid) for pid in pids), 15, what, every=0.1)
+def _wait_dead(e2e, pids: set[int], what: str, timeout: float = 15) -> None:
+    e2e.wait_until(lambda: not any(is_alive(pid) for pid in pids), timeout, what, every=0.1)
 
 
 def test_a_server_killed_with_sigkill_resumes_without_losing_or_repeating_a_round(deploy, e2e):
@@ -127,7 +127,8 @@ def test_a_server_killed_with_sigkill_resumes_without_losing_or_repeating_a_roun
 
     # Execute: the same command, same state directory
     restarted = fed.start_daemon("restarted")
-    _wait_dead(e2e, {orphan, *orphan_tree}, "the old SuperLink and its processes to be stopped")
+    # (the new daemon stops them once it has started: seconds, more on a loaded machine)
+    _wait_dead(e2e, {orphan, *orphan_tree}, "the old SuperLink and its processes to be stopped", timeout=60)
     rows = fed.wait_for_rounds(3, 240)
 
     # Assert: the new daemon took over and every round is recorded exactly once, with its checkpoint

@@ -241,7 +241,8 @@ def test_a_refusal_grace_that_is_not_seconds_is_a_one_line_error_exit_2(files, g
     code = cli.main([*argv, "--data", str(files["data.npz"]), "--refusal-grace", grace])
 
     assert code == 2
-    assert capsys.readouterr().err == f"fedclient: error: --refusal-grace must be a number of seconds, 0 or more, got {float(grace)}\n"
+    expected = f"fedclient: error: --refusal-grace must be a number of seconds, 0 or more, got {float(grace)}\n"
+    assert capsys.readouterr().err == expected
 
 
 def test_the_online_window_is_flowers_and_the_supervisor_imports_neither_flower_nor_torch():

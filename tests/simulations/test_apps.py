@@ -329,11 +329,10 @@ def ray_processes() -> set[int]:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed: pip install -e '.[ray]'")
-@pytest.mark.xdist_group("ray")  # one Ray engine at a time under pytest-xdist (tests/conftest.py)
 @pytest.mark.parametrize(("app", "nodes", "expected"),
                          [(NUMPY_APP, 4, numpy_app_final(4, 3, 2.0)), (QUICKSTART, 5, quickstart_final(5, 3))],
                          ids=["numpy_app", "quickstart_numpy"])  # fmt: skip
-def test_fedsim_ends_where_flowers_ray_engine_ends(tmp_path, app, nodes, expected):
+def test_fedsim_ends_where_flowers_ray_engine_ends(tmp_path, app, nodes, expected, one_ray_engine_at_a_time):
     # Prepare
     before = ray_processes()
     run_config = ["step=2"] if app == NUMPY_APP else []

@@ -28,7 +28,6 @@ NUMPY_APP = Path(__file__).parent / "apps" / "numpy_app"
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="Ray is not installed: pip install -e '.[ray]'"
 )
-pytestmark = pytest.mark.xdist_group("ray")  # one Ray engine at a time under pytest-xdist (tests/conftest.py)
 
 # Every client each round (Flower's engine names its nodes at random, so a sample would differ)
 # and one batch per epoch (the local shuffle, seeded by node id, then cannot change the update).
@@ -44,8 +43,9 @@ def tiny(*extra: str) -> list[str]:
 
 
 @pytest.fixture
-def ray_run(monkeypatch):
-    """Flower's engine rewrites PYTHONPATH (for its actors) and its loader sys.path: put both back after."""
+def ray_run(monkeypatch, one_ray_engine_at_a_time):
+    """Flower's engine rewrites PYTHONPATH (for its actors) and its loader sys.path: put both back
+    after. One Ray engine at a time (tests/conftest.py)."""
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
     monkeypatch.setattr(sys, "path", list(sys.path))
 

@@ -3,6 +3,8 @@
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -102,12 +104,23 @@ def test_the_largest_clients_are_served_first():
     assert served == [3, 2, 1, 5, 0, 4]  # sizes 0,1,2,3,0,1: largest first, ties in message order
 
 
+@contextmanager
+def _sigint_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in the block, as in fedsim run from a terminal (a
+    pytest-xdist worker process ignores SIGINT)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_stops_every_worker():
     pool = WorkerPool(state_app, 2)
     grid = make_grid(pool)
     pids = pool.pids
 
-    with pytest.raises(KeyboardInterrupt), pool:
+    with _sigint_raises(), pytest.raises(KeyboardInterrupt), pool:
         grid.send_and_receive(train_messages(grid, interrupt=1))
 
     assert pids and not any(is_alive(pid) for pid in pids)
