@@ -508,15 +508,16 @@ def _answer(replies: list[Message], contexts: list[Context]) -> _Answer:
         if reply.has_content()
         for key, record in reply.content.array_records.items()
     ]
-    if not keyed:
-        return _Answer("", tuple((message_to_bytes(r), context_to_bytes(c), {}) for r, c in zip(replies, contexts)))
-    block, places = _pack([record for _, _, record in keyed])
-    block.close()
+    name = ""  # no block: no reply has an ArrayRecord
     left_out: list[_Places] = [{} for _ in replies]
-    for (i, key, _record), arrays in zip(keyed, places, strict=True):
-        left_out[i][key] = arrays
+    if keyed:
+        block, places = _pack([record for _, _, record in keyed])
+        block.close()
+        name = block.name
+        for (i, key, _record), arrays in zip(keyed, places, strict=True):
+            left_out[i][key] = arrays
     return _Answer(
-        block.name,
+        name,
         tuple(
             (message_to_bytes(reply, _light(reply, shared)), context_to_bytes(context), shared)
             for reply, context, shared in zip(replies, contexts, left_out, strict=True)
