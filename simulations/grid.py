@@ -120,9 +120,7 @@ class InProcessGrid(Grid):
     def _deliver(self, message_ids: list[str]) -> None:
         messages = [self._pending.pop(i) for i in message_ids]
         contexts = [self.context(m.metadata.dst_node_id) for m in messages]
-        replies = self._batch_runner(messages, contexts) if self._batch_runner else None
-        if replies is None:
-            replies = [call_client(self._client_app, m, c) for m, c in zip(messages, contexts)]
+        replies = serve_batch(self._client_app, self._batch_runner, messages, contexts)
         for message_id, reply in zip(message_ids, replies, strict=True):
             self._replies[message_id] = reply
 
@@ -133,13 +131,24 @@ class InProcessGrid(Grid):
         return partition_id
 
 
+def serve_batch(
+    client_app: ClientApp, batch_runner: RoundRunner | None, messages: list[Message], contexts: list[Context]
+) -> list[Message]:
+    """The replies to `messages`: the batch runner's where it takes them, else the ClientApp's."""
+    replies = batch_runner(messages, contexts) if batch_runner is not None else None
+    if replies is None:
+        replies = [call_client(client_app, m, c) for m, c in zip(messages, contexts, strict=True)]
+    return replies
+
+
 def call_client(client_app: ClientApp, message: Message, context: Context) -> Message:
-    """The ClientApp's reply to `message`; an exception in it becomes an error reply, as a SuperNode sends."""
+    """The ClientApp's reply to `message`; an exception in it, `sys.exit` included, becomes an
+    error reply, as a SuperNode sends: a ClientApp does not end the simulation."""
     try:
         return client_app(message, context)
     except KeyboardInterrupt:
         raise
-    except Exception as err:  # the ClientApp failed: reply with an error, as a SuperNode does
+    except (Exception, SystemExit) as err:  # the ClientApp failed: reply with an error, as a SuperNode does
         return error_reply(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}")
 
 

@@ -1,6 +1,9 @@
 """Parallel clients: a round's messages served by a pool of worker processes.
 
-`WorkerPool` is a `RoundRunner` for the in-process Grid. Each worker is a process started with
+`WorkerPool` is a `RoundRunner` for the in-process Grid. Where fedsim runs N workers
+(`client_workers`), they are this process and N - 1 worker processes: this process, idle
+between the ServerApp's steps, serves a share of each round itself, so the machine's cores
+carry N copies of PyTorch and Flower, not N + 1. Each worker process is started with
 the `spawn` method (as on macOS and Windows), which builds its ClientApp once from a picklable
 factory and keeps it, with its data views and model, warm across rounds. Per message it gets:
 - the message in Flower's wire format (`shared.flower_compat.message_to_bytes`), its
@@ -21,14 +24,18 @@ the strategy aggregates them in the same order as in one process. The largest cl
 `size`) are handed out first, each worker taking the next message when it replies, so a round
 does not end waiting on one straggler.
 
-A worker that dies turns the messages it held (the one it was serving, and the next one
-queued behind it) into error replies (the round's quorum decides) and is replaced. Workers ignore Ctrl-C (the terminal sends it to every process of the
+A worker process that dies turns the messages it held (the one it was serving, and the next one
+queued behind it) into error replies (the round's quorum decides) and is replaced. The share
+this process serves has no process boundary, as with `workers = 1`: a ClientApp's exception,
+`sys.exit` included, is an error reply, but one that ends its process (`os._exit`, a crash in
+native code) ends the run. Workers ignore Ctrl-C (the terminal sends it to every process of the
 group); the pool stops them all when it is closed, and a worker whose parent is gone exits at
 its next read. Each worker builds its data views through the normal loaders (the federation's
 `load_federation`) on first use, from the dataset's arrays the engine read and shared
 (memory-mapped): nothing of the dataset is pickled to it, nor read again from its file.
 
-With CUDA, worker i is given visible GPU i mod (their number) as its only device
+With CUDA, worker i is given visible GPU i mod (their number) as its only device (this
+process, worker 0, trains on its first visible GPU)
 (`CUDA_VISIBLE_DEVICES`, set in the worker before its ClientApp is built, so `cuda` and
 `cuda:0` both mean its GPU), and `gpu_memory_fraction` caps what each worker's PyTorch may
 allocate there, so many workers cannot run a card out of memory between them. Where training
@@ -39,6 +46,7 @@ worker that dies then turns its whole share into error replies.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
@@ -60,7 +68,7 @@ from shared.flower_compat import (
     message_from_bytes,
     message_to_bytes,
 )
-from simulations.grid import RoundRunner, call_client, error_reply
+from simulations.grid import RoundRunner, error_reply, serve_batch
 
 AUTO = "auto"
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
@@ -155,15 +163,22 @@ def client_workers(
     gpu_memory_fraction: float = 0.0,
     batch_factory: BatchFactory | None = None,
 ) -> Iterator[WorkerPool | None]:
-    """A pool of `workers` processes (see WorkerPool), stopped with every worker at the end; for
-    one worker, None: the clients train in this process, its VRAM capped where they use `gpus`."""
+    """`workers` workers: this process and `workers - 1` worker processes (a WorkerPool serving
+    a share here), stopped with every worker at the end; for one worker, None: the clients train
+    in this process. This process's VRAM is capped where the clients use `gpus`."""
+    if gpus:
+        limit_gpu_memory(gpu_memory_fraction)
     if workers == 1:
-        if gpus:
-            limit_gpu_memory(gpu_memory_fraction)
         yield None
         return
     with WorkerPool(
-        app_factory, workers, size, gpus=gpus, gpu_memory_fraction=gpu_memory_fraction, batch_factory=batch_factory
+        app_factory,
+        workers - 1,
+        size,
+        gpus=gpus,
+        gpu_memory_fraction=gpu_memory_fraction,
+        batch_factory=batch_factory,
+        serve_here=True,
     ) as pool:
         yield pool
 
@@ -189,7 +204,8 @@ class _Task:
     shared: dict[str, tuple[int, tuple[_SharedArray, ...]]]  # key -> (record number, its arrays)
 
 
-_Job = tuple[_Task, ...]  # what one send carries: one message, or a worker's share of a batch (batch runner)
+_Job = tuple[int, ...]  # positions in a batch served at once: one message, or a worker's share (batch runner)
+_Wire = tuple[_Task, ...]  # a job as sent to a worker process
 _Places = dict[str, tuple["_SharedArray", ...]]  # a message's ArrayRecords left out of its bytes: key -> arrays
 
 
@@ -206,11 +222,33 @@ class _Answer:
 class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: Connection
-    jobs: deque[_Job] = field(default_factory=deque)  # sent, not yet answered: the first is being served
+    jobs: deque[_Wire] = field(default_factory=deque)  # sent, not yet answered: the first is being served
+
+
+class _Clients:
+    """A process's ClientApp (and batch runner) as its factories build them, or, where they
+    fail, the reason, which every message it is given gets as its error reply."""
+
+    def __init__(self, app_factory: AppFactory, batch_factory: BatchFactory | None, device: _Device | None = None) -> None:
+        try:
+            if device is not None:
+                device.use()
+            self._app: ClientApp | None = app_factory()
+            self._batch_runner = batch_factory() if batch_factory is not None else None
+            self._failure = ""
+        except Exception as err:  # noqa: BLE001 - every message gets the reason as its error reply
+            self._app, self._batch_runner = None, None
+            self._failure = f"the ClientApp could not be loaded: {type(err).__name__}: {err}"
+
+    def replies(self, messages: list[Message], contexts: list[Context]) -> list[Message]:
+        if self._app is None:
+            return [error_reply(m, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, self._failure) for m in messages]
+        return serve_batch(self._app, self._batch_runner, messages, contexts)
 
 
 class WorkerPool:
-    """`workers` processes serving batches of messages with the ClientApp `app_factory` builds.
+    """`workers` processes serving batches of messages with the ClientApp `app_factory` builds;
+    with `serve_here`, this process too (worker 0), with a ClientApp of its own.
 
     `size(context)` ranks a node's message for scheduling (larger first); None keeps message order.
     With `gpus` CUDA devices, each worker gets one (see `worker_gpu`), its PyTorch allocations
@@ -218,6 +256,10 @@ class WorkerPool:
     a batch runner too, and a batch is dealt out whole: worker w of W gets the w-th, (w+W)-th, ...
     messages of the size order at once, which its batch runner serves (its ClientApp where the
     runner declines). Use as a context manager, or call `close`.
+
+    Serving here, this process takes the first job of a batch (the largest message, or its
+    share), and another each time it has served one while jobs remain; the worker processes are
+    handed theirs first, so they train meanwhile.
     """
 
     def __init__(
@@ -229,6 +271,7 @@ class WorkerPool:
         gpus: int = 0,
         gpu_memory_fraction: float = 0.0,
         batch_factory: BatchFactory | None = None,
+        serve_here: bool = False,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -238,7 +281,9 @@ class WorkerPool:
         self._gpus = gpus
         self._memory_fraction = gpu_memory_fraction
         self._spawn = multiprocessing.get_context("spawn")
-        self._workers = [self._start(index) for index in range(workers)]
+        self._first = int(serve_here)  # worker 0 is this process where it serves
+        self._workers = [self._start(index) for index in range(self._first, self._first + workers)]
+        self._here = _Clients(app_factory, batch_factory) if serve_here else None
 
     @property
     def pids(self) -> list[int]:
@@ -252,10 +297,19 @@ class WorkerPool:
         order = sorted(range(len(messages)), key=self._rank(contexts))
         replies: dict[int, Message] = {}
         with _shared_records(messages) as (block, shared):
-            todo = self._jobs([self._task(i, messages[i], contexts[i], block, shared) for i in order])
+
+            @functools.cache
+            def wire(job: _Job) -> _Wire:
+                return tuple(self._task(i, messages[i], contexts[i], block, shared) for i in job)
+
+            todo = self._jobs(order)
             while len(replies) < len(messages):
-                self._hand_out(todo)
-                for worker in self._ready():
+                here = todo.popleft() if todo and self._here is not None else ()
+                self._hand_out(todo, wire)
+                if here:
+                    served = self._here.replies([messages[i] for i in here], [contexts[i] for i in here])  # type: ignore[union-attr]
+                    replies.update(zip(here, served, strict=True))
+                for worker in self._ready(block=not here):
                     replies.update(self._collect(worker, messages, contexts))
         return [replies[i] for i in range(len(messages))]
 
@@ -305,14 +359,14 @@ class WorkerPool:
         light = message_to_bytes(message, _light(message, records))
         return _Task(index, light, context_to_bytes(context), block, records)
 
-    def _jobs(self, tasks: list[_Task]) -> deque[_Job]:
+    def _jobs(self, order: list[int]) -> deque[_Job]:
         """One job per message; with a batch runner, one per worker, dealt out in turn."""
         if self._batch_factory is None:
-            return deque((task,) for task in tasks)
-        workers = len(self._workers)
-        return deque(tuple(tasks[w::workers]) for w in range(min(workers, len(tasks))))
+            return deque((i,) for i in order)
+        workers = self._first + len(self._workers)
+        return deque(tuple(order[w::workers]) for w in range(min(workers, len(order))))
 
-    def _hand_out(self, todo: deque[_Job]) -> None:
+    def _hand_out(self, todo: deque[_Job], wire: Callable[[_Job], _Wire]) -> None:
         """Keep every worker busy: a job to serve, and the next one queued when it is small.
 
         Queuing one ahead spares a worker waiting on this process between messages; only small
@@ -322,19 +376,20 @@ class WorkerPool:
         for worker in self._workers:
             if not worker.jobs and not worker.process.is_alive():  # died between rounds
                 worker = self._replace(worker)
-            while todo and (not worker.jobs or (len(worker.jobs) == 1 and self._prefetch(todo[0]))):
-                worker.jobs.append(todo.popleft())
+            while todo and (not worker.jobs or (len(worker.jobs) == 1 and self._prefetch(wire(todo[0])))):
+                worker.jobs.append(wire(todo.popleft()))
                 try:
                     worker.conn.send(worker.jobs[-1])
                 except OSError:  # it died: `_ready` reports it
                     break
 
-    def _prefetch(self, job: _Job) -> bool:
+    def _prefetch(self, job: _Wire) -> bool:
         return self._batch_factory is None and sum(len(t.message) + len(t.context) for t in job) <= PREFETCH_BYTES
 
-    def _ready(self) -> list[_Worker]:
+    def _ready(self, block: bool = True) -> list[_Worker]:
+        """The worker processes with an answer (or dead); without `block`, those ready now."""
         busy = [w for w in self._workers if w.jobs]
-        handles = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+        handles = wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=None if block else 0)
         return [w for w in busy if w.conn in handles or w.process.sentinel in handles]
 
     def _collect(self, worker: _Worker, messages: list[Message], contexts: list[Context]) -> dict[int, Message]:
@@ -358,7 +413,7 @@ class WorkerPool:
         worker.conn.close()
         worker.process.join()
         index = self._workers.index(worker)
-        new = self._workers[index] = self._start(index)  # the same GPU as the worker it replaces
+        new = self._workers[index] = self._start(self._first + index)  # the same GPU as the worker it replaces
         return new
 
 
@@ -466,37 +521,16 @@ def _serve(conn: Connection, app_factory: AppFactory, device: _Device, batch_fac
     """A worker's loop: take its GPU, build the ClientApp (and batch runner), then reply to each
     job until the pool stops it or is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the pool stops us
-    try:
-        device.use()
-        client_app: ClientApp | None = app_factory()
-        batch_runner = batch_factory() if batch_factory is not None else None
-        failure = ""
-    except Exception as err:  # noqa: BLE001 - every message gets the reason as its error reply
-        client_app, batch_runner = None, None
-        failure = f"the ClientApp could not be loaded: {type(err).__name__}: {err}"
+    clients = _Clients(app_factory, batch_factory, device)
     records = _Records()
     while True:
         try:
-            job: _Job = conn.recv()
+            job: _Wire = conn.recv()
         except (EOFError, OSError):  # the pool is gone
             return
-        conn.send(_replies(client_app, batch_runner, failure, records, job))
-
-
-def _replies(
-    client_app: ClientApp | None, batch_runner: RoundRunner | None, failure: str, records: _Records, job: _Job
-) -> _Answer:
-    """The job's replies, each with its node's Context: the batch runner's where it takes the
-    job, else the ClientApp's (or the reason it could not be loaded)."""
-    messages = [_message(records, task) for task in job]
-    contexts = [context_from_bytes(task.context) for task in job]
-    if client_app is None:
-        replies = [error_reply(m, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, failure) for m in messages]
-    else:
-        replies = batch_runner(messages, contexts) if batch_runner is not None else None
-        if replies is None:
-            replies = [call_client(client_app, m, c) for m, c in zip(messages, contexts, strict=True)]
-    return _answer(replies, contexts)
+        messages = [_message(records, task) for task in job]
+        contexts = [context_from_bytes(task.context) for task in job]
+        conn.send(_answer(clients.replies(messages, contexts), contexts))
 
 
 def _answer(replies: list[Message], contexts: list[Context]) -> _Answer:

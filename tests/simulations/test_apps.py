@@ -194,15 +194,17 @@ def failing_in_workers(condition: str) -> str:
     return guard + APP_SOURCE.replace('if context.node_config["partition-id"] == 0:', "if False:")
 
 
-def test_a_clientapp_no_worker_can_load_is_one_line_and_exit_2(tmp_path, capsys):
+def test_a_clientapp_no_worker_process_can_load_leaves_the_share_served_here(tmp_path, caplog):
     app = write_app(tmp_path, failing_in_workers("True"))
 
     code = fedsim("--app", str(app), "--num-supernodes", "4", "--workers", "2", "--output", str(tmp_path / "out"))
 
-    err = capsys.readouterr().err
-    assert code == 2
-    assert err.startswith("fedsim: error: ") and err.count("\n") == 1, err
-    assert "the ClientApp could not be loaded: " in err and "no such device in this worker" in err
+    # fedsim's own process loaded the app: it serves a share of every batch, the worker's are errors
+    assert code == 0
+    timing = json.loads((tmp_path / "out" / TIMING_FILE).read_text())
+    assert 0 < timing["client_errors"] < timing["messages"]["train"]
+    reports = [r for r in caplog.records if "the ClientApp could not be loaded: " in r.getMessage()]
+    assert len(reports) == 1 and "no such device in this worker" in reports[0].getMessage()
 
 
 def test_a_clientapp_some_workers_cannot_load_is_reported_once(tmp_path, monkeypatch, caplog):

@@ -1,6 +1,7 @@
 """fedsim end to end: outputs, every strategy, determinism, stopping, errors."""
 
 import json
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -105,6 +106,24 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path, monkeypatch, 
     assert result.interrupted
     assert result.summary["rounds"] == 1
     assert (tmp_path / "r" / "curves.png").exists() and (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_ctrl_c_while_this_process_serves_its_share_stops_every_worker(tmp_path, monkeypatch, tiny_config):
+    real_train = task.train  # patched here only: the worker processes import their own
+    calls = []
+
+    def train_then_interrupt(*args, **kwargs):  # Ctrl-C arrives during this process's training
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(task, "train", train_then_interrupt)
+
+    result = run_simulation(tiny_config(rounds=5, workers="2"), tmp_path / "r", progress=False)
+
+    assert result.interrupted and result.summary["rounds"] < 5
+    assert not multiprocessing.active_children()  # the worker process was stopped with the run
 
 
 @pytest.mark.parametrize(

@@ -71,18 +71,19 @@ def test_unknown_node_is_refused():
         grid.push_messages([train_message(FIRST_NODE_ID + 5)])
 
 
-def test_a_failing_client_app_becomes_an_error_reply():
+@pytest.mark.parametrize("failure", [RuntimeError("disk on fire"), SystemExit("disk on fire")], ids=repr)
+def test_a_failing_client_app_becomes_an_error_reply(failure):
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        raise RuntimeError("disk on fire")
+        raise failure  # sys.exit too: a ClientApp does not end the simulation
 
     grid = make_grid(app=app)
 
     (reply,) = grid.send_and_receive([train_message(FIRST_NODE_ID)])
 
-    assert reply.has_error() and "disk on fire" in reply.error.reason
+    assert reply.has_error() and f"{type(failure).__name__}: disk on fire" in reply.error.reason
 
 
 def test_contexts_are_made_only_for_addressed_nodes():

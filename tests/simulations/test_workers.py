@@ -1,5 +1,7 @@
 """Parallel clients: worker processes give the results of one process, keep state, survive a death."""
 
+import contextlib
+import multiprocessing
 import os
 import signal
 import time
@@ -113,6 +115,29 @@ def _sigint_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_n_workers_are_this_process_and_n_minus_1_worker_processes():
+    with workers_module.client_workers(state_app, 2) as pool:
+        grid = make_grid(pool)
+        first = grid.send_and_receive(train_messages(grid))
+        second = grid.send_and_receive(train_messages(grid))
+        spawned = set(pool.pids)
+
+    served = {r.content["metrics"]["pid"] for r in first + second}
+    assert len(spawned) == 1 and served == spawned | {os.getpid()}  # each serves a share
+    assert [r.content["metrics"]["calls"] for r in second] == [2] * NODES  # state kept, whoever serves
+    assert [r.metadata.src_node_id for r in second] == grid.get_node_ids()  # replies in message order
+
+
+def test_with_a_batch_runner_this_process_serves_a_share_too():
+    with WorkerPool(state_app, 1, batch_factory=batch_runner, serve_here=True) as pool:
+        grid = make_grid(pool)
+        replies = grid.send_and_receive(train_messages(grid))
+        spawned = set(pool.pids)
+
+    assert [r.content["metrics"]["batch"] for r in replies] == [NODES // 2] * NODES  # half a round each
+    assert {r.content["metrics"]["pid"] for r in replies} == spawned | {os.getpid()}
 
 
 def test_ctrl_c_stops_every_worker():
@@ -245,18 +270,21 @@ def make_grid_in_process() -> InProcessGrid:
     return InProcessGrid(state_app(), NODES, {"k": 1}, simulation_node_config(NODES))
 
 
-VICTIM = 2  # partition id whose worker dies in round 1 of `dying_fedclient_app`
+DIE_ONCE = "FLOWERBED_TEST_DIE_ONCE"  # a file the first worker process to train in round 1 creates, then dies
 
 
 def dying_fedclient_app() -> ClientApp:
-    """fedclient's ClientApp, except that the worker training node VICTIM in round 1 dies."""
+    """fedclient's ClientApp, except that the first worker process to train a node in round 1
+    dies (fedsim's own process, which serves a share too, never does)."""
     inner = make_client_app()
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        if msg.content[keys.CONFIG][keys.SERVER_ROUND] == 1 and context.node_config["partition-id"] == VICTIM:
-            os._exit(9)
+        if msg.content[keys.CONFIG][keys.SERVER_ROUND] == 1 and multiprocessing.parent_process() is not None:
+            with contextlib.suppress(FileExistsError):
+                with open(os.environ[DIE_ONCE], "x"):
+                    os._exit(9)
         return inner(msg, context)
 
     @app.evaluate()
@@ -268,10 +296,12 @@ def dying_fedclient_app() -> ClientApp:
 
 def test_a_run_goes_on_past_a_dead_worker_when_the_quorum_holds(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "make_client_app", dying_fedclient_app)
+    monkeypatch.setenv(DIE_ONCE, str(tmp_path / "died"))
     cfg = tiny_config(num_clients=6, clients_per_round=6, rounds=2, min_replies=3, workers="2")
 
     result = engine.run_simulation(cfg, tmp_path / "run", progress=False)
 
+    assert (tmp_path / "died").exists()  # a worker process did die
     assert result.summary["rounds"] == 2 and not result.interrupted
 
 
