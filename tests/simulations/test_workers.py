@@ -355,6 +355,18 @@ def test_each_worker_sees_only_its_gpu_and_a_memory_cap_is_a_no_op_without_cuda(
     assert {r.content["seen"]["gpu"] for r in replies} == {"4", "6"}
 
 
+def test_serving_here_this_process_keeps_the_first_gpu_and_the_worker_processes_take_the_next(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+
+    with workers_module.client_workers(gpu_app, 3, gpus=2) as pool:
+        grid = InProcessGrid(gpu_app(), NODES, {}, simulation_node_config(NODES), batch_runner=pool)
+        replies = grid.send_and_receive(train_messages(grid))
+
+    seen = [r.content["seen"]["gpu"] for r in replies]
+    assert seen[0] == "4,6"  # the largest-first message is served here, on cuda:0, the first visible GPU
+    assert set(seen) == {"4,6", "6", "4"}  # worker processes 1 and 2: GPUs 1 mod 2 and 2 mod 2
+
+
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """torch.cuda as `limit_gpu_memory` sees it, CUDA or not as the test says; returns the caps set."""
