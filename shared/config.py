@@ -274,15 +274,16 @@ class RunConfig:
     )
     workers: str = EXECUTION.option(
         "auto",
-        "fedsim: processes training a round's clients in parallel, each keeping its ClientApp warm (on CUDA, "
-        "worker i on GPU i mod the GPUs' number); `1` = in this process; `auto` = one per core (one per GPU "
+        "fedsim: processes training a round's clients in parallel, each keeping its ClientApp warm: this "
+        "process and N - 1 worker processes (on CUDA, worker i on GPU i mod the GPUs' number); `1` = in this "
+        "process only; `auto` = one per core (one per GPU "
         "on CUDA), at most `clients-per-round`, and in this process on one core, below 4 clients a round or "
         "where the whole run trains fewer than 150,000 examples. The same seed gives bit-identical weights "
         "whatever the number.",
     )
     gpu_memory_fraction: float = EXECUTION.option(
         0.0,
-        "fedsim on CUDA: the share of a GPU's memory each worker (or fedsim's own process, with `workers = 1`) "
+        "fedsim on CUDA: the share of a GPU's memory each worker (fedsim's own process among them) "
         "may allocate, so that many workers cannot run a card out of memory; 0.0 = no cap. Ignored without CUDA.",
     )
     torch_threads: int = EXECUTION.option(
