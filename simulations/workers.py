@@ -50,6 +50,7 @@ import functools
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
@@ -91,12 +92,19 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+GPU_DRIVERS = ("/proc/driver/nvidia", "/dev/kfd")  # on Linux, where NVIDIA's or AMD's (ROCm) driver is loaded
+
+
 def visible_gpus() -> int:
     """CUDA devices this process may use (0 without CUDA).
 
     PyTorch counts them through NVML where it can, without initialising CUDA here. PyTorch is
-    imported only when asked (an app's workers may need no PyTorch at all).
+    imported only where there may be a GPU: on Linux without a GPU driver the answer is 0
+    without it (an app's workers may need no PyTorch at all, and importing it takes seconds
+    and about 200 MB).
     """
+    if sys.platform.startswith("linux") and not any(os.path.exists(path) for path in GPU_DRIVERS):
+        return 0
     import torch  # noqa: PLC0415 - seconds to import; only where GPUs matter
 
     return torch.cuda.device_count()
@@ -229,7 +237,9 @@ class _Clients:
     """A process's ClientApp (and batch runner) as its factories build them, or, where they
     fail, the reason, which every message it is given gets as its error reply."""
 
-    def __init__(self, app_factory: AppFactory, batch_factory: BatchFactory | None, device: _Device | None = None) -> None:
+    def __init__(
+        self, app_factory: AppFactory, batch_factory: BatchFactory | None, device: _Device | None = None
+    ) -> None:
         try:
             if device is not None:
                 device.use()
@@ -306,12 +316,17 @@ class WorkerPool:
             while len(replies) < len(messages):
                 here = todo.popleft() if todo and self._here is not None else ()
                 self._hand_out(todo, wire)
-                if here:
-                    served = self._here.replies([messages[i] for i in here], [contexts[i] for i in here])  # type: ignore[union-attr]
-                    replies.update(zip(here, served, strict=True))
+                replies.update(self._serve_here(here, messages, contexts))
                 for worker in self._ready(block=not here):
                     replies.update(self._collect(worker, messages, contexts))
         return [replies[i] for i in range(len(messages))]
+
+    def _serve_here(self, job: _Job, messages: list[Message], contexts: list[Context]) -> dict[int, Message]:
+        """This process's replies to `job` (none to an empty one)."""
+        if not job or self._here is None:
+            return {}
+        served = self._here.replies([messages[i] for i in job], [contexts[i] for i in job])
+        return dict(zip(job, served, strict=True))
 
     def close(self) -> None:
         """Stop every worker now: they keep nothing that outlives the pool (an interrupted round's

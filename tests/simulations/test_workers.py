@@ -4,6 +4,8 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -332,6 +334,18 @@ def gpu_app() -> ClientApp:
 )
 def test_worker_i_gets_gpu_i_mod_the_visible_gpus(gpus, visible, expected):
     assert [worker_gpu(index, gpus, visible) for index in range(3)] == expected
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or any(os.path.exists(p) for p in workers_module.GPU_DRIVERS),
+    reason="needs Linux without a GPU driver",
+)
+def test_without_a_gpu_driver_no_gpu_is_counted_and_pytorch_is_not_imported():
+    code = "import sys; from simulations.workers import visible_gpus; print(visible_gpus(), 'torch' in sys.modules)"
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+    assert out.split() == ["0", "False"]
 
 
 def test_auto_is_one_worker_per_gpu_where_the_clients_train_on_cuda():
