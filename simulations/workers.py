@@ -73,6 +73,7 @@ from simulations.grid import RoundRunner, error_reply, serve_batch
 
 AUTO = "auto"
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
+GPU_DRIVERS = ("/proc/driver/nvidia", "/dev/kfd")  # on Linux, where NVIDIA's or AMD's (ROCm) driver is loaded
 AUTO_MIN_CLIENTS = 4  # `auto` trains in process below this many clients a round: start-up would not pay
 # `auto` trains in process when the whole run trains fewer examples than this: about 10 s of the
 # MNIST 2NN on one core, against a few seconds for workers to start (importing PyTorch and Flower).
@@ -90,9 +91,6 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-GPU_DRIVERS = ("/proc/driver/nvidia", "/dev/kfd")  # on Linux, where NVIDIA's or AMD's (ROCm) driver is loaded
 
 
 def visible_gpus() -> int:
