@@ -4,7 +4,8 @@ from shared.errors import FlowerbedError
 
 
 class DataError(FlowerbedError, ValueError):
-    """A data file is missing, unreadable, empty or malformed.
+    """A data file is missing, unreadable, empty or malformed, or holds what no model trains on: a
+    NaN or infinite value, a label that is not an integer class id.
 
     The message is one line that names the file and the problem.
     """

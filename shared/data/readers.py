@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import os
 import re
 import zipfile
@@ -128,9 +129,52 @@ def _checked_splits(path: PathLike, **arrays: np.ndarray) -> Splits:
                 f"{path}: the {split} labels are text (e.g. {str(y.flat[0])!r}); this format needs integer "
                 "class ids (a CSV's text labels are mapped to ids)"
             )
+        if x is not None and y is not None:
+            _check_values(path, split, x, y)
     if len(arrays["x_train"]) == 0:
         raise DataError(f"{path}: train split is empty")
     return Splits(**arrays)
+
+
+# ---------------------------------------------------------------- values: finite features, integer labels
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_CHUNK = 1 << 20  # values checked at a time: a device's memory holds one chunk's mask, not the file's
+
+
+def _check_values(path: PathLike, where: str, x: np.ndarray, y: np.ndarray) -> None:
+    """Refuse NaN or infinite features (or beyond float32, what features become) and labels that are
+    not integer class ids, naming the first offending example of `where` (a split, a user) and feature."""
+    bad = _first_non_finite(x)
+    if bad is not None:
+        example, feature = divmod(bad, max(1, int(np.prod(x.shape[1:]))))
+        value = x.reshape(-1)[bad].item()
+        raise DataError(f"{path}: {where} example {example}, feature {feature}: {_not_finite(repr(value), value)}")
+    if y.dtype.kind == "f" and y.size:
+        bad_labels = np.flatnonzero(~(np.isfinite(y) & (np.floor(y) == y)))
+        if bad_labels.size:
+            example = int(bad_labels[0])
+            label = y[example].item()
+            raise DataError(f"{path}: {where} example {example}: label {label!r} is not an integer class id")
+
+
+def _first_non_finite(x: np.ndarray) -> int | None:
+    """The flat index of `x`'s first NaN, infinite or beyond-float32 value (None for integer arrays)."""
+    if x.dtype.kind != "f":
+        return None
+    flat = x.reshape(-1)
+    for start in range(0, flat.size, _CHUNK):
+        bad = np.flatnonzero(~(np.abs(flat[start : start + _CHUNK]) <= _FLOAT32_MAX))  # NaN compares False
+        if bad.size:
+            return start + int(bad[0])
+    return None
+
+
+def _not_finite(text: str, value: float) -> str:
+    """Why a value is refused: NaN or infinite (as an empty cell is), or finite but beyond float32."""
+    if math.isfinite(value):
+        return f"{text} is beyond float32's range"
+    return f"{text} is not a finite number"
 
 
 # ---------------------------------------------------------------- CSV
@@ -145,17 +189,43 @@ def read_csv(path: PathLike, label_column: str = "label") -> Splits:
     """
     header, body = _csv_rows(path, label_column)
     label_at = header.index(label_column)
-    features, labels = [], []
+    x = _csv_features(path, header, body, label_at)
+    y, classes = _class_ids(path, [(line, row[label_at].strip()) for line, row in body])
+    return Splits(x, y, classes=classes)
+
+
+def _csv_features(path: PathLike, header: list[str], body: list[tuple[int, list[str]]], label_at: int) -> np.ndarray:
+    """Every row's fields but the label as float32; a cell that is empty, no number, NaN or infinite
+    (or beyond float32) is refused naming its line and column."""
+    columns = _features_of(header, label_at)
+    features = []
     for line, row in body:
         if len(row) != len(header):
             raise DataError(f"{path}: line {line} has {len(row)} fields, header has {len(header)}")
-        labels.append((line, row[label_at].strip()))
         try:
-            features.append([float(v) for i, v in enumerate(row) if i != label_at])
-        except ValueError as exc:
-            raise DataError(f"{path}: line {line}: {exc}") from exc
-    y, classes = _class_ids(path, labels)
-    return Splits(np.asarray(features, np.float32).reshape(len(body), -1), y, classes=classes)
+            features.append([float(v) for v in _features_of(row, label_at)])
+        except ValueError:
+            cells = zip(columns, _features_of(row, label_at), strict=True)
+            column, text = next((column, text) for column, text in cells if not _is_number(text))
+            raise DataError(f"{path}: line {line}, column {column!r}: {_not_a_number(text)}") from None
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused just below
+        x = np.asarray(features, np.float32).reshape(len(body), -1)
+    bad = _first_non_finite(x)
+    if bad is not None:
+        (line, row), at = body[bad // len(columns)], bad % len(columns)
+        text = _features_of(row, label_at)[at].strip()
+        raise DataError(f"{path}: line {line}, column {columns[at]!r}: {_not_finite(repr(text), float(text))}")
+    return x
+
+
+def _features_of(row: list[str], label_at: int) -> list[str]:
+    """A CSV row's fields but the label."""
+    return [v for i, v in enumerate(row) if i != label_at]
+
+
+def _not_a_number(text: str) -> str:
+    """Why a feature cell is refused: the same shape for an empty cell and any other non-number."""
+    return "empty value" if not text.strip() else f"{text.strip()!r} is not a number"
 
 
 def _csv_rows(path: PathLike, label_column: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -221,20 +291,25 @@ def read_jsonl(
         for line_no, line in enumerate(f, start=1):
             if line.strip():
                 record = _json_record(path, line_no, line, fields)
+                record[label_field] = _integer_label(path, line_no, label_field, record[label_field])
                 for field in fields:
                     columns[field].append(record[field])
     if not columns[text_field]:
         raise DataError(f"{path}: no records")
-    try:
-        labels = np.asarray([int(v) for v in columns[label_field]], np.int64)
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{path}: non-integer {label_field!r}: {exc}") from exc
     return TextRecords(
         texts=[str(t) for t in columns[text_field]],
-        labels=labels,
+        labels=np.asarray(columns[label_field], np.int64),
         groups=[str(g) for g in columns[group_field]] if group_field else None,
         splits=[str(s) for s in columns[split_field]] if split_field else None,
     )
+
+
+def _integer_label(path: PathLike, line_no: int, field: str, value: Any) -> int:
+    """A JSON label as a class id: an integer, or a number or string that is one (not 1.5, NaN, true)."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not re.fullmatch(r"[+-]?\d+(\.0*)?", text):
+        raise DataError(f"{path}: line {line_no}: {field} {value!r} is not an integer class id")
+    return int(text.partition(".")[0])
 
 
 def read_text(path: PathLike, text_field: str = "text") -> str:
@@ -293,12 +368,13 @@ def _leaf_file(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if not isinstance(data, dict) or "x" not in data or "y" not in data:
             raise DataError(f"{path}: user {user!r} has no x/y in user_data")
         try:
-            x, y = _leaf_array(data["x"], np.float32), _leaf_array(data["y"], np.int64)
+            x, y = _leaf_array(data["x"], np.float32), np.asarray(data["y"])
         except ValueError as exc:
             raise DataError(f"{path}: user {user!r}: malformed samples: {exc}") from exc
         if len(x) != len(y):
             raise DataError(f"{path}: user {user!r} has {len(x)} x but {len(y)} y")
-        users[str(user)] = (x, y)
+        _check_values(path, f"user {user!r}", x, y)  # y before its cast: 1.5 and NaN are no class ids
+        users[str(user)] = (x, _leaf_array(y, np.int64))
     return users
 
 

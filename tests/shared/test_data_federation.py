@@ -9,7 +9,7 @@ import pytest
 from shared.config import RunConfig
 from shared.data import DataError
 from shared.data import partition as partitioners
-from shared.data.federation import ClientData, load_federation, load_local
+from shared.data.federation import ClientData, check_local, load_federation, load_local
 from shared.data.synthetic import synthetic_device, synthetic_sizes
 
 SYNTHETIC = {"num_clients": 6, "clients_per_round": 2, "synthetic_max_samples": 200}
@@ -123,3 +123,99 @@ def test_unset_data_path_says_so_and_where_to_get_the_data():
     unset = r"^config key 'data-path' is not set: dataset 'mnist' reads an NPZ.*#datasets$"
     with pytest.raises(DataError, match=unset):
         load_federation(RunConfig(dataset="mnist", model="2nn"))
+
+
+# ---------------------------------------------------------------- a device checks its own data
+
+
+def write_leaf(path, users):
+    path.write_text(json.dumps({"users": list(users), "user_data": users}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "summary"),
+    [
+        ("own.npz", lambda p: mnist_like(p, n=30, with_test=True),
+         "40 examples (10 of them test), 16 features, labels 0..2"),
+        ("own.csv", lambda p: p.write_text("a,b,label\n1,2,0\n3,4,9\n"), "2 examples, 2 features, labels 0..9"),
+        ("own.json", lambda p: write_leaf(p, {"u": {"x": [[1.0], [2.0]], "y": [4, 5]}}),
+         "2 examples, 1 feature, labels 4..5"),
+        ("own.jsonl", lambda p: p.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n'),
+         "text: 2 records, labels 0..1"),
+        ("lines.jsonl", lambda p: p.write_text('{"text": "to be"}\n'), "text: 5 characters"),
+        ("own.txt", lambda p: p.write_text("or not to be"), "text: 12 characters"),
+    ],
+)  # fmt: skip
+def test_a_devices_data_is_summarised_without_knowing_the_run(tmp_path, name, write, summary):
+    path = tmp_path / name
+    write(path)
+
+    assert check_local(path) == summary
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "problem"),
+    [
+        ("x.npz", lambda p: p.write_text("a text file"), "x.npz: not an npz (zip) archive"),
+        ("x.bin", lambda p: p.write_text("1,2"), "x.bin: unknown data format; a device's data is an .npz, a .csv"),
+        ("x.npz", lambda p: p.write_text(""), "x.npz: empty file"),
+        ("x.csv", lambda p: p.write_text("a,label\n1,cat\n"), "x.csv: text class labels (e.g. 'cat')"),
+        ("x.csv", lambda p: p.write_text("a,label\n1,0\n-Infinity,1\n"),
+         "x.csv: line 3, column 'a': '-Infinity' is not a finite number"),
+        ("x.csv", lambda p: p.write_text("a,label\n1,0\n2,1.5\n"), "x.csv: line 3: label '1.5' is not an integer"),
+        ("x.npz", lambda p: np.savez(p, x=np.array([[0.0], [np.nan]]), y=[0, 1]),
+         "x.npz: train example 1, feature 0: nan is not a finite number"),
+        ("x.jsonl", lambda p: p.write_text('{"text": "a", "label": 1.5}\n'), "x.jsonl: line 1: label 1.5 is not"),
+        ("x.json", lambda p: write_leaf(p, {"u": {"x": ["to be"], "y": ["o"]}}), "x.json: the features are text"),
+        ("x.json", lambda p: write_leaf(p, {}), "data path {path} holds no examples"),
+        ("x.txt", lambda p: p.write_text(" \n"), "x.txt: no text"),
+    ],
+)  # fmt: skip
+def test_a_devices_data_that_no_run_could_train_on_is_refused_in_one_line(tmp_path, name, write, problem):
+    # Prepare
+    path = tmp_path / name
+    write(path)
+
+    # Execute
+    with pytest.raises(DataError) as refused:
+        check_local(path)
+
+    # Assert: the file named, the problem (and where), one line
+    message = str(refused.value)
+    assert problem.format(path=path) in message and str(path) in message and "\n" not in message
+
+
+def test_load_local_refuses_what_check_local_refuses(tmp_path):
+    # Prepare: LEAF JSON without users (load_local once failed on it with a bare numpy ValueError)
+    path = write_leaf(tmp_path / "none.json", {})
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=f"^data path {path} holds no examples$"):
+        load_local(path, RunConfig())
+
+
+def test_a_simulation_on_a_csv_with_nan_is_refused_before_it_starts(tmp_path):
+    # Prepare: a NaN on line 3 (before, the client holding it was dropped every round: "train_loss nan")
+    path = tmp_path / "d.csv"
+    path.write_text("a,b,label\n1,2,0\n3,NaN,1\n5,6,0\n7,8,1\n")
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=f"^{path}: line 3, column 'b': 'NaN' is not a finite number$"):
+        load_federation(RunConfig(dataset="csv", model="mlp", data_path=str(path), num_clients=2, clients_per_round=2))
+
+
+def test_fedsim_on_a_csv_with_nan_exits_2_with_one_line(tmp_path, capsys):
+    from simulations import cli  # noqa: PLC0415 - the simulator, only for this end-to-end check
+
+    # Prepare
+    path = tmp_path / "d.csv"
+    path.write_text("a,b,label\n1,2,0\n3,inf,1\n5,6,0\n7,8,1\n")
+    run = ["run", "--set", "dataset=csv", "--set", f'data-path="{path}"', "--set", "num-clients=2"]
+
+    # Execute
+    code = cli.main([*run, "--set", "clients-per-round=2", "--output", str(tmp_path / "out")])
+
+    # Assert
+    assert code == 2
+    assert capsys.readouterr().err == f"fedsim: error: {path}: line 3, column 'b': 'inf' is not a finite number\n"

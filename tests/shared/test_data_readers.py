@@ -103,6 +103,20 @@ def test_read_idx_dir_reads_mixed_raw_and_gz(tmp_path):
     np.testing.assert_array_equal(splits.y_test, np.arange(3))
 
 
+def test_read_idx_dir_refuses_an_infinite_pixel_naming_the_example_and_feature(tmp_path):
+    # Prepare: float32 images, test image 1's pixel (1, 0) infinite
+    x_test = np.zeros((3, 2, 2), np.float32)
+    x_test[1, 1, 0] = np.inf
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 2, 2), np.float32), code=0x0D)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(2, dtype=np.uint8))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", x_test, code=0x0D)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(3, dtype=np.uint8))
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=f"^{tmp_path}: test example 1, feature 2: inf is not a finite number$"):
+        read_idx_dir(tmp_path)
+
+
 def test_read_idx_dir_names_the_missing_file(tmp_path):
     write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((1, 2, 2), np.uint8))
 
@@ -168,6 +182,45 @@ def test_read_npz_refuses_text_labels_in_one_line(tmp_path, split):
 
     with pytest.raises(DataError, match=f"the {split} labels are text \\(e.g. 'setosa'\\); this format needs integer"):
         read_npz(path)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_read_npz_refuses_nan_or_infinite_features_naming_the_example_and_feature(tmp_path, value):
+    # Prepare: 3 examples of 2x3 features, example 2's feature (1, 1) bad
+    x = np.zeros((3, 2, 3))
+    x[2, 1, 1] = value
+    path = tmp_path / "d.npz"
+    np.savez(path, x=x, y=np.arange(3))
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=f"d.npz: train example 2, feature 4: {value!r} is not a finite number$"):
+        read_npz(path)
+
+
+def test_read_npz_refuses_features_beyond_float32(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.array([[1.0], [1e39]]), y=np.arange(2))
+
+    with pytest.raises(DataError, match="train example 1, feature 0: 1e\\+39 is beyond float32's range$"):
+        read_npz(path)
+
+
+@pytest.mark.parametrize("label, shown", [(1.5, "1.5"), (np.nan, "nan"), (np.inf, "inf")])
+def test_read_npz_refuses_labels_that_are_not_integers_naming_the_example(tmp_path, label, shown):
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=np.zeros((2, 1)), y_train=[0.0, 1.0], x_test=np.zeros((3, 1)), y_test=[0.0, label, 2.0])
+
+    with pytest.raises(DataError, match=f"d.npz: test example 1: label {shown} is not an integer class id$"):
+        read_npz(path)
+
+
+def test_read_npz_keeps_float_labels_that_are_integers(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((2, 1)), y=np.array([0.0, 3.0]))
+
+    splits = read_npz(path)
+
+    np.testing.assert_array_equal(splits.y_train, [0, 3])
 
 
 @pytest.mark.parametrize("content", [b"", b"not a zip at all"])
@@ -250,6 +303,45 @@ def test_read_csv_rejects_malformed(tmp_path, content, problem):
         read_csv(path)
 
 
+@pytest.mark.parametrize("cell", ["nan", "NaN", " NAN", "inf", "-inf", "+Infinity", "-infinity"])
+def test_read_csv_refuses_nan_or_infinite_as_it_refuses_an_empty_cell(tmp_path, cell):
+    # Prepare: the same file with the bad cell and with an empty one, on line 3, column 'b'
+    bad = write_text(tmp_path / "bad.csv", f"a,label,b\n1,0,2\n3,1,{cell}\n")
+    empty = write_text(tmp_path / "empty.csv", "a,label,b\n1,0,2\n3,1,\n")
+
+    # Execute
+    with pytest.raises(DataError) as refused:
+        read_csv(bad)
+    with pytest.raises(DataError) as refused_empty:
+        read_csv(empty)
+
+    # Assert: one shape, naming the file, the line and the column
+    assert str(refused.value) == f"{bad}: line 3, column 'b': {cell.strip()!r} is not a finite number"
+    assert str(refused_empty.value) == f"{empty}: line 3, column 'b': empty value"
+
+
+@pytest.mark.parametrize(
+    "cell, problem",
+    [
+        ("x", "line 2, column 'a': 'x' is not a number"),
+        ("1e39", "line 2, column 'a': '1e39' is beyond float32's range"),
+    ],
+)
+def test_read_csv_names_the_column_of_a_bad_feature(tmp_path, cell, problem):
+    path = write_text(tmp_path / "d.csv", f"a,label\n{cell},2\n")
+
+    with pytest.raises(DataError, match=f"^{path}: {problem}$"):
+        read_csv(path)
+
+
+@pytest.mark.parametrize("label", ["nan", "inf", "1.5", "-Infinity"])
+def test_read_csv_refuses_a_label_that_is_not_an_integer_naming_the_line(tmp_path, label):
+    path = write_text(tmp_path / "d.csv", f"a,label\n1,0\n2,{label}\n")
+
+    with pytest.raises(DataError, match=f"^{path}: line 3: label '{label}' is not an integer class id$"):
+        read_csv(path)
+
+
 # ---------------------------------------------------------------- JSON lines
 
 
@@ -285,7 +377,11 @@ def test_read_jsonl_without_group_or_split(tmp_path):
         ('{"text": "a", "label": 1}\n{"text": \n', "line 2: invalid JSON"),
         ('[1, 2]\n', "line 1: not a JSON object"),
         ('{"text": "a"}\n', r"line 1: missing field\(s\) \['label'\]"),
-        ('{"text": "a", "label": "pos"}\n', "non-integer 'label'"),
+        ('{"text": "a", "label": "pos"}\n', "line 1: label 'pos' is not an integer class id"),
+        ('{"text": "a", "label": 1}\n{"text": "b", "label": 1.5}\n', "line 2: label 1.5 is not an integer class id"),
+        ('{"text": "a", "label": 1}\n{"text": "b", "label": NaN}\n', "line 2: label nan is not an integer class id"),
+        ('{"text": "a", "label": Infinity}\n', "line 1: label inf is not an integer class id"),
+        ('{"text": "a", "label": true}\n', "line 1: label True is not an integer class id"),
     ],
 )
 def test_read_jsonl_rejects_malformed(tmp_path, content, problem):
@@ -360,6 +456,22 @@ def test_read_leaf_json_rejects_malformed(tmp_path, content, problem):
     path.write_text(content)
 
     with pytest.raises(DataError, match=problem):
+        read_leaf_json(path)
+
+
+@pytest.mark.parametrize(
+    "user_data, problem",
+    [
+        ('{"x": [[1, 2], [3, NaN]], "y": [0, 1]}', "user 'u' example 1, feature 1: nan is not a finite number$"),
+        ('{"x": [[1, 2], [3, -Infinity]], "y": [0, 1]}', "user 'u' example 1, feature 1: -inf is not a finite number$"),
+        ('{"x": [[1], [2]], "y": [0, 1.5]}', "user 'u' example 1: label 1.5 is not an integer class id$"),
+        ('{"x": [[1], [2]], "y": [NaN, 1]}', "user 'u' example 0: label nan is not an integer class id$"),
+    ],
+)
+def test_read_leaf_json_refuses_nan_infinite_and_non_integer_labels(tmp_path, user_data, problem):
+    path = write_text(tmp_path / "d.json", '{"users": ["u"], "user_data": {"u": ' + user_data + "}}")
+
+    with pytest.raises(DataError, match=f"d.json: {problem}"):
         read_leaf_json(path)
 
 
