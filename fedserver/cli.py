@@ -15,7 +15,7 @@ from pathlib import Path
 from fedserver.state import DEFAULT_ADDRESS, StateDir
 from shared.cli import add_command, build_parser as build_command_parser, run_cli
 from shared.errors import ExitCode
-from shared.pki import PkiPaths, add_client, init_pki, remove_client
+from shared.pki import PkiPaths, add_client, enroll, init_pki, remove_client
 
 PROG = "fedserver"
 EXIT_NOT_RUNNING = ExitCode.NOT_RUNNING  # `status`: no daemon runs for this state directory
@@ -69,14 +69,21 @@ def describe_pki(directory: Path, paths: PkiPaths) -> list[str]:
         f"  CA key              {paths.ca_key}  (keep secret: it signs the server certificate)",
         f"  server certificate  {paths.server_cert}",
         f"  server key          {paths.server_key}",
+        f"  enrollment CA       {paths.enrollment_ca}  (copy to every device: fedclient start --enrollment-ca)",
+        f"  enrollment CA key   {paths.enrollment_ca_key}  (move it OFFLINE now: whoever holds it "
+        f"can enroll devices into secure aggregation; '{PROG} enroll --ca-key' needs it)",
     ]
-    lines += [f"  client key pair     {key}  {pub}" for key, pub in paths.client_keys]
+    lines += [
+        f"  client key pair     {key}  {pub}  enrollment certificate {crt}"
+        for (key, pub), crt in zip(paths.client_keys, paths.client_certificates, strict=True)
+    ]
     lines.append(f"next: {PROG} start --pki {directory} --config RUN.toml")
     if paths.client_keys:
-        key = paths.client_keys[0][0]
+        key, crt = paths.client_keys[0][0], paths.client_certificates[0]
         lines.append(
             f"then on each device: fedclient start --server HOST:{DEFAULT_ADDRESS.rsplit(':', 1)[1]} "
-            f"--ca {paths.ca} --key {key} --data FILE  (one .key per device; its .pub stays here)"
+            f"--ca {paths.ca} --key {key} --enrollment-cert {crt} --enrollment-ca {paths.enrollment_ca} "
+            "--data FILE  (one .key and .crt per device; its .pub stays here)"
         )
     return lines
 
@@ -89,6 +96,22 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_add_client(args: argparse.Namespace) -> int:
     for path in add_client(args.dir, args.name):
         print(path)
+    return 0
+
+
+def _enroll_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ca-key", required=True, type=Path, metavar="PATH", help="the enrollment CA key (kept offline)")
+    parser.add_argument(
+        "--ca-cert", required=True, type=Path, metavar="PATH", help="the enrollment CA certificate (enrollment-ca.pem)"
+    )
+    parser.add_argument("public_key", metavar="NAME.pub", type=Path, help="the device's node public key")
+    parser.add_argument(
+        "--out", type=Path, metavar="NAME.crt", help="where to write the certificate (default: beside NAME.pub)"
+    )
+
+
+def _run_enroll(args: argparse.Namespace) -> int:
+    print(enroll(args.ca_key, args.ca_cert, args.public_key, args.out))
     return 0
 
 
@@ -191,6 +214,11 @@ COMMANDS: dict[str, Command] = {
         "add a SuperNode key pair (clients/NAME.key, clients/NAME.pub)",
         _add_client_arguments,
         _run_add_client,
+    ),
+    "enroll": Command(
+        "sign a device's node public key into its enrollment certificate for secure aggregation (CN = NAME)",
+        _enroll_arguments,
+        _run_enroll,
     ),
     "remove-client": Command(
         "revoke a SuperNode key: delete clients/NAME.*, and unregister it from a running daemon at once",

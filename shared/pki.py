@@ -5,6 +5,9 @@ Layout of a PKI directory::
     ca.pem, ca.key              self-signed CA (the trust anchor clients get as ca.pem)
     server.pem, server.key      SuperLink TLS certificate signed by the CA, and its key
     clients/NAME.key, .pub      SuperNode authentication key pairs (EC P-384, OpenSSH format)
+    clients/NAME.crt            the node key's enrollment certificate (secure aggregation)
+    enrollment/enrollment-ca.pem, .key
+                                the enrollment CA, apart from the TLS CA; its key belongs offline
 
 The node keys are *not* certificates: Flower 1.41 authenticates a SuperNode by a public key
 registered with ``flwr supernode register <NAME.pub>`` and the SuperNode signs with the private
@@ -20,11 +23,13 @@ import datetime as dt
 import ipaddress
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -39,6 +44,7 @@ PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+T = TypeVar("T")
 
 
 class PkiError(FlowerbedError, ValueError):
@@ -54,6 +60,9 @@ class PkiPaths:
     server_cert: Path
     server_key: Path
     client_keys: tuple[tuple[Path, Path], ...]  # (private key, public key) per client
+    enrollment_ca: Path
+    enrollment_ca_key: Path
+    client_certificates: tuple[Path, ...]  # each client's enrollment certificate, parallel to client_keys
 
 
 def init_pki(
@@ -66,7 +75,9 @@ def init_pki(
 
     The CA private key (ca.key, mode 0600) is kept so the server certificate can be re-issued
     later for new hosts without changing ca.pem, which every client already trusts; node keys
-    need no CA (see the module docstring) so ``add_client`` works without it.
+    need no CA (see the module docstring) so ``add_client`` works without it. A separate
+    enrollment CA (enrollment/) issues each of these clients its enrollment certificate
+    (clients/NAME.crt) while its key is here; the operator then moves that key offline.
 
     Refuses a non-empty `directory` unless `force`; with `force` the files above are replaced and
     every other node key pair in clients/ is deleted (the next `fedserver start` unregisters it),
@@ -81,6 +92,8 @@ def init_pki(
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = _ca_certificate(ca_key)
+    enrollment_key = ec.generate_private_key(ec.SECP384R1())
+    enrollment_ca = _ca_certificate(enrollment_key, ENROLLMENT_CA_NAME)
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = _server_certificate(server_key, ca_cert, ca_key, sans)
 
@@ -90,13 +103,19 @@ def init_pki(
         server_cert=directory / "server.pem",
         server_key=directory / "server.key",
         client_keys=tuple(_client_paths(directory, f"client-{k}") for k in range(1, clients + 1)),
+        enrollment_ca=directory / ENROLLMENT_DIR / "enrollment-ca.pem",
+        enrollment_ca_key=directory / ENROLLMENT_DIR / "enrollment-ca.key",
+        client_certificates=tuple(directory / "clients" / f"client-{k}.crt" for k in range(1, clients + 1)),
     )
     _write(paths.ca_key, _pem_private(ca_key), PRIVATE_MODE)
     _write(paths.ca, ca_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
     _write(paths.server_key, _pem_private(server_key), PRIVATE_MODE)
     _write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
-    for key_path, pub_path in paths.client_keys:
+    _write(paths.enrollment_ca_key, _pem_private(enrollment_key), PRIVATE_MODE)
+    _write(paths.enrollment_ca, enrollment_ca.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+    for (key_path, pub_path), certificate in zip(paths.client_keys, paths.client_certificates, strict=True):
         _write_node_key_pair(key_path, pub_path)
+        _write_enrollment(pub_path, certificate, enrollment_ca, enrollment_key)
     return paths
 
 
@@ -125,11 +144,16 @@ def make_node_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
 
 
 def remove_client(directory: Path, name: str) -> list[Path]:
-    """Delete clients/NAME.key and clients/NAME.pub (whichever exist); the paths deleted."""
+    """Delete clients/NAME.key, .pub and .crt (whichever exist); the paths deleted.
+
+    The enrollment certificate stays valid wherever a copy is (no revocation list): with the node
+    key unregistered the device cannot join, so only a server that relays it could use it.
+    """
     directory = Path(directory)
     _check_client_name(name)
     _check_initialised(directory)
-    existing = [path for path in _client_paths(directory, name) if path.exists()]
+    certificate = directory / "clients" / f"{name}.crt"
+    existing = [path for path in (*_client_paths(directory, name), certificate) if path.exists()]
     if not existing:
         raise PkiError(f"no client {name!r} in {directory / 'clients'}")
     for path in existing:
@@ -138,7 +162,7 @@ def remove_client(directory: Path, name: str) -> list[Path]:
 
 
 def _remove_node_keys(clients: Path) -> None:
-    for path in (*clients.glob("*.key"), *clients.glob("*.pub")):
+    for path in (*clients.glob("*.key"), *clients.glob("*.pub"), *clients.glob("*.crt")):
         path.unlink()
 
 
@@ -189,8 +213,8 @@ def _general_name(host: str) -> x509.GeneralName:
 # --- certificates --------------------------------------------------------------------------
 
 
-def _ca_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Flowerbed CA")])
+def _ca_certificate(key: ec.EllipticCurvePrivateKey, common_name: str = "Flowerbed CA") -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     usage = x509.KeyUsage(
         digital_signature=False, content_commitment=False, key_encipherment=False,
         data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
@@ -282,3 +306,92 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     """atomic_write_bytes creates via mkstemp (0600), so a key is never readable by others."""
     atomic_write_bytes(path, data)
     os.chmod(path, mode)
+
+
+# --- a device's local link: the SuperNode's Runtime API certificate (fedclient/localcert.py) ---
+# Kept apart from the deployment PKI above: made afresh by each `fedclient start`, trusted by that
+# start's warm worker only, and deleted when it stops.
+
+LOCAL_HOST = "127.0.0.1"  # where fedclient's SuperNode serves its Runtime API
+LOCAL_DAYS = CA_DAYS  # a `fedclient start` may run for years; its certificate must not expire first
+
+
+def write_local_certificate(certificate: Path, key_path: Path) -> None:
+    """A new self-signed TLS certificate for 127.0.0.1 (`certificate`) and its private key (`key_path`, 0600).
+
+    `fedclient start` gives both to its SuperNode (`--ssl-certfile`, `--ssl-keyfile`) and the
+    certificate alone to its warm worker, which trusts no other: only the process that holds
+    the key, that start's SuperNode, can answer the worker on the Runtime API port.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Flowerbed SuperNode Runtime API")])
+    local = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOCAL_HOST))])
+    cert = (
+        _builder(name, name, key.public_key(), LOCAL_DAYS)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(local, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write(key_path, _pem_private(key), PRIVATE_MODE)
+    _write(certificate, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+
+
+# --- enrollment: device certificates for secure aggregation (shared/secagg/enrollment.py) ---
+# The enrollment CA is apart from the TLS CA, and the operator keeps its key offline: a
+# certificate it issues binds a device name to that device's node key, with which the device
+# signs its secure-aggregation keys each round, so a server cannot swap them or invent peers.
+
+ENROLLMENT_DIR = "enrollment"
+ENROLLMENT_CA_NAME = "Flowerbed enrollment CA"
+ENROLLMENT_DAYS = 365  # a device is re-enrolled yearly; there is no revocation list
+
+
+def enroll(ca_key: Path, ca_cert: Path, public_key: Path, out: Path | None = None) -> Path:
+    """Sign the node key NAME.pub into an enrollment certificate (CN = NAME), by default NAME.crt beside it."""
+    public_key = Path(public_key)
+    if public_key.suffix != ".pub":
+        raise PkiError(f"{public_key}: give the device's node public key, NAME.pub")
+    key = _read(Path(ca_key), "an unencrypted PEM private key", lambda pem: serialization.load_pem_private_key(pem, None))
+    certificate = _read(Path(ca_cert), "a PEM certificate", x509.load_pem_x509_certificate)
+    names = [a.value for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [ENROLLMENT_CA_NAME]:
+        raise PkiError(f"{ca_cert} is not an enrollment CA certificate (enrollment/enrollment-ca.pem)")
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != certificate.public_key():
+        raise PkiError(f"{ca_key} is not the key of {ca_cert}")
+    out = public_key.with_suffix(".crt") if out is None else Path(out)
+    _write_enrollment(public_key, out, certificate, key)
+    return out
+
+
+def _write_enrollment(
+    public_key: Path, out: Path, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey
+) -> None:
+    name = public_key.stem
+    _check_client_name(name)
+    node_key = _read(public_key, "a node public key (OpenSSH)", serialization.load_ssh_public_key)
+    if not isinstance(node_key, ec.EllipticCurvePublicKey):
+        raise PkiError(f"{public_key} is not an EC node key (fedclient keygen makes one)")
+    usage = x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
+    certificate = (
+        _builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), ca_cert.subject, node_key, ENROLLMENT_DAYS)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(node_key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    _write(out, certificate.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+
+
+def _read(path: Path, what: str, parse: Callable[[bytes], T]) -> T:
+    try:
+        return parse(path.read_bytes())
+    except OSError as err:
+        raise PkiError(f"cannot read {path}: {err.strerror}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise PkiError(f"{path} is not {what}") from None

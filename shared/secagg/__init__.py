@@ -6,6 +6,8 @@ Client: `ClientApp(mods=[secagg_mod])`.
 
 A round, over a random k-regular graph of the sampled clients (protocol.py has the messages):
 1. advertise-keys: each client makes two X25519 key pairs, c (to seal shares) and s (to mask);
+   an enrolled device also sends its enrollment certificate and its signature over them
+   (enrollment.py), and at share-keys refuses a peer it cannot verify (SecAggUnverifiedPeer);
 2. share-keys: it draws a self-mask seed b, Shamir-shares b and its s private key (threshold t)
    among itself and its neighbours, and seals each neighbour's shares with AES-GCM under a key
    agreed with that neighbour, bound to (round, stage, sender, receiver);
@@ -17,11 +19,12 @@ A round, over a random k-regular graph of the sampled clients (protocol.py has t
 
 Threat model: an honest-but-curious server and clients, any of whom may drop at any time; the
 server learns the sum over the clients whose vectors arrived and nothing of any one of them
-unless t of a client's neighbours collude with it. Not covered: a server that lies about who
-dropped out to different clients (Bell et al.'s consistency round with signatures), and
-clients that send malformed inputs: they cannot learn others' inputs, and can spoil the sum only
-within the clipping range (a decoded mean outside it is refused), as a client's count within
-[1, max-client-examples].
+unless t of a client's neighbours collude with it. With enrollment, a server that swaps keys or
+invents peers is refused too; it still chooses the graph and which enrolled devices take part.
+Not covered: a server that lies about who dropped out to different clients (Bell et al.'s
+consistency round with signatures), and clients that send malformed inputs: they cannot learn
+others' inputs, and can spoil the sum only within the clipping range (a decoded mean outside it
+is refused), as a client's count within [1, max-client-examples].
 """
 
 from shared.secagg.client import secagg_mod
@@ -33,6 +36,7 @@ from shared.secagg.settings import (
     SecAggError,
     SecAggIntegrityError,
     SecAggSettings,
+    SecAggUnverifiedPeer,
     check_run,
 )
 
@@ -43,6 +47,7 @@ __all__ = [
     "SecAggError",
     "SecAggIntegrityError",
     "SecAggSettings",
+    "SecAggUnverifiedPeer",
     "SecureAggregate",
     "Survivors",
     "as_mean_reply",

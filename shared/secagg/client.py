@@ -5,6 +5,9 @@ training unless the run config sets `secure-aggregation = true`, in which case p
 is refused: this node's update then never leaves it unmasked). Between stages a node keeps its
 keys, self-mask seed and the shares it holds in `context.state` (a ConfigRecord); they are
 deleted once it has answered the unmask stage, so it can never answer a second one.
+
+A device whose node config names its enrollment files (settings.ENROLLMENT_KEYS) signs its keys
+and refuses, before sharing anything, a round holding a peer it cannot verify (enrollment.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from shared.flower_compat import ClientAppCallable, share_keys_plaintext_concat,
 from shared.secagg import crypto
 from shared.secagg import protocol as p
 from shared.secagg.encoding import encode, layout_of, numpy_arrays, reduce_modulo
+from shared.secagg.enrollment import Enrollment, load_enrollment, sign_keys, verify_peers
 from shared.secagg.settings import SWITCH_KEY, SecAggError, SecAggIntegrityError, SecAggSettings
 
 STATE = "secagg-state"  # the ConfigRecord in context.state
@@ -95,11 +99,11 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     node = msg.metadata.dst_node_id
     masked: ArrayRecord | None = None
     if stage == p.ADVERTISE_KEYS:
-        state, reply = _advertise_keys(request, node)
+        state, reply = _advertise_keys(request, node, load_enrollment(context.node_config))
     else:
         previous = _load_state(context, request, stage)
         if stage == p.SHARE_KEYS:
-            state, reply = _share_keys(previous, request)
+            state, reply = _share_keys(previous, request, load_enrollment(context.node_config))
         elif stage == p.MASKED_INPUT:
             state, reply, masked = _masked_input(previous, request, msg, context, call_next)
         else:
@@ -141,7 +145,7 @@ def _load_state(context: Context, request: ConfigRecord, stage: object) -> NodeS
     return state
 
 
-def _advertise_keys(request: ConfigRecord, node: int) -> tuple[NodeState, dict]:
+def _advertise_keys(request: ConfigRecord, node: int, enrollment: Enrollment | None) -> tuple[NodeState, dict]:
     settings = settings_from_record(request)
     round_id = request.get(p.ROUND_ID)
     if not isinstance(round_id, bytes) or len(round_id) != crypto.ROUND_ID_BYTES:
@@ -154,10 +158,11 @@ def _advertise_keys(request: ConfigRecord, node: int) -> tuple[NodeState, dict]:
     sk_c, pk_c = crypto.new_key_pair()
     sk_s, pk_s = crypto.new_key_pair()
     state = NodeState(round_id, p.ADVERTISE_KEYS, node, settings, sk_c, sk_s, pk_c, pk_s, neighbours)
-    return state, {p.PUBLIC_KEY_C: pk_c, p.PUBLIC_KEY_S: pk_s}
+    signed = sign_keys(enrollment, round_id, node, pk_c, pk_s) if enrollment else {}
+    return state, {p.PUBLIC_KEY_C: pk_c, p.PUBLIC_KEY_S: pk_s, **signed}
 
 
-def _share_keys(state: NodeState, request: ConfigRecord) -> tuple[NodeState, dict]:
+def _share_keys(state: NodeState, request: ConfigRecord, enrollment: Enrollment | None) -> tuple[NodeState, dict]:
     peers = tuple(request[p.PEERS])
     pk_c, pk_s = tuple(request[p.PEER_KEYS_C]), tuple(request[p.PEER_KEYS_S])
     _check_ids(peers, allowed=set(state.neighbours), node=state.node, what="peers")
@@ -166,6 +171,9 @@ def _share_keys(state: NodeState, request: ConfigRecord) -> tuple[NodeState, dic
     all_keys = pk_c + pk_s
     if len(set(all_keys)) != len(all_keys) or {state.pk_c, state.pk_s} & set(all_keys):
         raise SecAggIntegrityError("share-keys: repeated public keys")
+    if enrollment is not None:  # before any share is made: a server cannot swap keys or invent peers
+        credentials = zip(request.get(p.PEER_CERTIFICATES, []), request.get(p.PEER_SIGNATURES, []))
+        verify_peers(enrollment, state.round_id, peers, list(zip(pk_c, pk_s)), list(credentials))
     _check_group(len(peers) + 1, state.settings.threshold, "share-keys: neighbours with keys")
     seed = os.urandom(crypto.SEED_BYTES)
     count, threshold = len(peers) + 1, state.settings.threshold

@@ -5,8 +5,8 @@ least `stage` and `round-id`; the masked-input stage also carries the round's tr
 (`arrays`, `config`), and its reply carries the masked vector in the ArrayRecord `secagg-masked`.
 
   stage            server -> client                              client -> server
-  advertise-keys   settings, the client's graph neighbours         two X25519 public keys
-  share-keys       its surviving neighbours' public keys            Shamir shares, AES-GCM sealed
+  advertise-keys   settings, the client's graph neighbours         two X25519 public keys (+ certificate, signature)
+  share-keys       its surviving neighbours' public keys (+ theirs) Shamir shares, AES-GCM sealed
   masked-input     the sealed shares addressed to it + training    the masked vector (+ metric names)
   unmask           which of its share owners survived, dropped      b-shares of survivors, sk-shares of the dropped
 """
@@ -41,6 +41,11 @@ PUBLIC_KEY_S = "pk-s"  # X25519 key for the pairwise masks
 PEERS = "peers"  # share-keys: neighbours that advertised keys; parallel to the key lists
 PEER_KEYS_C = "peer-pk-c"
 PEER_KEYS_S = "peer-pk-s"
+CERTIFICATE = "certificate"  # advertise-keys reply of an enrolled device: its enrollment certificate (DER)
+SIGNATURE = "signature"  # ... and its node key's signature over (round id, node id, pk-c, pk-s)
+PEER_CERTIFICATES = "peer-certificates"  # share-keys: parallel to PEERS; b"" for an unsigned peer
+PEER_SIGNATURES = "peer-signatures"
+MAX_SIGNED_BYTES = 4096  # the most a certificate or a signature may take; a larger one is malformed
 DESTINATIONS = "destinations"  # share-keys reply; parallel to CIPHERTEXTS
 SOURCES = "sources"  # masked-input; parallel to CIPHERTEXTS
 CIPHERTEXTS = "ciphertexts"

@@ -3,7 +3,8 @@
     aggregate = secure_train_round(grid, strategy.configure_train(...), settings, timeout)
     arrays, metrics = strategy.aggregate_train(server_round, [as_mean_reply(aggregate, messages[0])])
 
-The server relays keys and sealed shares, sums the masked vectors and, from the shares the
+The server relays keys (with each enrolled device's certificate and signature, which every
+device verifies) and sealed shares, sums the masked vectors and, from the shares the
 surviving clients reveal, removes the self masks of the clients whose vectors arrived and the
 pairwise masks towards those that dropped after sharing keys. It only ever holds the sum.
 """
@@ -17,15 +18,18 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
+from cryptography import x509
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from shared import messages as keys
+from shared.device_errors import describe_error
 from shared.secagg import crypto
 from shared.secagg import protocol as p
 from shared.secagg.client import settings_record
 from shared.secagg.encoding import Layout, decode, layout_of, numpy_arrays, reduce_modulo
-from shared.secagg.settings import SecAggError, SecAggIntegrityError, SecAggSettings
+from shared.secagg.enrollment import verify_keys
+from shared.secagg.settings import SecAggError, SecAggIntegrityError, SecAggSettings, SecAggUnverifiedPeer
 
 S = TypeVar("S", bound=Sized)
 
@@ -54,7 +58,11 @@ class SecureAggregate:
 
 
 def secure_train_round(
-    grid: Grid, train_messages: Iterable[Message], settings: SecAggSettings, timeout: float | None = None
+    grid: Grid,
+    train_messages: Iterable[Message],
+    settings: SecAggSettings,
+    timeout: float | None = None,
+    enrollment_ca: x509.Certificate | None = None,
 ) -> SecureAggregate:
     """Run one SecAgg+ round with the clients `train_messages` address; train and sum securely.
 
@@ -66,8 +74,12 @@ def secure_train_round(
     SecAggError with nothing aggregated. A rebuilt key that does not match its public key, or a
     decoded mean outside the clipping range (a malformed vector spoiled the sum), raise
     SecAggIntegrityError: no client can be blamed, the round is not aggregated.
+
+    With `enrollment_ca`, a client whose keys its enrolled node key did not sign, or whose
+    certificate another client sent first, is dropped at advertise-keys: its neighbours, which
+    verify every peer themselves, would otherwise refuse the round.
     """
-    secure_round = _SecureRound(grid, list(train_messages), settings, timeout)
+    secure_round = _SecureRound(grid, list(train_messages), settings, timeout, enrollment_ca)
     return secure_round.run()
 
 
@@ -88,8 +100,10 @@ class _SecureRound:
     train: list[Message]
     settings: SecAggSettings
     timeout: float | None
+    enrollment_ca: x509.Certificate | None = None
     round_id: bytes = field(default_factory=lambda: os.urandom(crypto.ROUND_ID_BYTES))
     failures: dict[int, str] = field(default_factory=dict)  # node -> why it dropped out
+    credentials: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # node -> (certificate, signature)
 
     def run(self) -> SecureAggregate:
         by_node = _by_node(self.train)
@@ -114,12 +128,28 @@ class _SecureRound:
         requests = {node: {**base, p.NEIGHBOURS: sorted(graph[node])} for node in graph}
         public_keys = {}
         for node, (record, _) in self._exchange(p.ADVERTISE_KEYS, requests).items():
-            pk_c, pk_s = record.get(p.PUBLIC_KEY_C), record.get(p.PUBLIC_KEY_S)
-            if _is_key(pk_c) and _is_key(pk_s):
-                public_keys[node] = (pk_c, pk_s)
+            advertised, credentials = (record.get(p.PUBLIC_KEY_C), record.get(p.PUBLIC_KEY_S)), _credentials(record)
+            failure = self._screen_keys(node, advertised, credentials)
+            if failure is None:
+                public_keys[node], self.credentials[node] = advertised, credentials
             else:
-                self.failures[node] = "advertise-keys: malformed public keys"
+                self.failures[node] = f"advertise-keys: {failure}"
         return self._require(public_keys, p.ADVERTISE_KEYS)
+
+    def _screen_keys(self, node: int, advertised: tuple, credentials: tuple[bytes, bytes] | None) -> str | None:
+        """Why a client's advertised keys cannot be relayed, or None."""
+        if not all(map(_is_key, advertised)) or credentials is None:
+            return "malformed public keys, certificate or signature"
+        if self.enrollment_ca is None:
+            return None
+        try:
+            verify_keys(self.enrollment_ca, self.round_id, node, advertised, credentials)
+        except SecAggUnverifiedPeer as err:
+            return str(err)
+        # verified first: a client replaying another's certificate cannot push that client out
+        if any(credentials[0] == other for other, _ in self.credentials.values()):
+            return "the certificate of another client (one device counted twice)"
+        return None
 
     def _share_keys(
         self, graph: Mapping[int, frozenset[int]], public_keys: Mapping[int, tuple[bytes, bytes]]
@@ -131,6 +161,8 @@ class _SecureRound:
                 p.STAGE: p.SHARE_KEYS, p.ROUND_ID: self.round_id, p.PEERS: peers[node],
                 p.PEER_KEYS_C: [public_keys[peer][0] for peer in peers[node]],
                 p.PEER_KEYS_S: [public_keys[peer][1] for peer in peers[node]],
+                p.PEER_CERTIFICATES: [self.credentials[peer][0] for peer in peers[node]],
+                p.PEER_SIGNATURES: [self.credentials[peer][1] for peer in peers[node]],
             }  # fmt: skip
             for node in public_keys
         }
@@ -253,7 +285,7 @@ class _SecureRound:
 
     def _reply_record(self, stage: str, node: int, reply: Message) -> ConfigRecord | None:
         if reply.has_error():  # whatever it says, a client's error is that client dropping out
-            self.failures[node] = f"{stage}: {reply.error.reason}"
+            self.failures[node] = f"{stage}: {describe_error(int(reply.error.code), reply.error.reason)}"
             return None
         record = reply.content.get(p.RECORD)
         if not isinstance(record, ConfigRecord) or record.get(p.STAGE) != stage or record.get(p.ROUND_ID) != self.round_id:
@@ -300,6 +332,14 @@ def _common_arrays(messages: list[Message]) -> dict[str, np.ndarray]:
 
 def _is_key(value: object) -> bool:
     return isinstance(value, bytes) and len(value) == 32
+
+
+def _credentials(record: ConfigRecord) -> tuple[bytes, bytes] | None:
+    """An advertise-keys reply's (certificate, signature): (b"", b"") if unsigned, None if malformed."""
+    certificate, signature = record.get(p.CERTIFICATE, b""), record.get(p.SIGNATURE, b"")
+    if not all(isinstance(v, bytes) and len(v) <= p.MAX_SIGNED_BYTES for v in (certificate, signature)):
+        return None
+    return (certificate, signature) if bool(certificate) == bool(signature) else None
 
 
 def _most_common(values: Iterable[tuple[str, ...]]) -> tuple[str, ...]:

@@ -32,6 +32,11 @@ CONFIG_KEYS: dict[str, str] = {
 }
 SWITCH_KEY = "secure-aggregation"  # bool run-config key: a client then refuses plaintext training
 
+# Device-owned node-config keys (a server cannot set node config): with all three a device signs
+# its SecAgg keys and verifies every peer's against the enrollment CA; with none it does neither.
+from shared.node_config import CERTIFICATE, ENROLLMENT_CA, SIGNING_KEY  # noqa: E402 - named once, there
+ENROLLMENT_KEYS = (SIGNING_KEY, CERTIFICATE, ENROLLMENT_CA)
+
 
 class SecAggError(FlowerbedError, RuntimeError):
     """Secure aggregation cannot complete; nothing was aggregated."""
@@ -41,6 +46,10 @@ class SecAggError(FlowerbedError, RuntimeError):
 
 class SecAggIntegrityError(SecAggError):
     """A protocol message failed authentication or was replayed, redirected or duplicated."""
+
+
+class SecAggUnverifiedPeer(SecAggIntegrityError):
+    """A peer's keys are not signed by a device enrolled with this device's enrollment CA."""
 
 
 @dataclass(frozen=True)

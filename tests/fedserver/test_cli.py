@@ -34,7 +34,9 @@ def test_init_creates_pki_and_says_what_it_made_and_the_next_commands(tmp_path, 
         "CA key": ["ca.key"],
         "server certificate": ["server.pem"],
         "server key": ["server.key"],
-        "client key pair": ["clients/client-1.key", "clients/client-1.pub"],
+        "client key pair": ["clients/client-1.key", "clients/client-1.pub", "clients/client-1.crt"],
+        "enrollment CA ": ["enrollment/enrollment-ca.pem"],
+        "enrollment CA key": ["enrollment/enrollment-ca.key"],
     }
     for label, names in described.items():
         line = next(line for line in printed if line.strip().startswith(label))
@@ -43,6 +45,11 @@ def test_init_creates_pki_and_says_what_it_made_and_the_next_commands(tmp_path, 
     assert any(str(directory / "clients/client-2.key") in line for line in printed)
     assert f"next: fedserver start --pki {directory} --config RUN.toml" in printed
     assert any(f"fedclient start --server HOST:9092 --ca {directory / 'ca.pem'} --key" in line for line in printed)
+    key_line = next(line for line in printed if "enrollment CA key" in line)
+    assert "OFFLINE" in key_line and "fedserver enroll --ca-key" in key_line
+    device_line = next(line for line in printed if line.startswith("then on each device"))
+    assert f"--enrollment-cert {directory / 'clients/client-1.crt'}" in device_line
+    assert f"--enrollment-ca {directory / 'enrollment/enrollment-ca.pem'}" in device_line
     cert = x509.load_pem_x509_certificate((directory / "server.pem").read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["localhost", "fl.example.org"]
@@ -75,7 +82,7 @@ def test_init_force_leaves_no_key_of_the_pki_it_replaces(tmp_path, capsys):
     code = main(["init", str(tmp_path), "--clients", "1", "--force"])
 
     assert code == 0
-    assert sorted(p.name for p in (tmp_path / "clients").iterdir()) == ["client-1.key", "client-1.pub"]
+    assert sorted(p.name for p in (tmp_path / "clients").iterdir()) == ["client-1.crt", "client-1.key", "client-1.pub"]
     assert (tmp_path / "clients" / "client-1.pub").read_bytes() != old_pub
 
 
@@ -89,7 +96,10 @@ def test_remove_client_without_a_daemon_deletes_the_key_pair_and_says_when_it_ap
     out = capsys.readouterr().out
     assert f"deleted {tmp_path / 'pki' / 'clients' / 'client-1.pub'}" in out
     assert "can no longer join once 'fedserver start' runs again" in out
-    assert sorted(p.name for p in (tmp_path / "pki" / "clients").iterdir()) == ["client-2.key", "client-2.pub"]
+    assert f"deleted {tmp_path / 'pki' / 'clients' / 'client-1.crt'}" in out
+    assert sorted(p.name for p in (tmp_path / "pki" / "clients").iterdir()) == [
+        "client-2.crt", "client-2.key", "client-2.pub",
+    ]  # fmt: skip
 
 
 def test_remove_client_of_an_unknown_name_is_one_line_exit_2(tmp_path, capsys):
@@ -140,6 +150,48 @@ def test_add_client_errors_are_one_line_exit_2(tmp_path, capsys, setup, argv, ex
     assert expected in _error_line(capsys)
 
 
+def test_enroll_writes_name_crt_issued_by_the_enrollment_ca(tmp_path, capsys):
+    # Prepare
+    main(["init", str(tmp_path), "--clients", "0"])
+    main(["add-client", str(tmp_path), "edge-7"])
+    capsys.readouterr()
+    ca_key, ca_cert = tmp_path / "enrollment/enrollment-ca.key", tmp_path / "enrollment/enrollment-ca.pem"
+
+    # Execute
+    code = main(["enroll", "--ca-key", str(ca_key), "--ca-cert", str(ca_cert), str(tmp_path / "clients/edge-7.pub")])
+
+    # Assert
+    assert code == 0
+    assert capsys.readouterr().out.splitlines() == [str(tmp_path / "clients" / "edge-7.crt")]
+    certificate = x509.load_pem_x509_certificate((tmp_path / "clients/edge-7.crt").read_bytes())
+    certificate.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_cert.read_bytes()))
+    assert certificate.subject.rfc4514_string() == "CN=edge-7"
+
+
+@pytest.mark.parametrize(
+    ("ca_key", "ca_cert", "public_key", "expected"),
+    [
+        ("ca.key", "ca.pem", "clients/client-1.pub", "is not an enrollment CA certificate"),
+        ("ca.key", "enrollment/enrollment-ca.pem", "clients/client-1.pub", "is not the key of"),
+        ("enrollment/enrollment-ca.key", "enrollment/enrollment-ca.pem", "clients/client-1.key", "NAME.pub"),
+        ("enrollment/enrollment-ca.key", "enrollment/enrollment-ca.pem", "clients/nobody.pub", "cannot read"),
+    ],
+)
+def test_enroll_errors_are_one_line_exit_2(tmp_path, capsys, ca_key, ca_cert, public_key, expected):
+    # Prepare
+    main(["init", str(tmp_path), "--clients", "1"])
+    capsys.readouterr()
+
+    # Execute
+    code = main(["enroll", "--ca-key", str(tmp_path / ca_key), "--ca-cert", str(tmp_path / ca_cert),
+                 str(tmp_path / public_key), "--out", str(tmp_path / "out.crt")])  # fmt: skip
+
+    # Assert
+    assert code == 2
+    assert expected in _error_line(capsys)
+    assert not (tmp_path / "out.crt").exists()
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -150,6 +202,8 @@ def test_add_client_errors_are_one_line_exit_2(tmp_path, capsys, setup, argv, ex
         ["init", "DIR", "--clients", "-1"],
         ["init", "DIR", "--bogus"],
         ["add-client", "DIR"],
+        ["enroll", "DIR"],
+        ["enroll", "--ca-key", "K", "DIR"],
     ],
 )
 def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, argv):
@@ -173,4 +227,4 @@ def test_invalid_host_is_one_line_exit_2(tmp_path, capsys):
 
 def test_subcommands_are_registered_in_a_dict():
     """Others add `start`, `status`, `stop` by adding entries to COMMANDS."""
-    assert {"init", "add-client"} <= set(COMMANDS)
+    assert {"init", "add-client", "enroll"} <= set(COMMANDS)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -18,7 +19,7 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
 
-from shared.pki import PkiError, PkiPaths, add_client, init_pki
+from shared.pki import PkiError, PkiPaths, add_client, enroll, init_pki, make_node_key_pair
 
 
 def _cert(path: Path) -> x509.Certificate:
@@ -309,3 +310,83 @@ def test_add_client_refuses_a_dir_that_is_not_a_pki(tmp_path):
     with pytest.raises(PkiError, match="not a PKI directory"):
         add_client(tmp_path / "absent", "bob")
     assert not (tmp_path / "clients").exists()
+
+
+# --- enrollment ----------------------------------------------------------------------------
+
+
+def test_init_makes_an_enrollment_ca_apart_from_the_tls_ca(pki):
+    # Execute
+    enrollment_ca, tls_ca = _cert(pki.enrollment_ca), _cert(pki.ca)
+
+    # Assert
+    root = pki.ca.parent
+    assert pki.enrollment_ca.relative_to(root).as_posix() == "enrollment/enrollment-ca.pem"
+    assert pki.enrollment_ca_key.relative_to(root).as_posix() == "enrollment/enrollment-ca.key"
+    assert (_mode(pki.enrollment_ca_key), _mode(pki.enrollment_ca)) == (0o600, 0o644)
+    assert enrollment_ca.public_key() != tls_ca.public_key()
+    assert enrollment_ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    with pytest.raises(ValueError):
+        enrollment_ca.verify_directly_issued_by(tls_ca)
+
+
+def test_init_enrolls_each_client_it_makes(pki):
+    for (_, pub_path), certificate_path in zip(pki.client_keys, pki.client_certificates, strict=True):
+        # Execute
+        certificate = _cert(certificate_path)
+
+        # Assert
+        certificate.verify_directly_issued_by(_cert(pki.enrollment_ca))
+        assert certificate.public_key() == serialization.load_ssh_public_key(pub_path.read_bytes())
+        assert certificate.subject.rfc4514_string() == f"CN={pub_path.stem}"
+        assert not certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+def test_enroll_signs_a_device_key_and_another_ca_cannot_stand_in(pki, tmp_path):
+    # Prepare
+    _, pub = make_node_key_pair(tmp_path, "edge-7")
+    other = init_pki(tmp_path / "other", clients=0)
+
+    # Execute
+    written = enroll(pki.enrollment_ca_key, pki.enrollment_ca, pub)
+    foreign = enroll(other.enrollment_ca_key, other.enrollment_ca, pub, tmp_path / "foreign.crt")
+
+    # Assert
+    assert written == tmp_path / "edge-7.crt" and _mode(written) == 0o644
+    certificate = _cert(written)
+    certificate.verify_directly_issued_by(_cert(pki.enrollment_ca))
+    assert certificate.subject.rfc4514_string() == "CN=edge-7"
+    with pytest.raises(InvalidSignature):  # same CA name, another key
+        _cert(foreign).verify_directly_issued_by(_cert(pki.enrollment_ca))
+
+
+@pytest.mark.parametrize(
+    ("ca_key", "ca_cert", "public_key", "expected"),
+    [
+        ("ca_key", "ca", "pub", "is not an enrollment CA certificate"),
+        ("ca_key", "enrollment_ca", "pub", "is not the key of"),
+        ("enrollment_ca", "enrollment_ca", "pub", "is not an unencrypted PEM private key"),
+        ("enrollment_ca_key", "enrollment_ca", "key", "give the device's node public key"),
+        ("enrollment_ca_key", "enrollment_ca", "absent", "cannot read"),
+    ],
+)
+def test_enroll_refuses_bad_inputs_in_one_line(pki, tmp_path, ca_key, ca_cert, public_key, expected):
+    # Prepare
+    key, pub = pki.client_keys[0]
+    files = {"pub": pub, "key": key, "absent": tmp_path / "absent.pub"}
+
+    # Execute / Assert
+    with pytest.raises(PkiError, match=expected) as err:
+        enroll(getattr(pki, ca_key), getattr(pki, ca_cert), files[public_key], tmp_path / "out.crt")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out.crt").exists()
+
+
+def test_enroll_refuses_a_pub_that_is_not_an_ec_node_key(pki, tmp_path):
+    # Prepare
+    rsa_pub = tmp_path / "legacy.pub"
+    rsa_pub.write_bytes(b"ssh-rsa AAAA\n")
+
+    # Execute / Assert
+    with pytest.raises(PkiError, match=r"legacy\.pub is not a node public key"):
+        enroll(pki.enrollment_ca_key, pki.enrollment_ca, rsa_pub)

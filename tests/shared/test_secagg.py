@@ -6,10 +6,14 @@ computed here in plain float64.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
@@ -24,8 +28,11 @@ from shared.secagg import (
     secagg_mod,
     secure_train_round,
 )
+from shared.pki import PkiPaths, init_pki
 from shared.secagg import protocol as p
 from shared.secagg.encoding import encode, layout_of
+from shared.secagg.enrollment import load_enrollment, signed_keys
+from shared.secagg.settings import CERTIFICATE, ENROLLMENT_CA, SIGNING_KEY
 from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_config
 
 SETTINGS = SecAggSettings(threshold=4, neighbours=6, clipping_range=1.0, quantization_range=1 << 20)
@@ -91,8 +98,10 @@ class FaultyGrid(InProcessGrid):
     """An InProcessGrid that records each stage's traffic, loses chosen replies, and lets a test
     rewrite the messages of a stage on their way out (a man in the middle, or the server)."""
 
-    def __init__(self, app: ClientApp, n: int = CLIENTS, run_config: dict | None = None) -> None:
-        super().__init__(app, n, run_config or {}, simulation_node_config(n))
+    def __init__(
+        self, app: ClientApp, n: int = CLIENTS, run_config: dict | None = None, node_config: Callable | None = None
+    ) -> None:
+        super().__init__(app, n, run_config or {}, node_config or simulation_node_config(n))
         self.lose: dict[str, set[int]] = {}
         self.rewrite: dict[str, Callable[[list[Message]], None]] = {}
         self.log: list[tuple[str, list[Message], list[Message]]] = []
@@ -539,3 +548,186 @@ def test_with_the_real_fedclient_train_handler():
         a, b = secure[name].numpy().astype(np.float64), plain[name].numpy()
         assert np.all(np.abs(a - b) <= settings.error_bound() + 4 * np.finfo(np.float32).eps * np.abs(b)), name
     assert secure_metrics["train_loss"] == pytest.approx(plain_metrics["train_loss"], abs=settings.metric_step)
+
+
+# ----------------------------------------------------------------------------- (5) enrolled devices
+
+
+@pytest.fixture(scope="module")
+def enrolled(tmp_path_factory: pytest.TempPathFactory) -> PkiPaths:
+    """A PKI whose client-(pid + 1) is partition pid's device; client-11 is enrolled but not in the round."""
+    return init_pki(tmp_path_factory.mktemp("pki"), clients=CLIENTS + 1)
+
+
+def enrolled_config(pki: PkiPaths) -> Callable:
+    def node_config(pid: int) -> dict:
+        key = pki.client_keys[pid][0]
+        return {"partition-id": pid, "num-partitions": CLIENTS, SIGNING_KEY: str(key),
+                CERTIFICATE: str(pki.client_certificates[pid]), ENROLLMENT_CA: str(pki.enrollment_ca)}  # fmt: skip
+
+    return node_config
+
+
+def enrolled_grid(pki: PkiPaths) -> FaultyGrid:
+    return FaultyGrid(toy_app(), node_config=enrolled_config(pki))
+
+
+def test_a_round_of_enrolled_devices_gives_the_right_sum(enrolled):
+    grid = enrolled_grid(enrolled)
+    aggregate = secure_round(grid)
+    assert aggregate.survivors.unmasked == tuple(grid.get_node_ids()) and not aggregate.failures
+    assert_sum_within_bound(aggregate)
+    advertised = [r.content[p.RECORD] for r in grid.traffic(p.ADVERTISE_KEYS)[1]]
+    assert all(len(r[p.CERTIFICATE]) > 0 and len(r[p.SIGNATURE]) > 0 for r in advertised)
+    relayed = [m.content[p.RECORD] for m in grid.traffic(p.SHARE_KEYS)[0]]
+    assert all(len(r[p.PEER_CERTIFICATES]) == len(r[p.PEERS]) for r in relayed)
+
+
+def _foreign_credentials(record: ConfigRecord, tmp_path) -> tuple[bytes, bytes]:
+    """A device of another enrollment CA (same CA name) that properly signs peer 0's keys."""
+    other = init_pki(tmp_path / "other", clients=1)
+    key = serialization.load_ssh_private_key(other.client_keys[0][0].read_bytes(), None)
+    payload = signed_keys(record[p.ROUND_ID], record[p.PEERS][0], record[p.PEER_KEYS_C][0], record[p.PEER_KEYS_S][0])
+    certificate = x509.load_pem_x509_certificate(other.client_certificates[0].read_bytes())
+    return certificate.public_bytes(serialization.Encoding.DER), key.sign(payload, ec.ECDSA(hashes.SHA384()))
+
+
+def _set(record: ConfigRecord, name: str, index: int, value: bytes) -> None:
+    values = list(record[name])
+    values[index] = value
+    record[name] = values
+
+
+def _swap_pk_s(record, grid, pki, tmp_path):
+    _set(record, p.PEER_KEYS_S, 0, os.urandom(32))
+
+
+def _valid_certificate_of_another_key(record, grid, pki, tmp_path):
+    outsider = x509.load_pem_x509_certificate(pki.client_certificates[CLIENTS].read_bytes())
+    _set(record, p.PEER_CERTIFICATES, 0, outsider.public_bytes(serialization.Encoding.DER))
+
+
+def _unsigned_peer(record, grid, pki, tmp_path):
+    _set(record, p.PEER_CERTIFICATES, 0, b"")
+    _set(record, p.PEER_SIGNATURES, 0, b"")
+
+
+def _not_relayed(record, grid, pki, tmp_path):
+    del record[p.PEER_CERTIFICATES], record[p.PEER_SIGNATURES]
+
+
+def _another_ca(record, grid, pki, tmp_path):
+    certificate, signature = _foreign_credentials(record, tmp_path)
+    _set(record, p.PEER_CERTIFICATES, 0, certificate)
+    _set(record, p.PEER_SIGNATURES, 0, signature)
+
+
+def _same_certificate_twice(record, grid, pki, tmp_path):
+    _set(record, p.PEER_CERTIFICATES, 1, record[p.PEER_CERTIFICATES][0])
+    _set(record, p.PEER_SIGNATURES, 1, record[p.PEER_SIGNATURES][0])
+
+
+def _own_certificate(record, grid, pki, tmp_path, node=FIRST_NODE_ID):
+    own = next(r.content[p.RECORD] for r in grid.traffic(p.ADVERTISE_KEYS)[1] if r.metadata.src_node_id == node)
+    _set(record, p.PEER_CERTIFICATES, 0, own[p.CERTIFICATE])
+    _set(record, p.PEER_SIGNATURES, 0, own[p.SIGNATURE])
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (_swap_pk_s, "did not sign these keys"),
+        (_valid_certificate_of_another_key, "did not sign these keys"),
+        (_unsigned_peer, "its keys are unsigned"),
+        (_not_relayed, "differ in number"),
+        (_another_ca, "is not issued by the enrollment CA"),
+        (_same_certificate_twice, "one device counted twice"),
+        (_own_certificate, "one device counted twice"),
+    ],
+)
+def test_an_enrolled_device_refuses_a_peer_it_cannot_verify_before_sharing(enrolled, tmp_path, tamper, reason):
+    grid = enrolled_grid(enrolled)
+
+    def rewrite(messages):
+        target = next(m for m in messages if m.metadata.dst_node_id == FIRST_NODE_ID)
+        tamper(target.content[p.RECORD], grid, enrolled, tmp_path)
+
+    grid.rewrite[p.SHARE_KEYS] = rewrite
+    aggregate = secure_round(grid)
+    (reply,) = [r for r in grid.traffic(p.SHARE_KEYS)[1] if r.metadata.src_node_id == FIRST_NODE_ID]
+    assert reply.has_error() and "SecAggUnverifiedPeer" in reply.error.reason and reason in reply.error.reason
+    assert FIRST_NODE_ID not in aggregate.survivors.shared  # it sent no share
+    assert_sum_within_bound(aggregate)
+
+
+def test_a_device_without_enrollment_neither_signs_nor_verifies(enrolled):
+    grid = FaultyGrid(toy_app())
+    grid.rewrite[p.SHARE_KEYS] = lambda messages: _unsigned_peer(messages[0].content[p.RECORD], grid, enrolled, None)
+    aggregate = secure_round(grid)
+    assert not aggregate.failures
+    assert all(p.CERTIFICATE not in r.content[p.RECORD] for r in grid.traffic(p.ADVERTISE_KEYS)[1])
+
+
+def replace_certificate(node: int, value: object) -> Callable:
+    """A mod by which `node` advertises `value` as its certificate."""
+
+    def mod(msg: Message, context: Context, call_next: Callable) -> Message:
+        reply = call_next(msg, context)
+        if msg.metadata.dst_node_id == node and stage_of(msg) == p.ADVERTISE_KEYS:
+            reply.content[p.RECORD][p.CERTIFICATE] = value
+        return reply
+
+    return mod
+
+
+@pytest.mark.parametrize("value", [b"x" * (p.MAX_SIGNED_BYTES + 1), "text", [b"x"]])
+def test_the_server_drops_a_client_whose_certificate_is_not_bounded_bytes(enrolled, value):
+    grid = FaultyGrid(toy_app(outer=[replace_certificate(1004, value)]), node_config=enrolled_config(enrolled))
+    aggregate = secure_round(grid)
+    assert aggregate.failures[1004] == "advertise-keys: malformed public keys, certificate or signature"
+    assert_sum_within_bound(aggregate)
+
+
+def test_a_server_given_the_enrollment_ca_drops_an_unverified_client_early(enrolled):
+    grid = FaultyGrid(toy_app(outer=[replace_certificate(1004, b"x" * p.MAX_SIGNED_BYTES)]),
+                      node_config=enrolled_config(enrolled))  # fmt: skip
+    ca = x509.load_pem_x509_certificate(enrolled.enrollment_ca.read_bytes())
+    aggregate = secure_train_round(grid, train_messages(grid), SETTINGS, enrollment_ca=ca)
+    assert aggregate.failures == {1004: "advertise-keys: node 1004's certificate is malformed"}
+    assert_sum_within_bound(aggregate)
+
+
+def twice_enrolled(pki: PkiPaths) -> Callable:
+    """Partitions 0 and 1 are one device: the same node key and certificate."""
+    config = enrolled_config(pki)
+    return lambda pid: {**config(0 if pid < 2 else pid), "partition-id": pid}
+
+
+def test_one_device_as_two_nodes_is_refused_by_its_peers(enrolled):
+    settings = SecAggSettings(threshold=4, neighbours=6, clipping_range=1.0)  # complete graph
+    grid = FaultyGrid(toy_app(), n=6, node_config=twice_enrolled(enrolled))
+    with pytest.raises(SecAggError, match="stopped at share-keys: 0 clients left"):
+        secure_round(grid, settings)
+    _, replies = grid.traffic(p.SHARE_KEYS)
+    assert all("SecAggUnverifiedPeer" in r.error.reason and "counted twice" in r.error.reason for r in replies)
+
+
+def test_a_server_given_the_enrollment_ca_drops_the_second_node_of_one_device(enrolled):
+    grid = FaultyGrid(toy_app(), node_config=twice_enrolled(enrolled))
+    ca = x509.load_pem_x509_certificate(enrolled.enrollment_ca.read_bytes())
+    aggregate = secure_train_round(grid, train_messages(grid), SETTINGS, enrollment_ca=ca)
+    (dropped,) = aggregate.failures
+    assert dropped in (FIRST_NODE_ID, FIRST_NODE_ID + 1) and "counted twice" in aggregate.failures[dropped]
+    assert_sum_within_bound(aggregate)
+
+
+def test_enrollment_in_node_config_must_be_whole_and_consistent(enrolled):
+    ca = {ENROLLMENT_CA: str(enrolled.enrollment_ca)}
+    with pytest.raises(SecAggError, match="sets secagg-enrollment-ca but not secagg-signing-key, secagg-certificate"):
+        load_enrollment(ca)
+    mismatched = {**ca, SIGNING_KEY: str(enrolled.client_keys[0][0]), CERTIFICATE: str(enrolled.client_certificates[1])}
+    with pytest.raises(SecAggError, match="not for this device's signing key"):
+        load_enrollment(mismatched)
+    with pytest.raises(SecAggError, match="cannot read the certificate"):
+        load_enrollment({**mismatched, CERTIFICATE: "/nonexistent.crt"})
+    assert load_enrollment({"partition-id": 0}) is None
