@@ -9,6 +9,7 @@ subscriber (`fedserver.events`), and stopping at a target.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -26,6 +27,7 @@ from flwr.serverapp.strategy import Strategy
 from fedserver.checkpoints import Checkpoint, RunDirectory
 from fedserver.events import RoundCallback, RoundEvent, Row, notify
 from fedserver.grid_wrapper import GridWrapper
+from fedserver.node_ledger import NodeLedger
 from fedserver.polling import fast_polling
 from fedserver.report import RunReport
 from fedserver.strategies import (
@@ -41,6 +43,7 @@ from shared import task
 from shared.config import RunConfig
 from shared.data.federation import data_spec, load_federation
 from shared.data.shipping import tokenizer_entries
+from shared.device_errors import describe_error
 from shared.errors import ExitCode, FedserverError
 from shared.flower_compat import sampling_from
 from shared.recipe import model_from_config
@@ -95,27 +98,43 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Sequence[RoundCallback]
     strategy = build_strategy(cfg, federated_evaluation=central_test is None)
     run_dir = RunDirectory(cfg.run_dir, keep=cfg.keep_checkpoints) if cfg.run_dir else None
     resumed = run_dir.load(cfg.to_mapping()) if run_dir else None
+    ledger = NodeLedger.read(run_dir.path) if run_dir else NodeLedger()
     result = RunResult(arrays=to_arrayrecord(model.state_dict()))
     if resumed is not None:
         result = RunResult(history=list(resumed.history), arrays=to_arrayrecord(resumed.weights))
         restore_strategy_state(strategy, resumed.strategy_state)
         LOG.info("resuming %s after round %d", cfg.run_dir, resumed.round)
-    with global_random(cfg.seed, resumed.random_state if resumed else None):  # Flower samples from it
+    # Flower samples from the run's `random` stream
+    with global_random(cfg.seed, resumed.random_state if resumed else None), _ledger_kept(ledger, run_dir):
         for server_round in range(len(result.history) + 1, cfg.rounds + 1):
             if result.history and reached_target(cfg, result.history[-1]):
                 break
             started = time.perf_counter()
-            weights, train_metrics = _train_round(strategy, grid, cfg, server_round, result.arrays, model.state_dict())
+            weights, train_metrics = _train_round(
+                strategy, grid, cfg, server_round, result.arrays, model.state_dict(), ledger
+            )
             result.arrays = to_arrayrecord(weights)
-            eval_metrics = _evaluate(strategy, grid, cfg, server_round, result.arrays, model, central_test)
+            eval_metrics = _evaluate(strategy, grid, cfg, server_round, result.arrays, model, central_test, ledger)
             event = _round_event(cfg, server_round, train_metrics, eval_metrics, time.perf_counter() - started)
             result.history.append(event.row())
             if run_dir is not None:
                 state = strategy_state(strategy)
                 run_dir.save(Checkpoint(server_round, weights, state, random.getstate(), result.history), cfg.to_mapping())
+                ledger.save(run_dir.path)
             if notify(on_round, event):
                 break
     return result
+
+
+@contextlib.contextmanager
+def _ledger_kept(ledger: NodeLedger, run_dir: RunDirectory | None) -> Iterator[None]:
+    """Saves `ledger` in `run_dir` also when a round fails the run: what the nodes did to it."""
+    try:
+        yield
+    except RoundFailed:
+        if run_dir is not None:
+            ledger.save(run_dir.path)
+        raise
 
 
 def reached_target(cfg: RunConfig, row: Row) -> bool:
@@ -164,17 +183,24 @@ def _central_test(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _train_round(
-    strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, arrays: ArrayRecord, like: StateDict
+    strategy: Strategy,
+    grid: Grid,
+    cfg: RunConfig,
+    server_round: int,
+    arrays: ArrayRecord,
+    like: StateDict,
+    ledger: NodeLedger,
 ) -> tuple[StateDict, MetricRecord | None]:
     """One training round: the new global weights (checked, with `like`'s dtypes) and the metrics.
     An attempt that fails (below quorum, a secure round stopped, an aggregate refused) is retried
-    with freshly sampled clients."""
+    with freshly sampled clients. Screened replies are counted in `ledger` (not those of a
+    secure round, whose errors `secure_train_round` keeps as text)."""
     attempts = cfg.round_retries + 1
     for attempt in range(1, attempts + 1):
         with sampling_from(strategy, connected_nodes(grid, cfg, server_round)):
             config = ConfigRecord(tokenizer_entries(cfg))  # the run's tokenizer, where it ships one
             messages = list(strategy.configure_train(server_round, arrays, config, grid))
-        aggregate = _secure_attempt if cfg.secure_aggregation else _plain_attempt
+        aggregate = _secure_attempt if cfg.secure_aggregation else functools.partial(_plain_attempt, ledger=ledger)
         try:
             new_arrays, metrics = aggregate(strategy, grid, cfg, server_round, messages, arrays)
             return checked_aggregate(arrays, new_arrays, like, cfg), metrics
@@ -195,10 +221,18 @@ class AttemptFailed(Exception):
 
 
 def _plain_attempt(
-    strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, messages: list[Message], arrays: ArrayRecord
+    strategy: Strategy,
+    grid: Grid,
+    cfg: RunConfig,
+    server_round: int,
+    messages: list[Message],
+    arrays: ArrayRecord,
+    *,
+    ledger: NodeLedger,
 ) -> tuple[ArrayRecord, MetricRecord | None]:
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     valid = screen_replies(replies, arrays, cfg)
+    ledger.record(server_round, replies, valid)
     needed = quorum(cfg, len(messages))
     if len(valid) < needed:
         raise AttemptFailed(f"fewer than {needed} valid replies", _first_error(replies))
@@ -265,7 +299,7 @@ def connected_nodes(grid: Grid, cfg: RunConfig, server_round: int) -> int:
 
 def _first_error(replies: list[Message]) -> str:
     failed = [r for r in replies if r.has_error()]
-    return f" (node {failed[0].metadata.src_node_id}: {failed[0].error.reason})" if failed else ""
+    return f" (node {failed[0].metadata.src_node_id}: {describe_error(int(failed[0].error.code), failed[0].error.reason)})" if failed else ""
 
 
 def _evaluate(
@@ -276,11 +310,13 @@ def _evaluate(
     arrays: ArrayRecord,
     model: torch.nn.Module,
     central_test: tuple[np.ndarray, np.ndarray] | None,
+    ledger: NodeLedger,
 ) -> MetricRecord | None:
     """The round's scores: on the central test set where there is one, else on the held-out
-    data of a sampled cohort of clients; None for a round that `eval-every` skips."""
+    data of a sampled cohort of clients (its replies counted in `ledger`); None for a round
+    that `eval-every` skips."""
     if central_test is None:
-        return _federated_evaluation(strategy, grid, cfg, server_round, arrays)
+        return _federated_evaluation(strategy, grid, cfg, server_round, arrays, ledger)
     if not cfg.evaluates(server_round):
         return None
     model.load_state_dict(to_state_dict(arrays, like=model.state_dict()))
@@ -289,7 +325,7 @@ def _evaluate(
 
 
 def _federated_evaluation(
-    strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, arrays: ArrayRecord
+    strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, arrays: ArrayRecord, ledger: NodeLedger
 ) -> MetricRecord | None:
     """Every round, evaluated or not, orders all connected nodes at random from the run's stream;
     an evaluation asks the first `eval-clients` of them. So the stream the training rounds sample
@@ -307,6 +343,7 @@ def _federated_evaluation(
         messages = strategy.configure_evaluate(server_round, arrays, config, CohortGrid(grid, cohort))
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     valid = screen_evaluation_replies(replies, cfg)
+    ledger.record(server_round, replies, valid)
     needed = quorum(cfg, len(messages))
     try:
         if len(valid) < needed:

@@ -1,8 +1,9 @@
-"""`fedserver status`: the daemon, its runs, its nodes and the last round's metrics.
+"""`fedserver status`: the daemon, its runs, its nodes, the devices that refused or failed a task,
+and the last round's metrics.
 
 Runs and nodes come from the SuperLink's Control API (what `flwr ls` and `flwr supernode ls`
-show) while the daemon runs; the metrics from the run directory's metrics.jsonl, which stays
-readable when it does not.
+show) while the daemon runs; the metrics and the devices' errors from the run directory's
+metrics.jsonl and nodes.json (`fedserver.node_ledger`), which stay readable when it does not.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from fedserver.checkpoints import read_metrics
 from fedserver.control import ControlClient, ControlError
+from fedserver.node_ledger import NodeLedger
 from fedserver.state import DaemonInfo, StateDir
 
 FAILED = "finished:failed"
@@ -33,6 +35,7 @@ class Status:
     connected_nodes: int = 0
     rounds_completed: int = 0
     last_metrics: dict[str, Any] | None = None
+    devices: list[dict[str, Any]] = field(default_factory=list)  # nodes.json: each node's replies and errors
     error: str | None = None  # why runs/nodes are missing though the daemon runs, or why the run failed
 
     @property
@@ -53,6 +56,7 @@ def collect(state_dir: Path) -> Status:
     rows = read_metrics(state.run_dir)
     status = Status(str(state.root), running, pid, rounds_completed=len(rows))
     status.last_metrics = rows[-1] if rows else None
+    status.devices = NodeLedger.read(state.run_dir).entries()
     if info is not None:
         status.address, status.run_id = info.address, info.run_id
     if running and info is not None:
@@ -96,8 +100,27 @@ def render(status: Status) -> str:
     if status.running and (not status.error or status.failed):
         named = ", ".join(f"{n['name'] or n['node_id']} {n['status']}" for n in status.nodes)
         lines.append(f"  nodes: {status.connected_nodes} connected of {len(status.nodes)} registered ({named})")
+    lines += _device_lines(status)
     lines.append(f"  {_metrics_line(status)}")
     return "\n".join(lines)
+
+
+def _device_lines(status: Status) -> list[str]:
+    """A heading and one line per node that ever refused or failed a task; none when no node did."""
+    troubled = [device for device in status.devices if device["last_code"] is not None]
+    if not troubled:
+        return []
+    names = {node["node_id"]: node["name"] for node in status.nodes if node["name"]}
+    return ["  devices that refused or failed a task:", *(_device_line(device, names) for device in troubled)]
+
+
+def _device_line(device: dict[str, Any], names: dict[int, str]) -> str:
+    node = device["node_id"]
+    named = f"node {node}" + (f" ({names[node]})" if node in names else "")
+    return (
+        f"    {named}: last error code {device['last_code']} ({device['last_message']}) in round "
+        f"{device['last_round']}; rounds refused {device['rounds_refused']}, failed {device['rounds_failed']}"
+    )
 
 
 def _metrics_line(status: Status) -> str:

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from shared.device_errors import describe_error
 from shared import messages as keys
 from shared.config import ConfigError, RunConfig
 from shared.weights import InvalidUpdate, validate_update
@@ -203,7 +204,7 @@ def _screen(replies: list[Message], what: str, check: Callable[[RecordDict], Non
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            LOG.warning("node %d: reply refused: the client failed: %s", node, reply.error.reason)
+            LOG.warning("node %d: %s", node, describe_error(int(reply.error.code), reply.error.reason))
             continue
         try:
             check(reply.content)

@@ -16,6 +16,7 @@ import pytest
 from fedserver import daemon, logs, status
 from fedserver.cli import EXIT_NOT_RUNNING, main
 from fedserver.control import NodeInfo, RunInfo
+from fedserver.node_ledger import NODES_FILE, NodeLedger, NodeRecord
 from fedserver.state import DaemonInfo, StateDir
 from shared.pki import init_pki
 from shared.processes import free_port, is_alive, port_in_use, record_process, spawn
@@ -418,3 +419,64 @@ def wait_until_dead(pid: int, timeout: float = 5.0) -> bool:
     while is_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     return not is_alive(pid)
+
+
+def _devices_state(tmp_path: Path, pid: int) -> StateDir:
+    """A state directory whose run's node 7 refused two rounds and failed one, and node 8 did not."""
+    state = StateDir(tmp_path / "state")
+    state.create()
+    DaemonInfo(pid, "127.0.0.1:9092", "127.0.0.1:9092", "/x/ca.pem", 42, 5).write(state.info)
+    (state.run_dir / "metrics.jsonl").write_text('{"round": 1, "accuracy": 0.5, "seconds": 2.0}\n')
+    troubled = NodeRecord(accepted=1, rounds_refused=2, rounds_failed=1, last_code=110, last_round=3)
+    NodeLedger({7: troubled, 8: NodeRecord(accepted=6)}).save(state.run_dir)
+    return state
+
+
+def test_status_lists_the_devices_that_refused_or_failed_a_task(tmp_path, capsys):
+    # Prepare
+    state = _devices_state(tmp_path, 999999)
+
+    # Execute
+    main(["status", "--state-dir", str(state.root)])
+    text = capsys.readouterr().out
+    main(["status", "--state-dir", str(state.root), "--json"])
+    snapshot = json.loads(capsys.readouterr().out)
+
+    # Assert
+    assert (
+        "  devices that refused or failed a task:\n"
+        "    node 7: last error code 110 (refused by the device's policy: secure aggregation is required) "
+        "in round 3; rounds refused 2, failed 1\n"
+        "  last round 1"
+    ) in text
+    assert "node 8" not in text
+    assert [(d["node_id"], d["last_code"], d["rounds_refused"], d["rounds_failed"], d["accepted"])
+            for d in snapshot["devices"]] == [(7, 110, 2, 1, 1), (8, None, 0, 0, 6)]  # fmt: skip
+    assert snapshot["devices"][0]["last_message"] == "refused by the device's policy: secure aggregation is required"
+
+
+def test_status_names_a_troubled_device_by_its_node_name_while_the_daemon_runs(tmp_path, capsys, monkeypatch):
+    # Prepare: a running daemon (this process) whose SuperLink knows node 7 as client-1
+    state = _devices_state(tmp_path, os.getpid())
+    record_process(state.pid_file, os.getpid())
+    monkeypatch.setattr(status, "ControlClient", FailedRunControl)
+
+    # Execute
+    main(["status", "--state-dir", str(state.root)])
+
+    # Assert
+    assert "    node 7 (client-1): last error code 110 (" in capsys.readouterr().out
+
+
+def test_status_without_a_ledger_lists_no_devices(tmp_path, capsys):
+    # Prepare: a run directory from before nodes.json, or one whose rounds saw no error
+    state = _devices_state(tmp_path, 999999)
+    (state.run_dir / NODES_FILE).unlink()
+
+    # Execute
+    main(["status", "--state-dir", str(state.root)])
+    text = capsys.readouterr().out
+    main(["status", "--state-dir", str(state.root), "--json"])
+
+    # Assert
+    assert "devices" not in text and json.loads(capsys.readouterr().out)["devices"] == []

@@ -201,7 +201,7 @@ def test_below_quorum_the_round_is_retried_then_the_run_stops_clearly(tmp_path, 
     monkeypatch.setattr(fedclient.app, "client_seed", lambda cfg, rnd, node: node)
     failing_nodes(monkeypatch, set(range(1001, 1007)))  # every client
 
-    with pytest.raises(RoundFailed, match=r"round 1: fewer than 4 valid replies after 3 attempts \(node \d+: RuntimeError: device unplugged\); nothing was aggregated"):
+    with pytest.raises(RoundFailed, match=r"round 1: fewer than 4 valid replies after 3 attempts \(node \d+: failed the task: code 100 \(the device failed to do the task \(details in the device's log\)\)\); nothing was aggregated"):
         engine.run_simulation(tiny_config(rounds=2, min_replies=4), tmp_path / "r", progress=False)
 
     assert not (tmp_path / "r" / "metrics.jsonl").exists()

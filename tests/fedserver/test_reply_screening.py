@@ -9,14 +9,16 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 
 import fedclient.app
 from fedserver.app import RoundFailed, run_federation
+from fedserver.node_ledger import NodeLedger
 from shared import messages as keys
+from shared.device_errors import DeviceCode
 from simulations.grid import InProcessGrid, simulation_node_config
 
 BAD_NODE = 1001
@@ -203,3 +205,79 @@ def test_refusals_below_the_quorum_stop_the_run_clearly_after_the_retries(matrix
 
     with pytest.raises(RoundFailed, match=failure):
         run(app, cfg)
+
+
+SECRET = "/home/owner/.ssh/id_ed25519"  # what a device's error text must never carry into the server's log
+
+
+def erring_app(error: Error) -> ClientApp:
+    """Flowerbed's ClientApp, except that node BAD_NODE answers every task with `error`."""
+    app = ClientApp()
+
+    def erring(handler: Callable[[Message, Context], Message]) -> Callable:
+        def handle(msg: Message, context: Context) -> Message:
+            return Message(error, reply_to=msg) if context.node_id == BAD_NODE else handler(msg, context)
+
+        return handle
+
+    app.train()(erring(fedclient.app.train))
+    app.evaluate()(erring(fedclient.app.evaluate))
+    return app
+
+
+DEVICE_ERRORS = [
+    (DeviceCode.POLICY_SECURE_AGGREGATION, "refused the task: code 110 (refused by the device's policy: secure aggregation is required)"),
+    (DeviceCode.BAD_DATA, "failed the task: code 101 (the device's data cannot serve this run)"),
+    (DeviceCode.FOREIGN_CODE, "refused the task: code 104 (the run names a ClientApp other than the one installed on the device)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("code", "logged"), DEVICE_ERRORS, ids=[code.name for code, _ in DEVICE_ERRORS])
+def test_a_device_error_is_logged_with_its_node_and_code_never_its_text(code, logged, matrix_config, caplog, tmp_path):
+    cfg = matrix_config.replace(run_dir=str(tmp_path))
+    history = run(erring_app(Error(code, f"open {SECRET}: permission denied")), cfg)
+
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"node {BAD_NODE}: ")]
+    assert lines == [f"node {BAD_NODE}: {logged}"] * (2 * cfg.rounds)  # its training and its evaluation
+    assert SECRET not in caplog.text
+    device = NodeLedger.read(tmp_path).nodes[BAD_NODE]
+    refused = 0 if code == DeviceCode.BAD_DATA else cfg.rounds
+    assert (device.last_code, device.last_round, device.accepted) == (code, cfg.rounds, 0)
+    assert (device.rounds_refused, device.rounds_failed) == (refused, cfg.rounds - refused)
+    assert_learned(history, cfg.rounds)
+
+
+def test_flowers_own_error_is_logged_with_its_reason_shortened(matrix_config, caplog):
+    run(erring_app(Error(2, "ValueError: " + "x" * 1000)), matrix_config)
+
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"node {BAD_NODE}: ")]
+    assert lines and all(line.startswith(f"node {BAD_NODE}: failed the task: code 2 (Flower: ValueError: xxx") for line in lines)
+    assert all(len(line) < 300 for line in lines), lines
+
+
+def test_a_round_failed_by_refusals_names_the_code_and_keeps_the_ledger(matrix_config, tmp_path):
+    app = erring_app(Error(DeviceCode.POLICY_MODEL, f"model {SECRET}"))
+    cfg = matrix_config.replace(min_replies=6.0, run_dir=str(tmp_path))  # node 1001's refusal leaves 5 of 6
+    failure = (
+        rf"round 1: fewer than 6 valid replies after 3 attempts \(node {BAD_NODE}: refused the task: code 113 "
+        r"\(refused by the device's policy: model not allowed\)\); nothing was aggregated$"
+    )
+
+    with pytest.raises(RoundFailed, match=failure):
+        run(app, cfg)
+
+    device = NodeLedger.read(tmp_path).nodes[BAD_NODE]
+    assert (device.rounds_refused, device.last_code, device.last_round) == (1, DeviceCode.POLICY_MODEL, 1)
+    assert NodeLedger.read(tmp_path).nodes[BAD_NODE + 1].accepted == 3  # each of the three attempts
+
+
+def test_a_resumed_run_continues_the_ledger(matrix_config, tmp_path):
+    app = erring_app(Error(DeviceCode.BAD_DATA, "whatever"))
+    run(app, matrix_config.replace(rounds=2, run_dir=str(tmp_path)))
+    first = NodeLedger.read(tmp_path)
+
+    run(app, matrix_config.replace(rounds=3, run_dir=str(tmp_path)))
+
+    again = NodeLedger.read(tmp_path)
+    assert (first.nodes[BAD_NODE].rounds_failed, again.nodes[BAD_NODE].rounds_failed) == (2, 3)
+    assert (first.nodes[BAD_NODE + 1].accepted, again.nodes[BAD_NODE + 1].accepted) == (4, 6)  # train + evaluation

@@ -1,0 +1,99 @@
+"""What each node did with the tasks of a run: replies accepted, rounds refused or failed, and its
+last error (`nodes.json` in the run directory; `fedserver status` shows it).
+
+A node's error reply carries a code: 100 and above a device's own (`shared.device_errors`), whose
+fixed message is all the server repeats, whatever the reply's text says; below 100 Flower's,
+whose text is Flower's and is kept, shortened. A refusal is a device declining a task under its
+owner's policy (`is_refusal`); any other error is a failure.
+
+The ServerApp writes the ledger after each committed round and when a round fails the run, and
+reads it back on a resume, so the counts continue. A round counts once as refused and once as
+failed however many of its attempts (and its evaluation) the node answered so, a round redone
+after a resume included; "accepted" counts replies that passed screening, in every attempt.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedserver.checkpoints import CheckpointError
+from shared.device_errors import describe, is_refusal
+from shared.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from flwr.app import Error, Message
+
+NODES_FILE = "nodes.json"
+@dataclass
+class NodeRecord:
+    """One node's counts; a round is counted at most once as refused and once as failed."""
+
+    accepted: int = 0
+    rounds_refused: int = 0
+    rounds_failed: int = 0
+    last_code: int | None = None
+    last_round: int | None = None
+    last_refused_round: int | None = None
+    last_failed_round: int | None = None
+
+    @property
+    def last_message(self) -> str | None:
+        return None if self.last_code is None else describe(self.last_code)
+
+    def add_error(self, server_round: int, code: int) -> None:
+        self.last_code, self.last_round = code, server_round
+        if is_refusal(code) and self.last_refused_round != server_round:
+            self.rounds_refused, self.last_refused_round = self.rounds_refused + 1, server_round
+        elif not is_refusal(code) and self.last_failed_round != server_round:
+            self.rounds_failed, self.last_failed_round = self.rounds_failed + 1, server_round
+
+    def to_json(self, node_id: int) -> dict[str, Any]:
+        return {"node_id": node_id, **asdict(self), "last_message": self.last_message}
+
+
+@dataclass
+class NodeLedger:
+    """Every node's record for one run, by node id."""
+
+    nodes: dict[int, NodeRecord] = field(default_factory=dict)
+
+    def record(self, server_round: int, replies: list[Message], accepted: list[Message]) -> None:
+        """Count one screening: `accepted` the replies of `replies` that passed it."""
+        for reply in replies:
+            if reply.has_error():
+                self._node(reply.metadata.src_node_id).add_error(server_round, int(reply.error.code))
+        for reply in accepted:
+            self._node(reply.metadata.src_node_id).accepted += 1
+
+    def entries(self) -> list[dict[str, Any]]:
+        """One JSON object per node, by node id (what `nodes.json` holds)."""
+        return [record.to_json(node) for node, record in sorted(self.nodes.items())]
+
+    def save(self, run_dir: Path) -> None:
+        atomic_write_text(run_dir / NODES_FILE, json.dumps({"nodes": self.entries()}, indent=1) + "\n")
+
+    @classmethod
+    def read(cls, run_dir: Path) -> NodeLedger:
+        """The ledger saved in `run_dir` (empty where there is none); CheckpointError if corrupt."""
+        path = run_dir / NODES_FILE
+        if not path.exists():
+            return cls()
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))["nodes"]
+            return cls({int(e["node_id"]): _record(e) for e in entries})
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path} is unreadable or corrupt: {err}") from None
+
+    def _node(self, node_id: int) -> NodeRecord:
+        return self.nodes.setdefault(int(node_id), NodeRecord())
+
+
+def _record(entry: dict[str, Any]) -> NodeRecord:
+    saved = {f.name: entry[f.name] for f in fields(NodeRecord)}
+    counts = ("accepted", "rounds_refused", "rounds_failed")
+    if any(not isinstance(saved[name], int) for name in counts):
+        raise ValueError(f"counts must be integers: {[saved[name] for name in counts]}")
+    return NodeRecord(**saved)
