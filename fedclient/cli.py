@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from fedclient.node import ISOLATIONS, REFUSAL_GRACE, NodeOptions, run_node
+from fedclient.policy import DevicePolicy, policy_key, read_policy
 from shared.cli import add_command, build_parser as build_command_parser, run_cli
 from shared.config import DEVICES
 
@@ -56,12 +58,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a refusal with Flower's code 2004 (an unregistered key, or a node the server still "
         f"counts online after an unclean stop) is retried before fedclient gives up (default: {REFUSAL_GRACE:.0f})",
     )
+    _policy_arguments(start)
+    start.add_argument(
+        "--enrollment-cert",
+        type=Path,
+        metavar="FILE",
+        help="this device's enrollment certificate (NAME.crt from 'fedserver enroll'): it signs its "
+        "secure-aggregation keys with --key; needs --enrollment-ca",
+    )
+    start.add_argument(
+        "--enrollment-ca",
+        type=Path,
+        metavar="FILE",
+        help="the federation's enrollment CA certificate: a secure round holding a peer it did not sign is refused",
+    )
+    policy = add_command(sub, "policy", "print what a device policy file allows, or why it cannot be used")
+    policy.add_argument("file", type=Path, metavar="FILE", help="the policy file (TOML)")
     keygen = add_command(sub, "keygen", "make this device's key pair; only its public key goes to the server")
     keygen.add_argument("name", metavar="NAME", help="the device's name: letters, digits, '_', '-', '.'")
     keygen.add_argument(
         "--dir", type=Path, default=Path("."), metavar="DIR", help="where to write NAME.key and NAME.pub (default: .)"
     )
     return parser
+
+
+def _policy_arguments(start: argparse.ArgumentParser) -> None:
+    """`--policy FILE` and a flag for each policy key, which wins over the file."""
+    start.add_argument("--policy", type=Path, metavar="FILE", help="the device owner's policy (TOML; docs/deploy.md)")
+    for f in fields(DevicePolicy):
+        flag = "--" + policy_key(f.name)
+        meaning = f.metadata["meaning"]
+        if isinstance(f.default, bool):
+            start.add_argument(flag, action="store_const", const=True, dest=f.name, help=meaning)
+        else:
+            start.add_argument(flag, type=type(f.default), dest=f.name, metavar="VALUE", help=meaning)
+
+
+def policy_from(args: argparse.Namespace) -> DevicePolicy:
+    """The policy of `--policy`, with the flags given on the command line over it."""
+    flags = {policy_key(f.name): getattr(args, f.name) for f in fields(DevicePolicy)}
+    return read_policy(args.policy, {key: value for key, value in flags.items() if value is not None})
+
+
+def run_policy(args: argparse.Namespace) -> int:
+    """`fedclient policy FILE`: what the file allows, a key a line."""
+    print("\n".join(read_policy(args.file).describe()))
+    return 0
 
 
 def run_keygen(args: argparse.Namespace) -> int:
@@ -75,7 +117,8 @@ def run_keygen(args: argparse.Namespace) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    return run_keygen(args) if args.command == "keygen" else run_node(options_from(args))
+    commands = {"keygen": run_keygen, "policy": run_policy}
+    return commands[args.command](args) if args.command in commands else run_node(options_from(args))
 
 
 def options_from(args: argparse.Namespace) -> NodeOptions:
@@ -90,6 +133,9 @@ def options_from(args: argparse.Namespace) -> NodeOptions:
         args.client_app,
         args.trust_server_code,
         args.refusal_grace,
+        policy=policy_from(args),
+        enrollment_cert=args.enrollment_cert,
+        enrollment_ca=args.enrollment_ca,
     )
 
 

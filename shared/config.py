@@ -473,8 +473,6 @@ def _check_text(cfg: RunConfig) -> None:
             f"config keys 'input-dim' and 'num-classes' do not apply to dataset '{cfg.dataset}': "
             "its model is shaped by 'max-len' and the vocabulary"
         )
-    if cfg.tokenizer == "file" and not cfg.tokenizer_path:
-        raise ConfigError("config key 'tokenizer-path' is not set: tokenizer 'file' reads it")
     for name in ("d_model", "num_heads", "num_layers"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"config key '{config_key(name)}' must be >= 1, got {getattr(cfg, name)}")
@@ -540,7 +538,11 @@ def load_config(path: Path | None = None, overrides: Iterable[str] = ()) -> RunC
 def _pin_tokenizer(mapping: dict[str, Any]) -> dict[str, Any]:
     """`mapping` with `tokenizer-sha256` set from `tokenizer-path`'s file, for `tokenizer = "file"`."""
     path = mapping.get("tokenizer-path")
-    if mapping.get("tokenizer") != "file" or mapping.get("tokenizer-sha256") or not isinstance(path, str) or not path:
+    if mapping.get("tokenizer") != "file":
+        return mapping
+    if not path:  # checked here, where files are read: a device takes the tokenizer from its messages
+        raise ConfigError("config key 'tokenizer-path' is not set: tokenizer 'file' reads it")
+    if mapping.get("tokenizer-sha256") or not isinstance(path, str):
         return mapping
     try:
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -550,6 +552,45 @@ def _pin_tokenizer(mapping: dict[str, Any]) -> dict[str, Any]:
 
 
 PATH_KEYS = frozenset(config_key(f.name) for f in fields(RunConfig) if f.metadata["path"])
+
+# Who may set each key, for a deployed device (docs/security.md). A device follows the RECIPE a
+# server sends (within its owner's policy); SERVER_ONLY keys are read by the server and fedsim
+# alone (a device's ClientApp never uses them); a DEVICE_OWNED key is never taken from a server:
+# every path is one, and a device uses its own value (its default, or what its owner named).
+# Every key is classified here, and a test fails for a key that is not, so none slips through.
+RECIPE, SERVER_ONLY, DEVICE_OWNED = "recipe", "server-only", "device-owned"
+KEY_ROLES: dict[str, str] = {
+    **dict.fromkeys(
+        ("dataset", "model", "hidden", "cnn-hidden", "num-classes", "input-dim", "test-fraction", "max-len",
+         "vocab-size", "tokenizer", "tokenizer-sha256", "d-model", "num-heads", "num-layers", "ff-dim",
+         "dropout", "compile", "seed", "data-seed", "local-epochs", "batch-size", "lr", "optimizer",
+         "proximal-mu", "device", "torch-threads", "eval-batch-size", "secure-aggregation",
+         "secagg-threshold", "secagg-neighbours", "secagg-clipping-range", "secagg-quantization-range"),
+        RECIPE,
+    ),
+    **dict.fromkeys(
+        ("partition", "dirichlet-alpha", "shards-per-client", "min-client-size", "synthetic-alpha",
+         "synthetic-beta", "synthetic-iid", "synthetic-max-samples", "min-role-chars", "num-clients",
+         "clients-per-round", "rounds", "strategy", "stragglers", "server-lr", "server-momentum", "trim-beta",
+         "num-malicious", "target-accuracy", "stop-at-target", "eval-clients", "eval-every", "backend",
+         "ray-cpus-per-client", "ray-gpus-per-client", "vectorized", "workers", "gpu-memory-fraction",
+         "keep-checkpoints", "round-timeout", "node-wait-timeout", "min-replies", "round-retries",
+         "max-update-norm", "max-client-examples"),
+        SERVER_ONLY,
+    ),
+    **dict.fromkeys(PATH_KEYS, DEVICE_OWNED),
+}  # fmt: skip
+DEVICE_OWNED_KEYS = frozenset(key for key, role in KEY_ROLES.items() if role == DEVICE_OWNED)
+
+
+def device_config(server_config: Mapping[str, Any]) -> tuple[RunConfig, list[str]]:
+    """The run config a deployed device uses: the server's keys less every device-owned one.
+
+    Returns the config and the device-owned keys the server set (to be said once in the device's
+    log): those keep the device's own values (their defaults), whatever the server sent.
+    """
+    ignored = sorted(key for key in server_config if key in DEVICE_OWNED_KEYS and server_config[key] != "")
+    return RunConfig.from_mapping(server_config, ignore=DEVICE_OWNED_KEYS), ignored
 
 
 def _absolute_paths(mapping: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -93,6 +93,10 @@ DEFERRED_IMPORTS: dict[str, tuple[str, str]] = {
     "SuperExecAuthHttpInterceptor": ("flwr.supercore.interceptors", "SuperExecAuthHttpInterceptor"),
     "SUPEREXEC_AUTH_METHODS": ("flwr.supercore.superexec.run_superexec", "_SUPEREXEC_AUTH_METHODS"),
     "load_superexec_auth_secret": ("flwr.supercore.auth", "load_superexec_auth_secret"),
+    # Flower's DP primitives (the ones its DP mods use): a device's own privacy floor clips its
+    # update and adds Gaussian noise with them (fedclient/policy.py).
+    "compute_clip_model_update": ("flwr.supercore.differential_privacy", "compute_clip_model_update"),
+    "add_gaussian_noise_inplace": ("flwr.supercore.differential_privacy", "add_gaussian_noise_inplace"),
     # A FAB's pyproject.toml (its `clientapp` component), read without installing the FAB.
     "get_fab_config": ("flwr.common.config", "get_fab_config"),
     # How long a SuperLink counts a node online after its last heartbeat (fedclient/node.py).

@@ -27,6 +27,17 @@ def model_from_config(cfg: RunConfig, spec: DataSpec) -> torch.nn.Module:
     return model
 
 
+def parameter_count(cfg: RunConfig, spec: DataSpec) -> int:
+    """How many parameters `model_from_config(cfg, spec)` has, found without allocating them.
+
+    The model is built on PyTorch's meta device (shapes only, no memory), so a device can refuse
+    a model too large for it before it builds one.
+    """
+    with torch.device("meta"):
+        model = BUILDERS[cfg.model](cfg, spec)
+    return sum(p.numel() for p in model.parameters())
+
+
 def _mlp(cfg: RunConfig, spec: DataSpec) -> torch.nn.Module:
     hidden = TWO_NN_HIDDEN if cfg.model == "2nn" else cfg.hidden_sizes
     return build_model("mlp", input_dim=spec.input_dim, hidden=tuple(hidden), num_classes=spec.num_classes)

@@ -14,6 +14,7 @@ cut to their longest row, so little time goes into padding (``batch_plan``).
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ Batch = tuple[torch.Tensor, int | None]  # example indices, and the width to cut
 @dataclass(frozen=True)
 class TrainResult:
     loss: float  # mean cross-entropy over the last epoch's examples (proximal term excluded)
-    num_examples: int
+    num_examples: int  # examples trained on: all of x, or fewer where `time_limit` stopped the first epoch
+    stopped_early: bool = False  # `time_limit` ended training before its last step
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ def train(
     proximal_mu: float = 0.0,
     device: str = "auto",
     seed: int | None = None,
+    time_limit: float | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with cross-entropy for ``epochs`` passes over (x, y).
 
@@ -86,7 +89,9 @@ def train(
     are the weights on entry (with plain SGD the pull is stable only for
     lr * mu < 2). ``seed`` fixes the shuffling and dropout, so runs
     on CPU are bit-identical; the global RNG state is left untouched.
-    Mixed precision is used on CUDA only.
+    Mixed precision is used on CUDA only. ``time_limit`` (seconds) stops training after the
+    step that passes it (at least one step runs): the loss is then the mean over the examples
+    of the epoch it stopped in, and ``num_examples`` counts what was trained on, at most len(x).
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
@@ -102,17 +107,26 @@ def train(
     opt = _make_optimizer(optimizer, params, lr=lr, scaled=scaler is not None)
     amp = autocast_context(dev, amp_dtype)  # reusable: entered once per step, never nested
     shuffle = _generator(seed)
+    deadline = None if time_limit is None else time.monotonic() + time_limit
     loss_sum = torch.zeros((), device=dev)
+    trained = seen = 0  # examples trained on in all, and in this epoch
     with _seeded_rng(seed, dev):
         for epoch in range(epochs):
-            last = epoch == epochs - 1
+            scored = epoch == epochs - 1 or deadline is not None  # whose loss may be the one reported
+            loss_sum.zero_()
+            seen = 0
             for idx, width in batch_plan(n, batch_size, shuffle, lengths):
                 xb, yb = gather(xs, ys, idx.to(dev, non_blocking=True), width)
                 with amp:
                     loss = _loss(model(xb), yb)
                 _step(loss, opt, scaler, proximal)
-                if last:
+                seen += idx.shape[0]
+                if scored:
                     loss_sum.add_(loss.detach(), alpha=idx.shape[0])
+                if deadline is not None and time.monotonic() >= deadline:
+                    trained += seen
+                    return TrainResult((loss_sum / seen).item(), min(trained, n), stopped_early=True)
+            trained += seen
     return TrainResult(loss=(loss_sum / n).item(), num_examples=n)
 
 

@@ -40,7 +40,7 @@ from shared.data.readers import Splits, read_csv, read_idx_dir, read_jsonl, read
 from shared.data.shared_arrays import ArraySet, open_arrays, save_arrays
 from shared.data.synthetic import synthetic_device
 from shared.data.text import ByteTokenizer, CharVocab, FileTokenizer, WordTokenizer
-from shared.data.textsets import next_char_chunks, read_reviews, read_roles
+from shared.data.textsets import _present_fields, next_char_chunks, read_reviews, read_roles
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 TOKENIZER_FILE = "tokenizer.json"  # a text dataset's tokenizer, in the run directory beside the model
@@ -186,6 +186,19 @@ def data_spec(cfg: RunConfig, tokenizer: UnfittedTokenizer | None = None) -> Dat
         known = load_federation(cfg).spec
     input_dim = cfg.input_dim or known.input_dim
     num_classes = cfg.num_classes or known.num_classes
+    return DataSpec(input_dim, num_classes)
+
+
+def local_spec(cfg: RunConfig, data: ClientData, tokenizer: UnfittedTokenizer | None = None) -> DataSpec:
+    """A deployed device's model spec, from the config and its own data: never from a file the run
+    config names. Config keys first, then the dataset's known shape, then the device's own data
+    (features of its file, classes up to its largest label: a run whose devices may not all hold
+    every class sets `num-classes`)."""
+    if cfg.dataset in TEXT_MODELS:
+        return _text_spec(cfg, tokenizer)
+    known = KNOWN_SPECS.get(cfg.dataset)
+    input_dim = cfg.input_dim or (known.input_dim if known else int(np.prod(data.x_train.shape[1:])))
+    num_classes = cfg.num_classes or (known.num_classes if known else int(data.y_train.max()) + 1)
     return DataSpec(input_dim, num_classes)
 
 
@@ -558,18 +571,61 @@ def _check_enough_clients(cfg: RunConfig, num_clients: int) -> None:
 def load_local(path: str | Path, cfg: RunConfig, tokenizer: UnfittedTokenizer | None = None) -> ClientData:
     """A deployed client's own data file (NPZ, CSV, IDX directory, LEAF JSON; for text, JSON lines
     or plain text), whole. Text is encoded with `tokenizer` (the one the run shipped), else the config's."""
+    path = _local_path(path)
+    if cfg.dataset in TEXT_MODELS:
+        return _local_text(path, cfg, tokenizer or text_tokenizer(cfg))
+    splits = _local_splits(path)
+    x, y = as_features(splits.x_train), splits.y_train.astype(np.int64)
+    if splits.x_test is None:
+        return holdout_split(x, y, cfg.test_fraction, np.random.default_rng(cfg.effective_data_seed))
+    return ClientData(x, y, as_features(splits.x_test), splits.y_test.astype(np.int64))
+
+
+# What a device's data may be; `check_local` knows the format by the name (text by _TEXT_SUFFIXES).
+LOCAL_FORMATS = "an .npz, a .csv, LEAF .json, a directory (MNIST's 4 IDX files or LEAF *.json), or text: .jsonl, .txt"
+_TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
+
+
+def check_local(path: str | Path) -> str:
+    """What a device's data holds, in a few words ("1,797 examples, 64 features, labels 0..9"; "text:
+    300 records, labels 0..1"), read once by a device that does not know its run's dataset yet.
+
+    DataError, one line, where no run could train on it: an empty file, an unknown suffix, a file
+    that is not what its name says, NaN or infinite values, labels that are not integer class ids,
+    no examples. What it cannot know is left to `load_local`: whether the run's model fits the data.
+    """
+    path = _local_path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file")
+    if path.name.endswith(_TEXT_SUFFIXES):
+        return _text_summary(path)
+    if not (path.is_dir() or path.suffix in (".npz", ".csv", ".json")):
+        raise DataError(f"{path}: unknown data format; a device's data is {LOCAL_FORMATS}")
+    return _splits_summary(_local_splits(path))
+
+
+def _splits_summary(splits: Splits) -> str:
+    labels = np.concatenate([splits.y_train, *([] if splits.y_test is None else [splits.y_test])])
+    test = f" ({len(splits.y_test):,} of them test)" if splits.y_test is not None else ""
+    features = int(np.prod(splits.x_train.shape[1:]))
+    described = f"{len(labels):,} examples{test}, {features:,} feature{'s' * (features != 1)}"
+    return f"{described}, labels {int(labels.min())}..{int(labels.max())}"
+
+
+def _local_path(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data path {path} does not exist")
-    if cfg.dataset in TEXT_MODELS:
-        return _local_text(path, cfg, tokenizer or text_tokenizer(cfg))
+    return path
+
+
+def _local_splits(path: Path) -> Splits:
+    """A device's feature file: an IDX directory, LEAF JSON (file or directory), a CSV of integer
+    class ids, else an NPZ; its features and labels numbers, and at least one example."""
     if path.is_dir() and not any(path.glob("*.json")):
         splits = read_idx_dir(path)
     elif path.is_dir() or path.suffix == ".json":
-        users = read_leaf_json(path)
-        x = np.concatenate([u[0] for u in users.values()])
-        y = np.concatenate([u[1] for u in users.values()])
-        splits = Splits(x, y, None, None)
+        splits = _leaf_splits(path)
     elif path.suffix == ".csv":
         splits = read_csv(path)
         if splits.classes is not None:  # a map made from one device's file would differ between devices
@@ -579,12 +635,31 @@ def load_local(path: str | Path, cfg: RunConfig, tokenizer: UnfittedTokenizer | 
             )
     else:
         splits = read_npz(path)
-    x, y = as_features(splits.x_train), splits.y_train.astype(np.int64)
-    if len(y) == 0:
+    if len(splits.y_train) == 0:
         raise DataError(f"data path {path} holds no examples")
-    if splits.x_test is None:
-        return holdout_split(x, y, cfg.test_fraction, np.random.default_rng(cfg.effective_data_seed))
-    return ClientData(x, y, as_features(splits.x_test), splits.y_test.astype(np.int64))
+    for name, array in (("features", splits.x_train), ("labels", splits.y_train)):
+        if array.dtype.kind not in "biuf":  # LEAF Shakespeare's text samples
+            example = str(array.flat[0])
+            raise DataError(f"{path}: the {name} are text (e.g. {example!r}); a device's text is .jsonl or .txt")
+    return splits
+
+
+def _leaf_splits(path: Path) -> Splits:
+    """Every user's samples of LEAF JSON (a file or a directory), joined."""
+    users = read_leaf_json(path).values()
+    none = [np.zeros(0, np.float32)]
+    return Splits(np.concatenate([x for x, _ in users] or none), np.concatenate([y for _, y in users] or none))
+
+
+def _text_summary(path: Path) -> str:
+    """JSON lines whose records have a `label` (IMDB) are read as labelled records, others as text."""
+    if path.name.endswith((".jsonl", ".jsonl.gz")) and "label" in _present_fields(path, ("label",)):
+        records = read_jsonl(path)
+        return f"text: {len(records.texts):,} records, labels {records.labels.min()}..{records.labels.max()}"
+    text = read_text(path)
+    if not text.strip():
+        raise DataError(f"{path}: no text")
+    return f"text: {len(text):,} characters"
 
 
 def _local_text(path: Path, cfg: RunConfig, tokenizer: UnfittedTokenizer | None) -> ClientData:

@@ -18,6 +18,11 @@ from shared.data.federation import check_pinned, text_tokenizer
 from shared.data.text import FileTokenizer
 
 
+# Largest tokenizer file a device takes from a message: a `tokenizers` JSON of a 50,000-word
+# vocabulary is about 1-3 MB; the model it shapes is bounded by the device's policy besides.
+MAX_TOKENIZER_BYTES = 16 << 20
+
+
 def tokenizer_entries(cfg: RunConfig) -> dict[str, bytes | str]:
     """The config entries a server adds to its messages: the tokenizer and its SHA-256, or none."""
     tokenizer = text_tokenizer(cfg)
@@ -33,6 +38,8 @@ def received_tokenizer(cfg: RunConfig, config: Mapping[str, object]) -> FileToke
     data = config.get(keys.TOKENIZER)
     if not isinstance(data, bytes):
         raise DataError("the run uses tokenizer 'file' but the message carries no tokenizer")
+    if len(data) > MAX_TOKENIZER_BYTES:
+        raise DataError(f"the message's tokenizer is {len(data):,} bytes, more than {MAX_TOKENIZER_BYTES:,}")
     digest = hashlib.sha256(data).hexdigest()
     sent = config.get(keys.TOKENIZER_SHA256)
     if sent != digest:

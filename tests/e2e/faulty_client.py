@@ -56,7 +56,8 @@ def corruption(server_round: int) -> tuple[Callable[[Weights], Weights], str]:
 def train(msg: Message, context: Context) -> Message:
     reply = honest.train(msg, context)
     spoil, _reason = corruption(int(msg.content[keys.CONFIG][keys.SERVER_ROUND]))
-    like = honest.runtimes.get(context).model.state_dict()
+    runtime = honest.runtimes.get(context)
+    like = runtime.model_for(runtime.spec(context)).state_dict()
     weights = spoil(to_state_dict(reply.content[keys.ARRAYS], like=like))
     content = RecordDict({keys.ARRAYS: to_arrayrecord(weights), keys.METRICS: reply.content[keys.METRICS]})
     return Message(content, reply_to=msg)

@@ -206,3 +206,36 @@ def _assert_refused_each_round(fed: Deployment, e2e, rows: list[dict], refused: 
     model = load_safetensors(fed.state.run_dir / "model.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in model.values())
     assert all(node.poll() is None for node in fed.nodes)
+
+
+STRICT_POLICY = """\
+max-local-epochs = 2
+max-train-seconds = 120
+allowed-models = "2nn"
+max-model-parameters = 1_000_000
+dp-clipping-norm = 20.0
+"""
+
+
+def test_a_device_whose_policy_requires_secure_aggregation_refuses_a_plain_run_and_the_others_go_on(deploy, e2e):
+    # Prepare: client 1 requires secure aggregation; client 2 runs a strict policy; client 3 the default
+    fed = deploy(3, 3, min_replies=2, round_timeout=60)
+    policy = fed.work / "strict.toml"
+    policy.write_text(STRICT_POLICY)
+
+    # Execute
+    fed.start_daemon()
+    fed.start_clients({1: ["--require-secure-aggregation"], 2: ["--policy", str(policy)]})
+    fed.wait_for_rounds(3, 300)
+
+    # Assert: the run learned from the two others; client 1 refused with its code and said why on its own side
+    assert _learned(fed.rows())
+    refusing, strict = e2e.log(f"{fed.work.name}-client-1"), e2e.log(f"{fed.work.name}-client-2")
+    assert "policy: require-secure-aggregation = true" in refusing
+    assert re.search(r"train task refused \(code 110\)", refusing), refusing[-3000:]
+    assert "policy: max-local-epochs = 2; max-train-seconds = 120.0" in strict
+    assert "task refused" not in strict and "task failed" not in strict
+    devices = {d["node_id"]: d for d in e2e.status(fed.state)["devices"]}
+    refuser = devices[e2e.node_id(f"{fed.work.name}-client-1")]
+    assert refuser["last_code"] == 110 and refuser["rounds_refused"] >= 1 and refuser["accepted"] == 0
+    assert devices[e2e.node_id(f"{fed.work.name}-client-2")]["accepted"] >= 3

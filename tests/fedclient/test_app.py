@@ -16,6 +16,7 @@ from shared import task
 from shared.config import RunConfig
 from shared.data.federation import data_spec, load_federation
 from shared.data.text import FileTokenizer
+from shared.device_errors import MESSAGES, DeviceCode
 from shared.recipe import model_from_config
 from shared.weights import to_arrayrecord, to_state_dict, validate_update
 from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_config
@@ -178,10 +179,12 @@ def test_a_deployed_node_trains_on_its_reviews_with_the_shipped_tokenizer(tmp_pa
     validate_update(arrays, reply.content[keys.ARRAYS])
 
 
-def test_a_deployed_node_refuses_a_tokenizer_the_run_did_not_pin(tmp_path):
+def test_a_deployed_node_refuses_a_tokenizer_the_run_did_not_pin(tmp_path, caplog):
     grid, cfg, shipped = text_node(tmp_path, "0" * 64)
     arrays = to_arrayrecord(model_from_config(cfg, data_spec(cfg, FileTokenizer(shipped[keys.TOKENIZER]))).state_dict())
 
     reply = train_with(grid, arrays, shipped)
 
-    assert reply.has_error() and "tokenizer checksum mismatch" in reply.error.reason
+    assert reply.has_error() and reply.error.code == DeviceCode.BAD_MESSAGE
+    assert reply.error.reason == MESSAGES[DeviceCode.BAD_MESSAGE]  # the detail stays on the device:
+    assert "tokenizer checksum mismatch" in caplog.text

@@ -164,3 +164,24 @@ def test_eval_every_evaluates_its_multiples_and_the_last_round():
     assert all(RunConfig(rounds=4).evaluates(r) for r in range(1, 5))
     with pytest.raises(ConfigError, match="'eval-every' must be >= 1, got 0"):
         RunConfig(eval_every=0)
+
+
+def test_every_config_key_is_classified_and_every_path_is_device_owned():
+    from shared.config import DEVICE_OWNED, KEY_ROLES, PATH_KEYS, RECIPE, SERVER_ONLY
+
+    keys = set(RunConfig().to_mapping())
+
+    assert set(KEY_ROLES) == keys  # a new key must be classified before it can be used
+    assert set(KEY_ROLES.values()) == {RECIPE, SERVER_ONLY, DEVICE_OWNED}
+    assert PATH_KEYS and all(KEY_ROLES[key] == DEVICE_OWNED for key in PATH_KEYS)
+
+
+def test_a_device_takes_the_servers_recipe_but_none_of_its_device_owned_keys(tmp_path):
+    from shared.config import device_config
+
+    server = {"dataset": "csv", "data-path": "/etc/shadow", "run-dir": str(tmp_path), "lr": 0.5, "tokenizer-path": ""}
+
+    cfg, ignored = device_config(server)
+
+    assert (cfg.data_path, cfg.run_dir, cfg.lr, cfg.dataset) == ("", "", 0.5, "csv")
+    assert ignored == ["data-path", "run-dir"]  # the empty tokenizer-path asks for nothing

@@ -80,9 +80,10 @@ def test_a_missing_tokenizer_file_is_a_config_error(tmp_path):
         load_config(None, ["dataset=imdb", "model=transformer-classifier", "tokenizer=file", "tokenizer-path=no.json"])
 
 
-def test_tokenizer_file_needs_a_path():
+def test_tokenizer_file_needs_a_path_where_the_config_is_loaded():
+    # a device's config has no tokenizer-path (device-owned): it takes the tokenizer from its messages
     with pytest.raises(ConfigError, match="'tokenizer-path' is not set"):
-        text_config(tokenizer="file")
+        load_config(None, ["dataset=imdb", "model=transformer-classifier", "tokenizer=file"])
 
 
 @pytest.mark.parametrize(("dataset", "spec"), [("imdb", (8, 2, 258)), ("shakespeare", (8, 258, 258))])

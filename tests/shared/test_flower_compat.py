@@ -52,6 +52,8 @@ CALLS = {
     "arrayrecord_to_parameters": (1, ["keep_input"]),
     "share_keys_plaintext_concat": (4, []),
     "share_keys_plaintext_separate": (1, []),
+    "compute_clip_model_update": (3, []),
+    "add_gaussian_noise_inplace": (2, []),
     "validate_fields_in_config": (1, []),
     "get_fused_config_from_dir": (2, []),
     "flatten_dict": (1, []),
