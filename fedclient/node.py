@@ -17,11 +17,17 @@ code, as Flower does. `"subprocess"` isolation always runs the FAB's code (Flowe
 `flwr-clientapp` installs it), so it needs `trust_server_code`.
 
 Who may take this node's tasks: the SuperNode's local Runtime API listens on 127.0.0.1, where
-every local user can reach it. In warm isolation fedclient writes a random secret to a new
-file only its user can read (0600) and gives it to both the SuperNode
-(`--superexec-auth-secret-file`, Flower's SuperExec authentication) and the worker: a request
-for a task without a signature made with that secret is refused, and every other Runtime API
-call needs the token a task hands out. Flower ignores the secret in `"subprocess"` isolation.
+every local user can reach it, and bind it while the SuperNode restarts. In warm isolation
+each start makes a new directory only its user can open (0700), removed at the end, holding:
+- a random secret given to both the SuperNode (`--superexec-auth-secret-file`, Flower's
+  SuperExec authentication) and the worker: a request for a task without a signature made with
+  that secret is refused, and every other Runtime API call needs the token a task hands out;
+- a new self-signed certificate for 127.0.0.1 and its key, made by a one-shot child
+  (`python -m fedclient.localcert`: this process never imports `cryptography`): the SuperNode
+  serves its Runtime API over TLS with them (`--ssl-certfile`, `--ssl-keyfile`), and the worker
+  trusts that certificate alone (`--runtime-certificate`), so it takes no task from a process
+  that holds the port without the key.
+`"subprocess"` isolation gets neither (Flower ignores the secret there): it is not protected.
 
 Before the SuperNode starts, fedclient checks that the server's address accepts connections;
 while it does not, it says why (refused, no such host, timed out) and tries again after a
@@ -43,6 +49,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,7 +64,10 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from fedclient.policy import DevicePolicy
+from shared.config import Scalar, toml_value
 from shared.errors import ExitCode, FedclientError
+from shared.node_config import CERTIFICATE, DATA_PATH, DEVICE, ENROLLMENT_CA, SIGNING_KEY
 from shared.processes import free_port, spawn, stop_tree
 
 ISOLATIONS = ("warm", "subprocess")
@@ -83,6 +93,9 @@ RETRYING = "Connection attempt failed, retrying"  # what it logs, without the ad
 # for that message unfinished, and a worker that took the task waits for its input for up to
 # Flower's PULL_MAX_TIME (2 h): the worker is restarted instead.
 ABANDONED_TASK = "is not in `RUNNING` status. Ignoring message"
+# What the SuperNode's Runtime API server (uvicorn) logs when another process holds its port, as
+# another local account can while the SuperNode restarts: not a refusal by the server; restarted.
+PORT_TAKEN = "error while attempting to bind on address"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HINTS = {
     "[code: 2004]": "is this node's public key registered on the server (its PKI's clients/*.pub)? "
@@ -114,11 +127,15 @@ class NodeOptions:
     client_app: str = ""  # for tests: MODULE:ATTR run instead of the installed ClientApp (warm only)
     trust_server_code: bool = False  # run the ClientApp the server's FAB names (Flower's behaviour)
     refusal_grace: float = REFUSAL_GRACE  # seconds a code-2004 refusal is retried after the first start
+    policy: DevicePolicy = DevicePolicy()  # what the owner allows a server to ask (fedclient/policy.py)
+    enrollment_cert: Path | None = None  # this device's enrollment certificate: it signs its SecAgg keys
+    enrollment_ca: Path | None = None  # the federation's enrollment CA: SecAgg peers must be signed by it
 
 
 def check_inputs(options: NodeOptions) -> None:
     """Every file exists, the data path can be passed in Flower's node config, the flags go
-    together (subprocess isolation runs server code) and `--server` is HOST:PORT."""
+    together (subprocess isolation runs server code), `--server` is HOST:PORT, and the data can be
+    trained on (read once here, its summary printed: a device refused every round says so nowhere)."""
     for flag, path in (("--ca", options.ca), ("--key", options.key), ("--data", options.data)):
         if not path.exists():
             raise NodeError(f"{flag} {path} does not exist")
@@ -136,6 +153,19 @@ def check_inputs(options: NodeOptions) -> None:
             "each run's FAB): add --trust-server-code, or use --isolation warm"
         )
     split_address(options.server)
+    _say(f"data {options.data}: {check_data(options.data)}")
+
+
+def check_data(data: Path) -> str:
+    """The summary of the data at `data`, read by a child (`python -m fedclient.datacheck`: this
+    supervisor does not keep numpy and the readers in memory); NodeError with the child's one-line
+    reason where no run could train on it."""
+    argv = [sys.executable, "-m", "fedclient.datacheck", str(data)]
+    checked = subprocess.run(argv, env=node_env(), capture_output=True, text=True, check=False)
+    if checked.returncode != 0:
+        why = (checked.stderr.strip().splitlines() or [f"exit code {checked.returncode}"])[-1]
+        raise NodeError(f"--data refused: {why}")
+    return checked.stdout.strip()
 
 
 def split_address(server: str) -> tuple[str, int]:
@@ -147,49 +177,106 @@ def split_address(server: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def supernode_argv(options: NodeOptions, runtime_port: int, secret: Path | None = None) -> list[str]:
-    """The `flower-supernode` command line for `options`; `secret`: the Runtime API's SuperExec secret file."""
-    node_config = f'data-path="{options.data.resolve()}" device="{options.device}"'
-    auth = ["--superexec-auth-secret-file", str(secret)] if secret is not None else []
+def supernode_argv(options: NodeOptions, runtime_port: int, credentials: RuntimeCredentials | None = None) -> list[str]:
+    """The `flower-supernode` command line for `options`; `credentials`: the Runtime API's secret and certificate."""
     return [
         _executable("flower-supernode"),
         "--superlink", options.server,
         "--root-certificates", str(options.ca.resolve()),
         "--auth-supernode-private-key", str(options.key.resolve()),
-        "--node-config", node_config,
+        "--node-config", node_config(options),
         "--isolation", "process" if options.isolation == "warm" else "subprocess",
         "--host", "127.0.0.1",
         "--port", str(runtime_port),
-        *auth,
+        *(credentials.supernode_args() if credentials is not None else []),
     ]  # fmt: skip
 
 
-def worker_argv(options: NodeOptions, runtime_port: int, secret: Path | None = None) -> list[str]:
-    """The warm worker's command line: which ClientApp it runs, and the Runtime API's secret file."""
+def check_enrollment(options: NodeOptions) -> None:
+    """`--enrollment-cert` and `--enrollment-ca` come together, and name files."""
+    given = [(flag, path) for flag, path in (("--enrollment-cert", options.enrollment_cert),
+                                             ("--enrollment-ca", options.enrollment_ca)) if path is not None]  # fmt: skip
+    if len(given) == 1:
+        raise NodeError(f"{given[0][0]} needs the other of --enrollment-cert and --enrollment-ca")
+    for flag, path in given:
+        if not path.is_file():
+            raise NodeError(f"{flag} {path} is not a file")
+
+
+def node_config(options: NodeOptions) -> str:
+    """The SuperNode's `--node-config`: the device's own settings, which a server cannot change:
+    its data, its device, its policy (`policy-KEY`) and its secure-aggregation credentials."""
+    entries: dict[str, Scalar] = {DATA_PATH: str(options.data.resolve()), DEVICE: options.device}
+    entries.update(options.policy.to_node_config())
+    if options.enrollment_cert is not None and options.enrollment_ca is not None:
+        entries[SIGNING_KEY] = str(options.key.resolve())
+        entries[CERTIFICATE] = str(options.enrollment_cert.resolve())
+        entries[ENROLLMENT_CA] = str(options.enrollment_ca.resolve())
+    return " ".join(f"{key}={toml_value(value)}" for key, value in entries.items())
+
+
+def worker_argv(options: NodeOptions, runtime_port: int, credentials: RuntimeCredentials | None = None) -> list[str]:
+    """The warm worker's command line: which ClientApp it runs, the Runtime API's secret and certificate."""
     argv = [sys.executable, "-m", "fedclient.worker", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
     if options.client_app:
         argv += ["--client-app", options.client_app]
     if options.trust_server_code:
         argv.append("--trust-server-code")
-    return [*argv, "--auth-secret-file", str(secret)] if secret is not None else argv
+    return [*argv, *credentials.worker_args()] if credentials is not None else argv
+
+
+@dataclass(frozen=True)
+class RuntimeCredentials:
+    """How the SuperNode and the warm worker of one start prove themselves to each other, as files
+    in a directory only this user can open (0700)."""
+
+    secret: Path  # the SuperExec secret (0600): the worker's proof to the SuperNode
+    certificate: Path  # self-signed for 127.0.0.1: the SuperNode's proof to the worker
+    key: Path  # the certificate's private key (0600), the SuperNode's alone
+
+    def supernode_args(self) -> list[str]:
+        """Flower's SuperExec authentication, and TLS on the Runtime API with this start's certificate."""
+        return [
+            "--superexec-auth-secret-file", str(self.secret),
+            "--ssl-certfile", str(self.certificate),
+            "--ssl-keyfile", str(self.key),
+            "--ssl-ca-certfile", str(self.certificate),
+        ]  # fmt: skip
+
+    def worker_args(self) -> list[str]:
+        return ["--auth-secret-file", str(self.secret), "--runtime-certificate", str(self.certificate)]
 
 
 @contextmanager
-def runtime_secret(isolation: str) -> Iterator[Path | None]:
-    """A random SuperExec secret in a new file only this user can read (0600), removed at the end.
+def runtime_credentials(isolation: str) -> Iterator[RuntimeCredentials | None]:
+    """A new directory (0700) holding a random SuperExec secret and a new certificate for the Runtime
+    API with its key, each readable by this user only (0600); removed at the end.
 
     None in `"subprocess"` isolation, where Flower's SuperNode ignores the secret.
     """
     if isolation != "warm":
         yield None
         return
-    descriptor, name = tempfile.mkstemp(prefix="fedclient-", suffix=".secret")  # mode 0600
+    directory = Path(tempfile.mkdtemp(prefix="fedclient-"))  # mode 0700
     try:
+        names = ("superexec.secret", "runtime.pem", "runtime.key")
+        credentials = RuntimeCredentials(*(directory / name for name in names))
+        descriptor = os.open(credentials.secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "w") as file:
             file.write(secrets.token_hex(32))
-        yield Path(name)
+        _make_certificate(credentials)
+        yield credentials
     finally:
-        Path(name).unlink(missing_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _make_certificate(credentials: RuntimeCredentials) -> None:
+    """Write the certificate and its key in a child process: this supervisor never imports cryptography."""
+    argv = [sys.executable, "-m", "fedclient.localcert", str(credentials.certificate), str(credentials.key)]
+    made = subprocess.run(argv, env=node_env(), capture_output=True, text=True, timeout=120, check=False)
+    if made.returncode != 0:
+        why = (made.stderr.strip().splitlines() or [f"exit code {made.returncode}"])[-1]
+        raise NodeError(f"cannot make the certificate of the SuperNode's Runtime API: {why}")
 
 
 def wait_for_server(server: str, stop: threading.Event) -> bool:
@@ -295,6 +382,7 @@ class OutputWatcher(threading.Thread):
         self.source, self.sink, self.server = source, sink, server
         self.connected = False
         self.abandoned_task = threading.Event()  # set when the SuperNode dropped a message of a stopped run
+        self.port_taken = False  # another process held the Runtime API's port (PORT_TAKEN)
         self.lines: list[str] = []  # the last 40, colour codes removed
 
     def run(self) -> None:
@@ -303,6 +391,7 @@ class OutputWatcher(threading.Thread):
             self.sink.flush()
             line = _ANSI.sub("", raw.decode(errors="replace")).strip()
             self.connected = self.connected or CONNECTED in line
+            self.port_taken = self.port_taken or PORT_TAKEN in line
             if ABANDONED_TASK in line:
                 self.abandoned_task.set()
             if RETRYING in line and self.server:
@@ -333,16 +422,18 @@ def _line_after(lines: list[str], marker: str, offset: int = 1) -> str:
 def run_node(options: NodeOptions) -> int:
     """Run the node until SIGTERM/SIGINT (0), or until the server refuses it (NodeError)."""
     check_inputs(options)
+    check_enrollment(options)
+    _say("policy: " + "; ".join(options.policy.describe_short()))
     port = options.runtime_port or free_port()
     stop = _stop_on_signals()
     if not wait_for_server(options.server, stop):
         return 0
-    with runtime_secret(options.isolation) as secret:
-        supernode = supernode_argv(options, port, secret)
+    with runtime_credentials(options.isolation) as credentials:
+        supernode = supernode_argv(options, port, credentials)
         children = [Child("flower-supernode", supernode, pipe_output=True, server=options.server,
                           refusal_grace=options.refusal_grace)]  # fmt: skip
         if options.isolation == "warm":
-            children.append(Child("worker", worker_argv(options, port, secret)))
+            children.append(Child("worker", worker_argv(options, port, credentials)))
         try:
             for child in children:
                 child.start()
@@ -382,8 +473,14 @@ def _renew_worker_on_abandoned_task(children: list[Child]) -> None:
 def _restart_or_give_up(child: Child, code: int, server: str) -> None:
     """Restart an exited child, unless it is a SuperNode the server keeps refusing."""
     watcher = child.watcher
+    if watcher is not None and code != 0:
+        watcher.join(timeout=2)  # its last lines say why it exited
+    if watcher is not None and watcher.port_taken:
+        pause = child.schedule_restart()
+        _say(f"{child.name} could not serve its Runtime API: another process holds its port (the worker takes "
+             f"no task from it); restarting it in {pause:.0f} s")  # fmt: skip
+        return
     if watcher is not None and not watcher.connected and code != 0:
-        watcher.join(timeout=2)
         reason = watcher.refusal()
         if not child.may_retry_refusal(reason):
             raise NodeRefused(f"cannot join {server}: {reason}")

@@ -13,9 +13,11 @@ own per-process caches (its data, its model) survive across rounds.
 
 Which code runs. By default the worker runs the ClientApp *installed on this device*
 (`fedclient.app:app`, imported from this process's own packages) and never installs the FAB:
-a task whose FAB names another ClientApp is refused with a log line and an error reply (code
-LOAD_CLIENT_APP_EXCEPTION), so a server cannot make a device run code of its choosing; the
-run's config still arrives with the task (its Context), only the FAB's code is ignored.
+a task whose FAB names another ClientApp is refused with a log line and an error reply
+(`DeviceCode.FOREIGN_CODE`), so a server cannot make a device run code of its choosing; the
+run's config still arrives with the task (its Context), only the FAB's code is ignored. An
+error reply, and the task status the SuperNode gets, carry a code and its fixed message only
+(shared/device_errors.py): the exception and its text stay in this worker's log.
 
 With `--trust-server-code` the worker does what `flwr-clientapp` does: the ClientApp is the
 one the task's FAB names, imported from where Flower installs that FAB. The worker forgets its
@@ -30,10 +32,14 @@ bad updates (tests/e2e/faulty_client.py).
 Only this worker may take tasks from the SuperNode: with `--auth-secret-file` it signs its
 requests for tasks with the secret the SuperNode was started with (Flower's SuperExec
 authentication, `flower-supernode --superexec-auth-secret-file`); every other Runtime API call
-needs the token that a task hands out.
+needs the token that a task hands out. And it takes tasks from its SuperNode only: it speaks
+TLS, trusting the one certificate `--runtime-certificate` names (made by `fedclient start` for
+this SuperNode's `--ssl-certfile`), so a process that holds the port without that certificate's
+key (bound while the SuperNode restarts) fails the handshake before it gets any request. The
+worker says so once, takes no task, and keeps polling for the real SuperNode.
 
-    python -m fedclient.worker --runtime-api-address 127.0.0.1:9094 [--poll-interval 0.2] [--client-app M:A]
-        [--trust-server-code] [--auth-secret-file PATH]
+    python -m fedclient.worker --runtime-api-address 127.0.0.1:9094 --runtime-certificate PATH
+        [--poll-interval 0.2] [--client-app M:A] [--trust-server-code] [--auth-secret-file PATH]
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import argparse
 import importlib
 import logging
 import os
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -49,12 +56,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
+from shared.device_errors import MESSAGES, DeviceCode
 from shared.flower_compat import (
     AcquireTaskRequest,
-    ErrorCode,
     Fab,
     HeartbeatSender,
     LoadClientAppError,
@@ -133,13 +141,56 @@ class TaskOutcome:
             self.seconds[step] = time.perf_counter() - started
 
 
+@dataclass(frozen=True)
+class RuntimeLink:
+    """The SuperNode's Runtime API: its address, and the one certificate (PEM) it must prove itself with."""
+
+    address: str
+    certificate: bytes
+
+    def client(self, *interceptors: object, retry: bool = True) -> RuntimeHttpClient:
+        """A TLS client that trusts `certificate` alone (and checks that it names the address's host)."""
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.address,
+            insecure=False,
+            root_certificates=self.certificate,
+            interceptors=list(interceptors),  # type: ignore[arg-type]
+            retry_invoker=make_simple_http_retry_invoker() if retry else None,
+        )
+
+
+@dataclass
+class LinkReport:
+    """What the worker says about its link to the SuperNode: a failure once per streak, then the recovery."""
+
+    address: str
+    failing: str = ""  # "unverified" or "unanswered" during a streak of failed polls
+
+    def unverified(self, why: str) -> None:
+        text = "the Runtime API at %s did not prove to be this node's SuperNode: %s; taking no task"
+        self._once("unverified", text, why)
+
+    def unanswered(self, why: str) -> None:
+        self._once("unanswered", "the Runtime API at %s does not answer (%s); waiting for the SuperNode", why)
+
+    def answered(self) -> None:
+        if self.failing:
+            LOG.info("the Runtime API at %s answers as this node's SuperNode again", self.address)
+        self.failing = ""
+
+    def _once(self, kind: str, text: str, why: str) -> None:
+        if kind != self.failing:
+            LOG.warning(text, self.address, why)
+        self.failing = kind
+
+
 def serve(
-    address: str,
+    link: RuntimeLink,
     poll_interval: float = DEFAULT_POLL_INTERVAL,
     loaded: LoadedApp | None = None,
     auth_secret_file: Path | None = None,
 ) -> None:
-    """Acquire and run ClientApp tasks from the SuperNode at `address` until stopped.
+    """Acquire and run ClientApp tasks from the SuperNode at `link` until stopped.
 
     `loaded` says which ClientApp to run (default: the installed one); with `auth_secret_file`
     the requests for tasks are signed with the SuperNode's SuperExec secret.
@@ -151,16 +202,44 @@ def serve(
         secret = load_superexec_auth_secret(str(auth_secret_file))
         signer = SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=SUPEREXEC_AUTH_METHODS)
         interceptors.append(signer)
-    superexec = _runtime_client(address, *interceptors)
+    superexec = link.client(*interceptors, retry=False)  # `poll` says why a request failed, and it is sent again
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    report = LinkReport(link.address)
     code = "the FAB's ClientApp (--trust-server-code)" if loaded.trust_server_code else "the installed ClientApp"
-    LOG.info("warm ClientApp worker polling %s every %.2f s; runs %s", address, poll_interval, code)
+    LOG.info("warm ClientApp worker polling %s every %.2f s; runs %s", link.address, poll_interval, code)
     while True:
-        response = superexec.AcquireTask(request)
-        if response.HasField("task") and response.token:
-            run_task(address, response.token, loaded)
+        token = poll(superexec, request, report)
+        if token:
+            run_task(link, token, loaded)
         else:
             time.sleep(poll_interval)
+
+
+def poll(superexec: RuntimeHttpClient, request: AcquireTaskRequest, report: LinkReport) -> str:
+    """One request for a task: its token, or "" when the SuperNode has none or there is no SuperNode to ask.
+
+    What answers on the port and fails the TLS handshake (a certificate other than the SuperNode's,
+    no TLS) never sees the request: `report` says so once per streak of such polls.
+    """
+    try:
+        response = superexec.AcquireTask(request)
+    except httpx.TransportError as err:
+        failure = _tls_failure(err)
+        if failure is not None:
+            report.unverified(str(failure))
+        else:
+            report.unanswered(str(err) or type(err).__name__)
+        return ""
+    report.answered()
+    return response.token if response.HasField("task") else ""
+
+
+def _tls_failure(err: BaseException) -> ssl.SSLError | None:
+    """The TLS error (handshake, certificate) under an HTTP client's error, if that is what it is."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    return cause
 
 
 def warm_imports() -> None:
@@ -172,11 +251,11 @@ def warm_imports() -> None:
             pass
 
 
-def run_task(address: str, token: str, loaded: LoadedApp) -> None:
+def run_task(link: RuntimeLink, token: str, loaded: LoadedApp) -> None:
     """Flower's `flwr-clientapp` steps for one task, in this process."""
     version = RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")
-    client = _runtime_client(address, version, RuntimeTokenHttpInterceptor(token))
-    beat_client = _runtime_client(address, version, RuntimeTokenHttpInterceptor(token), retry=False)
+    client = link.client(version, RuntimeTokenHttpInterceptor(token))
+    beat_client = link.client(version, RuntimeTokenHttpInterceptor(token), retry=False)
     heartbeat = HeartbeatSender(_heartbeat_fn(beat_client))
     heartbeat.start()
     outcome = TaskOutcome()
@@ -203,16 +282,17 @@ def _execute(client: RuntimeHttpClient, loaded: LoadedApp, outcome: TaskOutcome)
             outcome.reply = app(message=message, context=outcome.context)
         outcome.status, outcome.details = SubStatus.COMPLETED, ""
     except Exception as ex:  # pylint: disable=broad-exception-caught
-        # As flwr-clientapp does: the failure goes back to the server as an Error reply.
-        code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-        reason = f"{type(ex)}:<'{ex}'>"
-        if isinstance(ex, ForeignClientAppError):
+        # As flwr-clientapp does, the failure goes back to the server as an Error reply; unlike it,
+        # with a code and its fixed message only: the exception's text stays in this log.
+        foreign = isinstance(ex, ForeignClientAppError)
+        if foreign:
             LOG.error("refused the task: %s", ex)
         else:
             LOG.error("ClientApp raised an exception", exc_info=ex)
-        outcome.details = reason
+        code = DeviceCode.FOREIGN_CODE if foreign else DeviceCode.FAILED
+        outcome.details = MESSAGES[code]
         if message is not None:
-            outcome.reply = Message(Error(code=code, reason=reason), reply_to=message)
+            outcome.reply = Message(Error(code=code, reason=MESSAGES[code]), reply_to=message)
 
 
 def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
@@ -250,7 +330,7 @@ def _finish(client: RuntimeHttpClient, outcome: TaskOutcome) -> None:
                 push_message(client, outcome.reply, outcome.context)
         except Exception as ex:  # pylint: disable=broad-exception-caught
             LOG.error("failed to push the reply message", exc_info=ex)
-            outcome.status, outcome.details = SubStatus.FAILED, f"pushing the reply failed: {ex}"
+            outcome.status, outcome.details = SubStatus.FAILED, "pushing the reply failed (details in the device's log)"
     push_task_output(client=client, context=outcome.context, sub_status=outcome.status, details=outcome.details)
 
 
@@ -319,16 +399,6 @@ def _forget_modules(matches: Callable[[str, str], bool]) -> None:
             del sys.modules[name]
 
 
-def _runtime_client(address: str, *interceptors: object, retry: bool = True) -> RuntimeHttpClient:
-    return RuntimeHttpClient.from_server_address(
-        server_address=address,
-        insecure=True,  # the SuperNode's Runtime API listens on loopback only
-        root_certificates=None,
-        interceptors=list(interceptors),  # type: ignore[arg-type]
-        retry_invoker=make_simple_http_retry_invoker() if retry else None,
-    )
-
-
 def _heartbeat_fn(client: RuntimeHttpClient) -> Callable[[], bool]:
     """Task heartbeats that, unlike Flower's, never signal this long-lived process."""
     request = SendTaskHeartbeatRequest()
@@ -350,17 +420,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-app", default="", metavar="MODULE:ATTR", help="for tests: serve this ClientApp")
     parser.add_argument("--trust-server-code", action="store_true", help="run the ClientApp each run's FAB names")
     parser.add_argument("--auth-secret-file", type=Path, metavar="PATH", help="the SuperNode's SuperExec secret")
+    parser.add_argument(
+        "--runtime-certificate", type=Path, required=True, metavar="PATH",
+        help="the certificate the SuperNode's Runtime API must present (the only one trusted)",
+    )  # fmt: skip
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        link = RuntimeLink(args.runtime_api_address, args.runtime_certificate.read_bytes())
+    except OSError as err:
+        parser.error(f"--runtime-certificate {args.runtime_certificate}: {err.strerror or err}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("httpx", "httpcore"):  # a line per poll otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         loaded = LoadedApp(override=args.client_app, trust_server_code=args.trust_server_code)
-        serve(args.runtime_api_address, args.poll_interval, loaded, args.auth_secret_file)
+        serve(link, args.poll_interval, loaded, args.auth_secret_file)
     except KeyboardInterrupt:
         return 0
     return 0

@@ -12,24 +12,32 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import textwrap
+import threading
+import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
+from flwr.proto.runtime_pb2 import AcquireTaskResponse
+from flwr.proto.task_pb2 import Task
 
 from fedclient.node import CONNECTED
 from fedserver.checkpoints import read_metrics
 from fedserver.control import ControlClient
 from fedserver.state import StateDir
+from shared.device_errors import MESSAGES, DeviceCode
 from shared.flower_compat import (
     AcquireTaskRequest,
     RuntimeHttpClient,
     RuntimeVersionHttpInterceptor,
     TaskType,
 )
+from shared.pki import write_local_certificate
 from shared.processes import free_port
 
 pytestmark = pytest.mark.e2e
@@ -208,22 +216,21 @@ def test_a_device_refuses_a_run_whose_fab_names_other_code_unless_it_trusts_serv
         written = e2e.wait_until(lambda: out.exists() and out.read_text(), 240, "the other run's replies")
         replies = json.loads(str(written))
 
-    # Assert: the two devices that run only their installed ClientApp refused with the reason, and
-    # never ran the other code; the one started with --trust-server-code ran it
+    # Assert: the two devices that run only their installed ClientApp refused with the code's fixed
+    # message (the name of the other code stays in their logs), and never ran the other code; the
+    # one started with --trust-server-code ran it
     trusting_node = e2e.node_id("trusting-1")
     refusals = {int(node): reason for node, reason in replies.items() if int(node) != trusting_node}
     assert replies[str(trusting_node)] == "ran" and os.listdir(marker) == [str(trusting_node)]
-    assert len(refusals) == 2 and all("names the ClientApp 'evil_client:app'" in r for r in refusals.values())
+    assert len(refusals) == 2 and all(r == MESSAGES[DeviceCode.FOREIGN_CODE] for r in refusals.values())
     assert "refused the task: the run's FAB names the ClientApp 'evil_client:app'" in e2e.log("client-1-1")
 
 
 def test_a_local_process_without_the_secret_cannot_take_the_devices_tasks(federation: Federation):
-    client = RuntimeHttpClient.from_server_address(
-        server_address=f"127.0.0.1:{federation.runtime_port}",
-        insecure=True,
-        root_certificates=None,
+    client = RuntimeHttpClient(  # TLS, as the SuperNode serves it, without checking its certificate
+        f"https://127.0.0.1:{federation.runtime_port}",
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        retry_invoker=None,
+        verify=False,
     )
 
     with pytest.raises(httpx.HTTPStatusError) as refused:
@@ -247,3 +254,104 @@ def test_a_server_that_cannot_be_reached_is_reported_with_its_address_and_reason
     # Assert: each try names the address and the reason; a stop during the wait is clean
     assert device.wait(timeout=30) == 0
     assert f"cannot reach the server at {wrong}: connection refused; trying again in 1 s" in e2e.log("wrong-port")
+
+
+# --- who answers the worker on the Runtime API port --------------------------------------------
+
+REFUSED_ENDPOINT = "did not prove to be this node's SuperNode"
+COMPLETED = "message completed"  # the worker's line for each task it ran
+
+
+class Impostor(ThreadingHTTPServer):
+    """Another local process holding a port: TLS with a certificate of its own, handing out a task
+    to every request. Counts the connections it accepts and records each request it gets."""
+
+    def __init__(self, port: int, certificate: tuple[Path, Path]) -> None:
+        super().__init__(("127.0.0.1", port), _ImpostorHandler)  # OSError while another process holds the port
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(*certificate)
+        self.connections = 0
+        self.requests: list[str] = []
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    def get_request(self) -> tuple[ssl.SSLSocket, object]:
+        sock, address = self.socket.accept()
+        self.connections += 1
+        try:
+            return self.context.wrap_socket(sock, server_side=True), address  # the TLS handshake
+        except OSError:
+            sock.close()
+            raise
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self.thread.join(timeout=5)
+
+
+class _ImpostorHandler(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.server.requests.append(self.path)  # type: ignore[attr-defined]
+        body = AcquireTaskResponse(task=Task(), token="impostor").SerializeToString()
+        self.send_response(200)
+        self.send_header("content-type", "application/protobuf")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+def _hold_port(port: int, certificate: tuple[Path, Path], timeout: float = 30) -> Impostor:
+    """Bind `port` as soon as it is free."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return Impostor(port, certificate)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _child_named(parent: int, name: str) -> int:
+    """The pid of `parent`'s child process whose command line holds `name`."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if ppid == parent and name in command:
+            return int(stat.parent.name)
+    raise AssertionError(f"no child {name} of {parent}")
+
+
+def test_a_supernode_restart_while_another_process_holds_its_port_gives_that_process_no_task(
+    federation: Federation, e2e, tmp_path
+):
+    # Prepare: client-1 trains; another local process with a certificate of its own
+    log = "client-1-1"
+    e2e.wait_until(lambda: COMPLETED in e2e.log(log), 120, "client-1 to run a task")
+    certificate = (tmp_path / "impostor.pem", tmp_path / "impostor.key")
+    write_local_certificate(*certificate)
+    supernode = _child_named(federation.nodes["client-1"].pid, "flower-supernode")
+
+    # Execute: the SuperNode stops and the other process takes its port before it is restarted
+    os.kill(supernode, signal.SIGTERM)
+    impostor = _hold_port(federation.runtime_port, certificate)
+    try:
+        e2e.wait_until(lambda: REFUSED_ENDPOINT in e2e.log(log), 30, "the worker to refuse the port's new holder")
+        e2e.wait_until(lambda: "another process holds its port" in e2e.log(log), 60, "a restart to find the port held")
+    finally:
+        impostor.stop()
+
+    # Assert: the worker reached the impostor but sent it nothing (the handshake failed), said so
+    # once, and fedclient kept going; with its port back, the SuperNode's tasks run again
+    assert impostor.connections >= 1 and impostor.requests == []
+    assert e2e.log(log).count(REFUSED_ENDPOINT) == 1
+    done = e2e.log(log).count(COMPLETED)
+    e2e.wait_until(lambda: e2e.log(log).count(COMPLETED) > done, 120, "client-1 to run a task again")
+    assert federation.nodes["client-1"].poll() is None

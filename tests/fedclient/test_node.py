@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedclient import cli, node
@@ -30,6 +31,7 @@ def files(tmp_path) -> dict[str, Path]:
     paths = {name: tmp_path / name for name in ("ca.pem", "client-1.key", "data.npz")}
     for path in paths.values():
         path.write_bytes(b"x")
+    np.savez(paths["data.npz"], x=np.zeros((2, 3)), y=np.arange(2))  # data that `check_inputs` accepts
     return paths
 
 
@@ -42,7 +44,7 @@ def test_the_supernode_runs_with_tls_node_auth_and_the_node_config(files):
     assert argv[argv.index("--superlink") + 1] == "10.0.0.5:9092"
     assert argv[argv.index("--root-certificates") + 1] == str(files["ca.pem"])
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(files["client-1.key"])
-    assert argv[argv.index("--node-config") + 1] == f'data-path="{files["data.npz"]}" device="cpu"'
+    assert argv[argv.index("--node-config") + 1].startswith(f'data-path="{files["data.npz"]}" device="cpu" policy-')
     assert argv[argv.index("--isolation") + 1] == "process"  # the warm worker runs the ClientApp
     assert argv[argv.index("--port") + 1] == "9400"
     assert "--max-retries" not in argv  # Flower's default: retry a lost SuperLink forever
@@ -93,32 +95,43 @@ def test_a_supernode_that_lost_its_server_is_explained_with_the_address_and_reas
     assert f"cannot reach the server at {server}: connection refused" in capsys.readouterr().out
 
 
-def test_the_runtime_api_secret_is_random_private_to_its_user_and_removed(files):
+def test_the_runtime_api_credentials_are_new_each_start_private_to_its_user_and_removed(files):
     # Execute
-    with node.runtime_secret("warm") as first, node.runtime_secret("warm") as second:
-        modes = [stat.S_IMODE(path.stat().st_mode) for path in (first, second)]
-        contents = [path.read_text() for path in (first, second)]
-    with node.runtime_secret("subprocess") as none:
+    with node.runtime_credentials("warm") as first, node.runtime_credentials("warm") as second:
+        starts = (first, second)
+        directories = {credentials.secret.parent for credentials in starts}
+        modes = [stat.S_IMODE(path.stat().st_mode) for c in starts for path in (c.secret.parent, c.secret, c.key)]
+        secrets = [credentials.secret.read_text() for credentials in starts]
+        certificates = [credentials.certificate.read_text() for credentials in starts]
+        keys_apart = all(c.certificate.parent == c.key.parent == c.secret.parent for c in starts)
+    with node.runtime_credentials("subprocess") as none:
         pass
 
-    # Assert
-    assert modes == [0o600, 0o600]
-    assert contents[0] != contents[1] and len(contents[0]) >= 64
-    assert not first.exists() and not second.exists()
+    # Assert: one directory per start, only its user can open it or read the secret and the key
+    assert len(directories) == 2 and keys_apart
+    assert modes == [0o700, 0o600, 0o600] * 2
+    assert secrets[0] != secrets[1] and len(secrets[0]) >= 64
+    assert certificates[0] != certificates[1] and all(c.startswith("-----BEGIN CERTIFICATE-----") for c in certificates)
+    assert not any(directory.exists() for directory in directories)
     assert none is None  # Flower ignores the secret in subprocess isolation
 
 
-def test_the_supernode_and_the_worker_share_the_secret_and_the_worker_runs_installed_code(files, tmp_path):
+def test_the_supernode_proves_itself_with_the_certificate_and_the_worker_with_the_secret(files, tmp_path):
     options = NodeOptions("h:1", files["ca.pem"], files["client-1.key"], files["data.npz"])
-    secret = tmp_path / "s.secret"
+    credentials = node.RuntimeCredentials(tmp_path / "s.secret", tmp_path / "runtime.pem", tmp_path / "runtime.key")
 
-    supernode, worker = supernode_argv(options, 9400, secret), node.worker_argv(options, 9400, secret)
+    supernode, worker = supernode_argv(options, 9400, credentials), node.worker_argv(options, 9400, credentials)
 
-    assert supernode[supernode.index("--superexec-auth-secret-file") + 1] == str(secret)
-    assert worker[worker.index("--auth-secret-file") + 1] == str(secret)
+    assert supernode[supernode.index("--superexec-auth-secret-file") + 1] == str(credentials.secret)
+    assert supernode[supernode.index("--ssl-certfile") + 1] == str(credentials.certificate)
+    assert supernode[supernode.index("--ssl-keyfile") + 1] == str(credentials.key)
+    assert supernode[supernode.index("--ssl-ca-certfile") + 1] == str(credentials.certificate)  # self-signed
+    assert worker[worker.index("--auth-secret-file") + 1] == str(credentials.secret)
+    assert worker[worker.index("--runtime-certificate") + 1] == str(credentials.certificate)
+    assert str(credentials.key) not in worker  # the worker trusts the certificate; only the SuperNode has its key
     assert "--trust-server-code" not in worker
     trusting = dataclasses.replace(options, trust_server_code=True)
-    assert "--trust-server-code" in node.worker_argv(trusting, 9400, secret)
+    assert "--trust-server-code" in node.worker_argv(trusting, 9400, credentials)
 
 
 def test_a_missing_file_is_a_one_line_error_exit_2(tmp_path, capsys):
@@ -253,3 +266,78 @@ def test_the_online_window_is_flowers_and_the_supervisor_imports_neither_flower_
 
     assert node.ONLINE_WINDOW == HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
     assert loaded == "[]\n"  # a device runs `fedclient start` for days: each would cost it memory
+
+
+@pytest.mark.parametrize(
+    "name, content, problem",
+    [
+        ("iris.csv", "a,label\n1,setosa\n2,virginica\n", "text class labels (e.g. 'setosa') are mapped to ids"),
+        ("x.npz", "a text file\n", "not an npz (zip) archive"),
+        ("empty.csv", "", "empty file"),
+        ("nan.csv", "a,label\n1,0\nnan,1\n", "line 3, column 'a': 'nan' is not a finite number"),
+        ("data.bin", "x", "unknown data format"),
+    ],
+)
+def test_data_no_run_could_train_on_is_refused_before_the_node_starts(files, tmp_path, name, content, problem):
+    # Prepare
+    data = tmp_path / name
+    data.write_text(content)
+    options = NodeOptions("h:1", files["ca.pem"], files["client-1.key"], data)
+
+    # Execute
+    with pytest.raises(node.NodeError) as refused:
+        node.check_inputs(options)
+
+    # Assert: one line, naming the file and the problem (and its line)
+    message = str(refused.value)
+    assert message.startswith(f"--data refused: {data}: ") and problem in message and "\n" not in message
+
+
+def test_data_that_can_be_trained_on_is_summarised(files, capsys):
+    node.check_inputs(NodeOptions("h:1", files["ca.pem"], files["client-1.key"], files["data.npz"]))
+
+    assert capsys.readouterr().out == f"fedclient: data {files['data.npz']}: 2 examples, 3 features, labels 0..1\n"
+
+
+def test_fedclient_start_with_nan_in_its_data_exits_2_with_one_line(files, tmp_path, capsys):
+    # Prepare
+    data = tmp_path / "d.csv"
+    data.write_text("a,b,label\n1,2,0\n3,inf,1\n")
+    argv = ["start", "--server", "h:1", "--ca", str(files["ca.pem"]), "--key", str(files["client-1.key"])]
+
+    # Execute
+    code = cli.main([*argv, "--data", str(data)])
+
+    # Assert
+    assert code == 2
+    expected = f"fedclient: error: --data refused: {data}: line 3, column 'b': 'inf' is not a finite number\n"
+    assert capsys.readouterr().err == expected
+
+
+def test_the_data_is_checked_without_numpy_in_the_supervisor(files):
+    check = f"import sys; from fedclient import node; node.check_data(node.Path({str(files['data.npz'])!r}))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", f"{check}; print('numpy' in sys.modules)"], capture_output=True, text=True, check=True
+    ).stdout
+
+    assert loaded == "False\n"  # the child read the data; this process stays small
+
+
+def test_a_supernode_whose_runtime_port_another_process_holds_is_restarted_not_refused(tmp_path, monkeypatch, capsys):
+    # Prepare: a "SuperNode" that never connects because uvicorn cannot bind its port (Flower 1.41's lines)
+    starts = tmp_path / "starts"
+    taken = "ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', 9400): address already in use"
+    body = f"open({str(starts)!r}, 'a').write('x')\nprint({taken!r}, flush=True)\nraise SystemExit(1)\n"
+    child = _script_child(tmp_path, body)
+    monkeypatch.setattr(Child, "schedule_restart", _quick_restart)
+    stop = threading.Event()
+    threading.Timer(3.0, stop.set).start()
+
+    # Execute: no NodeRefused
+    child.start()
+    node._supervise([child], "h:1", stop)
+    child.stop()
+
+    # Assert
+    assert len(starts.read_text()) >= 2
+    assert "could not serve its Runtime API: another process holds its port" in capsys.readouterr().out

@@ -6,21 +6,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import ssl
 import subprocess
 import sys
+import threading
 import types
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.cli.build import build_fab_from_disk
 from flwr.supercore.fab import Fab
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, AcquireTaskResponse
+from flwr.proto.task_pb2 import Task
 
 from fedclient import worker
 
 from fedserver.staging import stage_app
 from shared.config import RunConfig
-from shared.flower_compat import ErrorCode, SubStatus, set_task_identity
+from shared.device_errors import MESSAGES, DeviceCode
+from shared.flower_compat import SubStatus, set_task_identity
+from shared.pki import write_local_certificate
+from shared.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -78,7 +87,7 @@ def test_by_default_a_fab_naming_another_clientapp_is_refused(tmp_path, monkeypa
     assert not (tmp_path / "home").exists()
 
 
-def test_a_refused_fab_gets_an_error_reply_that_names_the_reason(tmp_path, monkeypatch):
+def test_a_refused_fab_gets_an_error_reply_with_its_code_and_fixed_message(tmp_path, monkeypatch, caplog):
     # Prepare: a task whose FAB names other code, pulled from a stand-in Runtime API
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
     fab = _fab(tmp_path / "app", client_app="fedclient.evil:app")
@@ -94,10 +103,12 @@ def test_a_refused_fab_gets_an_error_reply_that_names_the_reason(tmp_path, monke
     # Execute
     worker._execute(object(), worker.LoadedApp(), outcome)  # type: ignore[arg-type]
 
-    # Assert
-    assert outcome.status == SubStatus.FAILED and "fedclient.evil:app" in outcome.details
+    # Assert: the server learns the code; the name of the other code stays in the device's log
+    assert outcome.status == SubStatus.FAILED and outcome.details == MESSAGES[DeviceCode.FOREIGN_CODE]
     assert outcome.reply is not None and outcome.reply.has_error()
-    assert outcome.reply.error.code == ErrorCode.LOAD_CLIENT_APP_EXCEPTION
+    assert outcome.reply.error.code == DeviceCode.FOREIGN_CODE
+    assert outcome.reply.error.reason == MESSAGES[DeviceCode.FOREIGN_CODE]
+    assert "names the ClientApp 'fedclient.evil:app'" in caplog.text
 
 
 def test_a_fab_that_is_not_a_fab_is_refused(tmp_path):
@@ -142,3 +153,167 @@ def test_a_client_app_override_is_served_for_every_fab_without_installing_it(tmp
 
     assert apps[0] is apps[1] is sys.modules["tests.e2e.faulty_client"].app
     assert not (tmp_path / "home").exists()
+
+
+def test_a_clientapp_failure_is_replied_as_a_code_without_its_text(monkeypatch, caplog):
+    # Prepare: a ClientApp whose exception names the device's data
+    def pull_task_input(_client: object) -> tuple[Message, Context, object, Fab]:
+        set_task_identity(task_id=1, run_id=1, node_id=1)
+        message = Message(RecordDict(), dst_node_id=1, message_type="train")
+        return message, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), RUN, None
+
+    def failing_app(message: Message, context: Context) -> Message:
+        raise ValueError("/home/me/private.npz: row 42 has label 'x'")
+
+    monkeypatch.setattr(worker, "pull_task_input", pull_task_input)
+    monkeypatch.setattr(worker, "_client_app", lambda *_args: failing_app)
+    outcome = worker.TaskOutcome()
+
+    # Execute
+    worker._execute(object(), worker.LoadedApp(), outcome)  # type: ignore[arg-type]
+
+    # Assert: the server gets FAILED and its fixed message; the detail is in the device's log only
+    assert outcome.reply is not None and outcome.reply.error.code == DeviceCode.FAILED
+    assert outcome.reply.error.reason == outcome.details == MESSAGES[DeviceCode.FAILED]
+    assert "row 42" in caplog.text
+
+
+# --- who answers on the Runtime API port -------------------------------------------------------
+
+
+class RuntimeApi(ThreadingHTTPServer):
+    """A stand-in Runtime API on 127.0.0.1 that hands out a task to every request, recording each."""
+
+    def __init__(self, certificate: tuple[Path, Path] | None) -> None:
+        super().__init__(("127.0.0.1", 0), _TaskHandler)
+        self.requests: list[str] = []
+        if certificate is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*certificate)
+            self.socket = context.wrap_socket(self.socket, server_side=True)
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self.thread.join(timeout=5)
+
+
+class _TaskHandler(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.server.requests.append(self.path)  # type: ignore[attr-defined]
+        body = AcquireTaskResponse(task=Task(), token="a-task-token").SerializeToString()
+        self.send_response(200)
+        self.send_header("content-type", "application/protobuf")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+def _certificate(directory: Path) -> tuple[Path, Path]:
+    directory.mkdir()
+    pem, key = directory / "runtime.pem", directory / "runtime.key"
+    write_local_certificate(pem, key)
+    return pem, key
+
+
+@pytest.fixture
+def own_certificate(tmp_path) -> tuple[Path, Path]:
+    """The certificate this node's SuperNode presents, and the key only it has."""
+    return _certificate(tmp_path / "own")
+
+
+@pytest.fixture
+def impostor(request, tmp_path) -> Iterator[RuntimeApi]:
+    """A process holding the port: TLS with a certificate of its own, or plain HTTP."""
+    server = RuntimeApi(_certificate(tmp_path / "other") if request.param == "another certificate" else None)
+    yield server
+    server.stop()
+
+
+def _poll(address: str, certificate: Path, report: worker.LinkReport) -> str:
+    client = worker.RuntimeLink(address, certificate.read_bytes()).client(retry=False)
+    try:
+        return worker.poll(client, AcquireTaskRequest(), report)
+    finally:
+        client.close()
+
+
+def test_the_worker_takes_a_task_from_the_supernode_that_presents_its_certificate(own_certificate):
+    supernode = RuntimeApi(own_certificate)
+    report = worker.LinkReport(supernode.address, failing="unanswered")
+    try:
+        token = _poll(supernode.address, own_certificate[0], report)
+    finally:
+        supernode.stop()
+
+    assert token == "a-task-token" and supernode.requests == ["/v1/runtime/acquire-task"]
+    assert report.failing == ""
+
+
+@pytest.mark.parametrize("impostor", ["another certificate", "plain HTTP"], indirect=True)
+def test_the_worker_takes_no_task_from_an_endpoint_without_its_supernodes_certificate(
+    own_certificate, impostor, caplog
+):
+    report = worker.LinkReport(impostor.address)
+
+    token = _poll(impostor.address, own_certificate[0], report)
+
+    assert token == "" and report.failing == "unverified"
+    assert impostor.requests == []  # the handshake failed before any request, signed or not, was sent
+    assert f"the Runtime API at {impostor.address} did not prove to be this node's SuperNode" in caplog.text
+
+
+@pytest.mark.parametrize("impostor", ["another certificate"], indirect=True)
+def test_serving_an_impostor_runs_no_task_says_so_once_and_keeps_polling(own_certificate, impostor, monkeypatch, caplog):
+    # Prepare: the worker's loop, stopped after 5 polls; a run_task that records
+    ran: list[str] = []
+    polls: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        polls.append(seconds)
+        if len(polls) == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(worker.time, "sleep", sleep)
+    monkeypatch.setattr(worker, "run_task", lambda _link, token, _loaded: ran.append(token))
+    monkeypatch.setattr(worker, "warm_imports", lambda: None)
+    link = worker.RuntimeLink(impostor.address, own_certificate[0].read_bytes())
+
+    # Execute
+    with pytest.raises(KeyboardInterrupt):
+        worker.serve(link, poll_interval=0.01)
+
+    # Assert: five polls, no task, one line
+    assert ran == [] and impostor.requests == []
+    assert caplog.text.count("did not prove to be this node's SuperNode") == 1
+    assert "taking no task" in caplog.text
+
+
+def test_a_port_nothing_listens_on_is_said_once_as_not_answering(own_certificate, caplog):
+    address = f"127.0.0.1:{free_port()}"
+    report = worker.LinkReport(address)
+
+    tokens = [_poll(address, own_certificate[0], report) for _ in range(3)]
+
+    assert tokens == ["", "", ""] and report.failing == "unanswered"
+    assert caplog.text.count("does not answer") == 1
+
+
+def test_a_worker_without_its_supernodes_certificate_is_a_one_line_error(tmp_path, capsys):
+    missing = tmp_path / "runtime.pem"
+
+    with pytest.raises(SystemExit) as exited:
+        worker.main(["--runtime-api-address", "127.0.0.1:1", "--runtime-certificate", str(missing)])
+
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"--runtime-certificate {missing}: No such file or directory")
