@@ -1,5 +1,7 @@
 """Secure aggregation deployed: `fedserver init`, `fedserver start` with `secure-aggregation =
-true` (threshold 2 of 3), three `fedclient start` over TLS on 127.0.0.1, two rounds.
+true` (threshold 2 of 3), three `fedclient start` over TLS on 127.0.0.1, two rounds. The devices
+are enrolled (each signs its keys and verifies its peers') and their policy requires secure
+aggregation in groups of 3.
 
 Is the aggregate right? This process replays every client's local training of each round
 (the ClientApp's own train handler, the client's data file, its node id and so its seed, from
@@ -70,7 +72,10 @@ def secure_federation(tmp_path_factory, e2e) -> SecureFederation:
     e2e.start_daemon("secagg-server", pki, config, state, address)
     names = [f"secagg-client-{k}" for k in range(1, CLIENTS + 1)]
     for k, (name, part) in enumerate(zip(names, parts, strict=True), start=1):
-        e2e.start_fedclient(name, address, pki, pki / "clients" / f"client-{k}.key", part)
+        enrolled = ["--enrollment-cert", str(pki / "clients" / f"client-{k}.crt"),
+                    "--enrollment-ca", str(pki / "enrollment" / "enrollment-ca.pem")]  # fmt: skip
+        strict = ["--require-secure-aggregation", "--min-secure-group", str(CLIENTS)]
+        e2e.start_fedclient(name, address, pki, pki / "clients" / f"client-{k}.key", part, *enrolled, *strict)
     e2e.wait_until(lambda: len(read_metrics(state.run_dir)) >= ROUNDS, 180, f"{ROUNDS} secure rounds (see {e2e.logs})")
     nodes = [(e2e.node_id(name), part) for name, part in zip(names, parts, strict=True)]
     return SecureFederation(load_config(config), state.run_dir, nodes)
