@@ -156,16 +156,27 @@ def check_inputs(options: NodeOptions) -> None:
     _say(f"data {options.data}: {check_data(options.data)}")
 
 
+DATA_CHECK_SECONDS = 600.0  # a device's whole file, read once; past it, the file does not end (a FIFO, say)
+
+
 def check_data(data: Path) -> str:
     """The summary of the data at `data`, read by a child (`python -m fedclient.datacheck`: this
     supervisor does not keep numpy and the readers in memory); NodeError with the child's one-line
     reason where no run could train on it."""
-    argv = [sys.executable, "-m", "fedclient.datacheck", str(data)]
-    checked = subprocess.run(argv, env=node_env(), capture_output=True, text=True, check=False)
-    if checked.returncode != 0:
-        why = (checked.stderr.strip().splitlines() or [f"exit code {checked.returncode}"])[-1]
-        raise NodeError(f"--data refused: {why}")
-    return checked.stdout.strip()
+    return _run_child(["fedclient.datacheck", str(data)], "--data refused", DATA_CHECK_SECONDS)
+
+
+def _run_child(module_args: list[str], failure: str, timeout: float) -> str:
+    """`python -m MODULE ARGS...` to its end; its output, or NodeError(`failure`: its last error line)."""
+    argv = [sys.executable, "-m", *module_args]
+    try:
+        done = subprocess.run(argv, env=node_env(), capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise NodeError(f"{failure}: no answer within {timeout:.0f} s") from None
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise NodeError(f"{failure}: {why}")
+    return done.stdout.strip()
 
 
 def split_address(server: str) -> tuple[str, int]:
@@ -272,11 +283,8 @@ def runtime_credentials(isolation: str) -> Iterator[RuntimeCredentials | None]:
 
 def _make_certificate(credentials: RuntimeCredentials) -> None:
     """Write the certificate and its key in a child process: this supervisor never imports cryptography."""
-    argv = [sys.executable, "-m", "fedclient.localcert", str(credentials.certificate), str(credentials.key)]
-    made = subprocess.run(argv, env=node_env(), capture_output=True, text=True, timeout=120, check=False)
-    if made.returncode != 0:
-        why = (made.stderr.strip().splitlines() or [f"exit code {made.returncode}"])[-1]
-        raise NodeError(f"cannot make the certificate of the SuperNode's Runtime API: {why}")
+    argv = ["fedclient.localcert", str(credentials.certificate), str(credentials.key)]
+    _run_child(argv, "cannot make the certificate of the SuperNode's Runtime API", 120.0)
 
 
 def wait_for_server(server: str, stop: threading.Event) -> bool:

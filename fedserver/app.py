@@ -200,7 +200,7 @@ def _train_round(
         with sampling_from(strategy, connected_nodes(grid, cfg, server_round)):
             config = ConfigRecord(tokenizer_entries(cfg))  # the run's tokenizer, where it ships one
             messages = list(strategy.configure_train(server_round, arrays, config, grid))
-        aggregate = _secure_attempt if cfg.secure_aggregation else functools.partial(_plain_attempt, ledger=ledger)
+        aggregate = functools.partial(_secure_attempt if cfg.secure_aggregation else _plain_attempt, ledger=ledger)
         try:
             new_arrays, metrics = aggregate(strategy, grid, cfg, server_round, messages, arrays)
             return checked_aggregate(arrays, new_arrays, like, cfg), metrics
@@ -241,16 +241,27 @@ def _plain_attempt(
 
 
 def _secure_attempt(
-    strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, messages: list[Message], arrays: ArrayRecord
+    strategy: Strategy,
+    grid: Grid,
+    cfg: RunConfig,
+    server_round: int,
+    messages: list[Message],
+    arrays: ArrayRecord,
+    *,
+    ledger: NodeLedger,
 ) -> tuple[ArrayRecord, MetricRecord | None]:
     """SecAgg+: the strategy aggregates one reply holding the unmasked weighted mean, never a
     client's own update (so per-client update checks cannot apply; the clipping range bounds it,
     and the total count must be one a reply could claim for each client in the sum)."""
     settings = SecAggSettings.from_mapping(cfg.to_mapping())
     try:
-        aggregate = secure_train_round(grid, messages, settings, timeout=cfg.round_timeout)
+        aggregate = secure_train_round(
+            grid, messages, settings, timeout=cfg.round_timeout,
+            on_error=functools.partial(ledger.record_error, server_round),
+        )  # fmt: skip
     except SecAggError as err:
         raise AttemptFailed(str(err)) from err
+    ledger.record_accepted(aggregate.survivors.masked)
     for node, why in aggregate.failures.items():
         LOG.warning("node %d: dropped out of the secure round: %s", node, why)
     summed, needed = len(aggregate.survivors.masked), quorum(cfg, len(messages))

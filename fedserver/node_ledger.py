@@ -15,6 +15,7 @@ after a resume included; "accepted" counts replies that passed screening, in eve
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,9 +65,18 @@ class NodeLedger:
         """Count one screening: `accepted` the replies of `replies` that passed it."""
         for reply in replies:
             if reply.has_error():
-                self._node(reply.metadata.src_node_id).add_error(server_round, int(reply.error.code))
+                self.record_error(server_round, reply.metadata.src_node_id, int(reply.error.code))
         for reply in accepted:
             self._node(reply.metadata.src_node_id).accepted += 1
+
+    def record_error(self, server_round: int, node_id: int, code: int) -> None:
+        """Count one error reply of `node_id` in `server_round` (a secure round's stages report so)."""
+        self._node(node_id).add_error(server_round, code)
+
+    def record_accepted(self, node_ids: Iterable[int]) -> None:
+        """Count one accepted reply of each of `node_ids` (the clients in a secure sum)."""
+        for node_id in node_ids:
+            self._node(node_id).accepted += 1
 
     def entries(self) -> list[dict[str, Any]]:
         """One JSON object per node, by node id (what `nodes.json` holds)."""

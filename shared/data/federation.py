@@ -36,7 +36,16 @@ import numpy as np
 from shared.config import TEXT_MODELS, RunConfig
 from shared.data import partition as partitioners
 from shared.data.errors import DataError
-from shared.data.readers import Splits, read_csv, read_idx_dir, read_jsonl, read_leaf_json, read_npz, read_text
+from shared.data.readers import (
+    Splits,
+    check_values,
+    read_csv,
+    read_idx_dir,
+    read_jsonl,
+    read_leaf_json,
+    read_npz,
+    read_text,
+)
 from shared.data.shared_arrays import ArraySet, open_arrays, save_arrays
 from shared.data.synthetic import synthetic_device
 from shared.data.text import ByteTokenizer, CharVocab, FileTokenizer, WordTokenizer
@@ -514,6 +523,7 @@ def _read_femnist(cfg: RunConfig) -> tuple[Splits, np.ndarray]:
             x, y, writer, is_test = f["x"], f["y"], f["writer"], f["is_test"].astype(bool)
     except (OSError, KeyError, ValueError) as err:
         raise DataError(f"{path} is not a FEMNIST NPZ with x, y, writer, is_test: {err}") from None
+    check_values(path, "FEMNIST", x, y)
     train = ~is_test
     return Splits(x[train], y[train], x[is_test], y[is_test]), writer[train]
 

@@ -130,7 +130,7 @@ def _checked_splits(path: PathLike, **arrays: np.ndarray) -> Splits:
                 "class ids (a CSV's text labels are mapped to ids)"
             )
         if x is not None and y is not None:
-            _check_values(path, split, x, y)
+            check_values(path, split, x, y)
     if len(arrays["x_train"]) == 0:
         raise DataError(f"{path}: train split is empty")
     return Splits(**arrays)
@@ -142,7 +142,7 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _CHUNK = 1 << 20  # values checked at a time: a device's memory holds one chunk's mask, not the file's
 
 
-def _check_values(path: PathLike, where: str, x: np.ndarray, y: np.ndarray) -> None:
+def check_values(path: PathLike, where: str, x: np.ndarray, y: np.ndarray) -> None:
     """Refuse NaN or infinite features (or beyond float32, what features become) and labels that are
     not integer class ids, naming the first offending example of `where` (a split, a user) and feature."""
     bad = _first_non_finite(x)
@@ -373,7 +373,7 @@ def _leaf_file(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             raise DataError(f"{path}: user {user!r}: malformed samples: {exc}") from exc
         if len(x) != len(y):
             raise DataError(f"{path}: user {user!r} has {len(x)} x but {len(y)} y")
-        _check_values(path, f"user {user!r}", x, y)  # y before its cast: 1.5 and NaN are no class ids
+        check_values(path, f"user {user!r}", x, y)  # y before its cast: 1.5 and NaN are no class ids
         users[str(user)] = (x, _leaf_array(y, np.int64))
     return users
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sized
+from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -63,6 +63,7 @@ def secure_train_round(
     settings: SecAggSettings,
     timeout: float | None = None,
     enrollment_ca: x509.Certificate | None = None,
+    on_error: Callable[[int, int], None] | None = None,
 ) -> SecureAggregate:
     """Run one SecAgg+ round with the clients `train_messages` address; train and sum securely.
 
@@ -78,8 +79,11 @@ def secure_train_round(
     With `enrollment_ca`, a client whose keys its enrolled node key did not sign, or whose
     certificate another client sent first, is dropped at advertise-keys: its neighbours, which
     verify every peer themselves, would otherwise refuse the round.
+
+    `on_error(node, code)` is told of each error reply, at any stage, as it arrives: the round may
+    still fail later, and the caller keeps its own count of who refused or failed.
     """
-    secure_round = _SecureRound(grid, list(train_messages), settings, timeout, enrollment_ca)
+    secure_round = _SecureRound(grid, list(train_messages), settings, timeout, enrollment_ca, on_error)
     return secure_round.run()
 
 
@@ -101,6 +105,7 @@ class _SecureRound:
     settings: SecAggSettings
     timeout: float | None
     enrollment_ca: x509.Certificate | None = None
+    on_error: Callable[[int, int], None] | None = None
     round_id: bytes = field(default_factory=lambda: os.urandom(crypto.ROUND_ID_BYTES))
     failures: dict[int, str] = field(default_factory=dict)  # node -> why it dropped out
     credentials: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # node -> (certificate, signature)
@@ -286,6 +291,8 @@ class _SecureRound:
     def _reply_record(self, stage: str, node: int, reply: Message) -> ConfigRecord | None:
         if reply.has_error():  # whatever it says, a client's error is that client dropping out
             self.failures[node] = f"{stage}: {describe_error(int(reply.error.code), reply.error.reason)}"
+            if self.on_error is not None:
+                self.on_error(node, int(reply.error.code))
             return None
         record = reply.content.get(p.RECORD)
         if not isinstance(record, ConfigRecord) or record.get(p.STAGE) != stage or record.get(p.ROUND_ID) != self.round_id:

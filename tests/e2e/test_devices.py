@@ -12,19 +12,14 @@ import json
 import os
 import shutil
 import signal
-import ssl
 import subprocess
 import textwrap
-import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
-from flwr.proto.runtime_pb2 import AcquireTaskResponse
-from flwr.proto.task_pb2 import Task
 
 from fedclient.node import CONNECTED
 from fedserver.checkpoints import read_metrics
@@ -39,6 +34,7 @@ from shared.flower_compat import (
 )
 from shared.pki import write_local_certificate
 from shared.processes import free_port
+from tests.runtime_stand_in import StandInRuntimeApi
 
 pytestmark = pytest.mark.e2e
 
@@ -262,54 +258,12 @@ REFUSED_ENDPOINT = "did not prove to be this node's SuperNode"
 COMPLETED = "message completed"  # the worker's line for each task it ran
 
 
-class Impostor(ThreadingHTTPServer):
-    """Another local process holding a port: TLS with a certificate of its own, handing out a task
-    to every request. Counts the connections it accepts and records each request it gets."""
-
-    def __init__(self, port: int, certificate: tuple[Path, Path]) -> None:
-        super().__init__(("127.0.0.1", port), _ImpostorHandler)  # OSError while another process holds the port
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(*certificate)
-        self.connections = 0
-        self.requests: list[str] = []
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-        self.thread.start()
-
-    def get_request(self) -> tuple[ssl.SSLSocket, object]:
-        sock, address = self.socket.accept()
-        self.connections += 1
-        try:
-            return self.context.wrap_socket(sock, server_side=True), address  # the TLS handshake
-        except OSError:
-            sock.close()
-            raise
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self.thread.join(timeout=5)
-
-
-class _ImpostorHandler(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        self.server.requests.append(self.path)  # type: ignore[attr-defined]
-        body = AcquireTaskResponse(task=Task(), token="impostor").SerializeToString()
-        self.send_response(200)
-        self.send_header("content-type", "application/protobuf")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_args: object) -> None:
-        pass
-
-
-def _hold_port(port: int, certificate: tuple[Path, Path], timeout: float = 30) -> Impostor:
+def _hold_port(port: int, certificate: tuple[Path, Path], timeout: float = 30) -> StandInRuntimeApi:
     """Bind `port` as soon as it is free."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return Impostor(port, certificate)
+            return StandInRuntimeApi(certificate, port)
         except OSError:
             if time.monotonic() > deadline:
                 raise

@@ -188,6 +188,15 @@ def test_a_tls_refusal_stops_the_node_at_once(tmp_path):
         node._supervise([child], "h:1", threading.Event())
 
 
+def _supervise_for(child: Child, seconds: float) -> None:
+    """Start `child` and supervise it (restarts included) for `seconds`, then stop it."""
+    stop = threading.Event()
+    threading.Timer(seconds, stop.set).start()
+    child.start()
+    node._supervise([child], "h:1", stop)
+    child.stop()
+
+
 def test_a_supernode_that_had_connected_is_restarted(tmp_path, monkeypatch, capsys):
     # Prepare: a "SuperNode" that connects, then exits at once; restart pauses shortened
     starts = tmp_path / "starts"
@@ -195,13 +204,9 @@ def test_a_supernode_that_had_connected_is_restarted(tmp_path, monkeypatch, caps
         tmp_path, f"open({str(starts)!r}, 'a').write('x')\nprint('SuperNode ID: 7', flush=True)\nraise SystemExit(1)\n"
     )
     monkeypatch.setattr(Child, "schedule_restart", _quick_restart)
-    stop = threading.Event()
-    threading.Timer(4.0, stop.set).start()
 
     # Execute
-    child.start()
-    node._supervise([child], "h:1", stop)
-    child.stop()
+    _supervise_for(child, 4.0)
 
     # Assert
     assert len(starts.read_text()) >= 2
@@ -330,13 +335,9 @@ def test_a_supernode_whose_runtime_port_another_process_holds_is_restarted_not_r
     body = f"open({str(starts)!r}, 'a').write('x')\nprint({taken!r}, flush=True)\nraise SystemExit(1)\n"
     child = _script_child(tmp_path, body)
     monkeypatch.setattr(Child, "schedule_restart", _quick_restart)
-    stop = threading.Event()
-    threading.Timer(3.0, stop.set).start()
 
     # Execute: no NodeRefused
-    child.start()
-    node._supervise([child], "h:1", stop)
-    child.stop()
+    _supervise_for(child, 3.0)
 
     # Assert
     assert len(starts.read_text()) >= 2

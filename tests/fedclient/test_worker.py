@@ -6,21 +6,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import ssl
 import subprocess
 import sys
-import threading
 import types
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.cli.build import build_fab_from_disk
 from flwr.supercore.fab import Fab
-from flwr.proto.runtime_pb2 import AcquireTaskRequest, AcquireTaskResponse
-from flwr.proto.task_pb2 import Task
+from flwr.proto.runtime_pb2 import AcquireTaskRequest
 
 from fedclient import worker
 
@@ -30,6 +26,7 @@ from shared.device_errors import MESSAGES, DeviceCode
 from shared.flower_compat import SubStatus, set_task_identity
 from shared.pki import write_local_certificate
 from shared.processes import free_port
+from tests.runtime_stand_in import TOKEN, StandInRuntimeApi
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -181,44 +178,6 @@ def test_a_clientapp_failure_is_replied_as_a_code_without_its_text(monkeypatch, 
 # --- who answers on the Runtime API port -------------------------------------------------------
 
 
-class RuntimeApi(ThreadingHTTPServer):
-    """A stand-in Runtime API on 127.0.0.1 that hands out a task to every request, recording each."""
-
-    def __init__(self, certificate: tuple[Path, Path] | None) -> None:
-        super().__init__(("127.0.0.1", 0), _TaskHandler)
-        self.requests: list[str] = []
-        if certificate is not None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*certificate)
-            self.socket = context.wrap_socket(self.socket, server_side=True)
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.server_address[1]}"
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self.thread.join(timeout=5)
-
-
-class _TaskHandler(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        self.server.requests.append(self.path)  # type: ignore[attr-defined]
-        body = AcquireTaskResponse(task=Task(), token="a-task-token").SerializeToString()
-        self.send_response(200)
-        self.send_header("content-type", "application/protobuf")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_args: object) -> None:
-        pass
-
-
 def _certificate(directory: Path) -> tuple[Path, Path]:
     directory.mkdir()
     pem, key = directory / "runtime.pem", directory / "runtime.key"
@@ -233,9 +192,9 @@ def own_certificate(tmp_path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def impostor(request, tmp_path) -> Iterator[RuntimeApi]:
+def impostor(request, tmp_path) -> Iterator[StandInRuntimeApi]:
     """A process holding the port: TLS with a certificate of its own, or plain HTTP."""
-    server = RuntimeApi(_certificate(tmp_path / "other") if request.param == "another certificate" else None)
+    server = StandInRuntimeApi(_certificate(tmp_path / "other") if request.param == "another certificate" else None)
     yield server
     server.stop()
 
@@ -249,14 +208,14 @@ def _poll(address: str, certificate: Path, report: worker.LinkReport) -> str:
 
 
 def test_the_worker_takes_a_task_from_the_supernode_that_presents_its_certificate(own_certificate):
-    supernode = RuntimeApi(own_certificate)
+    supernode = StandInRuntimeApi(own_certificate)
     report = worker.LinkReport(supernode.address, failing="unanswered")
     try:
         token = _poll(supernode.address, own_certificate[0], report)
     finally:
         supernode.stop()
 
-    assert token == "a-task-token" and supernode.requests == ["/v1/runtime/acquire-task"]
+    assert token == TOKEN and supernode.requests == ["/v1/runtime/acquire-task"]
     assert report.failing == ""
 
 

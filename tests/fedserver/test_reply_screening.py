@@ -19,6 +19,7 @@ from fedserver.app import RoundFailed, run_federation
 from fedserver.node_ledger import NodeLedger
 from shared import messages as keys
 from shared.device_errors import DeviceCode
+from shared.secagg import secagg_mod
 from simulations.grid import InProcessGrid, simulation_node_config
 
 BAD_NODE = 1001
@@ -281,3 +282,27 @@ def test_a_resumed_run_continues_the_ledger(matrix_config, tmp_path):
     again = NodeLedger.read(tmp_path)
     assert (first.nodes[BAD_NODE].rounds_failed, again.nodes[BAD_NODE].rounds_failed) == (2, 3)
     assert (first.nodes[BAD_NODE + 1].accepted, again.nodes[BAD_NODE + 1].accepted) == (4, 6)  # train + evaluation
+
+
+def test_a_device_refusing_a_secure_round_is_in_the_ledger(matrix_config, tmp_path):
+    # Prepare: Flowerbed's ClientApp on every node, node BAD_NODE refusing each secure stage by its policy
+    def refusing_mod(msg: Message, context: Context, call_next: Callable) -> Message:
+        if context.node_id == BAD_NODE and msg.metadata.message_type == "train":
+            return Message(Error(DeviceCode.POLICY_SECURE_GROUP, f"{SECRET} text"), reply_to=msg)
+        return call_next(msg, context)
+
+    app = ClientApp(mods=[refusing_mod, secagg_mod])
+    app.train()(fedclient.app.train)
+    app.evaluate()(fedclient.app.evaluate)
+    cfg = matrix_config.replace(run_dir=str(tmp_path), secure_aggregation=True, secagg_threshold=3,
+                                secagg_neighbours=4, max_update_norm=0.0)  # fmt: skip
+
+    # Execute
+    history = run(app, cfg)
+
+    # Assert: the rounds went on with the five others; the refusals are counted, the others accepted
+    device = NodeLedger.read(tmp_path).nodes[BAD_NODE]
+    assert (device.last_code, device.rounds_refused) == (DeviceCode.POLICY_SECURE_GROUP, cfg.rounds)
+    assert device.accepted == cfg.rounds  # its evaluations only
+    assert NodeLedger.read(tmp_path).nodes[BAD_NODE + 1].accepted == 2 * cfg.rounds  # in each secure sum, and evaluated
+    assert len(history) == cfg.rounds

@@ -219,3 +219,14 @@ def test_fedsim_on_a_csv_with_nan_exits_2_with_one_line(tmp_path, capsys):
     # Assert
     assert code == 2
     assert capsys.readouterr().err == f"fedsim: error: {path}: line 3, column 'b': 'inf' is not a finite number\n"
+
+
+def test_a_femnist_file_with_an_infinite_pixel_is_refused_naming_it(tmp_path):
+    path = tmp_path / "femnist.npz"
+    x = np.zeros((4, 784), np.float32)
+    x[2, 5] = np.inf
+    np.savez(path, x=x, y=np.arange(4), writer=np.array(["a", "a", "b", "b"]), is_test=np.array([0, 1, 0, 1]))
+
+    with pytest.raises(DataError, match="femnist.npz: FEMNIST example 2, feature 5: inf is not a finite number"):
+        load_federation(RunConfig.from_mapping({"dataset": "femnist", "data-path": str(path), "num-clients": 2,
+                                                "clients-per-round": 1}))  # fmt: skip

@@ -28,6 +28,7 @@ from shared.secagg import (
     secagg_mod,
     secure_train_round,
 )
+from shared.flower_compat import ErrorCode
 from shared.pki import PkiPaths, init_pki
 from shared.secagg import protocol as p
 from shared.secagg.encoding import encode, layout_of
@@ -309,6 +310,15 @@ def test_dropouts_at_any_stage_with_threshold_survivors_give_the_right_sum(stage
     expected_in_sum = CLIENTS if stage == p.UNMASK else CLIENTS - len(dropped)
     assert len(survivors.masked) == expected_in_sum  # a vector that arrived is summed even if its sender then drops
     assert_sum_within_bound(aggregate)
+
+
+def test_the_caller_is_told_of_each_error_reply_with_its_node_and_code():
+    grid = FaultyGrid(toy_app(crash={1001: p.ADVERTISE_KEYS, 1003: p.MASKED_INPUT}))
+    errors: list[tuple[int, int]] = []
+
+    secure_train_round(grid, train_messages(grid), SETTINGS, on_error=lambda node, code: errors.append((node, code)))
+
+    assert sorted(errors) == [(1001, ErrorCode.CLIENT_APP_RAISED_EXCEPTION), (1003, ErrorCode.CLIENT_APP_RAISED_EXCEPTION)]
 
 
 def test_dropouts_at_every_stage_at_once():
@@ -658,6 +668,27 @@ def test_an_enrolled_device_refuses_a_peer_it_cannot_verify_before_sharing(enrol
     assert reply.has_error() and "SecAggUnverifiedPeer" in reply.error.reason and reason in reply.error.reason
     assert FIRST_NODE_ID not in aggregate.survivors.shared  # it sent no share
     assert_sum_within_bound(aggregate)
+
+
+def test_a_device_replies_its_refusal_of_an_unverified_peer_as_code_106_only(enrolled, tmp_path):
+    # Prepare: the device's own outermost mod (fedclient's), which turns what a task raises into a code
+    from fedclient.guard import error_reply_mod
+    from shared.device_errors import MESSAGES, DeviceCode
+
+    grid = FaultyGrid(toy_app(outer=[error_reply_mod]), node_config=enrolled_config(enrolled))
+
+    def rewrite(messages):
+        target = next(m for m in messages if m.metadata.dst_node_id == FIRST_NODE_ID)
+        _swap_pk_s(target.content[p.RECORD], grid, enrolled, tmp_path)
+
+    grid.rewrite[p.SHARE_KEYS] = rewrite
+
+    # Execute
+    secure_round(grid)
+
+    # Assert
+    (reply,) = [r for r in grid.traffic(p.SHARE_KEYS)[1] if r.metadata.src_node_id == FIRST_NODE_ID]
+    assert (reply.error.code, reply.error.reason) == (DeviceCode.UNVERIFIED_PEER, MESSAGES[DeviceCode.UNVERIFIED_PEER])
 
 
 def test_a_device_without_enrollment_neither_signs_nor_verifies(enrolled):
