@@ -204,6 +204,9 @@ def local_spec(cfg: RunConfig, data: ClientData, tokenizer: UnfittedTokenizer | 
     (features of its file, classes up to its largest label: a run whose devices may not all hold
     every class sets `num-classes`)."""
     if cfg.dataset in TEXT_MODELS:
+        tokenizer = tokenizer or (ByteTokenizer() if cfg.tokenizer == "bytes" else None)
+        if tokenizer is None:  # never fitted here: that reads every client's text
+            raise DataError(f"a device's text model needs tokenizer 'bytes' or a shipped 'file', not '{cfg.tokenizer}'")
         return _text_spec(cfg, tokenizer)
     known = KNOWN_SPECS.get(cfg.dataset)
     input_dim = cfg.input_dim or (known.input_dim if known else int(np.prod(data.x_train.shape[1:])))

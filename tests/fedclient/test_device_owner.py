@@ -229,3 +229,16 @@ def test_a_shipped_tokenizer_that_is_too_large_or_malformed_is_refused(tmp_path)
         config = {keys.TOKENIZER: data, keys.TOKENIZER_SHA256: hashlib.sha256(data).hexdigest()}
         # Execute / Assert
         assert_refused(train(grid, weights(), **config), DeviceCode.BAD_MESSAGE)
+
+
+def test_a_device_never_loads_a_simulations_federation(tmp_path, monkeypatch):
+    # Prepare: a text run asking for fedsim's fitted tokenizer, which reads every client's text
+    reviews = tmp_path / "reviews.jsonl"
+    reviews.write_text("".join(json.dumps({"text": "good film", "label": i % 2}) + "\n" for i in range(10)))
+    monkeypatch.setattr("shared.data.federation.load_federation", lambda *_: pytest.fail("loaded a federation"))
+    recipe = {"dataset": "imdb", "model": "transformer-classifier", "tokenizer": "fitted", "input-dim": 0,
+              "num-classes": 0, "d-model": 8, "num-heads": 2, "num-layers": 1, "max-len": 4}  # fmt: skip
+    grid = InProcessGrid(make_client_app(), 1, recipe, lambda _: {"data-path": str(reviews), "device": "cpu"})
+
+    # Execute / Assert
+    assert_refused(train(grid, weights()), DeviceCode.BAD_DATA)
