@@ -12,6 +12,7 @@ and refuses, before sharing anything, a round holding a peer it cannot verify (e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -180,6 +181,11 @@ def _share_keys(state: NodeState, request: ConfigRecord, enrollment: Enrollment 
     b_shares = crypto.split_secret(seed, threshold, count)
     sk_shares = crypto.split_secret(state.sk_s, threshold, count)
     share_keys = crypto.agree_all(state.sk_c, zip(peers, pk_c), "share-key", state.round_id, state.node)
+    holders = (state.node, *peers)
+    commitments = {
+        p.SEED_COMMITMENTS: _commitments(state.round_id, state.node, holders, crypto.SEED_SHARE, b_shares),
+        p.KEY_COMMITMENTS: _commitments(state.round_id, state.node, holders, crypto.KEY_SHARE, sk_shares),
+    }
     ciphertexts = []
     for i, (peer, key) in enumerate(zip(peers, share_keys, strict=True)):
         plaintext = share_keys_plaintext_concat(state.node, peer, b_shares[i + 1], sk_shares[i + 1])
@@ -189,48 +195,64 @@ def _share_keys(state: NodeState, request: ConfigRecord, enrollment: Enrollment 
         state, stage=p.SHARE_KEYS, sk_c=b"", peers=peers, share_keys=tuple(share_keys), peer_pk_s=pk_s, seed=seed,
         owners=(state.node,), b_shares=(b_shares[0],), sk_shares=(sk_shares[0],),
     )  # fmt: skip
-    return state, {p.DESTINATIONS: list(peers), p.CIPHERTEXTS: ciphertexts}
+    return state, {p.DESTINATIONS: list(peers), p.CIPHERTEXTS: ciphertexts, **commitments}
+
+
+def _commitments(round_id: bytes, owner: int, holders: tuple[int, ...], kind: bytes, shares: list[bytes]) -> list[bytes]:
+    return [crypto.commit_share(round_id, owner, holder, kind, share) for holder, share in zip(holders, shares, strict=True)]
 
 
 def _masked_input(
     state: NodeState, request: ConfigRecord, msg: Message, context: Context, call_next: ClientAppCallable
 ) -> tuple[NodeState, dict, ArrayRecord]:
     sources, ciphertexts = tuple(request[p.SOURCES]), list(request[p.CIPHERTEXTS])
+    seed_commitments, key_commitments = list(request[p.SEED_COMMITMENTS]), list(request[p.KEY_COMMITMENTS])
     if len(sources) != len(set(sources)):
         raise SecAggIntegrityError("masked-input: the same source's share arrived twice (replayed)")
     _check_ids(sources, allowed=set(state.peers), node=state.node, what="sources")
-    if len(sources) != len(ciphertexts):
-        raise SecAggError("masked-input: sources and ciphertexts differ in number")
+    if not len(sources) == len(ciphertexts) == len(seed_commitments) == len(key_commitments):
+        raise SecAggError("masked-input: sources, ciphertexts and commitments differ in number")
     _check_group(len(sources) + 1, state.settings.threshold, "masked-input: neighbours that shared keys")
-    b_held, sk_held = _open_shares(state, sources, ciphertexts)
+    held = {}  # source -> (b-share, sk-share); a share that fails to open or verify is refused, not fatal
+    for src, blob, commitments in zip(sources, ciphertexts, zip(seed_commitments, key_commitments), strict=True):
+        with contextlib.suppress(SecAggIntegrityError):
+            held[src] = _open_share(state, src, blob, commitments)
+    accepted = tuple(held)
     state = dataclasses.replace(
-        state, stage=p.MASKED_INPUT, owners=state.owners + sources,
-        b_shares=state.b_shares + b_held, sk_shares=state.sk_shares + sk_held,
+        state, stage=p.MASKED_INPUT, owners=state.owners + accepted,
+        b_shares=state.b_shares + tuple(b for b, _ in held.values()),
+        sk_shares=state.sk_shares + tuple(sk for _, sk in held.values()),
     )  # fmt: skip
     reference = numpy_arrays(msg.content[keys.ARRAYS])
     update, weight, metrics = _train(msg, context, call_next)
     layout = layout_of(reference).with_metrics(tuple(sorted(metrics)))
     vector = encode(update, reference, weight, metrics, layout, state.settings)
-    crypto.apply_masks(vector, _mask_keys(state, sources))
+    crypto.apply_masks(vector, _mask_keys(state, accepted))  # no pairwise mask with a refused source
     reduce_modulo(vector, state.settings.modulus_bits)
     masked = ArrayRecord({p.VECTOR: Array(vector)})
-    return state, {p.METRIC_KEYS: list(layout.metric_keys)}, masked
+    refused = [src for src in sources if src not in held]
+    return state, {p.METRIC_KEYS: list(layout.metric_keys), p.REFUSED: refused}, masked
 
 
-def _open_shares(state: NodeState, sources: tuple[int, ...], ciphertexts: list[bytes]) -> tuple[tuple, tuple]:
-    b_held, sk_held = [], []
-    for src, blob in zip(sources, ciphertexts, strict=True):
-        if not isinstance(blob, bytes):
-            raise SecAggError(f"masked-input: the share from node {src} is not bytes")
-        key = state.share_keys[state.peer_index(src)]
-        aad = crypto.share_aad(state.round_id, p.SHARE_KEYS, src, state.node)
-        plaintext = crypto.unseal(key, blob, aad, f"node {state.node}: share from node {src}")
-        actual_src, dst, b_share, sk_share = share_keys_plaintext_separate(plaintext)
-        if (actual_src, dst) != (src, state.node):
-            raise SecAggIntegrityError(f"node {state.node}: share from node {src} was made for {actual_src} -> {dst}")
-        b_held.append(b_share)
-        sk_held.append(sk_share)
-    return tuple(b_held), tuple(sk_held)
+def _open_share(state: NodeState, src: int, blob: object, commitments: tuple[object, object]) -> tuple[bytes, bytes]:
+    """`src`'s (b-share, sk-share) for this node, if authentic and as `src` committed to; else SecAggIntegrityError."""
+    if not isinstance(blob, bytes):
+        raise SecAggIntegrityError(f"node {state.node}: the share from node {src} is not bytes")
+    key = state.share_keys[state.peer_index(src)]
+    aad = crypto.share_aad(state.round_id, p.SHARE_KEYS, src, state.node)
+    plaintext = crypto.unseal(key, blob, aad, f"node {state.node}: share from node {src}")
+    actual_src, dst, b_share, sk_share = share_keys_plaintext_separate(plaintext)
+    if (actual_src, dst) != (src, state.node):
+        raise SecAggIntegrityError(f"node {state.node}: share from node {src} was made for {actual_src} -> {dst}")
+    if not len(b_share) == len(sk_share) == crypto.SHARE_BYTES:
+        raise SecAggIntegrityError(f"node {state.node}: the shares from node {src} are not of {crypto.SHARE_BYTES} bytes")
+    expected = tuple(
+        crypto.commit_share(state.round_id, src, state.node, kind, share)
+        for kind, share in ((crypto.SEED_SHARE, b_share), (crypto.KEY_SHARE, sk_share))
+    )
+    if expected != commitments:
+        raise SecAggIntegrityError(f"node {state.node}: the share from node {src} is not the one it committed to")
+    return b_share, sk_share
 
 
 def _mask_keys(state: NodeState, sources: tuple[int, ...]) -> list[tuple[bytes, int]]:

@@ -19,8 +19,11 @@ or the OS CSPRNG, and Shamir secret sharing from PyCryptodome.
   rebuilding one secret 7 ms (11 ms); `benchmarks/secagg_overhead.py` times whole rounds.
   Only one polynomial's worth of shares is interpolated (`threshold` of them, distinct
   indices). A share with a wrong value yields a wrong secret: the masking key rebuilt for a
-  dropped node is checked against its public key, a self-mask seed cannot be; a lying client
-  could as well send a wrong input, which SecAgg+ does not guard against either.
+  dropped node is checked against its public key, a self-mask seed cannot be;
+- share commitments: SHA-256 over a label, the round id, owner, holder, kind and the share, all
+  of fixed length: the owner commits to each share it deals, the holder checks what it opens and
+  the server what is revealed, so a wrong share is caught and its holder named. A share is 32
+  uniform bytes and an index, so its digest hides it as well as the ciphertext does.
 
 Flower's Fernet helpers in `symmetric_encryption` are not used: no associated data, and ECDH
 over P-curves.
@@ -47,8 +50,13 @@ LABEL = b"flowerbed/secagg/v1/"
 SEED_BYTES = 32
 ROUND_ID_BYTES = 16
 _NONCE_BYTES = 12
+SEAL_OVERHEAD = _NONCE_BYTES + 16  # nonce and GCM tag
 _CTR_ZERO_NONCE = bytes(16)  # every mask key is used for one keystream only
 _INDEX_BYTES = 4  # a share: little-endian index, then one 16-byte share per block
+SHARE_BYTES = _INDEX_BYTES + SEED_BYTES  # a share of a 32-byte secret (seed or private key)
+DIGEST_BYTES = 32  # a share commitment
+SEED_SHARE, KEY_SHARE = b"b", b"s"  # the kinds of share: of the self-mask seed, of the masking key
+_COMMITMENT = LABEL + b"share-commitment\x00"
 _BLOCK = 16  # PyCryptodome shares 16-byte secrets (elements of GF(2^128))
 _CHUNK_ELEMENTS = 1 << 15  # keystream chunk: 256 KiB of uint64, stays in L2 while added
 
@@ -98,6 +106,13 @@ def derive(secret: bytes, purpose: str, context: bytes = b"") -> bytes:
 def share_aad(round_id: bytes, stage: str, src: int, dst: int) -> bytes:
     """What a share ciphertext is bound to: its round, stage, sender and receiver."""
     return LABEL + round_id + stage.encode() + struct.pack(">QQ", src, dst)
+
+
+def commit_share(round_id: bytes, owner: int, holder: int, kind: bytes, share: bytes) -> bytes:
+    """The SHA-256 commitment to `owner`'s share of `kind` (SEED_SHARE, KEY_SHARE) dealt to `holder`."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(_COMMITMENT + round_id + struct.pack(">QQ", owner, holder) + kind + share)
+    return digest.finalize()
 
 
 def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:

@@ -6,8 +6,10 @@ least `stage` and `round-id`; the masked-input stage also carries the round's tr
 
   stage            server -> client                              client -> server
   advertise-keys   settings, the client's graph neighbours         two X25519 public keys (+ certificate, signature)
-  share-keys       its surviving neighbours' public keys (+ theirs) Shamir shares, AES-GCM sealed
-  masked-input     the sealed shares addressed to it + training    the masked vector (+ metric names)
+  share-keys       its surviving neighbours' public keys (+ theirs) Shamir shares, AES-GCM sealed, and a
+                                                                   SHA-256 commitment to each share it deals
+  masked-input     the sealed shares addressed to it, their         the masked vector (+ metric names), the
+                   commitments + training                          sources whose shares it refused
   unmask           which of its share owners survived, dropped      b-shares of survivors, sk-shares of the dropped
 """
 
@@ -47,9 +49,14 @@ PEER_CERTIFICATES = "peer-certificates"  # share-keys: parallel to PEERS; b"" fo
 PEER_SIGNATURES = "peer-signatures"
 MAX_SIGNED_BYTES = 4096  # the most a certificate or a signature may take; a larger one is malformed
 DESTINATIONS = "destinations"  # share-keys reply; parallel to CIPHERTEXTS
+SEED_COMMITMENTS = "seed-commitments"  # share-keys reply: parallel to [the node, *DESTINATIONS];
+KEY_COMMITMENTS = "key-commitments"  # masked-input: parallel to SOURCES, the source's for this node
 SOURCES = "sources"  # masked-input; parallel to CIPHERTEXTS
 CIPHERTEXTS = "ciphertexts"
 METRIC_KEYS = "metric-keys"  # masked-input reply: the metrics in the vector, in order
+MAX_METRIC_KEYS = 256  # ... at most this many, each a name of at most MAX_NAME_CHARS
+MAX_NAME_CHARS = 256
+REFUSED = "refused"  # masked-input reply: sources whose share failed to open or to match its commitment
 ALIVE = "alive"  # unmask: share owners whose masked vector arrived
 DROPPED = "dropped"  # unmask: share owners that shared keys but sent no masked vector
 OWNERS = "owners"  # unmask reply; parallel to SHARES

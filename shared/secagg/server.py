@@ -12,8 +12,9 @@ pairwise masks towards those that dropped after sharing keys. It only ever holds
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sized
+from collections.abc import Callable, Collection, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -24,6 +25,7 @@ from flwr.serverapp import Grid
 
 from shared import messages as keys
 from shared.device_errors import describe_error
+from shared.flower_compat import npy_view, share_keys_plaintext_concat
 from shared.secagg import crypto
 from shared.secagg import protocol as p
 from shared.secagg.client import settings_record
@@ -32,6 +34,10 @@ from shared.secagg.enrollment import verify_keys
 from shared.secagg.settings import SecAggError, SecAggIntegrityError, SecAggSettings, SecAggUnverifiedPeer
 
 S = TypeVar("S", bound=Sized)
+A = TypeVar("A")
+T = TypeVar("T")
+_SEALED_SHARES = share_keys_plaintext_concat(0, 0, bytes(crypto.SHARE_BYTES), bytes(crypto.SHARE_BYTES))
+CIPHERTEXT_BYTES = crypto.SEAL_OVERHEAD + len(_SEALED_SHARES)  # every sealed pair of shares has this length
 
 
 @dataclass(frozen=True)
@@ -70,11 +76,16 @@ def secure_train_round(
     Every message must carry the same arrays (FedAvg and its kin send one global model); each
     client trains on its own message's content. A client that fails, answers wrongly or not
     in time drops out, as does one that finds a protocol message tampered with or replayed (its
-    error reply says so: `SecureAggregate.failures`); the round completes while every stage keeps
-    at least `threshold` clients and every secret to rebuild has `threshold` shares, else raises
-    SecAggError with nothing aggregated. A rebuilt key that does not match its public key, or a
-    decoded mean outside the clipping range (a malformed vector spoiled the sum), raise
-    SecAggIntegrityError: no client can be blamed, the round is not aggregated.
+    error reply says so: `SecureAggregate.failures`). Every entry of every reply is validated
+    (types, sizes, node ids) before use: a reply that fails is its client dropping out, never an
+    exception. Each client commits to every share it deals; a share its receiver refuses leaves
+    its dealer or receiver out of the sum (`_settle_disputes`), and a client revealing a share
+    unlike its commitment is named and its shares unused. The round completes while every stage
+    keeps at least `threshold` clients and every secret to rebuild has `threshold` shares, else
+    raises SecAggError with nothing aggregated. A rebuilt key that does not match its public key,
+    or a decoded mean outside the clipping range (a malformed vector spoiled the sum), raise
+    SecAggIntegrityError, the round not aggregated. `timeout` bounds the whole round: each stage
+    waits what is left of it.
 
     With `enrollment_ca`, a client whose keys its enrolled node key did not sign, or whose
     certificate another client sent first, is dropped at advertise-keys: its neighbours, which
@@ -109,6 +120,11 @@ class _SecureRound:
     round_id: bytes = field(default_factory=lambda: os.urandom(crypto.ROUND_ID_BYTES))
     failures: dict[int, str] = field(default_factory=dict)  # node -> why it dropped out
     credentials: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # node -> (certificate, signature)
+    commitments: dict[int, dict[int, tuple[bytes, bytes]]] = field(default_factory=dict)  # owner -> holder -> (b, sk)
+    deadline: float | None = None  # the whole round's: each stage waits only what is left of `timeout`
+
+    def __post_init__(self) -> None:
+        self.deadline = None if self.timeout is None else time.monotonic() + self.timeout
 
     def run(self) -> SecureAggregate:
         by_node = _by_node(self.train)
@@ -118,11 +134,11 @@ class _SecureRound:
         graph = p.neighbour_graph(nodes, self.settings.degree(len(nodes)))
         public_keys = self._advertise_keys(graph)
         inbox = self._share_keys(graph, public_keys)
-        total, layout, masked = self._masked_inputs(by_node, inbox, layout_of(reference))
-        shares, unmasked = self._unmask(inbox, masked)
-        self._remove_masks(total, shares, graph, public_keys, list(inbox), masked)
+        total, layout, held = self._masked_inputs(by_node, inbox, layout_of(reference))
+        shares, unmasked = self._unmask(held)
+        self._remove_masks(total, shares, public_keys, held)
         weighted_sum, mean, count, metrics = decode(total, reference, layout, self.settings)
-        survivors = Survivors(*(tuple(sorted(s)) for s in (nodes, public_keys, inbox, masked, unmasked)))
+        survivors = Survivors(*(tuple(sorted(s)) for s in (nodes, public_keys, inbox, held, unmasked)))
         return SecureAggregate(weighted_sum, mean, count, metrics, survivors, dict(self.failures))
 
     # ------------------------------------------------------------------ stages
@@ -131,30 +147,24 @@ class _SecureRound:
         """U1: the clients that sent two public keys, with them."""
         base = {p.STAGE: p.ADVERTISE_KEYS, p.ROUND_ID: self.round_id, **settings_record(self.settings)}
         requests = {node: {**base, p.NEIGHBOURS: sorted(graph[node])} for node in graph}
-        public_keys = {}
-        for node, (record, _) in self._exchange(p.ADVERTISE_KEYS, requests).items():
-            advertised, credentials = (record.get(p.PUBLIC_KEY_C), record.get(p.PUBLIC_KEY_S)), _credentials(record)
-            failure = self._screen_keys(node, advertised, credentials)
-            if failure is None:
-                public_keys[node], self.credentials[node] = advertised, credentials
-            else:
-                self.failures[node] = f"advertise-keys: {failure}"
-        return self._require(public_keys, p.ADVERTISE_KEYS)
+        replies = self._exchange(p.ADVERTISE_KEYS, requests)
+        return self._require(self._screen(p.ADVERTISE_KEYS, _records(replies), self._advertised), p.ADVERTISE_KEYS)
 
-    def _screen_keys(self, node: int, advertised: tuple, credentials: tuple[bytes, bytes] | None) -> str | None:
-        """Why a client's advertised keys cannot be relayed, or None."""
+    def _advertised(self, node: int, record: ConfigRecord) -> tuple[bytes, bytes]:
+        """A client's two public keys, once screened (and with an enrollment CA, verified)."""
+        advertised, credentials = (record.get(p.PUBLIC_KEY_C), record.get(p.PUBLIC_KEY_S)), _credentials(record)
         if not all(map(_is_key, advertised)) or credentials is None:
-            return "malformed public keys, certificate or signature"
-        if self.enrollment_ca is None:
-            return None
-        try:
-            verify_keys(self.enrollment_ca, self.round_id, node, advertised, credentials)
-        except SecAggUnverifiedPeer as err:
-            return str(err)
-        # verified first: a client replaying another's certificate cannot push that client out
-        if any(credentials[0] == other for other, _ in self.credentials.values()):
-            return "the certificate of another client (one device counted twice)"
-        return None
+            raise _Malformed("malformed public keys, certificate or signature")
+        if self.enrollment_ca is not None:
+            try:
+                verify_keys(self.enrollment_ca, self.round_id, node, advertised, credentials)
+            except SecAggUnverifiedPeer as err:
+                raise _Malformed(str(err)) from None
+            # verified first: a client replaying another's certificate cannot push that client out
+            if any(credentials[0] == other for other, _ in self.credentials.values()):
+                raise _Malformed("the certificate of another client (one device counted twice)")
+        self.credentials[node] = credentials
+        return advertised
 
     def _share_keys(
         self, graph: Mapping[int, frozenset[int]], public_keys: Mapping[int, tuple[bytes, bytes]]
@@ -171,92 +181,117 @@ class _SecureRound:
             }  # fmt: skip
             for node in public_keys
         }
-        sent: dict[int, dict[int, bytes]] = {}
-        for node, (record, _) in self._exchange(p.SHARE_KEYS, requests).items():
-            destinations, ciphertexts = record.get(p.DESTINATIONS, []), record.get(p.CIPHERTEXTS, [])
-            if sorted(destinations) == peers[node] and len(destinations) == len(ciphertexts):
-                sent[node] = dict(zip(destinations, ciphertexts, strict=True))
-            else:
-                self.failures[node] = "share-keys: shares not addressed to exactly its peers"
+        replies = self._exchange(p.SHARE_KEYS, requests)
+        sent = self._screen(p.SHARE_KEYS, _records(replies), lambda node, record: self._dealt(node, record, peers[node]))
         inbox = {node: {src: sent[src][node] for src in sent if node in sent[src]} for node in sent}
         return self._require(inbox, p.SHARE_KEYS)
 
+    def _dealt(self, node: int, record: ConfigRecord, peers: list[int]) -> dict[int, bytes]:
+        """The sealed shares a client addressed to each of exactly its peers; its commitments are kept."""
+        destinations = _node_ids(record.get(p.DESTINATIONS), peers, "destinations")
+        if len(destinations) != len(peers):
+            raise _Malformed("shares not addressed to exactly its peers")
+        ciphertexts = _byte_strings(record.get(p.CIPHERTEXTS), "ciphertexts", len(peers), CIPHERTEXT_BYTES)
+        holders = [node, *destinations]
+        seed = _byte_strings(record.get(p.SEED_COMMITMENTS), "seed commitments", len(holders), crypto.DIGEST_BYTES)
+        key = _byte_strings(record.get(p.KEY_COMMITMENTS), "key commitments", len(holders), crypto.DIGEST_BYTES)
+        self.commitments[node] = dict(zip(holders, zip(seed, key), strict=True))
+        return dict(zip(destinations, ciphertexts, strict=True))
+
     def _masked_inputs(
         self, by_node: Mapping[int, Message], inbox: Mapping[int, Mapping[int, bytes]], layout: Layout
-    ) -> tuple[np.ndarray, Layout, list[int]]:
-        """The sum of the masked vectors of U3, the vector layout, and U3."""
+    ) -> tuple[np.ndarray, Layout, dict[int, list[int]]]:
+        """The sum of the masked vectors of U3, the vector layout, and U3: each node with the
+        sources whose shares it holds (and masked towards)."""
         requests = {}
         for node, shares in inbox.items():
             record = {p.STAGE: p.MASKED_INPUT, p.ROUND_ID: self.round_id, p.SOURCES: list(shares),
-                      p.CIPHERTEXTS: list(shares.values())}  # fmt: skip
+                      p.CIPHERTEXTS: list(shares.values()),
+                      p.SEED_COMMITMENTS: [self.commitments[src][node][0] for src in shares],
+                      p.KEY_COMMITMENTS: [self.commitments[src][node][1] for src in shares]}  # fmt: skip
             requests[node] = RecordDict({**by_node[node].content, p.RECORD: ConfigRecord(record)})
         replies = self._exchange(p.MASKED_INPUT, requests)
-        metric_keys = _most_common(tuple(record.get(p.METRIC_KEYS, [])) for record, _ in replies.values())
-        layout = layout.with_metrics(metric_keys)
+        claims = self._screen(p.MASKED_INPUT, _records(replies), lambda node, record: _claims(record, list(inbox[node])))
+        layout = layout.with_metrics(_most_common(metric_keys for metric_keys, _ in claims.values()))
+        vectors = self._screen(
+            p.MASKED_INPUT, {node: replies[node][1] for node in claims},
+            lambda node, reply: _masked_vector(reply, claims[node][0], layout, self.settings.dtype),
+        )  # fmt: skip
+        refused = {node: set(claims[node][1]) for node in vectors}
+        for node in self._settle_disputes(refused):
+            del vectors[node]
         total = np.zeros(layout.length, dtype=self.settings.dtype)
-        masked = []
-        for node, (record, reply) in replies.items():
-            vector = self._masked_vector(node, record, reply, layout)
-            if vector is not None:
-                np.add(total, vector, out=total)
-                masked.append(node)
-        return total, layout, self._require(masked, p.MASKED_INPUT)
+        for vector in vectors.values():
+            np.add(total, vector, out=total)
+        held = {node: [src for src in inbox[node] if src not in refused[node]] for node in vectors}
+        return total, layout, self._require(held, p.MASKED_INPUT)
 
-    def _masked_vector(self, node: int, record: ConfigRecord, reply: Message, layout: Layout) -> np.ndarray | None:
-        arrays = reply.content.get(p.MASKED)
-        vector = arrays[p.VECTOR].numpy() if isinstance(arrays, ArrayRecord) and p.VECTOR in arrays else None
-        if tuple(record.get(p.METRIC_KEYS, [])) != layout.metric_keys:
-            self.failures[node] = f"masked-input: metrics {record.get(p.METRIC_KEYS)} differ from the others'"
-        elif vector is None or vector.dtype != self.settings.dtype or vector.shape != (layout.length,):
-            self.failures[node] = "masked-input: no masked vector of the agreed type and length"
-        else:
-            return vector
-        return None
+    def _settle_disputes(self, refused: Mapping[int, set[int]]) -> list[int]:
+        """The clients left out of the sum so that no two in it dispute a share, each named.
 
-    def _unmask(self, inbox: Mapping[int, Mapping[int, bytes]], masked: list[int]) -> tuple[dict, list[int]]:
-        """The shares revealed by U4: b-shares of U3 and sk-shares of U2 \\ U3, by owner."""
-        alive_set = set(masked)
-        requests, asked = {}, {}
-        for node in masked:
-            owners = [node, *inbox[node]]
-            alive = [o for o in owners if o in alive_set]
-            dropped = [o for o in owners if o not in alive_set]
-            asked[node] = set(owners)
+        A refused share means its dealer or its receiver lies (or the server tampered with it):
+        which, no one can tell without revealing shares, so clients are left out until no dispute
+        is left between two summed ones, each time the one in most disputes (among equals the
+        accused). A client that refuses several neighbours' shares is left out alone.
+        """
+        disputes = {(node, src) for node, sources in refused.items() for src in sources if src in refused}
+        dropped = []
+        while disputes:
+            counts = Counter(n for dispute in disputes for n in dispute)
+            accused = Counter(src for _, src in disputes)
+            node = max(counts, key=lambda n: (counts[n], accused[n], -n))
+            self.failures[node] = f"{p.MASKED_INPUT}: {_dispute_reason(node, disputes)}"
+            disputes = {dispute for dispute in disputes if node not in dispute}
+            dropped.append(node)
+        return dropped
+
+    def _unmask(self, held: Mapping[int, list[int]]) -> tuple[dict[int, list[bytes]], list[int]]:
+        """The shares revealed by U4, each as its owner committed to: b-shares of U3, sk-shares of
+        the dropped (U2 \\ U3 and the disputed), by owner. A client revealing another share is left out."""
+        requests, kinds = {}, {}
+        for node, sources in held.items():
+            owners = [node, *sources]
+            kinds[node] = {owner: 0 if owner in held else 1 for owner in owners}  # index into a commitment pair
+            alive = [o for o in owners if o in held]
+            dropped = [o for o in owners if o not in held]
             requests[node] = {p.STAGE: p.UNMASK, p.ROUND_ID: self.round_id, p.ALIVE: alive, p.DROPPED: dropped}
+        replies = self._exchange(p.UNMASK, requests)
+        revealed = self._screen(p.UNMASK, _records(replies), lambda node, record: self._revealed(node, record, kinds[node]))
         shares: dict[int, list[bytes]] = {}
-        unmasked = []
-        for node, (record, _) in self._exchange(p.UNMASK, requests).items():
-            owners, revealed = record.get(p.OWNERS, []), record.get(p.SHARES, [])
-            if len(owners) != len(revealed) or not set(owners) <= asked[node]:
-                self.failures[node] = "unmask: shares of nodes it was not asked about"
-                continue
-            for owner, share in zip(owners, revealed, strict=True):
+        for by_owner in revealed.values():
+            for owner, share in by_owner.items():
                 shares.setdefault(owner, []).append(share)
-            unmasked.append(node)
-        return shares, self._require(unmasked, p.UNMASK)
+        return shares, self._require(list(revealed), p.UNMASK)
+
+    def _revealed(self, holder: int, record: ConfigRecord, kinds: Mapping[int, int]) -> dict[int, bytes]:
+        """The shares `holder` revealed by owner, if each is the one its owner committed to."""
+        owners = _node_ids(record.get(p.OWNERS), kinds, "owners")
+        shares = _byte_strings(record.get(p.SHARES), "shares", len(owners), crypto.SHARE_BYTES)
+        for owner, share in zip(owners, shares, strict=True):
+            kind = (crypto.SEED_SHARE, crypto.KEY_SHARE)[kinds[owner]]
+            if crypto.commit_share(self.round_id, owner, holder, kind, share) != self.commitments[owner][holder][kinds[owner]]:
+                raise _Malformed(f"a share of node {owner} that is not the one node {owner} committed to")
+        return dict(zip(owners, shares, strict=True))
 
     def _remove_masks(
         self,
         total: np.ndarray,
         shares: Mapping[int, list[bytes]],
-        graph: Mapping[int, frozenset[int]],
         public_keys: Mapping[int, tuple[bytes, bytes]],
-        shared: list[int],
-        masked: list[int],
+        held: Mapping[int, list[int]],
     ) -> None:
         """Subtract each survivor's self mask; undo survivors' pairwise masks with the dropped."""
         t = self.settings.threshold
-        alive = set(masked)
         mask_keys: list[tuple[bytes, int]] = []
-        for node in masked:
+        for node in held:
             seed = crypto.rebuild_secret(shares.get(node, []), t, f"self-mask seed of node {node}")
             mask_keys.append((crypto.derive(seed, "self-mask", self.round_id), -1))
-        dropped = [node for node in shared if node not in alive and graph[node] & alive]
-        for node in dropped:  # shared keys, so its neighbours in U3 masked towards it
+        dropped = sorted({src for sources in held.values() for src in sources} - held.keys())
+        for node in dropped:  # shared keys, so the survivors holding its shares masked towards it
             sk_s = crypto.rebuild_secret(shares.get(node, []), t, f"masking key of dropped node {node}")
             if crypto.public_of(sk_s) != public_keys[node][1]:
                 raise SecAggIntegrityError(f"the masking key rebuilt for node {node} does not match its public key")
-            survivors = sorted(graph[node] & alive)
+            survivors = sorted(survivor for survivor, sources in held.items() if node in sources)
             peers = [(survivor, public_keys[survivor][1]) for survivor in survivors]
             pair_keys = crypto.agree_all(sk_s, peers, "pair-mask", self.round_id, node)
             undo = [-1 if survivor < node else 1 for survivor in survivors]  # the survivor added +1 towards larger ids
@@ -269,14 +304,18 @@ class _SecureRound:
     def _exchange(
         self, stage: str, requests: Mapping[int, Mapping | RecordDict]
     ) -> dict[int, tuple[ConfigRecord, Message]]:
-        """Send each node its request; the well-formed replies of this stage and round, by node."""
+        """Send each node its request; the replies of this stage and round, by node, within what
+        is left of the round's time."""
+        left = None if self.deadline is None else self.deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise SecAggError(f"secure aggregation stopped at {stage}: its time ({self.timeout:g} s) ran out")
         group_id = self.train[0].metadata.group_id
         messages = [
             Message(_content(request), dst_node_id=node, message_type=MessageType.TRAIN, group_id=group_id)
             for node, request in requests.items()
         ]
         replies: dict[int, tuple[ConfigRecord, Message]] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+        for reply in self.grid.send_and_receive(messages, timeout=left):
             node = reply.metadata.src_node_id
             if node not in requests or node in replies:
                 continue
@@ -287,6 +326,17 @@ class _SecureRound:
             if node not in replies:
                 self.failures.setdefault(node, f"{stage}: no reply")
         return replies
+
+    def _screen(self, stage: str, items: Mapping[int, A], read: Callable[[int, A], T]) -> dict[int, T]:
+        """`read(node, item)` of each item, by node; a client whose reply fails validation (`read`
+        raises _Malformed) drops out with the reason: what a client sends never raises here."""
+        screened = {}
+        for node, item in items.items():
+            try:
+                screened[node] = read(node, item)
+            except _Malformed as err:
+                self.failures[node] = f"{stage}: {err}"
+        return screened
 
     def _reply_record(self, stage: str, node: int, reply: Message) -> ConfigRecord | None:
         if reply.has_error():  # whatever it says, a client's error is that client dropping out
@@ -310,6 +360,66 @@ class _SecureRound:
                 f"{self.settings.threshold}; nothing was aggregated" + (f" ({reasons})" if reasons else "")
             )
         return survivors
+
+
+class _Malformed(Exception):
+    """A reply entry that fails validation: its client drops out, with this as the reason."""
+
+
+def _records(replies: Mapping[int, tuple[ConfigRecord, Message]]) -> dict[int, ConfigRecord]:
+    return {node: record for node, (record, _) in replies.items()}
+
+
+def _node_ids(value: object, allowed: Collection[int], what: str) -> list[int]:
+    """`value` if a list of distinct node ids, each in `allowed`."""
+    if not isinstance(value, list) or any(type(i) is not int for i in value) or len(set(value)) != len(value):
+        raise _Malformed(f"{what}: not a list of distinct node ids")
+    if not set(value) <= set(allowed):
+        raise _Malformed(f"{what}: nodes {sorted(set(value) - set(allowed))[:5]} it was not given")
+    return value
+
+
+def _byte_strings(value: object, what: str, count: int, size: int) -> list[bytes]:
+    """`value` if a list of `count` byte strings of `size` bytes each."""
+    if not isinstance(value, list) or len(value) != count or any(not isinstance(v, bytes) or len(v) != size for v in value):
+        raise _Malformed(f"{what}: not {count} byte strings of {size} bytes")
+    return value
+
+
+def _names(value: object, what: str) -> tuple[str, ...]:
+    """`value` as a tuple if a list of at most MAX_METRIC_KEYS distinct, bounded names."""
+    if (
+        not isinstance(value, list) or len(value) > p.MAX_METRIC_KEYS or len(set(value)) != len(value)
+        or any(not isinstance(v, str) or len(v) > p.MAX_NAME_CHARS for v in value)
+    ):  # fmt: skip
+        raise _Malformed(f"{what}: not a list of at most {p.MAX_METRIC_KEYS} distinct names")
+    return tuple(value)
+
+
+def _claims(record: ConfigRecord, sources: list[int]) -> tuple[tuple[str, ...], list[int]]:
+    """A masked-input reply's metric names and the sources whose shares it refused."""
+    return _names(record.get(p.METRIC_KEYS), "metric keys"), _node_ids(record.get(p.REFUSED), sources, "refused")
+
+
+def _masked_vector(reply: Message, metric_keys: tuple[str, ...], layout: Layout, dtype: np.dtype) -> np.ndarray:
+    """The reply's masked vector, if of `layout` (with the metrics the others send) and `dtype`."""
+    if metric_keys != layout.metric_keys:
+        raise _Malformed(f"metrics {list(metric_keys)[:5]} differ from the others'")
+    arrays = reply.content.get(p.MASKED)
+    try:
+        vector = npy_view(arrays[p.VECTOR]) if isinstance(arrays, ArrayRecord) and p.VECTOR in arrays else None
+    except ValueError:
+        vector = None
+    if vector is None or vector.dtype != dtype or vector.shape != (layout.length,):
+        raise _Malformed("no masked vector of the agreed type and length")
+    return vector
+
+
+def _dispute_reason(node: int, disputes: Collection[tuple[int, int]]) -> str:
+    accusers = sorted(receiver for receiver, dealer in disputes if dealer == node)
+    refusals = sorted(dealer for receiver, dealer in disputes if receiver == node)
+    named = (("its shares refused by", accusers), ("refused the shares of", refusals))
+    return "; ".join(f"{what} {nodes}" for what, nodes in named if nodes)
 
 
 def _content(request: Mapping | RecordDict) -> RecordDict:

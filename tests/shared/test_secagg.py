@@ -30,7 +30,10 @@ from shared.secagg import (
 )
 from shared.flower_compat import ErrorCode
 from shared.pki import PkiPaths, init_pki
+from shared.flower_compat import share_keys_plaintext_concat
+from shared.secagg import crypto
 from shared.secagg import protocol as p
+from shared.secagg.client import STATE, NodeState
 from shared.secagg.encoding import encode, layout_of
 from shared.secagg.enrollment import load_enrollment, signed_keys
 from shared.secagg.settings import CERTIFICATE, ENROLLMENT_CA, SIGNING_KEY
@@ -364,19 +367,35 @@ def test_too_small_a_round_is_refused_before_any_message():
 # ----------------------------------------------------------------------------- (4) tampering and replay
 
 
-def assert_dropped_alone(aggregate: SecureAggregate, reason: str) -> None:
-    """The one client that found a message tampered with dropped out, saying why; the round
-    summed the others (a client's error never stops the round: it could be a lie)."""
+def assert_dropped_alone(aggregate: SecureAggregate, reason: str) -> int:
+    """The one client whose failure says `reason` dropped out, alone; the round summed the others
+    (a client's error never stops the round: it could be a lie). That client."""
     refused = [node for node, why in aggregate.failures.items() if reason in why]
     assert len(refused) == 1 and refused[0] not in aggregate.survivors.unmasked, aggregate.failures
+    assert len(aggregate.failures) == 1, aggregate.failures
     assert_sum_within_bound(aggregate)
+    return refused[0]
+
+
+def assert_share_refused(grid: FaultyGrid, aggregate: SecureAggregate, receiver: int, dealer: int) -> None:
+    """`receiver` refused `dealer`'s share and stayed; `dealer`, in dispute, is left out of the sum."""
+    (reply,) = [r for r in grid.traffic(p.MASKED_INPUT)[1] if r.metadata.src_node_id == receiver]
+    assert list(reply.content[p.RECORD][p.REFUSED]) == [dealer]
+    assert receiver in aggregate.survivors.unmasked
+    assert assert_dropped_alone(aggregate, f"its shares refused by [{receiver}]") == dealer
 
 
 def _first_share_message(messages: list[Message]) -> ConfigRecord:
     return next(m.content[p.RECORD] for m in messages if m.content[p.RECORD][p.SOURCES])
 
 
-def test_a_tampered_share_is_detected():
+def _first_share(messages: list[Message]) -> tuple[int, int]:
+    """(receiver, dealer) of the first share relayed at masked-input."""
+    message = next(m for m in messages if m.content[p.RECORD][p.SOURCES])
+    return message.metadata.dst_node_id, message.content[p.RECORD][p.SOURCES][0]
+
+
+def test_a_tampered_share_is_refused():
     def flip_a_bit(messages):
         record = _first_share_message(messages)
         blobs = list(record[p.CIPHERTEXTS])
@@ -385,10 +404,25 @@ def test_a_tampered_share_is_detected():
 
     grid = FaultyGrid(toy_app())
     grid.rewrite[p.MASKED_INPUT] = flip_a_bit
-    assert_dropped_alone(secure_round(grid), "authentication failed")
+    aggregate = secure_round(grid)
+    assert_share_refused(grid, aggregate, *_first_share(grid.traffic(p.MASKED_INPUT)[0]))
 
 
-def test_a_share_reflected_to_its_sender_is_detected():
+def test_a_share_unlike_its_commitment_is_refused_by_its_receiver():
+    """A dealer that commits to one share and seals another: its receiver refuses it, rather than
+    reveal it at unmask and be blamed for it."""
+    grid = FaultyGrid(toy_app())
+
+    def recommit(messages):
+        record = _first_share_message(messages)
+        record[p.SEED_COMMITMENTS] = [bytes(32), *list(record[p.SEED_COMMITMENTS])[1:]]
+
+    grid.rewrite[p.MASKED_INPUT] = recommit
+    aggregate = secure_round(grid)
+    assert_share_refused(grid, aggregate, *_first_share(grid.traffic(p.MASKED_INPUT)[0]))
+
+
+def test_a_share_reflected_to_its_sender_is_refused():
     """The pair's key is symmetric, so only the (src, dst) binding stops v's own share coming back as u's."""
     grid = FaultyGrid(toy_app())
 
@@ -403,10 +437,12 @@ def test_a_share_reflected_to_its_sender_is_detected():
         record[p.CIPHERTEXTS] = blobs
 
     grid.rewrite[p.MASKED_INPUT] = reflect
-    assert_dropped_alone(secure_round(grid), "authentication failed")
+    aggregate = secure_round(grid)
+    assert_share_refused(grid, aggregate, *_first_share(grid.traffic(p.MASKED_INPUT)[0]))
 
 
-def test_a_share_replayed_from_an_earlier_round_is_detected():
+def test_shares_replayed_from_an_earlier_round_are_refused():
+    """Every share the receiver gets is refused: it, in dispute with all its peers, is the one left out."""
     settings = SecAggSettings(threshold=4, neighbours=6, clipping_range=1.0)  # complete graph: same sources
     grid = FaultyGrid(toy_app(), n=6)
     secure_round(grid, settings)
@@ -418,7 +454,8 @@ def test_a_share_replayed_from_an_earlier_round_is_detected():
         record[p.SOURCES], record[p.CIPHERTEXTS] = list(previous[p.SOURCES]), list(previous[p.CIPHERTEXTS])
 
     grid.rewrite[p.MASKED_INPUT] = replay
-    assert_dropped_alone(secure_round(grid, settings), "authentication failed")
+    receiver = assert_dropped_alone(secure_round(grid, settings), "refused the shares of [")
+    assert receiver == grid.traffic(p.MASKED_INPUT)[0][0].metadata.dst_node_id
 
 
 def test_a_duplicated_share_is_detected():
@@ -501,6 +538,160 @@ def test_a_client_claiming_an_integrity_failure_only_drops_out(stage):
     aggregate = secure_round(FaultyGrid(toy_app(outer=[claim_integrity_failure(1004, stage)])))
     assert "SecAggIntegrityError" in aggregate.failures[1004] and 1004 not in aggregate.survivors.unmasked
     assert_sum_within_bound(aggregate)
+
+
+# ----------------------------------------------------------------------------- (4b) malicious clients
+
+CHEAT = 1004
+
+
+def tamper(stage: str, change: Callable[[RecordDict], None]) -> Callable:
+    """A mod by which CHEAT changes its reply's content at `stage` (a client that lies)."""
+
+    def mod(msg: Message, context: Context, call_next: Callable) -> Message:
+        reply = call_next(msg, context)
+        if msg.metadata.dst_node_id == CHEAT and stage_of(msg) == stage:
+            change(reply.content)
+        return reply
+
+    return mod
+
+
+def entry(name: str, value: object) -> Callable[[RecordDict], None]:
+    def change(content: RecordDict) -> None:
+        content[p.RECORD][name] = value
+
+    return change
+
+
+def edit(name: str, how: Callable[[list], list]) -> Callable[[RecordDict], None]:
+    def change(content: RecordDict) -> None:
+        content[p.RECORD][name] = how(list(content[p.RECORD][name]))
+
+    return change
+
+
+def without(name: str) -> Callable[[RecordDict], None]:
+    def change(content: RecordDict) -> None:
+        del content[p.RECORD][name]
+
+    return change
+
+
+def flip(blob: bytes) -> bytes:
+    return blob[:-1] + bytes([blob[-1] ^ 1])
+
+
+def narrow_vector(content: RecordDict) -> None:
+    content[p.MASKED][p.VECTOR] = Array(content[p.MASKED][p.VECTOR].numpy().astype(np.uint32))
+
+
+TAMPERING = [  # stage, fault, change, the stage it drops out at and why
+    (p.ADVERTISE_KEYS, "pk-c an integer", entry(p.PUBLIC_KEY_C, 5), "advertise-keys: malformed public keys"),
+    (p.ADVERTISE_KEYS, "pk-s of 31 bytes", entry(p.PUBLIC_KEY_S, bytes(31)), "advertise-keys: malformed public keys"),
+    (p.SHARE_KEYS, "destinations an integer", entry(p.DESTINATIONS, 5), "share-keys: destinations: not a list"),
+    (p.SHARE_KEYS, "destinations naming itself", edit(p.DESTINATIONS, lambda d: [CHEAT, *d[1:]]),
+     f"share-keys: destinations: nodes [{CHEAT}] it was not given"),
+    (p.SHARE_KEYS, "one destination short", edit(p.DESTINATIONS, lambda d: d[:-1]), "not addressed to exactly its peers"),
+    (p.SHARE_KEYS, "ciphertexts an integer", entry(p.CIPHERTEXTS, 5), "share-keys: ciphertexts: not 6 byte strings"),
+    (p.SHARE_KEYS, "one ciphertext short", edit(p.CIPHERTEXTS, lambda c: c[:-1]), "share-keys: ciphertexts: not 6"),
+    (p.SHARE_KEYS, "a ciphertext cut", edit(p.CIPHERTEXTS, lambda c: [c[0][:-1], *c[1:]]), "of 120 bytes"),
+    (p.SHARE_KEYS, "ciphertexts flipped", edit(p.CIPHERTEXTS, lambda c: [flip(b) for b in c]),
+     "masked-input: its shares refused by [1"),
+    (p.SHARE_KEYS, "seed commitments an integer", entry(p.SEED_COMMITMENTS, 5), "seed commitments: not 7 byte strings"),
+    (p.SHARE_KEYS, "key commitments missing", without(p.KEY_COMMITMENTS), "share-keys: key commitments: not 7"),
+    (p.SHARE_KEYS, "a commitment of 31 bytes", edit(p.SEED_COMMITMENTS, lambda c: [bytes(31), *c[1:]]), "of 32 bytes"),
+    (p.SHARE_KEYS, "a wrong commitment", edit(p.KEY_COMMITMENTS, lambda c: [*c[:-1], flip(c[-1])]),
+     "masked-input: its shares refused by [1"),
+    (p.MASKED_INPUT, "metric keys an integer", entry(p.METRIC_KEYS, 5), "masked-input: metric keys: not a list"),
+    (p.MASKED_INPUT, "refused an integer", entry(p.REFUSED, 5), "masked-input: refused: not a list"),
+    (p.MASKED_INPUT, "refused naming itself", entry(p.REFUSED, [CHEAT]), f"refused: nodes [{CHEAT}] it was not given"),
+    (p.MASKED_INPUT, "a vector of uint32", narrow_vector, "masked-input: no masked vector of the agreed type"),
+    (p.UNMASK, "owners an integer", entry(p.OWNERS, 5), "unmask: owners: not a list"),
+    (p.UNMASK, "owners repeated", edit(p.OWNERS, lambda o: [o[0], *o[:-1]]), "unmask: owners: not a list of distinct"),
+    (p.UNMASK, "owners not asked about", edit(p.OWNERS, lambda o: [*o[:-1], 99]), "owners: nodes [99] it was not given"),
+    (p.UNMASK, "shares an integer", entry(p.SHARES, 5), "unmask: shares: not 7 byte strings"),
+    (p.UNMASK, "a share cut", edit(p.SHARES, lambda s: [s[0][:-1], *s[1:]]), "unmask: shares: not 7 byte strings of 36"),
+    (p.UNMASK, "a wrong share", edit(p.SHARES, lambda s: [*s[:-1], flip(s[-1])]), "that is not the one node"),
+]
+
+
+@pytest.mark.parametrize(
+    ("stage", "change", "reason"), [case[:1] + case[2:] for case in TAMPERING], ids=[f"{c[0]}: {c[1]}" for c in TAMPERING]
+)
+def test_a_client_tampering_with_its_reply_is_left_out_and_named(stage, change, reason):
+    aggregate = secure_round(FaultyGrid(toy_app(outer=[tamper(stage, change)])))
+    assert list(aggregate.failures) == [CHEAT] and reason in aggregate.failures[CHEAT], aggregate.failures
+    assert CHEAT not in aggregate.survivors.unmasked
+    assert (CHEAT in aggregate.survivors.masked) == (stage == p.UNMASK)  # a vector that arrived stays summed
+    assert_sum_within_bound(aggregate)
+
+
+def test_the_holder_of_a_wrong_share_is_named_and_the_sum_is_right():
+    grid = FaultyGrid(toy_app(outer=[tamper(p.UNMASK, edit(p.SHARES, lambda s: [flip(share) for share in s]))]))
+    aggregate = secure_round(grid)
+    (request,) = [m for m in grid.traffic(p.UNMASK)[0] if m.metadata.dst_node_id == CHEAT]
+    owner = request.content[p.RECORD][p.ALIVE][0]
+    assert aggregate.failures == {CHEAT: f"unmask: a share of node {owner} that is not the one node {owner} committed to"}
+    assert aggregate.survivors.masked == tuple(grid.get_node_ids())
+    assert aggregate.survivors.unmasked == tuple(n for n in grid.get_node_ids() if n != CHEAT)
+    assert_sum_within_bound(aggregate)
+
+
+def deal_uneven_shares(msg: Message, context: Context, call_next: Callable) -> Message:
+    """A mod by which CHEAT seals and commits to shares of 35 and 37 bytes for its first peer:
+    authentic, committed to, and as long as two honest shares together."""
+    reply = call_next(msg, context)
+    if msg.metadata.dst_node_id == CHEAT and stage_of(msg) == p.SHARE_KEYS:
+        state, record = NodeState.from_record(context.state[STATE]), reply.content[p.RECORD]
+        peer, b_share, sk_share = state.peers[0], bytes(crypto.SHARE_BYTES - 1), bytes(crypto.SHARE_BYTES + 1)
+        aad = crypto.share_aad(state.round_id, p.SHARE_KEYS, CHEAT, peer)
+        sealed = crypto.seal(state.share_keys[0], share_keys_plaintext_concat(CHEAT, peer, b_share, sk_share), aad)
+        record[p.CIPHERTEXTS] = [sealed, *list(record[p.CIPHERTEXTS])[1:]]
+        for name, kind, share in ((p.SEED_COMMITMENTS, crypto.SEED_SHARE, b_share), (p.KEY_COMMITMENTS, crypto.KEY_SHARE, sk_share)):
+            commitments = list(record[name])
+            commitments[1] = crypto.commit_share(state.round_id, CHEAT, peer, kind, share)
+            record[name] = commitments
+    return reply
+
+
+def test_a_receiver_refuses_shares_of_the_wrong_length_rather_than_reveal_them():
+    grid = FaultyGrid(toy_app(outer=[deal_uneven_shares]))
+    aggregate = secure_round(grid)
+    (request,) = [m for m in grid.traffic(p.SHARE_KEYS)[0] if m.metadata.dst_node_id == CHEAT]
+    assert_share_refused(grid, aggregate, request.content[p.RECORD][p.PEERS][0], CHEAT)
+
+
+class SlowGrid(FaultyGrid):
+    """Each stage's clients take `share` of the time the server gives them, on a fake clock."""
+
+    def __init__(self, app: ClientApp, share: float) -> None:
+        super().__init__(app)
+        self.now, self.share, self.timeouts = 0.0, share, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.timeouts.append(timeout)
+        self.now += self.share * timeout
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_each_stage_waits_only_what_is_left_of_the_round_timeout(monkeypatch):
+    grid = SlowGrid(toy_app(), share=0.5)
+    monkeypatch.setattr("shared.secagg.server.time", grid)
+    aggregate = secure_train_round(grid, train_messages(grid), SETTINGS, timeout=60)
+    assert grid.timeouts == [60, 30, 15, 7.5] and grid.now <= 60
+    assert_sum_within_bound(aggregate)
+
+
+def test_a_round_whose_clients_take_all_its_time_stops_at_the_next_stage(monkeypatch):
+    grid = SlowGrid(toy_app(), share=1.0)
+    monkeypatch.setattr("shared.secagg.server.time", grid)
+    with pytest.raises(SecAggError, match="stopped at share-keys: its time \\(60 s\\) ran out"):
+        secure_train_round(grid, train_messages(grid), SETTINGS, timeout=60)
+    assert sum(grid.timeouts) <= 60
 
 
 # ----------------------------------------------------------------------------- the mod in a ClientApp

@@ -7,6 +7,7 @@ from flwr.app import Array, Context, Message
 from flwr.clientapp import ClientApp
 
 import fedclient.app
+from fedserver.app import run_federation
 from shared import messages as keys
 from shared.config import ConfigError, RunConfig
 from shared.secagg import protocol as p
@@ -14,6 +15,7 @@ from shared.secagg import secagg_mod
 from shared.weights import load_safetensors
 from simulations import engine
 from simulations.engine import run_simulation
+from simulations.grid import InProcessGrid, simulation_node_config
 
 BASE = {"dataset": "synthetic", "num-clients": 8, "clients-per-round": 6, "rounds": 3, "hidden": "8",
         "synthetic-max-samples": 200, "vectorized": "off", "secagg-threshold": 3, "secagg-neighbours": 4}  # fmt: skip
@@ -105,3 +107,29 @@ def test_a_spoiled_secure_round_is_retried_and_the_run_completes(tmp_path, monke
     assert result.summary["rounds"] == 3
     weights = load_safetensors(tmp_path / "r" / "model.safetensors")
     assert all(bool(w.isfinite().all()) for w in weights.values())
+
+
+def integer_for(stage: str, name: str) -> Callable:
+    """A mod around SecAgg's by which partition 0's device answers `stage` with an integer for the list `name`."""
+
+    def mod(msg: Message, context: Context, call_next: Callable) -> Message:
+        reply = call_next(msg, context)
+        record = reply.content.get(p.RECORD) if reply.has_content() else None
+        if context.node_config["partition-id"] == 0 and record is not None and record[p.STAGE] == stage:
+            record[name] = 7
+        return reply
+
+    return mod
+
+
+@pytest.mark.parametrize(("stage", "name"), [(p.SHARE_KEYS, p.DESTINATIONS), (p.UNMASK, p.SHARES)])
+def test_a_client_sending_an_integer_for_a_list_is_left_out_and_the_run_learns(tiny_config, caplog, stage, name):
+    cfg = tiny_config(rounds=3, clients_per_round=6, secure_aggregation=True, secagg_threshold=3, secagg_neighbours=4)
+    grid = InProcessGrid(with_mod(integer_for(stage, name)), cfg.num_clients, cfg.to_mapping(),
+                         simulation_node_config(cfg.num_clients))  # fmt: skip
+
+    history = run_federation(grid, cfg).history
+
+    assert [row["round"] for row in history] == [1, 2, 3] and history[-1]["accuracy"] > history[0]["accuracy"]
+    dropped = [r.getMessage() for r in caplog.records if "dropped out of the secure round" in r.getMessage()]
+    assert len(dropped) == 3 and all(f"{stage}: {name.replace('-', ' ')}: not" in m for m in dropped), dropped
