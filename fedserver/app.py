@@ -43,7 +43,7 @@ from shared import task
 from shared.config import RunConfig
 from shared.data.federation import data_spec, load_federation
 from shared.data.shipping import tokenizer_entries
-from shared.device_errors import describe_error
+from shared.device_errors import REFUSAL_CHARS, describe_error, log_safe
 from shared.errors import ExitCode, FedserverError
 from shared.flower_compat import sampling_from
 from shared.recipe import model_from_config
@@ -77,12 +77,12 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config; with `run-dir`, keep its summary and plot."""
     cfg = RunConfig.from_mapping(context.run_config)
     if not cfg.run_dir:
-        run_federation(fast_polling(grid), cfg)
+        run_federation(fast_polling(grid, max_reply_bytes=cfg.max_reply_bytes), cfg)
         return
     rows = RunDirectory(cfg.run_dir).history()
     report = RunReport(Path(cfg.run_dir), cfg, rows=rows, evaluated_on=evaluated_on(cfg))
     try:
-        run_federation(fast_polling(grid), cfg, on_round=[report])
+        run_federation(fast_polling(grid, max_reply_bytes=cfg.max_reply_bytes), cfg, on_round=[report])
     finally:
         report.close()
 
@@ -193,9 +193,11 @@ def _train_round(
 ) -> tuple[StateDict, MetricRecord | None]:
     """One training round: the new global weights (checked, with `like`'s dtypes) and the metrics.
     An attempt that fails (below quorum, a secure round stopped, an aggregate refused) is retried
-    with freshly sampled clients. Screened replies are counted in `ledger` (not those of a
-    secure round, whose errors `secure_train_round` keeps as text)."""
-    attempts = cfg.round_retries + 1
+    with freshly sampled clients, the strategy's state put back as it was before the round, so a
+    failed attempt leaves no trace (FedAdam's moments, FedAvgM's momentum, would count it).
+    Screened replies are counted in `ledger` (not those of a secure round, whose errors
+    `secure_train_round` keeps as text)."""
+    attempts, before = cfg.round_retries + 1, strategy_state(strategy)
     for attempt in range(1, attempts + 1):
         with sampling_from(strategy, connected_nodes(grid, cfg, server_round)):
             config = ConfigRecord(tokenizer_entries(cfg))  # the run's tokenizer, where it ships one
@@ -205,6 +207,7 @@ def _train_round(
             new_arrays, metrics = aggregate(strategy, grid, cfg, server_round, messages, arrays)
             return checked_aggregate(arrays, new_arrays, like, cfg), metrics
         except AttemptFailed as err:
+            restore_strategy_state(strategy, before)
             failure = err
             LOG.warning("round %d: %s%s (attempt %d of %d)", server_round, err, err.detail, attempt, attempts)
     raise RoundFailed(
@@ -263,7 +266,7 @@ def _secure_attempt(
         raise AttemptFailed(str(err)) from err
     ledger.record_accepted(aggregate.survivors.masked)
     for node, why in aggregate.failures.items():
-        LOG.warning("node %d: dropped out of the secure round: %s", node, why)
+        LOG.warning("node %d: dropped out of the secure round: %s", node, log_safe(why, REFUSAL_CHARS))
     summed, needed = len(aggregate.survivors.masked), quorum(cfg, len(messages))
     if summed < needed:
         raise AttemptFailed(f"{summed} clients in the secure sum, fewer than {needed}")

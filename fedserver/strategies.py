@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,9 +26,9 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from shared.device_errors import describe_error
 from shared import messages as keys
 from shared.config import ConfigError, RunConfig
+from shared.device_errors import REFUSAL_CHARS, REPLY_TOO_LARGE, describe_error, log_safe
 from shared.weights import InvalidUpdate, validate_update
 
 LOG = logging.getLogger("flowerbed.server")
@@ -79,8 +80,10 @@ class CheckpointedFedAdagrad(_ServerMoments, FedAdagrad):
 class CheckpointedFedAvgM(FedAvgM):
     """FedAvgM whose server momentum (a list of arrays, one per parameter) a checkpoint keeps.
 
-    Its `current_arrays` need no keeping: they equal the committed global weights, which
-    `configure_train` hands it on a resume (tests/fedserver/test_reliability.py checks this).
+    Its `current_arrays` need no keeping: they must equal the committed global weights, which
+    `configure_train` hands it when they are None. `load_state` forgets them, so that after a
+    resume, or a failed attempt rolled back (`fedserver.app`), they are those weights again
+    (tests/fedserver/test_reliability.py checks both).
     """
 
     def state(self) -> dict[str, np.ndarray]:
@@ -89,6 +92,7 @@ class CheckpointedFedAvgM(FedAvgM):
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         by_index = _unflatten("momentum_vector", state)
         self.momentum_vector = [by_index[i] for i in sorted(by_index, key=int)] or None
+        self.current_arrays = None
 
 
 def _server_lr(cfg: RunConfig) -> dict[str, float]:
@@ -170,6 +174,10 @@ def quorum(cfg: RunConfig, sampled: int) -> int:
     return max(1, math.ceil(cfg.min_replies * sampled))
 
 
+# What each score in a reply may be: the losses are cross-entropies, the accuracy a fraction.
+SCORE_RANGES = {keys.TRAIN_LOSS: (0.0, math.inf), keys.EVAL_LOSS: (0.0, math.inf), keys.ACCURACY: (0.0, 1.0)}
+
+
 class RefusedReply(ValueError):
     """A reply that fails a check of its content; the message names the check and what was wrong."""
 
@@ -199,20 +207,29 @@ def check_evaluate_reply(content: RecordDict, cfg: RunConfig) -> None:
     _check_metrics(content[keys.METRICS], keys.EVALUATE_REPLY_METRICS, cfg.max_client_examples)
 
 
+def refused_for_size(reply: Message) -> bool:
+    """Whether `reply` stands for one the deployed grid refused, uninflated, for its size
+    (`max-reply-bytes`, fedserver/polling.py); its reason gives the sizes."""
+    return reply.has_error() and int(reply.error.code) == REPLY_TOO_LARGE
+
+
 def _screen(replies: list[Message], what: str, check: Callable[[RecordDict], None]) -> list[Message]:
     valid = []
     for reply in replies:
         node = reply.metadata.src_node_id
+        if refused_for_size(reply):
+            LOG.warning("node %d: %s refused: %s", node, what, log_safe(reply.error.reason))
+            continue
         if reply.has_error():
             LOG.warning("node %d: %s", node, describe_error(int(reply.error.code), reply.error.reason))
             continue
         try:
             check(reply.content)
         except (RefusedReply, InvalidUpdate) as err:
-            LOG.warning("node %d: %s refused: %s", node, what, err)
+            LOG.warning("node %d: %s refused: %s", node, what, log_safe(err, REFUSAL_CHARS))
             continue
         except Exception as err:  # noqa: BLE001 - whatever a client sends must not end the run
-            LOG.warning("node %d: %s refused: unreadable: %s: %s", node, what, type(err).__name__, err)
+            LOG.warning("node %d: %s refused: unreadable: %s: %s", node, what, type(err).__name__, log_safe(err))
             continue
         valid.append(reply)
     return valid
@@ -230,17 +247,27 @@ def _check_records(content: RecordDict, expected: tuple[str, ...]) -> None:
 
 
 def _check_metrics(metrics: MetricRecord, expected: tuple[str, ...], max_examples: int) -> None:
-    """Exactly the `expected` entries, each a finite scalar; `num-examples` an int in [1, max_examples]."""
+    """Exactly the `expected` entries: `num-examples` an int in [1, max_examples], every other one
+    a finite number in its `SCORE_RANGES`."""
     names = sorted(metrics)
     if names != sorted(expected):
         missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
         raise RefusedReply(f"metrics: missing {missing}, unexpected {extra}")
-    for name in expected:
-        value = metrics[name]
-        if not isinstance(value, int | float) or (isinstance(value, float) and not math.isfinite(value)):
-            raise RefusedReply(f"metric '{name}': {value!r} is not a finite number")
     count = metrics[keys.NUM_EXAMPLES]
     if not isinstance(count, int) or not 1 <= count <= max_examples:
         raise RefusedReply(
             f"{keys.NUM_EXAMPLES}: {count!r} is not an integer in [1, {max_examples}] (max-client-examples)"
         )
+    for name in expected:
+        if name != keys.NUM_EXAMPLES:
+            _check_score(name, metrics[name])
+
+
+def _check_score(name: str, value: object) -> None:
+    # Within the largest float: not NaN or ±Inf, nor an int no float holds (Flower keeps any int
+    # in process), which would fail the aggregation of the round's metrics.
+    if not isinstance(value, int | float) or not abs(value) <= sys.float_info.max:
+        raise RefusedReply(f"metric '{name}': {value!r} is not a finite number")
+    low, high = SCORE_RANGES[name]
+    if not low <= value <= high:
+        raise RefusedReply(f"metric '{name}': {value!r} is outside [{low:g}, {high:g}]")

@@ -46,7 +46,11 @@ MESSAGES: dict[DeviceCode, str] = {
 }
 
 
-FLOWER_REASON_CHARS = 200  # of a Flower error's own text, where the code is below 100
+# The server's own code for a reply it refused for its size before reading it (fedserver/polling.py):
+# below a device's codes, among Flower's, which end at 8.
+REPLY_TOO_LARGE = 99
+FLOWER_REASON_CHARS = 200
+REFUSAL_CHARS = 500  # of the server's own words for a refused reply, which quote what the client sent  # of a Flower error's own text, where the code is below 100
 
 
 class DeviceRefusal(Exception):
@@ -64,6 +68,8 @@ def is_refusal(code: int) -> bool:
 
 def describe(code: int) -> str:
     """A code's fixed message, or Flower's own error's number for codes below 100."""
+    if code == REPLY_TOO_LARGE:
+        return "the reply was over max-reply-bytes: refused before it was read"
     try:
         return MESSAGES[DeviceCode(code)]
     except ValueError:
@@ -76,7 +82,12 @@ def describe_error(code: int, reason: str) -> str:
     fixed message, never its text; Flower's own (below 100) with its reason, on one line and cut."""
     if code >= DeviceCode.FAILED:
         return f"{'refused' if is_refusal(code) else 'failed'} the task: code {code} ({describe(code)})"
-    text = " ".join(str(reason).split())
-    if len(text) > FLOWER_REASON_CHARS:
-        text = text[: FLOWER_REASON_CHARS - 3] + "..."
-    return f"failed the task: code {code} (Flower: {text})"
+    return f"failed the task: code {code} (Flower: {log_safe(reason)})"
+
+
+def log_safe(text: object, limit: int = FLOWER_REASON_CHARS) -> str:
+    """`text` a client chose (a reason, names in its reply) fit for one log line: whitespace runs,
+    newlines included, made one space, other control characters escaped, cut to `limit` characters."""
+    flat = " ".join(str(text).split())
+    flat = "".join(c if c.isprintable() else repr(c)[1:-1] for c in flat[: limit * 4])
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

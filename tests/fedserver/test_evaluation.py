@@ -3,13 +3,16 @@
 import json
 
 import numpy as np
-from flwr.app import MessageType
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp import ClientApp
 
 import fedclient.app
 from fedserver.app import run_federation
 from fedserver.grid_wrapper import GridWrapper
+from shared import messages as keys
 from shared import task
 from shared.weights import load_safetensors
+from simulations import engine
 from simulations.engine import run_simulation
 from simulations.grid import InProcessGrid, simulation_node_config
 
@@ -113,6 +116,35 @@ def test_stop_at_target_acts_on_evaluated_rounds(tmp_path, tiny_config):
     result = run_simulation(cfg, tmp_path / "r", progress=False)
 
     assert result.summary["rounds"] == 3 and result.summary["rounds_to_target"] == 3
+
+
+def claiming_accuracy(node: int, accuracy: float) -> ClientApp:
+    """Flowerbed's ClientApp, except that `node` claims `accuracy` in each evaluation reply."""
+    app = ClientApp()
+    app.train()(fedclient.app.train)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        reply = fedclient.app.evaluate(msg, context)
+        if context.node_id == node:
+            reply.content[keys.METRICS][keys.ACCURACY] = accuracy
+        return reply
+
+    return app
+
+
+def test_a_claimed_accuracy_out_of_range_neither_counts_nor_stops_the_run(tmp_path, monkeypatch, tiny_config, caplog):
+    # Prepare: node 1001 claims an accuracy of 1e9 in every evaluation; the target is out of honest reach
+    monkeypatch.setattr(engine, "client_app", claiming_accuracy(1001, 1e9))
+    cfg = tiny_config(rounds=3, target_accuracy=0.99, stop_at_target=True)
+
+    # Execute
+    result = run_simulation(cfg, tmp_path / "r", progress=False)
+
+    # Assert
+    assert result.summary["rounds"] == 3 and result.summary["rounds_to_target"] is None
+    assert 0 <= result.summary["best_accuracy"] < 0.99
+    assert caplog.text.count("node 1001: evaluation refused: metric 'accuracy': 1000000000.0 is outside [0, 1]") == 3
 
 
 def test_a_central_test_set_is_named_with_its_size_and_scores_only_evaluated_rounds(tmp_path, tiny_config):

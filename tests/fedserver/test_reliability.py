@@ -13,6 +13,8 @@ import fedclient.app
 import fedserver.app
 from fedserver.app import RoundFailed
 from fedserver.checkpoints import CheckpointError, RunDirectory
+from fedserver.strategies import STRATEGIES as STRATEGY_CLASSES
+from fedserver.strategies import StatefulStrategy
 from shared import messages as keys
 from shared import task
 from shared.config import STRATEGIES
@@ -96,6 +98,67 @@ def test_every_strategy_resumes_bit_identical(tmp_path, strategy, tiny_config):
     expected = load_safetensors(tmp_path / "straight" / "model.safetensors")
     again = load_safetensors(tmp_path / "resumed" / "model.safetensors")
     assert all(expected[k].equal(again[k]) for k in expected)
+
+
+STATEFUL = [name for name, (cls, _) in STRATEGY_CLASSES.items() if issubclass(cls, StatefulStrategy)]
+
+
+def spoiling_round_2_once(monkeypatch, strategy: str, spoil) -> None:
+    """The strategy's aggregate_train in round 2's first attempt is `spoil(real, self, round, replies)`."""
+    cls = STRATEGY_CLASSES[strategy][0]
+    real, spoiled = cls.aggregate_train, []
+
+    def aggregate_train(self, server_round, replies):
+        if server_round != 2 or spoiled:
+            return real(self, server_round, replies)
+        spoiled.append(server_round)
+        return spoil(real, self, server_round, replies)
+
+    monkeypatch.setattr(cls, "aggregate_train", aggregate_train)
+
+
+def raises_before_its_step(real, self, server_round, replies):
+    raise RuntimeError("nothing aggregated")
+
+
+def raises_after_its_step(real, self, server_round, replies):
+    real(self, server_round, replies)
+    raise RuntimeError("aggregated, then failed")
+
+
+def refused_after_its_step(real, self, server_round, replies):
+    arrays, metrics = real(self, server_round, replies)
+    return ArrayRecord({k: Array(np.full_like(v.numpy(), np.nan)) for k, v in arrays.items()}), metrics
+
+
+@pytest.mark.parametrize("strategy", STATEFUL)
+@pytest.mark.parametrize(
+    ("spoil", "logged"),
+    [(raises_after_its_step, "the strategy could not aggregate"), (refused_after_its_step, "aggregate refused")],
+    ids=["the strategy raises", "the aggregate is refused"],
+)
+def test_a_failed_attempt_leaves_no_trace_in_the_strategy(monkeypatch, tiny_config, caplog, strategy, spoil, logged):
+    # Prepare: round 2's first attempt fails once the strategy has taken its step (its moments,
+    # its momentum updated); the reference run's fails before any step, drawing the same retry
+    cfg = tiny_config(strategy=strategy, rounds=3, server_lr=0.05)
+
+    def final_weights(spoil) -> dict[str, np.ndarray]:
+        with monkeypatch.context() as patch:
+            spoiling_round_2_once(patch, strategy, spoil)
+            nodes = cfg.num_clients
+            grid = InProcessGrid(fedclient.app.app, nodes, cfg.to_mapping(), simulation_node_config(nodes))
+            arrays = fedserver.app.run_federation(grid, cfg).arrays
+        return {k: v.numpy() for k, v in arrays.items()}
+
+    # Execute
+    expected = final_weights(raises_before_its_step)
+    caplog.clear()
+    again = final_weights(spoil)
+
+    # Assert
+    assert f"round 2: {logged}" in caplog.text and "(attempt 1 of 3)" in caplog.text
+    assert expected.keys() == again.keys()
+    assert all(np.array_equal(expected[k], again[k]) for k in expected)
 
 
 def test_fedsim_resume_extends_a_finished_run(tmp_path):

@@ -69,7 +69,7 @@ NUM_EXAMPLES = [
     ("num-examples 10^12", with_metric(keys.NUM_EXAMPLES, 10**12), "num-examples: 1000000000000 is not an integer"),
     ("num-examples 10^400", with_metric(keys.NUM_EXAMPLES, 10**400), "num-examples: 1000000000000000000000"),
     ("num-examples a float", with_metric(keys.NUM_EXAMPLES, 12.5), "num-examples: 12.5 is not an integer"),
-    ("num-examples a list", with_metric(keys.NUM_EXAMPLES, [1, 2]), "metric 'num-examples': [1, 2] is not a finite"),
+    ("num-examples a list", with_metric(keys.NUM_EXAMPLES, [1, 2]), "num-examples: [1, 2] is not an integer"),
     ("an extra metric", with_metric("extra", 1.0), "metrics: missing [], unexpected ['extra']"),
 ]
 TRAIN_CASES = [
@@ -77,6 +77,8 @@ TRAIN_CASES = [
     ("a missing metric", without_metric(keys.TRAIN_LOSS), "metrics: missing ['train_loss'], unexpected []"),
     ("a NaN metric", with_metric(keys.TRAIN_LOSS, math.nan), "metric 'train_loss': nan is not a finite number"),
     ("an infinite metric", with_metric(keys.TRAIN_LOSS, math.inf), "metric 'train_loss': inf is not a finite number"),
+    ("a negative loss", with_metric(keys.TRAIN_LOSS, -0.5), "metric 'train_loss': -0.5 is outside [0, inf]"),
+    ("a loss no float holds", with_metric(keys.TRAIN_LOSS, 10**400), "metric 'train_loss': 1000000000000000000000"),
     ("two metric records", second_metric_record, "records: ['arrays', 'metrics', 'more-metrics'], expected exactly"),
     ("no arrays", without_arrays, "records: ['metrics'], expected exactly ['arrays', 'metrics']"),
     ("a wrong dtype", map_arrays(lambda v: v.astype(np.float64)), "float32 weights: dtype float64 != expected float32"),
@@ -87,6 +89,13 @@ EVALUATE_CASES = [
     ("a missing metric", without_metric(keys.ACCURACY), "metrics: missing ['accuracy'], unexpected []"),
     ("a NaN metric", with_metric(keys.ACCURACY, math.nan), "metric 'accuracy': nan is not a finite number"),
     ("an infinite metric", with_metric(keys.EVAL_LOSS, -math.inf), "metric 'eval_loss': -inf is not a finite number"),
+    ("an infinite loss", with_metric(keys.EVAL_LOSS, math.inf), "metric 'eval_loss': inf is not a finite number"),
+    ("a negative loss", with_metric(keys.EVAL_LOSS, -1e300), "metric 'eval_loss': -1e+300 is outside [0, inf]"),
+    ("a loss no float holds", with_metric(keys.EVAL_LOSS, 10**400), "metric 'eval_loss': 1000000000000000000000"),
+    ("accuracy 1.5", with_metric(keys.ACCURACY, 1.5), "metric 'accuracy': 1.5 is outside [0, 1]"),
+    ("accuracy 1e9", with_metric(keys.ACCURACY, 1e9), "metric 'accuracy': 1000000000.0 is outside [0, 1]"),
+    ("accuracy -0.1", with_metric(keys.ACCURACY, -0.1), "metric 'accuracy': -0.1 is outside [0, 1]"),
+    ("accuracy an int", with_metric(keys.ACCURACY, 2), "metric 'accuracy': 2 is outside [0, 1]"),
     ("two metric records", second_metric_record, "records: ['metrics', 'more-metrics'], expected exactly ['metrics']"),
     ("arrays", with_arrays, "records: ['arrays', 'metrics'], expected exactly ['metrics']"),
 ]
@@ -306,3 +315,19 @@ def test_a_device_refusing_a_secure_round_is_in_the_ledger(matrix_config, tmp_pa
     assert device.accepted == cfg.rounds  # its evaluations only
     assert NodeLedger.read(tmp_path).nodes[BAD_NODE + 1].accepted == 2 * cfg.rounds  # in each secure sum, and evaluated
     assert len(history) == cfg.rounds
+
+
+def test_a_reply_cannot_forge_or_flood_log_lines(matrix_config, caplog):
+    # Prepare: node BAD_NODE's metrics carry a name with a newline and a forged line, and 5,000 more names
+    forged = "x\n2026-01-01 WARNING flowerbed.server: node 1002: everything is fine"
+
+    def flood(content: RecordDict) -> RecordDict:
+        names = {forged: 1.0, **{f"m{i}": 1.0 for i in range(5000)}}
+        return RecordDict({**content, keys.METRICS: MetricRecord({**content[keys.METRICS], **names})})
+
+    # Execute
+    run(spoiling_app(train=flood), matrix_config)
+
+    # Assert: every line the node's refusals wrote is one line, and bounded
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"node {BAD_NODE}: update refused")]
+    assert lines and all("\n" not in line and len(line) < 600 for line in lines)
