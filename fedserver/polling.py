@@ -10,7 +10,15 @@ a reply arrives (the others tend to follow soon). Grids that do not poll
 that way (fedsim's in-process grid, Flower's in-memory simulation grid) are returned as they are.
 
 `FLOWERBED_GRID_POLL_INTERVAL` (seconds) overrides the default; `0` keeps Flower's own grid,
-which is how benchmarks/deployment_latency.py measures stock Flower with the same ServerApp.
+which is how benchmarks/deployment_latency.py measures stock Flower with the same ServerApp
+(and leaves replies unbounded).
+
+The wrapped grid also bounds each reply's size (`max-reply-bytes`): it pulls a reply's objects
+counting their bytes, and one that passes the bound is pulled no further, never inflated, deleted
+from the SuperLink and handed on as an error reply coded `REPLY_TOO_LARGE` with the sizes, which
+screening refuses (`fedserver.strategies`). Unset (0), the bound is 2 x the largest weights the
+grid has pushed (the model's serialized weights) + `REPLY_MARGIN`: a reply carries at most one
+model-sized update, a SecAgg+ masked vector (64-bit per float32 weight) twice that.
 """
 
 from __future__ import annotations
@@ -20,24 +28,27 @@ import os
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message
+from flwr.app import Error, Message
 from flwr.serverapp import Grid
 
 from fedserver.grid_wrapper import GridWrapper
-from shared.flower_compat import is_http_grid
+from shared.device_errors import REPLY_TOO_LARGE
+from shared.flower_compat import ReplyTooLarge, is_http_grid, pull_replies_within
 
 DEFAULT_INTERVAL = 0.2  # s; Flower polls every 3 s
 BACKOFF = 1.5  # the wait grows by this factor after each pull that brought nothing
 MAX_INTERVAL = 1.0  # s
 ENV_INTERVAL = "FLOWERBED_GRID_POLL_INTERVAL"
+REPLY_MARGIN = 1 << 20  # bytes beyond 2 x the weights: records' headers, metrics, SecAgg+ keys and shares
 
 
-def fast_polling(grid: Grid, interval: float | None = None) -> Grid:
-    """`grid`, pulling replies every `interval` s if it is Flower's deployment (HTTP) grid."""
+def fast_polling(grid: Grid, interval: float | None = None, *, max_reply_bytes: int = 0) -> Grid:
+    """`grid`, pulling replies every `interval` s, each bounded by `max_reply_bytes` (0: derived
+    from the model), if it is Flower's deployment (HTTP) grid."""
     interval = poll_interval() if interval is None else interval
     if interval <= 0 or not is_http_grid(grid):
         return grid
-    return FastPollingGrid(grid, interval)
+    return FastPollingGrid(BoundedRepliesGrid(grid, max_reply_bytes), interval)
 
 
 def poll_interval() -> float:
@@ -77,3 +88,39 @@ class FastPollingGrid(GridWrapper):
             wait = self.interval if received else min(wait * BACKOFF, max(MAX_INTERVAL, self.interval))
             time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
         return replies
+
+
+class BoundedRepliesGrid(GridWrapper):
+    """A `Grid` over Flower's HttpGrid `inner` that pulls each reply within `reply_bound()`
+    bytes (`shared.flower_compat.pull_replies_within`); everything else goes to `inner`, its
+    `send_and_receive` too (unbounded): `FastPollingGrid` wraps it and polls through it."""
+
+    def __init__(self, inner: Grid, max_reply_bytes: int = 0) -> None:
+        super().__init__(inner)
+        self.max_reply_bytes = max_reply_bytes
+        self.model_bytes = 0  # the largest weights pushed so far
+
+    def reply_bound(self) -> int:
+        """Bytes a reply may bring: `max-reply-bytes`, else 2 x the model's weights + the margin."""
+        return self.max_reply_bytes or 2 * self.model_bytes + REPLY_MARGIN
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self.model_bytes = max([self.model_bytes, *(weights_bytes(message) for message in messages)])
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return pull_replies_within(self.inner, message_ids, self.reply_bound(), too_large)
+
+
+def weights_bytes(message: Message) -> int:
+    """The bytes of the arrays `message` carries (0 for an error message)."""
+    if message.has_error():
+        return 0
+    records = message.content.array_records.values()
+    return sum(len(array.data) for record in records for array in record.values())
+
+
+def too_large(err: ReplyTooLarge) -> Error:
+    """The error reply that stands for a reply refused for its size, its sizes in the reason."""
+    return Error(REPLY_TOO_LARGE, f"reply too large: {err} (max-reply-bytes); not inflated, deleted")

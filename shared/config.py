@@ -322,6 +322,12 @@ class RunConfig:
         "Largest `num-examples` a reply may claim (FedAvg and its kin weight each update by this count, "
         "which the client reports itself); a reply claiming more, or less than 1, is refused.",
     )
+    max_reply_bytes: int = EXECUTION.option(
+        0,
+        "Deployment: bytes a reply may bring to the ServerApp; one with more is refused before it is "
+        "inflated (pulled no further, deleted from the SuperLink). 0 = 2 x the model's serialized weights "
+        "+ 1 MiB (docs/deploy.md). fedsim's replies are not bounded by it.",
+    )
     secure_aggregation: bool = SECAGG.option(False, "Aggregate with SecAgg+.")
     secagg_threshold: int = SECAGG.option(
         5, "t: shares needed to reconstruct a secret; a round needs at least t surviving clients."
@@ -423,7 +429,7 @@ def _check_values(cfg: RunConfig) -> None:
     for name in ("lr", "dirichlet_alpha", "round_timeout", "ray_cpus_per_client"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"config key '{config_key(name)}' must be > 0, got {getattr(cfg, name)}")
-    for name in ("node_wait_timeout", "keep_checkpoints", "cnn_hidden"):
+    for name in ("node_wait_timeout", "keep_checkpoints", "cnn_hidden", "max_reply_bytes"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"config key '{config_key(name)}' must be >= 0, got {getattr(cfg, name)}")
     if cfg.min_replies <= 0 or cfg.round_retries < 0 or cfg.max_update_norm < 0:
@@ -575,7 +581,7 @@ KEY_ROLES: dict[str, str] = {
          "num-malicious", "target-accuracy", "stop-at-target", "eval-clients", "eval-every", "backend",
          "ray-cpus-per-client", "ray-gpus-per-client", "vectorized", "workers", "gpu-memory-fraction",
          "keep-checkpoints", "round-timeout", "node-wait-timeout", "min-replies", "round-retries",
-         "max-update-norm", "max-client-examples"),
+         "max-update-norm", "max-client-examples", "max-reply-bytes"),
         SERVER_ONLY,
     ),
     **dict.fromkeys(PATH_KEYS, DEVICE_OWNED),

@@ -25,7 +25,8 @@ gRPC transports and are where that upgrade lands; this module absorbs it:
   `flwr.proto.runtime_pb2` requests, `RuntimeTokenHttpInterceptor`, `SuperExecAuthHttpInterceptor`,
   `make_simple_http_retry_invoker`, `HeartbeatSender`, `pull_and_inflate_object_from_tree`
   with its `make_*_fn_protobuf` helpers, `push_message`, `push_task_output`, `Node`.
-- The deployment grid (fedserver/polling.py): `is_http_grid`.
+- The deployment grid (fedserver/polling.py): `is_http_grid`, `pull_replies_within` (HttpGrid's
+  `_runtime_client` and `node`, the object-tree pull helpers, `make_message`).
 The `flower-superlink` and `flower-supernode` command lines (fedserver/daemon.py,
 fedclient/node.py) are Flower's public CLI and are not part of this module.
 """
@@ -37,14 +38,15 @@ import importlib
 import io
 import sys
 import tempfile
+import threading
 import warnings
 from importlib.metadata import version
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, Context, Message, RecordDict
+from flwr.app import Array, Context, Error, Message, RecordDict
 from flwr.serverapp.strategy import Strategy
 
 FLOWER_VERSION = version("flwr")
@@ -116,6 +118,15 @@ DEFERRED_IMPORTS: dict[str, tuple[str, str]] = {
         "flwr.supercore.inflatable.inflatable_protobuf_utils",
         "make_confirm_message_received_fn_protobuf",
     ),
+    # The deployed ServerApp's bounded pull of replies (`pull_replies_within`): what
+    # HttpGrid.pull_messages does, object by object, with a byte count in between.
+    "ConfirmMessageReceivedRequest": ("flwr.proto.message_pb2", "ConfirmMessageReceivedRequest"),
+    "iterate_object_tree": ("flwr.supercore.inflatable.inflatable_object", "iterate_object_tree"),
+    "pull_objects": ("flwr.supercore.inflatable.inflatable_utils", "pull_objects"),
+    "ObjectPullError": ("flwr.supercore.inflatable.inflatable_utils", "ObjectPullError"),
+    "inflate_object_from_contents": ("flwr.supercore.inflatable.inflatable_utils", "inflate_object_from_contents"),
+    "metadata_from_proto": ("flwr.common.serde_utils", "metadata_from_proto"),
+    "make_message": ("flwr.app.message", "make_message"),
     "push_message": ("flwr.supernode.runtime.run_clientapp", "push_message"),
     "push_task_output": ("flwr.supernode.runtime.run_clientapp", "push_task_output"),
     "context_from_proto": ("flwr.common.serde", "context_from_proto"),
@@ -189,6 +200,8 @@ __all__ = [
     "set_task_identity",
     "new_run",
     "is_http_grid",
+    "pull_replies_within",
+    "ReplyTooLarge",
     "npy_view",
     "npy_array",
     "sampling_from",
@@ -265,6 +278,80 @@ def is_http_grid(grid: object) -> bool:
     module_name, attribute = HTTP_GRID
     http_grid = getattr(sys.modules.get(module_name), attribute, None)
     return http_grid is not None and isinstance(grid, http_grid)
+
+
+class ReplyTooLarge(Exception):
+    """A reply's objects came to more than its byte bound; the pull stopped there."""
+
+    def __init__(self, received: int, limit: int) -> None:
+        super().__init__(f"at least {received} bytes, over the bound of {limit} bytes")
+        self.received, self.limit = received, limit
+
+
+class _ByteBudget:
+    """Counts the bytes of one reply's objects as they arrive (from several pulling threads)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.received = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, content: bytes) -> bytes:
+        with self._lock:
+            self.received += len(content)
+            if self.received > self.limit:
+                raise ReplyTooLarge(self.received, self.limit)
+        return content
+
+
+def pull_replies_within(
+    grid: Any, message_ids: Iterable[str], limit: int, too_large: Callable[[ReplyTooLarge], Error]
+) -> list[Message]:
+    """`HttpGrid.pull_messages(message_ids)`, each reply's objects counted as they arrive.
+
+    A reply whose objects pass `limit` bytes is not pulled further nor inflated: the SuperLink
+    is told it was received (so it deletes its objects) and it comes back as an error reply,
+    `too_large(err)`, with the reply's own metadata (its node, the message it answers). An
+    object is counted once it has arrived whole: the ServerApp holds at most `limit` bytes plus
+    the objects in flight (Flower pulls up to FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS at once).
+
+    Relies on HttpGrid's `_runtime_client` (PullMessages, PullObject, ConfirmMessageReceived),
+    `node` and `run`, and on the object-tree helpers its own `pull_messages` uses.
+    """
+    client = grid._runtime_client  # noqa: SLF001 - see the docstring
+    response = client.PullMessages(_deferred("PullAppMessagesRequest")(message_ids=list(message_ids)))
+    return [
+        _pull_reply(grid, proto, tree, limit, too_large)
+        for proto, tree in zip(response.messages_list, response.message_object_trees, strict=True)
+    ]
+
+
+def _pull_reply(grid: Any, proto: Any, tree: Any, limit: int, too_large: Callable[[ReplyTooLarge], Error]) -> Message:
+    client, run_id, message_id = grid._runtime_client, grid.run.run_id, proto.metadata.message_id  # noqa: SLF001
+    fetch = _deferred("make_pull_object_fn_protobuf")(client.PullObject, grid.node, run_id)
+    budget = _ByteBudget(limit)
+    ids = [node.object_id for node in _deferred("iterate_object_tree")(tree)]
+    try:
+        contents = _deferred("pull_objects")(ids, lambda object_id: budget.take(fetch(object_id)))
+    except _deferred("ObjectPullError") as err:  # as HttpGrid: the device's upload is incomplete
+        unavailable = Error(ErrorCode.MESSAGE_UNAVAILABLE, f"Reply message objects are unavailable. {err}")
+        return _error_reply(proto, unavailable)
+    except ReplyTooLarge as err:
+        error: Error | None = too_large(err)
+    else:
+        error = None
+    client.ConfirmMessageReceived(
+        _deferred("ConfirmMessageReceivedRequest")(node=grid.node, run_id=run_id, message_object_id=message_id)
+    )
+    if error is not None:
+        return _error_reply(proto, error)
+    message = _deferred("inflate_object_from_contents")(message_id, contents)
+    set_message_id(message, message_id)
+    return message
+
+
+def _error_reply(proto: Any, error: Error) -> Message:
+    """An error reply in place of the reply `proto` announced: same node, run and message answered."""
+    return _deferred("make_message")(metadata=_deferred("metadata_from_proto")(proto.metadata), error=error)
 
 
 def npy_view(array: Array) -> np.ndarray:

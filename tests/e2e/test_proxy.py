@@ -11,7 +11,9 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import select
 import shutil
+import socket
 import ssl
 import subprocess
 from pathlib import Path
@@ -20,7 +22,7 @@ import pytest
 
 from fedserver.checkpoints import read_metrics
 from fedserver.state import StateDir
-from shared.processes import free_port, wait_for_port
+from shared.processes import free_port, recorded_process, wait_for_port
 
 pytestmark = pytest.mark.e2e
 
@@ -50,6 +52,8 @@ FORBIDDEN = (
     "/",
 )
 SAMPLES = 100
+OVERSIZED = 128 << 20  # bytes of a body with no node credentials, streamed at most this far
+MEMORY_MARGIN_KB = 50 << 10  # what the SuperLink's memory may move by while nginx refuses it
 
 
 def nginx_binary() -> str:
@@ -104,6 +108,49 @@ def post(port: int, path: str, ca: Path) -> int:
         connection.close()
 
 
+def post_oversized(port: int, ca: Path, size: int = OVERSIZED, chunk: int = 1 << 20) -> int:
+    """POST a `size`-byte body to /v1/fleet/push-object with no node credentials, over TLS,
+    streamed `chunk` at a time until the server answers or all is sent; the status it answers."""
+    head = (
+        "POST /v1/fleet/push-object HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/protobuf\r\n"
+        f"Content-Length: {size}\r\nConnection: close\r\n\r\n"
+    )
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(head.encode())
+            sent, block, answer = 0, bytes(chunk), b""
+            try:
+                while sent < size and not (answer := _answer_so_far(tls)):  # stop once it answers
+                    tls.sendall(block[: size - sent])
+                    sent += min(chunk, size - sent)
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                pass  # it closed the connection on us: its answer is still there to read
+            return int((answer or tls.recv(1024)).split()[1])  # "HTTP/1.1 413 ..."
+
+
+def _answer_so_far(tls: ssl.SSLSocket) -> bytes:
+    """What the server has answered yet, without waiting (b"" for none, or only TLS session tickets)."""
+    if not select.select([tls], [], [], 0)[0]:
+        return b""
+    timeout = tls.gettimeout()
+    tls.setblocking(False)
+    try:
+        return tls.recv(1024)
+    except ssl.SSLWantReadError:
+        return b""
+    finally:
+        tls.settimeout(timeout)
+
+
+def memory_kb(pid: int, key: str) -> int:
+    """A /proc/PID/status entry in kB: VmRSS (resident now) or VmHWM (the peak so far)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    raise KeyError(f"/proc/{pid}/status has no {key}")
+
+
 @pytest.fixture(scope="module")
 def proxied(tmp_path_factory, e2e) -> dict:
     """A daemon on 127.0.0.1, the documented nginx in front of it, two devices through nginx."""
@@ -148,3 +195,16 @@ def test_the_proxy_answers_404_to_everything_but_the_fleet_api(proxied, path):
 def test_the_control_api_is_there_behind_the_proxy(proxied):
     # What the proxy hides is served by the daemon itself: the 404s above are the proxy's doing
     assert post(proxied["daemon_port"], "/v1/control/list-runs", proxied["pki"] / "ca.pem") != 404
+
+
+def test_a_large_body_without_credentials_is_refused_by_the_proxy_before_the_superlink_reads_it(proxied):
+    superlink = recorded_process(proxied["state"].superlink_pid)
+    assert superlink, "the daemon's SuperLink is not running"
+    before = {key: memory_kb(superlink, key) for key in ("VmRSS", "VmHWM")}
+
+    status = post_oversized(proxied["proxy_port"], proxied["pki"] / "ca.pem")
+
+    after = {key: memory_kb(superlink, key) for key in ("VmRSS", "VmHWM")}
+    assert status == 413
+    grew = {key: after[key] - before[key] for key in before}
+    assert all(kb < MEMORY_MARGIN_KB for kb in grew.values()), f"the SuperLink's memory grew (kB): {grew}"

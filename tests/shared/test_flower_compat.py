@@ -34,6 +34,11 @@ CALLS = {
     "pull_and_inflate_object_from_tree": (3, ["return_type", "initial_backoff", "backoff_cap"]),
     "make_pull_object_fn_protobuf": (3, []),
     "make_confirm_message_received_fn_protobuf": (3, []),
+    "pull_objects": (2, []),
+    "inflate_object_from_contents": (2, []),
+    "iterate_object_tree": (1, []),
+    "metadata_from_proto": (1, []),
+    "make_message": (0, ["metadata", "error"]),
     "context_from_proto": (1, []),
     "fab_from_proto": (1, []),
     "run_from_proto": (1, []),
@@ -90,6 +95,7 @@ PROTO_FIELDS = {
     ("PullTaskInputRequest", "PullTaskInputResponse"): ["task_id", "run", "context", "fab"],
     ("PullAppMessagesRequest", "PullAppMessagesResponse"): ["messages_list", "message_object_trees"],
     ("Node", "Node"): ["node_id"],
+    ("ConfirmMessageReceivedRequest", "ConfirmMessageReceivedRequest"): ["node", "run_id", "message_object_id"],
     ("RegisterNodeRequest", "RegisterNodeRequest"): ["public_key", "name"],
     ("StartRunRequest", "StartRunRequest"): ["fab", "override_config"],
     ("StartRunRequest", "StartRunResponse"): ["run_id"],
@@ -215,6 +221,16 @@ def test_run_config_strings_parse_as_flwr_run_parses_them():
 
 def test_a_local_simulation_has_flowers_default_number_of_supernodes():
     assert compat.DEFAULT_SIMULATION_CONFIG.num_supernodes == 2, f"Flower {VERSION}: docs/simulation.md says 2"
+
+
+def test_the_http_grid_has_what_the_bounded_pull_uses():
+    module_name, attribute = compat.HTTP_GRID
+    http_grid = getattr(importlib.import_module(module_name), attribute)(token="t")
+
+    runtime_client = type(http_grid).__dict__.get("_runtime_client")
+    assert isinstance(runtime_client, property), f"Flower {VERSION}: HttpGrid._runtime_client moved"
+    assert http_grid.node.node_id == compat.SUPERLINK_NODE_ID and isinstance(type(http_grid).run, property)
+    assert issubclass(compat.ObjectPullError, Exception)
 
 
 def test_only_flowers_http_grid_is_recognised():
