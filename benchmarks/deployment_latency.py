@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 from fedclient.node import NodeOptions, node_env, supernode_argv  # noqa: E402
 from fedserver.checkpoints import read_metrics  # noqa: E402
 from fedserver.control import ControlClient  # noqa: E402
-from fedserver.daemon import Pki, flower_env, superlink_argv  # noqa: E402
+from fedserver.daemon import Pki, flower_env, superexec_argv, superlink_argv, write_secret  # noqa: E402
 from fedserver.polling import ENV_INTERVAL  # noqa: E402
 from fedserver.staging import stage_app  # noqa: E402
 from fedserver.state import StateDir  # noqa: E402
@@ -166,10 +166,14 @@ def run_stock(work: Path, pki: Pki, parts: list[Path], cfg: RunConfig) -> Result
     stage_app(state.app, cfg)
     port = free_port()
     env = {**flower_env(state), ENV_INTERVAL: "0"}
-    processes = [spawn(superlink_argv(pki, "127.0.0.1", port, state), env=env, stdout=state.open_superlink_log())]
+    write_secret(state.superexec_secret)  # the SuperLink's Runtime API takes the ServerApp's task only from its SuperExec
+    superlink_log = open(state.superlink_log, "ab")  # noqa: SIM115 - the children write to it
+    processes = [spawn(superlink_argv(pki, "127.0.0.1", port, state), env=env, stdout=superlink_log)]
     try:
         if not wait_for_port("127.0.0.1", port, 60, alive=processes[0]):
             raise RuntimeError(f"stock SuperLink did not start; see {state.superlink_log}")
+        superexec = superexec_argv(pki, f"127.0.0.1:{port}", state, processes[0].pid)
+        processes.append(spawn(superexec, env=env, stdout=superlink_log))
         with ControlClient(f"127.0.0.1:{port}", pki.ca) as control:
             for key in pki.client_keys:
                 control.register_node(key)

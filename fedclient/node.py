@@ -102,6 +102,8 @@ HINTS = {
     "Or is another fedclient already running with this key?",
     "CERTIFICATE_VERIFY_FAILED": "--ca must be the CA certificate (ca.pem) of the server's PKI",
     "private key": "--key must be this node's private key (clients/NAME.key)",
+    "WRONG_VERSION_NUMBER": "is --server the Fleet API port of fedserver (its --address), "
+    "or does a proxy without TLS sit there?",
 }
 
 

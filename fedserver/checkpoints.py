@@ -145,15 +145,20 @@ def read_metrics(path: str | Path) -> list[Row]:
         raise CheckpointError(f"{file} is corrupt: {err}") from None
 
 
-def _check_same_run(saved: dict[str, Any], current: dict[str, Any], state_file: Path) -> None:
-    # A key added to RunConfig after the run was saved ran with its default.
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for each key a resume may not change (all but
+    RESUMABLE_CHANGES) that differs; a key added to RunConfig after the run was saved ran with its default."""
     saved = {**RunConfig().to_mapping(), **saved}
-    for key in sorted(set(saved) | set(current)):
-        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key):
-            raise CheckpointError(
-                f"{state_file} belongs to a run with {key} = {saved.get(key)!r}, not {current.get(key)!r}; "
-                "resume it with its own config or start a new run directory"
-            )
+    keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
+    return [(key, saved.get(key), current.get(key)) for key in keys if saved.get(key) != current.get(key)]
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any], state_file: Path) -> None:
+    for key, old, new in config_changes(saved, current)[:1]:
+        raise CheckpointError(
+            f"{state_file} belongs to a run with {key} = {old!r}, not {new!r}; "
+            "resume it with its own config or start a new run directory"
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

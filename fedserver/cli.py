@@ -154,7 +154,14 @@ def _start_arguments(parser: argparse.ArgumentParser) -> None:
         "--address",
         default=DEFAULT_ADDRESS,
         metavar="HOST:PORT",
-        help=f"where the SuperLink listens (default {DEFAULT_ADDRESS}); see README 'Deploy' before exposing it",
+        help=f"where the SuperLink's Fleet API listens (default {DEFAULT_ADDRESS}); "
+        "see docs/deploy.md before exposing it",
+    )
+    parser.add_argument(
+        "--control-address",
+        metavar="HOST:PORT",
+        help="the Control API's address: Flower 1.41 serves it on --address's port, so an --address off "
+        "127.0.0.1 needs this flag, set to the same address, to expose it knowingly",
     )
     _add_state_dir(parser)
     parser.add_argument(
@@ -169,7 +176,8 @@ def _start_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_start(args: argparse.Namespace) -> int:
     from fedserver import daemon  # Flower is imported only by the commands that need it
 
-    return daemon.start(daemon.StartOptions(args.pki, args.config, args.address, args.state_dir, args.db))
+    options = daemon.StartOptions(args.pki, args.config, args.address, args.state_dir, args.db, args.control_address)
+    return daemon.start(options)
 
 
 def _status_arguments(parser: argparse.ArgumentParser) -> None:

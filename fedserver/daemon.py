@@ -1,24 +1,31 @@
 """`fedserver start` / `fedserver stop`: the SuperLink daemon of a Flowerbed deployment.
 
-`start` runs in the foreground until it gets SIGTERM or SIGINT (Ctrl-C), as a systemd
+`start` runs in the foreground until it gets SIGTERM, SIGINT (Ctrl-C) or SIGHUP, as a systemd
 `Type=simple` service expects. In order, each step failing with a one-line error before any
 process is started where it can:
 
-1. checks the PKI files, the run config, that the state directory is not in use by another
-   fedserver, that the address is free (after stopping a SuperLink a killed daemon left, see
-   below), that the ServerApp can build its model and data from the config, and takes the state
-   directory's lock, held for the daemon's life;
+1. checks the address (a loopback one, unless --control-address consents to exposing the
+   Control API: Flower 1.41 serves it on the Fleet API's port), the PKI files, the run config
+   and that the state directory's run can resume with it, that the state directory is not in
+   use by another fedserver, that the address is free (after stopping a SuperLink a killed
+   daemon left, see below), that the ServerApp can build its model and data from the config
+   (in a child that dies with the daemon), and takes the state directory's lock, held for the
+   daemon's life;
 2. stages the app in STATE/app: this project's packages and a pyproject.toml whose
    `[tool.flwr.app.config]` is the whole resolved run config, `run-dir` = STATE/run (the
    ServerApp writes metrics.jsonl and model.safetensors there after every round);
 3. starts `flower-superlink` (TLS from the PKI, SuperNode authentication, SQLite state in
    STATE/state.db or in memory, no per-run dependency installation, telemetry off) in its
-   own process group, its output copied to STATE/superlink.log (rotated, see fedserver/logs.py);
+   own process group, its output copied to STATE/superlink.log (rotated, see fedserver/logs.py),
+   and, once it listens, Flower's `flower-superexec` beside it: the SuperLink (`--isolation
+   process`) hands the ServerApp's task only to requests signed with STATE/superexec.secret,
+   drawn at each start, which this SuperExec alone is given (it ends with the SuperLink);
 4. registers every PKI clients/*.pub (keys already registered are fine), unregisters the nodes
    whose key is no longer there (`fedserver remove-client`, `init --force`), stops runs a
    previous daemon left active, and submits the run (which resumes from STATE/run's last
    checkpoint where there is one);
-5. logs each completed round and every change of run status to STATE/fedserver.log and stdout.
+5. logs each completed round and every change of run status to STATE/fedserver.log and stdout,
+   and keeps the run's last status in STATE/daemon.json for `fedserver status`.
 
 Everything the daemon and its processes create in the state directory is private (umask 077).
 
@@ -27,16 +34,21 @@ SIGKILL cannot stop its SuperLink, which lives in a process group of its own and
 port and the run going; the next `fedserver start` (or `fedserver stop`) on that state
 directory stops that SuperLink and everything under it first, then starts afresh and resumes.
 
-On SIGTERM it stops the run, then the SuperLink: SIGTERM, STOP_GRACE seconds, then SIGKILL
-to its process group and every descendant (SuperExec and the ServerApp live in sessions of
-their own, and the SuperLink can hang on SIGTERM while a client streams).
+On SIGTERM it stops the run, then the SuperExec and the SuperLink: SIGTERM, STOP_GRACE seconds,
+then SIGKILL to their process groups and every descendant (the ServerApp lives in a session of
+its own, and the SuperLink can hang on SIGTERM while a client streams).
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import json
 import logging
 import multiprocessing
 import os
+import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -44,27 +56,30 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
-from fedserver.checkpoints import read_metrics
+from fedserver.checkpoints import STATE_FILE, CheckpointError, config_changes, read_metrics
 from fedserver.control import ControlClient, ControlError, RunInfo, load_public_key
 from fedserver.logs import copy_lines, rotating_handler
 from fedserver.staging import stage_app
 from fedserver.state import DEFAULT_ADDRESS, DaemonError, DaemonInfo, StateDir, make_private, private_files
 from shared.config import TEXT_MODELS, ConfigError, RunConfig, load_config
+from shared.errors import FedserverError
 from shared.pki import PkiError
 from shared.processes import (
-    port_in_use, record_process, recorded_process, spawn, stop_pid, stop_tree, wait_for_port,
+    bind_error, die_with_parent, record_process, recorded_process, spawn, stop_pid, stop_trees, wait_for_port,
 )  # fmt: skip
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each stops the daemon and all it started
 STOP_GRACE = 10.0  # seconds the SuperLink gets to exit on SIGTERM before SIGKILL
 READY_TIMEOUT = 60.0  # seconds the SuperLink gets to start listening
 POLL_SECONDS = 1.0  # how often the daemon looks at the run and the metrics
 STATUS_EVERY = 5  # polls between two Control API queries
 LOG_DRAIN_TIMEOUT = 5.0  # seconds the SuperLink's last output gets to reach superlink.log
-WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+WILDCARD_HOSTS = ("0.0.0.0", "::")
+HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")  # a DNS name or an IPv4 address
 # Where the SuperLink keeps runs, nodes and messages. "sqlite": STATE/state.db, which outlives
 # the daemon. "memory": Flower's in-memory state, about 4 CPU-seconds a round cheaper for the
 # MNIST 2NN here (Flower 1.41 stores every message object in its SQL state); a restarted
@@ -107,14 +122,76 @@ class StartOptions:
     address: str = DEFAULT_ADDRESS
     state_dir: Path = StateDir.DEFAULT
     database: str = "sqlite"  # or "memory": Flower's in-memory state, see DATABASES
+    control_address: str | None = None  # the user's consent to a Control API off 127.0.0.1 (= address)
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """HOST:PORT (IPv6 as [HOST]:PORT) -> (host, port)."""
+class AddressError(FedserverError, ValueError):
+    """A bad --address or --control-address (exit 2); one line."""
+
+
+def parse_address(address: str, flag: str = "--address") -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [HOST]:PORT) -> (host, port); an AddressError naming `flag` otherwise."""
     host, sep, port_text = address.rpartition(":")
     if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise DaemonError(f"invalid address {address!r}: give HOST:PORT, e.g. {DEFAULT_ADDRESS}")
-    return host.strip("[]") or "0.0.0.0", int(port_text)
+        raise AddressError(
+            f"invalid {flag} {address!r}: give HOST:PORT with a port from 1 to 65535, e.g. {DEFAULT_ADDRESS}"
+        )
+    if not host:
+        raise AddressError(
+            f"{flag} {address} has no host: give 127.0.0.1:{port_text} for this machine only, "
+            f"0.0.0.0:{port_text} for every interface"
+        )
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not _valid_host(bare, bracketed=bare != host):
+        raise AddressError(f"invalid {flag} {address!r}: HOST is a name or an IP address (IPv6 as [HOST]:PORT)")
+    return bare, int(port_text)
+
+
+def _valid_host(host: str, bracketed: bool) -> bool:
+    if bracketed:
+        return isinstance(_ip(host), ipaddress.IPv6Address)
+    return HOST_NAME.fullmatch(host) is not None
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def listen_address(options: StartOptions) -> tuple[str, int]:
+    """Where the SuperLink listens, from --address; a one-line AddressError where that would expose
+    its Control API without --control-address saying so (Flower 1.41 serves the Fleet, Control and
+    Runtime APIs on one port, so the Control API cannot stay on 127.0.0.1 apart from the Fleet API)."""
+    host, port = parse_address(options.address)
+    if options.control_address is not None:
+        if parse_address(options.control_address, "--control-address") != (host, port):
+            raise AddressError(
+                f"--control-address {options.control_address} must be --address {options.address} or left out: "
+                "Flower 1.41 serves the Control API on the Fleet API's port"
+            )
+    elif not _is_loopback(host):
+        raise AddressError(
+            f"--address {options.address} would expose the Control API too (whoever reaches it runs code here; "
+            "Flower 1.41 serves it on the Fleet API's port): keep --address on 127.0.0.1 behind a TLS proxy "
+            f"(docs/deploy.md), or add --control-address {options.address} to expose it knowingly"
+        )
+    return host, port
+
+
+def _is_loopback(host: str) -> bool:
+    ip = _ip(host)
+    return host == "localhost" if ip is None else ip.is_loopback
+
+
+def _check_bindable(address: str, host: str, port: int) -> None:
+    err = bind_error(host, port)
+    if err is None:
+        return
+    if err.errno == errno.EADDRINUSE:
+        raise DaemonError(f"address {address} is already in use")
+    raise AddressError(f"cannot listen on {address}: {err.strerror or err} (is {host} an address of this machine?)")
 
 
 def local_address(host: str, port: int) -> str:
@@ -126,13 +203,13 @@ def local_address(host: str, port: int) -> str:
 def start(options: StartOptions) -> int:
     """Run the daemon until SIGTERM/SIGINT; 0 after a requested stop, 1 if the SuperLink died."""
     state = StateDir(options.state_dir)
-    host, port = parse_address(options.address)
+    host, port = listen_address(options)
     pki = Pki.load(options.pki_dir)
     cfg = run_config(options.config, state)
+    check_resumable(state, cfg)
     _check_not_running(state)
     stale = stop_stale_superlink(state)  # a killed daemon's, first: it may hold the port
-    if port_in_use(host, port):
-        raise DaemonError(f"address {options.address} is already in use")
+    _check_bindable(options.address, host, port)
     check_server_app(cfg)
     with private_files(), state.locked(), _logging_to(state.log), _stop_on_signals() as stop, _pid_file(state):
         if stale is not None:
@@ -151,7 +228,10 @@ def check_server_app(cfg: RunConfig) -> None:
             f"dataset '{cfg.dataset}' with tokenizer 'fitted' runs in fedsim only (that vocabulary is fitted on "
             'every client\'s text): a deployment sets tokenizer = "bytes", or "file" with tokenizer-path'
         )
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
+    spawn_context = multiprocessing.get_context("spawn")
+    # The child dies with the daemon, whatever stops it while the child builds (it and the
+    # resource tracker it holds open would otherwise outlive it, ~300 MB each).
+    with ProcessPoolExecutor(1, spawn_context, initializer=die_with_parent, initargs=(os.getpid(),)) as child:
         child.submit(_build_server_inputs, cfg.replace(run_dir="")).result()  # run-dir: a tokenizer would go there
 
 
@@ -171,29 +251,55 @@ def run_config(path: Path, state: StateDir) -> RunConfig:
     return cfg.replace(run_dir=str(state.run_dir), data_path=data_path)
 
 
+def check_resumable(state: StateDir, cfg: RunConfig) -> None:
+    """Refuse, before anything starts, a config the state directory's run cannot resume with (the
+    ServerApp would refuse it only once the run is submitted): every differing key in one line."""
+    state_file = state.run_dir / STATE_FILE
+    if not state_file.is_file():
+        return
+    try:
+        changed = config_changes(json.loads(state_file.read_text(encoding="utf-8"))["config"], cfg.to_mapping())
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{state_file} is unreadable ({err}): give --state-dir a new directory") from None
+    if changed:
+        differences = "; ".join(f"{key} = {old!r}, now {new!r}" for key, old, new in changed)
+        raise ConfigError(
+            f"{state.root} holds a run with other settings ({differences}): give --state-dir a new directory "
+            "for a new run, or put back the old values to resume it"
+        )
+
+
 def _serve(options: StartOptions, state: StateDir, pki: Pki, cfg: RunConfig, stop: threading.Event) -> int:
     host, port = parse_address(options.address)
     make_private(stage_app(state.app, cfg))  # copied with the sources' modes
+    write_secret(state.superexec_secret)
     LOG.info("starting the SuperLink on %s (state in %s)", options.address, state.root)
     argv = superlink_argv(pki, host, port, state, in_memory=options.database == "memory")
-    superlink = spawn(argv, env=flower_env(state), stdout=subprocess.PIPE)
-    log_copy = copy_lines(superlink.stdout, state.superlink_log)
+    output, sink = os.pipe()  # the SuperLink's and the SuperExec's output, to superlink.log
+    superlink = spawn(argv, env=flower_env(state), stdout=sink)
+    processes = [superlink]
+    log_copy = copy_lines(os.fdopen(output, "rb"), state.superlink_log)
     record_process(state.superlink_pid, superlink.pid)
     try:
         if not wait_for_port(_connect_host(host), port, READY_TIMEOUT, alive=superlink):
             raise DaemonError(f"the SuperLink did not start: {_last_error(state.superlink_log)}")
         address = local_address(host, port)
+        superexec = superexec_argv(pki, address, state, superlink.pid)
+        processes.insert(0, spawn(superexec, env=flower_env(state), stdout=sink))
         with ControlClient(address, pki.ca) as control:
             run_id = _submit(control, pki, state)
-            DaemonInfo(os.getpid(), options.address, address, str(pki.ca), run_id, cfg.rounds).write(state.info)
-            return _watch(control, superlink, run_id, state, stop)
+            info = DaemonInfo(os.getpid(), options.address, address, str(pki.ca), run_id, cfg.rounds)
+            info.write(state.info)
+            return _watch(control, processes, info, state, stop)
     except DaemonError as err:
         LOG.error("%s", err)
         raise
     finally:
+        os.close(sink)  # superlink.log's copy ends once the processes holding the pipe have ended
         LOG.info("stopping the SuperLink")
-        stop_tree(superlink, STOP_GRACE)
+        stop_trees(processes, STOP_GRACE)
         state.superlink_pid.unlink(missing_ok=True)
+        state.superexec_secret.unlink(missing_ok=True)
         log_copy.join(LOG_DRAIN_TIMEOUT)
         LOG.info("stopped")
 
@@ -233,19 +339,25 @@ def revoke(state_dir: Path, public_key: bytes) -> list[tuple[int, str]] | None:
 
 
 def _watch(
-    control: ControlClient, superlink: subprocess.Popen[bytes], run_id: int, state: StateDir, stop: threading.Event
+    control: ControlClient, processes: list[subprocess.Popen[bytes]], info: DaemonInfo, state: StateDir,
+    stop: threading.Event,
 ) -> int:
-    """Report rounds and run status until asked to stop; stop the run on the way out."""
-    seen_rounds, last_status, polls = len(read_metrics(state.run_dir)), "", 0
+    """Report rounds and run status until asked to stop (1 if the SuperLink or the SuperExec ends
+    first); stop the run on the way out. The run's last status stays in daemon.json for `status`."""
+    seen_rounds, polls = len(read_metrics(state.run_dir)), 0
     while not stop.wait(POLL_SECONDS):
-        if superlink.poll() is not None:
-            LOG.error("the SuperLink exited with code %s: %s", superlink.returncode, _last_error(state.superlink_log))
+        ended = next((process for process in processes if process.poll() is not None), None)
+        if ended is not None:
+            name, code = Path(str(ended.args[0])).name, ended.returncode
+            LOG.error("%s exited with code %s: %s", name, code, _last_error(state.superlink_log))
+            replace(info, run_status="unknown", run_details=f"{name} exited with code {code}").write(state.info)
             return 1
         seen_rounds = _report_rounds(state, seen_rounds)
         polls += 1
         if polls % STATUS_EVERY == 1:
-            last_status = _report_status(control, run_id, last_status)
-    _stop_run(control, run_id)
+            info = _report_status(control, info, state)
+    _stop_run(control, info.run_id)
+    _report_status(control, info, state)
     return 0
 
 
@@ -257,16 +369,20 @@ def _report_rounds(state: StateDir, seen: int) -> int:
     return len(rows)
 
 
-def _report_status(control: ControlClient, run_id: int, last: str) -> str:
+def _report_status(control: ControlClient, info: DaemonInfo, state: StateDir) -> DaemonInfo:
+    """Log a change of the run's status and record it in daemon.json; the info as recorded."""
     try:
-        run = _find_run(control, run_id)
+        run = _find_run(control, info.run_id)
     except ControlError as err:
         LOG.warning("%s", err)
-        return last
-    status = _describe(run)
-    if status != last:
-        LOG.info("run %d: %s", run_id, status)
-    return status
+        return info
+    status, details = (run.status, run.details) if run is not None else ("unknown", "")
+    if (status, details) == (info.run_status, info.run_details):
+        return info
+    LOG.info("run %d: %s", info.run_id, _describe(run))
+    info = replace(info, run_status=status, run_details=details)
+    info.write(state.info)
+    return info
 
 
 def _find_run(control: ControlClient, run_id: int) -> RunInfo | None:
@@ -320,9 +436,31 @@ def superlink_argv(pki: Pki, host: str, port: int, state: StateDir, in_memory: b
         "--enable-supernode-auth",
         "--database", IN_MEMORY_DATABASE if in_memory else str(state.database),
         "--disable-runtime-dependency-installation",
+        "--isolation", "process",  # the ServerApp's task goes to the daemon's own SuperExec ...
+        "--superexec-auth-secret-file", str(state.superexec_secret),  # ... alone
         "--host", host,
         "--port", str(port),
     ]  # fmt: skip
+
+
+def superexec_argv(pki: Pki, address: str, state: StateDir, superlink_pid: int) -> list[str]:
+    """Flower's SuperExec for the SuperLink at `address` (this machine's address of it): it takes the
+    ServerApp's task, signing with the state directory's secret, and ends with the SuperLink."""
+    return [
+        _sibling_executable("flower-superexec"),
+        "--runtime-api-address", address,
+        "--root-certificates", str(pki.ca),
+        "--superexec-auth-secret-file", str(state.superexec_secret),
+        "--parent-pid", str(superlink_pid),
+    ]  # fmt: skip
+
+
+def write_secret(path: Path) -> None:
+    """A new random SuperExec secret at `path`, readable by this user only."""
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secrets.token_hex(32))
 
 
 def flower_env(state: StateDir) -> dict[str, str]:
@@ -376,14 +514,15 @@ def _pid_file(state: StateDir) -> Iterator[None]:
 
 @contextmanager
 def _stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGTERM or SIGINT (Ctrl-C); the previous handlers are back afterwards."""
+    """An event set by SIGTERM, SIGINT (Ctrl-C) or SIGHUP (its terminal closed); the previous
+    handlers are back afterwards."""
     event = threading.Event()
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         LOG.info("got %s", signal.Signals(signum).name)
         event.set()
 
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
         yield event
     finally:

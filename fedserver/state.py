@@ -5,7 +5,10 @@
     fedserver.log     the daemon's own log (also on its stdout), rotated (fedserver.log.1, ...)
     superlink.log     the SuperLink's, SuperExec's and ServerApp's output, rotated likewise
     superlink.pid     the SuperLink's pid and start time while the daemon's SuperLink runs
-    daemon.json       address, CA, run id and rounds of the current daemon
+    superexec.secret  a random secret drawn at each start (0600), removed at stop: only the
+                      daemon's SuperExec, which signs with it, is handed the ServerApp's task
+    daemon.json       address, CA, run id and rounds of the current or last daemon, and its run's
+                      last status
     state.db          the SuperLink's SQLite state (runs, nodes, messages)
     flwr-home/        FLWR_HOME of the SuperLink, and config.toml for `flwr` (connection "fedserver")
     app/              the staged app the run was built from
@@ -28,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shared.errors import ExitCode, FedserverError
+from shared.files import atomic_write_text
 from shared.processes import recorded_process
 
 FLWR_CONNECTION = "fedserver"
@@ -68,6 +72,10 @@ class StateDir:
     @property
     def superlink_pid(self) -> Path:
         return self.root / "superlink.pid"
+
+    @property
+    def superexec_secret(self) -> Path:
+        return self.root / "superexec.secret"
 
     @property
     def info(self) -> Path:
@@ -155,9 +163,11 @@ class DaemonInfo:
     ca: str
     run_id: int
     rounds: int
+    run_status: str = ""  # the run's status when the daemon last looked ("finished:failed", ...)
+    run_details: str = ""  # Flower's reason with a failed status
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        atomic_write_text(path, json.dumps(asdict(self), indent=1) + "\n")
         _write_flwr_config(path.parent / "flwr-home", self.control_address, self.ca)
 
     @classmethod
@@ -175,4 +185,4 @@ def _write_flwr_config(flwr_home: Path, address: str, ca: str) -> None:
         f'[superlink]\ndefault = "{FLWR_CONNECTION}"\n\n'
         f'[superlink.{FLWR_CONNECTION}]\naddress = "{address}"\nroot-certificates = {json.dumps(ca)}\n'
     )
-    (flwr_home / "config.toml").write_text(text)
+    atomic_write_text(flwr_home / "config.toml", text)

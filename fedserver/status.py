@@ -36,6 +36,7 @@ class Status:
     rounds_completed: int = 0
     last_metrics: dict[str, Any] | None = None
     devices: list[dict[str, Any]] = field(default_factory=list)  # nodes.json: each node's replies and errors
+    last_run: dict[str, Any] | None = None  # without a daemon: its run as it last saw it (daemon.json)
     error: str | None = None  # why runs/nodes are missing though the daemon runs, or why the run failed
 
     @property
@@ -61,6 +62,9 @@ def collect(state_dir: Path) -> Status:
         status.address, status.run_id = info.address, info.run_id
     if running and info is not None:
         _add_live(status, info, len(rows))
+    elif info is not None and info.run_status:
+        status.last_run = {"run_id": info.run_id, "status": info.run_status, "details": info.run_details,
+                           "rounds": info.rounds}  # fmt: skip
     return status
 
 
@@ -97,12 +101,19 @@ def render(status: Status) -> str:
         lines.append(f"  run {run['run_id']}: {run['status']}{where}")
     if status.failed:
         lines.append(f"  {status.error}")
+    if status.last_run is not None:
+        lines.append(f"  {_last_run_line(status.last_run, status.rounds_completed)}")
     if status.running and (not status.error or status.failed):
         named = ", ".join(f"{n['name'] or n['node_id']} {n['status']}" for n in status.nodes)
         lines.append(f"  nodes: {status.connected_nodes} connected of {len(status.nodes)} registered ({named})")
     lines += _device_lines(status)
     lines.append(f"  {_metrics_line(status)}")
     return "\n".join(lines)
+
+
+def _last_run_line(run: dict[str, Any], completed: int) -> str:
+    why = f" ({run['details']})" if run["details"] and run["status"] == FAILED else ""
+    return f"run {run['run_id']} when the daemon stopped: {run['status']}{why}, {completed} of {run['rounds']} rounds done"
 
 
 def _device_lines(status: Status) -> list[str]:

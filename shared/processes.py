@@ -52,11 +52,23 @@ def _parent_death_signal(parent: int) -> Callable[[], None] | None:
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
 
     def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
+        _die_with(parent, prctl)
 
     return preexec
+
+
+def die_with_parent(parent: int) -> None:
+    """Called in a child that `spawn` did not start (a multiprocessing worker's initializer): the
+    kernel SIGKILLs it when `parent`, the process that started it, dies (Linux; elsewhere nothing).
+    The kernel's signal follows the thread that started the child: start it from the main thread."""
+    if sys.platform.startswith("linux"):
+        _die_with(parent, ctypes.CDLL(None, use_errno=True).prctl)
+
+
+def _die_with(parent: int, prctl: Callable[..., int]) -> None:
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def descendants(pid: int) -> set[int]:
@@ -198,15 +210,21 @@ def _send(pid: int, sig: signal.Signals) -> None:
 
 
 def port_in_use(host: str, port: int) -> bool:
-    """Whether binding `host:port` fails because something already listens there."""
+    """Whether binding `host:port` fails (something already listens there, or it cannot be bound)."""
+    return bind_error(host, port) is not None
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why `host:port` cannot be bound now (errno EADDRINUSE: something listens there; a
+    socket.gaierror: no such host; EADDRNOTAVAIL: not an address of this machine), or None."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
-            return True
-    return False
+        except OSError as err:
+            return err
+    return None
 
 
 def free_port(host: str = "127.0.0.1") -> int:

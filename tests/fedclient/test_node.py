@@ -342,3 +342,17 @@ def test_a_supernode_whose_runtime_port_another_process_holds_is_restarted_not_r
     # Assert
     assert len(starts.read_text()) >= 2
     assert "could not serve its Runtime API: another process holds its port" in capsys.readouterr().out
+
+
+def test_a_port_that_does_not_speak_tls_gets_a_hint_naming_the_fleet_api_port():
+    # Prepare: what flower-supernode prints when --server is a port without TLS (a plain proxy, another service)
+    refused = "Failed to initialize the connection to the SuperLink.\n[SSL: WRONG_VERSION_NUMBER] wrong version number\n"
+    watcher = OutputWatcher(io.BytesIO(refused.encode()), io.BytesIO())
+
+    # Execute
+    watcher.run()
+
+    # Assert
+    reason = watcher.refusal()
+    assert reason.startswith("[SSL: WRONG_VERSION_NUMBER]")
+    assert "is --server the Fleet API port of fedserver" in reason and "proxy without TLS" in reason

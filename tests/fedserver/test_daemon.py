@@ -8,18 +8,20 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fedserver import daemon, logs, status
 from fedserver.cli import EXIT_NOT_RUNNING, main
-from fedserver.control import NodeInfo, RunInfo
+from fedserver.control import ControlClient, NodeInfo, RunInfo
 from fedserver.node_ledger import NODES_FILE, NodeLedger, NodeRecord
 from fedserver.state import DaemonInfo, StateDir
 from shared.pki import init_pki
-from shared.processes import free_port, is_alive, port_in_use, record_process, spawn
+from shared.processes import free_port, is_alive, port_in_use, record_process, spawn, stop_tree
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -171,6 +173,59 @@ def test_a_stale_pid_file_neither_blocks_start_nor_reads_as_running(tmp_path, ca
         other.wait()
 
 
+def _saved_run(state: StateDir, run_toml: Path) -> None:
+    """state.json as the ServerApp commits it after round 1 of `run_toml`'s run."""
+    state.create()
+    cfg = daemon.run_config(run_toml, state)
+    (state.run_dir / "state.json").write_text(json.dumps({"round": 1, "random_state": [], "config": cfg.to_mapping()}))
+
+
+def _start(pki, run_toml, state: StateDir) -> int:
+    """`fedserver start` on a free port, as a user runs it."""
+    return main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(state.root),
+                 "--address", f"127.0.0.1:{free_port()}"])  # fmt: skip
+
+
+def test_a_restart_with_a_changed_key_is_refused_before_anything_starts(tmp_path, capsys, monkeypatch, pki, run_toml):
+    state = StateDir(tmp_path / "state")
+    _saved_run(state, run_toml)
+    run_toml.write_text(run_toml.read_text().replace("clients-per-round = 2", "clients-per-round = 1"))
+    calls: list[StateDir] = []
+    monkeypatch.setattr(daemon, "_serve", _serve_stand_in(calls))
+
+    code = _start(pki, run_toml, state)
+
+    assert code == 2 and calls == []
+    error = _error_line(capsys)
+    assert "holds a run with other settings (clients-per-round = 2, now 1)" in error
+    assert "--state-dir" in error and "old values" in error
+
+
+def test_an_unreadable_commit_point_is_refused_before_anything_starts(tmp_path, capsys, monkeypatch, pki, run_toml):
+    state = StateDir(tmp_path / "state")
+    state.create()
+    (state.run_dir / "state.json").write_text('{"round": 1')  # cut short
+    calls: list[StateDir] = []
+    monkeypatch.setattr(daemon, "_serve", _serve_stand_in(calls))
+
+    code = _start(pki, run_toml, state)
+
+    assert code == 2 and calls == []
+    assert "state.json is unreadable" in _error_line(capsys)
+
+
+def test_a_restart_that_only_adds_rounds_resumes(tmp_path, monkeypatch, pki, run_toml):
+    state = StateDir(tmp_path / "state")
+    _saved_run(state, run_toml)
+    run_toml.write_text(run_toml.read_text().replace("rounds = 2", "rounds = 5"))
+    calls: list[StateDir] = []
+    monkeypatch.setattr(daemon, "_serve", _serve_stand_in(calls))
+
+    code = _start(pki, run_toml, state)
+
+    assert code == 0 and len(calls) == 1
+
+
 def test_the_state_directory_and_its_files_are_private(tmp_path, monkeypatch, pki, run_toml):
     # Prepare: a state directory an earlier version left readable by all
     state = StateDir(tmp_path / "state")
@@ -181,8 +236,7 @@ def test_the_state_directory_and_its_files_are_private(tmp_path, monkeypatch, pk
     monkeypatch.setattr(daemon, "_serve", _serve_stand_in([]))
 
     # Execute
-    code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(state.root),
-                 "--address", f"127.0.0.1:{free_port()}"])  # fmt: skip
+    code = _start(pki, run_toml, state)
 
     # Assert
     assert code == 0
@@ -207,7 +261,6 @@ def test_run_config_puts_the_run_dir_in_the_state_dir_and_makes_data_path_absolu
     [
         ("127.0.0.1:9092", "127.0.0.1", 9092, "127.0.0.1:9092"),
         ("0.0.0.0:9092", "0.0.0.0", 9092, "127.0.0.1:9092"),
-        (":9092", "0.0.0.0", 9092, "127.0.0.1:9092"),
         ("fl.example.org:443", "fl.example.org", 443, "fl.example.org:443"),
         ("[::1]:9092", "::1", 9092, "[::1]:9092"),
     ],
@@ -217,12 +270,69 @@ def test_addresses(address, host, port, local):
     assert daemon.local_address(host, port) == local
 
 
-@pytest.mark.parametrize("address", ["9092", "host:", "host:http", "host:70000"])
-def test_bad_addresses_are_one_line_errors(tmp_path, capsys, pki, run_toml, address):
-    code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--address", address])
+@pytest.mark.parametrize(
+    ("address", "says"),
+    [
+        ("9092", "invalid --address '9092'"),
+        ("host:", "invalid --address"),
+        ("host:http", "invalid --address"),
+        ("127.0.0.1:99999", "port from 1 to 65535"),
+        ("127.0.0.1:0", "port from 1 to 65535"),
+        ("::1:9092", "IPv6 as [HOST]:PORT"),
+        ("[nonsense]:9092", "invalid --address"),
+        ("two words:9092", "invalid --address"),
+        (":9092", "has no host: give 127.0.0.1:9092 for this machine only, 0.0.0.0:9092 for every interface"),
+    ],
+)
+def test_bad_addresses_are_one_line_errors_exit_2_before_anything_starts(tmp_path, capsys, pki, run_toml, address, says):
+    state = tmp_path / "state"
 
-    assert code == 1
-    assert "invalid address" in _error_line(capsys)
+    code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--address", address, "--state-dir", str(state)])
+
+    assert code == 2
+    assert says in _error_line(capsys)
+    assert not state.exists()
+
+
+@pytest.mark.parametrize(
+    ("address", "control", "says"),
+    [
+        ("0.0.0.0:9092", None, "--address 0.0.0.0:9092 would expose the Control API too"),
+        ("[::]:9092", None, "would expose the Control API too"),
+        ("0.0.0.0:9092", "127.0.0.1:9092", "--control-address 127.0.0.1:9092 must be --address 0.0.0.0:9092"),
+        ("127.0.0.1:9092", "127.0.0.1:9093", "must be --address 127.0.0.1:9092 or left out"),
+        ("127.0.0.1:9092", "127.0.0.1:99999", "invalid --control-address"),
+    ],
+)
+def test_the_control_api_leaves_127_0_0_1_only_with_control_address(tmp_path, capsys, pki, run_toml, address, control, says):
+    state = tmp_path / "state"
+    extra = ["--control-address", control] if control else []
+
+    code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--address", address, "--state-dir", str(state), *extra])
+
+    assert code == 2
+    assert says in _error_line(capsys)
+    assert not state.exists()
+
+
+def test_an_address_this_machine_cannot_listen_on_is_a_one_line_error_exit_2(tmp_path, capsys, pki, run_toml):
+    address = "no-such-host.invalid:9092"
+
+    code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--address", address,
+                 "--control-address", address, "--state-dir", str(tmp_path / "state")])  # fmt: skip
+
+    assert code == 2
+    assert "cannot listen on no-such-host.invalid:9092" in _error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("address", "control"),
+    [("127.0.0.1:9092", None), ("localhost:9092", None), ("[::1]:9092", None), ("0.0.0.0:9092", "0.0.0.0:9092")],
+)
+def test_a_local_address_or_a_consented_control_address_is_accepted(address, control):
+    options = daemon.StartOptions(Path("pki"), Path("run.toml"), address, control_address=control)
+
+    assert daemon.listen_address(options) == daemon.parse_address(address)
 
 
 def test_status_of_a_stopped_daemon_shows_the_last_metrics_and_exits_3(tmp_path, capsys):
@@ -246,6 +356,55 @@ def test_status_of_a_stopped_daemon_shows_the_last_metrics_and_exits_3(tmp_path,
     assert snapshot["running"] is False and snapshot["run_id"] == 42
     assert snapshot["rounds_completed"] == 2 and snapshot["last_metrics"]["accuracy"] == 0.75
     assert (state.flwr_home / "config.toml").read_text().count('"127.0.0.1:9092"') == 1
+
+
+@pytest.mark.parametrize(
+    ("run_status", "details", "says"),
+    [
+        ("finished:completed", "", "run 42 when the daemon stopped: finished:completed, 2 of 5 rounds done"),
+        ("finished:failed", "round 3: no quorum", "finished:failed (round 3: no quorum), 2 of 5 rounds done"),
+    ],
+)
+def test_status_of_a_stopped_daemon_shows_how_its_run_ended(tmp_path, capsys, run_status, details, says):
+    state = StateDir(tmp_path / "state")
+    state.create()
+    DaemonInfo(999999, "127.0.0.1:9092", "127.0.0.1:9092", "/x/ca.pem", 42, 5, run_status, details).write(state.info)
+    (state.run_dir / "metrics.jsonl").write_text('{"round": 1, "accuracy": 0.5}\n{"round": 2, "accuracy": 0.75}\n')
+
+    code = main(["status", "--state-dir", str(state.root)])
+    text = capsys.readouterr().out
+    main(["status", "--state-dir", str(state.root), "--json"])
+    snapshot = json.loads(capsys.readouterr().out)
+
+    assert code == EXIT_NOT_RUNNING
+    assert says in text and "last round 2" in text
+    assert snapshot["last_run"] == {"run_id": 42, "status": run_status, "details": details, "rounds": 5}
+
+
+class EndedRunControl:
+    """The Control API of a SuperLink whose run 42 has ended."""
+
+    def list_runs(self) -> list[RunInfo]:
+        return [RunInfo(42, "finished:failed", "round 3: no quorum", "t1", "t2")]
+
+
+class LiveProcess:
+    def poll(self) -> None:
+        return None
+
+
+def test_the_daemon_records_how_its_run_ended_for_status(tmp_path):
+    state = StateDir(tmp_path / "state")
+    state.create()
+    info = DaemonInfo(os.getpid(), "127.0.0.1:9092", "127.0.0.1:9092", "/x/ca.pem", 42, 5)
+    stop = threading.Event()
+    stop.set()  # stopped at once: the run's status is looked at on the way out
+
+    code = daemon._watch(EndedRunControl(), [LiveProcess()], info, state, stop)
+
+    recorded = DaemonInfo.read(state.info)
+    assert code == 0 and recorded is not None
+    assert (recorded.run_status, recorded.run_details) == ("finished:failed", "round 3: no quorum")
 
 
 class FailedRunControl:
@@ -368,6 +527,75 @@ def test_the_superlink_runs_with_tls_node_auth_and_no_dependency_installation(tm
     assert daemon.flower_env(state)["FLWR_TELEMETRY_ENABLED"] == "0"
 
 
+def test_the_serverapps_task_goes_only_to_the_daemons_own_superexec(tmp_path, pki):
+    state = StateDir(tmp_path / "state")
+    state.create()
+
+    superlink = daemon.superlink_argv(daemon.Pki.load(pki), "127.0.0.1", 9092, state)
+    superexec = daemon.superexec_argv(daemon.Pki.load(pki), "127.0.0.1:9092", state, 4242)
+    daemon.write_secret(state.superexec_secret)
+    first = state.superexec_secret.read_text()
+    daemon.write_secret(state.superexec_secret)
+
+    assert superlink[superlink.index("--isolation") + 1] == "process"  # no SuperExec of its own
+    for argv in (superlink, superexec):
+        assert argv[argv.index("--superexec-auth-secret-file") + 1] == str(state.superexec_secret)
+    assert Path(superexec[0]).name == "flower-superexec" and "--insecure" not in superexec
+    assert superexec[superexec.index("--runtime-api-address") + 1] == "127.0.0.1:9092"
+    assert superexec[superexec.index("--parent-pid") + 1] == "4242"  # it ends with the SuperLink
+    assert state.superexec_secret.stat().st_mode & 0o777 == 0o600
+    assert len(first) == 64 and state.superexec_secret.read_text() != first  # a new one each start
+
+
+@pytest.mark.e2e
+def test_a_local_process_without_the_secret_cannot_take_the_serverapps_task(tmp_path, pki, run_toml):
+    from shared.flower_compat import AcquireTaskRequest, RuntimeHttpClient, RuntimeVersionHttpInterceptor, TaskType
+
+    state, address = StateDir(tmp_path / "state"), f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    argv = [sys.executable, "-m", "fedserver.cli", "start", "--pki", str(pki), "--config", str(run_toml),
+            "--state-dir", str(state.root), "--address", address]  # fmt: skip
+    with open(tmp_path / "daemon.log", "wb") as log:
+        server = spawn(argv, env=env, stdout=log)
+    try:
+        # Execute: once the daemon's ServerApp runs (it waits for devices), an unsigned request
+        run = _wait_for(lambda: _our_run(state, pki), timeout=180)
+        client = RuntimeHttpClient(
+            f"https://{address}", interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")], verify=False
+        )
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP]))
+        client.close()
+        secret_mode = state.superexec_secret.stat().st_mode & 0o777
+    finally:
+        stop_tree(server, grace=30)
+
+    # Assert
+    assert run.status == "running", (tmp_path / "daemon.log").read_text()
+    assert refused.value.response.status_code == 401
+    assert secret_mode == 0o600 and not state.superexec_secret.exists()
+    assert server.returncode == 0
+
+
+def _our_run(state: StateDir, pki: Path) -> RunInfo | None:
+    info = DaemonInfo.read(state.info)
+    if info is None:
+        return None
+    with ControlClient(info.control_address, pki / "ca.pem") as control:
+        run = next(run for run in control.list_runs() if run.run_id == info.run_id)
+    return run if run.status == "running" else None
+
+
+def _wait_for(probe, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = probe()
+        if found is not None:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"not within {timeout} s")
+
+
 # A stand-in for a SuperLink whose daemon was SIGKILLed: it holds a port, and has a child (as
 # the SuperLink has its SuperExec and ServerApp).
 ORPHAN = """
@@ -480,3 +708,63 @@ def test_status_without_a_ledger_lists_no_devices(tmp_path, capsys):
 
     # Assert
     assert "devices" not in text and json.loads(capsys.readouterr().out)["devices"] == []
+
+
+# Runs `fedserver start` as its child, as a subreaper (so that whatever the daemon leaves behind
+# becomes this wrapper's child), SIGTERMs it after argv[1] seconds or, for "check", once its
+# config check's child runs, for "superexec", once its SuperExec runs; then prints the pids of
+# whatever outlives it and kills them.
+SUBREAPER = """
+import ctypes, os, signal, subprocess, sys, time
+from shared.processes import descendants
+ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+daemon = subprocess.Popen(sys.argv[2:])
+deadline = time.monotonic() + 60
+def running(name):
+    return any(name in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace") for pid in descendants(daemon.pid))
+if sys.argv[1] in ("check", "superexec"):
+    name = "spawn_main" if sys.argv[1] == "check" else "flower-superexec"
+    while not running(name) and daemon.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+else:
+    time.sleep(float(sys.argv[1]))
+daemon.send_signal(signal.SIGTERM)
+daemon.wait(timeout=60)
+def reap():
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+deadline = time.monotonic() + 10
+while descendants(os.getpid()) and time.monotonic() < deadline:
+    reap()
+    time.sleep(0.05)
+reap()
+survivors = sorted(descendants(os.getpid()))
+for pid in survivors:
+    os.kill(pid, signal.SIGKILL)
+print(survivors, flush=True)
+"""
+
+
+def _survivors_of_a_sigterm(tmp_path: Path, pki: Path, run_toml: Path, when: str) -> str:
+    daemon_argv = [sys.executable, "-m", "fedserver.cli", "start", "--pki", str(pki), "--config", str(run_toml),
+                   "--state-dir", str(tmp_path / "state"), "--address", f"127.0.0.1:{free_port()}"]  # fmt: skip
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", SUBREAPER, when, *daemon_argv], env=env, capture_output=True, timeout=120, check=True
+    )
+    return done.stdout.decode().strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal and subreapers are Linux's")
+def test_a_sigterm_during_the_config_check_leaves_no_process(tmp_path, pki, run_toml):
+    assert _survivors_of_a_sigterm(tmp_path, pki, run_toml, "check") == "[]"
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal and subreapers are Linux's")
+@pytest.mark.parametrize("when", ["0.2", "1", "2", "5", "superexec"])
+def test_a_sigterm_at_any_point_of_start_up_leaves_no_process(tmp_path, pki, run_toml, when):
+    assert _survivors_of_a_sigterm(tmp_path, pki, run_toml, when) == "[]"
