@@ -122,7 +122,10 @@ def test_worker_processes_end_with_the_arrays_of_one_process(tmp_path):
 
     # Assert
     assert code == 0
-    np.testing.assert_array_equal(np.load(result), numpy_app_final(nodes=4, rounds=3, step=2.0))
+    # Equal up to the order FedAvg sums the replies in (Flower samples the nodes in a random order,
+    # and four floats summed in another order may differ in the last bit); a node whose state was
+    # lost between workers would be a whole step off.
+    np.testing.assert_allclose(np.load(result), numpy_app_final(nodes=4, rounds=3, step=2.0), rtol=1e-12)
     timing = json.loads((tmp_path / "out" / TIMING_FILE).read_text())
     assert (timing["workers"], timing["client_errors"]) == (2, 0)
 

@@ -133,3 +133,32 @@ def test_a_client_sending_an_integer_for_a_list_is_left_out_and_the_run_learns(t
     assert [row["round"] for row in history] == [1, 2, 3] and history[-1]["accuracy"] > history[0]["accuracy"]
     dropped = [r.getMessage() for r in caplog.records if "dropped out of the secure round" in r.getMessage()]
     assert len(dropped) == 3 and all(f"{stage}: {name.replace('-', ' ')}: not" in m for m in dropped), dropped
+
+
+def test_a_client_cheating_at_every_secure_stage_cannot_stop_the_run(tmp_path, caplog):
+    # Prepare: `fedsim run --client-app examples.secagg_cheat:app`: node 1001 sends one fault a round
+    from examples.secagg_cheat import FAULTS
+    from simulations import cli
+
+    args = ["--set", "dataset=synthetic", "--set", "num-clients=8", "--set", "clients-per-round=8",
+            "--set", f"rounds={len(FAULTS)}", "--set", 'hidden="8"', "--set", "synthetic-max-samples=200",
+            "--set", "secure-aggregation=true", "--set", "secagg-threshold=4", "--set", "secagg-neighbours=6",
+            "--set", "workers=1", "--quiet"]  # fmt: skip
+
+    # Execute
+    honest = cli.main(["run", *args, "--output", str(tmp_path / "honest")])
+    caplog.clear()
+    cheated = cli.main(["run", *args, "--output", str(tmp_path / "cheat"), "--client-app", "examples.secagg_cheat:app"])
+
+    # Assert: every round completed without the cheat, named in each; the accuracy within a few points
+    dropped = [r.getMessage() for r in caplog.records if "dropped out of the secure round" in r.getMessage()]
+    assert honest == cheated == 0
+    assert len(dropped) == len(FAULTS) and all(line.startswith("node 1001: ") for line in dropped), dropped
+    accuracy = {run: _summary(tmp_path / run)["final_accuracy"] for run in ("honest", "cheat")}
+    assert abs(accuracy["cheat"] - accuracy["honest"]) < 0.05, accuracy
+
+
+def _summary(run_dir) -> dict:
+    import json
+
+    return json.loads((run_dir / "summary.json").read_text())
