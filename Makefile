@@ -47,7 +47,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_INSTALL)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,server,opacus]'
 	touch $(STAMP)
 	@$(PY) -c '$(SAY_TORCH_BUILD)'
 

@@ -37,6 +37,7 @@ from shared.data.federation import (
 from shared.data.shipping import received_tokenizer
 from shared.device_errors import DeviceCode, DeviceRefusal
 from shared.node_config import DATA_PATH
+from shared.privacy_local import SampleLevelDp
 from shared.recipe import model_from_config, parameter_count
 from shared.secagg import secagg_mod
 from shared.weights import to_arrayrecord, to_state_dict
@@ -195,6 +196,7 @@ class ClientRuntimes:
             device=runtime.node_device(context),
             seed=client_seed(cfg, int(config.get(keys.SERVER_ROUND, 0)), context.node_id),
             time_limit=(policy.max_train_seconds or None) if policy else None,
+            dp=SampleLevelDp(cfg.dp_clipping_norm, cfg.dp_noise_multiplier) if cfg.dp == "local-sgd" else None,
         )
         if result.stopped_early:
             LOG.warning("node %d: training stopped at the policy's max-train-seconds after %d examples",

@@ -29,6 +29,7 @@ from fedserver.events import RoundCallback, RoundEvent, Row, notify
 from fedserver.grid_wrapper import GridWrapper
 from fedserver.node_ledger import NodeLedger
 from fedserver.polling import fast_polling
+from fedserver.privacy import CentralDP, PoissonAccountant, PrivateRoundEvent, budget_stop, poisson_cohort
 from fedserver.report import RunReport
 from fedserver.strategies import (
     build_strategy,
@@ -46,6 +47,7 @@ from shared.data.shipping import tokenizer_entries
 from shared.device_errors import REFUSAL_CHARS, describe_error, log_safe
 from shared.errors import ExitCode, FedserverError
 from shared.flower_compat import sampling_from
+from shared.privacy_local import SampleLevelLedger
 from shared.recipe import model_from_config
 from shared.secagg import SecAggError, SecAggSettings, as_mean_reply, secure_train_round
 from shared.weights import InvalidUpdate, to_arrayrecord, to_state_dict, validate_update
@@ -96,6 +98,18 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Sequence[RoundCallback]
     model = model_from_config(cfg, data_spec(cfg))
     central_test = _central_test(cfg)
     strategy = build_strategy(cfg, federated_evaluation=central_test is None)
+    accountant = PoissonAccountant.for_config(cfg) if cfg.dp == "central" else None
+    local_dp = SampleLevelLedger(noise_multiplier=cfg.dp_noise_multiplier, batch_size=cfg.batch_size,
+                                 epochs=cfg.local_epochs) if cfg.dp == "local-sgd" else None  # fmt: skip
+    if accountant is not None:
+        strategy = CentralDP(
+            strategy,
+            clipping_norm=cfg.dp_clipping_norm,
+            noise_multiplier=cfg.dp_noise_multiplier,
+            expected_cohort=cfg.clients_per_round,  # q * num-clients
+            accountant=accountant,
+            target_epsilon=cfg.dp_target_epsilon,
+        )
     run_dir = RunDirectory(cfg.run_dir, keep=cfg.keep_checkpoints) if cfg.run_dir else None
     resumed = run_dir.load(cfg.to_mapping()) if run_dir else None
     ledger = NodeLedger.read(run_dir.path) if run_dir else NodeLedger()
@@ -103,25 +117,39 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Sequence[RoundCallback]
     if resumed is not None:
         result = RunResult(history=list(resumed.history), arrays=to_arrayrecord(resumed.weights))
         restore_strategy_state(strategy, resumed.strategy_state)
+        if accountant is not None and resumed.privacy is not None:
+            accountant.load_state(resumed.privacy)
+        if local_dp is not None and resumed.privacy is not None:
+            local_dp = SampleLevelLedger.from_state(resumed.privacy)
         LOG.info("resuming %s after round %d", cfg.run_dir, resumed.round)
     # Flower samples from the run's `random` stream
     with global_random(cfg.seed, resumed.random_state if resumed else None), _ledger_kept(ledger, run_dir):
         for server_round in range(len(result.history) + 1, cfg.rounds + 1):
             if result.history and reached_target(cfg, result.history[-1]):
                 break
+            if accountant is not None and accountant.would_exceed(cfg.dp_target_epsilon):
+                LOG.info("round %d not run: it would take epsilon past dp-target-epsilon", server_round)
+                break
             started = time.perf_counter()
             weights, train_metrics = _train_round(
-                strategy, grid, cfg, server_round, result.arrays, model.state_dict(), ledger
+                strategy, grid, cfg, server_round, result.arrays, model.state_dict(), ledger, local_dp
             )
             result.arrays = to_arrayrecord(weights)
             eval_metrics = _evaluate(strategy, grid, cfg, server_round, result.arrays, model, central_test, ledger)
             event = _round_event(cfg, server_round, train_metrics, eval_metrics, time.perf_counter() - started)
+            if accountant is not None:
+                stopped = budget_stop(accountant, cfg, server_round)
+                event = PrivateRoundEvent(**vars(event), epsilon=accountant.epsilon(), stopped=stopped)
+            elif local_dp is not None:  # the worst client's sample-level epsilon
+                event = PrivateRoundEvent(**vars(event), epsilon=local_dp.epsilon(cfg.dp_delta))
             result.history.append(event.row())
             if run_dir is not None:
+                privacy = accountant.state() if accountant else local_dp.state() if local_dp else None
                 state = strategy_state(strategy)
-                run_dir.save(Checkpoint(server_round, weights, state, random.getstate(), result.history), cfg.to_mapping())
+                checkpoint = Checkpoint(server_round, weights, state, random.getstate(), result.history, privacy)
+                run_dir.save(checkpoint, cfg.to_mapping())
                 ledger.save(run_dir.path)
-            if notify(on_round, event):
+            if notify(on_round, event) or (isinstance(event, PrivateRoundEvent) and event.stopped):
                 break
     return result
 
@@ -190,19 +218,21 @@ def _train_round(
     arrays: ArrayRecord,
     like: StateDict,
     ledger: NodeLedger,
+    local_dp: SampleLevelLedger | None = None,
 ) -> tuple[StateDict, MetricRecord | None]:
     """One training round: the new global weights (checked, with `like`'s dtypes) and the metrics.
     An attempt that fails (below quorum, a secure round stopped, an aggregate refused) is retried
     with freshly sampled clients, the strategy's state put back as it was before the round, so a
     failed attempt leaves no trace (FedAdam's moments, FedAvgM's momentum, would count it).
-    Screened replies are counted in `ledger` (not those of a secure round, whose errors
-    `secure_train_round` keeps as text)."""
+    Screened replies are counted in `ledger`; under `dp = "local-sgd"` every client that trained,
+    in any attempt, in `local_dp` (its update was released, whatever became of it)."""
     attempts, before = cfg.round_retries + 1, strategy_state(strategy)
     for attempt in range(1, attempts + 1):
-        with sampling_from(strategy, connected_nodes(grid, cfg, server_round)):
-            config = ConfigRecord(tokenizer_entries(cfg))  # the run's tokenizer, where it ships one
-            messages = list(strategy.configure_train(server_round, arrays, config, grid))
-        aggregate = functools.partial(_secure_attempt if cfg.secure_aggregation else _plain_attempt, ledger=ledger)
+        messages = _configure_train(strategy, grid, cfg, server_round, arrays)
+        if cfg.secure_aggregation:
+            aggregate = functools.partial(_secure_attempt, ledger=ledger)
+        else:
+            aggregate = functools.partial(_plain_attempt, ledger=ledger, local_dp=local_dp)
         try:
             new_arrays, metrics = aggregate(strategy, grid, cfg, server_round, messages, arrays)
             return checked_aggregate(arrays, new_arrays, like, cfg), metrics
@@ -213,6 +243,21 @@ def _train_round(
     raise RoundFailed(
         f"round {server_round}: {failure} after {attempts} attempts{failure.detail}; nothing was aggregated"
     )
+
+
+def _configure_train(
+    strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, arrays: ArrayRecord
+) -> list[Message]:
+    """The round's training messages: `clients-per-round` of the connected nodes, or under central DP
+    each connected node independently with probability q = `clients-per-round` / `num-clients`
+    (Poisson sampling, what its accountant assumes), from the run's `random` stream."""
+    connected = connected_nodes(grid, cfg, server_round)
+    config = ConfigRecord(tokenizer_entries(cfg))  # the run's tokenizer, where it ships one
+    if isinstance(strategy, CentralDP):
+        cohort = poisson_cohort(grid.get_node_ids(), strategy.accountant.sample_rate)
+        return list(strategy.configure_train(server_round, arrays, config, CohortGrid(grid, cohort)))
+    with sampling_from(strategy, connected):
+        return list(strategy.configure_train(server_round, arrays, config, grid))
 
 
 class AttemptFailed(Exception):
@@ -232,15 +277,30 @@ def _plain_attempt(
     arrays: ArrayRecord,
     *,
     ledger: NodeLedger,
+    local_dp: SampleLevelLedger | None = None,
 ) -> tuple[ArrayRecord, MetricRecord | None]:
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     valid = screen_replies(replies, arrays, cfg)
     ledger.record(server_round, replies, valid)
-    needed = quorum(cfg, len(messages))
+    if local_dp is not None:
+        _record_local_dp(local_dp, replies)
+    # Central DP: a sampled client that drops is a smaller cohort, never a retry with others
+    # (whether to retry would depend on the first cohort's replies, which ε does not account).
+    needed = 0 if isinstance(strategy, CentralDP) else quorum(cfg, len(messages))
     if len(valid) < needed:
         raise AttemptFailed(f"fewer than {needed} valid replies", _first_error(replies))
     new_arrays, metrics = _aggregated(lambda: strategy.aggregate_train(server_round, valid))
     return (new_arrays if new_arrays is not None else arrays), metrics
+
+
+def _record_local_dp(local_dp: SampleLevelLedger, replies: list[Message]) -> None:
+    """Each client that replied with a training count trained with DP-SGD on that many examples
+    (refused replies too: the client released its update)."""
+    for reply in replies:
+        metrics = reply.content.get(keys.METRICS) if reply.has_content() else None
+        count = metrics.get(keys.NUM_EXAMPLES) if isinstance(metrics, MetricRecord) else None
+        if isinstance(count, int) and count >= 1:
+            local_dp.record(reply.metadata.src_node_id, count)
 
 
 def _secure_attempt(
@@ -352,7 +412,8 @@ def _federated_evaluation(
     if not evaluated:
         return None
     cohort = order[: cfg.eval_cohort(len(order))]
-    with random_untouched(), sampling_from(strategy, len(cohort)):  # the strategy draws from the cohort only
+    sampler = strategy.strategy if isinstance(strategy, CentralDP) else strategy
+    with random_untouched(), sampling_from(sampler, len(cohort)):  # the strategy draws from the cohort only
         config = ConfigRecord(tokenizer_entries(cfg))
         messages = strategy.configure_evaluate(server_round, arrays, config, CohortGrid(grid, cohort))
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))

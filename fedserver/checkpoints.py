@@ -3,7 +3,8 @@
 After round N, in this order, each file atomically (temporary name, fsync, rename):
 `checkpoints/round-N.safetensors` (global weights), `checkpoints/strategy-N.safetensors`
 (server optimizer moments), `model.safetensors` (the latest weights, for users),
-`metrics.jsonl`, and last `state.json`, the commit point naming round N. A crash before
+`metrics.jsonl`, and last `state.json`, the commit point naming round N (and, under DP, the
+privacy accountant's state: releases composed, q, z). A crash before
 `state.json` is written leaves round N uncommitted: a restart redoes it from round N-1's
 files, and drops any metrics line past the committed round, so no round is lost or repeated.
 
@@ -38,7 +39,7 @@ CHECKPOINT_DIR = "checkpoints"
 # Evaluation keys qualify because evaluation sampling leaves the training stream untouched.
 RESUMABLE_CHANGES = frozenset(
     {"rounds", "run-dir", "target-accuracy", "stop-at-target", "round-timeout", "eval-clients", "eval-every",
-     "node-wait-timeout", "keep-checkpoints", "workers", "gpu-memory-fraction"}
+     "node-wait-timeout", "keep-checkpoints", "workers", "gpu-memory-fraction", "dp-target-epsilon"}
 )  # fmt: skip
 
 
@@ -56,6 +57,7 @@ class Checkpoint:
     strategy_state: dict[str, np.ndarray]
     random_state: Any  # Python's `random.getstate()`: Flower samples nodes from it
     history: list[Row]
+    privacy: dict[str, Any] | None = None  # the DP accountant's state (fedserver.privacy); None without DP
 
 
 class RunDirectory:
@@ -76,6 +78,8 @@ class RunDirectory:
         save_safetensors(checkpoint.weights, self.path / MODEL_FILE)
         atomic_write_text(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in checkpoint.history))
         state = {"round": n, "random_state": _jsonable(checkpoint.random_state), "config": config}
+        if checkpoint.privacy is not None:
+            state["privacy"] = checkpoint.privacy
         atomic_write_text(self.path / STATE_FILE, json.dumps(state) + "\n")
         if self.keep:
             self._prune(oldest_kept=n - self.keep + 1)
@@ -97,6 +101,7 @@ class RunDirectory:
             strategy_state=_read_arrays(self._strategy_file(n)),
             random_state=random_state,
             history=read_metrics(self.path)[:n],
+            privacy=state.get("privacy"),
         )
 
     def history(self) -> list[Row]:

@@ -39,7 +39,8 @@ def summarize(rows: list[Row], target_accuracy: float, evaluated_on: str | None 
 
     The final accuracy and loss are those of the last evaluated round (`final_accuracy_round`;
     the last round unless the run was interrupted between evaluations); `evaluated_on` says
-    what they were measured on.
+    what they were measured on. Under DP, `epsilon` is the ε spent by the last round (None without
+    DP) and `stopped` says why the run ended before its `rounds` (None when it did not stop so).
     """
     evaluated = [r for r in rows if r.get("accuracy") is not None]
     reached = [int(r["round"]) for r in evaluated if 0 < target_accuracy <= r["accuracy"]]
@@ -54,6 +55,8 @@ def summarize(rows: list[Row], target_accuracy: float, evaluated_on: str | None 
         "final_accuracy_round": int(last["round"]) if last else None,
         "evaluated_rounds": len(evaluated),
         "evaluated_on": evaluated_on,
+        "epsilon": rows[-1].get("epsilon") if rows else None,
+        "stopped": rows[-1].get("stopped") if rows else None,
     }
 
 

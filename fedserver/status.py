@@ -139,4 +139,5 @@ def _metrics_line(status: Status) -> str:
     if row is None:
         return "no round completed yet"
     shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("round", "seconds") and isinstance(v, float))
-    return f"last round {row.get('round')}: {shown} ({row.get('seconds', 0):.1f} s)"
+    stopped = f"; the run stopped: {row['stopped']}" if row.get("stopped") else ""  # a DP run's budget
+    return f"last round {row.get('round')}: {shown} ({row.get('seconds', 0):.1f} s){stopped}"

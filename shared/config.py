@@ -41,6 +41,11 @@ TOKENIZERS = ("fitted", "bytes", "file")
 VECTORIZED = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BACKENDS = ("fedsim", "ray")  # ray: Flower's own simulation engine (the `ray` extra), on one machine or a cluster
+# Differential privacy (docs/privacy.md): `central` is DP-FedAvg (the server clips and adds the noise).
+DP_MODES = ("none", "central", "distributed", "local-sgd")
+DP_NOT_AVAILABLE = ("distributed",)  # in DP_MODES, refused with "not available yet"
+# Their aggregate is not a sum of the updates, which central DP's noise is calibrated to.
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
 # Keys whose value must be one of a fixed set.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -53,6 +58,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "vectorized": VECTORIZED,
     "device": DEVICES,
     "backend": BACKENDS,
+    "dp": DP_MODES,
 }
 
 
@@ -92,6 +98,11 @@ EVALUATION = Section("Evaluation and stopping", "How the global model is scored 
 EXECUTION = Section("Execution", "Where a run computes and writes, and how rounds cope with failing clients.")
 SECAGG = Section(
     "Secure aggregation", "SecAgg+ (`shared/secagg`): the server learns only the sum of the clients' updates."
+)
+PRIVACY = Section(
+    "Differential privacy",
+    "Client-level DP ([privacy.md](privacy.md)): `central` clips each update, adds Gaussian noise to the sum "
+    "and accounts ε over the rounds.",
 )
 SAME_AS_SEED = -1  # `data-seed` default: the data is drawn with the run's `seed`
 EVERY_CLIENT = -1  # `eval-clients`: evaluate on every connected client
@@ -337,6 +348,27 @@ class RunConfig:
     secagg_quantization_range: int = SECAGG.option(
         1 << 24, "Quantization levels; the per-element error is at most clipping range / (levels − 1)."
     )
+    dp: str = PRIVACY.option(
+        "none",
+        "`none`; `central`: DP-FedAvg (McMahan et al. 2018): clients Poisson-sampled with probability "
+        "`clients-per-round` / `num-clients`, each update clipped to `dp-clipping-norm`, Gaussian noise of "
+        "std `dp-noise-multiplier` × `dp-clipping-norm` added to the sum, divided by `clients-per-round`. "
+        "`local-sgd`: DP-SGD on each device (Opacus), per-example gradients clipped to `dp-clipping-norm` "
+        "with noise `dp-noise-multiplier`, each client's epsilon accounted by the server; `distributed` is "
+        "not available yet.",
+    )
+    dp_clipping_norm: float = PRIVACY.option(
+        0.0, "C: the L2 bound on each client's update (> 0 where `dp` is not `none`)."
+    )
+    dp_noise_multiplier: float = PRIVACY.option(
+        0.0, "z (>= 0): the noise's standard deviation over C; 0 = clipping only, ε infinite."
+    )
+    dp_delta: float = PRIVACY.option(1e-5, "δ at which ε is reported, in (0, 1).")
+    dp_target_epsilon: float = PRIVACY.option(
+        0.0,
+        "The run stops before a round whose release would take ε past this (the rounds done stay "
+        "committed); 0.0 = no target.",
+    )
 
     def __post_init__(self) -> None:
         _check_values(self)
@@ -450,7 +482,58 @@ def _check_values(cfg: RunConfig) -> None:
         if value != "auto" and not (value.isascii() and value.isdigit() and int(value) >= 1):
             raise ConfigError(f"config key '{key}' must be 'auto' or an integer >= 1, got '{value}'")
     _check_text(cfg)
+    _check_privacy(cfg)  # before SecAgg+'s own settings: DP refuses it whatever they are
+    _check_local_sgd(cfg)
     _check_secure_aggregation(cfg)
+
+
+def _check_privacy(cfg: RunConfig) -> None:
+    """The `dp-*` keys: possible values, and a mode that this strategy and aggregation allow."""
+    if not 0.0 < cfg.dp_delta < 1.0:
+        raise ConfigError(f"config key 'dp-delta' must be in (0, 1), got {cfg.dp_delta}")
+    for name in ("dp_noise_multiplier", "dp_target_epsilon", "dp_clipping_norm"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"config key '{config_key(name)}' must be >= 0, got {getattr(cfg, name)}")
+    if cfg.dp == "none":
+        return
+    if cfg.dp in DP_NOT_AVAILABLE:
+        raise ConfigError(f"config key 'dp' is '{cfg.dp}': not available yet (docs/privacy.md)")
+    if cfg.dp_clipping_norm <= 0:
+        raise ConfigError(f"config key 'dp-clipping-norm' must be > 0 with dp '{cfg.dp}', got {cfg.dp_clipping_norm}")
+    if cfg.dp_target_epsilon > 0 and cfg.dp_noise_multiplier == 0:
+        raise ConfigError(
+            "config key 'dp-target-epsilon' needs 'dp-noise-multiplier' > 0 (without noise ε is infinite)"
+        )
+    if cfg.dp == "central" and cfg.strategy in ROBUST_STRATEGIES:
+        raise ConfigError(
+            f"dp '{cfg.dp}' with strategy '{cfg.strategy}': its aggregate is not a sum of the updates, "
+            "which the noise is calibrated to; use fedavg, fedprox, fedadam, fedyogi, fedadagrad or fedavgm"
+        )
+    if cfg.dp == "central" and cfg.secure_aggregation:
+        raise ConfigError(
+            f"dp '{cfg.dp}' with secure-aggregation: the server clips each update, which SecAgg+ hides from it"
+        )
+
+
+def _check_local_sgd(cfg: RunConfig) -> None:
+    """`dp = "local-sgd"`: what the devices' DP-SGD (Opacus, `shared.task`) cannot train privately."""
+    if cfg.dp != "local-sgd":
+        return
+    if cfg.model == "transformer-classifier":
+        # Its positional embedding reads positions, not examples: Opacus would clip wrong "examples".
+        raise ConfigError("dp 'local-sgd' with model 'transformer-classifier': Opacus cannot give its "
+                          "positional embedding per-example gradients; use mlp, 2nn, cnn or char-lm")  # fmt: skip
+    if cfg.vectorized == "on":
+        raise ConfigError("dp 'local-sgd' with vectorized 'on': a vectorized round runs no ClientApp, "
+                          "where each example's gradient is clipped")  # fmt: skip
+    if cfg.compile:
+        raise ConfigError("dp 'local-sgd' with compile: Opacus's per-example gradient hooks need the eager model")
+    if cfg.secure_aggregation:
+        raise ConfigError("dp 'local-sgd' with secure-aggregation: the server accounts each client's ε "
+                          "from its own num-examples, which SecAgg+ sums")  # fmt: skip
+    if cfg.dp_target_epsilon > 0:
+        # Each node's ε grows with its own n, which the server learns only from its reply.
+        raise ConfigError("config key 'dp-target-epsilon' is not enforced with dp 'local-sgd'; leave it 0.0")
 
 
 def _check_secure_aggregation(cfg: RunConfig) -> None:
@@ -571,7 +654,8 @@ KEY_ROLES: dict[str, str] = {
          "vocab-size", "tokenizer", "tokenizer-sha256", "d-model", "num-heads", "num-layers", "ff-dim",
          "dropout", "compile", "seed", "data-seed", "local-epochs", "batch-size", "lr", "optimizer",
          "proximal-mu", "device", "torch-threads", "eval-batch-size", "secure-aggregation",
-         "secagg-threshold", "secagg-neighbours", "secagg-clipping-range", "secagg-quantization-range"),
+         "secagg-threshold", "secagg-neighbours", "secagg-clipping-range", "secagg-quantization-range",
+         "dp", "dp-clipping-norm", "dp-noise-multiplier"),
         RECIPE,
     ),
     **dict.fromkeys(
@@ -581,7 +665,7 @@ KEY_ROLES: dict[str, str] = {
          "num-malicious", "target-accuracy", "stop-at-target", "eval-clients", "eval-every", "backend",
          "ray-cpus-per-client", "ray-gpus-per-client", "vectorized", "workers", "gpu-memory-fraction",
          "keep-checkpoints", "round-timeout", "node-wait-timeout", "min-replies", "round-retries",
-         "max-update-norm", "max-client-examples", "max-reply-bytes"),
+         "max-update-norm", "max-client-examples", "max-reply-bytes", "dp-delta", "dp-target-epsilon"),
         SERVER_ONLY,
     ),
     **dict.fromkeys(PATH_KEYS, DEVICE_OWNED),

@@ -14,6 +14,7 @@ cut to their longest row, so little time goes into padding (``batch_plan``).
 from __future__ import annotations
 
 import contextlib
+import secrets
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from torch import nn
 from shared.config import OPTIMIZERS
 from shared.data.text import PAD  # token id of padding
 from shared.data.textsets import IGNORE  # a label nothing is scored at (cross_entropy's ignore_index)
+from shared.privacy_local import SampleLevelDp, sampling
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 BUCKET_POOL = 50  # batches drawn together, then sorted by length (they stay shuffled across pools)
@@ -82,6 +84,7 @@ def train(
     device: str = "auto",
     seed: int | None = None,
     time_limit: float | None = None,
+    dp: SampleLevelDp | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with cross-entropy for ``epochs`` passes over (x, y).
 
@@ -92,6 +95,9 @@ def train(
     Mixed precision is used on CUDA only. ``time_limit`` (seconds) stops training after the
     step that passes it (at least one step runs): the loss is then the mean over the examples
     of the epoch it stopped in, and ``num_examples`` counts what was trained on, at most len(x).
+
+    ``dp`` trains with sample-level DP-SGD instead (``_train_sample_level_dp``): Poisson-sampled
+    batches, each example's gradient clipped and Gaussian noise added by Opacus.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
@@ -99,6 +105,10 @@ def train(
     lengths = token_lengths(x)
     xs, ys = _to_device(x, y, dev)
     n = len(xs)
+    if dp is not None:
+        deadline = None if time_limit is None else time.monotonic() + time_limit
+        settings = _LocalSgd(epochs, batch_size, lr, optimizer, proximal_mu, seed, deadline)
+        return _train_sample_level_dp(model, xs, ys, lengths, dev, dp, settings)
     model.to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
     proximal = _proximal(params, proximal_mu)
@@ -128,6 +138,109 @@ def train(
                     return TrainResult((loss_sum / seen).item(), min(trained, n), stopped_early=True)
             trained += seen
     return TrainResult(loss=(loss_sum / n).item(), num_examples=n)
+
+
+@dataclass(frozen=True)
+class _LocalSgd:
+    """What a sample-level DP training run takes from `train`'s arguments."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str
+    proximal_mu: float
+    seed: int | None  # dropout only: batches and noise never come from a seed the server knows
+    deadline: float | None  # time.monotonic() after which training stops
+
+
+def _train_sample_level_dp(
+    model: nn.Module,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    lengths: torch.Tensor | None,
+    dev: torch.device,
+    dp: SampleLevelDp,
+    run: _LocalSgd,
+) -> TrainResult:
+    """DP-SGD (Abadi et al. 2016) by Opacus: E * ceil(n/B) steps, each on a Poisson-sampled batch
+    (every example with probability q = min(1, B/n), as the accountant in `shared.privacy_local`
+    assumes), each example's gradient clipped to C, N(0, (z*C)^2) added to their sum, divided by
+    the expected batch size; FedProx's pull, which reads no data, is added after the noise.
+
+    The batches and the noise come from fresh entropy, not from `seed`: the server knows the seed
+    (`fedclient.app.client_seed`), and could otherwise replay both. No mixed precision.
+    `num_examples` is n even where the time limit stops training: it is what the server's
+    accountant reads as the client's n (fewer steps than accounted only lowers the real ε).
+    """
+    grad_sample_module, dp_optimizer = _opacus()
+    n = len(xs)
+    q, steps = sampling(n, run.batch_size, run.epochs)
+    model.to(dev).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    own_attrs = [set(vars(p)) for p in params]  # Opacus leaves attributes on the parameters; they go after
+    proximal = _proximal(params, run.proximal_mu)
+    if run.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {run.optimizer!r}; allowed: {list(OPTIMIZERS)}")
+    base = torch.optim.SGD(params, lr=run.lr) if run.optimizer == "sgd" else torch.optim.Adam(params, lr=run.lr)
+    sampler, noise = _secret_generator(torch.device("cpu")), _secret_generator(dev)
+    loss_sum = torch.zeros((), device=dev)
+    seen = 0  # examples sampled in this epoch
+    wrapped = grad_sample_module(model, loss_reduction="mean")  # hooks on `model`'s layers; its keys stay its own
+    try:
+        opt = dp_optimizer(
+            base,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.clipping_norm,
+            expected_batch_size=min(run.batch_size, n),
+            loss_reduction="mean",
+            generator=noise,
+        )
+        with _seeded_rng(run.seed, dev), warnings.catch_warnings():
+            # An empty Poisson batch still takes its step (noise only); its hooks fire on no inputs.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for step in range(steps):
+                if step % (steps // run.epochs) == 0:
+                    loss_sum.zero_()
+                    seen = 0
+                idx = torch.nonzero(torch.rand(n, generator=sampler) < q).squeeze(1)  # (b,), b ~ Binomial(n, q)
+                width = _width(lengths, idx) if lengths is not None and len(idx) else None
+                xb, yb = gather(xs, ys, idx.to(dev, non_blocking=True), width)
+                opt.zero_grad(set_to_none=True)
+                loss = _loss(wrapped(xb), yb)  # mean over the batch: NaN for an empty one, whose grads are empty
+                loss.backward()
+                if opt.pre_step():  # clip, sum, noise, scale: p.grad is now the private gradient
+                    if proximal is not None:
+                        proximal()
+                    opt.original_optimizer.step()
+                if len(idx):
+                    seen += len(idx)
+                    loss_sum.add_(loss.detach(), alpha=len(idx))
+                if run.deadline is not None and time.monotonic() >= run.deadline:
+                    return TrainResult((loss_sum / max(seen, 1)).item(), n, stopped_early=step < steps - 1)
+    finally:  # the runtime keeps this model for its next message: no hooks, gradients or attributes left
+        wrapped.to_standard_module()
+        for p, attrs in zip(params, own_attrs, strict=True):
+            p.grad = None
+            for name in set(vars(p)) - attrs:
+                delattr(p, name)
+    return TrainResult(loss=(loss_sum / max(seen, 1)).item(), num_examples=n)
+
+
+def _opacus() -> tuple[type, type]:
+    """Opacus's GradSampleModule and DPOptimizer, imported only where sample-level DP trains."""
+    try:
+        from opacus import GradSampleModule  # noqa: PLC0415
+        from opacus.optimizers import DPOptimizer  # noqa: PLC0415
+    except ImportError as err:
+        raise ImportError("dp 'local-sgd' trains with Opacus, not installed: pip install 'flowerbed[opacus]'") from err
+    return GradSampleModule, DPOptimizer
+
+
+def _secret_generator(dev: torch.device) -> torch.Generator:
+    """A generator on `dev` seeded from the OS's entropy (not a CSPRNG: Opacus's secure_mode would need torchcsprng)."""
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(secrets.randbits(63))
+    return gen
 
 
 def evaluate(

@@ -43,5 +43,8 @@ def progress_line(event: RoundEvent, elapsed: float, width: int = 30, evaluated:
         parts[-1] += f" (round {evaluated.round})"
     if event.train_loss is not None:
         parts.append(f"train {event.train_loss:.4f}")
+    epsilon = getattr(event, "epsilon", None)  # a DP run's PrivateRoundEvent (fedserver.privacy)
+    if epsilon is not None:
+        parts.append(f"eps {epsilon:.3g}")
     parts.append(f"{elapsed:.1f}s")
     return " | ".join(parts)

@@ -79,6 +79,8 @@ def unsupported_reason(cfg: RunConfig) -> str | None:
     """Why the local training of `cfg` cannot be vectorized, or None when it can."""
     if cfg.secure_aggregation:
         return "secure aggregation masks each client's update in its ClientApp mod"
+    if cfg.dp == "local-sgd":
+        return "dp 'local-sgd' clips each example's gradient in the ClientApp"
     if cfg.optimizer not in SUPPORTED_OPTIMIZERS:
         return f"optimizer '{cfg.optimizer}' (supported: {', '.join(SUPPORTED_OPTIMIZERS)})"
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import subprocess
 import sys
@@ -351,3 +352,166 @@ reference = trained(lambda params, lr: torch.optim.SGD(params, lr=lr))
 assert all(torch.equal(a, b) for a, b in zip(plain, reference, strict=True))
 """
     subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+# --- sample-level DP-SGD (dp = "local-sgd") -------------------------------------------
+
+from shared.privacy_local import SampleLevelDp  # noqa: E402
+
+needs_opacus = pytest.mark.skipif(importlib.util.find_spec("opacus") is None, reason="needs the opacus extra")
+
+
+def _textbook_dp_sgd_step(model: nn.Module, x, y, *, lr: float, clip: float) -> None:
+    """One full-batch DP-SGD step without noise, one example at a time: w -= lr * mean_i clip_C(g_i)."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(x)):
+        grads = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        for t, g in zip(total, grads, strict=True):
+            t.add_(g * min(1.0, clip / (float(norm) + 1e-6)))
+    with torch.no_grad():
+        for p, t in zip(params, total, strict=True):
+            p.sub_(t / len(x), alpha=lr)
+
+
+@needs_opacus
+def test_local_dp_clips_each_examples_gradient_not_the_batchs():
+    # Prepare: one example far out makes its gradient dominate; the batch is the whole data (q = 1)
+    x, y = _data(n=12)
+    x[0] *= 1e4
+    dp_trained, reference = _mlp(), _mlp()
+
+    # Execute: z = 0 is clipping alone
+    train(dp_trained, x, y, epochs=1, batch_size=12, lr=0.5, device="cpu", dp=SampleLevelDp(0.1, 0.0))
+    _textbook_dp_sgd_step(reference, x, y, lr=0.5, clip=0.1)
+
+    # Assert: each example clipped to C on its own, then averaged (clipping the batch's mean would differ)
+    for p, q in zip(dp_trained.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+@needs_opacus
+def test_local_dp_update_is_bounded_by_lr_steps_and_clipping_norm():
+    # Prepare: a huge learning signal, which moves the weights far without DP
+    x, y = _data(n=30)
+    x *= 1e3
+    start, dp_trained, plain = _mlp(), _mlp(), _mlp()
+    lr, clip, epochs = 0.1, 0.5, 3
+
+    # Execute: full batches (B >= n, so q = 1 and one step an epoch)
+    train(dp_trained, x, y, epochs=epochs, batch_size=64, lr=lr, device="cpu", dp=SampleLevelDp(clip, 0.0))
+    train(plain, x, y, epochs=epochs, batch_size=64, lr=lr, device="cpu")
+
+    # Assert: each step moves the weights by at most lr * C
+    assert _distance(dp_trained, start) <= lr * epochs * clip * (1 + 1e-5)
+    assert _distance(plain, start) > 10 * lr * epochs * clip
+
+
+@needs_opacus
+def test_local_dp_noise_changes_the_weights_and_does_not_come_from_the_seed():
+    # Prepare
+    x, y = _data(n=30)
+    clipped, noisy_a, noisy_b = _mlp(), _mlp(), _mlp()
+
+    # Execute
+    train(clipped, x, y, epochs=1, batch_size=64, lr=0.1, seed=3, device="cpu", dp=SampleLevelDp(1.0, 0.0))
+    train(noisy_a, x, y, epochs=1, batch_size=64, lr=0.1, seed=3, device="cpu", dp=SampleLevelDp(1.0, 1.0))
+    train(noisy_b, x, y, epochs=1, batch_size=64, lr=0.1, seed=3, device="cpu", dp=SampleLevelDp(1.0, 1.0))
+
+    # Assert: noise of std z*C/B = 1/30 a coordinate moves the weights; the server-known seed does not fix it
+    assert _distance(clipped, noisy_a) > 0.01
+    assert _distance(noisy_a, noisy_b) > 0.01
+
+
+@needs_opacus
+def test_local_dp_samples_poisson_batches_for_e_times_ceil_n_over_b_steps():
+    # Prepare
+    x, y = _data(n=200)
+    model = _mlp()
+    batches = _count_forwards(model)
+
+    # Execute
+    result = train(model, x, y, epochs=2, batch_size=20, lr=0.1, device="cpu", dp=SampleLevelDp(1.0, 1.0))
+
+    # Assert: 2 * ceil(200/20) steps, each batch ~ Binomial(200, 0.1), not all of size 20; n is reported
+    assert len(batches) == 20
+    assert len(set(batches)) > 1 and 10 <= sum(batches) / len(batches) <= 30
+    assert (result.num_examples, result.stopped_early) == (200, False)
+    assert math.isfinite(result.loss)
+
+
+@needs_opacus
+@pytest.mark.parametrize(
+    ("name", "options", "tokens"),
+    [
+        ("mlp", {"input_dim": 16, "hidden": [8], "num_classes": 3}, False),
+        ("cnn", {"input_dim": 16, "hidden": 8, "num_classes": 3}, False),
+        ("char-lm", {"vocab_size": 12, "d_model": 8, "nhead": 2, "num_layers": 1, "max_len": 8}, True),
+    ],
+)
+def test_local_dp_keeps_the_state_dict_and_leaves_no_trace_on_the_model(name, options, tokens):
+    # Prepare
+    torch.manual_seed(0)
+    model = build_model(name, **options)
+    shapes = {key: value.shape for key, value in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 12, (24, 10), generator=g) if tokens else torch.randn(24, 16, generator=g)
+    y = torch.randint(0, 12 if tokens else 3, (24, 10) if tokens else (24,), generator=g)
+
+    # Execute
+    result = train(model, x, y, epochs=1, batch_size=6, lr=0.1, seed=0, device="cpu", dp=SampleLevelDp(1.0, 0.5))
+    twin = build_model(name, **options)
+    twin.load_state_dict(model.state_dict())
+    train(model, x, y, epochs=1, batch_size=6, lr=0.1, seed=0, device="cpu")
+    train(twin, x, y, epochs=1, batch_size=6, lr=0.1, seed=0, device="cpu")
+
+    # Assert: same keys and shapes; plain training afterwards is what it is on an untouched model
+    assert math.isfinite(result.loss)
+    assert {key: value.shape for key, value in model.state_dict().items()} == shapes
+    assert all(vars(p) == {} for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+
+
+@needs_opacus
+def test_local_dp_time_limit_reports_n_for_the_accountant():
+    # Prepare
+    x, y = _data(n=40)
+
+    # Execute: a limit of 0 stops after the first step
+    result = train(_mlp(), x, y, epochs=2, batch_size=5, lr=0.1, device="cpu", dp=SampleLevelDp(1.0, 1.0), time_limit=0)
+
+    # Assert
+    assert (result.num_examples, result.stopped_early) == (40, True)
+
+
+def test_local_dp_without_opacus_names_the_extra(monkeypatch):
+    # Prepare
+    monkeypatch.setitem(sys.modules, "opacus", None)
+    x, y = _data(n=10)
+
+    # Execute / Assert
+    with pytest.raises(ImportError, match=r"pip install 'flowerbed\[opacus\]'"):
+        train(_mlp(), x, y, epochs=1, batch_size=5, lr=0.1, device="cpu", dp=SampleLevelDp(1.0, 1.0))
+
+
+@needs_opacus
+@pytest.mark.parametrize("tokens", [False, True])
+def test_local_dp_takes_its_noise_step_on_an_empty_poisson_batch(tokens):
+    # Prepare: B = 1 of n = 30 samples no example in about a third of the steps
+    g = torch.Generator().manual_seed(0)
+    if tokens:
+        model = build_model("char-lm", vocab_size=12, d_model=8, nhead=2, num_layers=1, max_len=8)
+        x, y = torch.randint(1, 12, (30, 10), generator=g), torch.randint(0, 12, (30, 10), generator=g)
+    else:
+        model, (x, y) = _mlp(), _data(n=30)
+    start = copy.deepcopy(model.state_dict())
+    batches = _count_forwards(model)
+
+    # Execute
+    result = train(model, x, y, epochs=1, batch_size=1, lr=0.1, device="cpu", dp=SampleLevelDp(1.0, 1.0))
+
+    # Assert: 30 steps, some on no example, and the weights finite and moved
+    assert len(batches) == 30 and 0 in batches
+    assert math.isfinite(result.loss)
+    assert all(torch.isfinite(v).all() and not torch.equal(v, start[k]) for k, v in model.state_dict().items())
