@@ -29,7 +29,15 @@ from fedserver.events import RoundCallback, RoundEvent, Row, notify
 from fedserver.grid_wrapper import GridWrapper
 from fedserver.node_ledger import NodeLedger
 from fedserver.polling import fast_polling
-from fedserver.privacy import CentralDP, PoissonAccountant, PrivateRoundEvent, budget_stop, poisson_cohort
+from fedserver.privacy import (
+    BudgetSpent,
+    CentralDP,
+    DistributedDP,
+    PoissonAccountant,
+    PrivateRoundEvent,
+    budget_stop,
+    poisson_cohort,
+)
 from fedserver.report import RunReport
 from fedserver.strategies import (
     build_strategy,
@@ -98,11 +106,11 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Sequence[RoundCallback]
     model = model_from_config(cfg, data_spec(cfg))
     central_test = _central_test(cfg)
     strategy = build_strategy(cfg, federated_evaluation=central_test is None)
-    accountant = PoissonAccountant.for_config(cfg) if cfg.dp == "central" else None
+    accountant = PoissonAccountant.for_config(cfg) if cfg.dp in ("central", "distributed") else None
     local_dp = SampleLevelLedger(noise_multiplier=cfg.dp_noise_multiplier, batch_size=cfg.batch_size,
                                  epochs=cfg.local_epochs) if cfg.dp == "local-sgd" else None  # fmt: skip
-    if accountant is not None:
-        strategy = CentralDP(
+    if accountant is not None:  # distributed: the devices clip and noise, the server divides and accounts
+        strategy = (DistributedDP if cfg.dp == "distributed" else CentralDP)(
             strategy,
             clipping_norm=cfg.dp_clipping_norm,
             noise_multiplier=cfg.dp_noise_multiplier,
@@ -315,26 +323,46 @@ def _secure_attempt(
 ) -> tuple[ArrayRecord, MetricRecord | None]:
     """SecAgg+: the strategy aggregates one reply holding the unmasked weighted mean, never a
     client's own update (so per-client update checks cannot apply; the clipping range bounds it,
-    and the total count must be one a reply could claim for each client in the sum)."""
+    and the total count must be one a reply could claim for each client in the sum).
+
+    Under distributed DP each client weighs 1 (the count must be the clients summed), no quorum
+    applies (as for central DP), and an attempt that fails after sampling is composed as a release
+    (`DistributedDP.compose_failed_attempt`), the budget checked before any client trains."""
     settings = SecAggSettings.from_mapping(cfg.to_mapping())
+    distributed_dp = strategy if isinstance(strategy, DistributedDP) else None
+    if distributed_dp is not None:
+        try:
+            distributed_dp.check_budget()  # before any client trains: the round, and so the run, fails
+        except BudgetSpent as err:
+            raise AttemptFailed(str(err)) from err
     try:
         aggregate = secure_train_round(
             grid, messages, settings, timeout=cfg.round_timeout,
             on_error=functools.partial(ledger.record_error, server_round),
         )  # fmt: skip
-    except SecAggError as err:
+        ledger.record_accepted(aggregate.survivors.masked)
+        for node, why in aggregate.failures.items():
+            LOG.warning("node %d: dropped out of the secure round: %s", node, log_safe(why, REFUSAL_CHARS))
+        summed = len(aggregate.survivors.masked)
+        needed = 0 if distributed_dp is not None else quorum(cfg, len(messages))
+        if summed < needed:
+            raise AttemptFailed(f"{summed} clients in the secure sum, fewer than {needed}")
+        if distributed_dp is not None and aggregate.num_examples != summed:
+            raise AttemptFailed(
+                f"the secure sum counts {aggregate.num_examples} from {summed} clients: "
+                "under distributed DP each weighs 1"
+            )
+        if not summed <= aggregate.num_examples <= summed * cfg.max_client_examples:
+            raise AttemptFailed(
+                f"the secure sum claims {aggregate.num_examples} examples from {summed} clients, "
+                f"outside [1, {cfg.max_client_examples}] (max-client-examples) each"
+            )
+    except (SecAggError, AttemptFailed) as err:
+        if distributed_dp is not None and messages:
+            distributed_dp.compose_failed_attempt(settings.threshold)
+        if isinstance(err, AttemptFailed):
+            raise
         raise AttemptFailed(str(err)) from err
-    ledger.record_accepted(aggregate.survivors.masked)
-    for node, why in aggregate.failures.items():
-        LOG.warning("node %d: dropped out of the secure round: %s", node, log_safe(why, REFUSAL_CHARS))
-    summed, needed = len(aggregate.survivors.masked), quorum(cfg, len(messages))
-    if summed < needed:
-        raise AttemptFailed(f"{summed} clients in the secure sum, fewer than {needed}")
-    if not summed <= aggregate.num_examples <= summed * cfg.max_client_examples:
-        raise AttemptFailed(
-            f"the secure sum claims {aggregate.num_examples} examples from {summed} clients, "
-            f"outside [1, {cfg.max_client_examples}] (max-client-examples) each"
-        )
     return _aggregated(lambda: strategy.aggregate_train(server_round, [as_mean_reply(aggregate, messages[0])]))
 
 

@@ -1,5 +1,7 @@
 """Client-level central DP (DP-FedAvg, McMahan et al. 2018): Poisson sampling, the strategy wrapper
-that clips, noises and averages, and the RDP accountant of ε (docs/privacy.md).
+that clips, noises and averages, and the RDP accountant of ε (docs/privacy.md). Distributed DP
+(`DistributedDP`): the same sampling, division and accounting, the clipping and the noise shares
+done on the devices before SecAgg+ masks their updates (`shared.secagg.client`).
 
 The clipping and the noise are Flower's own functions (through `shared.flower_compat`); the
 accounting is Google's `dp-accounting` (the `server` extra), imported where a DP run needs it.
@@ -12,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,12 +50,18 @@ def poisson_cohort(nodes: Iterable[int], sample_rate: float, rng: random.Random 
 
 @dataclass
 class PoissonAccountant:
-    """ε of `releases` Poisson-sampled Gaussian releases (rate q, noise multiplier z) at `delta`, by RDP."""
+    """ε of `releases` Poisson-sampled Gaussian releases (rate q, noise multiplier z) at `delta`, by RDP.
+
+    A release composed with another noise multiplier (distributed DP: the one its surviving
+    clients' noise shares achieved) keeps it in `achieved`; every other release, and any release
+    to come that `epsilon(n)` and `would_exceed` look ahead to, is at `noise_multiplier`.
+    """
 
     sample_rate: float  # q
     noise_multiplier: float  # z
     delta: float
     releases: int = 0
+    achieved: list[float] = field(default_factory=list)  # z of each release composed at another z
 
     @classmethod
     def for_config(cls, cfg: RunConfig) -> PoissonAccountant:
@@ -59,29 +69,40 @@ class PoissonAccountant:
         return cls(cfg.clients_per_round / cfg.num_clients, cfg.dp_noise_multiplier, cfg.dp_delta)
 
     def epsilon(self, releases: int | None = None) -> float:
-        """ε after `releases` releases (default: those composed so far)."""
+        """ε after `releases` releases (default: those composed so far; any beyond them at z)."""
         count = self.releases if releases is None else releases
         if count == 0:
             return 0.0
         dp_accounting = _dp_accounting()
-        event = dp_accounting.PoissonSampledDpEvent(
-            self.sample_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier)
-        )
         accountant = dp_accounting.rdp.RdpAccountant()
-        accountant.compose(event, count)
+        others = Counter(self.achieved) if count >= self.releases else Counter()
+        at_z = count - sum(others.values())
         with _absl_quiet():
+            for noise_multiplier, times in [(self.noise_multiplier, at_z), *others.items()]:
+                if times > 0:
+                    event = dp_accounting.GaussianDpEvent(noise_multiplier)
+                    accountant.compose(dp_accounting.PoissonSampledDpEvent(self.sample_rate, event), times)
             return float(accountant.get_epsilon(self.delta))
 
     def would_exceed(self, target: float) -> bool:
-        """Whether one more release takes ε past `target` (0 = no target)."""
+        """Whether one more release (at z) takes ε past `target` (0 = no target)."""
         return target > 0 and self.epsilon(self.releases + 1) > target
 
-    def compose(self) -> None:
+    def compose(self, noise_multiplier: float | None = None) -> None:
+        """One more release, at z or at the `noise_multiplier` it achieved."""
         self.releases += 1
+        if noise_multiplier is not None and noise_multiplier != self.noise_multiplier:
+            self.achieved.append(float(noise_multiplier))
 
-    def state(self) -> dict[str, float | int]:
-        """What a checkpoint keeps (state.json): the releases composed, q and z."""
-        return {"releases": self.releases, "sample_rate": self.sample_rate, "noise_multiplier": self.noise_multiplier}
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (state.json): the releases composed, q and z (and the z achieved
+        by any release at another)."""
+        state: dict[str, Any] = {
+            "releases": self.releases, "sample_rate": self.sample_rate, "noise_multiplier": self.noise_multiplier,
+        }  # fmt: skip
+        if self.achieved:
+            state["achieved"] = list(self.achieved)
+        return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Put back what `state()` returned; a checkpoint of another q or z is refused."""
@@ -91,6 +112,7 @@ class PoissonAccountant:
                 f"not q {self.sample_rate}, z {self.noise_multiplier}"
             )
         self.releases = int(state["releases"])
+        self.achieved = [float(z) for z in state.get("achieved", [])]
 
 
 @contextlib.contextmanager
@@ -157,8 +179,7 @@ class CentralDP(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        if self.accountant.would_exceed(self.target_epsilon):
-            raise BudgetSpent(f"a further release would take ε past dp-target-epsilon {self.target_epsilon:g}")
+        self.check_budget()
         current = self.current_arrays.to_numpy_ndarrays()
         noised = central_dp_mean(
             current,
@@ -173,6 +194,11 @@ class CentralDP(Strategy):
         )
         reply = Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: _train_metrics(replies)}), 0, "train")
         return self.strategy.aggregate_train(server_round, [reply])
+
+    def check_budget(self) -> None:
+        """BudgetSpent where one more release would take ε past the target."""
+        if self.accountant.would_exceed(self.target_epsilon):
+            raise BudgetSpent(f"a further release would take ε past dp-target-epsilon {self.target_epsilon:g}")
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -191,6 +217,48 @@ class CentralDP(Strategy):
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         restore_strategy_state(self.strategy, state)
+
+
+class DistributedDP(CentralDP):
+    """Distributed DP around `strategy`: each client clipped its update and added its share of
+    the noise, N(0, (zC)^2 / m), on its device before masking (`shared.secagg.client`), and
+    weighed 1; `aggregate_train` gets the one secure reply holding their unweighted mean over
+    the k clients in the sum (its `num-examples` = k), turns it into their sum over the expected
+    cohort m, current + (mean - current) k / m, as central DP divides, and composes one release
+    at the noise multiplier their shares achieved, z sqrt(k / m) (the noise on the sum has std
+    zC sqrt(k / m), the sensitivity is C)."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        (reply,) = list(replies)
+        self.check_budget()
+        summed = int(reply.content[keys.METRICS][keys.NUM_EXAMPLES])
+        current = self.current_arrays.to_numpy_ndarrays()
+        mean = reply.content[keys.ARRAYS].to_numpy_ndarrays()
+        scale = summed / self.expected_cohort
+        model = [
+            (np.asarray(before, np.float64) + (np.asarray(after, np.float64) - before) * scale).astype(before.dtype)
+            for before, after in zip(current, mean, strict=True)
+        ]
+        self.accountant.compose(self.achieved_noise_multiplier(summed))
+        arrays = ArrayRecord(
+            {name: Array(np.ascontiguousarray(value)) for name, value in zip(self.current_arrays, model, strict=True)}
+        )
+        metrics = MetricRecord({**reply.content[keys.METRICS], keys.NUM_EXAMPLES: max(1, summed)})
+        noised = Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), 0, "train")
+        return self.strategy.aggregate_train(server_round, [noised])
+
+    def achieved_noise_multiplier(self, summed: int) -> float:
+        """z sqrt(k / m): the noise std on the sum of k clients' shares, over C."""
+        return self.noise_multiplier * math.sqrt(summed / self.expected_cohort)
+
+    def compose_failed_attempt(self, threshold: int) -> None:
+        """A secure attempt that failed after its cohort was sampled: composed as a release at the
+        least noise any sum it decoded can hold, z sqrt(min(t, m) / m) (t clients at least are in a
+        decoded sum; one failed earlier released nothing), so a retry with a fresh cohort never makes
+        an unaccounted release. The next attempt checks the budget before its cohort trains."""
+        self.accountant.compose(self.achieved_noise_multiplier(min(threshold, self.expected_cohort)))
 
 
 def central_dp_mean(

@@ -129,7 +129,7 @@ STRATEGIES: dict[str, tuple[type[Strategy], Callable[[RunConfig], dict[str, Any]
 
 def build_strategy(cfg: RunConfig, *, federated_evaluation: bool) -> Strategy:
     """Flower's strategy for `cfg.strategy`, sampling exactly `clients-per-round` nodes a round
-    (with `dp = "central"`, every node of the Poisson cohort it is shown).
+    (with `dp = "central"` or `"distributed"`, every node of the Poisson cohort it is shown).
 
     With `federated_evaluation` it evaluates on every node it is shown: the ServerApp shows it
     only the round's evaluation cohort (`eval-clients`, `fedserver.app`).
@@ -138,7 +138,7 @@ def build_strategy(cfg: RunConfig, *, federated_evaluation: bool) -> Strategy:
         raise ConfigError(f"unknown strategy '{cfg.strategy}'; allowed: {', '.join(STRATEGIES)}")
     cls, own_kwargs = STRATEGIES[cfg.strategy]
     # Central DP: the ServerApp draws a Poisson cohort and shows it only those (fedserver.privacy).
-    poisson = cfg.dp == "central"
+    poisson = cfg.dp in ("central", "distributed")
     return cls(
         # fraction * nodes may round down; the minimum makes the sample exactly clients-per-round.
         fraction_train=1.0 if poisson else cfg.clients_per_round / cfg.num_clients,

@@ -41,9 +41,10 @@ TOKENIZERS = ("fitted", "bytes", "file")
 VECTORIZED = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BACKENDS = ("fedsim", "ray")  # ray: Flower's own simulation engine (the `ray` extra), on one machine or a cluster
-# Differential privacy (docs/privacy.md): `central` is DP-FedAvg (the server clips and adds the noise).
+# Differential privacy (docs/privacy.md): `central` is DP-FedAvg (the server clips and adds the noise);
+# `distributed` the same with the devices clipping and adding shares of the noise under SecAgg+.
 DP_MODES = ("none", "central", "distributed", "local-sgd")
-DP_NOT_AVAILABLE = ("distributed",)  # in DP_MODES, refused with "not available yet"
+DP_NOT_AVAILABLE: tuple[str, ...] = ()  # in DP_MODES, refused with "not available yet"
 # Their aggregate is not a sum of the updates, which central DP's noise is calibrated to.
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
@@ -354,8 +355,9 @@ class RunConfig:
         "`clients-per-round` / `num-clients`, each update clipped to `dp-clipping-norm`, Gaussian noise of "
         "std `dp-noise-multiplier` × `dp-clipping-norm` added to the sum, divided by `clients-per-round`. "
         "`local-sgd`: DP-SGD on each device (Opacus), per-example gradients clipped to `dp-clipping-norm` "
-        "with noise `dp-noise-multiplier`, each client's epsilon accounted by the server; `distributed` is "
-        "not available yet.",
+        "with noise `dp-noise-multiplier`, each client's epsilon accounted by the server; `distributed` "
+        "(with `secure-aggregation`): sampled as `central`, each device clips its update to `dp-clipping-norm` and "
+        "adds its share of the noise before masking, the secure sum divided by `clients-per-round`.",
     )
     dp_clipping_norm: float = PRIVACY.option(
         0.0, "C: the L2 bound on each client's update (> 0 where `dp` is not `none`)."
@@ -504,7 +506,11 @@ def _check_privacy(cfg: RunConfig) -> None:
         raise ConfigError(
             "config key 'dp-target-epsilon' needs 'dp-noise-multiplier' > 0 (without noise ε is infinite)"
         )
-    if cfg.dp == "central" and cfg.strategy in ROBUST_STRATEGIES:
+    if cfg.dp == "distributed" and not cfg.secure_aggregation:
+        raise ConfigError(
+            "dp 'distributed' needs secure-aggregation = true: the devices' noise shares protect only a sum"
+        )
+    if cfg.dp in ("central", "distributed") and cfg.strategy in ROBUST_STRATEGIES:
         raise ConfigError(
             f"dp '{cfg.dp}' with strategy '{cfg.strategy}': its aggregate is not a sum of the updates, "
             "which the noise is calibrated to; use fedavg, fedprox, fedadam, fedyogi, fedadagrad or fedavgm"
@@ -655,13 +661,13 @@ KEY_ROLES: dict[str, str] = {
          "dropout", "compile", "seed", "data-seed", "local-epochs", "batch-size", "lr", "optimizer",
          "proximal-mu", "device", "torch-threads", "eval-batch-size", "secure-aggregation",
          "secagg-threshold", "secagg-neighbours", "secagg-clipping-range", "secagg-quantization-range",
-         "dp", "dp-clipping-norm", "dp-noise-multiplier"),
+         "dp", "dp-clipping-norm", "dp-noise-multiplier", "clients-per-round"),
         RECIPE,
     ),
     **dict.fromkeys(
         ("partition", "dirichlet-alpha", "shards-per-client", "min-client-size", "synthetic-alpha",
          "synthetic-beta", "synthetic-iid", "synthetic-max-samples", "min-role-chars", "num-clients",
-         "clients-per-round", "rounds", "strategy", "stragglers", "server-lr", "server-momentum", "trim-beta",
+         "rounds", "strategy", "stragglers", "server-lr", "server-momentum", "trim-beta",
          "num-malicious", "target-accuracy", "stop-at-target", "eval-clients", "eval-every", "backend",
          "ray-cpus-per-client", "ray-gpus-per-client", "vectorized", "workers", "gpu-memory-fraction",
          "keep-checkpoints", "round-timeout", "node-wait-timeout", "min-replies", "round-retries",

@@ -28,7 +28,7 @@ class ImportedClientApp:
         if not module_name or not attr:
             raise ClientAppNotFound(f"--client-app '{self.reference}': expected MODULE:ATTR")
         if os.getcwd() not in sys.path:
-            sys.path.append(os.getcwd())  # as `python -m` finds modules of the current directory
+            sys.path.insert(0, os.getcwd())  # first, as `python -m` finds modules of the current directory
         try:
             app = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:

@@ -6,6 +6,11 @@ is refused: this node's update then never leaves it unmasked). Between stages a 
 keys, self-mask seed and the shares it holds in `context.state` (a ConfigRecord); they are
 deleted once it has answered the unmask stage, so it can never answer a second one.
 
+Under `dp = "distributed"` (docs/privacy.md) a node clips its update to `dp-clipping-norm` C
+and adds its share of the Gaussian noise, N(0, (zC)^2 / m) with m = `clients-per-round`, before
+the update is encoded and masked, and weighs it 1 whatever its example count: nothing leaves the
+device, and no sum the server unmasks holds its update, without that noise.
+
 A device whose node config names its enrollment files (settings.ENROLLMENT_KEYS) signs its keys
 and refuses, before sharing anything, a round holding a peer it cannot verify (enrollment.py).
 """
@@ -14,13 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from shared import messages as keys
+from shared import flower_compat
 from shared.flower_compat import ClientAppCallable, share_keys_plaintext_concat, share_keys_plaintext_separate
 from shared.secagg import crypto
 from shared.secagg import protocol as p
@@ -225,6 +233,9 @@ def _masked_input(
     )  # fmt: skip
     reference = numpy_arrays(msg.content[keys.ARRAYS])
     update, weight, metrics = _train(msg, context, call_next)
+    distributed_dp = distributed_dp_settings(context.run_config)
+    if distributed_dp is not None:  # on this device, before encoding and masking
+        update, weight = noised_update(update, reference, *distributed_dp), 1
     layout = layout_of(reference).with_metrics(tuple(sorted(metrics)))
     vector = encode(update, reference, weight, metrics, layout, state.settings)
     crypto.apply_masks(vector, _mask_keys(state, accepted))  # no pairwise mask with a refused source
@@ -287,6 +298,44 @@ def _train(msg: Message, context: Context, call_next: ClientAppCallable) -> tupl
         raise SecAggError(f"'{keys.NUM_EXAMPLES}' must be a whole number, got {weight!r}")
     scalars = {k: float(v) for k, v in metrics.items() if k != keys.NUM_EXAMPLES and isinstance(v, (int, float))}
     return numpy_arrays(array_records[0]), weight, scalars
+
+
+def distributed_dp_settings(run_config: Mapping[str, object]) -> tuple[float, float, float] | None:
+    """(C, z, m) from the run config where it sets `dp = "distributed"`, else None."""
+    if run_config.get("dp") != "distributed":
+        return None
+    names = ("dp-clipping-norm", "dp-noise-multiplier", "clients-per-round")
+    try:
+        clipping_norm, noise_multiplier, expected_cohort = (float(run_config[name]) for name in names)  # type: ignore
+    except (KeyError, TypeError, ValueError):
+        raise SecAggError(f"dp 'distributed' needs numbers for {', '.join(names)} in the run config") from None
+    if not (math.isfinite(clipping_norm) and clipping_norm > 0 and math.isfinite(noise_multiplier)
+            and noise_multiplier >= 0 and math.isfinite(expected_cohort) and expected_cohort >= 1):  # fmt: skip
+        raise SecAggError(
+            f"dp 'distributed' needs dp-clipping-norm > 0, dp-noise-multiplier >= 0 and clients-per-round >= 1, "
+            f"got {clipping_norm}, {noise_multiplier}, {expected_cohort}"
+        )
+    return clipping_norm, noise_multiplier, expected_cohort
+
+
+def noised_update(
+    update: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    clipping_norm: float,
+    noise_multiplier: float,
+    expected_cohort: float,
+) -> dict[str, np.ndarray]:
+    """reference + clip(update - reference, C) + N(0, (zC)^2 / m), in float64 (Flower's clipping
+    and noise): m such shares sum to noise of std zC, what central DP adds to the sum."""
+    if set(update) != set(reference) or any(update[name].shape != reference[name].shape for name in reference):
+        return dict(update)  # `encode` refuses it: nothing is sent
+    base = [np.asarray(reference[name], dtype=np.float64) for name in reference]
+    model = [np.array(update[name], dtype=np.float64) for name in reference]  # copies: written below
+    if any(not np.array_equal(new, old) for new, old in zip(model, base, strict=True)):
+        flower_compat.compute_clip_model_update(model, base, clipping_norm)  # a zero update has no norm to divide by
+    delta = [new - old for new, old in zip(model, base, strict=True)]
+    flower_compat.add_gaussian_noise_inplace(delta, noise_multiplier * clipping_norm / math.sqrt(expected_cohort))
+    return {name: old + d for name, old, d in zip(reference, base, delta, strict=True)}
 
 
 def _unmask(state: NodeState, request: ConfigRecord) -> tuple[NodeState, dict]:

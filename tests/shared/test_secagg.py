@@ -953,3 +953,78 @@ def test_enrollment_in_node_config_must_be_whole_and_consistent(enrolled):
     with pytest.raises(SecAggError, match="cannot read the certificate"):
         load_enrollment({**mismatched, CERTIFICATE: "/nonexistent.crt"})
     assert load_enrollment({"partition-id": 0}) is None
+
+
+# ----------------------------------------------------------------------------- distributed DP
+
+
+DISTRIBUTED_SETTINGS = SecAggSettings(threshold=3, neighbours=4, clipping_range=16.0, quantization_range=1 << 20)
+
+
+def _distributed_dp_round(
+    updates: dict[int, float], clipping_norm: float, noise_multiplier: float, expected_cohort: int = 4, size: int = 1000
+) -> tuple[np.ndarray, np.ndarray, DistributedDP]:
+    """One secure round of 4 toy clients under `dp = "distributed"`, each adding `updates[pid]`
+    (default 0) to every element it received; the reference and the model DistributedDP makes of
+    the secure sum, and the wrapper (its accountant composed)."""
+    from fedserver.privacy import DistributedDP, PoissonAccountant
+
+    app = ClientApp(mods=[secagg_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        received = msg.content["arrays"]["w"].numpy()
+        arrays = ArrayRecord({"w": Array((received + updates.get(pid, 0.0)).astype(np.float32))})
+        metrics = MetricRecord({"num-examples": 10 * (pid + 1), "train_loss": 0.5})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+    run_config = {
+        "secure-aggregation": True, "dp": "distributed", "dp-clipping-norm": clipping_norm,
+        "dp-noise-multiplier": noise_multiplier, "clients-per-round": expected_cohort,
+    }  # fmt: skip
+    grid = InProcessGrid(app, 4, run_config, simulation_node_config(4))
+    reference = {"w": np.full(size, 0.25, np.float32)}
+    aggregate = secure_train_round(grid, train_messages(grid, reference), DISTRIBUTED_SETTINGS, timeout=60)
+    strategy = DistributedDP(
+        FedAvg(), clipping_norm=clipping_norm, noise_multiplier=noise_multiplier, expected_cohort=expected_cohort,
+        accountant=PoissonAccountant(4 / 6, noise_multiplier, 1e-5),
+    )  # fmt: skip
+    strategy.current_arrays = ArrayRecord({"w": Array(reference["w"])})
+    new_arrays, _ = strategy.aggregate_train(1, [as_mean_reply(aggregate, train_messages(grid, reference)[0])])
+    assert aggregate.num_examples == len(aggregate.survivors.masked) == 4  # each client weighs 1, not its examples
+    return reference["w"], new_arrays["w"].numpy(), strategy
+
+
+def test_distributed_dp_noise_on_a_secure_aggregate_has_std_z_c_over_the_expected_cohort():
+    np.random.seed(0)  # each device's share draws from numpy's global stream (Flower's function)
+
+    reference, new, strategy = _distributed_dp_round({}, clipping_norm=2.0, noise_multiplier=1.5, size=200_000)
+
+    noise = new.astype(np.float64) - reference  # zero updates: the noise alone
+    assert float(noise.mean()) == pytest.approx(0.0, abs=0.01)
+    assert float(noise.std()) == pytest.approx(1.5 * 2.0 / 4, rel=0.02)  # 4 shares of std zC/2, over m = 4
+    assert strategy.accountant.releases == 1 and strategy.accountant.achieved == []  # k = m: at z
+
+
+def test_distributed_dp_clips_each_clients_update_on_its_device():
+    reference, new, _ = _distributed_dp_round({0: 5.0}, clipping_norm=2.0, noise_multiplier=0.0)  # one huge update
+
+    moved = float(np.linalg.norm(new.astype(np.float64) - reference))
+    assert moved == pytest.approx(2.0 / 4, rel=1e-3)  # clipped to C, over the expected cohort m
+    within, small, _ = _distributed_dp_round({0: 0.001, 1: 0.001}, clipping_norm=2.0, noise_multiplier=0.0)
+    np.testing.assert_allclose(small.astype(np.float64) - within, 2 * 0.001 / 4, atol=1e-5)  # within C: unclipped
+
+
+def test_distributed_dp_without_its_keys_refuses_to_send_an_update():
+    from shared.secagg.client import distributed_dp_settings
+
+    assert distributed_dp_settings({"dp": "central"}) is None
+    assert distributed_dp_settings(
+        {"dp": "distributed", "dp-clipping-norm": 1.0, "dp-noise-multiplier": 0.5, "clients-per-round": 4}
+    ) == (1.0, 0.5, 4.0)
+    with pytest.raises(SecAggError, match="needs numbers for"):
+        distributed_dp_settings({"dp": "distributed", "dp-clipping-norm": 1.0})
+    with pytest.raises(SecAggError, match="dp-clipping-norm > 0"):
+        distributed_dp_settings({"dp": "distributed", "dp-clipping-norm": 0.0, "dp-noise-multiplier": 1.0,
+                                 "clients-per-round": 4})  # fmt: skip
