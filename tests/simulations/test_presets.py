@@ -84,3 +84,29 @@ def test_imdb_by_movie_gives_each_movie_a_client(dataset):
     # 1,322 movies with 5 to 30 training reviews each, and one client pooling the smaller movies' 4,254
     assert federation.num_clients == 1323 and sum(sizes) == 20_000
     assert sizes[0] == 5 and sizes[-2] == 30 and sizes[-1] == 4254
+
+
+def test_mnist_dp_noise_reaches_its_target_epsilon_in_its_rounds():
+    # z is calibrated (docs/privacy.md#privacy-and-utility) so that the preset's rounds end at
+    # ε just under dp-target-epsilon: no round is lost to the target, and no noise is wasted.
+    pytest.importorskip("dp_accounting")
+    from fedserver.privacy import PoissonAccountant
+
+    cfg = load_config(CONFIGS / "mnist-dp.toml")
+    accountant = PoissonAccountant.for_config(cfg)
+
+    assert (cfg.dp, cfg.num_clients, cfg.clients_per_round, cfg.dp_delta) == ("central", 3000, 100, 1e-5)
+    assert 0.98 * cfg.dp_target_epsilon < accountant.epsilon(cfg.rounds) <= cfg.dp_target_epsilon == 4
+
+
+def test_mnist_dp_gives_3000_clients_20_examples_and_runs_privately(tmp_path, dataset):
+    from shared.data.federation import load_federation
+
+    cfg = real_data_config("mnist-dp.toml", dataset("mnist.npz"), "rounds=2", "local-epochs=1")
+
+    federation = load_federation(cfg)
+    result = run_simulation(cfg, tmp_path / "run", progress=False)
+
+    assert {len(federation.client(k).y_train) for k in range(federation.num_clients)} == {20}
+    assert result.summary["rounds"] == 2
+    assert 0 < result.summary["epsilon"] < cfg.dp_target_epsilon  # two releases of the budget's rounds
