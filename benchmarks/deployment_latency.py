@@ -49,7 +49,8 @@ import numpy as np  # noqa: E402
 from fedclient.node import NodeOptions, node_env, supernode_argv  # noqa: E402
 from fedserver.checkpoints import read_metrics  # noqa: E402
 from fedserver.control import ControlClient  # noqa: E402
-from fedserver.daemon import Pki, flower_env, superexec_argv, superlink_argv, write_secret  # noqa: E402
+from fedserver.daemon import Pki, flower_env, superexec_argv, superlink_argv  # noqa: E402
+from shared.files import write_secret  # noqa: E402
 from fedserver.polling import ENV_INTERVAL  # noqa: E402
 from fedserver.staging import stage_app  # noqa: E402
 from fedserver.state import StateDir  # noqa: E402

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fedserver.daemon import Pki, flower_env, superlink_argv, write_secret  # noqa: E402
+from fedserver.daemon import Pki, flower_env, superlink_argv  # noqa: E402
+from shared.files import write_secret  # noqa: E402
 from fedserver.state import StateDir  # noqa: E402
 from shared.pki import init_pki  # noqa: E402
 from shared.processes import free_port, spawn, stop_tree, wait_for_port  # noqa: E402

@@ -22,6 +22,7 @@ from fedclient.guard import error_reply_mod, policy_mod
 from shared.flower_compat import ClientAppCallable
 from shared.secagg import protocol as p
 from shared.secagg import secagg_mod
+from shared.secagg.client import stage_request
 
 Change = Callable[[ConfigRecord], None]
 STATE = "secagg-cheat"  # the ConfigRecord in context.state counting this node's secure rounds
@@ -63,9 +64,10 @@ def cheats(context: Context) -> bool:
 def cheat_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Around SecAgg+'s mod: the node's reply to a stage, with this round's fault where it is this stage's."""
     reply = call_next(msg, context)
-    stage = _stage(msg)
-    if stage is None or not cheats(context) or reply.has_error():
+    request = stage_request(msg)
+    if request is None or not cheats(context) or reply.has_error():
         return reply
+    stage = request[p.STAGE]
     count = context.state.get(STATE, ConfigRecord({"rounds": 0}))
     if stage == p.ADVERTISE_KEYS:
         count = ConfigRecord({"rounds": int(count["rounds"]) + 1})
@@ -74,11 +76,6 @@ def cheat_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     if stage == fault_stage:
         change(reply.content[p.RECORD])
     return reply
-
-
-def _stage(msg: Message) -> str | None:
-    record = msg.content.get(p.RECORD) if msg.has_content() else None
-    return str(record[p.STAGE]) if isinstance(record, ConfigRecord) else None
 
 
 def _make_app() -> ClientApp:

@@ -24,6 +24,7 @@ from shared.data.errors import DataError
 from shared.device_errors import MESSAGES, DeviceCode, DeviceRefusal, is_refusal
 from shared.flower_compat import ClientAppCallable
 from shared.secagg import protocol as p
+from shared.secagg.client import stage_request
 from shared.secagg.settings import SecAggError, SecAggUnverifiedPeer
 from shared.weights import InvalidUpdate
 
@@ -68,8 +69,8 @@ def policy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     smaller than `min-secure-group`."""
     policy = DevicePolicy.from_node_config(context.node_config)
     if policy is not None and msg.metadata.message_type == MessageType.TRAIN and msg.has_content():
-        stage = msg.content.get(p.RECORD)
-        if not isinstance(stage, ConfigRecord):
+        stage = stage_request(msg)
+        if stage is None:
             if policy.require_secure_aggregation:
                 raise DeviceRefusal(
                     DeviceCode.POLICY_SECURE_AGGREGATION, "a plaintext training task; the policy requires secure aggregation"

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -67,6 +66,7 @@ from typing import IO
 from fedclient.policy import DevicePolicy
 from shared.config import Scalar, toml_value
 from shared.errors import ExitCode, FedclientError
+from shared.files import write_secret
 from shared.node_config import CERTIFICATE, DATA_PATH, DEVICE, ENROLLMENT_CA, SIGNING_KEY
 from shared.processes import free_port, spawn, stop_tree
 
@@ -274,9 +274,7 @@ def runtime_credentials(isolation: str) -> Iterator[RuntimeCredentials | None]:
     try:
         names = ("superexec.secret", "runtime.pem", "runtime.key")
         credentials = RuntimeCredentials(*(directory / name for name in names))
-        descriptor = os.open(credentials.secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(secrets.token_hex(32))
+        write_secret(credentials.secret)
         _make_certificate(credentials)
         yield credentials
     finally:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from shared.config import MODELS
+from shared.config import MODELS, toml_value
 from shared.errors import FedclientError
 
 NODE_CONFIG_PREFIX = "policy-"
@@ -92,11 +92,11 @@ class DevicePolicy:
     def describe_short(self) -> list[str]:
         """`KEY = VALUE` for each key that differs from the default, or that none does."""
         changed = [f for f in fields(self) if getattr(self, f.name) != f.default]
-        return [f"{policy_key(f.name)} = {_shown(getattr(self, f.name))}" for f in changed] or ["the defaults"]
+        return [f"{policy_key(f.name)} = {toml_value(getattr(self, f.name))}" for f in changed] or ["the defaults"]
 
     def describe(self) -> list[str]:
         """One line a key, as `fedclient policy` and `fedclient start` print them."""
-        return [f"{policy_key(f.name)} = {_shown(getattr(self, f.name))}  # {f.metadata['meaning']}" for f in fields(self)]
+        return [f"{policy_key(f.name)} = {toml_value(getattr(self, f.name))}  # {f.metadata['meaning']}" for f in fields(self)]
 
 
 def policy_key(name: str) -> str:
@@ -152,9 +152,3 @@ def _check(policy: DevicePolicy) -> None:
     unknown = [m for m in policy.models if m not in MODELS]
     if unknown:
         raise PolicyError(f"'allowed-models' names {', '.join(unknown)}; models are {', '.join(MODELS)}")
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return f'"{value}"' if isinstance(value, str) else repr(value)

@@ -33,7 +33,6 @@ from fedserver.privacy import (
     BudgetSpent,
     CentralDP,
     DistributedDP,
-    PoissonAccountant,
     PrivateRoundEvent,
     budget_stop,
     poisson_cohort,
@@ -106,18 +105,12 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Sequence[RoundCallback]
     model = model_from_config(cfg, data_spec(cfg))
     central_test = _central_test(cfg)
     strategy = build_strategy(cfg, federated_evaluation=central_test is None)
-    accountant = PoissonAccountant.for_config(cfg) if cfg.dp in ("central", "distributed") else None
     local_dp = SampleLevelLedger(noise_multiplier=cfg.dp_noise_multiplier, batch_size=cfg.batch_size,
                                  epochs=cfg.local_epochs) if cfg.dp == "local-sgd" else None  # fmt: skip
-    if accountant is not None:  # distributed: the devices clip and noise, the server divides and accounts
-        strategy = (DistributedDP if cfg.dp == "distributed" else CentralDP)(
-            strategy,
-            clipping_norm=cfg.dp_clipping_norm,
-            noise_multiplier=cfg.dp_noise_multiplier,
-            expected_cohort=cfg.clients_per_round,  # q * num-clients
-            accountant=accountant,
-            target_epsilon=cfg.dp_target_epsilon,
-        )
+    accountant = None
+    if cfg.dp in ("central", "distributed"):  # distributed: the devices clip and noise, the server divides
+        strategy = (DistributedDP if cfg.dp == "distributed" else CentralDP).for_config(strategy, cfg)
+        accountant = strategy.accountant
     run_dir = RunDirectory(cfg.run_dir, keep=cfg.keep_checkpoints) if cfg.run_dir else None
     resumed = run_dir.load(cfg.to_mapping()) if run_dir else None
     ledger = NodeLedger.read(run_dir.path) if run_dir else NodeLedger()

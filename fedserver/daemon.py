@@ -48,7 +48,6 @@ import logging
 import multiprocessing
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -67,6 +66,7 @@ from fedserver.staging import stage_app
 from fedserver.state import DEFAULT_ADDRESS, DaemonError, DaemonInfo, StateDir, make_private, private_files
 from shared.config import TEXT_MODELS, ConfigError, RunConfig, load_config
 from shared.errors import FedserverError
+from shared.files import write_secret
 from shared.pki import PkiError
 from shared.processes import (
     bind_error, die_with_parent, record_process, recorded_process, spawn, stop_pid, stop_trees, wait_for_port,
@@ -453,14 +453,6 @@ def superexec_argv(pki: Pki, address: str, state: StateDir, superlink_pid: int) 
         "--superexec-auth-secret-file", str(state.superexec_secret),
         "--parent-pid", str(superlink_pid),
     ]  # fmt: skip
-
-
-def write_secret(path: Path) -> None:
-    """A new random SuperExec secret at `path`, readable by this user only."""
-    path.unlink(missing_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(secrets.token_hex(32))
 
 
 def flower_env(state: StateDir) -> dict[str, str]:

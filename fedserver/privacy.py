@@ -12,11 +12,10 @@ client's contribution to the release is at most C / (qN) whoever else was sample
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +31,7 @@ from shared import flower_compat
 from shared import messages as keys
 from shared.config import ConfigError, RunConfig
 from shared.errors import ExitCode, FedserverError
+from shared.logs import quieter
 
 INSTALL_HINT = "pip install 'flowerbed[server]'"
 
@@ -77,7 +77,7 @@ class PoissonAccountant:
         accountant = dp_accounting.rdp.RdpAccountant()
         others = Counter(self.achieved) if count >= self.releases else Counter()
         at_z = count - sum(others.values())
-        with _absl_quiet():
+        with quieter("absl", logging.ERROR):  # it warns, each round, of RDP orders it leaves out (the bound holds)
             for noise_multiplier, times in [(self.noise_multiplier, at_z), *others.items()]:
                 if times > 0:
                     event = dp_accounting.GaussianDpEvent(noise_multiplier)
@@ -113,19 +113,6 @@ class PoissonAccountant:
             )
         self.releases = int(state["releases"])
         self.achieved = [float(z) for z in state.get("achieved", [])]
-
-
-@contextlib.contextmanager
-def _absl_quiet() -> Iterator[None]:
-    """dp-accounting warns, for large q, of RDP orders it leaves out (the bound stays valid), on
-    every round; its logger is quiet within the block and as it was after it."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _dp_accounting() -> Any:
@@ -167,6 +154,18 @@ class CentralDP(Strategy):
         self.target_epsilon = target_epsilon
         self.current_arrays = ArrayRecord()
 
+    @classmethod
+    def for_config(cls, strategy: Strategy, cfg: RunConfig) -> CentralDP:
+        """`strategy` wrapped as `cfg`'s `dp-*` keys say, the expected cohort qN = `clients-per-round`."""
+        return cls(
+            strategy,
+            clipping_norm=cfg.dp_clipping_norm,
+            noise_multiplier=cfg.dp_noise_multiplier,
+            expected_cohort=cfg.clients_per_round,
+            accountant=PoissonAccountant.for_config(cfg),
+            target_epsilon=cfg.dp_target_epsilon,
+        )
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -189,10 +188,17 @@ class CentralDP(Strategy):
             expected_cohort=self.expected_cohort,
         )
         self.accountant.compose()
+        return self._hand_on(server_round, noised, _train_metrics(replies))
+
+    def _hand_on(
+        self, server_round: int, model: Sequence[np.ndarray], metrics: MetricRecord
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The wrapped strategy's aggregate of one reply holding `model` (named as the current
+        arrays) and `metrics`: a server optimizer steps on the noised model."""
         arrays = ArrayRecord(
-            {name: Array(np.ascontiguousarray(value)) for name, value in zip(self.current_arrays, noised, strict=True)}
+            {name: Array(np.ascontiguousarray(value)) for name, value in zip(self.current_arrays, model, strict=True)}
         )
-        reply = Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: _train_metrics(replies)}), 0, "train")
+        reply = Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), 0, "train")
         return self.strategy.aggregate_train(server_round, [reply])
 
     def check_budget(self) -> None:
@@ -242,12 +248,8 @@ class DistributedDP(CentralDP):
             for before, after in zip(current, mean, strict=True)
         ]
         self.accountant.compose(self.achieved_noise_multiplier(summed))
-        arrays = ArrayRecord(
-            {name: Array(np.ascontiguousarray(value)) for name, value in zip(self.current_arrays, model, strict=True)}
-        )
         metrics = MetricRecord({**reply.content[keys.METRICS], keys.NUM_EXAMPLES: max(1, summed)})
-        noised = Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), 0, "train")
-        return self.strategy.aggregate_train(server_round, [noised])
+        return self._hand_on(server_round, model, metrics)
 
     def achieved_noise_multiplier(self, summed: int) -> float:
         """z sqrt(k / m): the noise std on the sum of k clients' shares, over C."""

@@ -8,6 +8,7 @@ engine (simulations/ray_backend.py)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from shared.cli import add_command, build_parser as build_command_parser, run_cli
 from shared.config import BACKENDS, load_config
+from shared.logs import quieter
 from shared.errors import ExitCode, UsageError
 
 PROG = "fedsim"
@@ -110,11 +112,7 @@ def run_app(args: argparse.Namespace) -> int:
 
     execution = load_config(None, execution_overrides(args))  # checked as the platform's config keys
     app = load_flower_app(args.app, args.run_config, args.num_supernodes)
-    flower_log = logging.getLogger("flwr")
-    level = flower_log.level
-    if args.quiet:
-        flower_log.setLevel(logging.WARNING)  # the app's Flower log: warnings only
-    try:
+    with quieter("flwr", logging.WARNING) if args.quiet else contextlib.nullcontext():  # the app's: warnings only
         result = run_flower_app(
             app,
             args.output or default_output(app.directory),
@@ -122,8 +120,6 @@ def run_app(args: argparse.Namespace) -> int:
             workers=execution.workers if args.workers is not None else "1",  # an app's work is unknown: in process
             gpu_memory_fraction=execution.gpu_memory_fraction,
         )
-    finally:
-        flower_log.setLevel(level)
     where = f"{result.output}/ ({TIMING_FILE}); the app's own outputs are where it writes them"
     return report(result.timing, where, result.interrupted)
 

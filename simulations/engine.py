@@ -32,6 +32,7 @@ from shared.config import ConfigError, RunConfig
 from shared.data.federation import load_federation, shared_federation, with_shared_data
 from shared.errors import FedsimError, FlowerbedError
 from shared.files import atomic_write_text
+from shared.logs import quieter
 from simulations.client_apps import ImportedClientApp
 from simulations.grid import InProcessGrid, RoundRunner, simulation_node_config
 from simulations.plotter import LivePlot, PlotError
@@ -238,13 +239,6 @@ def _finish(plot: LivePlot) -> None:
         LOG.warning("%s", err)
 
 
-@contextlib.contextmanager
-def quiet_flower() -> Iterator[None]:
+def quiet_flower() -> contextlib.AbstractContextManager[None]:
     """Flower logs every sampling and aggregation at INFO; fedsim shows its own progress."""
-    logger = logging.getLogger("flwr")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return quieter("flwr", logging.WARNING)

@@ -100,7 +100,7 @@ class NodeState:
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Run a SecAgg+ stage when `msg` is one; pass anything else to `call_next`."""
-    request = _stage_request(msg)
+    request = stage_request(msg)
     if request is None:
         _refuse_plaintext_training(msg, context)
         return call_next(msg, context)
@@ -127,7 +127,8 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     return Message(content, reply_to=msg)
 
 
-def _stage_request(msg: Message) -> ConfigRecord | None:
+def stage_request(msg: Message) -> ConfigRecord | None:
+    """The `secagg` record of a secure-aggregation stage message; None for any other message."""
     if msg.metadata.message_type != MessageType.TRAIN or not msg.has_content():
         return None
     record = msg.content.get(p.RECORD)

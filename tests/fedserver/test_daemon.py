@@ -20,6 +20,7 @@ from fedserver.cli import EXIT_NOT_RUNNING, main
 from fedserver.control import ControlClient, NodeInfo, RunInfo
 from fedserver.node_ledger import NODES_FILE, NodeLedger, NodeRecord
 from fedserver.state import DaemonInfo, StateDir
+from shared.files import write_secret
 from shared.pki import init_pki
 from shared.processes import free_port, is_alive, port_in_use, record_process, spawn, stop_tree
 
@@ -180,20 +181,22 @@ def _saved_run(state: StateDir, run_toml: Path) -> None:
     (state.run_dir / "state.json").write_text(json.dumps({"round": 1, "random_state": [], "config": cfg.to_mapping()}))
 
 
-def _start(pki, run_toml, state: StateDir) -> int:
-    """`fedserver start` on a free port, as a user runs it."""
-    return main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(state.root),
+def _start(pki, run_toml, state: StateDir, monkeypatch) -> tuple[int, list[StateDir]]:
+    """`fedserver start` on a free port, as a user runs it, serving with a stand-in: its exit code,
+    and the state directories the stand-in was asked to serve (none where start refused)."""
+    calls: list[StateDir] = []
+    monkeypatch.setattr(daemon, "_serve", _serve_stand_in(calls))
+    code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(state.root),
                  "--address", f"127.0.0.1:{free_port()}"])  # fmt: skip
+    return code, calls
 
 
 def test_a_restart_with_a_changed_key_is_refused_before_anything_starts(tmp_path, capsys, monkeypatch, pki, run_toml):
     state = StateDir(tmp_path / "state")
     _saved_run(state, run_toml)
     run_toml.write_text(run_toml.read_text().replace("clients-per-round = 2", "clients-per-round = 1"))
-    calls: list[StateDir] = []
-    monkeypatch.setattr(daemon, "_serve", _serve_stand_in(calls))
 
-    code = _start(pki, run_toml, state)
+    code, calls = _start(pki, run_toml, state, monkeypatch)
 
     assert code == 2 and calls == []
     error = _error_line(capsys)
@@ -205,10 +208,8 @@ def test_an_unreadable_commit_point_is_refused_before_anything_starts(tmp_path, 
     state = StateDir(tmp_path / "state")
     state.create()
     (state.run_dir / "state.json").write_text('{"round": 1')  # cut short
-    calls: list[StateDir] = []
-    monkeypatch.setattr(daemon, "_serve", _serve_stand_in(calls))
 
-    code = _start(pki, run_toml, state)
+    code, calls = _start(pki, run_toml, state, monkeypatch)
 
     assert code == 2 and calls == []
     assert "state.json is unreadable" in _error_line(capsys)
@@ -218,10 +219,8 @@ def test_a_restart_that_only_adds_rounds_resumes(tmp_path, monkeypatch, pki, run
     state = StateDir(tmp_path / "state")
     _saved_run(state, run_toml)
     run_toml.write_text(run_toml.read_text().replace("rounds = 2", "rounds = 5"))
-    calls: list[StateDir] = []
-    monkeypatch.setattr(daemon, "_serve", _serve_stand_in(calls))
 
-    code = _start(pki, run_toml, state)
+    code, calls = _start(pki, run_toml, state, monkeypatch)
 
     assert code == 0 and len(calls) == 1
 
@@ -233,10 +232,9 @@ def test_the_state_directory_and_its_files_are_private(tmp_path, monkeypatch, pk
     state.root.chmod(0o755)
     (state.run_dir / "metrics.jsonl").write_text("")
     (state.run_dir / "metrics.jsonl").chmod(0o644)
-    monkeypatch.setattr(daemon, "_serve", _serve_stand_in([]))
 
     # Execute
-    code = _start(pki, run_toml, state)
+    code, _ = _start(pki, run_toml, state, monkeypatch)
 
     # Assert
     assert code == 0
@@ -533,9 +531,9 @@ def test_the_serverapps_task_goes_only_to_the_daemons_own_superexec(tmp_path, pk
 
     superlink = daemon.superlink_argv(daemon.Pki.load(pki), "127.0.0.1", 9092, state)
     superexec = daemon.superexec_argv(daemon.Pki.load(pki), "127.0.0.1:9092", state, 4242)
-    daemon.write_secret(state.superexec_secret)
+    write_secret(state.superexec_secret)
     first = state.superexec_secret.read_text()
-    daemon.write_secret(state.superexec_secret)
+    write_secret(state.superexec_secret)
 
     assert superlink[superlink.index("--isolation") + 1] == "process"  # no SuperExec of its own
     for argv in (superlink, superexec):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
 import pytest
@@ -56,33 +55,48 @@ def _messages(n: int) -> list[object]:
     return [object() for _ in range(n)]  # the wrapper only hands them to push_messages
 
 
-def test_send_and_receive_pulls_every_interval_until_every_reply_came():
+class FakeClock:
+    """polling's `time`: `sleep` moves `monotonic` on, instantly (nothing in these tests is timed)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_send_and_receive_pulls_every_interval_until_every_reply_came(monkeypatch):
     # Prepare
+    clock = FakeClock()
+    monkeypatch.setattr(polling, "time", clock)
     grid = FastPollingGrid(FakeGrid(), interval=0.01)
 
     # Execute
-    started = time.monotonic()
     replies = list(grid.send_and_receive(_messages(3), timeout=10))
 
-    # Assert
+    # Assert: a pull after each interval, and no wait after the last reply came
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
     assert grid.inner.pulls == 3
-    assert time.monotonic() - started < 1.0
+    assert clock.now < 0.1
 
 
-def test_send_and_receive_stops_at_the_timeout():
+def test_send_and_receive_stops_at_the_timeout(monkeypatch):
     # Prepare
+    clock = FakeClock()
+    monkeypatch.setattr(polling, "time", clock)
     inner = FakeGrid()
     inner.pull_messages = lambda ids: []  # type: ignore[method-assign]
     grid = FastPollingGrid(inner, interval=0.01)
 
     # Execute
-    started = time.monotonic()
     replies = list(grid.send_and_receive(_messages(2), timeout=0.2))
 
-    # Assert
+    # Assert: it waited out the timeout, and no longer
     assert replies == []
-    assert 0.2 <= time.monotonic() - started < 1.0
+    assert clock.now == pytest.approx(0.2)
 
 
 def test_the_wait_grows_while_nothing_comes_and_drops_when_a_reply_came(monkeypatch):

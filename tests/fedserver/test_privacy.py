@@ -114,11 +114,7 @@ def test_cohort_sizes_follow_poisson_sampling():
 def test_the_server_app_samples_each_round_by_poisson(tiny_config):
     cfg = _dp(tiny_config, num_clients=40, clients_per_round=10)
     grid = InProcessGrid(client_app, cfg.num_clients, cfg.to_mapping(), lambda node: {})
-    accountant = PoissonAccountant.for_config(cfg)
-    strategy = CentralDP(
-        build_strategy(cfg, federated_evaluation=True),
-        clipping_norm=1.0, noise_multiplier=1.0, expected_cohort=10, accountant=accountant,
-    )  # fmt: skip
+    strategy = CentralDP.for_config(build_strategy(cfg, federated_evaluation=True), cfg)  # C = z = 1, qN = 10
     arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
 
     with global_random(cfg.seed):
@@ -132,11 +128,8 @@ def test_the_server_app_samples_each_round_by_poisson(tiny_config):
 def test_an_empty_cohort_sends_nothing_and_its_round_is_still_a_release(tiny_config):
     cfg = _dp(tiny_config, dp_noise_multiplier=0.0)
     grid = InProcessGrid(client_app, cfg.num_clients, cfg.to_mapping(), lambda node: {})
-    accountant = PoissonAccountant.for_config(cfg)
-    strategy = CentralDP(
-        build_strategy(cfg, federated_evaluation=True),
-        clipping_norm=1.0, noise_multiplier=0.0, expected_cohort=4, accountant=accountant,
-    )  # fmt: skip
+    strategy = CentralDP.for_config(build_strategy(cfg, federated_evaluation=True), cfg)  # C = 1, z = 0, qN = 4
+    accountant = strategy.accountant
     arrays = ArrayRecord({"w": Array(np.arange(3, dtype=np.float32))})
 
     messages = list(strategy.configure_train(1, arrays, ConfigRecord(), CohortGrid(grid, [])))
@@ -158,10 +151,7 @@ def _reply(weights: np.ndarray, examples: int = 10) -> Message:
 
 def test_noise_on_the_aggregate_has_std_z_c_over_the_expected_cohort(tiny_config):
     cfg = _dp(tiny_config, dp_clipping_norm=2.0, dp_noise_multiplier=1.5)  # expected cohort 4
-    strategy = CentralDP(
-        build_strategy(cfg, federated_evaluation=True),
-        clipping_norm=2.0, noise_multiplier=1.5, expected_cohort=4, accountant=PoissonAccountant.for_config(cfg),
-    )  # fmt: skip
+    strategy = CentralDP.for_config(build_strategy(cfg, federated_evaluation=True), cfg)
     current = np.zeros(200_000, np.float32)
     strategy.configure_train(1, ArrayRecord({"w": Array(current)}), ConfigRecord(), CohortGrid(_NoGrid(), []))
     np.random.seed(0)  # Flower's noise draws from numpy's global stream
