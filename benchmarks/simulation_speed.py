@@ -20,7 +20,7 @@ Systems, each configuration in a fresh subprocess:
   ray         Flower's own simulation runtime on Ray (needs `pip install -e '.[ray]'`; skipped, and
               said so, without it), running the same ServerApp (fedserver.app:app) and ClientApp
               (fedclient.app:app), 100 SuperNodes, 1 CPU a client, through
-              shared.flower_compat.run_on_ray_engine (the entry `flwr run`'s simulation process uses).
+              simulations.ray_engine.run_on_ray_engine (the entry `flwr run`'s simulation process uses).
 
 --device cuda runs all of them on the GPU: the floor and fedsim with device = "cuda" (give
 --workers 1,2,4 for workers per GPU; fedsim and fedsim-vec for the vectorized path off and on),
@@ -276,7 +276,7 @@ def child_ray(spec: dict[str, Any]) -> dict[str, Any]:
     from fedclient.app import app as client_app
     from fedserver.app import app as server_app
     from fedserver.checkpoints import read_metrics
-    from shared.flower_compat import run_on_ray_engine
+    from simulations.ray_engine import run_on_ray_engine
 
     tmp = Path(spec["tmp"])
     run_dir = tmp / "run"

@@ -37,12 +37,9 @@ import contextlib
 import importlib
 import io
 import sys
-import tempfile
 import threading
-import warnings
 from importlib.metadata import version
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -205,7 +202,6 @@ __all__ = [
     "npy_view",
     "npy_array",
     "sampling_from",
-    "run_on_ray_engine",
     "parse_run_config",
     "message_to_bytes",
     "message_from_bytes",
@@ -468,83 +464,3 @@ def context_from_bytes(data: bytes) -> Context:
     proto = _deferred("ProtoContext")()
     proto.ParseFromString(data)
     return _deferred("context_from_proto")(proto)
-
-
-def run_on_ray_engine(
-    *,
-    client_app: Any,
-    server_app: Any,
-    run_config: dict[str, Any],
-    num_supernodes: int,
-    app_dir: str | None = None,
-    num_cpus: int | None = None,
-    client_resources: dict[str, float] | None = None,
-) -> None:
-    """Run `server_app` and `client_app` on Flower's own simulation engine (Ray), as
-    `flwr run` -> flower-simulation does: an app directory whose pyproject.toml holds the run
-    config (without `app_dir`, a temporary one holding `run_config`), and a ServerApp Context
-    carrying `run_config`. Each running ClientApp reserves `client_resources` (Flower's
-    `num_cpus`/`num_gpus`; default one CPU); Ray is shut down (or disconnected) afterwards.
-
-    Flower calls `ray.init(**init_args)` with no address, so Ray joins the cluster `RAY_ADDRESS`
-    names, else one started with `ray start` on this machine, else starts a local instance of
-    `num_cpus` CPUs (default: every core). `num_cpus` must be None when joining a cluster.
-
-    Relies on `flwr.simulation.run_simulation._run_simulation` (the public `run_simulation()`
-    takes no run config) and its keyword arguments, and needs the `ray` extra.
-    """
-    from flwr.app import Context, RecordDict
-
-    run = new_run(1, override_config=run_config, primary_task_id=1, federation_id=NOOP_FEDERATION_ID)
-    set_task_identity(task_id=1, run_id=1, node_id=SUPERLINK_NODE_ID)
-    context = Context(run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=run_config)
-    init_args: dict[str, Any] = {"logging_level": "error", "log_to_driver": False}
-    if num_cpus is not None:
-        init_args["num_cpus"] = num_cpus
-    backend_config = {
-        "client_resources": client_resources or {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": init_args,
-    }
-    import ray
-
-    try:
-        with _app_directory(app_dir, run_config) as directory, warnings.catch_warnings():
-            # Ray's tip that a later Ray stops hiding GPUs from actors that reserve none (as today).
-            warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
-            _deferred("run_simulation_with_context")(
-                num_supernodes=num_supernodes,
-                exit_event=_deferred("EventType").PYTHON_API_RUN_SIMULATION_LEAVE,
-                client_app=client_app,
-                server_app=server_app,
-                backend_name="ray",
-                backend_config=backend_config,
-                server_app_context=context,
-                app_dir=directory,
-                run=run,
-                is_app=True,
-            )
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-
-
-@contextlib.contextmanager
-def _app_directory(app_dir: str | None, run_config: dict[str, Any]) -> Iterator[str]:
-    """`app_dir`, or a temporary directory whose pyproject.toml has `run_config` as its
-    `[tool.flwr.app.config]`: where Flower's engine reads the ClientApps' run config from. Flower
-    requires its `[tool.flwr.app.components]` too, but runs the app objects it is given."""
-    if app_dir is not None:
-        yield app_dir
-        return
-    from shared.config import toml_value
-
-    table = "".join(f"{key} = {toml_value(value)}\n" for key, value in run_config.items())
-    with tempfile.TemporaryDirectory(prefix="flowerbed-ray-app-") as directory:
-        (Path(directory) / "pyproject.toml").write_text(
-            '[project]\nname = "flowerbed-ray-run"\nversion = "0.1.0"\n\n'
-            '[tool.flwr.app]\npublisher = "flowerbed"\n\n'
-            '[tool.flwr.app.components]\nserverapp = "given:server_app"\nclientapp = "given:client_app"\n\n'
-            "[tool.flwr.app.config]\n" + table,
-            encoding="utf-8",
-        )
-        yield directory

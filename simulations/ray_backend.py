@@ -26,7 +26,7 @@ from fedclient.app import app as flowerbed_client_app
 from fedserver.polling import FastPollingGrid
 from shared.config import RunConfig
 from shared.errors import ExitCode, FedsimError, FlowerbedError
-from shared.flower_compat import run_on_ray_engine
+from simulations.ray_engine import run_on_ray_engine
 from simulations.engine import SimulationResult, prepare_output, quiet_flower, run_rounds
 
 RAY_EXTRA = "pip install -e '.[ray]'"

@@ -15,7 +15,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from shared.flower_compat import run_on_ray_engine
+from simulations.ray_engine import run_on_ray_engine
 from simulations.apps import load_flower_app
 
 
