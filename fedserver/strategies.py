@@ -95,14 +95,17 @@ class CheckpointedFedAvgM(FedAvgM):
         self.current_arrays = None
 
 
+def _set(argument: str, value: float) -> dict[str, float]:
+    # 0.0 in the config leaves Flower's own default of `argument` (server-lr, server-momentum).
+    return {argument: value} if value > 0 else {}
+
+
 def _server_lr(cfg: RunConfig) -> dict[str, float]:
-    # 0 keeps each server optimizer's own default learning rate.
-    return {"eta": cfg.server_lr} if cfg.server_lr > 0 else {}
+    return _set("eta", cfg.server_lr)
 
 
-def _fedavgm(cfg: RunConfig) -> dict[str, Any]:
-    lr = {"server_learning_rate": cfg.server_lr} if cfg.server_lr > 0 else {}
-    return {"server_momentum": cfg.server_momentum, **lr}
+def _fedavgm(cfg: RunConfig) -> dict[str, float]:
+    return {**_set("server_learning_rate", cfg.server_lr), **_set("server_momentum", cfg.server_momentum)}
 
 
 # Strategy name -> (Flower class, its own keyword arguments from the config).

@@ -243,11 +243,13 @@ class RunConfig:
         "(Li et al. 2020): `fedprox` keeps their partial work, every other strategy drops them.",
     )
     server_lr: float = SERVER.option(
-        0.1,
-        "Server learning rate of `fedadam`, `fedyogi`, `fedadagrad` (η) and `fedavgm`; 0.0 = each "
+        0.0,
+        "Server learning rate of `fedadam`, `fedyogi`, `fedadagrad` (η) and `fedavgm`; 0.0 = the "
         "strategy's Flower default (fedadam 0.1, fedyogi 0.01, fedadagrad 0.1, fedavgm 1.0).",
     )
-    server_momentum: float = SERVER.option(0.9, "`fedavgm`: server momentum.")
+    server_momentum: float = SERVER.option(
+        0.0, "`fedavgm`: server momentum, in [0, 1); 0.0 = Flower's default (0.0: no momentum)."
+    )
     trim_beta: float = SERVER.option(0.2, "`fedtrimmedavg`: share cut off each end before averaging.")
     num_malicious: int = SERVER.option(
         0,
@@ -468,7 +470,9 @@ def _check_values(cfg: RunConfig) -> None:
             raise ConfigError(f"config key '{config_key(name)}' must be >= 0, got {getattr(cfg, name)}")
     if cfg.min_replies <= 0 or cfg.round_retries < 0 or cfg.max_update_norm < 0:
         raise ConfigError("config keys 'min-replies' must be > 0, 'round-retries' and 'max-update-norm' >= 0")
-    for name in ("proximal_mu", "ray_gpus_per_client"):
+    if not 0.0 <= cfg.server_momentum < 1.0:
+        raise ConfigError(f"config key 'server-momentum' must be in [0, 1), got {cfg.server_momentum}")
+    for name in ("proximal_mu", "ray_gpus_per_client", "server_lr"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"config key '{config_key(name)}' must be >= 0, got {getattr(cfg, name)}")
     if cfg.eval_clients < EVERY_CLIENT:

@@ -33,7 +33,7 @@ def test_the_doc_gives_every_key_its_type_default_and_allowed_values():
 
     for key, value in RunConfig().to_mapping().items():
         assert f"| `{key}` | {type(value).__name__} |" in doc, key
-    assert "| `server-lr` | float | `0.1` |" in doc
+    assert "| `server-lr` | float | `0.0` |" in doc
     assert "| `data-seed` | int | `-1` |" in doc
     assert "One of `sgd`, `adam`." in doc
     assert COMMAND in doc.splitlines()[2]
