@@ -1,4 +1,4 @@
-"""Canary for shared/flower_compat.py: fails naming the symbol and the Flower version when an
+"""Canary for shared/flower_compat/: fails naming the symbol and the Flower version when an
 upgrade moves or changes a Flower internal the project relies on, and keeps every other module
 on Flower's public API."""
 
@@ -23,6 +23,7 @@ from simulations.grid import InProcessGrid, simulation_node_config
 
 VERSION = compat.FLOWER_VERSION
 REPO = Path(__file__).resolve().parents[2]
+COMPAT = Path("shared/flower_compat")
 
 # How the project calls each callable: positional argument count, keyword names.
 CALLS = {
@@ -354,9 +355,9 @@ def test_only_flower_compat_touches_flower_internals():
         for p in REPO.rglob("*.py")
         if not any(part.startswith(".") or part in ("tests", "build", "venv") for part in p.relative_to(REPO).parts)
     ]
-    assert Path("shared/flower_compat.py") in sources and len(sources) > 20
-    bad = [use for p in sources if p != Path("shared/flower_compat.py") for use in _internal_uses(p)]
-    assert not bad, "Flower internals outside shared/flower_compat.py:\n" + "\n".join(bad)
+    assert COMPAT / "__init__.py" in sources and len(sources) > 20
+    bad = [use for p in sources if COMPAT not in p.parents for use in _internal_uses(p)]
+    assert not bad, "Flower internals outside shared/flower_compat/:\n" + "\n".join(bad)
 
 
 def test_the_internals_check_catches_each_way_in():

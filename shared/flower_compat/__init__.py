@@ -51,7 +51,7 @@ FLOWER_VERSION = version("flwr")
 
 def _moved(what: str, err: Exception) -> ImportError:
     return ImportError(
-        f"Flower {FLOWER_VERSION} has no {what} ({err}); shared/flower_compat.py must follow this Flower version"
+        f"Flower {FLOWER_VERSION} has no {what} ({err}); shared/flower_compat/ must follow this Flower version"
     )
 
 
