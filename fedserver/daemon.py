@@ -5,12 +5,11 @@
 process is started where it can:
 
 1. checks the address (a loopback one, unless --control-address consents to exposing the
-   Control API: Flower 1.41 serves it on the Fleet API's port), the PKI files, the run config
-   and that the state directory's run can resume with it, that the state directory is not in
+   Control API: Flower 1.41 serves it on the Fleet API's port), the PKI files, the run config,
+   that the state directory's run can resume with it and that the ServerApp can build its model
+   and data from it (in a child that dies with the daemon), that the state directory is not in
    use by another fedserver, that the address is free (after stopping a SuperLink a killed
-   daemon left, see below), that the ServerApp can build its model and data from the config
-   (in a child that dies with the daemon), and takes the state directory's lock, held for the
-   daemon's life;
+   daemon left, see below), and takes the state directory's lock, held for the daemon's life;
 2. stages the app in STATE/app: this project's packages and a pyproject.toml whose
    `[tool.flwr.app.config]` is the whole resolved run config, `run-dir` = STATE/run (the
    ServerApp writes metrics.jsonl and model.safetensors there after every round);
@@ -207,10 +206,10 @@ def start(options: StartOptions) -> int:
     pki = Pki.load(options.pki_dir)
     cfg = run_config(options.config, state)
     check_resumable(state, cfg)
+    check_server_app(cfg)  # the whole config before the machine's state: a busy port may free up
     _check_not_running(state)
     stale = stop_stale_superlink(state)  # a killed daemon's, first: it may hold the port
     _check_bindable(options.address, host, port)
-    check_server_app(cfg)
     with private_files(), state.locked(), _logging_to(state.log), _stop_on_signals() as stop, _pid_file(state):
         if stale is not None:
             LOG.warning("stopped SuperLink pid %d and its processes, left running by a fedserver that was killed", stale)

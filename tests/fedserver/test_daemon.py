@@ -67,7 +67,8 @@ def test_a_port_in_use_is_a_one_line_error_before_anything_starts(tmp_path, caps
 def test_a_missing_certificate_is_a_one_line_error_naming_the_file(tmp_path, capsys, pki, run_toml, missing):
     (pki / missing).unlink()
 
-    code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(tmp_path / "s")])
+    code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(tmp_path / "s"),
+                 "--address", f"127.0.0.1:{free_port()}"])  # fmt: skip
 
     assert code == 2
     assert str(pki / missing) in _error_line(capsys)
@@ -90,11 +91,27 @@ def test_a_run_config_the_server_cannot_use_is_a_one_line_error_before_anything_
     bad = tmp_path / "bad.toml"
     bad.write_text(text)
 
-    code = main(["start", "--pki", str(pki), "--config", str(bad), "--state-dir", str(tmp_path / "s")])
+    code = main(["start", "--pki", str(pki), "--config", str(bad), "--state-dir", str(tmp_path / "s"),
+                 "--address", f"127.0.0.1:{free_port()}"])  # fmt: skip
 
     assert code == 2
     assert expected in _error_line(capsys)
     assert not (tmp_path / "s").exists()
+
+
+def test_a_config_the_server_cannot_use_is_told_before_a_busy_address(tmp_path, capsys, pki):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('dataset = "csv"\nnum-clients = 2\nclients-per-round = 2\n')
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+
+        code = main(["start", "--pki", str(pki), "--config", str(bad), "--state-dir", str(tmp_path / "s"),
+                     "--address", address])  # fmt: skip
+
+    assert code == 2
+    assert "'data-path' is not set" in _error_line(capsys)
 
 
 # A stand-in for a running daemon: it holds the state directory's lock and, unless told
