@@ -48,13 +48,14 @@ class SampleLevelLedger:
 
     `record` once per accepted reply of a round; `epsilon(delta)` composes, per node, every
     recorded round's E * ceil(n/B) steps of the Poisson-sampled Gaussian mechanism (RDP).
-    A node's ε is recomputed only when it has a new round.
+    ε is a function of a node's rounds alone: nodes with the same rounds (the same n, as many
+    times) share one computation, so a round of many nodes of one size costs a few.
     """
 
     def __init__(self, *, noise_multiplier: float, batch_size: int, epochs: int) -> None:
         self.noise_multiplier, self.batch_size, self.epochs = float(noise_multiplier), int(batch_size), int(epochs)
         self._rounds: dict[int, dict[_Round, int]] = {}  # node id -> round kind -> how many rounds
-        self._epsilons: dict[tuple[int, float], float] = {}  # (node id, delta) -> its ε, while still current
+        self._epsilons: dict[tuple[tuple[tuple[_Round, int], ...], float], float] = {}  # (rounds, delta) -> ε
 
     def record(self, node_id: int, num_examples: int, *, epochs: int | None = None) -> None:
         """One round of `node_id` on `num_examples` examples (its n), `epochs` local epochs (the run's by default)."""
@@ -63,15 +64,15 @@ class SampleLevelLedger:
         kind = (int(num_examples), self.batch_size, local_epochs, self.noise_multiplier)
         rounds = self._rounds.setdefault(int(node_id), {})
         rounds[kind] = rounds.get(kind, 0) + 1
-        self._epsilons = {key: eps for key, eps in self._epsilons.items() if key[0] != int(node_id)}
 
     def node_epsilon(self, node_id: int, delta: float) -> float:
         """The sample-level ε of one node at `delta`; 0 for a node that never trained, inf where z is 0."""
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
-        key = (int(node_id), float(delta))
+        rounds = self._rounds.get(int(node_id), {})
+        key = (tuple(sorted(rounds.items())), float(delta))
         if key not in self._epsilons:
-            self._epsilons[key] = _epsilon(self._rounds.get(int(node_id), {}), delta)
+            self._epsilons[key] = _epsilon(rounds, delta)
         return self._epsilons[key]
 
     def epsilon(self, delta: float) -> float:

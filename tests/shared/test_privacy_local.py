@@ -87,6 +87,30 @@ def test_a_new_round_raises_the_nodes_epsilon():
 
 
 @needs_accounting
+def test_nodes_with_the_same_rounds_share_one_computation(monkeypatch):
+    # Prepare: count the accountant's computations
+    import shared.privacy_local as privacy_local  # noqa: PLC0415
+
+    computed = []
+    real = privacy_local._epsilon
+    monkeypatch.setattr(privacy_local, "_epsilon", lambda rounds, delta: computed.append(1) or real(rounds, delta))
+    ledger = SampleLevelLedger(noise_multiplier=1.0, batch_size=10, epochs=1)
+
+    # Execute: 50 nodes of one size, one round each; then one of them a second round
+    for node in range(50):
+        ledger.record(node, 20)
+    once = ledger.epsilon(1e-5)
+    ledger.record(7, 20)
+    twice = ledger.epsilon(1e-5)
+
+    # Assert: one computation per distinct history, and each node's ε is still its own
+    assert len(computed) == 2
+    assert once == pytest.approx(_direct_epsilon(20, 10, 1, 1.0, 1, 1e-5), rel=1e-9)
+    assert twice == ledger.node_epsilon(7, 1e-5) == pytest.approx(_direct_epsilon(20, 10, 1, 1.0, 2, 1e-5), rel=1e-9)
+    assert ledger.node_epsilon(8, 1e-5) == once
+
+
+@needs_accounting
 def test_empty_ledger_and_no_noise():
     ledger = SampleLevelLedger(noise_multiplier=0.0, batch_size=8, epochs=1)
     assert ledger.epsilon(1e-5) == 0.0
