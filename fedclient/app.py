@@ -79,8 +79,9 @@ class ClientRuntime:
         self._tokenizer: UnfittedTokenizer | None = None
 
     def apply_threads(self) -> None:
-        """Run this process's PyTorch ops on the run's `torch-threads` (0: leave torch's own)."""
-        threads = self.cfg.torch_threads
+        """Run this process's PyTorch ops on the run's `torch-threads` (0: leave torch's own). A
+        deployed device keeps its own: PyTorch's default, every core (or its `OMP_NUM_THREADS`)."""
+        threads = 0 if self.deployed else self.cfg.torch_threads
         if threads > 0 and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
 

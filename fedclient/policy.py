@@ -19,7 +19,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from shared.config import MODELS, toml_value
+import tomli_w
+
+from shared.config import MODELS
 from shared.errors import FedclientError
 
 NODE_CONFIG_PREFIX = "policy-"
@@ -92,11 +94,15 @@ class DevicePolicy:
     def describe_short(self) -> list[str]:
         """`KEY = VALUE` for each key that differs from the default, or that none does."""
         changed = [f for f in fields(self) if getattr(self, f.name) != f.default]
-        return [f"{policy_key(f.name)} = {toml_value(getattr(self, f.name))}" for f in changed] or ["the defaults"]
+        return [self._line(f.name) for f in changed] or ["the defaults"]
 
     def describe(self) -> list[str]:
         """One line a key, as `fedclient policy` and `fedclient start` print them."""
-        return [f"{policy_key(f.name)} = {toml_value(getattr(self, f.name))}  # {f.metadata['meaning']}" for f in fields(self)]
+        return [f"{self._line(f.name)}  # {f.metadata['meaning']}" for f in fields(self)]
+
+    def _line(self, name: str) -> str:
+        """`KEY = VALUE`, as TOML writes it."""
+        return tomli_w.dumps({policy_key(name): getattr(self, name)}).rstrip("\n")
 
 
 def policy_key(name: str) -> str:

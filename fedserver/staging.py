@@ -13,6 +13,8 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
+import tomli_w
+
 import fedclient
 import fedserver
 import shared
@@ -39,22 +41,16 @@ def stage_app(directory: Path, cfg: RunConfig) -> Path:
 
 def pyproject_text(cfg: RunConfig) -> str:
     """A minimal Flower app manifest whose run config is `cfg`, every key of it."""
-    return (
-        "[build-system]\n"
-        'requires = ["setuptools>=68"]\n'
-        'build-backend = "setuptools.build_meta"\n\n'
-        "[project]\n"
-        f'name = "{FAB_NAME}"\n'
-        f'version = "{_version()}"\n'
-        "dependencies = []\n\n"
-        "[tool.flwr.app]\n"
-        f'publisher = "{FAB_NAME}"\n\n'
-        "[tool.flwr.app.components]\n"
-        f'serverapp = "{SERVER_APP}"\n'
-        f'clientapp = "{CLIENT_APP}"\n\n'
-        "[tool.flwr.app.config]\n"
-        f"{cfg.to_toml()}"
-    )
+    app = {
+        "publisher": FAB_NAME,
+        "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+        "config": cfg.to_mapping(),
+    }
+    return tomli_w.dumps({
+        "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
+        "project": {"name": FAB_NAME, "version": _version(), "dependencies": []},
+        "tool": {"flwr": {"app": app}},
+    })  # fmt: skip
 
 
 def _version() -> str:

@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import tomli_w
+
 from shared.errors import ExitCode, FedserverError
 from shared.files import atomic_write_text
 from shared.processes import recorded_process
@@ -181,8 +183,6 @@ class DaemonInfo:
 def _write_flwr_config(flwr_home: Path, address: str, ca: str) -> None:
     """config.toml so that `FLWR_HOME=STATE/flwr-home flwr ls` talks to this daemon's SuperLink."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    text = (
-        f'[superlink]\ndefault = "{FLWR_CONNECTION}"\n\n'
-        f'[superlink.{FLWR_CONNECTION}]\naddress = "{address}"\nroot-certificates = {json.dumps(ca)}\n'
-    )
+    connection = {"address": address, "root-certificates": ca}
+    text = tomli_w.dumps({"superlink": {"default": FLWR_CONNECTION, FLWR_CONNECTION: connection}})
     atomic_write_text(flwr_home / "config.toml", text)

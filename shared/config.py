@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from shared.errors import FlowerbedError
 
 Scalar = str | int | float | bool
@@ -301,7 +303,9 @@ class RunConfig:
         "may allocate, so that many workers cannot run a card out of memory; 0.0 = no cap. Ignored without CUDA.",
     )
     torch_threads: int = EXECUTION.option(
-        1, "torch threads of a client; 1 measured fastest for small models on 2 cores; 0 = torch's default."
+        1,
+        "Simulations: torch threads of a client; 1 measured fastest for small models on 2 cores; 0 = torch's "
+        "default. A deployed device uses its own: PyTorch's default, every core (docs/deploy.md).",
     )
     run_dir: str = EXECUTION.option(
         "",
@@ -397,7 +401,7 @@ class RunConfig:
 
     def to_toml(self) -> str:
         """The resolved configuration as TOML text (what `fedsim` writes to config.toml)."""
-        return "".join(f"{k} = {toml_value(v)}\n" for k, v in self.to_mapping().items())
+        return tomli_w.dumps(self.to_mapping())
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -587,11 +591,8 @@ def _check_text(cfg: RunConfig) -> None:
 
 
 def toml_value(value: Scalar) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
+    """`value` as TOML writes it (the right-hand side of `key = value`)."""
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
 
 
 def parse_override(text: str) -> tuple[str, Scalar]:
@@ -663,7 +664,7 @@ KEY_ROLES: dict[str, str] = {
         ("dataset", "model", "hidden", "cnn-hidden", "num-classes", "input-dim", "test-fraction", "max-len",
          "vocab-size", "tokenizer", "tokenizer-sha256", "d-model", "num-heads", "num-layers", "ff-dim",
          "dropout", "compile", "seed", "data-seed", "local-epochs", "batch-size", "lr", "optimizer",
-         "proximal-mu", "device", "torch-threads", "eval-batch-size", "secure-aggregation",
+         "proximal-mu", "device", "eval-batch-size", "secure-aggregation",
          "secagg-threshold", "secagg-neighbours", "secagg-clipping-range", "secagg-quantization-range",
          "dp", "dp-clipping-norm", "dp-noise-multiplier", "clients-per-round"),
         RECIPE,
@@ -671,7 +672,7 @@ KEY_ROLES: dict[str, str] = {
     **dict.fromkeys(
         ("partition", "dirichlet-alpha", "shards-per-client", "min-client-size", "synthetic-alpha",
          "synthetic-beta", "synthetic-iid", "synthetic-max-samples", "min-role-chars", "num-clients",
-         "rounds", "strategy", "stragglers", "server-lr", "server-momentum", "trim-beta",
+         "rounds", "strategy", "stragglers", "server-lr", "server-momentum", "trim-beta", "torch-threads",
          "num-malicious", "target-accuracy", "stop-at-target", "eval-clients", "eval-every", "backend",
          "ray-cpus-per-client", "ray-gpus-per-client", "vectorized", "workers", "gpu-memory-fraction",
          "keep-checkpoints", "round-timeout", "node-wait-timeout", "min-replies", "round-retries",

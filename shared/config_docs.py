@@ -11,6 +11,8 @@ import sys
 from dataclasses import Field, fields
 from pathlib import Path
 
+import tomli_w
+
 from shared.config import CHOICES, RunConfig, Scalar, Section, config_key, toml_value
 
 COMMAND = "python -m shared.config_docs"
@@ -42,8 +44,7 @@ def flwr_table() -> str:
         "# Flower accepts a `flwr run --run-config` key only if it is in this table, so it lists every key.",
         f"# RunConfig's defaults, except {', '.join(FLWR_RUN_OVERRIDES)} (see {CONFIG_DOC.as_posix()}).",
     ]
-    lines += [f"{key} = {toml_value(value)}" for key, value in flwr_run_defaults().items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + tomli_w.dumps(flwr_run_defaults())
 
 
 def with_flwr_table(pyproject: str) -> str:
