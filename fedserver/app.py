@@ -9,6 +9,7 @@ subscriber (`fedserver.events`), and stopping at a target.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import random
@@ -25,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedserver.checkpoints import Checkpoint, RunDirectory
-from fedserver.events import RoundCallback, RoundEvent, Row, notify
+from fedserver.events import EventLog, RoundCallback, RoundEvent, Row, notify
 from fedserver.grid_wrapper import GridWrapper
 from fedserver.node_ledger import NodeLedger
 from fedserver.polling import fast_polling
@@ -90,10 +91,12 @@ def main(grid: Grid, context: Context) -> None:
         return
     rows = RunDirectory(cfg.run_dir).history()
     report = RunReport(Path(cfg.run_dir), cfg, rows=rows, evaluated_on=evaluated_on(cfg))
+    events = EventLog(Path(cfg.run_dir), rows, cfg.rounds)  # what the daemon follows
     try:
-        run_federation(fast_polling(grid, max_reply_bytes=cfg.max_reply_bytes), cfg, on_round=[report])
+        run_federation(fast_polling(grid, max_reply_bytes=cfg.max_reply_bytes), cfg, on_round=[report, events])
     finally:
         report.close()
+        events.close()
 
 
 def run_federation(grid: Grid, cfg: RunConfig, on_round: Sequence[RoundCallback] = ()) -> RunResult:
@@ -138,6 +141,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Sequence[RoundCallback]
             result.arrays = to_arrayrecord(weights)
             eval_metrics = _evaluate(strategy, grid, cfg, server_round, result.arrays, model, central_test, ledger)
             event = _round_event(cfg, server_round, train_metrics, eval_metrics, time.perf_counter() - started)
+            event = dataclasses.replace(event, replies=ledger.take_replies())
             if accountant is not None:
                 stopped = budget_stop(accountant, cfg, server_round)
                 event = PrivateRoundEvent(**vars(event), epsilon=accountant.epsilon(), stopped=stopped)
@@ -282,7 +286,7 @@ def _plain_attempt(
 ) -> tuple[ArrayRecord, MetricRecord | None]:
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     valid = screen_replies(replies, arrays, cfg)
-    ledger.record(server_round, replies, valid)
+    ledger.record(server_round, replies, valid, sent=messages)
     if local_dp is not None:
         _record_local_dp(local_dp, replies)
     # Central DP: a sampled client that drops is a smaller cohort, never a retry with others
@@ -439,7 +443,7 @@ def _federated_evaluation(
         messages = strategy.configure_evaluate(server_round, arrays, config, CohortGrid(grid, cohort))
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     valid = screen_evaluation_replies(replies, cfg)
-    ledger.record(server_round, replies, valid)
+    ledger.record(server_round, replies, valid, sent=messages)
     needed = quorum(cfg, len(messages))
     try:
         if len(valid) < needed:

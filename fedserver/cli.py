@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedserver.state import DEFAULT_ADDRESS, StateDir
+from fedserver.state import DEFAULT_ADDRESS, DEFAULT_DASHBOARD, StateDir
 from shared.cli import add_command, build_parser as build_command_parser, run_cli
 from shared.errors import ExitCode
 from shared.pki import PkiPaths, add_client, enroll, init_pki, remove_client
@@ -171,12 +171,30 @@ def _start_arguments(parser: argparse.ArgumentParser) -> None:
         help="the SuperLink's state: STATE/state.db (default), or in memory: faster rounds, "
         "but runs and node ids are forgotten on restart",
     )
+    add_dashboard_arguments(parser, DEFAULT_DASHBOARD)
+
+
+def add_dashboard_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """--dashboard [HOST:]PORT, --dashboard-token-file, --dashboard-names (docs/dashboard.md)."""
+    shown = f"default {default}; 'off' for none" if default else "off unless given"
+    parser.add_argument("--dashboard", default=default, metavar="[HOST:]PORT",
+                        help=f"serve the live, read-only dashboard here ({shown}; PORT 0: any free port)")
+    parser.add_argument("--dashboard-token-file", type=Path, metavar="FILE",
+                        help="a file (mode 0600) holding the token the dashboard asks for; needed off 127.0.0.1")
+    parser.add_argument("--dashboard-names", type=Path, metavar="FILE",
+                        help='names the dashboard shows for node ids: a TOML file of lines NODE_ID = "name"')
+
+
+def dashboard_flag(value: str | None) -> str | None:
+    """--dashboard's value, None for 'off'."""
+    return None if value is None or value.lower() == "off" else value
 
 
 def _run_start(args: argparse.Namespace) -> int:
     from fedserver import daemon  # Flower is imported only by the commands that need it
 
-    options = daemon.StartOptions(args.pki, args.config, args.address, args.state_dir, args.db, args.control_address)
+    options = daemon.StartOptions(args.pki, args.config, args.address, args.state_dir, args.db, args.control_address,
+                                  dashboard_flag(args.dashboard), args.dashboard_token_file, args.dashboard_names)
     return daemon.start(options)
 
 

@@ -68,6 +68,13 @@ class NodeInfo:
     status: str  # "registered", "online", "offline", "unregistered"
     last_activated_at: str
     public_key: bytes = b""  # as `load_public_key` gives it
+    online_until: float = 0.0  # Unix time: its last heartbeat plus its heartbeat interval
+    heartbeat_interval: float = 0.0  # seconds
+
+    @property
+    def last_seen(self) -> float | None:
+        """Unix time of its last heartbeat, as the SuperLink counts it; None if it never sent one."""
+        return self.online_until - self.heartbeat_interval if self.online_until else None
 
     @property
     def registered(self) -> bool:
@@ -130,7 +137,8 @@ class ControlClient:
     def list_nodes(self) -> list[NodeInfo]:
         response = self._call(self._client.ListNodes, ListNodesRequest())
         return [
-            NodeInfo(int(n.node_id), n.name, n.status, n.last_activated_at, bytes(n.public_key))
+            NodeInfo(int(n.node_id), n.name, n.status, n.last_activated_at, bytes(n.public_key),
+                     n.online_until, n.heartbeat_interval)  # fmt: skip
             for n in response.nodes_info
         ]
 

@@ -23,8 +23,11 @@ process is started where it can:
    whose key is no longer there (`fedserver remove-client`, `init --force`), stops runs a
    previous daemon left active, and submits the run (which resumes from STATE/run's last
    checkpoint where there is one);
-5. logs each completed round and every change of run status to STATE/fedserver.log and stdout,
-   and keeps the run's last status in STATE/daemon.json for `fedserver status`.
+5. follows the ServerApp's round events (STATE/run/events.jsonl, `fedserver.events`) into one
+   in-memory model of the run, logs each completed round and every change of run status to
+   STATE/fedserver.log and stdout, keeps the run's last status in STATE/daemon.json for
+   `fedserver status`, and serves the model on the dashboard (`fedserver.dashboard`, on
+   127.0.0.1:8092 unless --dashboard says otherwise; a port it cannot bind is one warning line).
 
 Everything the daemon and its processes create in the state directory is private (umask 077).
 
@@ -58,11 +61,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
-from fedserver.checkpoints import STATE_FILE, CheckpointError, config_changes, read_metrics
+from fedserver.checkpoints import STATE_FILE, CheckpointError, config_changes
 from fedserver.control import ControlClient, ControlError, RunInfo, load_public_key
+from fedserver.dashboard import DEFAULT_ADDRESS as DEFAULT_DASHBOARD
+from fedserver.dashboard import Dashboard, DashboardError, RunModel, run_summary
+from fedserver.events import EVENTS_FILE, EventFollower, Record
 from fedserver.logs import copy_lines, rotating_handler
 from fedserver.staging import stage_app
 from fedserver.state import DEFAULT_ADDRESS, DaemonError, DaemonInfo, StateDir, make_private, private_files
+from fedserver.status import refresh_live
 from shared.config import TEXT_MODELS, ConfigError, RunConfig, load_config
 from shared.errors import FedserverError
 from shared.files import write_secret
@@ -122,6 +129,9 @@ class StartOptions:
     state_dir: Path = StateDir.DEFAULT
     database: str = "sqlite"  # or "memory": Flower's in-memory state, see DATABASES
     control_address: str | None = None  # the user's consent to a Control API off 127.0.0.1 (= address)
+    dashboard: str | None = DEFAULT_DASHBOARD  # [HOST:]PORT of the dashboard; None: no dashboard
+    dashboard_token_file: Path | None = None  # needed for a dashboard off 127.0.0.1
+    dashboard_names: Path | None = None  # the operator's names for node ids, shown on the dashboard
 
 
 class AddressError(FedserverError, ValueError):
@@ -203,17 +213,46 @@ def start(options: StartOptions) -> int:
     """Run the daemon until SIGTERM/SIGINT; 0 after a requested stop, 1 if the SuperLink died."""
     state = StateDir(options.state_dir)
     host, port = listen_address(options)
+    model = RunModel("deployment")
+    dashboard = _dashboard(options, model)  # its flags and files, checked before anything starts
     pki = Pki.load(options.pki_dir)
     cfg = run_config(options.config, state)
     check_resumable(state, cfg)
     check_server_app(cfg)  # the whole config before the machine's state: a busy port may free up
+    model.run = run_summary(cfg)
     _check_not_running(state)
     stale = stop_stale_superlink(state)  # a killed daemon's, first: it may hold the port
     _check_bindable(options.address, host, port)
     with private_files(), state.locked(), _logging_to(state.log), _stop_on_signals() as stop, _pid_file(state):
         if stale is not None:
             LOG.warning("stopped SuperLink pid %d and its processes, left running by a fedserver that was killed", stale)
-        return _serve(options, state, pki, cfg, stop)
+        with _serving(dashboard):
+            return _serve(options, state, pki, cfg, stop, model)
+
+
+def _dashboard(options: StartOptions, model: RunModel) -> Dashboard | None:
+    """The dashboard the options ask for, not started (None for none); a bad flag or file is a
+    one-line DashboardError."""
+    if options.dashboard is None:
+        return None
+    return Dashboard.for_flags(model, options.dashboard, options.dashboard_token_file, options.dashboard_names)
+
+
+@contextmanager
+def _serving(dashboard: Dashboard | None) -> Iterator[None]:
+    """The dashboard served for the block; one it cannot serve (a busy port, no prometheus-client) is
+    a warning line, and the daemon goes on without it."""
+    try:
+        if dashboard is not None:
+            LOG.info("dashboard on %s", dashboard.start())
+    except DashboardError as err:
+        LOG.warning("no dashboard: %s", err)
+        dashboard = None
+    try:
+        yield
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
 
 
 def check_server_app(cfg: RunConfig) -> None:
@@ -268,7 +307,9 @@ def check_resumable(state: StateDir, cfg: RunConfig) -> None:
         )
 
 
-def _serve(options: StartOptions, state: StateDir, pki: Pki, cfg: RunConfig, stop: threading.Event) -> int:
+def _serve(
+    options: StartOptions, state: StateDir, pki: Pki, cfg: RunConfig, stop: threading.Event, model: RunModel
+) -> int:
     host, port = parse_address(options.address)
     make_private(stage_app(state.app, cfg))  # copied with the sources' modes
     write_secret(state.superexec_secret)
@@ -289,7 +330,9 @@ def _serve(options: StartOptions, state: StateDir, pki: Pki, cfg: RunConfig, sto
             run_id = _submit(control, pki, state)
             info = DaemonInfo(os.getpid(), options.address, address, str(pki.ca), run_id, cfg.rounds)
             info.write(state.info)
-            return _watch(control, processes, info, state, stop)
+            model.daemon.update(state_dir=str(state.root), running=True, pid=info.pid, address=info.address,
+                                run_id=run_id, rounds=cfg.rounds)  # fmt: skip
+            return _watch(control, processes, info, state, stop, model)
     except DaemonError as err:
         LOG.error("%s", err)
         raise
@@ -339,11 +382,16 @@ def revoke(state_dir: Path, public_key: bytes) -> list[tuple[int, str]] | None:
 
 def _watch(
     control: ControlClient, processes: list[subprocess.Popen[bytes]], info: DaemonInfo, state: StateDir,
-    stop: threading.Event,
+    stop: threading.Event, model: RunModel | None = None,
 ) -> int:
     """Report rounds and run status until asked to stop (1 if the SuperLink or the SuperExec ends
-    first); stop the run on the way out. The run's last status stays in daemon.json for `status`."""
-    seen_rounds, polls = len(read_metrics(state.run_dir)), 0
+    first); stop the run on the way out. The run's last status stays in daemon.json for `status`.
+
+    Rounds come from the ServerApp's events file, followed by offset into `model`; those it held
+    before this daemon started are taken in without being logged again."""
+    model = model if model is not None else RunModel("deployment")
+    events = EventFollower(state.run_dir / EVENTS_FILE)
+    seen_rounds, polls = _follow(events, model, logged=None), 0
     while not stop.wait(POLL_SECONDS):
         ended = next((process for process in processes if process.poll() is not None), None)
         if ended is not None:
@@ -351,21 +399,34 @@ def _watch(
             LOG.error("%s exited with code %s: %s", name, code, _last_error(state.superlink_log))
             replace(info, run_status="unknown", run_details=f"{name} exited with code {code}").write(state.info)
             return 1
-        seen_rounds = _report_rounds(state, seen_rounds)
+        seen_rounds = _follow(events, model, seen_rounds)
         polls += 1
         if polls % STATUS_EVERY == 1:
             info = _report_status(control, info, state)
+            refresh_live(model, control, info)
     _stop_run(control, info.run_id)
     _report_status(control, info, state)
     return 0
 
 
-def _report_rounds(state: StateDir, seen: int) -> int:
-    rows = read_metrics(state.run_dir)
-    for row in rows[seen:]:
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "round" and isinstance(v, float))
-        LOG.info("round %s: %s", row.get("round"), shown)
-    return len(rows)
+def _follow(events: EventFollower, model: RunModel, logged: int | None) -> int:
+    """The round records appended since the last call into `model` (all of them again where the
+    file started over), each round after `logged` logged (None: none); the last round seen."""
+    restarted, records = events.poll()
+    if restarted:
+        model.reset()
+    last = 0 if logged is None else logged
+    for record in records:
+        model.add(record)
+        if logged is not None and int(record["round"]) > logged:
+            _log_round(record)
+        last = max(last, int(record["round"]))
+    return last
+
+
+def _log_round(record: Record) -> None:
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("round", "rounds") and isinstance(v, float))
+    LOG.info("round %s: %s", record["round"], shown)
 
 
 def _report_status(control: ControlClient, info: DaemonInfo, state: StateDir) -> DaemonInfo:

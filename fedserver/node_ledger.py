@@ -10,17 +10,21 @@ The ServerApp writes the ledger after each committed round and when a round fail
 reads it back on a resume, so the counts continue. A round counts once as refused and once as
 failed however many of its attempts (and its evaluation) the node answered so, a round redone
 after a resume included; "accepted" counts replies that passed screening, in every attempt.
+
+It also keeps, in memory only, each round's replies one by one (`fedserver.events.NodeReply`),
+which the round's event carries to its subscribers (the live dashboard).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedserver.checkpoints import CheckpointError
+from fedserver.events import NodeReply
 from shared.device_errors import describe, is_refusal
 from shared.files import atomic_write_text
 
@@ -60,23 +64,41 @@ class NodeLedger:
     """Every node's record for one run, by node id."""
 
     nodes: dict[int, NodeRecord] = field(default_factory=dict)
+    replies: list[NodeReply] = field(default_factory=list, repr=False, compare=False)  # this round's, until `take_replies`
 
-    def record(self, server_round: int, replies: list[Message], accepted: list[Message]) -> None:
-        """Count one screening: `accepted` the replies of `replies` that passed it."""
+    def record(
+        self, server_round: int, replies: list[Message], accepted: list[Message], sent: Sequence[Message] = ()
+    ) -> None:
+        """Count one screening: `accepted` the replies of `replies` that passed it; `sent` the
+        tasks they answer (for each reply's time)."""
+        created = {message.metadata.message_id: message.metadata.created_at for message in sent}
+        passed = {id(reply) for reply in accepted}
         for reply in replies:
-            if reply.has_error():
-                self.record_error(server_round, reply.metadata.src_node_id, int(reply.error.code))
-        for reply in accepted:
-            self._node(reply.metadata.src_node_id).accepted += 1
+            node, code = reply.metadata.src_node_id, int(reply.error.code) if reply.has_error() else None
+            if code is not None:
+                self._node(node).add_error(server_round, code)
+            elif id(reply) in passed:
+                self._node(node).accepted += 1
+            outcome = "accepted" if id(reply) in passed else _error_outcome(code)
+            start = created.get(reply.metadata.reply_to_message_id)
+            seconds = None if start is None else round(max(0.0, reply.metadata.created_at - start), 4)
+            self.replies.append(NodeReply(int(node), reply.metadata.message_type, outcome, code, seconds))
 
     def record_error(self, server_round: int, node_id: int, code: int) -> None:
         """Count one error reply of `node_id` in `server_round` (a secure round's stages report so)."""
         self._node(node_id).add_error(server_round, code)
+        self.replies.append(NodeReply(int(node_id), "train", _error_outcome(code), code))
 
     def record_accepted(self, node_ids: Iterable[int]) -> None:
         """Count one accepted reply of each of `node_ids` (the clients in a secure sum)."""
         for node_id in node_ids:
             self._node(node_id).accepted += 1
+            self.replies.append(NodeReply(int(node_id), "train", "accepted"))
+
+    def take_replies(self) -> tuple[NodeReply, ...]:
+        """The replies recorded since the last call (a round's), forgotten here."""
+        taken, self.replies = tuple(self.replies), []
+        return taken
 
     def entries(self) -> list[dict[str, Any]]:
         """One JSON object per node, by node id (what `nodes.json` holds)."""
@@ -99,6 +121,13 @@ class NodeLedger:
 
     def _node(self, node_id: int) -> NodeRecord:
         return self.nodes.setdefault(int(node_id), NodeRecord())
+
+
+def _error_outcome(code: int | None) -> str:
+    """A reply's outcome where it did not pass screening: screened, or its error code's kind."""
+    if code is None:
+        return "screened"
+    return "refused" if is_refusal(code) else "failed"
 
 
 def _record(entry: dict[str, Any]) -> NodeRecord:

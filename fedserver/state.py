@@ -38,6 +38,7 @@ from shared.processes import recorded_process
 
 FLWR_CONNECTION = "fedserver"
 DEFAULT_ADDRESS = "127.0.0.1:9092"
+DEFAULT_DASHBOARD = "127.0.0.1:8092"  # the live dashboard's (fedserver.dashboard), beside the SuperLink's
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 
 

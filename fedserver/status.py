@@ -1,43 +1,58 @@
-"""`fedserver status`: the daemon, its runs, its nodes, the devices that refused or failed a task,
-and the last round's metrics.
+"""`fedserver status` and the dashboard's `/api/status`: one document, built by `build_status` from
+a run's model (`fedserver.dashboard.model.RunModel`).
 
-Runs and nodes come from the SuperLink's Control API (what `flwr ls` and `flwr supernode ls`
-show) while the daemon runs; the metrics and the devices' errors from the run directory's
-metrics.jsonl and nodes.json (`fedserver.node_ledger`), which stay readable when it does not.
+`fedserver status` builds that model from the run directory (events.jsonl, or metrics.jsonl where a
+run has none, and nodes.json from `fedserver.node_ledger`), which stays readable when the daemon
+does not run, and adds the SuperLink's runs and nodes from its Control API (what `flwr ls` and
+`flwr supernode ls` show) while it runs; the daemon and fedsim keep the same model live.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedserver.checkpoints import read_metrics
+from fedserver.checkpoints import STATE_FILE, read_metrics
 from fedserver.control import ControlClient, ControlError
+from fedserver.dashboard.model import RunModel, run_summary
+from fedserver.events import EVENTS_FILE, EventFollower
 from fedserver.node_ledger import NodeLedger
 from fedserver.state import DaemonInfo, StateDir
+from shared.config import ConfigError, RunConfig
 
 FAILED = "finished:failed"
+ROW_KEYS = ("at", "replies")  # a model's round keys that are not metrics.jsonl's
 
 
 @dataclass
 class Status:
-    """One snapshot; `to_json()` is what `fedserver status --json` prints."""
+    """One snapshot; `to_json()` is what `fedserver status --json` prints and `/api/status` serves."""
 
-    state_dir: str
+    state_dir: str | None
     running: bool
     pid: int | None = None
     address: str | None = None
     run_id: int | None = None
     runs: list[dict[str, Any]] = field(default_factory=list)
-    nodes: list[dict[str, Any]] = field(default_factory=list)
+    nodes: list[dict[str, Any]] = field(default_factory=list)  # the SuperLink's: node_id, name, status
     connected_nodes: int = 0
     rounds_completed: int = 0
     last_metrics: dict[str, Any] | None = None
     devices: list[dict[str, Any]] = field(default_factory=list)  # nodes.json: each node's replies and errors
     last_run: dict[str, Any] | None = None  # without a daemon: its run as it last saw it (daemon.json)
     error: str | None = None  # why runs/nodes are missing though the daemon runs, or why the run failed
+    kind: str = "deployment"  # or "simulation"
+    state: str = "running"  # the run's: "running", a SuperLink status ("finished:completed", ...), "finished"
+    run: dict[str, Any] | None = None  # what runs (dataset, model, strategy, clients, secure aggregation, dp)
+    rounds: int | None = None  # the rounds the run is configured for
+    elapsed_seconds: float = 0.0  # the committed rounds' own time, summed
+    seconds_per_round: float | None = None  # the last round's
+    secure_aggregation: dict[str, Any] | None = None  # with secure aggregation: threshold, neighbours, last sum
+    privacy: dict[str, Any] | None = None  # under DP: the mechanism, epsilon spent, the target, delta
 
     @property
     def failed(self) -> bool:
@@ -48,44 +63,113 @@ class Status:
         return json.dumps(asdict(self))
 
 
+def build_status(model: RunModel, *, devices: list[dict[str, Any]] | None = None,
+                 names: Mapping[int, str] | None = None) -> Status:  # fmt: skip
+    """The status document of `model`; `devices` the ledger's entries where read from nodes.json
+    (default: the model's), `names` node names where the operator mapped them (default: the SuperLink's)."""
+    rows = model.rounds()
+    nodes = model.nodes(names)
+    daemon = model.daemon
+    status = Status(
+        state_dir=daemon.get("state_dir"), running=bool(daemon.get("running", True)), pid=daemon.get("pid"),
+        address=daemon.get("address"), run_id=daemon.get("run_id"), runs=list(daemon.get("runs", [])),
+        error=daemon.get("error"), last_run=daemon.get("last_run"), kind=model.kind, state=model.state, run=model.run,
+    )  # fmt: skip
+    status.nodes = [{"node_id": n["node_id"], "name": n["name"], "status": n["status"]} for n in nodes if n["status"]]
+    status.connected_nodes = model.connected()
+    status.rounds_completed = len(rows)
+    status.last_metrics = {k: v for k, v in rows[-1].items() if k not in ROW_KEYS} if rows else None
+    status.devices = devices if devices is not None else [_ledger_entry(n) for n in nodes if n["replies"]]
+    status.rounds = (model.run or {}).get("rounds") or daemon.get("rounds")
+    status.elapsed_seconds = round(sum(row.get("seconds") or 0.0 for row in rows), 3)
+    status.seconds_per_round = rows[-1].get("seconds") if rows else None
+    status.secure_aggregation = _secure_aggregation(model.run, rows)
+    status.privacy = _privacy(model.run, rows)
+    return status
+
+
+def _ledger_entry(node: dict[str, Any]) -> dict[str, Any]:
+    keys = ("node_id", "accepted", "rounds_refused", "rounds_failed", "last_code", "last_round",
+            "last_refused_round", "last_failed_round", "last_message")  # fmt: skip
+    return {key: node[key] for key in keys}
+
+
+def _secure_aggregation(run: dict[str, Any] | None, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not run or not run.get("secure_aggregation"):
+        return None
+    last_sum = rows[-1]["replies"]["accepted"] if rows else None
+    return {"threshold": run["secagg_threshold"], "neighbours": run["secagg_neighbours"], "last_round_accepted": last_sum}
+
+
+def _privacy(run: dict[str, Any] | None, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not run or run.get("dp", "none") == "none":
+        return None
+    last = rows[-1] if rows else {}
+    return {"dp": run["dp"], "epsilon": last.get("epsilon"), "target_epsilon": run.get("dp_target_epsilon") or None,
+            "delta": run.get("dp_delta"), "stopped": last.get("stopped")}  # fmt: skip
+
+
 def collect(state_dir: Path) -> Status:
     """Everything `fedserver status` shows for the daemon of `state_dir`."""
     state = StateDir(state_dir)
     pid = state.read_pid()
-    running = pid is not None
     info = DaemonInfo.read(state.info)
-    rows = read_metrics(state.run_dir)
-    status = Status(str(state.root), running, pid, rounds_completed=len(rows))
-    status.last_metrics = rows[-1] if rows else None
-    status.devices = NodeLedger.read(state.run_dir).entries()
+    model = model_from_run_dir(state.run_dir)
+    model.daemon.update(state_dir=str(state.root), running=pid is not None, pid=pid)
+    model.state = (info.run_status if info is not None else "") or ("running" if pid is not None else "stopped")
     if info is not None:
-        status.address, status.run_id = info.address, info.run_id
-    if running and info is not None:
-        _add_live(status, info, len(rows))
+        model.daemon.update(address=info.address, run_id=info.run_id, rounds=info.rounds)
+    if pid is not None and info is not None:
+        try:
+            with ControlClient(info.control_address, Path(info.ca)) as control:
+                refresh_live(model, control, info)
+        except OSError as err:
+            model.daemon["error"] = str(err)
     elif info is not None and info.run_status:
-        status.last_run = {"run_id": info.run_id, "status": info.run_status, "details": info.run_details,
-                           "rounds": info.rounds}  # fmt: skip
-    return status
+        model.daemon["last_run"] = {"run_id": info.run_id, "status": info.run_status, "details": info.run_details,
+                                    "rounds": info.rounds}  # fmt: skip
+    return build_status(model, devices=NodeLedger.read(state.run_dir).entries())
 
 
-def _add_live(status: Status, info: DaemonInfo, completed: int) -> None:
+def model_from_run_dir(run_dir: Path) -> RunModel:
+    """A deployment's model as its run directory has it: each round of events.jsonl (metrics.jsonl's
+    where there is none), the config of its committed state."""
+    model = RunModel("deployment", _committed_run(run_dir))
+    _, records = EventFollower(run_dir / EVENTS_FILE).poll()
+    for record in records or read_metrics(run_dir):
+        model.add(record, at=os.stat(run_dir).st_mtime)
+    return model
+
+
+def _committed_run(run_dir: Path) -> dict[str, Any] | None:
     try:
-        with ControlClient(info.control_address, Path(info.ca)) as control:
-            runs, nodes = control.list_runs(), control.list_nodes()
-    except (ControlError, OSError) as err:
-        status.error = str(err)
+        return run_summary(RunConfig.from_mapping(json.loads((run_dir / STATE_FILE).read_text())["config"]))
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
+        return None
+
+
+def refresh_live(model: RunModel, control: ControlClient, info: DaemonInfo) -> None:
+    """The SuperLink's runs and nodes into `model` (`error` set where it cannot be asked)."""
+    try:
+        runs, nodes = control.list_runs(), control.list_nodes()
+    except ControlError as err:
+        model.daemon["error"] = str(err)
         return
+    completed = len(model.rounds())
+    listed, error = [], None
     for run in runs:
         ours = run.run_id == info.run_id
         current = min(completed + 1, info.rounds) if ours and run.active else (completed if ours else None)
-        status.runs.append(
+        listed.append(
             {"run_id": run.run_id, "status": run.status, "current_round": current, "rounds": info.rounds if ours else None,
              "details": run.details}
         )  # fmt: skip
+        if ours:
+            model.state = run.status
         if ours and run.status == FAILED:
-            status.error = f"run {run.run_id} failed: {run.details or 'no reason given; see superlink.log'}"
-    status.nodes = [{"node_id": n.node_id, "name": n.name, "status": n.status} for n in nodes]
-    status.connected_nodes = sum(n.status == "online" for n in nodes)
+            error = f"run {run.run_id} failed: {run.details or 'no reason given; see superlink.log'}"
+    model.daemon.update(runs=listed, error=error)
+    model.set_superlink_nodes(nodes)
 
 
 def render(status: Status) -> str:

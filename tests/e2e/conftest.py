@@ -58,10 +58,13 @@ class E2E:
     def stop_all(self) -> None:
         stop_trees(self.started, grace=10.0)
 
-    def start_daemon(self, name: str, pki: Path, config: Path, state: StateDir, address: str) -> subprocess.Popen[bytes]:
-        """`fedserver start`, returned once its port accepts connections."""
-        argv = [*self.python, "fedserver.cli", "start", "--pki", str(pki), "--config", str(config)]
-        daemon = self.start(name, [*argv, "--state-dir", str(state.root), "--address", address])
+    def start_daemon(
+        self, name: str, pki: Path, config: Path, state: StateDir, address: str, *extra: str
+    ) -> subprocess.Popen[bytes]:
+        """`fedserver start` (its dashboard on any free port, unless `extra` says otherwise), returned
+        once its port accepts connections."""
+        argv = [*self.python, "fedserver.cli", "start", "--pki", str(pki), "--config", str(config), "--dashboard", "0"]
+        daemon = self.start(name, [*argv, "--state-dir", str(state.root), "--address", address, *extra])
         host, port = address.rsplit(":", 1)
         assert wait_for_port(host, int(port), 60, alive=daemon), self.log(name)
         return daemon

@@ -154,7 +154,7 @@ def _serve_stand_in(calls: list[StateDir]):
     """In place of `daemon._serve`: records that start got that far, writes a file itself and
     one from a child process (as the SuperLink writes state.db)."""
 
-    def serve(options, state, pki, cfg, stop) -> int:
+    def serve(options, state, pki, cfg, stop, *_model) -> int:
         calls.append(state)
         (state.root / "own.txt").write_text("x")
         subprocess.run([sys.executable, "-c", f"open({str(state.root / 'child.txt')!r}, 'w').write('x')"], check=True)
@@ -178,7 +178,7 @@ def test_a_stale_pid_file_neither_blocks_start_nor_reads_as_running(tmp_path, ca
         stop = main(["stop", "--state-dir", str(state.root), "--timeout", "0.5"])
         out = capsys.readouterr().out
         started = main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(state.root),
-                        "--address", f"127.0.0.1:{free_port()}"])  # fmt: skip
+                        "--address", f"127.0.0.1:{free_port()}", "--dashboard", "0"])  # fmt: skip
 
         # Assert
         assert status == EXIT_NOT_RUNNING and "not running" in out
@@ -204,7 +204,7 @@ def _start(pki, run_toml, state: StateDir, monkeypatch) -> tuple[int, list[State
     calls: list[StateDir] = []
     monkeypatch.setattr(daemon, "_serve", _serve_stand_in(calls))
     code = main(["start", "--pki", str(pki), "--config", str(run_toml), "--state-dir", str(state.root),
-                 "--address", f"127.0.0.1:{free_port()}"])  # fmt: skip
+                 "--address", f"127.0.0.1:{free_port()}", "--dashboard", "0"])  # fmt: skip
     return code, calls
 
 
@@ -569,7 +569,7 @@ def test_a_local_process_without_the_secret_cannot_take_the_serverapps_task(tmp_
     state, address = StateDir(tmp_path / "state"), f"127.0.0.1:{free_port()}"
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     argv = [sys.executable, "-m", "fedserver.cli", "start", "--pki", str(pki), "--config", str(run_toml),
-            "--state-dir", str(state.root), "--address", address]  # fmt: skip
+            "--state-dir", str(state.root), "--address", address, "--dashboard", "0"]  # fmt: skip
     with open(tmp_path / "daemon.log", "wb") as log:
         server = spawn(argv, env=env, stdout=log)
     try:
@@ -765,7 +765,7 @@ print(survivors, flush=True)
 
 def _survivors_of_a_sigterm(tmp_path: Path, pki: Path, run_toml: Path, when: str) -> str:
     daemon_argv = [sys.executable, "-m", "fedserver.cli", "start", "--pki", str(pki), "--config", str(run_toml),
-                   "--state-dir", str(tmp_path / "state"), "--address", f"127.0.0.1:{free_port()}"]  # fmt: skip
+                   "--state-dir", str(tmp_path / "state"), "--address", f"127.0.0.1:{free_port()}", "--dashboard", "0"]  # fmt: skip
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     done = subprocess.run(
         [sys.executable, "-c", SUBREAPER, when, *daemon_argv], env=env, capture_output=True, timeout=120, check=True
