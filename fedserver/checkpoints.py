@@ -1,16 +1,8 @@
-"""The run directory: what the ServerApp writes after every round, and what a restart reads back.
+"""The run directory: what the ServerApp commits after every round, and what a restart reads back.
 
-After round N, in this order, each file atomically (temporary name, fsync, rename):
-`checkpoints/round-N.safetensors` (global weights), `checkpoints/strategy-N.safetensors`
-(server optimizer moments), `model.safetensors` (the latest weights, for users),
-`metrics.jsonl`, and last `state.json`, the commit point naming round N (and, under DP, the
-privacy accountant's state: releases composed, q, z). A crash before
-`state.json` is written leaves round N uncommitted: a restart redoes it from round N-1's
-files, and drops any metrics line past the committed round, so no round is lost or repeated.
-
-Once round N is committed, checkpoints older than the last `keep` rounds are deleted (`keep` = 0
-keeps them all). A restart needs only the committed round's files, and those are never deleted:
-a crash before `state.json` names round N leaves round N-1's files in place.
+Each file is written atomically and `state.json`, the commit point, last, so that a crash loses
+no round and repeats none; checkpoints older than `keep-checkpoints` rounds are pruned. The files
+and their order: docs/reliability.md.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import fedclient
 import fedserver
 import shared
 from shared.config import RunConfig
+from shared.files import atomic_write_text
 
 PACKAGES = (fedserver, fedclient, shared)  # what fedserver.app and fedclient.app import
 SERVER_APP = "fedserver.app:app"
@@ -35,7 +36,7 @@ def stage_app(directory: Path, cfg: RunConfig) -> Path:
     for package in PACKAGES:
         source = Path(package.__file__).parent
         shutil.copytree(source, directory / source.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (directory / "pyproject.toml").write_text(pyproject_text(cfg))
+    atomic_write_text(directory / "pyproject.toml", pyproject_text(cfg))
     return directory
 
 

@@ -1,23 +1,8 @@
 """The daemon's state directory: what `fedserver start` writes and `status` / `stop` read.
 
-    fedserver.lock    locked (flock) by the daemon for its whole life: one daemon per directory
-    fedserver.pid     the daemon's pid and start time while it runs
-    fedserver.log     the daemon's own log (also on its stdout), rotated (fedserver.log.1, ...)
-    superlink.log     the SuperLink's, SuperExec's and ServerApp's output, rotated likewise
-    superlink.pid     the SuperLink's pid and start time while the daemon's SuperLink runs
-    superexec.secret  a random secret drawn at each start (0600), removed at stop: only the
-                      daemon's SuperExec, which signs with it, is handed the ServerApp's task
-    daemon.json       address, CA, run id and rounds of the current or last daemon, and its run's
-                      last status
-    state.db          the SuperLink's SQLite state (runs, nodes, messages)
-    flwr-home/        FLWR_HOME of the SuperLink, and config.toml for `flwr` (connection "fedserver")
-    app/              the staged app the run was built from
-    run/              the run directory: metrics.jsonl, summary.json, curves.png, model.safetensors,
-                      checkpoints
-
-The directory is the daemon's alone (mode 0700, its files 0600): state.db holds every client's
-update in plaintext. A pid file names a process by its pid and start time, so a file left by a
-daemon that died, or a pid the system has since given to another process, reads as "not running".
+Its files are listed in docs/deploy.md. The directory is the daemon's alone (0700, files 0600):
+state.db holds every client's update in plaintext. A pid file names a process by pid and start
+time, so one left by a dead daemon, or a pid since reused, reads as "not running".
 """
 
 from __future__ import annotations

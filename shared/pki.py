@@ -1,20 +1,8 @@
-"""A small private PKI for a Flowerbed deployment: TLS for the SuperLink, keys for SuperNodes.
+"""A small private PKI for a deployment: the CA, the SuperLink's TLS certificate, the SuperNodes'
+authentication keys (OpenSSH format, as Flower 1.41 registers and loads them) and the enrollment CA.
 
-Layout of a PKI directory::
-
-    ca.pem, ca.key              self-signed CA (the trust anchor clients get as ca.pem)
-    server.pem, server.key      SuperLink TLS certificate signed by the CA, and its key
-    clients/NAME.key, .pub      SuperNode authentication key pairs (EC P-384, OpenSSH format)
-    clients/NAME.crt            the node key's enrollment certificate (secure aggregation)
-    enrollment/enrollment-ca.pem, .key
-                                the enrollment CA, apart from the TLS CA; its key belongs offline
-
-The node keys are *not* certificates: Flower 1.41 authenticates a SuperNode by a public key
-registered with ``flwr supernode register <NAME.pub>`` and the SuperNode signs with the private
-key given to ``flower-supernode --auth-supernode-private-key <NAME.key>``. Both files are loaded
-with ``cryptography``'s ``load_ssh_public_key`` / ``load_ssh_private_key``, hence OpenSSH format.
-
-Everything is done by the ``cryptography`` package; no primitive is written here.
+The files and who holds each: docs/deploy.md. Everything is done by `cryptography`; no primitive
+is written here.
 """
 
 from __future__ import annotations

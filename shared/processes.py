@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+from shared.files import atomic_write_text
+
 PROC = Path("/proc")
 REAP_TIMEOUT = 5.0  # seconds SIGKILLed processes get to disappear
 PR_SET_PDEATHSIG = 1  # prctl(2) option: a signal the kernel sends when the parent dies
@@ -116,7 +118,7 @@ def start_time(pid: int) -> int | None:
 
 def record_process(path: Path, pid: int) -> None:
     """Write `pid` and its start time to `path`, for `recorded_process` in a later process."""
-    path.write_text(f"{pid} {start_time(pid) or 0}\n")
+    atomic_write_text(path, f"{pid} {start_time(pid) or 0}\n")
 
 
 def recorded_process(path: Path) -> int | None:

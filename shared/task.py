@@ -1,14 +1,9 @@
 """Local training and evaluation of one client's data, in plain PyTorch (no Flower here).
 
-The training loop is kept lean on purpose: it is benchmarked against a bare
-PyTorch loop doing the same SGD steps. Data moves to the device once, batches
-are gathered by indexing with one permutation per epoch, and the only host
-sync is the final ``.item()`` of the accumulated loss.
-
-Labels are class indices, (N,), or one per position, (N, T), with ``IGNORE``
-where nothing is scored (a language model's next tokens). Integer ``x`` is
-token ids padded with 0 at the end: batches are then bucketed by length and
-cut to their longest row, so little time goes into padding (``batch_plan``).
+The loop is kept lean (it is benchmarked against a bare PyTorch loop): data moves to the device
+once, one permutation per epoch, one host sync at the end. Labels are class indices, (N,), or one
+per position, (N, T), with ``IGNORE`` where nothing is scored; integer ``x`` is token ids padded
+with 0, batched by length (``batch_plan``).
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
-"""Model weights across the wire and on disk.
+"""Model weights across the wire and on disk: state_dict <-> ArrayRecord, an update's validation,
+safetensors.
 
-Wire format: an ArrayRecord holds the whole state_dict *packed*, one flat Array per
-transported dtype (key: the numpy dtype name, e.g. "float32"), each tensor's values in
-state_dict key order. Why packed: Flower stores and moves every Array as two objects (the
-array and its chunk), one HTTP request each, through the SuperLink's database; sent as one
-Array per tensor, the 2NN's 6 tensors made each message 16 objects, packed it is 6. On a
-3-client deployment with the SuperLink in SQLite that took a round from about 5.5 s to 4.2 s
-and halved the CPU time (benchmarks/deployment_latency.py). Unpacking needs the names, shapes
-and dtypes, which every receiver has: its own copy of the model (``like``).
-
-Numpy has no bfloat16, so bf16 tensors travel as float32 (exact: every bf16 value is a float32
-value) and are cast back to the dtype of ``like``.
+On the wire the whole state_dict is packed, one flat Array per dtype, so that a message is a few
+objects through the SuperLink rather than two per tensor (docs/architecture.md#weights-on-the-wire);
+the receiver unpacks with its own model (``like``). bf16 travels as float32, exactly, and is cast back.
 """
 
 from __future__ import annotations

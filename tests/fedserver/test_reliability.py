@@ -41,7 +41,7 @@ def interrupt_after(monkeypatch, calls_before_interrupt: int) -> None:
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch, strategy, tiny_config):
-    cfg = tiny_config(strategy=strategy, rounds=4, server_lr=0.05)
+    cfg = tiny_config(strategy=strategy, rounds=4, server_lr=0.05, server_momentum=0.9)
     engine.run_simulation(cfg, tmp_path / "straight", progress=False)
     with monkeypatch.context() as patch:
         interrupt_after(patch, calls_before_interrupt=4 * 2 + 2)  # stops in the middle of round 3
@@ -83,7 +83,7 @@ def test_keep_checkpoints_bounds_the_checkpoints_and_a_run_still_resumes(
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_resumes_bit_identical(tmp_path, strategy, tiny_config):
-    straight = tiny_config(strategy=strategy, rounds=2, server_lr=0.05, proximal_mu=0.1)
+    straight = tiny_config(strategy=strategy, rounds=2, server_lr=0.05, server_momentum=0.9, proximal_mu=0.1)
 
     def run(cfg, run_dir):  # the ServerApp's rounds on a fresh in-process federation
         cfg = cfg.replace(run_dir=str(run_dir))
@@ -140,7 +140,7 @@ def refused_after_its_step(real, self, server_round, replies):
 def test_a_failed_attempt_leaves_no_trace_in_the_strategy(monkeypatch, tiny_config, caplog, strategy, spoil, logged):
     # Prepare: round 2's first attempt fails once the strategy has taken its step (its moments,
     # its momentum updated); the reference run's fails before any step, drawing the same retry
-    cfg = tiny_config(strategy=strategy, rounds=3, server_lr=0.05)
+    cfg = tiny_config(strategy=strategy, rounds=3, server_lr=0.05, server_momentum=0.9)
 
     def final_weights(spoil) -> dict[str, np.ndarray]:
         with monkeypatch.context() as patch:
