@@ -55,7 +55,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
-from shared.flower_compat import set_message_id  # noqa: E402
+from shared.flower_compat.messages import set_message_id  # noqa: E402
 from shared.secagg import SecAggSettings, as_mean_reply, secagg_mod, secure_train_round  # noqa: E402
 from shared.weights import to_arrayrecord  # noqa: E402
 from simulations.grid import InProcessGrid, server_context  # noqa: E402
@@ -202,7 +202,7 @@ def legacy_round(grid: InProcessGrid, arrays: ArrayRecord, n: int) -> ArrayRecor
     from flwr.server.strategy import FedAvg as LegacyFedAvg
     from flwr.server.workflow import SecAggPlusWorkflow
 
-    from shared.flower_compat import (
+    from shared.flower_compat.stock_flower import (
         MAIN_CONFIGS_RECORD,
         MAIN_PARAMS_RECORD,
         GridClientProxy,

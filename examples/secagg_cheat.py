@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from fedclient import app as honest
 from fedclient.guard import error_reply_mod, policy_mod
-from shared.flower_compat import ClientAppCallable
+from shared.flower_compat.messages import ClientAppCallable
 from shared.secagg import protocol as p
 from shared.secagg import secagg_mod
 from shared.secagg.client import stage_request

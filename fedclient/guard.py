@@ -22,7 +22,7 @@ from fedclient.policy import DevicePolicy
 from shared.config import ConfigError, RunConfig
 from shared.data.errors import DataError
 from shared.device_errors import MESSAGES, DeviceCode, DeviceRefusal, is_refusal
-from shared.flower_compat import ClientAppCallable
+from shared.flower_compat.messages import ClientAppCallable
 from shared.secagg import protocol as p
 from shared.secagg.client import stage_request
 from shared.secagg.settings import SecAggError, SecAggUnverifiedPeer
@@ -125,7 +125,7 @@ def privacy_floor(
     `dp-noise-multiplier` x that norm, by Flower's DP primitives; unchanged without a floor."""
     if policy is None or policy.dp_clipping_norm == 0:
         return dict(trained)
-    from shared.flower_compat import add_gaussian_noise_inplace, compute_clip_model_update  # noqa: PLC0415
+    from shared.flower_compat.dp import add_gaussian_noise_inplace, compute_clip_model_update  # noqa: PLC0415
 
     names = [name for name, tensor in trained.items() if tensor.is_floating_point()]
     new = [trained[name].detach().cpu().float().numpy().copy() for name in names]

@@ -1,47 +1,11 @@
 """`fedclient start`: an edge node, as Flower's own SuperNode running this project's ClientApp.
 
-The node is two processes, supervised from here:
-
-- `flower-supernode` with TLS (`--root-certificates`), node authentication
-  (`--auth-supernode-private-key`) and the node config the ClientApp reads (`data-path`,
-  `device`). Flower's defaults retry a lost SuperLink forever, so a server restart is
-  survived by reconnecting;
-- with `isolation = "warm"` (the default), the SuperNode runs with `--isolation process` and
-  `python -m fedclient.worker` runs every message in one long-lived process (see
-  fedclient/worker.py); with `"subprocess"`, Flower's default, a fresh `flwr-clientapp`
-  process runs each message.
-
-Which code runs: the warm worker runs the ClientApp installed on this device and refuses a run
-whose FAB names another; `trust_server_code` (`--trust-server-code`) makes it run the FAB's
-code, as Flower does. `"subprocess"` isolation always runs the FAB's code (Flower's
-`flwr-clientapp` installs it), so it needs `trust_server_code`.
-
-Who may take this node's tasks: the SuperNode's local Runtime API listens on 127.0.0.1, where
-every local user can reach it, and bind it while the SuperNode restarts. In warm isolation
-each start makes a new directory only its user can open (0700), removed at the end, holding:
-- a random secret given to both the SuperNode (`--superexec-auth-secret-file`, Flower's
-  SuperExec authentication) and the worker: a request for a task without a signature made with
-  that secret is refused, and every other Runtime API call needs the token a task hands out;
-- a new self-signed certificate for 127.0.0.1 and its key, made by a one-shot child
-  (`python -m fedclient.localcert`: this process never imports `cryptography`): the SuperNode
-  serves its Runtime API over TLS with them (`--ssl-certfile`, `--ssl-keyfile`), and the worker
-  trusts that certificate alone (`--runtime-certificate`), so it takes no task from a process
-  that holds the port without the key.
-`"subprocess"` isolation gets neither (Flower ignores the secret there): it is not protected.
-
-Before the SuperNode starts, fedclient checks that the server's address accepts connections;
-while it does not, it says why (refused, no such host, timed out) and tries again after a
-growing pause. A SuperNode that exits before it ever connected was refused (unregistered key,
-wrong CA, bad key file): that is a one-line error and exit status 1. Flower's refusal of an
-unregistered key (code 2004) is also its refusal of a key whose node it still counts online: a
-node that stopped without saying so (a crash, SIGKILL, power loss) stays online on the server
-for ONLINE_WINDOW s after its last heartbeat. So a 2004 is retried for REFUSAL_GRACE s (the
-online window and a margin) before it counts, saying so; a daemon that registers keys just
-after its port opens is covered by the same wait. A clean stop (SIGTERM, SIGINT) lets the
-SuperNode deactivate its node on the server, so a restart at once is accepted at once.
-One that exits after it had connected, or a worker that exits, is restarted after a growing
-pause. SIGTERM or SIGINT stops both; a fedclient killed outright (SIGKILL, OOM) takes both with
-it (the kernel's parent-death signal, Linux), so no orphan keeps training as this node.
+Two supervised children: `flower-supernode` (TLS, node authentication, the device's node config)
+and, with `isolation = "warm"`, the warm worker (fedclient/worker.py), linked by a per-start secret
+and certificate. The supervisor learns the SuperNode's state from its output, through the markers
+of `shared.flower_compat.supernode_log` (Flower exposes nothing structured): refusals become
+one-line errors, a lost server is explained, a crashed child restarted. It imports neither Flower
+nor PyTorch. How it behaves: docs/deploy.md, docs/security.md, docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -67,6 +31,17 @@ from fedclient.policy import DevicePolicy
 from shared.config import Scalar, toml_value
 from shared.errors import ExitCode, FedclientError
 from shared.files import write_secret
+from shared.flower_compat.supernode_log import (
+    ABANDONED_TASK,
+    ACTIVATION_REFUSED,
+    BAD_KEY,
+    CONNECTED,
+    CONNECTION_FAILED,
+    EXIT_CODE,
+    ONLINE_WINDOW,
+    PORT_TAKEN,
+    RETRYING,
+)
 from shared.node_config import CERTIFICATE, DATA_PATH, DEVICE, ENROLLMENT_CA, SIGNING_KEY
 from shared.processes import free_port, spawn, stop_tree
 
@@ -75,33 +50,19 @@ STOP_GRACE = 5.0  # seconds a child gets to exit on SIGTERM before SIGKILL
 MAX_BACKOFF = 30.0  # longest pause before restarting a child
 STABLE_SECONDS = 60.0  # a child up this long has its restart pause reset
 CONNECT_TIMEOUT = 5.0  # seconds one check that the server accepts connections may take
-# A node that stopped uncleanly stays online on the SuperLink this long after its last
-# heartbeat (Flower 1.41: HEARTBEAT_PATIENCE 2 x HEARTBEAT_DEFAULT_INTERVAL 30 s, checked against
-# Flower's constants by tests/fedclient/test_node.py: this supervisor does not import Flower, which
-# would add about 50 MB to a device), and activating it again is refused with code 2004, as an
-# unregistered key is; a daemon also registers node keys a moment after its port opens. So a
-# 2004 in a node's first REFUSAL_GRACE s is tried again every REFUSAL_RETRY s before it counts.
-# A TLS failure (wrong CA) counts at once: waiting does not change a certificate.
-ONLINE_WINDOW = 60.0
-RETRYABLE_REFUSALS = ("[code: 2004]",)
+# A 2004 refusal (ACTIVATION_REFUSED) in a node's first REFUSAL_GRACE s is tried again every
+# REFUSAL_RETRY s before it counts: the server still counts a node that stopped uncleanly online for
+# ONLINE_WINDOW s, and a daemon registers node keys a moment after its port opens. A TLS failure
+# (wrong CA) counts at once: waiting does not change a certificate.
+RETRYABLE_REFUSALS = (ACTIVATION_REFUSED,)
 REFUSAL_GRACE = ONLINE_WINDOW + 15.0
 REFUSAL_RETRY = 5.0
-CONNECTED = "SuperNode ID:"  # what flower-supernode logs once the SuperLink accepted it
-RETRYING = "Connection attempt failed, retrying"  # what it logs, without the address, when it lost the SuperLink
-# What flower-supernode logs when it drops a message whose run was stopped while it was being
-# received (e.g. the server restarted mid-round). Flower 1.41 then leaves the task it created
-# for that message unfinished, and a worker that took the task waits for its input for up to
-# Flower's PULL_MAX_TIME (2 h): the worker is restarted instead.
-ABANDONED_TASK = "is not in `RUNNING` status. Ignoring message"
-# What the SuperNode's Runtime API server (uvicorn) logs when another process holds its port, as
-# another local account can while the SuperNode restarts: not a refusal by the server; restarted.
-PORT_TAKEN = "error while attempting to bind on address"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HINTS = {
-    "[code: 2004]": "is this node's public key registered on the server (its PKI's clients/*.pub)? "
+    ACTIVATION_REFUSED: "is this node's public key registered on the server (its PKI's clients/*.pub)? "
     "Or is another fedclient already running with this key?",
     "CERTIFICATE_VERIFY_FAILED": "--ca must be the CA certificate (ca.pem) of the server's PKI",
-    "private key": "--key must be this node's private key (clients/NAME.key)",
+    BAD_KEY: "--key must be this node's private key (clients/NAME.key)",
     "WRONG_VERSION_NUMBER": "is --server the Fleet API port of fedserver (its --address), "
     "or does a proxy without TLS sit there?",
 }
@@ -414,8 +375,8 @@ class OutputWatcher(threading.Thread):
 
     def refusal(self) -> str:
         """Flower's reason for giving up, from its exit message."""
-        reason = _line_after(self.lines, "Failed to initialize the connection")
-        reason = reason or _line_after(self.lines, "Exit Code:", offset=0) or "see its output above"
+        reason = _line_after(self.lines, CONNECTION_FAILED)
+        reason = reason or _line_after(self.lines, EXIT_CODE, offset=0) or "see its output above"
         hint = next((h for key, h in HINTS.items() if key in " ".join(self.lines)), "")
         return f"{reason} ({hint})" if hint else reason
 
@@ -466,7 +427,8 @@ def _supervise(children: list[Child], server: str, stop: threading.Event) -> Non
 
 
 def _renew_worker_on_abandoned_task(children: list[Child]) -> None:
-    """Restart the warm worker (children[1]) when the SuperNode dropped a task (ABANDONED_TASK)."""
+    """Restart the warm worker (children[1]) when the SuperNode dropped a task (ABANDONED_TASK): Flower
+    leaves that task unfinished, and a worker that took it would wait up to 2 h for its input."""
     watcher = children[0].watcher
     if watcher is None or not watcher.abandoned_task.is_set():
         return
@@ -502,7 +464,7 @@ def _restart_or_give_up(child: Child, code: int, server: str) -> None:
 
 def _refusal_note(reason: str, waiting: bool, grace: float) -> str:
     """What fedclient says about a refusal it will try again: why at first, then only that it still is."""
-    code = reason.split("]")[0] + "]" if reason.startswith("[code:") else reason
+    code = ACTIVATION_REFUSED if ACTIVATION_REFUSED in reason else reason
     if waiting:
         return f"still refused {code}; trying again in {REFUSAL_RETRY:.0f} s"
     return (

@@ -1,42 +1,11 @@
-"""A warm ClientApp worker: one long-lived process runs every message a SuperNode receives.
+"""The warm worker: one long-lived process runs every ClientApp task of its SuperNode
+(`flower-supernode --isolation process`), so PyTorch, the model and the data stay loaded across rounds.
 
-Flower 1.41's SuperNode, by default (`--isolation subprocess`), has its SuperExec start a
-fresh `flwr-clientapp` process for every message: Python, Flower and PyTorch start-up, FAB
-install, app import and data loading, each round, several seconds on a small board. With
-`--isolation process` the SuperNode leaves running ClientApps to a process of the operator's
-choosing, which acquires tasks from the SuperNode's local Runtime API. This is that process:
-it polls the Runtime API every `poll_interval` s, like SuperExec, and runs each task *here*,
-with the same steps as Flower's `flwr-clientapp` (pull the task input, load the ClientApp,
-call it, push the reply and the context back; only the pull of the task input retries sooner,
-see `pull_task_input`). PyTorch is imported once, and the ClientApp's
-own per-process caches (its data, its model) survive across rounds.
-
-Which code runs. By default the worker runs the ClientApp *installed on this device*
-(`fedclient.app:app`, imported from this process's own packages) and never installs the FAB:
-a task whose FAB names another ClientApp is refused with a log line and an error reply
-(`DeviceCode.FOREIGN_CODE`), so a server cannot make a device run code of its choosing; the
-run's config still arrives with the task (its Context), only the FAB's code is ignored. An
-error reply, and the task status the SuperNode gets, carry a code and its fixed message only
-(shared/device_errors.py): the exception and its text stay in this worker's log.
-
-With `--trust-server-code` the worker does what `flwr-clientapp` does: the ClientApp is the
-one the task's FAB names, imported from where Flower installs that FAB. The worker forgets its
-own packages before the first import, and when a task of another FAB (a new run config or new
-code) arrives, it forgets every module imported from the previous FAB's directory and imports
-the new one (PyTorch stays imported).
-
-For tests, `--client-app MODULE:ATTR` runs that ClientApp object for every task instead of the
-installed one (Flower's own single-app loading, `multi_app=False`), e.g. a client that sends
-bad updates (tests/e2e/faulty_client.py).
-
-Only this worker may take tasks from the SuperNode: with `--auth-secret-file` it signs its
-requests for tasks with the secret the SuperNode was started with (Flower's SuperExec
-authentication, `flower-supernode --superexec-auth-secret-file`); every other Runtime API call
-needs the token that a task hands out. And it takes tasks from its SuperNode only: it speaks
-TLS, trusting the one certificate `--runtime-certificate` names (made by `fedclient start` for
-this SuperNode's `--ssl-certfile`), so a process that holds the port without that certificate's
-key (bound while the SuperNode restarts) fails the handshake before it gets any request. The
-worker says so once, takes no task, and keeps polling for the real SuperNode.
+It takes `flwr-clientapp`'s steps over the SuperNode's Runtime API (shared.flower_compat.runtime),
+but runs the ClientApp installed on this device, refuses a task whose FAB names another (unless
+`--trust-server-code`), and replies to a failure with a code and its fixed message only
+(shared/device_errors.py). It signs its requests for tasks with the SuperNode's secret and trusts
+only the SuperNode's certificate: docs/security.md.
 
     python -m fedclient.worker --runtime-api-address 127.0.0.1:9094 --runtime-certificate PATH
         [--poll-interval 0.2] [--client-app M:A] [--trust-server-code] [--auth-secret-file PATH]
@@ -51,7 +20,7 @@ import os
 import ssl
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,39 +30,24 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from shared.device_errors import MESSAGES, DeviceCode
-from shared.flower_compat import (
-    AcquireTaskRequest,
+from shared.flower_compat.app_config import get_fab_config
+from shared.flower_compat.runtime import (
     Fab,
-    HeartbeatSender,
+    Interceptor,
     LoadClientAppError,
-    Node,
-    PullAppMessagesRequest,
-    PullTaskInputRequest,
     Run,
     RuntimeHttpClient,
-    RuntimeTokenHttpInterceptor,
-    RuntimeVersionHttpInterceptor,
-    SendTaskHeartbeatRequest,
-    SUPEREXEC_AUTH_METHODS,
     SubStatus,
-    SuperExecAuthHttpInterceptor,
-    TaskType,
-    context_from_proto,
-    fab_from_proto,
-    get_fab_config,
-    get_load_client_app_fn,
-    get_project_dir,
-    install_from_fab,
-    load_superexec_auth_secret,
-    make_confirm_message_received_fn_protobuf,
-    make_pull_object_fn_protobuf,
-    make_simple_http_retry_invoker,
-    pull_and_inflate_object_from_tree,
+    acquire_client_app_task,
+    install_fab_client_app,
+    load_client_app,
+    pull_task_input,
     push_message,
     push_task_output,
-    run_from_proto,
-    set_message_id,
-    set_task_identity,
+    runtime_client,
+    superexec_interceptors,
+    task_heartbeat,
+    task_interceptors,
 )
 
 LOG = logging.getLogger("flowerbed.worker")
@@ -102,7 +56,8 @@ DEFAULT_POLL_INTERVAL = 0.2  # s; each poll costs the worker and the SuperNode a
 OWN_PACKAGES = ((__package__ or "fedclient").split(".")[0], "shared")  # __name__ is "__main__" under -m
 WARM_MODULES = ("torch", "numpy")  # what the ClientApp imports that is slow to import
 INSTALLED_CLIENT_APP = "fedclient.app:app"  # the ClientApp a device runs; Flowerbed's FABs name it
-# Retry delays (s) for a message object the SuperNode has not received yet: first, and cap.
+# Retry delays (s) for a message object the SuperNode has not received yet: first, and cap. Flower's
+# (1 s, 2 s, ...) cost a warm worker, which takes a task at once, about 1 s a round.
 OBJECT_RETRY = (0.02, 0.2)
 
 
@@ -117,7 +72,7 @@ class LoadedApp:
     trust_server_code: bool = False  # run the FAB's code (Flower's behaviour), not the installed app
 
 
-class ForeignClientAppError(LoadClientAppError):  # type: ignore[misc,valid-type]
+class ForeignClientAppError(LoadClientAppError):
     """A task's FAB names a ClientApp other than the installed one, and server code is not trusted."""
 
 
@@ -148,15 +103,9 @@ class RuntimeLink:
     address: str
     certificate: bytes
 
-    def client(self, *interceptors: object, retry: bool = True) -> RuntimeHttpClient:
+    def client(self, interceptors: Sequence[Interceptor] = (), retry: bool = True) -> RuntimeHttpClient:
         """A TLS client that trusts `certificate` alone (and checks that it names the address's host)."""
-        return RuntimeHttpClient.from_server_address(
-            server_address=self.address,
-            insecure=False,
-            root_certificates=self.certificate,
-            interceptors=list(interceptors),  # type: ignore[arg-type]
-            retry_invoker=make_simple_http_retry_invoker() if retry else None,
-        )
+        return runtime_client(self.address, self.certificate, interceptors, retry)
 
 
 @dataclass
@@ -197,32 +146,27 @@ def serve(
     """
     loaded = loaded or LoadedApp()
     warm_imports()
-    interceptors: list[object] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
-    if auth_secret_file is not None:
-        secret = load_superexec_auth_secret(str(auth_secret_file))
-        signer = SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=SUPEREXEC_AUTH_METHODS)
-        interceptors.append(signer)
-    superexec = link.client(*interceptors, retry=False)  # `poll` says why a request failed, and it is sent again
-    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    # `poll` says why a request failed, and it is sent again
+    superexec = link.client(superexec_interceptors(auth_secret_file), retry=False)
     report = LinkReport(link.address)
     code = "the FAB's ClientApp (--trust-server-code)" if loaded.trust_server_code else "the installed ClientApp"
     LOG.info("warm ClientApp worker polling %s every %.2f s; runs %s", link.address, poll_interval, code)
     while True:
-        token = poll(superexec, request, report)
+        token = poll(superexec, report)
         if token:
             run_task(link, token, loaded)
         else:
             time.sleep(poll_interval)
 
 
-def poll(superexec: RuntimeHttpClient, request: AcquireTaskRequest, report: LinkReport) -> str:
+def poll(superexec: RuntimeHttpClient, report: LinkReport) -> str:
     """One request for a task: its token, or "" when the SuperNode has none or there is no SuperNode to ask.
 
     What answers on the port and fails the TLS handshake (a certificate other than the SuperNode's,
     no TLS) never sees the request: `report` says so once per streak of such polls.
     """
     try:
-        response = superexec.AcquireTask(request)
+        token = acquire_client_app_task(superexec)
     except httpx.TransportError as err:
         failure = _tls_failure(err)
         if failure is not None:
@@ -231,7 +175,7 @@ def poll(superexec: RuntimeHttpClient, request: AcquireTaskRequest, report: Link
             report.unanswered(str(err) or type(err).__name__)
         return ""
     report.answered()
-    return response.token if response.HasField("task") else ""
+    return token
 
 
 def _tls_failure(err: BaseException) -> ssl.SSLError | None:
@@ -253,10 +197,9 @@ def warm_imports() -> None:
 
 def run_task(link: RuntimeLink, token: str, loaded: LoadedApp) -> None:
     """Flower's `flwr-clientapp` steps for one task, in this process."""
-    version = RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")
-    client = link.client(version, RuntimeTokenHttpInterceptor(token))
-    beat_client = link.client(version, RuntimeTokenHttpInterceptor(token), retry=False)
-    heartbeat = HeartbeatSender(_heartbeat_fn(beat_client))
+    client = link.client(task_interceptors(token))
+    beat_client = link.client(task_interceptors(token), retry=False)
+    heartbeat = task_heartbeat(beat_client)
     heartbeat.start()
     outcome = TaskOutcome()
     try:
@@ -274,7 +217,7 @@ def _execute(client: RuntimeHttpClient, loaded: LoadedApp, outcome: TaskOutcome)
     message: Message | None = None
     try:
         with outcome.timed("pull"):
-            message, outcome.context, run, fab = pull_task_input(client)
+            message, outcome.context, run, fab = pull_task_input(client, OBJECT_RETRY)
         outcome.kind = message.metadata.message_type
         with outcome.timed("load"):
             app = _client_app(loaded, run, fab)
@@ -293,34 +236,6 @@ def _execute(client: RuntimeHttpClient, loaded: LoadedApp, outcome: TaskOutcome)
         outcome.details = MESSAGES[code]
         if message is not None:
             outcome.reply = Message(Error(code=code, reason=MESSAGES[code]), reply_to=message)
-
-
-def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
-    """Flower's `run_clientapp.pull_task_input`, retrying unavailable objects after 0.02 s, not 1 s.
-
-    The SuperNode hands out a task as soon as it has stored the message, before it has pulled
-    the message's objects (the model weights) from the SuperLink. Flower's function then
-    retries after 1 s, then 2 s, ...: a warm worker that takes the task at once (as this
-    one does) waited about 1 s per round for objects that arrive within a few milliseconds.
-    """
-    res = client.PullTaskInput(PullTaskInputRequest())
-    set_task_identity(task_id=res.task_id, run_id=res.run.run_id, node_id=res.context.node_id)
-    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
-    pulled = client.PullMessages(PullAppMessagesRequest())
-    if not pulled.messages_list:
-        raise RuntimeError("No messages received from Runtime API")
-    node = Node(node_id=context.node_id)
-    tree = pulled.message_object_trees[0]
-    message = pull_and_inflate_object_from_tree(
-        tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message,
-        initial_backoff=OBJECT_RETRY[0],
-        backoff_cap=OBJECT_RETRY[1],
-    )
-    set_message_id(message, tree.object_id)  # as Flower does: not part of the content
-    return message, context, run, fab
 
 
 def _finish(client: RuntimeHttpClient, outcome: TaskOutcome) -> None:
@@ -353,7 +268,7 @@ def _installed_client_app(loaded: LoadedApp, fab: Fab) -> ClientApp:
         loaded.fab_hash = fab.hash_str
     if loaded.app is None:
         reference = loaded.override or INSTALLED_CLIENT_APP
-        loaded.app = get_load_client_app_fn(default_app_ref=reference, app_path=None, multi_app=False)("", "", "")
+        loaded.app = load_client_app(reference)
     return loaded.app
 
 
@@ -370,18 +285,15 @@ def _fab_client_app(loaded: LoadedApp, run: Run, fab: Fab) -> ClientApp:
     if loaded.app is not None and (loaded.override or fab.hash_str == loaded.fab_hash):
         return loaded.app
     if loaded.override:
-        loaded.app = get_load_client_app_fn(default_app_ref=loaded.override, app_path=None, multi_app=False)("", "", "")
+        loaded.app = load_client_app(loaded.override)
         return loaded.app
     if loaded.directory is None:
         _forget_modules(lambda name, _file: name.split(".")[0] in OWN_PACKAGES)
     else:
         LOG.info("new app (FAB %s): unloading FAB %s", fab.hash_str[:8], loaded.fab_hash[:8])
         _unload(loaded.directory)
-    install_from_fab(fab.content, skip_prompt=True)
-    load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
-    loaded.app = load(run.fab_id, run.fab_version, fab.hash_str)
+    loaded.app, loaded.directory = install_fab_client_app(run, fab)
     loaded.fab_hash = fab.hash_str
-    loaded.directory = get_project_dir(run.fab_id, run.fab_version, fab.hash_str)
     return loaded.app
 
 
@@ -397,20 +309,6 @@ def _forget_modules(matches: Callable[[str, str], bool]) -> None:
     for name, module in list(sys.modules.items()):
         if matches(name, str(getattr(module, "__file__", None) or "")):
             del sys.modules[name]
-
-
-def _heartbeat_fn(client: RuntimeHttpClient) -> Callable[[], bool]:
-    """Task heartbeats that, unlike Flower's, never signal this long-lived process."""
-    request = SendTaskHeartbeatRequest()
-
-    def send() -> bool:
-        try:
-            client.SendTaskHeartbeat(request)
-        except Exception:  # pylint: disable=broad-exception-caught
-            return False
-        return True
-
-    return send
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,7 +54,7 @@ from shared.data.federation import data_spec, load_federation
 from shared.data.shipping import tokenizer_entries
 from shared.device_errors import REFUSAL_CHARS, describe_error, log_safe
 from shared.errors import ExitCode, FedserverError
-from shared.flower_compat import sampling_from
+from shared.flower_compat.strategy import sampling_from
 from shared.privacy_local import SampleLevelLedger
 from shared.recipe import model_from_config
 from shared.secagg import SecAggError, SecAggSettings, as_mean_reply, secure_train_round

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedserver.state import DaemonError
-from shared.flower_compat import (
+from shared.flower_compat.control import (
     CliClientHttpInterceptor,
     ControlHttpClient,
     Fab,

@@ -13,7 +13,7 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from shared.flower_compat import Run
+from shared.flower_compat.runs import Run
 
 
 class GridWrapper(Grid):

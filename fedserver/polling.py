@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 
 from fedserver.grid_wrapper import GridWrapper
 from shared.device_errors import REPLY_TOO_LARGE
-from shared.flower_compat import ReplyTooLarge, is_http_grid, pull_replies_within
+from shared.flower_compat.http_grid import ReplyTooLarge, is_http_grid, pull_replies_within
 
 DEFAULT_INTERVAL = 0.2  # s; Flower polls every 3 s
 BACKOFF = 1.5  # the wait grows by this factor after each pull that brought nothing

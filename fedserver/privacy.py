@@ -27,7 +27,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedserver.events import RoundEvent, Row
 from fedserver.strategies import restore_strategy_state, strategy_state
-from shared import flower_compat
+from shared.flower_compat.dp import add_gaussian_noise_inplace, compute_clip_model_update
+from shared.flower_compat.strategy import sampling_from
 from shared import messages as keys
 from shared.config import ConfigError, RunConfig
 from shared.errors import ExitCode, FedserverError
@@ -171,7 +172,7 @@ class CentralDP(Strategy):
     ) -> Iterable[Message]:
         self.current_arrays = arrays
         cohort = len(list(grid.get_node_ids()))
-        with flower_compat.sampling_from(self.strategy, cohort):  # built with fraction_train = 1: all of them
+        with sampling_from(self.strategy, cohort):  # built with fraction_train = 1: all of them
             return list(self.strategy.configure_train(server_round, arrays, config, grid))
 
     def aggregate_train(
@@ -281,10 +282,10 @@ def central_dp_mean(
         clipped = [np.asarray(array, dtype=np.float64) for array in update]
         if all(np.array_equal(model, before) for model, before in zip(clipped, base, strict=True)):
             continue  # an unchanged model adds nothing (and Flower's clipping divides by its norm, 0)
-        flower_compat.compute_clip_model_update(clipped, base, clipping_norm)  # clipped = base + clip(Δ)
+        compute_clip_model_update(clipped, base, clipping_norm)  # clipped = base + clip(Δ)
         for summed, model, before in zip(total, clipped, base, strict=True):
             summed += model - before
-    flower_compat.add_gaussian_noise_inplace(total, noise_multiplier * clipping_norm)
+    add_gaussian_noise_inplace(total, noise_multiplier * clipping_norm)
     return [
         (before + summed / expected_cohort).astype(array.dtype)
         for before, summed, array in zip(base, total, current, strict=True)

@@ -20,7 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from shared.errors import ExitCode, FlowerbedError
 from shared.files import atomic_write_bytes
-from shared.flower_compat import npy_array, npy_view
+from shared.flower_compat.messages import npy_array, npy_view
 
 _NORM_CHUNK = 1 << 16  # elements per chunk: cache-sized, and short float32 sums stay accurate
 _KEY_ORDER = "flowerbed.key_order"  # safetensors metadata entry; the format itself sorts keys

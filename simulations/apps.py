@@ -32,15 +32,15 @@ from flwr.serverapp import Grid, ServerApp
 from fedserver.grid_wrapper import GridWrapper
 from shared.errors import FedsimError
 from shared.files import atomic_write_text
-from shared.flower_compat import (
+from shared.flower_compat.app_config import (
     DEFAULT_SIMULATION_CONFIG,
-    ErrorCode,
     flatten_dict,
     get_fused_config_from_dir,
     load_app,
     parse_run_config,
     validate_fields_in_config,
 )
+from shared.flower_compat.messages import ErrorCode
 from simulations.grid import InProcessGrid, RoundRunner, server_context, simulation_node_config
 from simulations.workers import client_workers, visible_gpus, worker_count
 

@@ -22,7 +22,8 @@ from flwr.app import Context, Error, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
-from shared.flower_compat import SUPERLINK_NODE_ID, ErrorCode, Run, new_run, set_message_id, set_task_identity
+from shared.flower_compat.messages import SUPERLINK_NODE_ID, ErrorCode, set_message_id
+from shared.flower_compat.runs import Run, new_run, set_task_identity
 
 RUN_ID = 1
 FIRST_NODE_ID = 1001  # node ids of virtual nodes: FIRST_NODE_ID + partition id

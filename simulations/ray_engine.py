@@ -14,7 +14,8 @@ from typing import Any
 from flwr.app import Context, RecordDict
 
 from shared.config import toml_value
-from shared.flower_compat import NOOP_FEDERATION_ID, SUPERLINK_NODE_ID, new_run, set_task_identity
+from shared.flower_compat.messages import SUPERLINK_NODE_ID
+from shared.flower_compat.runs import NOOP_FEDERATION_ID, new_run, set_task_identity
 
 
 def run_on_ray_engine(
@@ -52,7 +53,8 @@ def run_on_ray_engine(
     }
     import ray
 
-    from shared.flower_compat import EventType, run_simulation_with_context  # Flower's simulation package: seconds to import
+    # Flower's simulation package: seconds to import
+    from shared.flower_compat.stock_flower import EventType, run_simulation_with_context
 
     try:
         with _app_directory(app_dir, run_config) as directory, warnings.catch_warnings():

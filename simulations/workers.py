@@ -62,7 +62,7 @@ from multiprocessing.shared_memory import SharedMemory
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from shared.flower_compat import (
+from shared.flower_compat.messages import (
     ErrorCode,
     context_from_bytes,
     context_to_bytes,

@@ -1,10 +1,18 @@
 """The client side of SecAgg+: a ClientApp mod, `ClientApp(mods=[secagg_mod])`.
 
-Other messages pass through, except plain training when the run sets `secure-aggregation`
-(refused: the update never leaves unmasked). A node keeps its keys, seed and held shares in
-`context.state` between stages and deletes them once it has unmasked. Under `dp = "distributed"`
-it clips and adds its share of the noise before masking; an enrolled device signs its keys and
-verifies its peers (enrollment.py). In full: docs/secure-aggregation.md and docs/privacy.md.
+Messages that are not secure-aggregation stages pass straight through (evaluation, and plain
+training unless the run config sets `secure-aggregation = true`, in which case plain training
+is refused: this node's update then never leaves it unmasked). Between stages a node keeps its
+keys, self-mask seed and the shares it holds in `context.state` (a ConfigRecord); they are
+deleted once it has answered the unmask stage, so it can never answer a second one.
+
+Under `dp = "distributed"` (docs/privacy.md) a node clips its update to `dp-clipping-norm` C
+and adds its share of the Gaussian noise, N(0, (zC)^2 / m) with m = `clients-per-round`, before
+the update is encoded and masked, and weighs it 1 whatever its example count: nothing leaves the
+device, and no sum the server unmasks holds its update, without that noise.
+
+A device whose node config names its enrollment files (settings.ENROLLMENT_KEYS) signs its keys
+and refuses, before sharing anything, a round holding a peer it cannot verify (enrollment.py).
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from shared import messages as keys
-from shared import flower_compat
-from shared.flower_compat import ClientAppCallable, share_keys_plaintext_concat, share_keys_plaintext_separate
+from shared.flower_compat.dp import add_gaussian_noise_inplace, compute_clip_model_update
+from shared.flower_compat.messages import ClientAppCallable
+from shared.flower_compat.secagg import share_keys_plaintext_concat, share_keys_plaintext_separate
 from shared.secagg import crypto
 from shared.secagg import protocol as p
 from shared.secagg.encoding import encode, layout_of, numpy_arrays, reduce_modulo
@@ -325,9 +334,9 @@ def noised_update(
     base = [np.asarray(reference[name], dtype=np.float64) for name in reference]
     model = [np.array(update[name], dtype=np.float64) for name in reference]  # copies: written below
     if any(not np.array_equal(new, old) for new, old in zip(model, base, strict=True)):
-        flower_compat.compute_clip_model_update(model, base, clipping_norm)  # a zero update has no norm to divide by
+        compute_clip_model_update(model, base, clipping_norm)  # a zero update has no norm to divide by
     delta = [new - old for new, old in zip(model, base, strict=True)]
-    flower_compat.add_gaussian_noise_inplace(delta, noise_multiplier * clipping_norm / math.sqrt(expected_cohort))
+    add_gaussian_noise_inplace(delta, noise_multiplier * clipping_norm / math.sqrt(expected_cohort))
     return {name: old + d for name, old, d in zip(reference, base, delta, strict=True)}
 
 

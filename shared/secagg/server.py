@@ -25,7 +25,8 @@ from flwr.serverapp import Grid
 
 from shared import messages as keys
 from shared.device_errors import describe_error
-from shared.flower_compat import npy_view, share_keys_plaintext_concat
+from shared.flower_compat.messages import npy_view
+from shared.flower_compat.secagg import share_keys_plaintext_concat
 from shared.secagg import crypto
 from shared.secagg import protocol as p
 from shared.secagg.client import settings_record

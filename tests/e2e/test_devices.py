@@ -26,12 +26,7 @@ from fedserver.checkpoints import read_metrics
 from fedserver.control import ControlClient
 from fedserver.state import StateDir
 from shared.device_errors import MESSAGES, DeviceCode
-from shared.flower_compat import (
-    AcquireTaskRequest,
-    RuntimeHttpClient,
-    RuntimeVersionHttpInterceptor,
-    TaskType,
-)
+from shared.flower_compat.runtime import AcquireTaskRequest, RuntimeHttpClient, RuntimeVersionHttpInterceptor, TaskType
 from shared.pki import write_local_certificate
 from shared.processes import free_port
 from tests.runtime_stand_in import StandInRuntimeApi

@@ -263,13 +263,11 @@ def test_a_refusal_grace_that_is_not_seconds_is_a_one_line_error_exit_2(files, g
     assert capsys.readouterr().err == expected
 
 
-def test_the_online_window_is_flowers_and_the_supervisor_imports_neither_flower_nor_torch():
-    from shared.flower_compat import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
-
+def test_the_supervisor_imports_neither_flower_nor_torch():
+    # (its Flower markers and ONLINE_WINDOW are checked against Flower by tests/shared/test_flower_compat.py)
     imports = "import sys, fedclient.cli; print(sorted({'flwr', 'torch', 'cryptography'} & set(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", imports], capture_output=True, text=True, check=True).stdout
 
-    assert node.ONLINE_WINDOW == HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
     assert loaded == "[]\n"  # a device runs `fedclient start` for days: each would cost it memory
 
 

@@ -10,7 +10,7 @@ import pytest
 from fedclient import cli
 from fedclient.node import NodeOptions, node_config
 from fedclient.policy import DEFAULT_MAX_MODEL_PARAMETERS, DevicePolicy, PolicyError, read_policy
-from shared.flower_compat import parse_run_config
+from shared.flower_compat.app_config import parse_run_config
 from shared.node_config import CERTIFICATE, ENROLLMENT_CA, SIGNING_KEY
 
 STRICT = """\

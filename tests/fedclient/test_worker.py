@@ -16,14 +16,14 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.cli.build import build_fab_from_disk
 from flwr.supercore.fab import Fab
-from flwr.proto.runtime_pb2 import AcquireTaskRequest
 
 from fedclient import worker
 
 from fedserver.staging import stage_app
 from shared.config import RunConfig
 from shared.device_errors import MESSAGES, DeviceCode
-from shared.flower_compat import SubStatus, set_task_identity
+from shared.flower_compat.runs import set_task_identity
+from shared.flower_compat.runtime import SubStatus
 from shared.pki import write_local_certificate
 from shared.processes import free_port
 from tests.runtime_stand_in import TOKEN, StandInRuntimeApi
@@ -89,7 +89,7 @@ def test_a_refused_fab_gets_an_error_reply_with_its_code_and_fixed_message(tmp_p
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
     fab = _fab(tmp_path / "app", client_app="fedclient.evil:app")
 
-    def pull_task_input(_client: object) -> tuple[Message, Context, object, Fab]:
+    def pull_task_input(_client: object, _object_retry: tuple[float, float]) -> tuple[Message, Context, object, Fab]:
         set_task_identity(task_id=1, run_id=1, node_id=1)  # as the real one does, from the task
         message = Message(RecordDict(), dst_node_id=1, message_type="train")
         return message, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), RUN, fab
@@ -154,7 +154,7 @@ def test_a_client_app_override_is_served_for_every_fab_without_installing_it(tmp
 
 def test_a_clientapp_failure_is_replied_as_a_code_without_its_text(monkeypatch, caplog):
     # Prepare: a ClientApp whose exception names the device's data
-    def pull_task_input(_client: object) -> tuple[Message, Context, object, Fab]:
+    def pull_task_input(_client: object, _object_retry: tuple[float, float]) -> tuple[Message, Context, object, Fab]:
         set_task_identity(task_id=1, run_id=1, node_id=1)
         message = Message(RecordDict(), dst_node_id=1, message_type="train")
         return message, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), RUN, None
@@ -202,7 +202,7 @@ def impostor(request, tmp_path) -> Iterator[StandInRuntimeApi]:
 def _poll(address: str, certificate: Path, report: worker.LinkReport) -> str:
     client = worker.RuntimeLink(address, certificate.read_bytes()).client(retry=False)
     try:
-        return worker.poll(client, AcquireTaskRequest(), report)
+        return worker.poll(client, report)
     finally:
         client.close()
 

@@ -564,7 +564,12 @@ def test_the_serverapps_task_goes_only_to_the_daemons_own_superexec(tmp_path, pk
 
 @pytest.mark.e2e
 def test_a_local_process_without_the_secret_cannot_take_the_serverapps_task(tmp_path, pki, run_toml):
-    from shared.flower_compat import AcquireTaskRequest, RuntimeHttpClient, RuntimeVersionHttpInterceptor, TaskType
+    from shared.flower_compat.runtime import (
+        AcquireTaskRequest,
+        RuntimeHttpClient,
+        RuntimeVersionHttpInterceptor,
+        TaskType,
+    )
 
     state, address = StateDir(tmp_path / "state"), f"127.0.0.1:{free_port()}"
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}

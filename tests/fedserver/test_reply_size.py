@@ -20,7 +20,8 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, 
 from fedserver.polling import REPLY_MARGIN, BoundedRepliesGrid, FastPollingGrid, fast_polling
 from shared.device_errors import REPLY_TOO_LARGE
 from fedserver.strategies import screen_evaluation_replies
-from shared import flower_compat as compat
+from shared.flower_compat.messages import SUPERLINK_NODE_ID, set_message_id
+from shared.flower_compat.runs import new_run
 from shared.config import ConfigError, RunConfig
 
 NODE = 7
@@ -55,8 +56,8 @@ class FakeHttpGrid:
 
     def __init__(self, replies: list[Message]) -> None:
         self._runtime_client = FakeRuntime(replies)
-        self.node = Node(node_id=compat.SUPERLINK_NODE_ID)
-        self.run = compat.new_run(1)
+        self.node = Node(node_id=SUPERLINK_NODE_ID)
+        self.run = new_run(1)
         self.pushed: list[Message] = []
 
     def push_messages(self, messages):  # type: ignore[no-untyped-def]
@@ -69,11 +70,11 @@ def reply(arrays: int = ARRAYS, node: int = NODE) -> Message:
     record = ArrayRecord({f"a{i}": Array(np.full(ARRAY_BYTES // 4, i, np.float32)) for i in range(arrays)})
     content = RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 5})})
     metadata = Metadata(
-        run_id=1, message_id="", src_node_id=node, dst_node_id=compat.SUPERLINK_NODE_ID, reply_to_message_id="m0",
+        run_id=1, message_id="", src_node_id=node, dst_node_id=SUPERLINK_NODE_ID, reply_to_message_id="m0",
         group_id="1", created_at=time.time(), ttl=600.0, message_type="train",
     )  # fmt: skip
     message = make_message(metadata=metadata, content=content)
-    compat.set_message_id(message, message.object_id)
+    set_message_id(message, message.object_id)
     return message
 
 

@@ -1,13 +1,18 @@
-"""Canary for shared/flower_compat/: fails naming the symbol and the Flower version when an
-upgrade moves or changes a Flower internal the project relies on, and keeps every other module
-on Flower's public API."""
+"""Canary for shared/flower_compat/: fails naming the symbol, the Flower version it was checked
+against and the installed one when an upgrade moves or changes a Flower internal, log marker or
+protocol detail the project relies on; and keeps every other module on Flower's public API."""
 
 import ast
+import asyncio
 import importlib
+import importlib.util
 import inspect
 import io
 import re
+import socket
+import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -16,14 +21,25 @@ import pytest
 from flwr.app import Array, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+import shared.flower_compat as package
 from fedserver.strategies import build_strategy
-from shared import flower_compat as compat
 from shared.config import STRATEGIES
+from shared.flower_compat import flower_symbols, supernode_log
 from simulations.grid import InProcessGrid, simulation_node_config
 
-VERSION = compat.FLOWER_VERSION
 REPO = Path(__file__).resolve().parents[2]
 COMPAT = Path("shared/flower_compat")
+# Every submodule that imports Flower, and those that must stay cheap for fedsim and the ClientApp.
+SUBMODULES = sorted(p.stem for p in (REPO / COMPAT).glob("*.py") if p.stem not in ("__init__", "supernode_log"))
+LIGHT = ("messages", "runs", "strategy", "secagg", "dp", "app_config", "http_grid")
+HEAVY_FLOWER = ("flwr.supernode.runtime", "flwr.cli.install", "flwr.simulation", "flwr.superlink.grid.http_grid")
+MODULES = {name: importlib.import_module(f"shared.flower_compat.{name}") for name in SUBMODULES}
+# What the project imports from the package, by name, for the checks below.
+compat = types.SimpleNamespace(
+    **{n: v for m in MODULES.values() for n, v in vars(m).items() if not n.startswith("_")}
+)
+VERSION = package.FLOWER_VERSION
+CHECKED = package.CHECKED_AGAINST
 
 # How the project calls each callable: positional argument count, keyword names.
 CALLS = {
@@ -48,6 +64,8 @@ CALLS = {
     "build_fab_from_disk": (1, []),
     "public_key_to_bytes": (1, []),
     "make_simple_http_retry_invoker": (0, []),
+    "load_superexec_auth_secret": (1, []),
+    "SuperExecAuthHttpInterceptor": (0, ["master_secret", "protected_methods"]),
     "HeartbeatSender": (1, []),
     "RuntimeTokenHttpInterceptor": (1, []),
     "RuntimeVersionHttpInterceptor": (0, ["component_name"]),
@@ -117,16 +135,55 @@ def resolve(name: str) -> object:
     return getattr(compat, name)
 
 
-@pytest.mark.parametrize("name", sorted(compat.__all__))
-def test_every_symbol_is_where_flower_compat_expects(name):
-    assert resolve(name) is not None
+def _flower_imports(submodule: str) -> list[tuple[str, str]]:
+    """(Flower module, name) for each `from flwr... import name` in `shared/flower_compat/<submodule>.py`."""
+    tree = ast.parse((REPO / COMPAT / f"{submodule}.py").read_text(encoding="utf-8"))
+    return [(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            and (node.module or "").startswith("flwr.") for alias in node.names]  # fmt: skip
 
 
-def test_a_moved_symbol_is_named_with_the_flower_version(monkeypatch):
-    monkeypatch.setitem(compat.DEFERRED_IMPORTS, "Gone", ("flwr.supercore.fab", "NoSuchThing"))
+FLOWER_SYMBOLS = sorted({(sub, module, name) for sub in SUBMODULES for module, name in _flower_imports(sub)})
 
-    with pytest.raises(ImportError, match=rf"Flower {re.escape(VERSION)} has no flwr\.supercore\.fab\.NoSuchThing"):
-        resolve("Gone")
+
+@pytest.mark.parametrize(("submodule", "module", "name"), FLOWER_SYMBOLS, ids=[f"{m}.{n}" for _, m, n in FLOWER_SYMBOLS])
+def test_every_flower_symbol_is_where_the_compat_package_imports_it(submodule, module, name):
+    try:
+        found = hasattr(importlib.import_module(module), name)
+    except ImportError as err:
+        found, module = False, f"{module} ({err})"
+    assert found, (
+        f"{module}.{name}, imported by shared/flower_compat/{submodule}.py and checked against Flower {CHECKED}, "
+        f"is gone in Flower {VERSION}"
+    )
+
+
+def test_flower_is_pinned_to_the_version_the_package_was_checked_against():
+    pins = re.findall(r'"flwr(?:\[\w+\])?==([\w.]+)"', (REPO / "pyproject.toml").read_text(encoding="utf-8"))
+
+    assert pins and set(pins) == {CHECKED}, f"pyproject pins Flower {pins}: check shared/flower_compat against it"
+    assert VERSION == CHECKED, f"Flower {VERSION} is installed; shared/flower_compat was checked against {CHECKED}"
+
+
+def test_a_moved_symbol_is_named_with_both_flower_versions():
+    with pytest.raises(ImportError, match=rf"Flower {re.escape(VERSION)}: cannot import name 'NoSuchThing'.*"
+                                          rf"dp\.py was checked against Flower {re.escape(CHECKED)}"):  # fmt: skip
+        with flower_symbols("dp"):
+            from flwr.supercore.fab import NoSuchThing  # noqa: F401
+
+
+def test_the_package_and_the_supervisors_markers_import_no_flower():
+    code = "import sys, shared.flower_compat.supernode_log; print('flwr' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+
+    assert loaded == "False\n"  # `fedclient start`'s supervisor reads the markers
+
+
+def test_fedsims_submodules_import_none_of_flowers_slow_packages():
+    code = f"import sys; import {', '.join(f'shared.flower_compat.{m}' for m in LIGHT)}; " + \
+        f"print(sorted(m for m in {HEAVY_FLOWER!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+
+    assert loaded == "[]\n"
 
 
 @pytest.mark.parametrize("name", sorted(CALLS))
@@ -322,6 +379,52 @@ def test_a_mod_call_next_and_secagg_share_layout_are_as_expected():
     assert typing.get_args(compat.ClientAppCallable) == ([Message, Context], Message), f"Flower {VERSION}"
     plaintext = compat.share_keys_plaintext_concat(3, 9, b"b-share", b"sk-share")
     assert compat.share_keys_plaintext_separate(plaintext) == (3, 9, b"b-share", b"sk-share")
+
+
+# Where each marker of the SuperNode's output comes from: (Flower module, the text there).
+MARKER_SOURCES = {
+    "CONNECTED": ("flwr.supernode.start_client_internal", '"SuperNode ID: %s"'),
+    "RETRYING": ("flwr.supercore.retry.http_retry", '"Connection attempt failed, retrying in %.2f seconds"'),
+    "CONNECTION_FAILED": ("flwr.supernode.fleet_http_connection", '"Failed to initialize the connection to the SuperLink'),
+    "EXIT_CODE": ("flwr.supercore.exit.exit", 'f"Exit Code: {code}'),
+    "ACTIVATION_REFUSED": ("flwr.supernode.fleet_http_connection", 'f"[code: {flower_error.code}] {flower_error.message}"'),
+    "BAD_KEY": ("flwr.supernode.cli.flower_supernode", '"Unable to parse the private key file."'),
+    "ABANDONED_TASK": ("flwr.supernode.start_client_internal", '"Run ID %s is not in `RUNNING` status. Ignoring message %s."'),
+}
+
+
+@pytest.mark.parametrize("marker", sorted(MARKER_SOURCES))
+def test_each_supernode_log_marker_is_in_flowers_source(marker):
+    module, text = MARKER_SOURCES[marker]
+    source = Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8")
+
+    value = getattr(supernode_log, marker)
+    assert text in source, f"Flower {VERSION}: {module} no longer logs {text} (supernode_log.{marker}, Flower {CHECKED})"
+    template = value.replace(str(supernode_log.ACTIVATION_REFUSED_CODE), "{flower_error.code}")
+    assert template in text.replace("%s", "").replace("{code}", ""), f"supernode_log.{marker} = {value!r} is not {text}"
+
+
+def test_the_refusal_code_and_the_online_window_are_flowers():
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+    from flwr.supercore.error import ApiErrorCode
+
+    assert ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED == supernode_log.ACTIVATION_REFUSED_CODE, f"Flower {VERSION}"
+    assert supernode_log.ONLINE_WINDOW == HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL, f"Flower {VERSION}"
+
+
+def test_a_taken_port_is_reported_with_the_marker():
+    holder = socket.create_server(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+
+    async def bind() -> None:
+        await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", port)
+
+    try:
+        with pytest.raises(OSError) as err:
+            asyncio.run(bind())  # what uvicorn does, and logs the error of
+    finally:
+        holder.close()
+    assert supernode_log.PORT_TAKEN in str(err.value)
 
 
 def _flower_paths(tree: ast.Module) -> list[tuple[str, str]]:

@@ -28,9 +28,9 @@ from shared.secagg import (
     secagg_mod,
     secure_train_round,
 )
-from shared.flower_compat import ErrorCode
+from shared.flower_compat.messages import ErrorCode
 from shared.pki import PkiPaths, init_pki
-from shared.flower_compat import share_keys_plaintext_concat
+from shared.flower_compat.secagg import share_keys_plaintext_concat
 from shared.secagg import crypto
 from shared.secagg import protocol as p
 from shared.secagg.client import STATE, NodeState

@@ -4,7 +4,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from shared.flower_compat import SUPERLINK_NODE_ID
+from shared.flower_compat.messages import SUPERLINK_NODE_ID
 from simulations.grid import FIRST_NODE_ID, RUN_ID, InProcessGrid, simulation_node_config
 
 

@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 
 from shared.config import ConfigError, RunConfig
 from shared.errors import ExitCode
-from shared.flower_compat import context_from_bytes, context_to_bytes, message_from_bytes, message_to_bytes
+from shared.flower_compat.messages import context_from_bytes, context_to_bytes, message_from_bytes, message_to_bytes
 from shared.processes import is_alive
 from fedclient.app import make_client_app
 from shared import messages as keys
