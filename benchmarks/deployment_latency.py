@@ -200,7 +200,7 @@ def run_flowerbed(work: Path, pki: Pki, parts: list[Path], cfg: RunConfig, db: s
     env = {**node_env(), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     log = open(work / "flowerbed.log", "ab")  # noqa: SIM115
     daemon = [*python, "fedserver.cli", "start", "--pki", str(pki.ca.parent), "--config", str(config)]
-    daemon += ["--state-dir", str(state.root), "--address", f"127.0.0.1:{port}", "--db", db]
+    daemon += ["--state-dir", str(state.root), "--address", f"127.0.0.1:{port}", "--db", db, "--dashboard", "0"]
     processes = [spawn(daemon, env=env, stdout=log)]
     try:
         if not wait_for_port("127.0.0.1", port, 60, alive=processes[0]):

@@ -1,44 +1,12 @@
-"""`fedserver start` / `fedserver stop`: the SuperLink daemon of a Flowerbed deployment.
+"""`fedserver start` / `fedserver stop`: the SuperLink daemon of a deployment.
 
-`start` runs in the foreground until it gets SIGTERM, SIGINT (Ctrl-C) or SIGHUP, as a systemd
-`Type=simple` service expects. In order, each step failing with a one-line error before any
-process is started where it can:
-
-1. checks the address (a loopback one, unless --control-address consents to exposing the
-   Control API: Flower 1.41 serves it on the Fleet API's port), the PKI files, the run config,
-   that the state directory's run can resume with it and that the ServerApp can build its model
-   and data from it (in a child that dies with the daemon), that the state directory is not in
-   use by another fedserver, that the address is free (after stopping a SuperLink a killed
-   daemon left, see below), and takes the state directory's lock, held for the daemon's life;
-2. stages the app in STATE/app: this project's packages and a pyproject.toml whose
-   `[tool.flwr.app.config]` is the whole resolved run config, `run-dir` = STATE/run (the
-   ServerApp writes metrics.jsonl and model.safetensors there after every round);
-3. starts `flower-superlink` (TLS from the PKI, SuperNode authentication, SQLite state in
-   STATE/state.db or in memory, no per-run dependency installation, telemetry off) in its
-   own process group, its output copied to STATE/superlink.log (rotated, see fedserver/logs.py),
-   and, once it listens, Flower's `flower-superexec` beside it: the SuperLink (`--isolation
-   process`) hands the ServerApp's task only to requests signed with STATE/superexec.secret,
-   drawn at each start, which this SuperExec alone is given (it ends with the SuperLink);
-4. registers every PKI clients/*.pub (keys already registered are fine), unregisters the nodes
-   whose key is no longer there (`fedserver remove-client`, `init --force`), stops runs a
-   previous daemon left active, and submits the run (which resumes from STATE/run's last
-   checkpoint where there is one);
-5. follows the ServerApp's round events (STATE/run/events.jsonl, `fedserver.events`) into one
-   in-memory model of the run, logs each completed round and every change of run status to
-   STATE/fedserver.log and stdout, keeps the run's last status in STATE/daemon.json for
-   `fedserver status`, and serves the model on the dashboard (`fedserver.dashboard`, on
-   127.0.0.1:8092 unless --dashboard says otherwise; a port it cannot bind is one warning line).
-
-Everything the daemon and its processes create in the state directory is private (umask 077).
-
-The SuperLink's pid (and start time) is kept in STATE/superlink.pid. A daemon killed with
-SIGKILL cannot stop its SuperLink, which lives in a process group of its own and keeps the
-port and the run going; the next `fedserver start` (or `fedserver stop`) on that state
-directory stops that SuperLink and everything under it first, then starts afresh and resumes.
-
-On SIGTERM it stops the run, then the SuperExec and the SuperLink: SIGTERM, STOP_GRACE seconds,
-then SIGKILL to their process groups and every descendant (the ServerApp lives in a session of
-its own, and the SuperLink can hang on SIGTERM while a client streams).
+`start` runs in the foreground, as a systemd `Type=simple` service expects: it checks the PKI,
+the run config (the ServerApp's model and data built once, in a child) and the address before
+anything starts, stages the app, runs Flower's SuperLink with its own SuperExec, registers the
+node keys, submits the run and follows its round events into its log, `daemon.json` and the
+dashboard; SIGTERM, SIGINT or SIGHUP stop the run and every process it started. A SuperLink that
+a killed daemon left (STATE/superlink.pid) is stopped by the next start or stop. Steps, files and
+signals in full: docs/deploy.md.
 """
 
 from __future__ import annotations

@@ -136,8 +136,10 @@ def model_from_run_dir(run_dir: Path) -> RunModel:
     where there is none), the config of its committed state."""
     model = RunModel("deployment", _committed_run(run_dir))
     _, records = EventFollower(run_dir / EVENTS_FILE).poll()
-    for record in records or read_metrics(run_dir):
-        model.add(record, at=os.stat(run_dir).st_mtime)
+    records = records or read_metrics(run_dir)
+    written = os.stat(run_dir).st_mtime if records else None  # when a round was last told, at the latest
+    for record in records:
+        model.add(record, at=written)
     return model
 
 

@@ -40,7 +40,8 @@ class NodeStats:
     """One node as the rounds' replies and the SuperLink describe it."""
 
     ledger: NodeRecord = field(default_factory=NodeRecord)  # counts as nodes.json keeps them
-    rounds: set[int] = field(default_factory=set)  # rounds it replied in
+    rounds: int = 0  # rounds it replied in
+    last_round: int | None = None
     replies: int = 0
     not_accepted: Counter[tuple[str, int | None]] = field(default_factory=Counter)  # (outcome, code) -> replies
     seconds: float = 0.0  # summed over the `timed` replies whose time is known
@@ -51,7 +52,8 @@ class NodeStats:
 
     def add(self, server_round: int, reply: Mapping[str, Any], at: float) -> None:
         outcome, code = str(reply.get("outcome")), reply.get("code")
-        self.rounds.add(server_round)
+        if server_round != self.last_round:  # records come round after round
+            self.rounds, self.last_round = self.rounds + 1, server_round
         self.replies += 1
         if code is not None:
             self.ledger.add_error(server_round, int(code))
@@ -75,8 +77,8 @@ class NodeStats:
             "connected": True if simulated else self.status == ONLINE,
             "status": self.status,
             "last_seen": self.last_seen,
-            "rounds_taken_part": len(self.rounds),
-            "last_round_taken_part": max(self.rounds, default=None),
+            "rounds_taken_part": self.rounds,
+            "last_round_taken_part": self.last_round,
             "replies": self.replies,
             "refused": refused,
             "seconds_per_reply": round(self.seconds / self.timed, 4) if self.timed else None,

@@ -1,18 +1,10 @@
 """The client side of SecAgg+: a ClientApp mod, `ClientApp(mods=[secagg_mod])`.
 
-Messages that are not secure-aggregation stages pass straight through (evaluation, and plain
-training unless the run config sets `secure-aggregation = true`, in which case plain training
-is refused: this node's update then never leaves it unmasked). Between stages a node keeps its
-keys, self-mask seed and the shares it holds in `context.state` (a ConfigRecord); they are
-deleted once it has answered the unmask stage, so it can never answer a second one.
-
-Under `dp = "distributed"` (docs/privacy.md) a node clips its update to `dp-clipping-norm` C
-and adds its share of the Gaussian noise, N(0, (zC)^2 / m) with m = `clients-per-round`, before
-the update is encoded and masked, and weighs it 1 whatever its example count: nothing leaves the
-device, and no sum the server unmasks holds its update, without that noise.
-
-A device whose node config names its enrollment files (settings.ENROLLMENT_KEYS) signs its keys
-and refuses, before sharing anything, a round holding a peer it cannot verify (enrollment.py).
+Other messages pass through, except plain training when the run sets `secure-aggregation`
+(refused: the update never leaves unmasked). A node keeps its keys, seed and held shares in
+`context.state` between stages and deletes them once it has unmasked. Under `dp = "distributed"`
+it clips and adds its share of the noise before masking; an enrolled device signs its keys and
+verifies its peers (enrollment.py). In full: docs/secure-aggregation.md and docs/privacy.md.
 """
 
 from __future__ import annotations

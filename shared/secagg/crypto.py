@@ -1,32 +1,11 @@
-"""The protocol's cryptography. Every cipher, KDF and random number comes from `cryptography`
-or the OS CSPRNG, and Shamir secret sharing from PyCryptodome.
+"""The protocol's cryptography: X25519 + HKDF-SHA256 key agreement, AES-256-GCM for shares in
+transit (bound to round, stage, source and destination), AES-256-CTR keystreams as masks, Shamir
+sharing (PyCryptodome, one GF(2^128) polynomial per 16-byte block) and SHA-256 share commitments.
+Every cipher, KDF and random number comes from `cryptography` or the OS CSPRNG.
 
-- key agreement: X25519, the shared secret through HKDF-SHA256 with a purpose label, the round
-  id and the two node ids as `info` (one key per purpose, round and pair);
-- shares in transit: AES-256-GCM, a random 96-bit nonce, associated data binding each ciphertext
-  to (round id, stage, source, destination), so a replayed, reflected or redirected share fails
-  authentication exactly as a tampered one does;
-- masks: the AES-256-CTR keystream of a HKDF-derived key, read as unsigned integers (uniform
-  modulo 2^m). Flower's `secaggplus_utils.pseudo_rand_gen` is not used: it seeds numpy's
-  Mersenne Twister with 32 bits XOR-folded from the seed, neither a CSPRNG nor a 128-bit seed;
-- Shamir secret sharing: PyCryptodome's `Crypto.Protocol.SecretSharing.Shamir` (a Flower
-  dependency), one GF(2^128) polynomial per 16-byte block of the secret, its coefficients
-  from the OS CSPRNG, share indices 1..n; a share is a 4-byte index and one 16-byte share per
-  block. Flower's `crypto.shamir` wraps the same class but PKCS#7-pads a 32-byte secret to
-  three blocks and starts a thread pool per call: 1.5x the field arithmetic, which
-  PyCryptodome does in pure Python. Measured on the 2-core machine at the defaults
-  (threshold 5 of 9): sharing both of a client's secrets 2.2 ms here (5 ms through Flower's),
-  rebuilding one secret 7 ms (11 ms); `benchmarks/secagg_overhead.py` times whole rounds.
-  Only one polynomial's worth of shares is interpolated (`threshold` of them, distinct
-  indices). A share with a wrong value yields a wrong secret: the masking key rebuilt for a
-  dropped node is checked against its public key, a self-mask seed cannot be;
-- share commitments: SHA-256 over a label, the round id, owner, holder, kind and the share, all
-  of fixed length: the owner commits to each share it deals, the holder checks what it opens and
-  the server what is revealed, so a wrong share is caught and its holder named. A share is 32
-  uniform bytes and an index, so its digest hides it as well as the ciphertext does.
-
-Flower's Fernet helpers in `symmetric_encryption` are not used: no associated data, and ECDH
-over P-curves.
+Flower's helpers are not used: `pseudo_rand_gen` seeds numpy's Mersenne Twister with 32 bits,
+`crypto.shamir` pads a 32-byte secret to three blocks, the Fernet helpers take no associated
+data. Timings: docs/benchmarks.md#secure-aggregation.
 """
 
 from __future__ import annotations

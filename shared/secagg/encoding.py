@@ -1,17 +1,10 @@
 """Updates as fixed-point integer vectors: clip, quantize, weight by the example count.
 
-A client's vector is n * [q(x_1 - r_1), ..., q(x_D - r_D), 1, q_m(metric_1), ...] where x are
-its new weights, r the weights it received, n its example count, and q(v) = round((clip(v,
--c, c) + c) / step) in [0, Q - 1]. Summed over clients modulo 2^m the vector holds, exactly,
-sum_i n_i q(...) and the total count W; nothing wraps while W (Q - 1) < 2^m, which the client
-(for its own n) and the server (for W) check. Decoding: sum_i n_i (x_i - r) ~ step * S - W c.
-
-Rounding is to nearest, so each element's error is at most step/2 and the weighted mean's too
-(a convex combination of them); the result is deterministic, so a run stays reproducible.
-Flower's `secure_aggregation.quantization` is not used: its stochastic rounding draws from
-numpy's global RNG (perturbing seeded runs), it casts to int32 (levels above 2^31 overflow),
-and its legacy weighting scales the floats by n / max_weight before quantizing, which loses
-precision for small clients; here the weight multiplies the integers, exactly.
+A client's vector is n * [q(x - r), 1, q_m(metrics)], x its new weights, r those it received, n
+its example count, q(v) = round((clip(v, -c, c) + c) / step) in [0, Q - 1]; summed modulo 2^m it
+holds sum_i n_i q(...) and the total count W exactly while W (Q - 1) < 2^m (both sides check).
+Rounding to nearest bounds each element's error by step/2 and keeps runs reproducible; Flower's
+quantization is not used (stochastic rounding on numpy's global RNG, an int32 cast that overflows).
 """
 
 from __future__ import annotations

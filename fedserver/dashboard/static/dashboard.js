@@ -101,7 +101,7 @@ function cell(row, text, cls) {
 function showNodes(data) {
   const body = $("nodes").tBodies[0];
   body.replaceChildren();
-  for (const n of data.nodes) {
+  for (const n of [...data.nodes].sort((a, b) => a.node_id - b.node_id)) {
     const tr = document.createElement("tr");
     cell(tr, n.name ? `${n.node_id} (${n.name})` : String(n.node_id));
     cell(tr, n.connected ? "yes" : "no");
