@@ -2,6 +2,7 @@
 """Where fedsim's per-client time goes, against a bare PyTorch loop, in one process.
 
     .venv/bin/python benchmarks/client_overhead.py [--repeats 15] [--data MNIST.npz]
+                                                   [--threads 1 2 [--models 2nn cnn] [--no-steps]]
 
 Workload: benchmarks/simulation_speed.py's (MNIST 2NN, 600 examples a client, E = 1, B = 10,
 SGD lr 0.1, 1 torch thread). Each step below is timed `--repeats` times, round-robin, in CPU
@@ -15,6 +16,10 @@ the fastest is the less disturbed):
   partition         materializing one client's partition (fedclient.app.ClientRuntime.node_data)
   update handling   packing a reply (to_arrayrecord), screening it (validate_update) and
                     reading its arrays as FedAvg does
+
+Then, with `--threads`, a device's training round at each torch thread count: fedclient.app's
+ClientApp training a deployed node (its own NPZ of 600 examples, `data-path` in its node config)
+on the 2NN and on the CNN (`--models`), in wall time, the thread counts taking turns.
 
 Reads `--data` (default ../shared/datasets/mnist.npz) where it exists, else random MNIST-shaped data.
 """
@@ -35,6 +40,7 @@ for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import ConfigRecord, RecordDict  # noqa: E402
 
@@ -48,6 +54,7 @@ from simulation_speed import MNIST_NPZ, bare_local_training, run_config, write_s
 from simulations.grid import FIRST_NODE_ID, InProcessGrid, simulation_node_config  # noqa: E402
 
 CLIENTS = 100
+DEVICE_EXAMPLES = 600  # a deployed node's own data: one MNIST IID client's share
 
 
 def steps(data_path: str) -> dict[str, Callable[[], object]]:
@@ -90,27 +97,64 @@ def steps(data_path: str) -> dict[str, Callable[[], object]]:
             "partition": partition, "update handling": update_handling}  # fmt: skip
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--data", type=Path, default=MNIST_NPZ, help="MNIST as an NPZ (default: %(default)s)")
-    args = parser.parse_args()
+def device_round(data_path: str, model: str, own_data: Path) -> Callable[[], object]:
+    """One training message to a deployed node (its own `own_data`), through fedclient's ClientApp.
+
+    `torch-threads = 0` leaves the process's thread count as the caller set it."""
+    cfg = run_config(data_path, CLIENTS, 1).replace(model=model, torch_threads=0)
+    with np.load(data_path) as mnist:
+        np.savez(own_data, x=mnist["x_train"][:DEVICE_EXAMPLES], y=mnist["y_train"][:DEVICE_EXAMPLES])
+    node = {"data-path": str(own_data), "device": "cpu"}
+    recipe = cfg.replace(data_path="").to_mapping()  # a device reads only its own data
+    grid = InProcessGrid(client.make_client_app(), 1, recipe, lambda _: node)
+    arrays = to_arrayrecord(model_from_config(cfg, data_spec(cfg)).state_dict())
+    calls = itertools.count(1)
+
+    def train() -> None:
+        call = next(calls)
+        content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: call})})
+        (reply,) = grid.send_and_receive([grid.create_message(content, "train", FIRST_NODE_ID, str(call))])
+        assert not reply.has_error(), reply.error.reason
+
+    return train
+
+
+def time_threads(data_path: str, models: list[str], threads: list[int], repeats: int, work: Path) -> None:
+    """Print a device's training round per model and thread count: median and fastest wall seconds."""
+    print(f"\ndevice training round ({DEVICE_EXAMPLES} examples, E = 1, B = 10), wall s, {repeats} runs each")
+    print(f"  {'model':<6} {'threads':>7} {'median':>8} {'fastest':>8}")
+    for model in models:
+        train = device_round(data_path, model, work / f"device-{model}.npz")
+        seconds: dict[int, list[float]] = {n: [] for n in threads}
+        for n in threads:  # warm-up: the model, the data, the first step at this count
+            torch.set_num_threads(n)
+            train()
+        for _, n in itertools.product(range(repeats), threads):
+            torch.set_num_threads(n)
+            started = time.perf_counter()
+            train()
+            seconds[n].append(time.perf_counter() - started)
+        for n, values in seconds.items():
+            print(f"  {model:<6} {n:>7} {statistics.median(values):8.3f} {min(values):8.3f}", flush=True)
+
+
+def time_steps(data_path: str, repeats: int) -> dict[str, list[float]]:
+    """Each step's CPU seconds of this thread, `repeats` times, round-robin after a warm-up."""
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        data_path = args.data
-        if not data_path.exists():
-            data_path = Path(tmp) / "mnist-stand-in.npz"
-            write_stand_in(data_path)
-        timed = steps(str(data_path))
-        seconds: dict[str, list[float]] = {name: [] for name in timed}
-        for step in timed.values():  # warm-up: imports, first optimizer, caches
+    timed = steps(data_path)
+    seconds: dict[str, list[float]] = {name: [] for name in timed}
+    for step in timed.values():  # warm-up: imports, first optimizer, caches
+        step()
+    for _ in range(repeats):
+        for name, step in timed.items():
+            started = time.thread_time()
             step()
-        for _ in range(args.repeats):
-            for name, step in timed.items():
-                started = time.thread_time()
-                step()
-                seconds[name].append(time.thread_time() - started)
-    print(f"{args.repeats} runs each, CPU ms per client ({data_path.name if args.data.exists() else 'random data'})")
+            seconds[name].append(time.thread_time() - started)
+    return seconds
+
+
+def print_steps(seconds: dict[str, list[float]], repeats: int, source: str) -> None:
+    print(f"{repeats} runs each, CPU ms per client ({source})")
     floor, fastest_floor = statistics.median(seconds["floor"]), min(seconds["floor"])
     print(f"  {'':<16} {'median':>8}   {'':>11} {'fastest':>8}")
     for name, values in seconds.items():
@@ -119,6 +163,26 @@ def main() -> int:
             f"  {name:<16} {1000 * median:8.2f}   {median / floor:5.3f}x floor"
             f" {1000 * fastest:8.2f}   {fastest / fastest_floor:5.3f}x floor"
         )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--data", type=Path, default=MNIST_NPZ, help="MNIST as an NPZ (default: %(default)s)")
+    parser.add_argument("--threads", type=int, nargs="*", default=[], help="time a device's round at these counts")
+    parser.add_argument("--models", nargs="+", default=["2nn", "cnn"], help="the models of --threads")
+    parser.add_argument("--no-steps", action="store_true", help="only the --threads table")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = args.data
+        if not data_path.exists():
+            data_path = Path(tmp) / "mnist-stand-in.npz"
+            write_stand_in(data_path)
+        if not args.no_steps:
+            seconds = time_steps(str(data_path), args.repeats)
+            print_steps(seconds, args.repeats, data_path.name if args.data.exists() else "random data")
+        if args.threads:
+            time_threads(str(data_path), args.models, args.threads, args.repeats, Path(tmp))
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What does secure aggregation cost? One FedAvg round three ways, side by side in one process.
 
-    .venv/bin/python benchmarks/secagg_overhead.py [--repeats 3] [--quick] [--no-training]
+    .venv/bin/python benchmarks/secagg_overhead.py [--repeats 3] [--quick] [--no-training] [--workload N:HIDDEN]
 
 Systems, all over the same in-process Grid (simulations.grid.InProcessGrid):
 
@@ -13,7 +13,8 @@ Systems, all over the same in-process Grid (simulations.grid.InProcessGrid):
              clients flwr.client.ClientApp(client_fn, mods=[flwr.client.mod.secaggplus_mod]).
 
 Workloads: 20 clients x 1,088,310 parameters (MLP 784-1000-300-10) and 100 clients x 199,210
-(the 2NN, 784-200-200-10), every client of the grid taking part. Two client behaviours:
+(the 2NN, 784-200-200-10), every client of the grid taking part (`--workload 20:1000,300` runs one
+given workload instead). Two client behaviours:
   protocol  the train handler returns the received weights + a constant (no training): the
             round is pure protocol and transport, the harshest ratio for secure aggregation;
   training  fedclient.app.train itself (MNIST IID, 600 examples a client, E = 1, B = 10, SGD 0.1,
@@ -304,12 +305,22 @@ def report(workload: Workload, mode: str, cells: dict[str, Cell]) -> None:
         )
 
 
+def parse_workload(text: str) -> Workload:
+    """`--workload CLIENTS:HIDDEN`: that many clients training an MLP of those hidden sizes."""
+    clients, _, hidden = text.partition(":")
+    if not clients.isdigit() or not hidden:
+        raise argparse.ArgumentTypeError(f"expected CLIENTS:HIDDEN (e.g. 20:1000,300), got {text!r}")
+    return Workload(f"{clients} clients x MLP 784-{hidden.replace(',', '-')}-10", int(clients), hidden)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 repeat, protocol mode only")
     parser.add_argument("--no-training", action="store_true", help="protocol mode only")
+    parser.add_argument("--workload", type=parse_workload, help="CLIENTS:HIDDEN, e.g. 20:1000,300, instead of both")
     args = parser.parse_args()
+    workloads = [args.workload] if args.workload else WORKLOADS
     repeats = 1 if args.quick else args.repeats
     modes = ["protocol"] if args.quick or args.no_training else ["protocol", "training"]
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -322,7 +333,7 @@ def main() -> None:
         if data is not None and data != MNIST:
             print(f"({MNIST} not found: training on a random stand-in of the same shapes)")
         for mode in modes:
-            for workload in WORKLOADS:
+            for workload in workloads:
                 report(workload, mode, run_workload(workload, mode, repeats, data))
 
 
