@@ -36,13 +36,6 @@ FLOWER_VERSION = version("flwr")
 CHECKED_AGAINST = "1.41.0"  # the Flower every symbol, marker and detail here was checked against
 
 
-def _moved(what: str, err: Exception) -> ImportError:
-    return ImportError(
-        f"Flower {FLOWER_VERSION} has no {what} ({err}); shared/flower_compat was checked against "
-        f"Flower {CHECKED_AGAINST} and must follow this version"
-    )
-
-
 @contextmanager
 def flower_symbols(submodule: str) -> Iterator[None]:
     """Around a submodule's Flower imports: an import that fails names the symbol, `submodule` and both versions."""

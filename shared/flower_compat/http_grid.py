@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import Error, Message
 
@@ -112,7 +112,7 @@ def _pull_reply(grid: Any, proto: Any, tree: Any, limit: int, too_large: Callabl
     )
     if error is not None:
         return _error_reply(proto, error)
-    message = inflate_object_from_contents(message_id, contents)
+    message = cast(Message, inflate_object_from_contents(message_id, contents))  # a reply's tree is a Message
     set_message_id(message, message_id)
     return message
 
