@@ -1,18 +1,11 @@
 """What each node did with the tasks of a run: replies accepted, rounds refused or failed, and its
 last error (`nodes.json` in the run directory; `fedserver status` shows it).
 
-A node's error reply carries a code: 100 and above a device's own (`shared.device_errors`), whose
-fixed message is all the server repeats, whatever the reply's text says; below 100 Flower's,
-whose text is Flower's and is kept, shortened. A refusal is a device declining a task under its
-owner's policy (`is_refusal`); any other error is a failure.
-
-The ServerApp writes the ledger after each committed round and when a round fails the run, and
-reads it back on a resume, so the counts continue. A round counts once as refused and once as
-failed however many of its attempts (and its evaluation) the node answered so, a round redone
-after a resume included; "accepted" counts replies that passed screening, in every attempt.
-
-It also keeps, in memory only, each round's replies one by one (`fedserver.events.NodeReply`),
-which the round's event carries to its subscribers (the live dashboard).
+A refusal is a device declining a task under its owner's policy; any other error reply is a
+failure, told by its code (a device's fixed message, or Flower's text, shortened). A round counts
+once per node however many attempts it took; the ServerApp writes the ledger after each committed
+round and reads it back on a resume. Each round's replies are also kept, in memory, for the
+round's event (the dashboard).
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
-"""Shorter reply polling for a deployed ServerApp, through Flower's public `Grid` API.
+"""Shorter reply polling for a deployed ServerApp, through Flower's public `Grid` API, and a bound
+on each reply's size.
 
-Flower 1.41's deployment grid (`HttpGrid`) pushes a round's messages, then pulls the replies
-every 3 s, so each `send_and_receive` ends up to 3 s after the last reply arrived.
-`fast_polling(grid)` wraps such a grid so that it pulls after `interval` seconds (default
-0.2) instead; every other call goes to the wrapped grid unchanged. Each pull costs the
-SuperLink a round of SQLite queries (about 0.1 s of CPU measured here), so while nothing comes
-back the wait grows by `BACKOFF` up to `MAX_INTERVAL`, and drops to `interval` again as soon as
-a reply arrives (the others tend to follow soon). Grids that do not poll
-that way (fedsim's in-process grid, Flower's in-memory simulation grid) are returned as they are.
-
-`FLOWERBED_GRID_POLL_INTERVAL` (seconds) overrides the default; `0` keeps Flower's own grid,
-which is how benchmarks/deployment_latency.py measures stock Flower with the same ServerApp
-(and leaves replies unbounded).
-
-The wrapped grid also bounds each reply's size (`max-reply-bytes`): it pulls a reply's objects
-counting their bytes, and one that passes the bound is pulled no further, never inflated, deleted
-from the SuperLink and handed on as an error reply coded `REPLY_TOO_LARGE` with the sizes, which
-screening refuses (`fedserver.strategies`). Unset (0), the bound is 2 x the largest weights the
-grid has pushed (the model's serialized weights) + `REPLY_MARGIN`: a reply carries at most one
-model-sized update, a SecAgg+ masked vector (64-bit per float32 weight) twice that.
+Flower 1.41's `HttpGrid` pulls replies every 3 s; `fast_polling(grid)` pulls after `interval`
+(0.2 s; `FLOWERBED_GRID_POLL_INTERVAL`, 0 keeps Flower's grid), backing off while nothing comes
+back, as each pull costs the SuperLink SQLite queries. A reply over `max-reply-bytes` is pulled no
+further, deleted and handed on as an error reply coded `REPLY_TOO_LARGE` (docs/deploy.md). Other
+grids are returned as they are.
 """
 
 from __future__ import annotations
