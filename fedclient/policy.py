@@ -1,13 +1,9 @@
 """The device owner's policy: what a server may ask of this device, checked before any task runs.
 
-The owner writes it as TOML (`fedclient start --policy FILE`; each key is also a flag, which wins
-over the file). `fedclient start` checks it, prints it, and hands it to the ClientApp as node
-config entries `policy-KEY` (node config is the device's own: a server cannot set it), so the
-same ClientApp enforces it in a deployment and, for tests, in a simulation. A node whose node
-config carries no policy entries (a fedsim node) has none: everything is allowed.
-
-This module imports neither Flower nor PyTorch: the supervisor of `fedclient start` reads it.
-fedclient/guard.py enforces it.
+Read from TOML (`--policy FILE`) and flags, and handed to the ClientApp as node config entries
+`policy-KEY`, which a server cannot set; fedclient/guard.py enforces it, in a deployment or a
+simulation alike (a node without those entries has no policy). Imports neither Flower nor
+PyTorch: `fedclient start`'s supervisor reads it.
 """
 
 from __future__ import annotations
