@@ -34,7 +34,6 @@ from shared.flower_compat.app_config import get_fab_config
 from shared.flower_compat.runtime import (
     Fab,
     Interceptor,
-    LoadClientAppError,
     Run,
     RuntimeHttpClient,
     SubStatus,
@@ -72,7 +71,7 @@ class LoadedApp:
     trust_server_code: bool = False  # run the FAB's code (Flower's behaviour), not the installed app
 
 
-class ForeignClientAppError(LoadClientAppError):
+class ForeignClientAppError(Exception):
     """A task's FAB names a ClientApp other than the installed one, and server code is not trusted."""
 
 

@@ -13,11 +13,12 @@ here per concern, each checked against Flower `CHECKED_AGAINST` by tests/shared/
 - `runtime`: the SuperNode's Runtime API as `flwr-clientapp` speaks it (the warm worker);
 - `control`: the SuperLink's Control API as the `flwr` CLI speaks it (the daemon);
 - `supernode_log`: what `flower-supernode` logs, where nothing structured says it (imports no Flower);
-- `baselines`: stock Flower's Ray engine and legacy SecAgg+ workflow (benchmarks);
+- `stock_flower`: stock Flower's Ray engine (`backend = "ray"`) and legacy SecAgg+ workflow (benchmarks);
 - `fleet`: a device's side of the Fleet API with Flower's SuperNode code (benchmarks).
 
 This package imports no Flower (`fedclient start`'s supervisor reads `supernode_log`); each
-submodule imports only its own concern: `runtime`, `control` and `baselines` cost seconds.
+submodule imports only its own concern: `runtime`, `control`, `stock_flower` and `fleet` import Flower's
+slow packages (SuperNode runtime, CLI, simulation), which the ClientApp and fedsim's own backends never import.
 
 Flower >= 1.43 drops the gRPC Fleet and Control APIs, keeping their HTTP variants, which are
 all Flowerbed speaks. What that upgrade moves lands in `control` (`ControlHttpClient`,

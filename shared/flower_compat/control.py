@@ -1,7 +1,7 @@
 """The SuperLink's Control API, as the `flwr` CLI speaks it (fedserver/control.py): register node keys,
 start, stop and list runs, list nodes. Flower offers it only through its CLI, whose output is for people.
 
-Imports Flower's CLI packages (about half a second): only the daemon and its tests import this module.
+Imports Flower's CLI packages, which are slow to import: only the daemon and its tests import this module.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ with flower_symbols("http_grid"):
         pull_objects,
     )
 
-# Flower's deployment (SuperLink) grid, by module path: importing it costs a simulation about a second.
+# Flower's deployment (SuperLink) grid, by module path: a simulation does not pay for importing it.
 HTTP_GRID = ("flwr.superlink.grid.http_grid", "HttpGrid")
 
 __all__ = ["HTTP_GRID", "ReplyTooLarge", "is_http_grid", "pull_replies_within"]

@@ -8,8 +8,8 @@ refuse a foreign FAB and reply with codes only, so it takes the steps itself, wi
   request for a task with the secret the SuperNode was started with) and its retry policy;
 - the task's input (context, run, FAB, message objects) and output (`push_message`,
   `push_task_output`), with the object-tree helpers and serde `flwr-clientapp` uses;
-- Flower's ClientApp loading (`get_load_client_app_fn`, `LoadClientAppError`) and FAB install.
-Imports Flower's SuperNode runtime (about half a second): the worker and its tests only.
+- Flower's ClientApp loading (`get_load_client_app_fn`) and FAB install.
+Imports Flower's SuperNode runtime and CLI, which are slow to import: the worker and its tests only.
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ with flower_symbols("runtime"):
 
     # Which ClientApp runs: Flower's loader, and where it installs a FAB.
     from flwr.cli.install import install_from_fab
-    from flwr.clientapp.client_app import LoadClientAppError
     from flwr.clientapp.utils import get_load_client_app_fn
     from flwr.common.config import get_project_dir
 
@@ -67,7 +66,6 @@ __all__ = [
     "AcquireTaskRequest",
     "Fab",
     "Interceptor",
-    "LoadClientAppError",
     "Run",
     "RuntimeHttpClient",
     "RuntimeVersionHttpInterceptor",

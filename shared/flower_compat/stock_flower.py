@@ -3,7 +3,7 @@ simulations/ray_engine.py; unlike the public `run_simulation()`, it passes a run
 apps), and what Flower's legacy SecAgg+ workflow needs to run on a given Grid (the baseline of
 benchmarks/secagg_overhead.py).
 
-Imports Flower's simulation package (over a second): imported by those two only, when they run.
+Imports Flower's simulation package, which is slow to import: imported by those two only, when they run.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Flower 1.41's SuperNode exposes no state: its Runtime API's `/health` and its gRPC health server
 answer "serving" whether or not the SuperLink accepted the node, it exits with status 1 for every
 error, and the node id lives in its memory. So the supervisor reads these lines of its output.
-This module imports no Flower (the supervisor must not: about 50 MB on a device); the canary test
+This module imports no Flower (the supervisor must not: memory on a device); the canary test
 checks each marker against Flower's source (the port's, against asyncio) and the figure against
 Flower's constants.
 """
