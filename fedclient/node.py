@@ -38,9 +38,11 @@ from shared.flower_compat.supernode_log import (
     CONNECTED,
     CONNECTION_FAILED,
     EXIT_CODE,
+    NOT_TLS,
     ONLINE_WINDOW,
     PORT_TAKEN,
     RETRYING,
+    UNTRUSTED_CERTIFICATE,
 )
 from shared.node_config import CERTIFICATE, DATA_PATH, DEVICE, ENROLLMENT_CA, SIGNING_KEY
 from shared.processes import free_port, spawn, stop_tree
@@ -61,9 +63,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HINTS = {
     ACTIVATION_REFUSED: "is this node's public key registered on the server (its PKI's clients/*.pub)? "
     "Or is another fedclient already running with this key?",
-    "CERTIFICATE_VERIFY_FAILED": "--ca must be the CA certificate (ca.pem) of the server's PKI",
+    UNTRUSTED_CERTIFICATE: "--ca must be the CA certificate (ca.pem) of the server's PKI",
     BAD_KEY: "--key must be this node's private key (clients/NAME.key)",
-    "WRONG_VERSION_NUMBER": "is --server the Fleet API port of fedserver (its --address), "
+    NOT_TLS: "is --server the Fleet API port of fedserver (its --address), "
     "or does a proxy without TLS sit there?",
 }
 

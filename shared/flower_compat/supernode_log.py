@@ -27,6 +27,10 @@ BAD_KEY = "private key"
 # Logged when it drops a message whose run was stopped while the message was being received
 # (e.g. the server restarted mid-round); it leaves the task it created for that message unfinished.
 ABANDONED_TASK = "is not in `RUNNING` status. Ignoring message"
+# OpenSSL's reasons, as the SuperNode's HTTP client prints them, for a server certificate its CA
+# did not sign, and for a port that does not speak TLS.
+UNTRUSTED_CERTIFICATE = "CERTIFICATE_VERIFY_FAILED"
+NOT_TLS = "WRONG_VERSION_NUMBER"
 # What its Runtime API server (uvicorn) logs when another process holds the port: asyncio's OSError text.
 PORT_TAKEN = "error while attempting to bind on address"
 

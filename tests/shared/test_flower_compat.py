@@ -10,8 +10,10 @@ import inspect
 import io
 import re
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import types
 import typing
 from pathlib import Path
@@ -425,6 +427,61 @@ def test_a_taken_port_is_reported_with_the_marker():
     finally:
         holder.close()
     assert supernode_log.PORT_TAKEN in str(err.value)
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """127.0.0.1: a TLS server with a certificate of its own; its port and that certificate."""
+    from shared.pki import write_local_certificate
+
+    certificate, key = tmp_path / "server.pem", tmp_path / "server.key"
+    write_local_certificate(certificate, key)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, key)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=_accept_once, args=(listener, context), daemon=True).start()
+        yield listener.getsockname()[1], certificate
+
+
+def _accept_once(listener: socket.socket, context: ssl.SSLContext | None) -> None:
+    connection, _ = listener.accept()
+    with connection:
+        if context is None:
+            connection.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")  # a server without TLS
+            return
+        try:
+            context.wrap_socket(connection, server_side=True).close()
+        except OSError:
+            pass
+
+
+def _handshake_error(port: int, trusted: Path | None = None) -> str:
+    context = ssl.create_default_context(cafile=None if trusted is None else str(trusted))
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        try:
+            context.wrap_socket(connection, server_hostname="127.0.0.1").close()
+        except ssl.SSLError as err:
+            return str(err)
+    return ""
+
+
+def test_a_certificate_another_ca_signed_is_reported_with_the_marker(tls_server, tmp_path):
+    from shared.pki import write_local_certificate
+
+    port, _ = tls_server
+    other = tmp_path / "other"
+    other.mkdir()
+    write_local_certificate(other / "ca.pem", other / "ca.key")
+
+    assert supernode_log.UNTRUSTED_CERTIFICATE in _handshake_error(port, other / "ca.pem"), ssl.OPENSSL_VERSION
+
+
+def test_a_port_without_tls_is_reported_with_the_marker():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=_accept_once, args=(listener, None), daemon=True).start()
+        error = _handshake_error(listener.getsockname()[1])
+
+    assert supernode_log.NOT_TLS in error, f"{ssl.OPENSSL_VERSION}: {error}"
 
 
 def _flower_paths(tree: ast.Module) -> list[tuple[str, str]]:
