@@ -19,15 +19,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedserver.state import DaemonError
 from shared.flower_compat.control import (
+    ApiErrorCode,
     CliClientHttpInterceptor,
     ControlHttpClient,
     Fab,
     FlowerError,
     ListNodesRequest,
     ListRunsRequest,
+    NodeStatus,
     RegisterNodeRequest,
     RuntimeVersionHttpInterceptor,
     StartRunRequest,
+    Status,
     StopRunRequest,
     UnregisterNodeRequest,
     build_fab_from_disk,
@@ -36,8 +39,8 @@ from shared.flower_compat.control import (
     user_config_to_proto,
 )
 
-PUBLIC_KEY_IN_USE = 23  # Flower's error code when a node key is registered already
-ACTIVE_STATUSES = ("pending", "starting", "running")
+PUBLIC_KEY_IN_USE = ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE
+ACTIVE_STATUSES = (Status.PENDING, Status.STARTING, Status.RUNNING)
 
 
 class ControlError(DaemonError):
@@ -78,7 +81,7 @@ class NodeInfo:
 
     @property
     def registered(self) -> bool:
-        return self.status != "unregistered"
+        return self.status != NodeStatus.UNREGISTERED
 
 
 class ControlClient:

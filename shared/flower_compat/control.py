@@ -29,16 +29,25 @@ with flower_symbols("control"):
     from flwr.supercore.fab import Fab
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
+    # What the answers say: a run's status ("finished:<sub-status>" once done), a node's status,
+    # and the error codes (a node key that is registered already).
+    from flwr.common.constant import Status
+    from flwr.supercore.constant import NodeStatus
+    from flwr.supercore.error import ApiErrorCode
+
 __all__ = [
+    "ApiErrorCode",
     "CliClientHttpInterceptor",
     "ControlHttpClient",
     "Fab",
     "FlowerError",
     "ListNodesRequest",
     "ListRunsRequest",
+    "NodeStatus",
     "RegisterNodeRequest",
     "RuntimeVersionHttpInterceptor",
     "StartRunRequest",
+    "Status",
     "StopRunRequest",
     "UnregisterNodeRequest",
     "build_fab_from_disk",

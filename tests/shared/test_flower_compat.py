@@ -108,6 +108,9 @@ CONSTANTS = {
     "SType": ["NUMPY"],
     "EventType": ["PYTHON_API_RUN_SIMULATION_LEAVE"],
     "WorkflowKey": ["CURRENT_ROUND"],
+    "Status": ["PENDING", "STARTING", "RUNNING"],
+    "NodeStatus": ["UNREGISTERED"],
+    "ApiErrorCode": ["PUBLIC_KEY_ALREADY_IN_USE"],
 }
 # Protobuf messages: the fields the project sets (requests) or reads (responses).
 PROTO_FIELDS = {
