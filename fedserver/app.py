@@ -26,6 +26,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedserver.checkpoints import Checkpoint, RunDirectory
+from fedserver.cohort import (
+    cohort_size, collect_replies, enough_replies, nodes_to_wait_for, reply_timeout, sample_cohort, wait_for_nodes,
+)  # fmt: skip
 from fedserver.events import EventLog, RoundCallback, RoundEvent, Row, notify
 from fedserver.grid_wrapper import GridWrapper
 from fedserver.node_ledger import NodeLedger
@@ -57,7 +60,7 @@ from shared.errors import ExitCode, FedserverError
 from shared.flower_compat.strategy import sampling_from
 from shared.privacy_local import SampleLevelLedger
 from shared.recipe import model_from_config
-from shared.secagg import SecAggError, SecAggSettings, as_mean_reply, secure_train_round
+from shared.secagg import EarlyClose, SecAggError, SecAggSettings, as_mean_reply, secure_train_round
 from shared.weights import InvalidUpdate, to_arrayrecord, to_state_dict, validate_update
 
 app = ServerApp()
@@ -253,16 +256,18 @@ def _train_round(
 def _configure_train(
     strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, arrays: ArrayRecord
 ) -> list[Message]:
-    """The round's training messages: `clients-per-round` of the connected nodes, or under central DP
-    each connected node independently with probability q = `clients-per-round` / `num-clients`
-    (Poisson sampling, what its accountant assumes), from the run's `random` stream."""
+    """The round's training messages: `clients-per-round` and `over-select`'s share of the nodes
+    connected now, or under central DP each connected node independently with probability
+    q = `clients-per-round` / `num-clients` (Poisson sampling, what its accountant assumes), from
+    the run's `random` stream; the strategy is shown that cohort only."""
     connected = connected_nodes(grid, cfg, server_round)
     config = ConfigRecord(tokenizer_entries(cfg))  # the run's tokenizer, where it ships one
     if isinstance(strategy, CentralDP):
-        cohort = poisson_cohort(grid.get_node_ids(), strategy.accountant.sample_rate)
+        cohort = poisson_cohort(connected, strategy.accountant.sample_rate)
         return list(strategy.configure_train(server_round, arrays, config, CohortGrid(grid, cohort)))
-    with sampling_from(strategy, connected):
-        return list(strategy.configure_train(server_round, arrays, config, grid))
+    cohort = sample_cohort(connected, cohort_size(cfg, len(connected)))
+    with sampling_from(strategy, len(cohort)):
+        return list(strategy.configure_train(server_round, arrays, config, CohortGrid(grid, cohort)))
 
 
 class AttemptFailed(Exception):
@@ -284,14 +289,16 @@ def _plain_attempt(
     ledger: NodeLedger,
     local_dp: SampleLevelLedger | None = None,
 ) -> tuple[ArrayRecord, MetricRecord | None]:
-    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    # A Poisson cohort (central DP) has no size to close at: it waits for every sampled node.
+    enough = None if isinstance(strategy, CentralDP) else enough_replies(cfg.clients_per_round)
+    replies = collect_replies(grid, messages, reply_timeout(cfg), enough, server_round)
     valid = screen_replies(replies, arrays, cfg)
     ledger.record(server_round, replies, valid, sent=messages)
     if local_dp is not None:
         _record_local_dp(local_dp, replies)
     # Central DP: a sampled client that drops is a smaller cohort, never a retry with others
     # (whether to retry would depend on the first cohort's replies, which ε does not account).
-    needed = 0 if isinstance(strategy, CentralDP) else quorum(cfg, len(messages))
+    needed = 0 if isinstance(strategy, CentralDP) else quorum(cfg, min(len(messages), cfg.clients_per_round))
     if len(valid) < needed:
         raise AttemptFailed(f"fewer than {needed} valid replies", _first_error(replies))
     new_arrays, metrics = _aggregated(lambda: strategy.aggregate_train(server_round, valid))
@@ -336,12 +343,13 @@ def _secure_attempt(
         aggregate = secure_train_round(
             grid, messages, settings, timeout=cfg.round_timeout,
             on_error=functools.partial(ledger.record_error, server_round),
+            early=_early_close(grid, cfg, server_round, poisson=distributed_dp is not None),
         )  # fmt: skip
         ledger.record_accepted(aggregate.survivors.masked)
         for node, why in aggregate.failures.items():
             LOG.warning("node %d: dropped out of the secure round: %s", node, log_safe(why, REFUSAL_CHARS))
         summed = len(aggregate.survivors.masked)
-        needed = 0 if distributed_dp is not None else quorum(cfg, len(messages))
+        needed = 0 if distributed_dp is not None else quorum(cfg, min(len(messages), cfg.clients_per_round))
         if summed < needed:
             raise AttemptFailed(f"{summed} clients in the secure sum, fewer than {needed}")
         if distributed_dp is not None and aggregate.num_examples != summed:
@@ -382,18 +390,21 @@ def checked_aggregate(previous: ArrayRecord, new: ArrayRecord, like: StateDict, 
     return weights
 
 
-def connected_nodes(grid: Grid, cfg: RunConfig, server_round: int) -> int:
-    """How many nodes a round samples from: all `num-clients` as soon as they are connected, else,
-    after `node-wait-timeout` s, those connected then (a node that is gone must not stall the run)."""
-    deadline = time.monotonic() + cfg.node_wait_timeout
-    while (count := len(list(grid.get_node_ids()))) < cfg.num_clients and time.monotonic() < deadline:
-        time.sleep(NODE_POLL_SECONDS)
-    if count < cfg.num_clients:
-        LOG.warning(
-            "round %d: %d of %d nodes connected after %g s; sampling from those",
-            server_round, count, cfg.num_clients, cfg.node_wait_timeout,
-        )  # fmt: skip
-    return count
+def _early_close(grid: Grid, cfg: RunConfig, server_round: int, *, poisson: bool) -> EarlyClose:
+    """A secure round's cohort rule: its masked-input stage closes at `clients-per-round` vectors (not
+    a Poisson cohort's), each stage before unmasking waits at most `reply-deadline` s."""
+
+    def collect(messages: list[Message], timeout: float | None, enough: Callable | None) -> list[Message]:
+        return collect_replies(grid, messages, timeout, enough, server_round)
+
+    deadline = reply_timeout(cfg) if cfg.reply_deadline > 0 else None
+    return EarlyClose(collect, wanted=None if poisson else cfg.clients_per_round, stage_timeout=deadline)
+
+
+def connected_nodes(grid: Grid, cfg: RunConfig, server_round: int) -> list[int]:
+    """The nodes a round samples from, those connected once enough are (`fedserver.cohort`: the first
+    round waits for `num-clients`, later ones for a cohort), or after `node-wait-timeout` s."""
+    return wait_for_nodes(grid, nodes_to_wait_for(cfg, server_round), cfg.node_wait_timeout, server_round, NODE_POLL_SECONDS)
 
 
 def _first_error(replies: list[Message]) -> str:

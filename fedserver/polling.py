@@ -10,10 +10,11 @@ grids are returned as they are.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from flwr.app import Error, Message
 from flwr.serverapp import Grid
@@ -26,6 +27,11 @@ DEFAULT_INTERVAL = 0.2  # s; Flower polls every 3 s
 BACKOFF = 1.5  # the wait grows by this factor after each pull that brought nothing
 MAX_INTERVAL = 1.0  # s
 ENV_INTERVAL = "FLOWERBED_GRID_POLL_INTERVAL"
+LOG = logging.getLogger("flowerbed.server")
+# Messages a closed round left unanswered are pulled with later ones for this long, so that their
+# late replies leave the SuperLink's state; at most this many.
+LATE_WINDOW = 600.0  # s
+MAX_ABANDONED = 10_000
 REPLY_MARGIN = 1 << 20  # bytes beyond 2 x the weights: records' headers, metrics, SecAgg+ keys and shares
 
 
@@ -54,27 +60,66 @@ def poll_interval() -> float:
 
 class FastPollingGrid(GridWrapper):
     """A `Grid` that delegates everything to `inner` but polls replies from every `interval` s
-    (after a reply) up to every `MAX_INTERVAL` s (after empty pulls)."""
+    (after a reply) up to every `MAX_INTERVAL` s (after empty pulls).
+
+    `send_and_receive_until` also stops as soon as the replies so far are `enough` to close the
+    round (`fedserver.cohort`); the messages still unanswered then are pulled along with later
+    ones, and their replies, late, are deleted from the SuperLink that way and logged, never returned.
+    """
 
     def __init__(self, inner: Grid, interval: float) -> None:
         super().__init__(inner)
         self.interval = interval
+        self.abandoned: dict[str, tuple[int, float]] = {}  # message id -> (node, when) a closed round left it
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push `messages`, then pull replies until all came or `timeout` passed."""
-        pending = {message_id for message_id in self.push_messages(messages) if message_id}
+        return self.send_and_receive_until(messages, timeout=timeout)
+
+    def send_and_receive_until(
+        self,
+        messages: Iterable[Message],
+        *,
+        timeout: float | None = None,
+        enough: Callable[[Sequence[Message]], bool] | None = None,
+    ) -> list[Message]:
+        """Push `messages`, then pull replies until all came, `enough(replies)` holds, or `timeout` passed."""
+        messages = list(messages)
+        ids = list(self.push_messages(messages))  # in the order of `messages`, None for one not pushed
+        nodes = {message_id: m.metadata.dst_node_id for message_id, m in zip(ids, messages) if message_id}
+        pending = set(nodes)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         wait = self.interval / BACKOFF  # the first wait is `interval`
         while pending:
-            received = list(self.pull_messages(pending))
+            received = self._pull(pending)
             replies.extend(received)
             pending.difference_update(m.metadata.reply_to_message_id for m in received)
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
+            if not pending or (enough is not None and enough(replies)):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
                 break
             wait = self.interval if received else min(wait * BACKOFF, max(MAX_INTERVAL, self.interval))
             time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
+        self._abandon({message_id: nodes[message_id] for message_id in pending})
         return replies
+
+    def _pull(self, pending: set[str]) -> list[Message]:
+        """The replies to `pending` messages; replies to abandoned ones are logged and dropped."""
+        received = list(self.pull_messages(pending | self.abandoned.keys()))
+        late = [m for m in received if m.metadata.reply_to_message_id in self.abandoned]
+        for reply in late:
+            node, _ = self.abandoned.pop(reply.metadata.reply_to_message_id)
+            LOG.warning("node %d: a reply came after its round closed; discarded", node)
+        return [m for m in received if m.metadata.reply_to_message_id in pending]
+
+    def _abandon(self, nodes: dict[str, int]) -> None:
+        """Remember what a closed round left unanswered for LATE_WINDOW s (a node that never
+        replies is not asked after for ever), at most MAX_ABANDONED messages."""
+        now = time.monotonic()
+        self.abandoned.update((message_id, (node, now)) for message_id, node in nodes.items())
+        kept = [(i, v) for i, v in self.abandoned.items() if now - v[1] < LATE_WINDOW][-MAX_ABANDONED:]
+        self.abandoned = dict(kept)
 
 
 class BoundedRepliesGrid(GridWrapper):

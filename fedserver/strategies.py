@@ -131,8 +131,9 @@ STRATEGIES: dict[str, tuple[type[Strategy], Callable[[RunConfig], dict[str, Any]
 
 
 def build_strategy(cfg: RunConfig, *, federated_evaluation: bool) -> Strategy:
-    """Flower's strategy for `cfg.strategy`, sampling exactly `clients-per-round` nodes a round
-    (with `dp = "central"` or `"distributed"`, every node of the Poisson cohort it is shown).
+    """Flower's strategy for `cfg.strategy`, training every node of the round's cohort it is shown
+    (`clients-per-round` and `over-select`'s share, or with `dp = "central"` or `"distributed"`
+    the Poisson cohort: the ServerApp samples it, fedserver/cohort.py and fedserver/privacy.py).
 
     With `federated_evaluation` it evaluates on every node it is shown: the ServerApp shows it
     only the round's evaluation cohort (`eval-clients`, `fedserver.app`).
@@ -140,11 +141,8 @@ def build_strategy(cfg: RunConfig, *, federated_evaluation: bool) -> Strategy:
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy '{cfg.strategy}'; allowed: {', '.join(STRATEGIES)}")
     cls, own_kwargs = STRATEGIES[cfg.strategy]
-    # Central DP: the ServerApp draws a Poisson cohort and shows it only those (fedserver.privacy).
-    poisson = cfg.dp in ("central", "distributed")
     return cls(
-        # fraction * nodes may round down; the minimum makes the sample exactly clients-per-round.
-        fraction_train=1.0 if poisson else cfg.clients_per_round / cfg.num_clients,
+        fraction_train=1.0,
         min_train_nodes=cfg.clients_per_round,
         fraction_evaluate=1.0 if federated_evaluation else 0.0,
         min_evaluate_nodes=1 if federated_evaluation else 0,

@@ -330,6 +330,17 @@ class RunConfig:
         1.0, "Quorum of valid replies a round needs: >= 1 a count, < 1 a share of the clients sampled."
     )
     round_retries: int = EXECUTION.option(2, "A round below quorum is retried this often with fresh clients.")
+    over_select: float = EXECUTION.option(
+        0.0,
+        "Share of `clients-per-round` sampled beyond it (0.3: 130 for 100) from the connected nodes; the round "
+        "closes once `clients-per-round` replies are in, later ones are discarded and logged. Not with `dp` "
+        "`central` or `distributed` (docs/deploy.md).",
+    )
+    reply_deadline: float = EXECUTION.option(
+        0.0,
+        "Seconds a training round (a secure round: each stage before unmasking) waits for replies; then it "
+        "closes with those in if the quorum holds, else the attempt fails. 0.0 = `round-timeout`.",
+    )
     max_update_norm: float = EXECUTION.option(
         0.0,
         "L2 bound on a reply's change to the global model (a reply beyond it is refused), and on the "
@@ -472,6 +483,9 @@ def _check_values(cfg: RunConfig) -> None:
     for name in ("node_wait_timeout", "keep_checkpoints", "cnn_hidden", "max_reply_bytes"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"config key '{config_key(name)}' must be >= 0, got {getattr(cfg, name)}")
+    for name in ("over_select", "reply_deadline"):
+        if not 0 <= getattr(cfg, name) < float("inf"):
+            raise ConfigError(f"config key '{config_key(name)}' must be >= 0, got {getattr(cfg, name)}")
     if cfg.min_replies <= 0 or cfg.round_retries < 0 or cfg.max_update_norm < 0:
         raise ConfigError("config keys 'min-replies' must be > 0, 'round-retries' and 'max-update-norm' >= 0")
     if not 0.0 <= cfg.server_momentum < 1.0:
@@ -522,6 +536,11 @@ def _check_privacy(cfg: RunConfig) -> None:
         raise ConfigError(
             f"dp '{cfg.dp}' with strategy '{cfg.strategy}': its aggregate is not a sum of the updates, "
             "which the noise is calibrated to; use fedavg, fedprox, fedadam, fedyogi, fedadagrad or fedavgm"
+        )
+    if cfg.dp in ("central", "distributed") and cfg.over_select > 0:
+        raise ConfigError(
+            f"over-select with dp '{cfg.dp}': its accountant assumes each node joins a round with probability "
+            "clients-per-round / num-clients, which sampling more and dropping the late ones would not keep"
         )
     if cfg.dp == "central" and cfg.secure_aggregation:
         raise ConfigError(
@@ -675,7 +694,8 @@ KEY_ROLES: dict[str, str] = {
          "rounds", "strategy", "stragglers", "server-lr", "server-momentum", "trim-beta", "torch-threads",
          "num-malicious", "target-accuracy", "stop-at-target", "eval-clients", "eval-every", "backend",
          "ray-cpus-per-client", "ray-gpus-per-client", "vectorized", "workers", "gpu-memory-fraction",
-         "keep-checkpoints", "round-timeout", "node-wait-timeout", "min-replies", "round-retries",
+         "keep-checkpoints", "round-timeout", "node-wait-timeout", "min-replies", "round-retries", "over-select",
+         "reply-deadline",
          "max-update-norm", "max-client-examples", "max-reply-bytes", "dp-delta", "dp-target-epsilon"),
         SERVER_ONLY,
     ),

@@ -8,7 +8,7 @@ docs/secure-aggregation.md.
 """
 
 from shared.secagg.client import secagg_mod
-from shared.secagg.server import SecureAggregate, Survivors, as_mean_reply, secure_train_round
+from shared.secagg.server import EarlyClose, SecureAggregate, Survivors, as_mean_reply, secure_train_round
 from shared.secagg.settings import (
     COMPATIBLE_STRATEGIES,
     CONFIG_KEYS,
@@ -23,6 +23,7 @@ from shared.secagg.settings import (
 __all__ = [
     "COMPATIBLE_STRATEGIES",
     "CONFIG_KEYS",
+    "EarlyClose",
     "SWITCH_KEY",
     "SecAggError",
     "SecAggIntegrityError",

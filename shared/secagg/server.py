@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping, Sized
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -64,6 +64,25 @@ class SecureAggregate:
     failures: dict[int, str] = field(default_factory=dict)  # node -> why it dropped out
 
 
+Replies = Callable[[Sequence[Message]], bool]  # whether the replies so far let a stage close
+
+
+@dataclass(frozen=True)
+class EarlyClose:
+    """How the stages before unmasking may close before every client answered (the caller's cohort).
+
+    `collect(messages, timeout, enough)` sends a stage's messages and returns its replies, stopping
+    once `enough(replies)` holds (`fedserver.cohort.collect_replies`); each stage before unmasking
+    waits at most `stage_timeout` s; the masked-input stage closes once `wanted` vectors are in and
+    every client's secrets still have `threshold` holders among their senders: the others, late,
+    are dropouts to the protocol.
+    """
+
+    collect: Callable[[list[Message], float | None, Replies | None], Iterable[Message]]
+    wanted: int | None = None
+    stage_timeout: float | None = None
+
+
 def secure_train_round(
     grid: Grid,
     train_messages: Iterable[Message],
@@ -71,6 +90,7 @@ def secure_train_round(
     timeout: float | None = None,
     enrollment_ca: x509.Certificate | None = None,
     on_error: Callable[[int, int], None] | None = None,
+    early: EarlyClose | None = None,
 ) -> SecureAggregate:
     """Run one SecAgg+ round with the clients `train_messages` address; train and sum securely.
 
@@ -93,9 +113,9 @@ def secure_train_round(
     verify every peer themselves, would otherwise refuse the round.
 
     `on_error(node, code)` is told of each error reply, at any stage, as it arrives: the round may
-    still fail later, and the caller keeps its own count of who refused or failed.
+    still fail later, and the caller keeps its own count of who refused or failed. `early`: see EarlyClose.
     """
-    secure_round = _SecureRound(grid, list(train_messages), settings, timeout, enrollment_ca, on_error)
+    secure_round = _SecureRound(grid, list(train_messages), settings, timeout, enrollment_ca, on_error, early)
     return secure_round.run()
 
 
@@ -118,6 +138,7 @@ class _SecureRound:
     timeout: float | None
     enrollment_ca: x509.Certificate | None = None
     on_error: Callable[[int, int], None] | None = None
+    early: EarlyClose | None = None
     round_id: bytes = field(default_factory=lambda: os.urandom(crypto.ROUND_ID_BYTES))
     failures: dict[int, str] = field(default_factory=dict)  # node -> why it dropped out
     credentials: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # node -> (certificate, signature)
@@ -211,7 +232,8 @@ class _SecureRound:
                       p.SEED_COMMITMENTS: [self.commitments[src][node][0] for src in shares],
                       p.KEY_COMMITMENTS: [self.commitments[src][node][1] for src in shares]}  # fmt: skip
             requests[node] = RecordDict({**by_node[node].content, p.RECORD: ConfigRecord(record)})
-        replies = self._exchange(p.MASKED_INPUT, requests)
+        wanted = self.early.wanted if self.early is not None else None
+        replies = self._exchange(p.MASKED_INPUT, requests, None if wanted is None else self._can_close(inbox, wanted))
         claims = self._screen(p.MASKED_INPUT, _records(replies), lambda node, record: _claims(record, list(inbox[node])))
         layout = layout.with_metrics(_most_common(metric_keys for metric_keys, _ in claims.values()))
         vectors = self._screen(
@@ -226,6 +248,18 @@ class _SecureRound:
             np.add(total, vector, out=total)
         held = {node: [src for src in inbox[node] if src not in refused[node]] for node in vectors}
         return total, layout, self._require(held, p.MASKED_INPUT)
+
+    def _can_close(self, inbox: Mapping[int, Mapping[int, bytes]], wanted: int) -> Replies:
+        """Whether the masked-input replies so far let the stage close: `wanted` vectors, and each
+        client of U2 (sent or not) with `threshold` holders of its shares (itself among them) sent."""
+        holders = {owner: {owner} | {node for node, sources in inbox.items() if owner in sources} for owner in inbox}
+        t = self.settings.threshold
+
+        def enough(replies: Sequence[Message]) -> bool:
+            sent = {reply.metadata.src_node_id for reply in replies if not reply.has_error()} & inbox.keys()
+            return len(sent) >= wanted and all(len(held & sent) >= t for held in holders.values())
+
+        return enough
 
     def _settle_disputes(self, refused: Mapping[int, set[int]]) -> list[int]:
         """The clients left out of the sum so that no two in it dispute a share, each named.
@@ -303,20 +337,28 @@ class _SecureRound:
     # ------------------------------------------------------------------ messaging
 
     def _exchange(
-        self, stage: str, requests: Mapping[int, Mapping | RecordDict]
+        self, stage: str, requests: Mapping[int, Mapping | RecordDict], enough: Replies | None = None
     ) -> dict[int, tuple[ConfigRecord, Message]]:
         """Send each node its request; the replies of this stage and round, by node, within what
-        is left of the round's time."""
+        is left of the round's time (before unmasking, at most `early.stage_timeout`), `enough` closing it sooner."""
         left = None if self.deadline is None else self.deadline - time.monotonic()
         if left is not None and left <= 0:
             raise SecAggError(f"secure aggregation stopped at {stage}: its time ({self.timeout:g} s) ran out")
+        cap = self.early.stage_timeout if self.early is not None and stage != p.UNMASK else None
+        if cap is not None:
+            left = cap if left is None else min(left, cap)
         group_id = self.train[0].metadata.group_id
         messages = [
             Message(_content(request), dst_node_id=node, message_type=MessageType.TRAIN, group_id=group_id)
             for node, request in requests.items()
         ]
         replies: dict[int, tuple[ConfigRecord, Message]] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=left):
+        received = (
+            self.grid.send_and_receive(messages, timeout=left)
+            if self.early is None
+            else self.early.collect(messages, left, enough)
+        )
+        for reply in received:
             node = reply.metadata.src_node_id
             if node not in requests or node in replies:
                 continue

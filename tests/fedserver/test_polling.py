@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
+from types import SimpleNamespace
 
 import pytest
 from flwr.app import Message
@@ -52,7 +54,8 @@ class FakeGrid(Grid):
 
 
 def _messages(n: int) -> list[object]:
-    return [object() for _ in range(n)]  # the wrapper only hands them to push_messages
+    # the wrapper hands them to push_messages and reads each one's node
+    return [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=i)) for i in range(n)]
 
 
 class FakeClock:
@@ -150,3 +153,30 @@ def test_the_interval_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(polling.ENV_INTERVAL, "soon")
     with pytest.raises(ValueError, match=polling.ENV_INTERVAL):
         polling.poll_interval()
+
+
+def test_a_round_that_has_enough_stops_polling_and_its_late_replies_are_dropped_later(monkeypatch, caplog):
+    # Prepare: pushes give ids m0, m1, ...; a pull returns the replies in `ready` it asks for
+    monkeypatch.setattr(polling, "time", FakeClock())
+    inner, ready, pushed, asked = FakeGrid(), {"m0", "m1"}, iter(range(100)), []
+    inner.push_messages = lambda messages: [f"m{next(pushed)}" for _ in messages]  # type: ignore[method-assign]
+
+    def pull(ids):  # type: ignore[no-untyped-def]
+        asked.append(set(ids))
+        return [_Reply(i) for i in sorted(ready & set(ids))]
+
+    inner.pull_messages = pull  # type: ignore[method-assign]
+    grid = FastPollingGrid(inner, interval=0.01)
+
+    # Execute: a round of 4 that has enough at 2 replies; then m3 replies late, during the next round
+    first = grid.send_and_receive_until(_messages(4), timeout=10, enough=lambda got: len(got) >= 2)
+    ready |= {"m3", "m4"}
+    with caplog.at_level(logging.WARNING, logger="flowerbed.server"):
+        second = grid.send_and_receive(_messages(1), timeout=10)
+
+    # Assert: it stopped at 2 replies; the next round asked for the two left behind, dropped m3's reply
+    assert [r.metadata.reply_to_message_id for r in first] == ["m0", "m1"] and asked[0] == {"m0", "m1", "m2", "m3"}
+    assert asked[1] == {"m2", "m3", "m4"}
+    assert [r.metadata.reply_to_message_id for r in second] == ["m4"]
+    assert "node 3: a reply came after its round closed; discarded" in caplog.text
+    assert set(grid.abandoned) == {"m2"}
