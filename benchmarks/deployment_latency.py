@@ -62,6 +62,8 @@ MNIST = Path(os.environ.get("FLOWERBED_DATASETS", REPO.parent / "shared" / "data
 TEST_SIZE = 2000
 TIMEOUT = 600.0  # seconds one system may take for all its rounds
 RUN_CHECK_SECONDS = 2.0  # how often the benchmark asks the SuperLink whether the run failed
+# Every client shares this machine's cores: one torch thread each, as docs/deploy.md says of a shared device.
+CLIENT_ENV = {"OMP_NUM_THREADS": "1"}
 
 
 @dataclass
@@ -182,7 +184,7 @@ def run_stock(work: Path, pki: Pki, parts: list[Path], cfg: RunConfig) -> Result
         log = open(work / "stock-nodes.log", "ab")  # noqa: SIM115
         for k, part in enumerate(parts):
             options = NodeOptions(f"127.0.0.1:{port}", pki.ca, _private_key(pki, k), part, "cpu", "subprocess")
-            processes.append(spawn(supernode_argv(options, free_port()), env=node_env(), stdout=log))
+            processes.append(spawn(supernode_argv(options, free_port()), env={**node_env(), **CLIENT_ENV}, stdout=log))
         return _measure("stock", state, processes, cfg.rounds, ControlClient(f"127.0.0.1:{port}", pki.ca))
     finally:
         for process in reversed(processes):
@@ -208,7 +210,7 @@ def run_flowerbed(work: Path, pki: Pki, parts: list[Path], cfg: RunConfig, db: s
         for k, part in enumerate(parts):
             client = [*python, "fedclient.cli", "start", "--server", f"127.0.0.1:{port}", "--ca", str(pki.ca)]
             client += ["--key", str(_private_key(pki, k)), "--data", str(part), "--device", "cpu"]
-            processes.append(spawn(client, env=env, stdout=log))
+            processes.append(spawn(client, env={**env, **CLIENT_ENV}, stdout=log))
         return _measure(system, state, processes, cfg.rounds, ControlClient(f"127.0.0.1:{port}", pki.ca))
     finally:
         for process in reversed(processes):

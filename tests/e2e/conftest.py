@@ -123,8 +123,9 @@ def run_toml(server_data: Path, clients: int, rounds: int, **extra: object) -> s
 
 
 def e2e_env(**extra: str) -> dict[str, str]:
-    """Telemetry off, this environment's tools first on PATH, this checkout importable."""
-    env = node_env()
+    """Telemetry off, this environment's tools first on PATH, this checkout importable; one torch
+    thread a process, as on a device whose cores others share (every client here shares them)."""
+    env = {**node_env(), "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return {**env, **extra}
 
