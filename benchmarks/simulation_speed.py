@@ -236,7 +236,6 @@ def child_fedsim(spec: dict[str, Any], vectorized: str) -> dict[str, Any]:
     from fedserver.checkpoints import read_metrics
     from simulations import vectorized as vec
     from simulations.engine import planned_workers, run_simulation
-    from simulations.workers import visible_gpus
 
     cfg = run_config(spec["data"], spec["per_round"], spec["rounds"], vectorized, spec["workers"], spec["device"])
     if vectorized == "on":
@@ -259,7 +258,7 @@ def child_fedsim(spec: dict[str, Any], vectorized: str) -> dict[str, Any]:
         "round_s": [r["seconds"] for r in rows],
         "accuracy": rows[-1]["accuracy"] if rows else None,
         "interrupted": result.interrupted,
-        "workers": planned_workers(cfg, visible_gpus() if cfg.device == "cuda" else 0),  # what `auto` chose
+        "workers": planned_workers(cfg),  # what `auto` chose
     }
 
 

@@ -68,13 +68,13 @@ class ClientRuntime:
     serialised twice a message instead of kept.
     """
 
-    def __init__(self, cfg: RunConfig, deployed: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, deployed: bool = False, federation: Federation | None = None) -> None:
         self.cfg = cfg
         self.deployed = deployed  # a device's own data (`data-path` node config), not a simulated partition
         self._model: torch.nn.Module | None = None
         self._decoded_from: ArrayRecord | None = None
         self._decoded: dict[str, torch.Tensor] = {}
-        self._federation: Federation | None = None
+        self._federation = federation  # a simulation's data, passed in by fedsim or loaded on first use
         self._local: tuple[str, ClientData] | None = None  # a deployed node's data path and data
         self._tokenizer: UnfittedTokenizer | None = None
 
@@ -90,7 +90,7 @@ class ClientRuntime:
         run config names; a simulated node's from the run's dataset."""
         if self.deployed:
             return local_spec(self.cfg, self.node_data(context), self._tokenizer)
-        return data_spec(self.cfg, self._tokenizer)
+        return data_spec(self.cfg, self._tokenizer, self.federation())
 
     def parameter_count(self, spec: DataSpec) -> int:
         """The run's model's parameters: counted on the built model, else without building it."""
@@ -138,9 +138,13 @@ class ClientRuntime:
             return self._local[1]
         if "partition-id" not in node_config:
             raise ValueError("node config has neither 'data-path' nor 'partition-id'")
+        return self.federation().client(int(node_config["partition-id"]))
+
+    def federation(self) -> Federation:
+        """A simulation's federation: the one this runtime was given, else loaded once."""
         if self._federation is None:
             self._federation = load_federation(self.cfg)
-        return self._federation.client(int(node_config["partition-id"]))
+        return self._federation
 
     def node_device(self, context: Context) -> str:
         """A deployed node's own `--device` wins over the run's `device`."""
@@ -153,12 +157,14 @@ class ClientRuntimes:
     At most `max_runs` runtimes are kept, the least recently used dropped first. They are keyed by
     the run config, not the run id: everything in a runtime follows from the config, and fedsim
     gives every run the same run id.
+    A `federation` given is the simulated nodes' data (fedsim builds it once and passes it).
     """
 
-    def __init__(self, max_runs: int = MAX_RUNS) -> None:
+    def __init__(self, max_runs: int = MAX_RUNS, federation: Federation | None = None) -> None:
         if max_runs < 1:
             raise ValueError(f"max_runs must be >= 1, got {max_runs}")
         self._max_runs = max_runs
+        self._federation = federation  # a simulation's data, for its simulated nodes' runtimes
         self._runtimes: OrderedDict[tuple, ClientRuntime] = OrderedDict()
 
     def get(self, context: Context) -> ClientRuntime:
@@ -170,7 +176,7 @@ class ClientRuntimes:
         deployed = DATA_PATH in context.node_config
         key = (deployed, *sorted(context.run_config.items()))
         if key not in self._runtimes:
-            self._runtimes[key] = _new_runtime(context, deployed)
+            self._runtimes[key] = _new_runtime(context, deployed, self._federation)
             while len(self._runtimes) > self._max_runs:
                 self._runtimes.popitem(last=False)
         self._runtimes.move_to_end(key)
@@ -233,9 +239,9 @@ class ClientRuntimes:
         return runtime
 
 
-def _new_runtime(context: Context, deployed: bool) -> ClientRuntime:
+def _new_runtime(context: Context, deployed: bool, federation: Federation | None) -> ClientRuntime:
     if not deployed:
-        return ClientRuntime(RunConfig.from_mapping(dict(context.run_config)))
+        return ClientRuntime(RunConfig.from_mapping(dict(context.run_config)), federation=federation)
     cfg, ignored = device_config(dict(context.run_config))
     if ignored:
         LOG.warning("node %d: the run config sets %s; a device uses its own (its data is its --data)",

@@ -53,7 +53,7 @@ from fedserver.strategies import (
 from shared import messages as keys
 from shared import task
 from shared.config import RunConfig
-from shared.data.federation import data_spec, load_federation
+from shared.data.federation import Federation, data_spec, load_federation, save_run_tokenizer
 from shared.data.shipping import tokenizer_entries
 from shared.device_errors import REFUSAL_CHARS, describe_error, log_safe
 from shared.errors import ExitCode, FedserverError
@@ -89,27 +89,34 @@ class RunResult:
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config; with `run-dir`, keep its summary and plot."""
     cfg = RunConfig.from_mapping(context.run_config)
+    federation = server_federation(cfg)
     if not cfg.run_dir:
-        run_federation(fast_polling(grid, max_reply_bytes=cfg.max_reply_bytes), cfg)
+        run_federation(fast_polling(grid, max_reply_bytes=cfg.max_reply_bytes), cfg, federation=federation)
         return
     rows = RunDirectory(cfg.run_dir).history()
-    report = RunReport(Path(cfg.run_dir), cfg, rows=rows, evaluated_on=evaluated_on(cfg))
+    report = RunReport(Path(cfg.run_dir), cfg, rows=rows, evaluated_on=evaluated_on(cfg, federation))
     events = EventLog(Path(cfg.run_dir), rows, cfg.rounds)  # what the daemon follows
     try:
-        run_federation(fast_polling(grid, max_reply_bytes=cfg.max_reply_bytes), cfg, on_round=[report, events])
+        grid = fast_polling(grid, max_reply_bytes=cfg.max_reply_bytes)
+        run_federation(grid, cfg, on_round=[report, events], federation=federation)
     finally:
         report.close()
         events.close()
 
 
-def run_federation(grid: Grid, cfg: RunConfig, on_round: Sequence[RoundCallback] = ()) -> RunResult:
+def run_federation(
+    grid: Grid, cfg: RunConfig, on_round: Sequence[RoundCallback] = (), federation: Federation | None = None
+) -> RunResult:
     """Every round of `cfg` on `grid`, resuming after the last round committed in `run-dir`.
 
     After each committed round every `on_round` subscriber gets its `RoundEvent`; the run stops
-    there if one of them returns True.
+    there if one of them returns True. `federation`: the run's data where this process holds it
+    (fedsim's), else `server_federation`'s. The run's tokenizer is saved in `run-dir` first.
     """
-    model = model_from_config(cfg, data_spec(cfg))
-    central_test = _central_test(cfg)
+    federation = federation or server_federation(cfg)
+    model = model_from_config(cfg, data_spec(cfg, federation=federation))
+    save_run_tokenizer(cfg, federation)
+    central_test = _central_test(cfg, federation)
     strategy = build_strategy(cfg, federated_evaluation=central_test is None)
     local_dp = SampleLevelLedger(noise_multiplier=cfg.dp_noise_multiplier, batch_size=cfg.batch_size,
                                  epochs=cfg.local_epochs) if cfg.dp == "local-sgd" else None  # fmt: skip
@@ -200,9 +207,9 @@ def random_untouched() -> Iterator[None]:
         random.setstate(saved)
 
 
-def evaluated_on(cfg: RunConfig) -> str:
+def evaluated_on(cfg: RunConfig, federation: Federation | None = None) -> str:
     """What the accuracy of `cfg`'s rounds is measured on (a line of `summary.json`)."""
-    central_test = _central_test(cfg)
+    central_test = _central_test(cfg, federation or server_federation(cfg))
     if central_test is not None:
         return f"central test set ({len(central_test[1])} examples)"
     cohort, registered = cfg.eval_cohort(cfg.num_clients), cfg.num_clients
@@ -211,11 +218,18 @@ def evaluated_on(cfg: RunConfig) -> str:
     return f"federated: {cohort} of {registered} clients' held-out data, sampled for each evaluation"
 
 
-def _central_test(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray] | None:
-    """The held-out test set where the dataset has one and this server can read it."""
+def server_federation(cfg: RunConfig) -> Federation | None:
+    """The run's data where this server can read it (a file, or Fashion-MNIST's system copy), else None."""
     if cfg.dataset == "synthetic" or not (cfg.data_path or cfg.dataset == "fashion-mnist"):
         return None
-    return load_federation(cfg).central_test
+    return load_federation(cfg)
+
+
+def _central_test(cfg: RunConfig, federation: Federation | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The held-out test set where the dataset has one and this server holds the data."""
+    if cfg.dataset == "synthetic" or federation is None:
+        return None
+    return federation.central_test
 
 
 def _train_round(

@@ -1,26 +1,19 @@
-"""`fedsim run --app DIR`: any Flower app directory on the in-process Grid, without Ray.
+"""`fedsim run --app DIR`: a Flower app directory, read as `flwr run` reads it, for the runner.
 
-A Flower app directory is the layout `flwr new` makes: a `pyproject.toml` whose
-`[tool.flwr.app.components]` names the ServerApp and the ClientApp (`module:attribute`) and
-whose `[tool.flwr.app.config]` holds the run config. `load_flower_app` reads it as `flwr run`
-does (Flower's own checks, `--run-config` parsing and config merge, and loader, through
-shared/flower_compat.py) into a `FlowerApp`: plain data, so a grid runner in another process
-can load the same apps again from it. `run_flower_app` calls the ServerApp, unchanged, on an
-`InProcessGrid`, each virtual node holding Flower's simulation node config (`partition-id`,
-`num-partitions`) and one `Context` for the whole run, and writes fedsim's timing summary. With
-`workers`, the nodes' ClientApp runs in a pool of worker processes (simulations/workers.py),
-each loading the app from its directory; an app has no clients per round, so `auto` is capped
-at its number of nodes. With `--backend ray` the same ServerApp runs on Flower's Ray engine
-instead (ray_backend.py).
+`load_flower_app` reads the directory (`pyproject.toml`'s components and run config, Flower's own
+checks, loader and config merge) into a `FlowerApp`, plain data that a worker process can load
+again; `FlowerAppRun` is the runner's app for it: the ServerApp unchanged, its grid counted into
+fedsim's timing summary (`timing.json`), Flower's simulation node config for every node.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +22,7 @@ from flwr.app import Context, Message, MessageType, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fedserver.events import RoundCallback
 from fedserver.grid_wrapper import GridWrapper
 from shared.errors import FedsimError
 from shared.files import atomic_write_text
@@ -41,8 +35,8 @@ from shared.flower_compat.app_config import (
     validate_fields_in_config,
 )
 from shared.flower_compat.messages import ErrorCode
-from simulations.grid import InProcessGrid, RoundRunner, server_context, simulation_node_config
-from simulations.workers import client_workers, visible_gpus, worker_count
+from simulations.grid import RoundRunner, simulation_node_config
+from simulations.runner import WORKER_BASE_SECONDS, RunOutcome, SimulationResult, Workload, WorkerSide
 
 LOG = logging.getLogger("flowerbed.sim")
 
@@ -235,79 +229,64 @@ class CountingGrid(GridWrapper):
         return replies
 
 
-@dataclass(frozen=True)
-class AppRunResult:
-    output: Path
-    timing: dict[str, Any]
-    interrupted: bool
+class FlowerAppRun:
+    """The runner's app for a Flower app directory (`runner.SimulatedApp`); its outputs: `output/timing.json`.
 
-
-def run_flower_app(
-    app: FlowerApp, output: Path, *, backend: str = "fedsim", workers: str = "1", gpu_memory_fraction: float = 0.0
-) -> AppRunResult:
-    """Run the app's ServerApp on an in-process Grid of `app.num_supernodes` nodes, or with
-    `backend="ray"` on as many SuperNodes of Flower's Ray engine (simulations/ray_backend.py).
-
-    On fedsim's grid its ClientApp runs in this process, or in worker processes as config key
-    `workers` (a count or `auto`) says, on the visible GPUs with `gpu-memory-fraction` where CUDA
-    is available.
-
-    Its ClientApp runs in this process, or in worker processes as config key `workers` (a count
-    or `auto`) says, on the visible GPUs with `gpu-memory-fraction` where CUDA is available.
-    What the apps write is theirs (relative paths from the working directory, as under
-    `flwr run`); fedsim writes only `output/timing.json` (see `timing`). Ctrl-C ends the run
-    with the timing of what was done.
+    Its work is not known ahead, so `workers = "auto"` times its first round against a worker's
+    start-up: Flower's and the pool's (WORKER_BASE_SECONDS) plus loading the ClientApp, as timed here.
+    Its ServerApp tells no round events: the runner's subscribers get none.
     """
-    if (output / TIMING_FILE).exists():
-        raise AppError(f"{output} already holds a run: choose another --output")
-    server_app, client_app = app.load_server_app(), app.load_client_app()  # a bad app: one line, before any worker
-    counts = GridCounts()
 
-    def server_main(grid: Grid, context: Context) -> None:
-        server_app(grid=CountingGrid(grid, counts), context=context)
+    def __init__(self, app: FlowerApp, output: Path, quiet: bool = False) -> None:
+        if (output / TIMING_FILE).exists():
+            raise AppError(f"{output} already holds a run: choose another --output")
+        self.app, self.output, self.quiet = app, output, quiet
+        self.run_config, self.num_nodes, self.app_dir = app.run_config, app.num_supernodes, app.directory
+        self.node_config = app.node_config
+        self._server_app = app.load_server_app()  # a bad app: one line, before any worker
+        started = time.perf_counter()
+        self._client_app = app.load_client_app()
+        startup = WORKER_BASE_SECONDS + time.perf_counter() - started
+        self.workload = Workload(app.num_supernodes, startup_seconds=startup)
+        self.counts = GridCounts()
 
-    started, count = time.perf_counter(), 1
-    if backend == "ray":
-        from simulations.ray_backend import run_on_ray  # Ray loads only for a Ray run
+    def client_app(self) -> ClientApp:
+        return self._client_app
 
-        interrupted = run_on_ray(server_main, client_app, app.run_config, app.num_supernodes, app_dir=app.directory)
-    else:
-        gpus = visible_gpus() if workers != "1" or gpu_memory_fraction > 0 else 0  # spares importing PyTorch
-        count = worker_count(workers, app.num_supernodes, gpus)
-        with client_workers(app.load_client_app, count, gpus=gpus, gpu_memory_fraction=gpu_memory_fraction) as pool:
-            interrupted = _run_in_process(server_main, client_app, app, pool)
-    summary = timing(app, backend, counts, time.perf_counter() - started, interrupted, count)
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output / TIMING_FILE, json.dumps(summary, indent=2) + "\n")
-    return AppRunResult(output, summary, interrupted)
+    def batch_runner(self) -> RoundRunner | None:
+        return None
 
+    @contextlib.contextmanager
+    def worker_side(self) -> Iterator[WorkerSide]:
+        """Each worker loads the app from its directory."""
+        yield self.app.load_client_app, None
 
-def _run_in_process(
-    server_main: Callable[[Grid, Context], None], client_app: ClientApp, app: FlowerApp, pool: RoundRunner | None
-) -> bool:
-    """Call `server_main` on an InProcessGrid of the app's nodes, their ClientApp in `pool` where
-    given; return whether Ctrl-C ended it."""
-    grid = InProcessGrid(client_app, app.num_supernodes, app.run_config, app.node_config, batch_runner=pool)
-    try:
-        server_main(grid, server_context(dict(app.run_config)))
-    except KeyboardInterrupt:
-        return True
-    return False
+    def ray_client_app(self) -> ClientApp:
+        return self._client_app
+
+    def serve(self, grid: Grid, context: Context, subscribers: Sequence[RoundCallback]) -> None:
+        self._server_app(grid=CountingGrid(grid, self.counts), context=context)
+
+    def finish(self, outcome: RunOutcome) -> SimulationResult:
+        """`timing.json`: the wall time and what went through the grid."""
+        summary = timing(self.app, outcome, self.counts)
+        self.output.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.output / TIMING_FILE, json.dumps(summary, indent=2) + "\n")
+        where = f"{TIMING_FILE}; the app's own outputs are where it writes them"
+        return SimulationResult(self.output, summary, outcome.interrupted, where)
 
 
-def timing(
-    app: FlowerApp, backend: str, counts: GridCounts, wall_seconds: float, interrupted: bool, workers: int
-) -> dict[str, Any]:
+def timing(app: FlowerApp, outcome: RunOutcome, counts: GridCounts) -> dict[str, Any]:
     """fedsim's summary of an app's run: the ServerApp's wall time and what went through the grid."""
     return {
         "app": str(app.directory),
-        "backend": backend,
+        "backend": outcome.backend,
         "num_supernodes": app.num_supernodes,
-        "workers": workers,
-        "wall_seconds": round(wall_seconds, 3),
+        "workers": outcome.workers,
+        "wall_seconds": round(outcome.wall_seconds, 3),
         "rounds": counts.rounds,
-        "seconds_per_round": round(wall_seconds / counts.rounds, 3) if counts.rounds else None,
+        "seconds_per_round": round(outcome.wall_seconds / counts.rounds, 3) if counts.rounds else None,
         "messages": dict(sorted(counts.messages.items())),
         "client_errors": counts.client_errors,
-        "interrupted": interrupted,
+        "interrupted": outcome.interrupted,
     }

@@ -1,9 +1,8 @@
 """`fedsim run [CONFIG.toml | --config CONFIG.toml] [--set key=value ...] [--output DIR] [--client-app MODULE:ATTR]`:
-parse, then call the engine.
+parse, load the app (Flowerbed's), run it with the runner (simulations/runner.py).
 
-`fedsim run --app DIR [--run-config 'key=value ...'] [--num-supernodes N] [--workers N]` runs a
-Flower app directory instead (simulations/apps.py). `--backend ray` runs either on Flower's Ray
-engine (simulations/ray_backend.py)."""
+`fedsim run --app DIR [--run-config 'key=value ...'] [--num-supernodes N]` runs a Flower app
+directory instead (simulations/apps.py): the same runner, another app."""
 
 from __future__ import annotations
 
@@ -11,15 +10,18 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.cli import add_command, build_parser as build_command_parser, run_cli
 from shared.config import BACKENDS, load_config
-from shared.logs import quieter
 from shared.errors import ExitCode, UsageError
+
+if TYPE_CHECKING:
+    from simulations.runner import Backend, SimulatedApp
 
 PROG = "fedsim"
 DEFAULT_NAME = "default"  # the embedded federation: FedProx Synthetic(1,1), 30 clients
@@ -87,41 +89,42 @@ def default_output(config: Path | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`fedsim run`: load the app (Flowerbed's, or `--app`'s), run it with the runner, report."""
+    from simulations.runner import simulate  # torch and Flower load only for a run
+
+    with loaded_app(args) as (app, backend):
+        result = simulate(app, backend)
+    return report(result.summary, f"{result.output}/ ({result.outputs})", result.interrupted)
+
+
+@contextlib.contextmanager
+def loaded_app(args: argparse.Namespace) -> Iterator[tuple[SimulatedApp, Backend]]:
+    """The app `fedsim run` runs and the backend its execution keys (config or flags) name."""
+    from simulations.runner import Backend
+
     if args.app is not None:
-        return run_app(args)
-    from simulations.engine import CONFIG_FILE, run_simulation  # torch and Flower load only for a run
+        from simulations.apps import FlowerAppRun, load_flower_app
+
+        backend = Backend.from_config(load_config(None, execution_overrides(args)))  # checked as config keys
+        backend.require()
+        app = load_flower_app(args.app, args.run_config, args.num_supernodes)
+        yield FlowerAppRun(app, args.output or default_output(app.directory), quiet=args.quiet), backend
+        return
+    from simulations.engine import CONFIG_FILE, flowerbed_app
 
     config = args.resume / CONFIG_FILE if args.resume else args.config
     cfg = load_config(config, [*args.overrides, *execution_overrides(args)])
     output = args.resume or args.output or default_output(args.config)
-    result = run_simulation(
-        cfg, output, progress=not args.quiet, resume=args.resume is not None, client_app=args.client_app
-    )
-    files = "config.toml, metrics.jsonl, summary.json, curves.png, model.safetensors"
-    return report(result.summary, f"{result.output}/ ({files})", result.interrupted)
+    resume, progress, backend = args.resume is not None, not args.quiet, Backend.from_config(cfg)
+    backend.require()
+    with flowerbed_app(cfg, output, progress=progress, resume=resume, client_app=args.client_app) as flowerbed:
+        yield flowerbed, backend
 
 
 def execution_overrides(args: argparse.Namespace) -> list[str]:
     """The config overrides `--workers`, `--gpu-memory-fraction` and `--backend` stand for."""
     flags = (("workers", args.workers), ("gpu-memory-fraction", args.gpu_memory_fraction), ("backend", args.backend))
     return [f"{key}={value}" for key, value in flags if value is not None]
-
-
-def run_app(args: argparse.Namespace) -> int:
-    from simulations.apps import TIMING_FILE, load_flower_app, run_flower_app  # Flower loads only for a run
-
-    execution = load_config(None, execution_overrides(args))  # checked as the platform's config keys
-    app = load_flower_app(args.app, args.run_config, args.num_supernodes)
-    with quieter("flwr", logging.WARNING) if args.quiet else contextlib.nullcontext():  # the app's: warnings only
-        result = run_flower_app(
-            app,
-            args.output or default_output(app.directory),
-            backend=execution.backend,
-            workers=execution.workers if args.workers is not None else "1",  # an app's work is unknown: in process
-            gpu_memory_fraction=execution.gpu_memory_fraction,
-        )
-    where = f"{result.output}/ ({TIMING_FILE}); the app's own outputs are where it writes them"
-    return report(result.timing, where, result.interrupted)
 
 
 def report(summary: dict[str, object], outputs: str, interrupted: bool) -> int:

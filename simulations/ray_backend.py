@@ -1,14 +1,8 @@
-"""`backend = "ray"`: a fedsim run, or a Flower app (`--app`), on Flower's own Ray simulation engine.
+"""`backend = "ray"`: the runner's app on Flower's own Ray simulation engine.
 
-The ServerApp runs in this process, in the thread Flower's engine gives it, on Flower's
-in-memory grid; the ClientApps run in Ray actors, on this machine or on the Ray cluster that
-`RAY_ADDRESS` names (Flower starts Ray through shared/flower_compat.py). A fedsim run goes
-through `engine.run_rounds`, so its outputs and round subscribers are those of the fedsim
-backend; an app's run is counted into the same timing summary as on fedsim's grid.
-
-Ctrl-C reaches the main thread, where Flower's engine runs, not the ServerApp's thread: the
-grid the ServerApp gets raises KeyboardInterrupt there at its next call, so the run ends
-with what it did, as on fedsim's own grid.
+The ServerApp runs in the thread Flower's engine gives it, the ClientApps in Ray actors (on the
+cluster `RAY_ADDRESS` names, if any). Ctrl-C reaches the main thread, where the engine runs: the
+ServerApp's grid then raises KeyboardInterrupt at its next call, so the run ends with what it did.
 """
 
 from __future__ import annotations
@@ -22,12 +16,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedclient.app import app as flowerbed_client_app
 from fedserver.polling import FastPollingGrid
-from shared.config import RunConfig
 from shared.errors import ExitCode, FedsimError, FlowerbedError
 from simulations.ray_engine import run_on_ray_engine
-from simulations.engine import SimulationResult, prepare_output, quiet_flower, run_rounds
 
 RAY_EXTRA = "pip install -e '.[ray]'"
 PULL_SECONDS = 0.1  # between pulls of replies once one came, as Flower's in-memory grid
@@ -51,33 +42,6 @@ def require_ray() -> None:
         import ray  # noqa: F401
     except ImportError:
         raise RayMissing(f"backend 'ray' needs Ray, which is not installed: {RAY_EXTRA}") from None
-
-
-def run_simulation_on_ray(
-    cfg: RunConfig, output: Path, *, progress: bool = True, resume: bool = False, client_app: ClientApp | None = None
-) -> SimulationResult:
-    """`engine.run_simulation` with the clients on Flower's Ray engine: `num-clients` SuperNodes
-    running `fedclient.app:app` (or `client_app`), each reserving `ray-cpus-per-client` and
-    `ray-gpus-per-client`."""
-    require_ray()
-    cfg = prepare_output(cfg, output, resume)
-    results: list[SimulationResult] = []
-
-    def server_main(grid: Grid, context: Context) -> None:
-        results.append(run_rounds(grid, cfg, output, progress))
-
-    with quiet_flower():
-        interrupted = run_on_ray(
-            server_main,
-            client_app or flowerbed_client_app,
-            cfg.to_mapping(),
-            cfg.num_clients,
-            {"num_cpus": cfg.ray_cpus_per_client, "num_gpus": cfg.ray_gpus_per_client},
-        )
-    if not results:  # Ctrl-C before the ServerApp started
-        raise KeyboardInterrupt
-    result = results[0]
-    return SimulationResult(result.output, result.summary, result.interrupted or interrupted)
 
 
 def run_on_ray(

@@ -1,29 +1,13 @@
 """The vectorized fast path: a round's sampled clients trained together with `torch.func`.
 
-Each client's parameters get a leading client dimension C; one `vmap(grad_and_value(...))`
-call over `functional_call` computes every client's mini-batch loss and gradient at once, and
-the SGD or Adam update is written with plain tensor ops on the stacked tensors. A reply is what
-`fedclient.app.train` would send for the same message: the same data (`ClientRuntime.node_data`),
-the same seed (`client_seed`), the same per-epoch permutation (`torch.randperm` from a Generator
-seeded with it), the same batches, loss, proximal term, optimizer arithmetic and metrics; only the
-order of float operations inside the batched matmuls differs (equal to ~1e-6).
-
-What runs here, and what falls back to the ClientApp (the runner returns None):
-- only TRAIN batches; evaluate (or any other) batches fall back;
-- clients are stacked in groups of equal (train size, local epochs, proximal mu), so all in a
-  group take the same number of steps with the same batch sizes; a batch in which no two
-  clients share a group (e.g. the unequal-sized "synthetic" devices) falls back;
-- a client whose data or weights cannot be prepared, or whose node config names its own
-  `device`, falls back, so the ClientApp trains (or reports) it;
-- models must be built from Linear, ReLU, Conv2d, MaxPool2d and Flatten layers only (no buffers,
-  no dropout RNG: the MLPs and the CNN are), the optimizer SGD or Adam, and on CUDA autocast must
-  be bf16 (fp16 needs a GradScaler).
-
-`vectorized`: "off" never; "on" always, or a ConfigError naming why this run cannot be;
-"auto" only when training runs on CUDA. On the 2-core CPU this project is developed on, vmap
-over 100 clients of the 2NN was measured SLOWER than the plain per-client loop (the batched
-matmuls do the same FLOPs on the same two cores, plus vmap's overhead), while on a GPU one
-kernel per layer for all clients instead of one small kernel per client wins by far.
+Each client's parameters get a leading client dimension; one `vmap(grad_and_value(...))` per
+step computes every client's loss and gradient, and SGD or Adam is written on the stacked
+tensors. A reply is what `fedclient.app.train` would send (same data, seed, batches, metrics), up
+to the order of float operations. What falls back to the ClientApp (the runner returns None):
+non-TRAIN batches, batches where no two clients share (train size, epochs, mu), a client that
+cannot be prepared or names its own `device`, models with other layers than Linear, ReLU,
+Conv2d, MaxPool2d, Flatten, buffers or frozen parameters. `vectorized = "auto"` only on CUDA:
+on a CPU it is slower than the plain loop (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -42,7 +26,7 @@ from fedclient.app import ClientRuntimes, client_seed
 from shared import messages as keys
 from shared import task
 from shared.config import ConfigError, RunConfig
-from shared.data.federation import data_spec
+from shared.data.federation import Federation, data_spec
 from shared.recipe import model_from_config
 from shared.weights import to_arrayrecord, to_state_dict
 from simulations.grid import RoundRunner
@@ -54,12 +38,13 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as tas
 Params = dict[str, torch.Tensor]  # name -> (C, *shape)
 
 
-def batch_runner_for(cfg: RunConfig) -> RoundRunner | None:
-    """The runner the grid (or each worker process) should use for `cfg` (see the module docstring), or None."""
-    return VectorizedTrainer(cfg) if vectorizes(cfg) else None
+def batch_runner_for(cfg: RunConfig, federation: Federation | None = None) -> RoundRunner | None:
+    """The runner the grid (or each worker process) should use for `cfg` (see the module docstring),
+    or None; its clients' data is `federation`'s (else loaded)."""
+    return VectorizedTrainer(cfg, federation) if vectorizes(cfg, federation) else None
 
 
-def vectorizes(cfg: RunConfig) -> bool:
+def vectorizes(cfg: RunConfig, federation: Federation | None = None) -> bool:
     """Whether `cfg`'s clients train on the vectorized path; a ConfigError where `on` cannot."""
     if cfg.vectorized == "off":
         return False
@@ -68,14 +53,14 @@ def vectorizes(cfg: RunConfig) -> bool:
             on_cuda = task.resolve_device(cfg.device).type == "cuda"
         except ValueError:  # the ClientApp will report the bad device
             return False
-        return on_cuda and unsupported_reason(cfg) is None
-    reason = unsupported_reason(cfg)
+        return on_cuda and unsupported_reason(cfg, federation) is None
+    reason = unsupported_reason(cfg, federation)
     if reason is not None:
         raise ConfigError(f"config key 'vectorized' is 'on' but this run cannot be vectorized: {reason}")
     return True
 
 
-def unsupported_reason(cfg: RunConfig) -> str | None:
+def unsupported_reason(cfg: RunConfig, federation: Federation | None = None) -> str | None:
     """Why the local training of `cfg` cannot be vectorized, or None when it can."""
     if cfg.secure_aggregation:
         return "secure aggregation masks each client's update in its ClientApp mod"
@@ -89,7 +74,7 @@ def unsupported_reason(cfg: RunConfig) -> str | None:
         return str(err)
     if task.mixed_precision_dtype(dev) == torch.float16:
         return "this CUDA device lacks bf16, and fp16 training needs a GradScaler"
-    model = model_from_config(cfg, data_spec(cfg))
+    model = model_from_config(cfg, data_spec(cfg, federation=federation))
     leaves = {type(m).__name__ for m in model.modules() if not list(m.children())}
     unsupported = sorted(n for n in leaves if n not in {t.__name__ for t in SUPPORTED_LAYERS})
     if unsupported:
@@ -120,14 +105,15 @@ class _Job:
 class VectorizedTrainer:
     """A `RoundRunner` that trains a batch of TRAIN messages' clients with one vmap per step."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, federation: Federation | None = None) -> None:
         self._cfg = cfg
         self._device = task.resolve_device(cfg.device)
         self._amp = task.autocast_context(self._device, task.mixed_precision_dtype(self._device))
-        self._model = model_from_config(cfg, data_spec(cfg)).to(self._device)
+        self._model = model_from_config(cfg, data_spec(cfg, federation=federation)).to(self._device)
         self._like = {k: v.cpu() for k, v in self._model.state_dict().items()}
         self._grad: Callable[..., tuple[Params, torch.Tensor]] = vmap(grad_and_value(self._loss))
-        self._runtimes = ClientRuntimes(max_runs=1)  # the nodes' run config and data, as the ClientApp reads them
+        # the nodes' run config and data, as the ClientApp reads them
+        self._runtimes = ClientRuntimes(max_runs=1, federation=federation)
 
     def __call__(self, messages: list[Message], contexts: list[Context]) -> list[Message] | None:
         if not messages or any(m.metadata.message_type != MessageType.TRAIN for m in messages):

@@ -1,47 +1,10 @@
 """Parallel clients: a round's messages served by a pool of worker processes.
 
-`WorkerPool` is a `RoundRunner` for the in-process Grid. Where fedsim runs N workers
-(`client_workers`), they are this process and N - 1 worker processes: this process, idle
-between the ServerApp's steps, serves a share of each round itself, so the machine's cores
-carry N copies of PyTorch and Flower, not N + 1. Each worker process is started with
-the `spawn` method (as on macOS and Windows), which builds its ClientApp once from a picklable
-factory and keeps it, with its data views and model, warm across rounds. Per message it gets:
-- the message in Flower's wire format (`shared.flower_compat.message_to_bytes`), its
-  ArrayRecords left empty: every ArrayRecord of a batch (the global weights, one object shared
-  by all of a round's messages) is written once into a shared-memory block, which each worker
-  reads once a batch, so every message of the batch it serves carries the same record object
-  (the ClientApp then decodes the weights once a batch, not once a client);
-- the node's Context (node config, state, run config): it comes back with the reply, so
-  `Context.state` persists whichever worker serves the node.
-Replies come back the same way: the worker writes the ArrayRecords of a job's replies (the
-trained weights) into a shared-memory block of its own and sends only the rest through the
-pipe; the pool reads the records back and unlinks the block. So a worker never waits for this
-process to drain a pipe of weights, and goes straight on to its next message.
-
-Results do not depend on the number of workers: a client's training depends only on its
-message, its Context and its seed, and replies are returned in the order of the messages, so
-the strategy aggregates them in the same order as in one process. The largest clients (by
-`size`) are handed out first, each worker taking the next message when it replies, so a round
-does not end waiting on one straggler.
-
-A worker process that dies turns the messages it held (the one it was serving, and the next one
-queued behind it) into error replies (the round's quorum decides) and is replaced. The share
-this process serves has no process boundary, as with `workers = 1`: a ClientApp's exception,
-`sys.exit` included, is an error reply, but one that ends its process (`os._exit`, a crash in
-native code) ends the run. Workers ignore Ctrl-C (the terminal sends it to every process of the
-group); the pool stops them all when it is closed, and a worker whose parent is gone exits at
-its next read. Each worker builds its data views through the normal loaders (the federation's
-`load_federation`) on first use, from the dataset's arrays the engine read and shared
-(memory-mapped): nothing of the dataset is pickled to it, nor read again from its file.
-
-With CUDA, worker i is given visible GPU i mod (their number) as its only device (this
-process, worker 0, trains on its first visible GPU)
-(`CUDA_VISIBLE_DEVICES`, set in the worker before its ClientApp is built, so `cuda` and
-`cuda:0` both mean its GPU), and `gpu_memory_fraction` caps what each worker's PyTorch may
-allocate there, so many workers cannot run a card out of memory between them. Where training
-is vectorized, each worker also builds the batch runner (simulations/vectorized.py) and is
-handed its share of a batch at once instead of one message at a time (see `WorkerPool`); a
-worker that dies then turns its whole share into error replies.
+`WorkerPool` is a `RoundRunner` for the in-process Grid: N workers are this process and N - 1
+spawned processes, each keeping its ClientApp warm; weights travel through shared memory, and
+results do not depend on the number of workers. Each process gets its share of the cores
+(`thread_share`), set in a worker's environment before it imports the app. How it works, and
+why: docs/architecture.md (fedsim's workers).
 """
 
 from __future__ import annotations
@@ -73,6 +36,7 @@ from simulations.grid import RoundRunner, error_reply, serve_batch
 
 AUTO = "auto"
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # read by PyTorch's and numpy's math libraries at start
 GPU_DRIVERS = ("/proc/driver/nvidia", "/dev/kfd")  # on Linux, where NVIDIA's or AMD's (ROCm) driver is loaded
 AUTO_MIN_CLIENTS = 4  # `auto` trains in process below this many clients a round: start-up would not pay
 # `auto` trains in process when the whole run trains fewer examples than this: about 10 s of the
@@ -124,6 +88,51 @@ def worker_count(setting: str, clients_per_round: int, gpus: int = 0, run_exampl
     return max(1, min(gpus or available_cores(), clients_per_round))
 
 
+def thread_share(processes: int) -> int:
+    """Intra-op threads for each of `processes` processes training at once: its share of the cores."""
+    return max(1, available_cores() // max(1, processes))
+
+
+@contextmanager
+def process_threads(threads: int) -> Iterator[None]:
+    """This process's math libraries on `threads` threads inside the block: the environment that
+    libraries loaded later read (THREAD_VARIABLES), and PyTorch's count where it is loaded; both
+    put back afterwards."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    _set_torch_threads(threads)
+    try:
+        with _thread_environment(threads):
+            yield
+    finally:
+        if before is not None:
+            _set_torch_threads(before)
+
+
+@contextmanager
+def _thread_environment(threads: int) -> Iterator[None]:
+    """THREAD_VARIABLES set to `threads` inside the block (0: left as they are), put back after:
+    what a process started inside the block inherits."""
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    if threads:
+        os.environ.update({name: str(threads) for name in THREAD_VARIABLES})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _set_torch_threads(threads: int) -> None:
+    """PyTorch's intra-op threads, where this process has loaded PyTorch (never imported for it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def worker_gpu(index: int, gpus: int, visible: str | None) -> str | None:
     """Worker `index`'s CUDA_VISIBLE_DEVICES: the (index mod gpus)-th of this process's `gpus`
     devices, named as `visible` (this process's own CUDA_VISIBLE_DEVICES, if set) names them;
@@ -147,13 +156,19 @@ def limit_gpu_memory(fraction: float) -> None:
 
 @dataclass(frozen=True)
 class _Device:
-    """Where a worker trains: its one GPU (a CUDA_VISIBLE_DEVICES entry; None: no GPU), its VRAM cap."""
+    """Where a worker trains: its one GPU (a CUDA_VISIBLE_DEVICES entry; None: no GPU), its VRAM cap,
+    its CPU threads (0: the libraries' own)."""
 
     gpu: str | None
     memory_fraction: float
+    threads: int = 0
 
     def use(self) -> None:
-        """Make the GPU the worker's only device and cap its memory (before CUDA is initialised)."""
+        """Take the worker's threads (PyTorch's count too, where unpickling the app factory loaded it),
+        make the GPU its only device and cap its memory (before CUDA is initialised)."""
+        if self.threads:
+            os.environ.update({name: str(self.threads) for name in THREAD_VARIABLES})
+            _set_torch_threads(self.threads)
         if self.gpu is not None:
             os.environ[CUDA_VISIBLE_DEVICES] = self.gpu
             limit_gpu_memory(self.memory_fraction)
@@ -171,22 +186,25 @@ def client_workers(
 ) -> Iterator[WorkerPool | None]:
     """`workers` workers: this process and `workers - 1` worker processes (a WorkerPool serving
     a share here), stopped with every worker at the end; for one worker, None: the clients train
-    in this process. This process's VRAM is capped where the clients use `gpus`."""
+    in this process. This process's VRAM is capped where the clients use `gpus`; each process
+    trains on its `thread_share` of the cores."""
     if gpus:
         limit_gpu_memory(gpu_memory_fraction)
-    if workers == 1:
-        yield None
-        return
-    with WorkerPool(
-        app_factory,
-        workers - 1,
-        size,
-        gpus=gpus,
-        gpu_memory_fraction=gpu_memory_fraction,
-        batch_factory=batch_factory,
-        serve_here=True,
-    ) as pool:
-        yield pool
+    with process_threads(thread_share(workers)):
+        if workers == 1:
+            yield None
+            return
+        with WorkerPool(
+            app_factory,
+            workers - 1,
+            size,
+            gpus=gpus,
+            gpu_memory_fraction=gpu_memory_fraction,
+            batch_factory=batch_factory,
+            serve_here=True,
+            threads=thread_share(workers),
+        ) as pool:
+            yield pool
 
 
 @dataclass(frozen=True)
@@ -280,6 +298,7 @@ class WorkerPool:
         gpu_memory_fraction: float = 0.0,
         batch_factory: BatchFactory | None = None,
         serve_here: bool = False,
+        threads: int = 0,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -288,6 +307,7 @@ class WorkerPool:
         self._size = size
         self._gpus = gpus
         self._memory_fraction = gpu_memory_fraction
+        self._threads = threads
         self._spawn = multiprocessing.get_context("spawn")
         self._first = int(serve_here)  # worker 0 is this process where it serves
         self._workers = [self._start(index) for index in range(self._first, self._first + workers)]
@@ -348,14 +368,16 @@ class WorkerPool:
 
     def _start(self, index: int) -> _Worker:
         parent, child = self._spawn.Pipe()
-        device = _Device(worker_gpu(index, self._gpus, os.environ.get(CUDA_VISIBLE_DEVICES)), self._memory_fraction)
+        gpu = worker_gpu(index, self._gpus, os.environ.get(CUDA_VISIBLE_DEVICES))
+        device = _Device(gpu, self._memory_fraction, self._threads)
         process = self._spawn.Process(
             target=_serve,
             args=(child, self._factory, device, self._batch_factory),
             daemon=True,
             name=f"fedsim-worker-{index}",
         )
-        process.start()
+        with _thread_environment(self._threads):  # read as the worker starts, before it imports the app
+            process.start()
         child.close()
         return _Worker(process, parent)
 

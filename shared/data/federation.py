@@ -1,35 +1,19 @@
 """A dataset cut into client partitions, each client's data materialized only when asked for.
 
-`load_federation(cfg)` is what a simulation uses (one partition per virtual client, by
-`partition-id`); `load_local(path, cfg)` is what a deployed client uses (its own file, whole).
-Both give a `ClientData`, so the ClientApp trains on either the same way.
-
-A client's `x` is float32 features, or int64 token ids (0 = padding) for the text datasets:
-IMDB reviews (word ids, split by movie) and LEAF Shakespeare (character ids, a client per
-(play, role), each role's text split by time). With `tokenizer = "fitted"` (fedsim only) a text
-dataset's tokenizer is fitted on its training text and saved as `tokenizer.json` in the run
-directory; `bytes` and `file` tokenizers need no client's text, so deployed devices use them.
-
-Every random draw of the data (synthetic devices, partitions, held-out splits) uses the data seed
-(`data-seed`; by default the run's `seed`), so runs over several training seeds can share one
-dataset by fixing it.
-
-A federation is built in two steps: reading the file into the arrays it is made from (its
-`source`: decoding, tokenizing), then partitioning them (cheap, seeded). `shared_federation`
-saves one federation's source for other processes, which `attach` it, memory-mapped: fedsim's
-workers build the very same federation without reading the file again.
+`load_federation(cfg)` builds a simulation's federation (one partition per virtual client, by
+`partition-id`), `load_local(path, cfg)` a deployed client's own file; both give `ClientData`.
+Nothing is cached here: whoever builds a federation passes it on. `shared_source` saves a
+federation's arrays once for other processes, which build the same federation on them, memory-mapped.
 """
 
 from __future__ import annotations
 
 import functools
 import tempfile
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
@@ -71,7 +55,6 @@ DATA_FORMATS = {
 Vocabulary = WordTokenizer | CharVocab | ByteTokenizer | FileTokenizer
 UnfittedTokenizer = ByteTokenizer | FileTokenizer  # built without any client's text
 TestSet = tuple[np.ndarray, np.ndarray]  # features, labels
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -182,17 +165,19 @@ def as_features(x: np.ndarray) -> np.ndarray:
     return flat.astype(np.float32, copy=False)
 
 
-def data_spec(cfg: RunConfig, tokenizer: UnfittedTokenizer | None = None) -> DataSpec:
-    """The model's input size and class count: config keys first, then the dataset's.
+def data_spec(
+    cfg: RunConfig, tokenizer: UnfittedTokenizer | None = None, federation: Federation | None = None
+) -> DataSpec:
+    """The model's input size and class count: config keys first, then the dataset's. Writes nothing.
 
     A text dataset's spec comes from its tokenizer: `tokenizer` (the one a device was sent), else
-    the config's, which is then saved to `run-dir` (when set; a device never writes the run's files).
+    the config's. Where the spec needs the data, it is `federation`'s (else the dataset is read).
     """
     if cfg.dataset in TEXT_MODELS:
-        return _text_spec(cfg, tokenizer)
+        return _text_spec(cfg, tokenizer, federation)
     known = KNOWN_SPECS.get(cfg.dataset)
     if known is None and (cfg.input_dim == 0 or cfg.num_classes == 0):
-        known = load_federation(cfg).spec
+        known = (federation or load_federation(cfg)).spec
     input_dim = cfg.input_dim or known.input_dim
     num_classes = cfg.num_classes or known.num_classes
     return DataSpec(input_dim, num_classes)
@@ -214,22 +199,26 @@ def local_spec(cfg: RunConfig, data: ClientData, tokenizer: UnfittedTokenizer | 
     return DataSpec(input_dim, num_classes)
 
 
-def _text_spec(cfg: RunConfig, tokenizer: UnfittedTokenizer | None) -> DataSpec:
+def _text_spec(cfg: RunConfig, tokenizer: UnfittedTokenizer | None, federation: Federation | None) -> DataSpec:
     """Fitted: the federation's spec (its data read). Else known from the tokenizer alone."""
-    sent = tokenizer is not None
     tokenizer = tokenizer or text_tokenizer(cfg)
     if tokenizer is None:
-        federation = load_federation(cfg)
-        vocabulary, spec = federation.vocabulary, federation.spec
-    else:
-        max_len = cfg.max_len or TEXT_MAX_LEN[cfg.dataset]
-        classes = IMDB_CLASSES if cfg.dataset == "imdb" else len(tokenizer)
-        vocabulary, spec = tokenizer, DataSpec(max_len, classes, len(tokenizer))
-    if cfg.run_dir and not sent and not isinstance(vocabulary, ByteTokenizer):
-        run_dir = Path(cfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        vocabulary.save(run_dir / TOKENIZER_FILE)
-    return spec
+        return (federation or load_federation(cfg)).spec
+    max_len = cfg.max_len or TEXT_MAX_LEN[cfg.dataset]
+    classes = IMDB_CLASSES if cfg.dataset == "imdb" else len(tokenizer)
+    return DataSpec(max_len, classes, len(tokenizer))
+
+
+def save_run_tokenizer(cfg: RunConfig, federation: Federation | None = None) -> None:
+    """Save the run's tokenizer as `tokenizer.json` in `run-dir`, atomically: the fitted one
+    (`federation`'s, else the dataset is read) or the `file` one; nothing for `bytes`, non-text
+    datasets or a run without `run-dir`."""
+    if not cfg.run_dir or cfg.dataset not in TEXT_MODELS or cfg.tokenizer == "bytes":
+        return
+    vocabulary = text_tokenizer(cfg) or (federation or load_federation(cfg)).vocabulary
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    vocabulary.save(run_dir / TOKENIZER_FILE)
 
 
 def text_tokenizer(cfg: RunConfig) -> UnfittedTokenizer | None:
@@ -253,39 +242,14 @@ def check_pinned(tokenizer: FileTokenizer, cfg: RunConfig) -> None:
         )
 
 
-# The config fields that decide a federation's data (and `model`, which the config checks against
-# `dataset`), with the data seed: the cache ignores every other field (rounds, lr, run-dir, the
-# training seed, ...), so the engine, the ServerApp and the ClientApp share one copy.
-_DATA_FIELDS = (
-    "dataset", "data_path", "partition", "dirichlet_alpha", "shards_per_client", "min_client_size",
-    "synthetic_alpha", "synthetic_beta", "synthetic_iid", "synthetic_max_samples", "test_fraction",
-    "num_clients", "clients_per_round", "model", "max_len", "vocab_size", "min_role_chars",
-    "tokenizer", "tokenizer_path", "tokenizer_sha256",
-)  # fmt: skip
-_CACHE_SIZE = 4  # entries; two may name the same federation (see load_federation)
-_cache: OrderedDict[RunConfig, Federation] = OrderedDict()
-
-
-def load_federation(cfg: RunConfig) -> Federation:
-    """Read the dataset named in `cfg` and cut it into client partitions (cached).
-
-    A natural split fixes the number of clients whatever `num-clients` says, so the federation is
-    also cached under its own count: the config the engine resolves to finds the same copy.
-    """
-    key = RunConfig(**{name: getattr(cfg, name) for name in _DATA_FIELDS}, data_seed=cfg.effective_data_seed)
-    if key not in _cache:
-        federation = FEDERATIONS[key.dataset](key)
-        _check_enough_clients(key, federation.num_clients)
-        _remember(key, federation)
-        _remember(key.replace(num_clients=federation.num_clients), federation)
-    _cache.move_to_end(key)
-    return _cache[key]
-
-
-def _remember(key: RunConfig, federation: Federation) -> None:
-    _cache[key] = federation
-    while len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
+def load_federation(cfg: RunConfig, source: ArraySet | None = None) -> Federation:
+    """The dataset named in `cfg`, cut into client partitions: built on `source` (the arrays
+    `open_source` maps) where given, else read from its file. Not cached: the caller passes it on."""
+    if source is not None and source.meta.get(SOURCE_KEY, list(_source_key(cfg))) != list(_source_key(cfg)):
+        raise DataError("the shared arrays were read for other data than this run's")
+    federation = FEDERATIONS[cfg.dataset](cfg, source)
+    _check_enough_clients(cfg, federation.num_clients)
+    return federation
 
 
 # ---------------------------------------------------------------- sources: what a federation is built from
@@ -299,17 +263,10 @@ _SOURCE_FIELDS = (
     "dataset", "data_path", "max_len", "vocab_size", "test_fraction", "min_role_chars",
     "tokenizer", "tokenizer_path", "tokenizer_sha256",
 )  # fmt: skip
-_attached: dict[tuple, ArraySet] = {}  # the source this process was given (`attach`), by its config
 
 
 def _source_key(cfg: RunConfig) -> tuple:
     return (*(getattr(cfg, name) for name in _SOURCE_FIELDS), cfg.effective_data_seed)
-
-
-def _source(cfg: RunConfig, read: Callable[[RunConfig], ArraySet]) -> ArraySet:
-    """The arrays `cfg`'s federation is built from: those shared with this process, else `read` from the file."""
-    attached = _attached.get(_source_key(cfg))
-    return attached if attached is not None else read(cfg)
 
 
 def _splits_source(splits: Splits, keys: np.ndarray | None = None, **meta: object) -> ArraySet:
@@ -328,44 +285,23 @@ def _splits(source: ArraySet) -> Splits:
 
 
 @contextmanager
-def shared_federation(cfg: RunConfig) -> Iterator[str | None]:
-    """A directory holding the source of `cfg`'s federation (read once, here), for other processes
-    to `attach` instead of reading the file; None where no file is read (synthetic data).
-
-    The directory is a temporary one, removed when the block ends, however it ends. While the
-    block lasts this process builds its federations on the saved arrays too, memory-mapped: the
-    copy it read from the file is let go, so the dataset is in memory once, in the page cache.
-    """
-    source = load_federation(cfg).source
-    if source is None:
+def shared_source(federation: Federation, cfg: RunConfig) -> Iterator[str | None]:
+    """A temporary directory holding the arrays `federation` (of `cfg`) is built from, for other
+    processes to `open_source`; None where it read no file (synthetic data). Removed when the
+    block ends, however it ends."""
+    if federation.source is None:
         yield None
         return
     with tempfile.TemporaryDirectory(prefix="flowerbed-data-", ignore_cleanup_errors=True) as directory:
-        save_arrays(ArraySet(source.arrays, {**source.meta, SOURCE_KEY: _source_key(cfg)}), Path(directory))
-        del source
-        _cache.clear()  # federations built on the copy read from the file
-        attach(directory)
-        try:
-            yield directory
-        finally:
-            attach(None)
-            _cache.clear()  # federations built on the mapped files, about to be removed
+        source = federation.source
+        save_arrays(ArraySet(source.arrays, {**source.meta, SOURCE_KEY: list(_source_key(cfg))}), Path(directory))
+        yield directory
 
 
-def attach(directory: str | None) -> None:
-    """Build this process's federations from the source `shared_federation` saved in `directory`
-    (memory-mapped), where it was read for the same data config; None: from their files."""
-    _attached.clear()
-    if directory is not None:
-        source = open_arrays(Path(directory))
-        _attached[tuple(source.meta[SOURCE_KEY])] = source
-
-
-def with_shared_data(directory: str | None, make: Callable[[], T]) -> T:
-    """`make()`, after `attach(directory)`: a worker's app factory, picklable (unlike a closure)
-    as `functools.partial(with_shared_data, directory, factory)`."""
-    attach(directory)
-    return make()
+def open_source(directory: str) -> ArraySet:
+    """The arrays `shared_source` saved in `directory`, memory-mapped read-only: `load_federation`'s
+    `source`, one copy in the page cache whatever the number of processes."""
+    return open_arrays(Path(directory))
 
 
 # ---------------------------------------------------------------- each dataset's federation
@@ -373,11 +309,11 @@ def with_shared_data(directory: str | None, make: Callable[[], T]) -> T:
 
 def _array_federation(
     read: Callable[[RunConfig], tuple[Splits, np.ndarray | None]],
-) -> Callable[[RunConfig], Federation]:
+) -> Callable[[RunConfig, ArraySet | None], Federation]:
     """A federation over a file of feature arrays, partitioned by `partition`."""
 
-    def build(cfg: RunConfig) -> Federation:
-        source = _source(cfg, lambda cfg: _splits_source(*read(cfg)))
+    def build(cfg: RunConfig, source: ArraySet | None) -> Federation:
+        source = source or _splits_source(*read(cfg))
         splits = _splits(source)
         parts = _partition(cfg, splits.y_train, source.arrays.get(NATURAL_KEYS))
         x_train, y_train, x_test, y_test = splits.x_train, splits.y_train, splits.x_test, splits.y_test
@@ -397,7 +333,8 @@ def _array_federation(
     return build
 
 
-def _synthetic_federation(cfg: RunConfig) -> Federation:
+def _synthetic_federation(cfg: RunConfig, source: ArraySet | None = None) -> Federation:
+    """Generated per device: nothing is read, so nothing is shared (`source` is unused)."""
     if cfg.partition not in ("auto", "natural"):
         raise DataError(
             "dataset 'synthetic' is split by device (partition 'natural'); "
@@ -417,10 +354,10 @@ def _synthetic_federation(cfg: RunConfig) -> Federation:
     return Federation(KNOWN_SPECS["synthetic"], cfg.num_clients, _with_test(xy, False, cfg), None)
 
 
-def _imdb_federation(cfg: RunConfig) -> Federation:
+def _imdb_federation(cfg: RunConfig, source: ArraySet | None) -> Federation:
     """Reviews as word ids, partitioned by `partition` (natural = by movie); the test split is central."""
     max_len = cfg.max_len or TEXT_MAX_LEN["imdb"]
-    source = _source(cfg, _read_imdb)
+    source = source or _read_imdb(cfg)
     splits, tokenizer = _splits(source), text_tokenizer(cfg) or WordTokenizer(source.meta[WORDS])
     parts = _partition(cfg, splits.y_train, source.arrays.get(NATURAL_KEYS))
     spec = DataSpec(max_len, int(max(splits.y_train.max(), splits.y_test.max())) + 1, len(tokenizer))
@@ -445,7 +382,7 @@ def _read_imdb(cfg: RunConfig) -> ArraySet:
     return _splits_source(reviews.splits, reviews.movies, **fitted)
 
 
-def _shakespeare_federation(cfg: RunConfig) -> Federation:
+def _shakespeare_federation(cfg: RunConfig, source: ArraySet | None) -> Federation:
     """A client per (play, role), its text split by time; evaluated on every client's test windows.
 
     Examples are chunks of CHUNKS_PER_WINDOW windows' length: for training, every character
@@ -457,7 +394,7 @@ def _shakespeare_federation(cfg: RunConfig) -> Federation:
     if cfg.partition not in ("auto", "natural"):
         raise DataError("dataset 'shakespeare' is split by (play, role) (partition 'natural')")
     window = cfg.max_len or TEXT_MAX_LEN["shakespeare"]
-    source = _source(cfg, _read_roles)
+    source = source or _read_roles(cfg)
     train, test = _pieces(source, "train"), _pieces(source, "test")
     vocab = text_tokenizer(cfg) or CharVocab(source.meta[CHARS])
     length = CHUNKS_PER_WINDOW * window
@@ -532,7 +469,7 @@ def _read_femnist(cfg: RunConfig) -> tuple[Splits, np.ndarray]:
 
 
 # dataset -> how its federation is built
-FEDERATIONS: dict[str, Callable[[RunConfig], Federation]] = {
+FEDERATIONS: dict[str, Callable[[RunConfig, ArraySet | None], Federation]] = {
     "synthetic": _synthetic_federation,
     "mnist": _array_federation(_read_array_file),
     "npz": _array_federation(_read_array_file),

@@ -19,6 +19,7 @@ import numpy as np
 
 from shared.data._io import read_json, write_json_atomic
 from shared.data.errors import DataError
+from shared.files import atomic_write_bytes
 
 PAD, UNK = 0, 1
 _RESERVED = 2
@@ -170,7 +171,7 @@ class FileTokenizer:
         return padded([np.asarray(e.ids, np.int64) + _RESERVED for e in encodings], max_len)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        Path(path).write_bytes(self.data)
+        atomic_write_bytes(path, self.data)
 
 
 def _load_tokens(path: str | os.PathLike[str], expected_format: str, key: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""A federation's source, read once and shared, gives another process the very same federation."""
+"""A federation's source, read once and shared, gives another process the very same federation; nothing is cached."""
 
 import gzip
 import json
@@ -11,7 +11,8 @@ import pytest
 
 from shared.config import RunConfig
 from shared.data import DataError
-from shared.data.federation import FEDERATIONS, Federation, attach, load_federation, shared_federation
+from shared.data import federation as federation_module
+from shared.data.federation import Federation, load_federation, open_source, shared_source
 
 PLAY = """ACT I. SCENE I.
 
@@ -70,12 +71,6 @@ def remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-@pytest.fixture(autouse=True)
-def detached():
-    yield
-    attach(None)
-
-
 def assert_same_federation(one: Federation, other: Federation) -> None:
     assert (one.spec, one.num_clients, one.classes) == (other.spec, other.num_clients, other.classes)
     assert type(one.vocabulary) is type(other.vocabulary)
@@ -96,10 +91,9 @@ def test_a_shared_source_builds_the_same_federation_without_its_file(tmp_path, m
     path, cfg = make(tmp_path)
     read = load_federation(cfg)
 
-    with shared_federation(cfg) as directory:
+    with shared_source(read, cfg) as directory:
         remove(path)  # from here on, only the shared arrays hold the data
-        attach(directory)
-        rebuilt = FEDERATIONS[cfg.dataset](cfg)  # not the cached federation: built again
+        rebuilt = load_federation(cfg, open_source(directory))
         assert_same_federation(read, rebuilt)
 
     assert not Path(directory).exists()
@@ -112,34 +106,38 @@ def _mapped(array: np.ndarray) -> bool:
     return isinstance(array.base, mmap.mmap)
 
 
-def test_while_the_source_is_shared_this_process_builds_on_the_mapped_arrays_too(tmp_path):
-    path, cfg = npz_file(tmp_path)
-    read = load_federation(cfg)
-
-    with shared_federation(cfg):
-        remove(path)
-        inside = load_federation(cfg)  # rebuilt on the saved arrays: the copy read is let go
-
-        assert inside is not read and _mapped(inside.source.arrays["x_train"])
-        assert_same_federation(read, inside)
-    with pytest.raises(DataError, match="does not exist"):  # nothing built on the removed arrays is kept: read again
-        load_federation(cfg)
-
-
-def test_a_source_shared_for_other_data_is_not_used(tmp_path):
+def test_a_federation_built_on_a_shared_source_holds_the_mapped_arrays(tmp_path):
     path, cfg = npz_file(tmp_path)
 
-    with shared_federation(cfg) as directory:
+    with shared_source(load_federation(cfg), cfg) as directory:
         remove(path)
-        attach(directory)
-        with pytest.raises(DataError, match="does not exist"):
-            FEDERATIONS["npz"](cfg.replace(data_seed=cfg.effective_data_seed + 1))  # another draw: read the file
+        mapped = load_federation(cfg, open_source(directory))
+
+        assert _mapped(mapped.source.arrays["x_train"])
+
+
+def test_nothing_is_cached_each_load_reads_the_file(tmp_path, monkeypatch):
+    path, cfg = npz_file(tmp_path)
+    first = load_federation(cfg)
+    remove(path)
+
+    with pytest.raises(DataError, match="does not exist"):
+        load_federation(cfg)  # the same config again: read again, not taken from a cache
+    assert not any(isinstance(value, dict) and first in value.values() for value in vars(federation_module).values())
+
+
+def test_a_source_shared_for_other_data_is_refused(tmp_path):
+    _, cfg = npz_file(tmp_path)
+
+    with shared_source(load_federation(cfg), cfg) as directory:
+        with pytest.raises(DataError, match="read for other data"):
+            load_federation(cfg.replace(data_seed=cfg.effective_data_seed + 1), open_source(directory))
 
 
 def test_the_shared_directory_is_removed_when_the_block_fails(tmp_path):
     _, cfg = npz_file(tmp_path)
 
-    with pytest.raises(KeyboardInterrupt), shared_federation(cfg) as directory:
+    with pytest.raises(KeyboardInterrupt), shared_source(load_federation(cfg), cfg) as directory:
         assert any(Path(directory).iterdir())
         raise KeyboardInterrupt
 
@@ -149,5 +147,5 @@ def test_the_shared_directory_is_removed_when_the_block_fails(tmp_path):
 def test_synthetic_data_has_nothing_to_share():
     cfg = RunConfig(num_clients=4, clients_per_round=2, synthetic_max_samples=100)
 
-    with shared_federation(cfg) as directory:
+    with shared_source(load_federation(cfg), cfg) as directory:
         assert directory is None

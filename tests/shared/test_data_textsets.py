@@ -2,13 +2,15 @@
 
 import gzip
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from shared.config import ConfigError, RunConfig
 from shared.data import CharVocab, DataError, WordTokenizer, char_windows
-from shared.data.federation import TOKENIZER_FILE, data_spec, load_federation, load_local
+from shared.data.federation import TOKENIZER_FILE, data_spec, load_federation, load_local, save_run_tokenizer
 from shared.data.textsets import IGNORE, next_char_chunks, read_reviews, read_roles
 
 
@@ -115,14 +117,21 @@ def test_imdb_clients_are_movies_with_a_central_test_set(tmp_path):
     assert federation.central_test[0].shape == (2, 6)
 
 
-def test_a_text_spec_saves_the_tokenizer_in_the_run_directory(tmp_path):
+def test_a_text_spec_writes_nothing_and_the_run_saves_its_tokenizer_once_atomically(tmp_path, monkeypatch):
     cfg = imdb_config(write_reviews(tmp_path / "r.jsonl.gz", REVIEWS), run_dir=str(tmp_path / "run"))
+    federation = load_federation(cfg)
+    renames: list[str] = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append(Path(dst).name), replace(src, dst))[1])
 
-    spec = data_spec(cfg)
+    spec = data_spec(cfg, federation=federation)
+    assert not (tmp_path / "run").exists()  # a getter: pure
+    save_run_tokenizer(cfg, federation)
 
     saved = WordTokenizer.load(tmp_path / "run" / TOKENIZER_FILE)
-    assert saved.words == load_federation(cfg).vocabulary.words
+    assert saved.words == federation.vocabulary.words
     assert (spec.input_dim, spec.num_classes, spec.vocab_size) == (6, 2, len(saved))
+    assert renames == [TOKENIZER_FILE]  # written under a temporary name, then renamed into place
 
 
 def test_a_deployed_node_cannot_use_a_fitted_tokenizer(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations import apps, cli
+from simulations import apps, cli, runner
 from simulations.apps import TIMING_FILE, AppError, load_flower_app
 
 APPS = Path(__file__).parent / "apps"
@@ -109,7 +109,7 @@ def test_a_flower_app_ends_with_the_hand_computed_arrays(tmp_path):
     assert timing["num_supernodes"] == 4  # the app's local-simulation federation
     assert (timing["rounds"], timing["messages"], timing["client_errors"]) == (3, {"evaluate": 12, "train": 12}, 0)
     assert timing["wall_seconds"] > 0 and timing["interrupted"] is False
-    assert timing["workers"] == 1  # without --workers an app runs in fedsim's process, whatever `workers` defaults to
+    assert timing["workers"] == 1  # `auto` (the default): its first round is too quick to pay for a worker
 
 
 def test_worker_processes_end_with_the_arrays_of_one_process(tmp_path):
@@ -212,7 +212,7 @@ def test_a_clientapp_no_worker_process_can_load_leaves_the_share_served_here(tmp
 
 def test_a_clientapp_some_workers_cannot_load_is_reported_once(tmp_path, monkeypatch, caplog):
     # Prepare: two "GPUs", the worker on the second cannot load the app
-    monkeypatch.setattr(apps, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(runner, "visible_gpus", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     app = write_app(tmp_path, failing_in_workers("os.environ['CUDA_VISIBLE_DEVICES'] == '1'"))
 

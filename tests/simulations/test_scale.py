@@ -3,12 +3,12 @@
 import pytest
 
 from shared.config import RunConfig
-from simulations import engine
+from simulations import engine, runner
 from simulations.grid import InProcessGrid
 
 
 class RecordingGrid(InProcessGrid):
-    """The engine's grid, remembering which nodes each push addressed."""
+    """The runner's grid, remembering which nodes each push addressed."""
 
     instances: list["RecordingGrid"] = []
 
@@ -26,7 +26,7 @@ class RecordingGrid(InProcessGrid):
 @pytest.fixture
 def recording_grid(monkeypatch):
     RecordingGrid.instances = []
-    monkeypatch.setattr(engine, "InProcessGrid", RecordingGrid)
+    monkeypatch.setattr(runner, "InProcessGrid", RecordingGrid)
     return RecordingGrid.instances
 
 

@@ -15,7 +15,7 @@ from fedclient.app import app as client_app
 from fedserver.checkpoints import MODEL_FILE, read_metrics
 from shared import messages as keys
 from shared.config import ConfigError, RunConfig
-from shared.data.federation import data_spec, load_federation
+from shared.data.federation import Federation, data_spec, load_federation
 from shared.recipe import model_from_config
 from shared.weights import load_safetensors, to_arrayrecord, to_state_dict
 from simulations import engine
@@ -151,9 +151,9 @@ def pushed(
 BATCHES_FILE = "vectorized-batches.txt"
 
 
-def noting_batch_runner_for(cfg: RunConfig) -> RoundRunner | None:
+def noting_batch_runner_for(cfg: RunConfig, federation: Federation | None = None) -> RoundRunner | None:
     """batch_runner_for, noting in the run directory the size of each batch it trains (whatever process it runs in)."""
-    runner = batch_runner_for(cfg)
+    runner = batch_runner_for(cfg, federation)
 
     def run(messages: list[Message], contexts: list[Context]) -> list[Message] | None:
         replies = runner(messages, contexts)

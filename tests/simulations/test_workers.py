@@ -19,7 +19,8 @@ from shared.config import ConfigError, RunConfig
 from shared.errors import ExitCode
 from shared.flower_compat.messages import context_from_bytes, context_to_bytes, message_from_bytes, message_to_bytes
 from shared.processes import is_alive
-from fedclient.app import make_client_app
+from fedclient.app import ClientRuntimes, make_client_app
+from shared.data.federation import load_federation
 from shared import messages as keys
 from simulations import cli, engine
 from simulations.engine import estimated_run_examples, planned_workers, run_simulation
@@ -275,10 +276,10 @@ def make_grid_in_process() -> InProcessGrid:
 DIE_ONCE = "FLOWERBED_TEST_DIE_ONCE"  # a file the first worker process to train in round 1 creates, then dies
 
 
-def dying_fedclient_app() -> ClientApp:
+def dying_fedclient_app(runtimes: ClientRuntimes | None = None) -> ClientApp:
     """fedclient's ClientApp, except that the first worker process to train a node in round 1
     dies (fedsim's own process, which serves a share too, never does)."""
-    inner = make_client_app()
+    inner = make_client_app(runtimes)
     app = ClientApp()
 
     @app.train()
@@ -453,9 +454,9 @@ def test_auto_stays_in_process_for_a_small_run() -> None:
 
 def test_planned_workers_weighs_the_run() -> None:
     small = RunConfig(num_clients=20, clients_per_round=10, rounds=2, synthetic_max_samples=50)
-    assert estimated_run_examples(small) <= 2 * 10 * 50
+    assert estimated_run_examples(small, load_federation(small)) <= 2 * 10 * 50
     assert planned_workers(small) == 1
     big = small.replace(rounds=1000, synthetic_max_samples=0)
-    assert estimated_run_examples(big) >= AUTO_MIN_EXAMPLES
+    assert estimated_run_examples(big, load_federation(big)) >= AUTO_MIN_EXAMPLES
     assert planned_workers(big) == min(available_cores(), 10)
     assert planned_workers(big.replace(workers="1")) == 1
