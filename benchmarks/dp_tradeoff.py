@@ -2,13 +2,17 @@
 """The privacy-utility trade-off: MNIST 2NN accuracy at epsilon 1, 2, 4, 8 and without DP.
 
     .venv/bin/python benchmarks/dp_tradeoff.py [--rounds R] [--epsilons 1,2,4,8,inf]
-        [--modes central,local-sgd] [--clients 3000] [--out docs/img/dp_tradeoff.png]
-        [--workers auto] [--jobs 1] [--set KEY=VALUE ...]
+        [--modes central,local-sgd] [--clients 3000] [--per-round 100] [--out docs/img/dp_tradeoff.png]
+        [--results FILE] [--reuse central] [--workers auto] [--jobs 1] [--set KEY=VALUE ...]
+        [--sample-clip C] [--sample-set KEY=VALUE ...]
 
 Workload: configs/mnist-dp.toml (3,000 IID clients x 20 MNIST examples, 100 a round, the 2NN),
-every run of it a fresh `fedsim run` process, R rounds (default: the preset's). For each target
-epsilon and mode the noise multiplier z is calibrated with dp-accounting's RDP accountant, by
-bisection, as the smallest z (to 0.1 %) whose epsilon at delta = `dp-delta` stays at or under the target:
+every run of it a fresh `fedsim run` process, R rounds (default: the preset's). Each mode is one
+line of the picture, with its own settings (--set for every run, --sample-set and --sample-clip for
+local-sgd's) and its own non-private twin (epsilon = inf: the same settings with `dp = "none"`).
+For each target epsilon the noise multiplier z is calibrated with dp-accounting's RDP accountant,
+by bisection, as the smallest z (to 0.1 %) whose epsilon at delta = `dp-delta` stays at or under
+the target:
 
   central    client-level DP-FedAvg (`dp = "central"`, the preset's clipping norm): R releases of
              PoissonSampledDpEvent(q, GaussianDpEvent(z)), q = clients-per-round / --clients, as
@@ -22,28 +26,20 @@ bisection, as the smallest z (to 0.1 %) whose epsilon at delta = `dp-delta` stay
              approximation: the achieved column is the ledger's epsilon of the client that trained
              most (summary.json's `epsilon`), which may pass the target where a client passes K.
 
-epsilon = inf is the same preset with `dp = "none"`: the non-private line, one run for both modes.
-
 Printed, one row per run: the target epsilon, z, the achieved epsilon (summary.json), the final and
-the best accuracy on the 10k MNIST test set (central evaluation after every round), and "eps
-without amplification": the epsilon the same z would be accounted at without the sampling
-amplification (GaussianDpEvent(z) composed R times for central: sampling probability 1, as an
-accountant that knows no Poisson sampling, Flower's, reports it; K * E * ceil(n/B) times for
-local-sgd), by the same RDP accountant at the same delta; and each run's wall time. Then how
-far each private run's final accuracy is below the non-private one's. The PNG (--out) plots final
-accuracy against the achieved epsilon, one line per mode, the non-private accuracy as a
-horizontal line.
-
-Runtime on the 2-core CPU machine of docs/benchmarks.md, measured 2026-12-07, two runs at a time
-(--jobs 2 --workers 1): a central run of the preset (100 rounds) 157-195 s, the no-DP run 91 s,
-`--modes central` 8 minutes in all; a local-sgd round about 20 s (Opacus computes 100 clients'
-per-example gradients), so the defaults (both modes, 9 runs at the preset's 100 rounds) would take
-hours there: docs/privacy.md#privacy-and-utility shows central at the full scale and local-sgd at
-10 rounds only.
+the best accuracy on the 10k MNIST test set (central evaluation after every round), how far the
+final accuracy is below its twin's, and "eps without amplification": the epsilon the same z would
+be accounted at without the sampling amplification (GaussianDpEvent(z) composed R times for
+central: sampling probability 1, as an accountant that knows no Poisson sampling, Flower's, reports
+it; K * E * ceil(n/B) times for local-sgd), by the same RDP accountant at the same delta; and each
+run's wall time. The PNG (--out) plots final accuracy against the achieved epsilon, one line per
+mode, each twin's accuracy as a horizontal line. Every run's figures, with each line's settings
+and commands, go to --results (default: the PNG's name with .json); --reuse MODES reads those
+modes' runs back from it instead of running them, so one line can be rerun alone.
 
 Needs MNIST at ../shared/datasets/mnist.npz beside the checkout (or --set data-path=FILE); exits
 with a one-line message without it. Needs dp-accounting (the `server` extra), matplotlib, and for
-local-sgd Opacus (the `opacus` extra).
+local-sgd Opacus (the `opacus` extra). Measured figures and runtimes: docs/privacy.md#privacy-and-utility.
 """
 
 from __future__ import annotations
@@ -72,15 +68,33 @@ MODES = ("central", "local-sgd")
 
 @dataclass
 class Run:
-    mode: str  # central, local-sgd, none
-    target: float  # inf for dp = none
+    mode: str  # the line it is on: central or local-sgd
+    target: float  # inf: the line's non-private twin (dp = none)
     z: float
     no_amplification: float
     achieved: float | None = None
     final: float | None = None
     best: float | None = None
     rounds: int = 0
-    seconds: float = 0.0
+    seconds: float | None = None
+    command: str = ""
+
+    @property
+    def private(self) -> bool:
+        return not math.isinf(self.target)
+
+
+@dataclass
+class Line:
+    """One mode's settings: the --set items of all its runs, its config, how it is described."""
+
+    mode: str
+    overrides: list[str]
+    cfg: object  # shared.config.RunConfig; None where the line is read back from --results
+    header: str = ""  # the settings, one line
+    title: str = ""  # the population, for the plot
+    delta: float = 0.0
+    runs: list[Run] | None = None
 
 
 # ----------------------------------------------------------------------------- accounting
@@ -156,7 +170,7 @@ def fedsim(overrides: list[str], output: Path, workers: str) -> tuple[dict, floa
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-2000:] + done.stderr[-4000:])
         raise SystemExit(f"fedsim exited {done.returncode} ({' '.join(overrides)})")
-    return json.loads((output / "summary.json").read_text()), seconds, "  $ fedsim run " + " ".join(command[4:])
+    return json.loads((output / "summary.json").read_text()), seconds, "fedsim run " + " ".join(command[4:])
 
 
 def training_examples(data: Path) -> int:
@@ -169,23 +183,22 @@ def training_examples(data: Path) -> int:
     return 60_000
 
 
-def one_run(run: Run, output: Path, base: list[str], args: argparse.Namespace) -> str:
+def one_run(run: Run, output: Path, line: Line, workers: str) -> str:
     """Runs `run` (fills in its results); its lines of the log: the command, the results."""
-    if run.mode == "none":
+    if not run.private:
         overrides = ["dp=none"]
     elif run.mode == "central":
         overrides = [f"dp-noise-multiplier={run.z!r}", f"dp-target-epsilon={run.target!r}"]
     else:
-        overrides = ["dp=local-sgd", f"dp-clipping-norm={args.sample_clip!r}",
-                     f"dp-noise-multiplier={run.z!r}", "dp-target-epsilon=0"]  # fmt: skip
-    label = "inf" if math.isinf(run.target) else f"{run.target:g}"
+        overrides = [f"dp-noise-multiplier={run.z!r}"]
+    label = "inf" if not run.private else f"{run.target:g}"
     output = output.with_name(f"{output.name}-{run.mode}-eps{label}")
-    summary, run.seconds, line = fedsim([*base, *overrides], output, args.workers)
+    summary, run.seconds, run.command = fedsim([*line.overrides, *overrides], output, workers)
     run.final, run.best = summary.get("final_accuracy"), summary.get("best_accuracy")
     run.rounds = int(summary.get("rounds") or 0)
-    run.achieved = math.inf if run.mode == "none" else summary.get("epsilon")
-    return line + "\n" + (f"  {run.mode} ε {label}: final {fmt(run.final, 4)}, best {fmt(run.best, 4)}, "
-            f"ε {fmt(run.achieved)}, {run.rounds} rounds, {run.seconds:.0f} s")  # fmt: skip
+    run.achieved = summary.get("epsilon") if run.private else math.inf
+    return "  $ " + run.command + "\n" + (f"  {run.mode} ε {label}: final {fmt(run.final, 4)}, "
+            f"best {fmt(run.best, 4)}, ε {fmt(run.achieved)}, {run.rounds} rounds, {run.seconds:.0f} s")  # fmt: skip
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -204,7 +217,11 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def plot(runs: list[Run], out: Path, title: str, delta: float) -> None:
+LABELS = {"central": "client-level (central)", "local-sgd": "sample-level (local-sgd)"}
+STYLES = {"central": ("o", "C0"), "local-sgd": ("s", "C1")}
+
+
+def plot(lines: list[Line], out: Path, title: str, delta: float) -> None:
     import matplotlib  # noqa: PLC0415
     import matplotlib.ticker  # noqa: PLC0415
 
@@ -212,41 +229,145 @@ def plot(runs: list[Run], out: Path, title: str, delta: float) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for mode, marker in (("central", "o"), ("local-sgd", "s")):
-        points = sorted((r.achieved, r.final) for r in runs if r.mode == mode and r.final is not None)
-        if points:
-            label = "client-level (central)" if mode == "central" else "sample-level (local-sgd)"
-            ax.plot(*zip(*points, strict=True), marker=marker, label=label)
-            for r in runs:
-                if r.mode == mode and r.final is not None:
-                    where = (r.achieved, r.final)
-                    ax.annotate(f"ε≤{r.target:g}", where, textcoords="offset points", xytext=(4, -10), fontsize=7)
-    for r in runs:
-        if r.mode == "none" and r.final is not None:
-            ax.axhline(r.final, color="grey", linestyle="--", label=f"no DP ({r.final:.3f})")
+    ticks: set[float] = set()
+    for line in lines:
+        marker, colour = STYLES[line.mode]
+        done = [r for r in line.runs or [] if r.final is not None]
+        private = sorted((r for r in done if r.private and r.achieved is not None), key=lambda r: r.achieved)
+        rounds = max((r.rounds for r in done), default=0)
+        if private:
+            ax.plot([r.achieved for r in private], [r.final for r in private], marker=marker, color=colour,
+                    label=f"{LABELS[line.mode]}, R = {rounds}")  # fmt: skip
+            for r in private:
+                ax.annotate(f"ε≤{r.target:g}", (r.achieved, r.final), textcoords="offset points", xytext=(4, -10),
+                            fontsize=7)  # fmt: skip
+            ticks |= {r.target for r in private}
+        for r in done:
+            if not r.private:
+                ax.axhline(r.final, color=colour, linestyle="--", alpha=0.7,
+                           label=f"{LABELS[line.mode].split()[0]}, its twin without DP ({r.final:.3f})")  # fmt: skip
     ax.set_xscale("log")
-    ticks = sorted({r.achieved for r in runs if r.mode != "none" and r.achieved is not None})
-    ax.set_xticks(ticks, [f"{tick:.3g}" for tick in ticks])
+    ax.set_xticks(sorted(ticks), [f"{tick:g}" for tick in sorted(ticks)])  # the targets; the points sit at ε achieved
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel(f"ε achieved (δ = {delta:g})")
     ax.set_ylabel("final test accuracy")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- lines, results
+
+
+def make_line(mode: str, args: argparse.Namespace) -> Line:
+    """`mode`'s settings: the preset with --rounds, --clients, --per-round, --set (and local-sgd's own)."""
+    from shared.config import load_config  # noqa: PLC0415
+
+    overrides = list(args.overrides)
+    for flag, key in ((args.rounds, "rounds"), (args.clients, "num-clients"), (args.per_round, "clients-per-round")):
+        if flag:
+            overrides.append(f"{key}={flag}")
+    if mode == "local-sgd":
+        overrides += ["dp=local-sgd", "dp-target-epsilon=0", f"dp-clipping-norm={args.sample_clip!r}"]
+        overrides += args.sample_overrides
+    return Line(mode, overrides, load_config(PRESET, overrides))
+
+
+def plan(line: Line, epsilons: list[float], examples: int) -> None:
+    """The line's runs, z calibrated for each target; its header (the settings, as printed)."""
+    cfg = line.cfg
+    rounds, clients, q, delta = cfg.rounds, cfg.num_clients, cfg.clients_per_round / cfg.num_clients, cfg.dp_delta
+    line.header = (
+        f"{line.mode}: MNIST 2NN, {clients} clients x {examples} examples, {cfg.clients_per_round} a round "
+        f"(q = {q:.4g}), R = {rounds}, E = {cfg.local_epochs}, B = {cfg.batch_size}, lr = {cfg.lr:g}, "
+        f"C = {cfg.dp_clipping_norm:g}, delta = {delta:g}"
+    )
+    line.title = f"MNIST 2NN, {clients} clients x {examples}, {cfg.clients_per_round}/round"
+    line.delta, line.runs = delta, []
+    if line.mode == "local-sgd":
+        sample_q, steps = min(1.0, cfg.batch_size / examples), cfg.local_epochs * -(-examples // cfg.batch_size)
+        busiest = busiest_client_rounds(rounds, q, clients)
+        line.header += f" (per example; K = {busiest} rounds, {steps} steps a round, q = {sample_q:g})"
+    for target in epsilons:
+        if math.isinf(target):
+            line.runs.append(Run(line.mode, math.inf, 0.0, math.inf))
+        elif line.mode == "central":
+            z = calibrate(lambda z: central_epsilon(z, rounds, q, delta), target)
+            line.runs.append(Run(line.mode, target, z, gaussian_epsilon(z, rounds, delta)))
+        else:
+            z = calibrate(lambda z: sample_epsilon(z, busiest, sample_q, steps, delta), target)
+            line.runs.append(Run(line.mode, target, z, gaussian_epsilon(z, busiest * steps, delta)))
+    line.header += f"; {datetime.date.today().isoformat()}"
+
+
+def _number(value: float | None) -> float | str | None:
+    return "inf" if value is not None and math.isinf(value) else value
+
+
+def save_results(path: Path, lines: list[Line]) -> None:
+    """Every line's header and runs, as JSON (inf as "inf"); `load_line` reads a line back."""
+    rows = {
+        line.mode: {"header": line.header, "title": line.title, "delta": line.delta, "overrides": line.overrides,
+                    "runs": [{key: _number(value) if isinstance(value, float) else value
+                              for key, value in vars(run).items()} for run in line.runs or []]}  # fmt: skip
+        for line in lines
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def load_line(path: Path, mode: str) -> Line:
+    """`mode`'s line as `save_results` wrote it to `path`."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))[mode]
+    except (OSError, ValueError, KeyError) as err:
+        raise SystemExit(f"--reuse {mode}: no {mode} runs in {path} ({type(err).__name__}: {err})") from err
+    floats = ("target", "z", "no_amplification", "achieved", "final", "best", "seconds")
+    runs = [Run(**{key: float(value) if key in floats and value is not None else value for key, value in row.items()})
+            for row in saved["runs"]]  # fmt: skip
+    return Line(mode, saved["overrides"], None, saved["header"], saved["title"], float(saved["delta"]), runs)
+
+
+def below(twin: float, final: float) -> str:
+    """How far `final` is below `twin`, in points of accuracy ("above" where it is not)."""
+    gap = 100 * (twin - final)
+    return f"{gap:.1f} points" if gap >= 0 else f"{-gap:.1f} points above"
+
+
+def print_table(lines: list[Line]) -> None:
+    print("| mode | ε target | z | ε achieved | final accuracy | best accuracy | below its twin (final) "
+          "| ε without amplification | rounds | wall s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for line in lines:
+        twin = next((r.final for r in line.runs or [] if not r.private), None)
+        for run in line.runs or []:
+            gap = "-" if twin is None or run.final is None or not run.private else below(twin, run.final)
+            print(
+                f"| {line.mode if run.private else line.mode + ', dp none'} | "
+                f"{f'{run.target:g}' if run.private else '∞'} | {fmt(run.z) if run.private else '-'} | "
+                f"{fmt(run.achieved, 2)} | {fmt(run.final, 4)} | {fmt(run.best, 4)} | {gap} | "
+                f"{fmt(run.no_amplification, 1) if run.private else '-'} | {run.rounds} | "
+                f"{'-' if run.seconds is None else f'{run.seconds:.0f}'} |"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=0, help="rounds R of every run (default: the preset's)")
-    parser.add_argument("--epsilons", default="1,2,4,8,inf", help="target epsilons; inf = dp none")
+    parser.add_argument("--epsilons", default="1,2,4,8,inf", help="target epsilons; inf = the twin, dp none")
     parser.add_argument("--modes", default="central,local-sgd", help="central, local-sgd, or both")
     parser.add_argument("--clients", type=int, default=0, help="num-clients (default: the preset's 3000)")
+    parser.add_argument("--per-round", type=int, default=0, help="clients-per-round (default: the preset's 100)")
     parser.add_argument("--sample-clip", type=float, default=1.0, help="local-sgd: per-example clipping norm")
+    parser.add_argument("--sample-set", dest="sample_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a preset key in local-sgd's runs and its twin (e.g. lr=2.0)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img" / "dp_tradeoff.png", help="the PNG")
+    parser.add_argument("--results", type=Path, default=None, help="every run's figures (default: --out as .json)")
+    parser.add_argument("--reuse", default="", help="modes read back from --results instead of run (e.g. central)")
     parser.add_argument("--workers", default="auto", help="fedsim --workers of every run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (e.g. 2 with --workers 1 on 2 cores)")
     parser.add_argument("--runs-dir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
@@ -256,81 +377,35 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-    from shared.config import load_config  # noqa: PLC0415
-
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if unknown := set(modes) - set(MODES):
-        raise SystemExit(f"--modes: unknown {sorted(unknown)}; choose from {', '.join(MODES)}")
+    reuse = {m.strip() for m in args.reuse.split(",") if m.strip()}
+    if unknown := (set(modes) | reuse) - set(MODES):
+        raise SystemExit(f"--modes/--reuse: unknown {sorted(unknown)}; choose from {', '.join(MODES)}")
+    results = args.results or args.out.with_suffix(".json")
     epsilons = parse_epsilons(args.epsilons)
-    base = list(args.overrides)
-    if args.rounds:
-        base.append(f"rounds={args.rounds}")
-    if args.clients:
-        base.append(f"num-clients={args.clients}")
-    cfg = load_config(PRESET, base)
-    data = Path(cfg.data_path)
-    if not data.exists():
-        print(f"MNIST not found at {data} (put mnist.npz in ../shared/datasets, or --set data-path=FILE); nothing run")
-        return 2
-    rounds, clients, per_round, delta = cfg.rounds, cfg.num_clients, cfg.clients_per_round, cfg.dp_delta
-    q = per_round / clients
-    examples = training_examples(data) // clients  # an IID split: sizes differ by at most one
-    sample_q = min(1.0, cfg.batch_size / examples)
-    steps = cfg.local_epochs * -(-examples // cfg.batch_size)
-    busiest = busiest_client_rounds(rounds, q, clients)
-    local = (
-        f" (local-sgd: per-example C = {args.sample_clip:g}, K = {busiest} rounds, {steps} steps a round, "
-        f"q = {sample_q:g})" if "local-sgd" in modes else ""
-    )
-    print(
-        f"MNIST 2NN, {clients} clients x {examples} examples, {per_round} a round (q = {q:.4g}), R = {rounds}, "
-        f"E = {cfg.local_epochs}, B = {cfg.batch_size}, lr = {cfg.lr:g}, C = {cfg.dp_clipping_norm:g}{local}, "
-        f"delta = {delta:g}; {datetime.date.today().isoformat()}",
-        flush=True,
-    )
-
-    runs: list[Run] = []
-    for mode in modes:
-        for target in epsilons:
-            if math.isinf(target):
-                continue
-            if mode == "central":
-                z = calibrate(lambda z: central_epsilon(z, rounds, q, delta), target)
-                runs.append(Run(mode, target, z, gaussian_epsilon(z, rounds, delta)))
-            else:
-                z = calibrate(lambda z: sample_epsilon(z, busiest, sample_q, steps, delta), target)
-                runs.append(Run(mode, target, z, gaussian_epsilon(z, busiest * steps, delta)))
-    if math.isinf(epsilons[-1]):
-        runs.append(Run("none", math.inf, 0.0, math.inf))
-
+    lines = [load_line(results, mode) if mode in reuse else make_line(mode, args) for mode in modes]
+    fresh = [line for line in lines if line.mode not in reuse]
+    if fresh:
+        data = Path(fresh[0].cfg.data_path)
+        if not data.exists():
+            print(f"MNIST not found at {data} (put mnist.npz in ../shared/datasets, or --set data-path=FILE); nothing run")
+            return 2
+        for line in fresh:
+            plan(line, epsilons, training_examples(data) // line.cfg.num_clients)  # an IID split
+    for line in lines:
+        print(line.header + (f" (read back from {results})" if line.mode in reuse else ""), flush=True)
+    todo = [(line, run) for line in fresh for run in line.runs or []]
     with tempfile.TemporaryDirectory(prefix="dp-tradeoff-") as scratch:
         where = args.runs_dir or Path(scratch)
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            for done in pool.map(lambda item: one_run(item[1], where / f"{item[0]:02d}", base, args), enumerate(runs)):
+            for done in pool.map(lambda item: one_run(item[1][1], where / f"{item[0]:02d}", item[1][0], args.workers),
+                                 enumerate(todo)):  # fmt: skip
                 print(done, flush=True)
-
     print()
-    print("| mode | ε target | z | ε achieved | final accuracy | best accuracy | ε without amplification "
-          "| rounds | wall s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
-    for run in runs:
-        mode = "no DP" if run.mode == "none" else run.mode
-        print(
-            f"| {mode} | {fmt(run.target, 0) if math.isinf(run.target) else f'{run.target:g}'} | "
-            f"{fmt(run.z) if run.mode != 'none' else '-'} | {fmt(run.achieved, 2)} | {fmt(run.final, 4)} | "
-            f"{fmt(run.best, 4)} | {fmt(run.no_amplification, 1) if run.mode != 'none' else '-'} | {run.rounds} | "
-            f"{run.seconds:.0f} |"
-        )
-    plain = next((r.final for r in runs if r.mode == "none"), None)
-    if plain is not None:
-        for run in runs:
-            if run.mode != "none" and run.final is not None:
-                gap = 100 * (plain - run.final)
-                side = "below" if gap >= 0 else "above"
-                print(f"  {run.mode} ε ≤ {run.target:g}: final accuracy {abs(gap):.1f} points {side} no DP's")
-    title = f"MNIST 2NN, {clients} clients x {examples}, {per_round}/round, R = {rounds}"
-    plot(runs, args.out, title, delta)
-    print(f"wrote {args.out}")
+    print_table(lines)
+    save_results(results, lines)
+    plot(lines, args.out, lines[0].title, lines[0].delta)
+    print(f"wrote {args.out} and {results}")
     return 0
 
 
