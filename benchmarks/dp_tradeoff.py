@@ -170,7 +170,8 @@ def fedsim(overrides: list[str], output: Path, workers: str) -> tuple[dict, floa
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-2000:] + done.stderr[-4000:])
         raise SystemExit(f"fedsim exited {done.returncode} ({' '.join(overrides)})")
-    return json.loads((output / "summary.json").read_text()), seconds, "fedsim run " + " ".join(command[4:])
+    shown = ["fedsim", "run", str(PRESET.relative_to(REPO)), *command[7:]]  # without the scratch --output
+    return json.loads((output / "summary.json").read_text()), seconds, " ".join(shown)
 
 
 def training_examples(data: Path) -> int:
