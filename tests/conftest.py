@@ -11,6 +11,17 @@ import pytest
 from shared.config import RunConfig
 from shared.data import federation as data_federation
 
+@pytest.fixture(autouse=True, scope="session")
+def hermetic_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Flower's home (the FABs a SuperNode installs, the `flwr` CLI's connections) in a temporary
+    folder instead of the user's ~/.flwr, and no Ray cluster from RAY_ADDRESS: the suite neither
+    reads nor leaves state of this machine's own deployments; every process it starts inherits it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
+        patch.delenv("RAY_ADDRESS", raising=False)
+        yield
+
+
 TINY_FEDERATION = {
     "dataset": "synthetic",
     "num-clients": 6,
