@@ -2,7 +2,7 @@
 """A fleet of emulated devices against a real `fedserver start`: what one server holds.
 
     .venv/bin/python benchmarks/fleet.py --devices N --per-round K --rounds R [--secure] [--dropout F]
-        [--over-select F] [--reply-deadline S] [--latency S] [--reconnect F] [--poll S]
+        [--over-select F] [--reply-deadline S] [--latency S] [--reconnect F] [--away S] [--linger S] [--poll S]
         [--processes P] [--db sqlite|memory] [--timeout S] [--keep DIR]
 
 The daemon runs as deployed (TLS, node authentication, every device its own enrolled key from
@@ -14,7 +14,9 @@ deterministic update of the received weights with `num-examples` and `train_loss
 `--secure`, through the device side of SecAgg+, `shared.secagg.secagg_mod`, enrolled), after
 `--latency` s (uniform 0.5-1.5 x). `--dropout F`: each training task is dropped (never answered:
 a device gone mid-round) with probability F; `--reconnect F`: after a reply a device leaves
-(deactivates) with probability F and comes back `AWAY_S` s later.
+(deactivates) `--linger` s later with probability F and comes back `--away` s later. (Flower 1.41's
+SuperLink answers the ServerApp's pull of a reply whose node has left with "node unavailable",
+the reply unused: a device that leaves before its reply is pulled loses it.)
 
 Measured on the server alone (the daemon's process tree: fedserver, SuperLink, SuperExec,
 ServerApp) from all devices connected to the last round committed, from /proc: CPU seconds per
@@ -61,7 +63,6 @@ from shared.processes import free_port, spawn, stop_trees, wait_for_port  # noqa
 
 MAX_DEVICES = 5000
 MAX_ROUNDS = 200
-AWAY_S = 5.0  # how long a reconnecting device stays away
 CONNECTS_AT_ONCE = 8  # per process: connection storms of hundreds of TLS handshakes time out
 TEST_SIZE = 200  # the server's central test set (random MNIST-shaped images)
 STOP_GRACE = 15.0
@@ -79,6 +80,8 @@ class Behaviour:
     latency: float  # mean s before a training reply
     dropout: float  # probability of never answering a training task
     reconnect: float  # probability of leaving after a reply
+    away: float  # s a device that left stays away
+    linger: float  # s a leaving device stays connected after its last reply
     seed: int
 
 
@@ -165,7 +168,7 @@ def device(k: int, how: Behaviour, log: EventLog, stop: threading.Event, connect
     contexts: dict = {}  # run id -> the device's Context for it (SecAgg+ keeps its state there)
     while not stop.is_set():
         if connected_life(k, key, how, rng, log, stop, connects, contexts, node_config):
-            stop.wait(AWAY_S)
+            stop.wait(how.away)
 
 
 def connected_life(k, key, how, rng, log, stop, connects, contexts, node_config) -> bool:  # noqa: ANN001, PLR0913
@@ -213,6 +216,7 @@ def serve(session, k, how, rng, log, stop, contexts, node_config) -> bool:  # no
         log.write(e="reply", d=k, node=session.node_id, round=round_, kind=kind, error=reply.has_error(),
                   t_task=started, t=time.time())  # fmt: skip
         if is_training(kind) and rng.random() < how.reconnect:
+            stop.wait(how.linger)  # Flower 1.41 turns a reply into "node unavailable" if its node left before it was pulled
             return True
     return False
 
@@ -280,6 +284,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reply-deadline", type=float, default=0.0, help="the run config's reply-deadline (s)")
     parser.add_argument("--latency", type=float, default=0.5, help="mean s a device takes to answer a training task")
     parser.add_argument("--reconnect", type=float, default=0.0, help="chance a device leaves after a reply, back later")
+    parser.add_argument("--away", type=float, default=5.0, help="s a device that left (or failed) stays away")
+    parser.add_argument("--linger", type=float, default=3.0, help="s a leaving device stays after its last reply")
     parser.add_argument("--poll", type=float, default=3.0, help="s between a device's empty pulls (Flower's: 3)")
     parser.add_argument("--processes", type=int, default=0, help="device processes; 0 = one per 250 devices")
     parser.add_argument("--db", choices=("sqlite", "memory"), default="sqlite")
@@ -380,7 +386,7 @@ class Fleet:
         count = a.processes or max(1, math.ceil(a.devices / 250))
         how = Behaviour(address, str(self.work / "pki" / "ca.pem"), str(self.work / "pki" / "clients"),
                         str(self.work / "pki" / "enrollment" / "enrollment-ca.pem"), a.poll, a.latency,
-                        a.dropout, a.reconnect, a.seed)  # fmt: skip
+                        a.dropout, a.reconnect, a.away, a.linger, a.seed)  # fmt: skip
         for index in range(count):
             spec = self.work / f"devices-{index}.json"
             devices = list(range(index + 1, a.devices + 1, count))
@@ -449,6 +455,7 @@ class Fleet:
         overheads = [r.overhead_s for r in self.rounds if r.overhead_s is not None]
         cpu = sum(r.cpu_s for r in self.rounds)
         lost = sum(max(0, min(a.per_round, r.pushed) - r.accepted) for r in self.rounds)
+        last_commit = self.rounds[-1].committed if self.rounds else 0.0
         return {
             "devices": a.devices, "per_round": a.per_round, "rounds": a.rounds, "rounds_completed": len(self.rounds),
             "lost_replies": lost,
@@ -461,6 +468,7 @@ class Fleet:
             "accepted": [r.accepted for r in self.rounds], "pushed": [r.pushed for r in self.rounds],
             "dropped": sum(r.dropped for r in self.rounds),
             "device_errors": sum(1 for e in events if e["e"] == "error"),
+            "departures": sum(1 for e in events if e["e"] == "left" and e["t"] <= last_commit),
             "secure": a.secure, "dropout": a.dropout, "over_select": a.over_select,
             "reply_deadline": a.reply_deadline, "latency_s": a.latency, "poll_s": a.poll, "db": a.db,
             "connect_s": None if connect_s is None else round(connect_s, 1), "wall_s": round(wall_s, 1),

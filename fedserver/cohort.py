@@ -102,8 +102,9 @@ def close_round(replies: Sequence[Message], enough: Enough) -> tuple[list[Messag
 
 
 def _log_late(server_round: int, messages: Sequence[Message], counted: list[Message], late: list[Message]) -> None:
-    answered = {reply.metadata.src_node_id for reply in counted}
-    missing = sorted({m.metadata.dst_node_id for m in messages} - answered)
+    # by the message answered: an error reply the SuperLink makes for a node comes from the SuperLink
+    answered = {reply.metadata.reply_to_message_id for reply in counted}
+    missing = sorted({m.metadata.dst_node_id for m in messages if m.metadata.message_id not in answered})
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
         LOG.warning(

@@ -17,11 +17,12 @@ from tests.shared.test_secagg import SETTINGS, FaultyGrid, assert_sum_within_bou
 
 
 def reply(node: int, error: bool = False) -> SimpleNamespace:
-    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: error)
+    """A reply from `node` to `message(node)`."""
+    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=f"m{node}"), has_error=lambda: error)
 
 
 def message(node: int) -> SimpleNamespace:
-    return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node))
+    return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node, message_id=f"m{node}"))
 
 
 class DeliveringGrid:
