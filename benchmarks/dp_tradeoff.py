@@ -290,7 +290,9 @@ def plan(line: Line, epsilons: list[float], examples: int) -> None:
     line.title = f"MNIST 2NN, {clients} clients x {examples}, {cfg.clients_per_round}/round"
     line.delta, line.runs = delta, []
     if line.mode == "local-sgd":
-        sample_q, steps = min(1.0, cfg.batch_size / examples), cfg.local_epochs * -(-examples // cfg.batch_size)
+        from shared.privacy_local import sampling  # noqa: PLC0415
+
+        sample_q, steps = sampling(examples, cfg.batch_size, cfg.local_epochs)  # as the server's ledger
         busiest = busiest_client_rounds(rounds, q, clients)
         line.header += f" (per example; K = {busiest} rounds, {steps} steps a round, q = {sample_q:g})"
     for target in epsilons:
