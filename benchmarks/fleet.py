@@ -66,6 +66,7 @@ MAX_ROUNDS = 200
 CONNECTS_AT_ONCE = 8  # per process: connection storms of hundreds of TLS handshakes time out
 TEST_SIZE = 200  # the server's central test set (random MNIST-shaped images)
 STOP_GRACE = 15.0
+POLL_REPORT_S = 2.0  # how often a device process writes how many pulls its devices made
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,11 @@ class EventLog:
     def __init__(self, path: Path) -> None:
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self.lock = threading.Lock()
+        self.polls = 0  # pulls for a task, every device's
+
+    def count_poll(self) -> None:
+        with self.lock:
+            self.polls += 1
 
     def write(self, **event: object) -> None:
         with self.lock:
@@ -198,6 +204,7 @@ def serve(session, k, how, rng, log, stop, contexts, node_config) -> bool:  # no
 
     while not stop.is_set():
         task = session.pull()
+        log.count_poll()
         if task is None:
             stop.wait(how.poll)
             continue
@@ -232,8 +239,8 @@ def serve_devices(spec_path: Path) -> int:
     threads = [threading.Thread(target=device, args=(k, how, log, stop, connects), daemon=True) for k in spec["devices"]]
     for thread in threads:
         thread.start()
-    while not stop.wait(1.0):
-        pass
+    while not stop.wait(POLL_REPORT_S):
+        log.write(e="polls", p=os.getpid(), n=log.polls, t=time.time())
     for thread in threads:
         thread.join(timeout=max(0.1, STOP_GRACE / 2 / len(threads)))
     log.close()
@@ -317,6 +324,7 @@ class Fleet:
         self.processes: list = []
         self.rounds: list[Round] = []
         self.status = "not started"
+        self.connected_at = 0.0  # wall clock when every device had connected
 
     def run(self) -> dict[str, object]:
         started = time.monotonic()
@@ -408,6 +416,7 @@ class Fleet:
         while len({e["d"] for e in self.events() if e["e"] == "connected"}) < self.args.devices:
             self.check_alive(daemon, deadline, "the devices connecting")
             time.sleep(0.5)
+        self.connected_at = time.time()
         return time.monotonic() - started
 
     def measure_rounds(self, daemon, deadline: float) -> None:  # noqa: ANN001
@@ -469,6 +478,7 @@ class Fleet:
             "dropped": sum(r.dropped for r in self.rounds),
             "device_errors": sum(1 for e in events if e["e"] == "error"),
             "departures": sum(1 for e in events if e["e"] == "left" and e["t"] <= last_commit),
+            "device_pulls_per_s": pull_rate(events, self.connected_at, last_commit),
             "secure": a.secure, "dropout": a.dropout, "over_select": a.over_select,
             "reply_deadline": a.reply_deadline, "latency_s": a.latency, "poll_s": a.poll, "db": a.db,
             "connect_s": None if connect_s is None else round(connect_s, 1), "wall_s": round(wall_s, 1),
@@ -487,6 +497,17 @@ def fill_round(round_: Round, events: list[dict], per_round: int) -> None:
     round_.dropped = sum(1 for e in mine if e["e"] == "dropped")
     counted = training[: per_round][-1:] + later
     round_.slowest_counted = max(counted) if counted else None
+
+
+def pull_rate(events: list[dict], start: float, end: float) -> float | None:
+    """Pulls for a task per second, all devices together, between `start` and `end` (wall clock)."""
+    counts = [e for e in events if e["e"] == "polls" and start <= e["t"] <= end]
+    first = {e["p"]: e for e in reversed(counts)}
+    last = {e["p"]: e for e in counts}
+    spans = [(last[p]["n"] - first[p]["n"], last[p]["t"] - first[p]["t"]) for p in last if last[p]["t"] > first[p]["t"]]
+    if not spans:
+        return None
+    return round(sum(n for n, _ in spans) / statistics.mean(t for _, t in spans), 1)
 
 
 def ledger_accepted(run_dir: Path, since: float, wait: float = 5.0) -> int:

@@ -280,7 +280,7 @@ def _configure_train(
         cohort = poisson_cohort(connected, strategy.accountant.sample_rate)
         return list(strategy.configure_train(server_round, arrays, config, CohortGrid(grid, cohort)))
     cohort = sample_cohort(connected, cohort_size(cfg, len(connected)))
-    with sampling_from(strategy, len(cohort)):
+    with random_untouched(), sampling_from(strategy, len(cohort)):  # the stream drew the cohort, not the strategy
         return list(strategy.configure_train(server_round, arrays, config, CohortGrid(grid, cohort)))
 
 
