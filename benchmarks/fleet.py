@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/fleet.py --devices N --per-round K --rounds R [--secure] [--dropout F]
         [--over-select F] [--reply-deadline S] [--latency S] [--reconnect F] [--away S] [--linger S] [--poll S]
-        [--processes P] [--db sqlite|memory] [--timeout S] [--keep DIR]
+        [--processes P] [--db sqlite|memory] [--idle S] [--timeout S] [--pki-cache DIR] [--keep DIR]
 
 The daemon runs as deployed (TLS, node authentication, every device its own enrolled key from
 `fedserver init`, SQLite state) on 127.0.0.1 in a temporary directory. The devices are threads in
@@ -22,7 +22,9 @@ Measured on the server alone (the daemon's process tree: fedserver, SuperLink, S
 ServerApp) from all devices connected to the last round committed, from /proc: CPU seconds per
 device-round, peak RSS; for each round, its commit time beyond the slowest reply it counted
 (the K-th training reply, and every reply of a later secure stage); replies lost (a reply among
-a round's first K that the server's node ledger did not accept). The last line printed is one
+a round's first K that the server's node ledger did not accept); and, before round 1 (which
+waits for every device: one is held back for `--idle` s), the CPU that the devices' polling
+alone costs it, per pull. The last line printed is one
 JSON object. Bounded: MAX_DEVICES, `--timeout`; stops everything it started, on Ctrl-C too.
 """
 
@@ -63,7 +65,7 @@ from shared.processes import free_port, spawn, stop_trees, wait_for_port  # noqa
 
 MAX_DEVICES = 5000
 MAX_ROUNDS = 200
-CONNECTS_AT_ONCE = 8  # per process: connection storms of hundreds of TLS handshakes time out
+CONNECTS_AT_ONCE = 16  # per process: connection storms of hundreds of TLS handshakes time out
 TEST_SIZE = 200  # the server's central test set (random MNIST-shaped images)
 STOP_GRACE = 15.0
 POLL_REPORT_S = 2.0  # how often a device process writes how many pulls its devices made
@@ -271,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_devices:
         return serve_devices(Path(args.serve_devices))
+    if args.plot:
+        plot([json.loads(Path(path).read_text()) for path in args.plot], Path(args.out))
+        return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through the finally blocks below
     with tempfile.TemporaryDirectory(prefix="flowerbed-fleet-") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
@@ -299,11 +304,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden", default="200,200", help="the MLP's hidden sizes (784 in, 10 out): 2NN")
     parser.add_argument("--round-timeout", type=float, default=300.0)
     parser.add_argument("--timeout", type=float, default=1800.0, help="s for the whole benchmark")
+    parser.add_argument("--idle", type=float, default=10.0, help="s the server is measured idle after the run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pki-cache", default="", help="keep each fleet size's PKI here and reuse it")
     parser.add_argument("--keep", default="", help="keep the work directory (logs, state) here")
+    parser.add_argument("--plot", nargs="+", default=[], help="draw these results (JSON files) instead of running")
+    parser.add_argument("--out", default="docs/img/fleet.png", help="where --plot draws")
     parser.add_argument("--serve-devices", default="", help=argparse.SUPPRESS)  # a device process's spec
     args = parser.parse_args(argv)
-    if args.serve_devices:
+    if args.serve_devices or args.plot:
         return args
     if not 1 <= args.devices <= MAX_DEVICES or not 1 <= args.per_round <= args.devices:
         parser.error(f"--devices must be in [1, {MAX_DEVICES}] and --per-round in [1, --devices]")
@@ -324,13 +333,15 @@ class Fleet:
         self.processes: list = []
         self.rounds: list[Round] = []
         self.status = "not started"
+        self.pki = work / "pki"
         self.connected_at = 0.0  # wall clock when every device had connected
+        self.idle: tuple[float, float, float] | None = None  # (start, end, server CPU s) after the run
 
     def run(self) -> dict[str, object]:
         started = time.monotonic()
         deadline = started + self.args.timeout
         load = os.getloadavg()[0]
-        init_pki(self.work / "pki", clients=self.args.devices)
+        self.pki = self.make_pki()
         (self.work / "run.toml").write_text(self.run_config())
         address = f"127.0.0.1:{free_port()}"
         peak, connect_s = MemoryPeak([], every=0.5), None
@@ -339,8 +350,13 @@ class Fleet:
             peak.roots.append(daemon.pid)
             peak.start()
             self.wait_for_run(daemon, deadline)
-            self.start_devices(address)
-            connect_s = self.wait_connected(daemon, deadline)
+            held_back = [self.args.devices] if self.args.idle > 0 and self.args.devices > 1 else []
+            how = self.start_devices(address, range(1, self.args.devices + 1 - len(held_back)))
+            connect_s = self.wait_connected(daemon, deadline, self.args.devices - len(held_back))
+            if held_back:  # round 1 waits for every device: the others are idle, pulling for tasks
+                self.measure_idle(daemon)
+                self.spawn_devices(how, held_back, "last")
+                self.wait_connected(daemon, deadline, self.args.devices)
             self.measure_rounds(daemon, deadline)
         except (RuntimeError, KeyboardInterrupt) as err:
             self.status = f"stopped: {err}" if str(err) else "interrupted"
@@ -350,6 +366,16 @@ class Fleet:
             self.save_server_log()
             stop_trees(self.processes, grace=STOP_GRACE)
         return self.result(peak, connect_s, load, time.monotonic() - started)
+
+    def make_pki(self) -> Path:
+        """`fedserver init`'s PKI for the devices: in the work directory, or made once in `--pki-cache`."""
+        if not self.args.pki_cache:
+            init_pki(self.work / "pki", clients=self.args.devices)
+            return self.work / "pki"
+        cached = Path(self.args.pki_cache) / f"devices-{self.args.devices}"
+        if not (cached / "clients" / f"client-{self.args.devices}.crt").exists():
+            init_pki(cached, clients=self.args.devices, force=True)
+        return cached
 
     def run_config(self) -> str:
         a = self.args
@@ -372,7 +398,7 @@ class Fleet:
         return "".join(f"{key} = {json.dumps(value)}\n" for key, value in config.items())
 
     def start_daemon(self, address: str):  # noqa: ANN201
-        argv = [sys.executable, "-m", "fedserver.cli", "start", "--pki", str(self.work / "pki"),
+        argv = [sys.executable, "-m", "fedserver.cli", "start", "--pki", str(self.pki),
                 "--config", str(self.work / "run.toml"), "--state-dir", str(self.state.root),
                 "--address", address, "--db", self.args.db]  # fmt: skip
         with open(self.work / "fedserver.out", "ab") as out:
@@ -389,20 +415,24 @@ class Fleet:
             self.check_alive(daemon, deadline, "submitting the run")
             time.sleep(0.2)
 
-    def start_devices(self, address: str) -> None:
+    def start_devices(self, address: str, devices: range) -> Behaviour:
+        """`devices` (PKI client numbers) spread over the device processes; how they behave."""
         a = self.args
-        count = a.processes or max(1, math.ceil(a.devices / 250))
-        how = Behaviour(address, str(self.work / "pki" / "ca.pem"), str(self.work / "pki" / "clients"),
-                        str(self.work / "pki" / "enrollment" / "enrollment-ca.pem"), a.poll, a.latency,
+        count = a.processes or max(1, math.ceil(len(devices) / 250))
+        how = Behaviour(address, str(self.pki / "ca.pem"), str(self.pki / "clients"),
+                        str(self.pki / "enrollment" / "enrollment-ca.pem"), a.poll, a.latency,
                         a.dropout, a.reconnect, a.away, a.linger, a.seed)  # fmt: skip
         for index in range(count):
-            spec = self.work / f"devices-{index}.json"
-            devices = list(range(index + 1, a.devices + 1, count))
-            spec.write_text(json.dumps({"behaviour": asdict(how), "devices": devices,
-                                        "events": str(self.work / f"events-{index}.jsonl")}))  # fmt: skip
-            with open(self.work / f"devices-{index}.out", "ab") as out:
-                argv = [sys.executable, str(Path(__file__).resolve()), "--serve-devices", str(spec)]
-                self.processes.append(spawn(argv, env=fleet_env(), stdout=out, cwd=REPO))
+            self.spawn_devices(how, list(devices[index::count]), str(index))
+        return how
+
+    def spawn_devices(self, how: Behaviour, devices: list[int], name: str) -> None:
+        spec = self.work / f"devices-{name}.json"
+        spec.write_text(json.dumps({"behaviour": asdict(how), "devices": devices,
+                                    "events": str(self.work / f"events-{name}.jsonl")}))  # fmt: skip
+        with open(self.work / f"devices-{name}.out", "ab") as out:
+            argv = [sys.executable, str(Path(__file__).resolve()), "--serve-devices", str(spec)]
+            self.processes.append(spawn(argv, env=fleet_env(), stdout=out, cwd=REPO))
 
     def events(self) -> list[dict]:
         found = []
@@ -410,10 +440,10 @@ class Fleet:
             found += [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
         return found
 
-    def wait_connected(self, daemon, deadline: float) -> float:  # noqa: ANN001
-        """Seconds until every device has connected once."""
+    def wait_connected(self, daemon, deadline: float, devices: int) -> float:  # noqa: ANN001
+        """Seconds until `devices` devices have connected once."""
         started = time.monotonic()
-        while len({e["d"] for e in self.events() if e["e"] == "connected"}) < self.args.devices:
+        while len({e["d"] for e in self.events() if e["e"] == "connected"}) < devices:
             self.check_alive(daemon, deadline, "the devices connecting")
             time.sleep(0.5)
         self.connected_at = time.time()
@@ -434,6 +464,17 @@ class Fleet:
             cpu, accepted = now_cpu, now_accepted
         self.status = "completed"
 
+    def idle_cost(self, events: list[dict]) -> dict[str, float | None]:
+        """What the devices' polling alone costs the server, from the idle window before round 1."""
+        if self.idle is None:
+            return {"idle_server_cpu_s_per_s": None, "server_cpu_ms_per_pull": None}
+        start, end, cpu = self.idle
+        rate = pull_rate(events, start - POLL_REPORT_S, end + POLL_REPORT_S)
+        return {
+            "idle_server_cpu_s_per_s": round(cpu / (end - start), 3),
+            "server_cpu_ms_per_pull": round(1000 * cpu / (end - start) / rate, 2) if rate else None,
+        }
+
     def save_server_log(self) -> None:
         """The ServerApp's log, kept by the SuperLink, to WORK/serverapp.log (`flwr log RUN --show`)."""
         info = DaemonInfo.read(self.state.info)
@@ -446,6 +487,12 @@ class Fleet:
         except (OSError, subprocess.TimeoutExpired):
             return
         (self.work / "serverapp.log").write_text(shown.stdout + shown.stderr)
+
+    def measure_idle(self, daemon) -> None:  # noqa: ANN001
+        """The tree's CPU for `--idle` s while the devices connected pull for tasks and none has come."""
+        start, cpu = time.time(), cpu_seconds([daemon.pid])
+        time.sleep(self.args.idle)
+        self.idle = (start, time.time(), cpu_seconds([daemon.pid]) - cpu)
 
     def check_alive(self, daemon, deadline: float, what: str) -> None:  # noqa: ANN001
         if daemon.poll() is not None:
@@ -479,11 +526,46 @@ class Fleet:
             "device_errors": sum(1 for e in events if e["e"] == "error"),
             "departures": sum(1 for e in events if e["e"] == "left" and e["t"] <= last_commit),
             "device_pulls_per_s": pull_rate(events, self.connected_at, last_commit),
+            **self.idle_cost(events),
             "secure": a.secure, "dropout": a.dropout, "over_select": a.over_select,
             "reply_deadline": a.reply_deadline, "latency_s": a.latency, "poll_s": a.poll, "db": a.db,
             "connect_s": None if connect_s is None else round(connect_s, 1), "wall_s": round(wall_s, 1),
             "load_average_at_start": round(load, 2), "cpus": os.cpu_count(), "status": self.status,
         }  # fmt: skip
+
+
+def plot(results: list[dict], out: Path) -> None:
+    """Server CPU per device-round, round overhead and peak memory against connected devices, a
+    line for each sampled share and aggregation (runs that completed no round are left out)."""
+    import matplotlib  # noqa: PLC0415 - only for --plot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    panels = [("server_cpu_s_per_device_round", "server CPU s per device-round"),
+              ("round_overhead_s", "round time beyond the slowest reply (s)"), ("server_peak_mb", "server peak RSS (MB)")]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.8))
+    lines: dict[tuple[bool, int], list[dict]] = {}
+    for result in results:
+        if result["rounds_completed"]:
+            share = round(100 * result["per_round"] / result["devices"])
+            lines.setdefault((result["secure"], share), []).append(result)
+    for (secure, share), runs in sorted(lines.items()):
+        runs.sort(key=lambda r: r["devices"])
+        label = f"{share} % a round, {'SecAgg+' if secure else 'plaintext'}"
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            ax.plot([r["devices"] for r in runs], [r[key] for r in runs], "o-" if not secure else "s--", label=label)
+    for ax, (_, title) in zip(axes, panels, strict=True):
+        ax.set_xscale("log")
+        ax.set_xticks([100, 300, 1000], ["100", "300", "1000"])
+        ax.minorticks_off()
+        ax.set_xlabel("connected devices")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
 
 
 def fill_round(round_: Round, events: list[dict], per_round: int) -> None:

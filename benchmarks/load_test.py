@@ -1,6 +1,10 @@
 #!/usr/bin/env python
 """Many clients on one machine: `fedserver start` and N `fedclient start` on 127.0.0.1, TLS on.
 
+The clients here are the load: what one machine's worth of real devices costs. What the server
+itself holds (hundreds of devices, emulated, the server's CPU and memory alone) is
+benchmarks/fleet.py's.
+
     .venv/bin/python benchmarks/load_test.py [--clients 50] [--rounds 3] [--samples 100] [--db sqlite] [--batch 10]
 
 Workload: the MNIST 2NN, FedAvg, every client every round, E = 1, B = 10, lr 0.1, `--samples`
@@ -25,7 +29,7 @@ fedclient, past its 15 s grace for that code, gives up.
 
 With `--db sqlite` (the default) and 50 clients on 2 cores at a load average near 35, the
 ServerApp's push of round 1's messages failed with "database is locked" in the SuperLink and
-no round started; `--db memory` completed (the figures in the README).
+no round started; `--db memory` completed (the figures in docs/benchmarks.md).
 
 It stops early, stopping everything, if the machine's available memory falls below
 MIN_AVAILABLE_MB while the clients start. Whatever was measured is printed even then.
