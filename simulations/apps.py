@@ -36,7 +36,7 @@ from shared.flower_compat.app_config import (
 )
 from shared.flower_compat.messages import ErrorCode
 from simulations.grid import RoundRunner, simulation_node_config
-from simulations.runner import WORKER_BASE_SECONDS, RunOutcome, SimulationResult, Workload, WorkerSide
+from simulations.runner import RunOutcome, SimulationResult, Workload, WorkerSide
 
 LOG = logging.getLogger("flowerbed.sim")
 
@@ -229,12 +229,18 @@ class CountingGrid(GridWrapper):
         return replies
 
 
+def worker_startup_estimate() -> float:
+    """A worker process's start-up, estimated as this process's CPU time so far, its app loaded:
+    a spawned worker pays the same (the interpreter, Flower, the app's imports), little else."""
+    return time.process_time()
+
+
 class FlowerAppRun:
     """The runner's app for a Flower app directory (`runner.SimulatedApp`); its outputs: `output/timing.json`.
 
     Its work is not known ahead, so `workers = "auto"` times its first round against a worker's
-    start-up: Flower's and the pool's (WORKER_BASE_SECONDS) plus loading the ClientApp, as timed here.
-    Its ServerApp tells no round events: the runner's subscribers get none.
+    start-up (`worker_startup_estimate`). Its ServerApp tells no round events: the runner's
+    subscribers get none.
     """
 
     def __init__(self, app: FlowerApp, output: Path, quiet: bool = False) -> None:
@@ -244,10 +250,8 @@ class FlowerAppRun:
         self.run_config, self.num_nodes, self.app_dir = app.run_config, app.num_supernodes, app.directory
         self.node_config = app.node_config
         self._server_app = app.load_server_app()  # a bad app: one line, before any worker
-        started = time.perf_counter()
         self._client_app = app.load_client_app()
-        startup = WORKER_BASE_SECONDS + time.perf_counter() - started
-        self.workload = Workload(app.num_supernodes, startup_seconds=startup)
+        self.workload = Workload(app.num_supernodes, startup_seconds=worker_startup_estimate())
         self.counts = GridCounts()
 
     def client_app(self) -> ClientApp:

@@ -28,9 +28,6 @@ from simulations.grid import InProcessGrid, RoundRunner, serve_batch, server_con
 from simulations.workers import AUTO, AppFactory, BatchFactory, client_workers, visible_gpus, worker_count
 
 BACKEND_FEDSIM, BACKEND_RAY = "fedsim", "ray"
-# A spawned worker's start-up besides importing the ClientApp: the interpreter, Flower, the pool's
-# modules (measured: docs/benchmarks.md, "A worker's start-up").
-WORKER_BASE_SECONDS = 1.5
 
 ServerMain = Callable[[Grid, Context, Sequence[RoundCallback]], None]
 WorkerSide = tuple[AppFactory, BatchFactory | None]  # picklable: each worker process builds its clients with them
@@ -48,7 +45,7 @@ class Workload:
 
     clients_per_round: int
     run_examples: int | None = None
-    startup_seconds: float = WORKER_BASE_SECONDS
+    startup_seconds: float = 0.0
     size: Callable[[Context], int] | None = None
     on_cuda: bool = True
 

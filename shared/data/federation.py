@@ -192,7 +192,7 @@ def local_spec(cfg: RunConfig, data: ClientData, tokenizer: UnfittedTokenizer | 
         tokenizer = tokenizer or (ByteTokenizer() if cfg.tokenizer == "bytes" else None)
         if tokenizer is None:  # never fitted here: that reads every client's text
             raise DataError(f"a device's text model needs tokenizer 'bytes' or a shipped 'file', not '{cfg.tokenizer}'")
-        return _text_spec(cfg, tokenizer)
+        return _text_spec(cfg, tokenizer, None)
     known = KNOWN_SPECS.get(cfg.dataset)
     input_dim = cfg.input_dim or (known.input_dim if known else int(np.prod(data.x_train.shape[1:])))
     num_classes = cfg.num_classes or (known.num_classes if known else int(data.y_train.max()) + 1)

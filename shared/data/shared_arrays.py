@@ -1,6 +1,6 @@
 """Arrays saved once to a directory and memory-mapped, read-only, by every process that opens it.
 
-This is how fedsim's workers get their dataset (`shared.data.federation.shared_federation`):
+This is how fedsim's workers get their dataset (`shared.data.federation.shared_source`):
 the engine reads the file once and saves the arrays its federation is built from, and each
 worker maps them instead of reading and decoding the file again. A mapped file's pages are
 the operating system's page cache: one copy, whatever the number of processes, and only the

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from shared.data import federation as federation_module
@@ -116,7 +116,7 @@ def app_timing(tmp_path: Path, *args: str) -> dict:
 @pytest.mark.skipif(available_cores() < 2, reason="auto trains in process on one core")
 def test_auto_starts_workers_after_a_first_round_slower_than_a_workers_start_up(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setattr(apps, "WORKER_BASE_SECONDS", -1e9)  # any round outlasts such a start-up
+    monkeypatch.setattr(apps, "worker_startup_estimate", lambda: -1.0)  # any round outlasts such a start-up
     result = tmp_path / "final.npy"
 
     timing = app_timing(tmp_path, "--workers", "auto", "--run-config", f"step=2 result-path='{result}'")
@@ -128,7 +128,7 @@ def test_auto_starts_workers_after_a_first_round_slower_than_a_workers_start_up(
 
 def test_auto_stays_in_process_after_a_first_round_quicker_than_a_workers_start_up(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setattr(apps, "WORKER_BASE_SECONDS", 1e9)
+    monkeypatch.setattr(apps, "worker_startup_estimate", lambda: 1e9)
 
     assert app_timing(tmp_path, "--workers", "auto")["workers"] == 1
 
@@ -194,3 +194,26 @@ def test_a_run_with_workers_reads_its_file_once(npz_config, builds, tmp_path):
 
     assert result.summary["rounds"] == 2
     assert builds == [True, False]  # read once; then this process too holds the arrays the workers map
+
+
+# --- the PyTorch example of the benchmark -----------------------------------------------------------
+
+
+def test_the_quickstart_pytorch_example_ends_alike_in_process_and_in_workers(tmp_path, monkeypatch):
+    # Prepare: Flower's quickstart-pytorch shape (examples/quickstart_pytorch), tiny: 2 nodes, 1 round
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    app = Path(__file__).resolve().parents[2] / "examples" / "quickstart_pytorch"
+    tiny = "num-server-rounds=1 partition-fraction=0.005"
+
+    # Execute
+    finals = []
+    for workers in ("1", "2"):
+        result = tmp_path / f"final-{workers}.npy"
+        code = cli.main(["run", "--app", str(app), "--quiet", "--num-supernodes", "2", "--workers", workers,
+                         "--run-config", f"{tiny} result-path='{result}'", "--output", str(tmp_path / workers)])  # fmt: skip
+        assert code == 0
+        finals.append(np.load(result))
+
+    # Assert: the same model, up to float sums in another order and thread count
+    np.testing.assert_allclose(finals[0], finals[1], rtol=1e-4, atol=1e-6)
+    assert json.loads((tmp_path / "2" / TIMING_FILE).read_text())["workers"] == 2

@@ -27,7 +27,8 @@ def train(msg: Message, context: Context):
     num_partitions = context.node_config["num-partitions"]
     batch_size = context.run_config["batch-size"]
     server_round = msg.content["config"]["server-round"]
-    trainloader, _ = load_data(partition_id, num_partitions, batch_size, server_round)
+    fraction = context.run_config["partition-fraction"]
+    trainloader, _ = load_data(partition_id, num_partitions, batch_size, server_round, fraction)
 
     # Call the training function
     train_loss = train_fn(model, trainloader, context.run_config["local-epochs"], msg.content["config"]["lr"], device)
@@ -53,7 +54,8 @@ def evaluate(msg: Message, context: Context):
     partition_id = context.node_config["partition-id"]
     num_partitions = context.node_config["num-partitions"]
     batch_size = context.run_config["batch-size"]
-    _, valloader = load_data(partition_id, num_partitions, batch_size)
+    fraction = context.run_config["partition-fraction"]
+    _, valloader = load_data(partition_id, num_partitions, batch_size, fraction=fraction)
 
     # Call the evaluation function
     eval_loss, eval_acc = test_fn(model, valloader, device)

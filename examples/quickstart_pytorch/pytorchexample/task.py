@@ -35,10 +35,11 @@ def _tensors(examples: int, seed: int) -> TensorDataset:
     return TensorDataset(images, torch.randint(0, 10, (examples,), generator=generator))
 
 
-def load_data(partition_id: int, num_partitions: int, batch_size: int, server_round: int = 0):
-    """Partition `partition_id`'s train and test loaders: offline tensors of CIFAR-10's shape."""
-    train = _tensors(TRAIN_EXAMPLES // num_partitions, 2 * partition_id)
-    test = _tensors(TEST_EXAMPLES // num_partitions, 2 * partition_id + 1)
+def load_data(partition_id: int, num_partitions: int, batch_size: int, server_round: int = 0, fraction: float = 1.0):
+    """Partition `partition_id`'s train and test loaders: offline tensors of CIFAR-10's shape,
+    `fraction` of a CIFAR-10 partition's size."""
+    train = _tensors(int(TRAIN_EXAMPLES * fraction) // num_partitions, 2 * partition_id)
+    test = _tensors(int(TEST_EXAMPLES * fraction) // num_partitions, 2 * partition_id + 1)
     shuffle = torch.Generator().manual_seed(1000 * partition_id + server_round)
     trainloader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=shuffle)
     return trainloader, DataLoader(test, batch_size=batch_size)
