@@ -12,12 +12,10 @@ signals in full: docs/deploy.md.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import json
 import logging
 import multiprocessing
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -29,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
+from fedserver.addresses import AddressError, is_loopback, parse_address
 from fedserver.checkpoints import STATE_FILE, CheckpointError, config_changes
 from fedserver.control import ControlClient, ControlError, RunInfo, load_public_key
 from fedserver.dashboard import DEFAULT_ADDRESS as DEFAULT_DASHBOARD
@@ -39,7 +38,6 @@ from fedserver.staging import stage_app
 from fedserver.state import DEFAULT_ADDRESS, DaemonError, DaemonInfo, StateDir, make_private, private_files
 from fedserver.status import refresh_live
 from shared.config import TEXT_MODELS, ConfigError, RunConfig, load_config
-from shared.errors import FedserverError
 from shared.files import write_secret
 from shared.pki import PkiError
 from shared.processes import (
@@ -53,7 +51,6 @@ POLL_SECONDS = 1.0  # how often the daemon looks at the run and the metrics
 STATUS_EVERY = 5  # polls between two Control API queries
 LOG_DRAIN_TIMEOUT = 5.0  # seconds the SuperLink's last output gets to reach superlink.log
 WILDCARD_HOSTS = ("0.0.0.0", "::")
-HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")  # a DNS name or an IPv4 address
 # Where the SuperLink keeps runs, nodes and messages. "sqlite": STATE/state.db, which outlives
 # the daemon. "memory": Flower's in-memory state, about 4 CPU-seconds a round cheaper for the
 # MNIST 2NN here (Flower 1.41 stores every message object in its SQL state); a restarted
@@ -102,41 +99,6 @@ class StartOptions:
     dashboard_names: Path | None = None  # the operator's names for node ids, shown on the dashboard
 
 
-class AddressError(FedserverError, ValueError):
-    """A bad --address or --control-address (exit 2); one line."""
-
-
-def parse_address(address: str, flag: str = "--address") -> tuple[str, int]:
-    """HOST:PORT (IPv6 as [HOST]:PORT) -> (host, port); an AddressError naming `flag` otherwise."""
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise AddressError(
-            f"invalid {flag} {address!r}: give HOST:PORT with a port from 1 to 65535, e.g. {DEFAULT_ADDRESS}"
-        )
-    if not host:
-        raise AddressError(
-            f"{flag} {address} has no host: give 127.0.0.1:{port_text} for this machine only, "
-            f"0.0.0.0:{port_text} for every interface"
-        )
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not _valid_host(bare, bracketed=bare != host):
-        raise AddressError(f"invalid {flag} {address!r}: HOST is a name or an IP address (IPv6 as [HOST]:PORT)")
-    return bare, int(port_text)
-
-
-def _valid_host(host: str, bracketed: bool) -> bool:
-    if bracketed:
-        return isinstance(_ip(host), ipaddress.IPv6Address)
-    return HOST_NAME.fullmatch(host) is not None
-
-
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
-
-
 def listen_address(options: StartOptions) -> tuple[str, int]:
     """Where the SuperLink listens, from --address; a one-line AddressError where that would expose
     its Control API without --control-address saying so (Flower 1.41 serves the Fleet, Control and
@@ -148,18 +110,13 @@ def listen_address(options: StartOptions) -> tuple[str, int]:
                 f"--control-address {options.control_address} must be --address {options.address} or left out: "
                 "Flower 1.41 serves the Control API on the Fleet API's port"
             )
-    elif not _is_loopback(host):
+    elif not is_loopback(host):
         raise AddressError(
             f"--address {options.address} would expose the Control API too (whoever reaches it runs code here; "
             "Flower 1.41 serves it on the Fleet API's port): keep --address on 127.0.0.1 behind a TLS proxy "
             f"(docs/deploy.md), or add --control-address {options.address} to expose it knowingly"
         )
     return host, port
-
-
-def _is_loopback(host: str) -> bool:
-    ip = _ip(host)
-    return host == "localhost" if ip is None else ip.is_loopback
 
 
 def _check_bindable(address: str, host: str, port: int) -> None:

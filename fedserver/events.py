@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,9 @@ def notify(subscribers: Sequence[RoundCallback], event: RoundEvent) -> bool:
 
 def event_record(event: RoundEvent) -> Record:
     """`event` as plain JSON values: its fields (a private round's `epsilon` too), `replies` as objects."""
-    return asdict(event)
+    record = {f.name: getattr(event, f.name) for f in fields(event)}  # not asdict: it deep-copies each reply
+    record["replies"] = [dict(vars(reply)) for reply in event.replies]
+    return record
 
 
 class EventLog:

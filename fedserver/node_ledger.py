@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +49,7 @@ class NodeRecord:
             self.rounds_failed, self.last_failed_round = self.rounds_failed + 1, server_round
 
     def to_json(self, node_id: int) -> dict[str, Any]:
-        return {"node_id": node_id, **asdict(self), "last_message": self.last_message}
+        return {"node_id": node_id, **vars(self), "last_message": self.last_message}  # vars: its fields, flat
 
 
 @dataclass

@@ -12,17 +12,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedserver.checkpoints import STATE_FILE, read_metrics
-from fedserver.control import ControlClient, ControlError
 from fedserver.dashboard.model import RunModel, run_summary
 from fedserver.events import EVENTS_FILE, EventFollower
 from fedserver.node_ledger import NodeLedger
 from fedserver.state import DaemonInfo, StateDir
 from shared.config import ConfigError, RunConfig
+
+if TYPE_CHECKING:
+    from fedserver.control import ControlClient
 
 FAILED = "finished:failed"
 ROW_KEYS = ("at", "replies")  # a model's round keys that are not metrics.jsonl's
@@ -59,15 +61,19 @@ class Status:
         """Whether the daemon's own run ended in failure (`fedserver status` then exits 1)."""
         return any(run["run_id"] == self.run_id and run["status"] == FAILED for run in self.runs)
 
+    def document(self) -> dict[str, Any]:
+        """The JSON object, field by field (build_status makes each nested value afresh: no deep copy)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps(self.document())
 
 
 def build_status(model: RunModel, *, devices: list[dict[str, Any]] | None = None,
                  names: Mapping[int, str] | None = None) -> Status:  # fmt: skip
     """The status document of `model`; `devices` the ledger's entries where read from nodes.json
     (default: the model's), `names` node names where the operator mapped them (default: the SuperLink's)."""
-    rows = model.rounds()
+    completed, elapsed, last = model.progress()
     nodes = model.nodes(names)
     daemon = model.daemon
     status = Status(
@@ -77,14 +83,14 @@ def build_status(model: RunModel, *, devices: list[dict[str, Any]] | None = None
     )  # fmt: skip
     status.nodes = [{"node_id": n["node_id"], "name": n["name"], "status": n["status"]} for n in nodes if n["status"]]
     status.connected_nodes = model.connected()
-    status.rounds_completed = len(rows)
-    status.last_metrics = {k: v for k, v in rows[-1].items() if k not in ROW_KEYS} if rows else None
+    status.rounds_completed = completed
+    status.last_metrics = {k: v for k, v in last.items() if k not in ROW_KEYS} if last else None
     status.devices = devices if devices is not None else [_ledger_entry(n) for n in nodes if n["replies"]]
     status.rounds = (model.run or {}).get("rounds") or daemon.get("rounds")
-    status.elapsed_seconds = round(sum(row.get("seconds") or 0.0 for row in rows), 3)
-    status.seconds_per_round = rows[-1].get("seconds") if rows else None
-    status.secure_aggregation = _secure_aggregation(model.run, rows)
-    status.privacy = _privacy(model.run, rows)
+    status.elapsed_seconds = round(elapsed, 3)
+    status.seconds_per_round = last.get("seconds") if last else None
+    status.secure_aggregation = _secure_aggregation(model.run, last)
+    status.privacy = _privacy(model.run, last)
     return status
 
 
@@ -94,17 +100,17 @@ def _ledger_entry(node: dict[str, Any]) -> dict[str, Any]:
     return {key: node[key] for key in keys}
 
 
-def _secure_aggregation(run: dict[str, Any] | None, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _secure_aggregation(run: dict[str, Any] | None, last: dict[str, Any] | None) -> dict[str, Any] | None:
     if not run or not run.get("secure_aggregation"):
         return None
-    last_sum = rows[-1]["replies"]["accepted"] if rows else None
+    last_sum = last["replies"]["accepted"] if last else None
     return {"threshold": run["secagg_threshold"], "neighbours": run["secagg_neighbours"], "last_round_accepted": last_sum}
 
 
-def _privacy(run: dict[str, Any] | None, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _privacy(run: dict[str, Any] | None, last: dict[str, Any] | None) -> dict[str, Any] | None:
     if not run or run.get("dp", "none") == "none":
         return None
-    last = rows[-1] if rows else {}
+    last = last or {}
     return {"dp": run["dp"], "epsilon": last.get("epsilon"), "target_epsilon": run.get("dp_target_epsilon") or None,
             "delta": run.get("dp_delta"), "stopped": last.get("stopped")}  # fmt: skip
 
@@ -120,6 +126,8 @@ def collect(state_dir: Path) -> Status:
     if info is not None:
         model.daemon.update(address=info.address, run_id=info.run_id, rounds=info.rounds)
     if pid is not None and info is not None:
+        from fedserver.control import ControlClient  # Flower's Control client: only to ask a running daemon
+
         try:
             with ControlClient(info.control_address, Path(info.ca)) as control:
                 refresh_live(model, control, info)
@@ -152,12 +160,14 @@ def _committed_run(run_dir: Path) -> dict[str, Any] | None:
 
 def refresh_live(model: RunModel, control: ControlClient, info: DaemonInfo) -> None:
     """The SuperLink's runs and nodes into `model` (`error` set where it cannot be asked)."""
+    from fedserver.control import ControlError
+
     try:
         runs, nodes = control.list_runs(), control.list_nodes()
     except ControlError as err:
         model.daemon["error"] = str(err)
         return
-    completed = len(model.rounds())
+    completed, _, _ = model.progress()
     listed, error = [], None
     for run in runs:
         ours = run.run_id == info.run_id

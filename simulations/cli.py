@@ -16,11 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedserver.cli import add_dashboard_arguments, dashboard_flag
 from shared.cli import add_command, build_parser as build_command_parser, run_cli
 from shared.config import BACKENDS, load_config
 from shared.errors import ExitCode, UsageError
 
 if TYPE_CHECKING:
+    from fedserver.dashboard import Dashboard
+    from fedserver.events import RoundCallback
     from simulations.runner import Backend, SimulatedApp
 
 PROG = "fedsim"
@@ -55,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override the app's [tool.flwr.app.config], as 'flwr run --run-config' (repeatable)")
     app.add_argument("--num-supernodes", type=int, metavar="N",
                      help="virtual nodes (default: the app's local-simulation federation, else Flower's default)")
+    add_dashboard_arguments(run, default=None)
     return parser
 
 
@@ -67,7 +71,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.resume is not None and (args.config is not None or args.output is not None):
         raise UsageError("--resume DIR takes its config and output from DIR")
     _check_app_args(args)
+    _check_dashboard_args(args)
     return args
+
+
+def _check_dashboard_args(args: argparse.Namespace) -> None:
+    """The dashboard shows Flowerbed's round events; its files go with it."""
+    args.dashboard = dashboard_flag(args.dashboard)
+    if args.dashboard is None and (args.dashboard_token_file or args.dashboard_names):
+        raise UsageError("--dashboard-token-file and --dashboard-names go with --dashboard [HOST:]PORT")
+    if args.dashboard is not None and args.app is not None:
+        raise UsageError("--dashboard shows Flowerbed's round events, and a Flower app (--app) tells none")
 
 
 def _check_app_args(args: argparse.Namespace) -> None:
@@ -92,9 +106,28 @@ def run(args: argparse.Namespace) -> int:
     """`fedsim run`: load the app (Flowerbed's, or `--app`'s), run it with the runner, report."""
     from simulations.runner import simulate  # torch and Flower load only for a run
 
-    with loaded_app(args) as (app, backend):
-        result = simulate(app, backend)
+    dashboard = _dashboard(args)  # its flags and files checked before anything is written
+    with loaded_app(args) as (app, backend), _served(dashboard, app) as subscribers:
+        result = simulate(app, backend, subscribers=subscribers)
     return report(result.summary, f"{result.output}/ ({result.outputs})", result.interrupted)
+
+
+def _dashboard(args: argparse.Namespace) -> Dashboard | None:
+    from fedserver.dashboard import Dashboard
+
+    return Dashboard.for_simulation(args.dashboard, args.dashboard_token_file, args.dashboard_names) if args.dashboard else None
+
+
+@contextlib.contextmanager
+def _served(dashboard: Dashboard | None, app: SimulatedApp) -> Iterator[list[RoundCallback]]:
+    """The dashboard's round-event subscriber, the page served for the block (its URL on stderr); none without one."""
+    if dashboard is None:
+        yield []
+        return
+    dashboard.describe(app.cfg, app.rows)  # type: ignore[attr-defined] - Flowerbed's app: --app refuses --dashboard
+    with dashboard:
+        print(f"dashboard on {dashboard.url}", file=sys.stderr, flush=True)
+        yield [dashboard.subscriber]
 
 
 @contextlib.contextmanager

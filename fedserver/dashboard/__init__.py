@@ -8,17 +8,17 @@ DashboardError), `.stop()` ends it; or use it as a context manager.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import stat
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from fedserver.addresses import AddressError, is_loopback, parse_address
 from fedserver.dashboard.model import RunModel, run_summary
-from fedserver.events import RoundEvent, event_record
+from fedserver.events import RoundEvent, Row, event_record
 from fedserver.state import DEFAULT_DASHBOARD
 from shared.config import RunConfig
 from shared.errors import FlowerbedError
@@ -41,8 +41,6 @@ class DashboardError(FlowerbedError, ValueError):
 
 def dashboard_address(text: str) -> tuple[str, int]:
     """`[HOST:]PORT` -> (host, port); 127.0.0.1 where HOST is left out, any free port for PORT 0."""
-    from fedserver.daemon import AddressError, parse_address
-
     candidate = f"{DEFAULT_HOST}:{text}" if text.isdigit() else text
     host, _, port = candidate.rpartition(":")
     any_port = port == "0"
@@ -101,12 +99,17 @@ class Dashboard:
         return cls(model, host, port, token, read_names(names_file) if names_file is not None else None)
 
     @classmethod
-    def for_simulation(cls, cfg: RunConfig, address: str, token_file: Path | None = None,
-                       names_file: Path | None = None) -> Dashboard:  # fmt: skip
-        """A fedsim run's dashboard: feed it `.subscriber`."""
-        model = RunModel("simulation", run_summary(cfg))
+    def for_simulation(cls, address: str, token_file: Path | None = None, names_file: Path | None = None) -> Dashboard:
+        """A fedsim run's dashboard (`describe` what runs, then feed it `.subscriber`)."""
+        model = RunModel("simulation")
         model.daemon.update(pid=os.getpid(), running=True)
         return cls.for_flags(model, address, token_file, names_file)
+
+    def describe(self, cfg: RunConfig, history: Iterable[Row] = ()) -> None:
+        """What runs, and the rounds it already committed (a resumed run's), as the page shows them."""
+        self.model.run = run_summary(cfg)
+        for row in history:
+            self.model.add(row)
 
     def subscriber(self, event: RoundEvent) -> None:
         """A round-event subscriber (`fedserver.events.RoundCallback`): the round into the model."""
@@ -153,13 +156,3 @@ class Dashboard:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` (a name or an IP address, IPv6 without brackets) is this machine's loopback."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

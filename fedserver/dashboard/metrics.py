@@ -6,8 +6,8 @@ global one), so that two dashboards in one process, or a test's, never share a s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -24,20 +24,22 @@ class RunCollector:
         self.model = model
 
     def collect(self) -> Iterator[Metric]:
-        rows = self.model.rounds()
-        last = rows[-1] if rows else {}
+        model = self.model
+        _, elapsed, last = model.progress()
+        last = last or {}
         yield _gauge("flowerbed_round", "the last committed round", last.get("round", 0))
         yield _gauge("flowerbed_rounds_planned", "the rounds the run is configured for", (self.model.run or {}).get("rounds"))
-        yield _gauge("flowerbed_accuracy", "the last evaluated round's accuracy", _last(rows, "accuracy"))
-        yield _gauge("flowerbed_eval_loss", "the last evaluated round's loss", _last(rows, "eval_loss"))
-        yield _gauge("flowerbed_train_loss", "the last round's mean training loss", _last(rows, "train_loss"))
+        yield _gauge("flowerbed_accuracy", "the last evaluated round's accuracy", model.last_known("accuracy"))
+        yield _gauge("flowerbed_eval_loss", "the last evaluated round's loss", model.last_known("eval_loss"))
+        yield _gauge("flowerbed_train_loss", "the last round's mean training loss", model.last_known("train_loss"))
         yield _gauge("flowerbed_round_seconds", "the last round's own time", last.get("seconds"))
-        yield _counter("flowerbed_rounds_seconds", "the committed rounds' time, summed",
-                       sum(row.get("seconds") or 0.0 for row in rows))  # fmt: skip
+        yield _counter("flowerbed_rounds_seconds", "the committed rounds' time, summed", elapsed)
         yield _gauge("flowerbed_devices_connected", "nodes connected now (a simulation: its virtual nodes)",
                      self.model.connected())  # fmt: skip
-        yield _gauge("flowerbed_epsilon", "the privacy budget spent (differential privacy only)", _last(rows, "epsilon"))
+        yield _gauge("flowerbed_epsilon", "the privacy budget spent (differential privacy only)", model.last_known("epsilon"))
         yield from _replies(self.model.reply_counts())
+        # Scraped on the web server's own thread (an async handler): what serving the dashboard has cost.
+        yield _counter("flowerbed_dashboard_cpu_seconds", "CPU time of the thread serving the dashboard", time.thread_time())
 
 
 def _replies(counts: dict[tuple[str, int | None], int]) -> Iterator[Metric]:
@@ -52,10 +54,6 @@ def _replies(counts: dict[tuple[str, int | None], int]) -> Iterator[Metric]:
         if outcome != "accepted":
             refused.add_metric([outcome, "" if code is None else str(code)], count)
     yield refused
-
-
-def _last(rows: list[dict[str, Any]], key: str) -> float | None:
-    return next((row[key] for row in reversed(rows) if row.get(key) is not None), None)
 
 
 def _gauge(name: str, documentation: str, value: float | None) -> GaugeMetricFamily:

@@ -8,6 +8,7 @@ server's threads read. It holds no client data: metrics, node ids, counts, error
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import Counter
@@ -96,6 +97,8 @@ class RunModel:
         self.daemon: dict[str, Any] = {}  # a deployment's: the status keys the daemon knows (pid, address, runs, ...)
         self._lock = threading.Lock()
         self._rounds: list[dict[str, Any]] = []
+        self._numbers: list[int] = []  # each row's round, ascending: `rounds(since)` bisects it
+        self._elapsed = 0.0
         self._nodes: dict[int, NodeStats] = {}
         self._replies: Counter[tuple[str, int | None]] = Counter()
 
@@ -111,6 +114,8 @@ class RunModel:
             if record.get("rounds"):
                 self.run = {**(self.run or {}), "rounds": int(record["rounds"])}
             self._rounds.append(row)
+            self._numbers.append(server_round)
+            self._elapsed += float(row.get("seconds") or 0.0)
             for reply in replies:
                 self._node(int(reply["node_id"])).add(server_round, reply, at)
                 self._replies[(str(reply.get("outcome")), reply.get("code"))] += 1
@@ -119,7 +124,7 @@ class RunModel:
         """Forget the rounds and what the replies said (their source starts over); the SuperLink's
         view of the nodes stays."""
         with self._lock:
-            self._rounds, self._replies = [], Counter()
+            self._rounds, self._numbers, self._elapsed, self._replies = [], [], 0.0, Counter()
             self._nodes = {i: NodeStats(status=n.status, name=n.name, last_seen=n.last_seen) for i, n in self._nodes.items()}
 
     def set_superlink_nodes(self, nodes: Iterable[Any]) -> None:
@@ -134,7 +139,17 @@ class RunModel:
     def rounds(self, since: int = 0) -> list[dict[str, Any]]:
         """The rounds after round `since`, oldest first."""
         with self._lock:
-            return [dict(row) for row in self._rounds if row["round"] > since]
+            return [dict(row) for row in self._rounds[bisect.bisect_right(self._numbers, since):]]
+
+    def progress(self) -> tuple[int, float, dict[str, Any] | None]:
+        """The rounds completed, their time summed, and the last one (None before the first)."""
+        with self._lock:
+            return len(self._rounds), self._elapsed, dict(self._rounds[-1]) if self._rounds else None
+
+    def last_known(self, key: str) -> Any:
+        """The latest round's value of `key` among the rounds that have one (None where none has)."""
+        with self._lock:
+            return next((row[key] for row in reversed(self._rounds) if row.get(key) is not None), None)
 
     def nodes(self, names: Mapping[int, str] | None = None) -> list[dict[str, Any]]:
         """Every node, by node id; `name` from `names` where given, else the SuperLink's (None if none)."""

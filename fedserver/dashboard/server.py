@@ -15,9 +15,7 @@ import logging
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict
 from importlib import resources
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -26,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from fedserver.dashboard import is_loopback
+from fedserver.addresses import is_loopback
 from fedserver.dashboard.model import RunModel
 from fedserver.status import build_status
 
@@ -60,7 +58,7 @@ def build_app(model: RunModel, token: str | None, names: Mapping[int, str], metr
         return Response(body, media_type=kind)
 
     async def api_status(request: Request) -> Response:
-        return JSONResponse(_status_document(model, names))
+        return JSONResponse(build_status(model, names=names).document())
 
     async def api_rounds(request: Request) -> Response:
         return JSONResponse({"rounds": model.rounds(since=_int_param(request, "since", 0))})
@@ -82,8 +80,6 @@ def build_app(model: RunModel, token: str | None, names: Mapping[int, str], metr
     return Starlette(routes=routes, middleware=[Middleware(BaseHTTPMiddleware, dispatch=guard(token, loopback_only))])
 
 
-def _status_document(model: RunModel, names: Mapping[int, str]) -> dict[str, Any]:
-    return asdict(build_status(model, names=names))
 
 
 def _int_param(request: Request, name: str, default: int) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fedserver import daemon, logs, status
+from fedserver import daemon, logs
 from fedserver.cli import EXIT_NOT_RUNNING, main
 from fedserver.control import ControlClient, NodeInfo, RunInfo
 from fedserver.node_ledger import NODES_FILE, NodeLedger, NodeRecord
@@ -447,7 +447,7 @@ def test_status_of_a_failed_run_gives_its_reason_and_exits_1(tmp_path, capsys, m
     state.create()
     DaemonInfo(os.getpid(), "127.0.0.1:9092", "127.0.0.1:9092", "/x/ca.pem", 42, 5).write(state.info)
     record_process(state.pid_file, os.getpid())
-    monkeypatch.setattr(status, "ControlClient", FailedRunControl)
+    monkeypatch.setattr("fedserver.control.ControlClient", FailedRunControl)
 
     # Execute
     text_code = main(["status", "--state-dir", str(state.root)])
@@ -707,7 +707,7 @@ def test_status_names_a_troubled_device_by_its_node_name_while_the_daemon_runs(t
     # Prepare: a running daemon (this process) whose SuperLink knows node 7 as client-1
     state = _devices_state(tmp_path, os.getpid())
     record_process(state.pid_file, os.getpid())
-    monkeypatch.setattr(status, "ControlClient", FailedRunControl)
+    monkeypatch.setattr("fedserver.control.ControlClient", FailedRunControl)
 
     # Execute
     main(["status", "--state-dir", str(state.root)])

@@ -272,3 +272,22 @@ def test_fedserver_start_refuses_bad_dashboard_flags_before_anything_starts(tmp_
     assert codes == [2, 2, 2] and len(errors) == 3
     assert "--dashboard" in errors[0] and "needs --dashboard-token-file" in errors[1] and "readable by others" in errors[2]
     assert not Path(state, "fedserver.pid").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--app", "some/dir", "--dashboard", "0"], "a Flower app (--app) tells none"),
+        (["--dashboard-names", "names.toml"], "go with --dashboard"),
+        (["--dashboard", "0.0.0.0:0"], "needs --dashboard-token-file"),
+        (["--dashboard", "nohost:"], "--dashboard"),
+    ],
+)
+def test_fedsim_refuses_a_dashboard_it_cannot_serve_before_anything_is_written(tmp_path, capsys, extra, says):
+    from simulations.cli import main as fedsim
+
+    code = fedsim(["run", "--output", str(tmp_path / "run"), *extra])
+
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and says in error
+    assert not (tmp_path / "run").exists()

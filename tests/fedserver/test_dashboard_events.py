@@ -204,8 +204,8 @@ def test_the_daemon_follows_events_into_its_model_and_logs_only_new_rounds(tmp_p
 
     # Assert
     assert [r["round"] for r in model.rounds()] == [1, 2, 3]
-    logged = [m for m in caplog.messages if m.startswith("round ")]
-    assert [m.split(":")[0] for m in logged] == ["round 2", "round 3"]
+    logged = {m.split(":")[0] for m in caplog.messages if m.startswith("round ")}
+    assert logged == {"round 2", "round 3"}  # round 1 was there before the daemon started
     assert model.nodes()[0]["rounds_taken_part"] == 3
 
 
