@@ -94,6 +94,26 @@ def test_transformer_throughput(dataset):
     assert "imdb-transformer.toml" in out and out.rstrip().endswith("True")  # same weights both ways
 
 
+@pytest.mark.e2e
+def test_simulation_speed():
+    # Without ../shared's MNIST the script trains on its stand-in; the floor and fedsim must agree.
+    out = run_script(
+        "simulation_speed.py", "--quick", "--per-round", "4", "--systems", "floor,fedsim", "--workers", "1", "--repeat", "1"
+    )
+
+    assert "floor: plain PyTorch loop" in out and "fedsim workers=1" in out
+    assert "(identical; same clients sampled" in out
+
+
+def test_app_speed():
+    out = run_script(
+        "app_speed.py", "--num-supernodes", "4", "--systems", "fedsim", "--workers", "1", "--repeat", "1",
+        "--run-config", "num-server-rounds=1",
+    )  # fmt: skip
+
+    assert "fedsim --app --workers 1" in out and "ERROR" not in out
+
+
 def test_every_benchmark_script_has_a_smoke_test():
     """A script counts as covered where a test file under tests/ names it outside a comment."""
     scripts = sorted(path.name for path in BENCHMARKS.glob("*.py"))
