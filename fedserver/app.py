@@ -14,7 +14,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -27,7 +27,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedserver.checkpoints import Checkpoint, RunDirectory
 from fedserver.cohort import (
-    cohort_size, collect_replies, enough_replies, nodes_to_wait_for, reply_timeout, sample_cohort, wait_for_nodes,
+    cohort_size, collect_replies, enough_replies, nodes_to_wait_for, reply_timeout, responsive_first, sample_cohort,
+    wait_for_nodes,
 )  # fmt: skip
 from fedserver.events import EventLog, RoundCallback, RoundEvent, Row, notify
 from fedserver.grid_wrapper import GridWrapper
@@ -244,13 +245,15 @@ def _train_round(
 ) -> tuple[StateDict, MetricRecord | None]:
     """One training round: the new global weights (checked, with `like`'s dtypes) and the metrics.
     An attempt that fails (below quorum, a secure round stopped, an aggregate refused) is retried
-    with freshly sampled clients, the strategy's state put back as it was before the round, so a
+    with freshly sampled clients (preferring those that did not fail an earlier attempt), the
+    strategy's state put back as it was before the round, so a
     failed attempt leaves no trace (FedAdam's moments, FedAvgM's momentum, would count it).
     Screened replies are counted in `ledger`; under `dp = "local-sgd"` every client that trained,
     in any attempt, in `local_dp` (its update was released, whatever became of it)."""
     attempts, before = cfg.round_retries + 1, strategy_state(strategy)
+    silent: set[int] = set()
     for attempt in range(1, attempts + 1):
-        messages = _configure_train(strategy, grid, cfg, server_round, arrays)
+        messages = _configure_train(strategy, grid, cfg, server_round, arrays, avoid=silent)
         if cfg.secure_aggregation:
             aggregate = functools.partial(_secure_attempt, ledger=ledger)
         else:
@@ -261,6 +264,7 @@ def _train_round(
         except AttemptFailed as err:
             restore_strategy_state(strategy, before)
             failure = err
+            silent |= err.silent
             LOG.warning("round %d: %s%s (attempt %d of %d)", server_round, err, err.detail, attempt, attempts)
     raise RoundFailed(
         f"round {server_round}: {failure} after {attempts} attempts{failure.detail}; nothing was aggregated"
@@ -268,18 +272,19 @@ def _train_round(
 
 
 def _configure_train(
-    strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, arrays: ArrayRecord
+    strategy: Strategy, grid: Grid, cfg: RunConfig, server_round: int, arrays: ArrayRecord, avoid: Collection[int] = ()
 ) -> list[Message]:
     """The round's training messages: `clients-per-round` and `over-select`'s share of the nodes
-    connected now, or under central DP each connected node independently with probability
-    q = `clients-per-round` / `num-clients` (Poisson sampling, what its accountant assumes), from
-    the run's `random` stream; the strategy is shown that cohort only."""
+    connected now (not those in `avoid` where enough others are), or under central DP each connected
+    node independently with probability q = `clients-per-round` / `num-clients` (Poisson sampling,
+    what its accountant assumes), from the run's `random` stream; the strategy is shown that cohort only."""
     connected = connected_nodes(grid, cfg, server_round)
     config = ConfigRecord(tokenizer_entries(cfg))  # the run's tokenizer, where it ships one
     if isinstance(strategy, CentralDP):
         cohort = poisson_cohort(connected, strategy.accountant.sample_rate)
         return list(strategy.configure_train(server_round, arrays, config, CohortGrid(grid, cohort)))
-    cohort = sample_cohort(connected, cohort_size(cfg, len(connected)))
+    size = cohort_size(cfg, len(connected))
+    cohort = sample_cohort(responsive_first(connected, avoid, size), size)
     with random_untouched(), sampling_from(strategy, len(cohort)):  # the stream drew the cohort, not the strategy
         return list(strategy.configure_train(server_round, arrays, config, CohortGrid(grid, cohort)))
 
@@ -287,9 +292,10 @@ def _configure_train(
 class AttemptFailed(Exception):
     """One attempt at a training round gave nothing to commit; `detail` names a client's error."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", silent: Collection[int] = ()) -> None:
         super().__init__(reason)
         self.detail = detail
+        self.silent = frozenset(silent)  # the nodes sampled that gave no valid reply
 
 
 def _plain_attempt(
@@ -314,7 +320,9 @@ def _plain_attempt(
     # (whether to retry would depend on the first cohort's replies, which ε does not account).
     needed = 0 if isinstance(strategy, CentralDP) else quorum(cfg, min(len(messages), cfg.clients_per_round))
     if len(valid) < needed:
-        raise AttemptFailed(f"fewer than {needed} valid replies", _first_error(replies))
+        answered = {reply.metadata.src_node_id for reply in valid}
+        silent = {message.metadata.dst_node_id for message in messages} - answered
+        raise AttemptFailed(f"fewer than {needed} valid replies", _first_error(replies), silent)
     new_arrays, metrics = _aggregated(lambda: strategy.aggregate_train(server_round, valid))
     return (new_arrays if new_arrays is not None else arrays), metrics
 

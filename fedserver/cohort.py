@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -36,6 +36,14 @@ def sample_cohort(node_ids: Iterable[int], size: int, rng: random.Random | None 
     """`size` of `node_ids`, drawn from the run's `random` stream (or `rng`)."""
     nodes = list(node_ids)
     return (rng or random).sample(nodes, min(size, len(nodes)))
+
+
+def responsive_first(node_ids: Sequence[int], avoid: Collection[int], size: int) -> list[int]:
+    """The nodes a retried round samples from: those not in `avoid` (sampled in a failed attempt
+    without a valid reply; a killed device stays connected for Flower's online window) where at
+    least `size` of them are left, else all of them."""
+    fresh = [node for node in node_ids if node not in avoid]
+    return fresh if len(fresh) >= size else list(node_ids)
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float, server_round: int, poll: float = 1.0) -> list[int]:

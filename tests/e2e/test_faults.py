@@ -132,6 +132,10 @@ def test_a_server_killed_with_sigkill_resumes_without_losing_or_repeating_a_roun
     rows = fed.wait_for_rounds(3, 240)
 
     # Assert: the new daemon took over and every round is recorded exactly once, with its checkpoint
+    # (on a loaded machine the orphan may finish the run before the new daemon has started its own)
+    e2e.wait_until(
+        lambda: recorded_process(fed.state.superlink_pid) not in (None, orphan), 120, "the new daemon's SuperLink"
+    )
     assert restarted.poll() is None
     assert f"stopped SuperLink pid {orphan}" in e2e.log(f"{fed.work.name}-restarted")
     assert [row["round"] for row in rows] == [1, 2, 3]

@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from fedserver import cohort
-from fedserver.cohort import close_round, cohort_size, collect_replies, enough_replies, nodes_to_wait_for, reply_timeout
+from fedserver.cohort import (
+    close_round, cohort_size, collect_replies, enough_replies, nodes_to_wait_for, reply_timeout, responsive_first,
+)
 from shared.config import ConfigError
 from shared.secagg import EarlyClose, secure_train_round
 from simulations import engine
@@ -173,3 +175,9 @@ def test_a_secure_round_waits_for_more_vectors_while_a_dropout_could_not_be_unma
     secure_train_round(grid, train_messages(grid), SETTINGS, timeout=60, early=EarlyClose(collect, wanted=4))
 
     assert inbox_sizes and inbox_sizes[0] > 4
+
+
+def test_a_retry_samples_from_the_nodes_that_did_not_fail_while_enough_are_left():
+    assert responsive_first([1, 2, 3, 4], avoid={2}, size=3) == [1, 3, 4]
+    assert responsive_first([1, 2, 3, 4], avoid={2, 3}, size=3) == [1, 2, 3, 4]  # too few left: everyone
+    assert responsive_first([1, 2, 3], avoid=(), size=3) == [1, 2, 3]

@@ -260,6 +260,19 @@ def test_a_node_that_is_gone_for_good_does_not_stall_the_run(tmp_path, monkeypat
     assert "round 1: 5 of 6 nodes connected after 0.5 s; sampling from those" in caplog.text
 
 
+def test_a_retried_round_samples_around_the_node_that_failed_it(tmp_path, monkeypatch, tiny_config, caplog):
+    # 6 of 7 nodes a round and every reply needed: node 1001 fails each attempt it is in, so only a
+    # retry that leaves it out can complete (a killed device stays connected for Flower's online window).
+    monkeypatch.setattr(fedclient.app, "client_seed", lambda cfg, rnd, node: node)
+    failing_nodes(monkeypatch, {1001})
+    cfg = tiny_config(rounds=4, num_clients=7, clients_per_round=6, min_replies=6, round_retries=1)
+
+    result = engine.run_simulation(cfg, tmp_path / "r", progress=False)
+
+    assert result.summary["rounds"] == 4
+    assert "(attempt 1 of 2)" in caplog.text  # 1001 was in a first cohort, and the retry went around it
+
+
 def test_below_quorum_the_round_is_retried_then_the_run_stops_clearly(tmp_path, monkeypatch, tiny_config):
     monkeypatch.setattr(fedclient.app, "client_seed", lambda cfg, rnd, node: node)
     failing_nodes(monkeypatch, set(range(1001, 1007)))  # every client
