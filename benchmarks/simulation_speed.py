@@ -280,26 +280,14 @@ def child_ray(spec: dict[str, Any]) -> dict[str, Any]:
     tmp = Path(spec["tmp"])
     run_dir = tmp / "run"
     cfg = run_config(spec["data"], spec["per_round"], spec["rounds"], device=spec["device"]).replace(run_dir=str(run_dir))
-    mapping = cfg.to_mapping()
-    # Flower's engine reads the ClientApps' run config from an app directory's pyproject.toml.
-    app_dir = tmp / "app"
-    app_dir.mkdir(parents=True, exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(
-        '[project]\nname = "flowerbed-bench"\nversion = "0.1.0"\n\n'
-        '[tool.flwr.app]\npublisher = "flowerbed"\n\n'
-        '[tool.flwr.app.components]\nserverapp = "fedserver.app:app"\nclientapp = "fedclient.app:app"\n\n'
-        "[tool.flwr.app.config]\n" + cfg.to_toml(),
-        encoding="utf-8",
-    )
     logging.getLogger("flwr").setLevel(logging.WARNING)  # as fedsim does: no INFO line per sampling
     torch.set_num_threads(cfg.torch_threads)  # the ServerApp's central evaluation, as in fedsim
     started, cpu = time.perf_counter(), cpu_seconds()
     run_on_ray_engine(
         client_app=client_app,
         server_app=server_app,
-        run_config=mapping,
+        run_config=cfg.to_mapping(),
         num_supernodes=NUM_CLIENTS,
-        app_dir=str(app_dir),
         num_cpus=os.cpu_count() or 1,
         client_resources={"num_cpus": 1, "num_gpus": spec["ray_gpus"] if cfg.device == "cuda" else 0.0},
     )

@@ -39,6 +39,7 @@ from fedserver.state import DEFAULT_ADDRESS, DaemonError, DaemonInfo, StateDir, 
 from fedserver.status import refresh_live
 from shared.config import TEXT_MODELS, ConfigError, RunConfig, load_config
 from shared.files import write_secret
+from shared.flower_compat.superlink import IN_MEMORY_DATABASE
 from shared.pki import PkiError
 from shared.processes import (
     bind_error, die_with_parent, record_process, recorded_process, spawn, stop_pid, stop_trees, wait_for_port,
@@ -57,7 +58,6 @@ WILDCARD_HOSTS = ("0.0.0.0", "::")
 # daemon then forgets earlier runs and node ids (keys are registered again at start, and
 # SuperNodes refused with their old id are restarted by fedclient).
 DATABASES = ("sqlite", "memory")
-IN_MEMORY_DATABASE = ":flwr-in-memory:"  # flwr.supercore.constant.FLWR_IN_MEMORY_DB_NAME
 
 LOG = logging.getLogger("fedserver")
 

@@ -13,13 +13,12 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
-import tomli_w
-
 import fedclient
 import fedserver
 import shared
 from shared.config import RunConfig
 from shared.files import atomic_write_text
+from shared.flower_compat.app_config import app_manifest
 
 PACKAGES = (fedserver, fedclient, shared)  # what fedserver.app and fedclient.app import
 SERVER_APP = "fedserver.app:app"
@@ -42,16 +41,7 @@ def stage_app(directory: Path, cfg: RunConfig) -> Path:
 
 def pyproject_text(cfg: RunConfig) -> str:
     """A minimal Flower app manifest whose run config is `cfg`, every key of it."""
-    app = {
-        "publisher": FAB_NAME,
-        "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
-        "config": cfg.to_mapping(),
-    }
-    return tomli_w.dumps({
-        "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
-        "project": {"name": FAB_NAME, "version": _version(), "dependencies": []},
-        "tool": {"flwr": {"app": app}},
-    })  # fmt: skip
+    return app_manifest(FAB_NAME, _version(), {"serverapp": SERVER_APP, "clientapp": CLIENT_APP}, cfg.to_mapping())
 
 
 def _version() -> str:

@@ -22,11 +22,11 @@ from fedserver.events import EVENTS_FILE, EventFollower
 from fedserver.node_ledger import NodeLedger
 from fedserver.state import DaemonInfo, StateDir
 from shared.config import ConfigError, RunConfig
+from shared.flower_compat.superlink import RUN_FAILED
 
 if TYPE_CHECKING:
     from fedserver.control import ControlClient
 
-FAILED = "finished:failed"
 ROW_KEYS = ("at", "replies")  # a model's round keys that are not metrics.jsonl's
 
 
@@ -59,7 +59,7 @@ class Status:
     @property
     def failed(self) -> bool:
         """Whether the daemon's own run ended in failure (`fedserver status` then exits 1)."""
-        return any(run["run_id"] == self.run_id and run["status"] == FAILED for run in self.runs)
+        return any(run["run_id"] == self.run_id and run["status"] == RUN_FAILED for run in self.runs)
 
     def document(self) -> dict[str, Any]:
         """The JSON object, field by field (build_status makes each nested value afresh: no deep copy)."""
@@ -178,7 +178,7 @@ def refresh_live(model: RunModel, control: ControlClient, info: DaemonInfo) -> N
         )  # fmt: skip
         if ours:
             model.state = run.status
-        if ours and run.status == FAILED:
+        if ours and run.status == RUN_FAILED:
             error = f"run {run.run_id} failed: {run.details or 'no reason given; see superlink.log'}"
     model.daemon.update(runs=listed, error=error)
     model.set_superlink_nodes(nodes)
@@ -208,7 +208,7 @@ def render(status: Status) -> str:
 
 
 def _last_run_line(run: dict[str, Any], completed: int) -> str:
-    why = f" ({run['details']})" if run["details"] and run["status"] == FAILED else ""
+    why = f" ({run['details']})" if run["details"] and run["status"] == RUN_FAILED else ""
     return f"run {run['run_id']} when the daemon stopped: {run['status']}{why}, {completed} of {run['rounds']} rounds done"
 
 

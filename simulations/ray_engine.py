@@ -13,9 +13,14 @@ from typing import Any
 
 from flwr.app import Context, RecordDict
 
-from shared.config import toml_value
+from shared.flower_compat.app_config import app_manifest
 from shared.flower_compat.messages import SUPERLINK_NODE_ID
 from shared.flower_compat.runs import NOOP_FEDERATION_ID, new_run, set_task_identity
+
+# The manifest of the app directory written for a run given without one: Flower requires components,
+# but runs the app objects it is given.
+RAY_APP = "flowerbed-ray-run"
+GIVEN_COMPONENTS = {"serverapp": "given:server_app", "clientapp": "given:client_app"}
 
 
 def run_on_ray_engine(
@@ -80,18 +85,11 @@ def run_on_ray_engine(
 @contextlib.contextmanager
 def _app_directory(app_dir: str | None, run_config: dict[str, Any]) -> Iterator[str]:
     """`app_dir`, or a temporary directory whose pyproject.toml has `run_config` as its
-    `[tool.flwr.app.config]`: where Flower's engine reads the ClientApps' run config from. Flower
-    requires its `[tool.flwr.app.components]` too, but runs the app objects it is given."""
+    `[tool.flwr.app.config]`: where Flower's engine reads the ClientApps' run config from."""
     if app_dir is not None:
         yield app_dir
         return
-    table = "".join(f"{key} = {toml_value(value)}\n" for key, value in run_config.items())
     with tempfile.TemporaryDirectory(prefix="flowerbed-ray-app-") as directory:
-        (Path(directory) / "pyproject.toml").write_text(
-            '[project]\nname = "flowerbed-ray-run"\nversion = "0.1.0"\n\n'
-            '[tool.flwr.app]\npublisher = "flowerbed"\n\n'
-            '[tool.flwr.app.components]\nserverapp = "given:server_app"\nclientapp = "given:client_app"\n\n'
-            "[tool.flwr.app.config]\n" + table,
-            encoding="utf-8",
-        )
+        manifest = app_manifest(RAY_APP, "0.1.0", GIVEN_COMPONENTS, run_config)
+        (Path(directory) / "pyproject.toml").write_text(manifest, encoding="utf-8")
         yield directory

@@ -20,9 +20,9 @@ from fedserver.events import OUTCOMES, Record
 from fedserver.node_ledger import NodeRecord
 from shared.config import RunConfig
 from shared.device_errors import describe
+from shared.flower_compat.superlink import NODE_ONLINE
 
 SCREENED_REASON = "refused by the server's screening (the reason is in the server's log)"
-ONLINE = "online"  # the SuperLink's status of a node whose heartbeat is current
 
 
 def run_summary(cfg: RunConfig) -> dict[str, Any]:
@@ -75,7 +75,7 @@ class NodeStats:
         return {
             **self.ledger.to_json(node_id),
             "name": name,
-            "connected": True if simulated else self.status == ONLINE,
+            "connected": True if simulated else self.status == NODE_ONLINE,
             "status": self.status,
             "last_seen": self.last_seen,
             "rounds_taken_part": self.rounds,
@@ -171,7 +171,7 @@ class RunModel:
         with self._lock:
             if self.kind == "simulation":
                 return int((self.run or {}).get("num_clients") or len(self._nodes))
-            return sum(node.status == ONLINE for node in self._nodes.values())
+            return sum(node.status == NODE_ONLINE for node in self._nodes.values())
 
     def _node(self, node_id: int) -> NodeStats:
         return self._nodes.setdefault(node_id, NodeStats())

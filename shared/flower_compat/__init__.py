@@ -8,17 +8,19 @@ here per concern, each checked against Flower `CHECKED_AGAINST` by tests/shared/
 - `runs`: the runs and task identities an in-process Grid hands out;
 - `strategy`: the sampling minimums of Flower's strategies;
 - `secagg`, `dp`: SecAgg+'s key-share layout; Flower's clipping and noise functions;
-- `app_config`: an app directory and its run config, read as `flwr run` reads them;
+- `app_config`: an app directory and its run config, read as `flwr run` reads them, and the manifest Flowerbed writes;
 - `http_grid`: the deployed ServerApp's bounded pull of replies (HttpGrid's Runtime client);
 - `runtime`: the SuperNode's Runtime API as `flwr-clientapp` speaks it (the warm worker);
 - `control`: the SuperLink's Control API as the `flwr` CLI speaks it (the daemon);
 - `supernode_log`: what `flower-supernode` logs, where nothing structured says it (imports no Flower);
+- `superlink`: the run and node statuses the SuperLink reports, its in-memory database name (imports no Flower);
 - `stock_flower`: stock Flower's Ray engine (`backend = "ray"`) and legacy SecAgg+ workflow (benchmarks);
 - `fleet`: a device's side of the Fleet API with Flower's SuperNode code (benchmarks).
 
-This package imports no Flower (`fedclient start`'s supervisor reads `supernode_log`); each
-submodule imports only its own concern: `runtime`, `control`, `stock_flower` and `fleet` import Flower's
-slow packages (SuperNode runtime, CLI, simulation), which the ClientApp and fedsim's own backends never import.
+This package imports no Flower (`fedclient start`'s supervisor reads `supernode_log`; `fedserver status`
+and the dashboard read `superlink`); each submodule imports only its own concern: `runtime`, `control`,
+`stock_flower` and `fleet` import Flower's slow packages (SuperNode runtime, CLI, simulation), which
+the ClientApp and fedsim's own backends never import.
 
 Flower >= 1.43 drops the gRPC Fleet and Control APIs, keeping their HTTP variants, which are
 all Flowerbed speaks. What that upgrade moves lands in `control` (`ControlHttpClient`,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -291,3 +293,12 @@ def test_fedsim_refuses_a_dashboard_it_cannot_serve_before_anything_is_written(t
     error = capsys.readouterr().err
     assert code == 2 and error.count("\n") == 1 and says in error
     assert not (tmp_path / "run").exists()
+
+
+def test_the_dashboard_and_fedserver_status_import_no_flower():
+    # they compare the SuperLink's statuses with shared.flower_compat.superlink's values, not Flower's
+    code = "import sys, fedserver.dashboard.server, fedserver.status; print('flwr' in sys.modules)"
+    cwd = Path(__file__).resolve().parents[2]
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=cwd).stdout
+
+    assert loaded == "False\n"  # importing Flower would cost each start about half a second

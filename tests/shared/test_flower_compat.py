@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import tomllib
 import types
 import typing
 from pathlib import Path
@@ -26,13 +27,14 @@ from flwr.clientapp import ClientApp
 import shared.flower_compat as package
 from fedserver.strategies import build_strategy
 from shared.config import STRATEGIES
-from shared.flower_compat import flower_symbols, supernode_log
+from shared.flower_compat import flower_symbols, superlink, supernode_log
 from simulations.grid import InProcessGrid, simulation_node_config
 
 REPO = Path(__file__).resolve().parents[2]
 COMPAT = Path("shared/flower_compat")
 # Every submodule that imports Flower, and those that must stay cheap for fedsim and the ClientApp.
-SUBMODULES = sorted(p.stem for p in (REPO / COMPAT).glob("*.py") if p.stem not in ("__init__", "supernode_log"))
+FLOWER_FREE = ("supernode_log", "superlink")  # read where Flower is not imported
+SUBMODULES = sorted(p.stem for p in (REPO / COMPAT).glob("*.py") if p.stem not in ("__init__", *FLOWER_FREE))
 LIGHT = ("messages", "runs", "strategy", "secagg", "dp", "app_config", "http_grid")
 HEAVY_FLOWER = ("flwr.supernode.runtime", "flwr.cli.install", "flwr.simulation", "flwr.superlink.grid.http_grid")
 MODULES = {name: importlib.import_module(f"shared.flower_compat.{name}") for name in SUBMODULES}
@@ -176,8 +178,8 @@ def test_a_moved_symbol_is_named_with_both_flower_versions():
             from flwr.supercore.fab import NoSuchThing  # noqa: F401
 
 
-def test_the_package_and_the_supervisors_markers_import_no_flower():
-    code = "import sys, shared.flower_compat.supernode_log; print('flwr' in sys.modules)"
+def test_the_package_and_its_flower_free_values_import_no_flower():
+    code = f"import sys, {', '.join(f'shared.flower_compat.{m}' for m in FLOWER_FREE)}; print('flwr' in sys.modules)"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
 
     assert loaded == "False\n"  # `fedclient start`'s supervisor reads the markers
@@ -280,6 +282,16 @@ def test_run_config_strings_parse_as_flwr_run_parses_them():
     }
     with pytest.raises(ValueError, match="invalid format"):  # Flower's message, as a ValueError
         compat.parse_run_config(["lr=abc"])
+
+
+def test_the_app_manifest_is_an_app_flower_accepts_with_the_run_config_given(tmp_path):
+    run_config = {"rounds": 3, "lr": 0.1, "name": 'a "quoted" b', "deep.key": True, "empty": ""}
+    manifest = compat.app_manifest("an-app", "1.2.3", {"serverapp": "s:app", "clientapp": "c:app"}, run_config)
+    (tmp_path / "pyproject.toml").write_text(manifest, encoding="utf-8")
+
+    valid, errors, _ = compat.validate_fields_in_config(tomllib.loads(manifest))
+    assert valid, f"Flower {VERSION} refuses the manifest Flowerbed writes: {errors}"
+    assert compat.get_fused_config_from_dir(tmp_path, {}) == run_config, f"Flower {VERSION}"
 
 
 def test_a_local_simulation_has_flowers_default_number_of_supernodes():
@@ -415,6 +427,19 @@ def test_the_refusal_code_and_the_online_window_are_flowers():
 
     assert ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED == supernode_log.ACTIVATION_REFUSED_CODE, f"Flower {VERSION}"
     assert supernode_log.ONLINE_WINDOW == HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL, f"Flower {VERSION}"
+
+
+def test_the_superlinks_statuses_and_database_name_are_flowers():
+    from flwr.common.constant import Status, SubStatus
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NodeStatus
+
+    assert superlink.RUN_FAILED == f"{Status.FINISHED}:{SubStatus.FAILED}", f"Flower {VERSION} (checked {CHECKED})"
+    joined = 'f"{run.status.status}:{run.status.sub_status}"'
+    assert joined in Path(importlib.util.find_spec("flwr.cli.run_utils").origin).read_text(encoding="utf-8"), (
+        f"Flower {VERSION}: `flwr ls` no longer shows a run's status as {joined} (superlink.RUN_FAILED, Flower {CHECKED})"
+    )
+    assert superlink.NODE_ONLINE == NodeStatus.ONLINE, f"Flower {VERSION} (checked {CHECKED})"
+    assert superlink.IN_MEMORY_DATABASE == FLWR_IN_MEMORY_DB_NAME, f"Flower {VERSION} (checked {CHECKED})"
 
 
 def test_a_taken_port_is_reported_with_the_marker():
