@@ -46,9 +46,6 @@ SIZE_SAMPLE = 20  # clients whose training sizes estimate a run's size for `work
 LABELS_FILE = "labels.json"  # {class name: id}, where the data named its classes in text
 OUTPUTS = "config.toml, metrics.jsonl, summary.json, curves.png, model.safetensors"
 
-client_app: ClientApp | None = None  # this process's ClientApp in place of Flowerbed's, where set (tests set one)
-
-
 class OutputExists(FedsimError, ValueError):
     """The output directory already holds a run, and this is not a resumption of it."""
 
@@ -144,7 +141,7 @@ class FlowerbedApp:
     def client_app(self) -> ClientApp:
         if self._own_app is not None:
             return self._own_app()
-        return client_app or self._clients()()
+        return self._clients()()
 
     def batch_runner(self) -> RoundRunner | None:
         """The vectorized path where it applies, never with a user's ClientApp (it runs no ClientApp)."""

@@ -3,8 +3,10 @@
 import fcntl
 import importlib.util
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,6 +94,18 @@ def one_ray_engine_at_a_time(tmp_path_factory: pytest.TempPathFactory) -> Iterat
     with open(lock, "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         yield
+
+
+@pytest.fixture
+def client_app_reference(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], str]:
+    """`client_app_reference(app)`: the `MODULE:ATTR` naming the ClientApp `app` for this test, as a
+    user names their own to `fedsim run --client-app` (`run_simulation(..., client_app=...)`)."""
+
+    def reference(app: Any) -> str:
+        monkeypatch.setattr(sys.modules[__name__], "given_client_app", app, raising=False)
+        return f"{__name__}:given_client_app"
+
+    return reference
 
 
 @pytest.fixture

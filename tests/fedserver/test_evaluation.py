@@ -12,7 +12,6 @@ from fedserver.grid_wrapper import GridWrapper
 from shared import messages as keys
 from shared import task
 from shared.weights import load_safetensors
-from simulations import engine
 from simulations.engine import run_simulation
 from simulations.grid import InProcessGrid, simulation_node_config
 
@@ -133,13 +132,15 @@ def claiming_accuracy(node: int, accuracy: float) -> ClientApp:
     return app
 
 
-def test_a_claimed_accuracy_out_of_range_neither_counts_nor_stops_the_run(tmp_path, monkeypatch, tiny_config, caplog):
+def test_a_claimed_accuracy_out_of_range_neither_counts_nor_stops_the_run(
+    tmp_path, client_app_reference, tiny_config, caplog
+):
     # Prepare: node 1001 claims an accuracy of 1e9 in every evaluation; the target is out of honest reach
-    monkeypatch.setattr(engine, "client_app", claiming_accuracy(1001, 1e9))
+    claiming = client_app_reference(claiming_accuracy(1001, 1e9))
     cfg = tiny_config(rounds=3, target_accuracy=0.99, stop_at_target=True)
 
     # Execute
-    result = run_simulation(cfg, tmp_path / "r", progress=False)
+    result = run_simulation(cfg, tmp_path / "r", progress=False, client_app=claiming)
 
     # Assert
     assert result.summary["rounds"] == 3 and result.summary["rounds_to_target"] is None

@@ -305,14 +305,13 @@ def corrupting_client_app(kind: str, bad_nodes: set[int]) -> ClientApp:
 
 @pytest.mark.parametrize("kind", ["nan", "shape", "huge"])
 def test_bad_updates_are_refused_and_the_model_stays_finite_and_learns(
-    tmp_path, monkeypatch, kind, caplog, tiny_config
+    tmp_path, client_app_reference, kind, caplog, tiny_config
 ):
-    monkeypatch.setattr(engine, "client_app", corrupting_client_app(kind, bad_nodes={1001, 1002}))
-
     result = engine.run_simulation(
         tiny_config(rounds=6, num_clients=6, clients_per_round=6, max_update_norm=100.0, min_replies=2),
         tmp_path / "r",
         progress=False,
+        client_app=client_app_reference(corrupting_client_app(kind, bad_nodes={1001, 1002})),
     )
 
     weights = load_safetensors(tmp_path / "r" / "model.safetensors")

@@ -13,7 +13,6 @@ from shared.config import ConfigError, RunConfig
 from shared.secagg import protocol as p
 from shared.secagg import secagg_mod
 from shared.weights import load_safetensors
-from simulations import engine
 from simulations.engine import run_simulation
 from simulations.grid import InProcessGrid, simulation_node_config
 
@@ -96,11 +95,10 @@ def with_mod(mod: Callable) -> ClientApp:
     ],
     ids=["malformed vector", "count beyond max-client-examples"],
 )
-def test_a_spoiled_secure_round_is_retried_and_the_run_completes(tmp_path, monkeypatch, caplog, app, reason):
-    monkeypatch.setattr(engine, "client_app", app())
+def test_a_spoiled_secure_round_is_retried_and_the_run_completes(tmp_path, client_app_reference, caplog, app, reason):
     cfg = RunConfig.from_mapping({**BASE, "secure-aggregation": True})
 
-    result = run_simulation(cfg, tmp_path / "r", progress=False)
+    result = run_simulation(cfg, tmp_path / "r", progress=False, client_app=client_app_reference(app()))
 
     assert any(reason in r.getMessage() and "round 1:" in r.getMessage() and "(attempt 1 of 3)" in r.getMessage()
                for r in caplog.records), caplog.text  # fmt: skip
