@@ -167,7 +167,7 @@ def test_layout_and_private_files_are_0600(pki):
     assert {_mode(p) for p in public} == {0o644}
 
 
-def test_node_keys_are_p384_openssh(pki):
+def test_node_keys_are_p256_openssh(pki):
     for key_path, pub_path in pki.client_keys:
         # Execute
         private = serialization.load_ssh_private_key(key_path.read_bytes(), password=None)
@@ -175,9 +175,9 @@ def test_node_keys_are_p384_openssh(pki):
 
         # Assert
         assert key_path.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
-        assert pub_path.read_bytes().startswith(b"ecdsa-sha2-nistp384 ")
+        assert pub_path.read_bytes().startswith(b"ecdsa-sha2-nistp256 ")
         assert isinstance(private, ec.EllipticCurvePrivateKey)
-        assert isinstance(private.curve, ec.SECP384R1)
+        assert isinstance(private.curve, ec.SECP256R1)
         assert private.public_key() == public
 
 
