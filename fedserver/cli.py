@@ -171,6 +171,13 @@ def _start_arguments(parser: argparse.ArgumentParser) -> None:
         help="the SuperLink's state: STATE/state.db (default), or in memory: faster rounds, "
         "but runs and node ids are forgotten on restart",
     )
+    parser.add_argument(
+        "--fleet-front",
+        choices=("on", "off"),
+        default="on",
+        help="answer idle devices' pulls for tasks without Flower's request stack (default on; "
+        "docs/deploy.md#how-many-devices-one-server-holds)",
+    )
     add_dashboard_arguments(parser, DEFAULT_DASHBOARD)
 
 
@@ -194,7 +201,8 @@ def _run_start(args: argparse.Namespace) -> int:
     from fedserver import daemon  # Flower is imported only by the commands that need it
 
     options = daemon.StartOptions(args.pki, args.config, args.address, args.state_dir, args.db, args.control_address,
-                                  dashboard_flag(args.dashboard), args.dashboard_token_file, args.dashboard_names)
+                                  dashboard_flag(args.dashboard), args.dashboard_token_file, args.dashboard_names,
+                                  args.fleet_front == "on")
     return daemon.start(options)
 
 

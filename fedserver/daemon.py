@@ -97,6 +97,7 @@ class StartOptions:
     dashboard: str | None = DEFAULT_DASHBOARD  # [HOST:]PORT of the dashboard; None: no dashboard
     dashboard_token_file: Path | None = None  # needed for a dashboard off 127.0.0.1
     dashboard_names: Path | None = None  # the operator's names for node ids, shown on the dashboard
+    fleet_front: bool = True  # idle devices' pulls answered by fedserver.fleet_front; False: Flower's app alone
 
 
 def listen_address(options: StartOptions) -> tuple[str, int]:
@@ -239,7 +240,7 @@ def _serve(
     make_private(stage_app(state.app, cfg))  # copied with the sources' modes
     write_secret(state.superexec_secret)
     LOG.info("starting the SuperLink on %s (state in %s)", options.address, state.root)
-    argv = superlink_argv(pki, host, port, state, in_memory=options.database == "memory")
+    argv = superlink_argv(pki, host, port, state, in_memory=options.database == "memory", front=options.fleet_front)
     output, sink = os.pipe()  # the SuperLink's and the SuperExec's output, to superlink.log
     superlink = spawn(argv, env=flower_env(state), stdout=sink)
     processes = [superlink]
@@ -412,9 +413,13 @@ def stop_stale_superlink(state: StateDir, grace: float = STOP_GRACE) -> int | No
     return pid
 
 
-def superlink_argv(pki: Pki, host: str, port: int, state: StateDir, in_memory: bool = False) -> list[str]:
+def superlink_argv(
+    pki: Pki, host: str, port: int, state: StateDir, in_memory: bool = False, front: bool = True
+) -> list[str]:
+    """Flower's SuperLink with the daemon's options; behind `fedserver.fleet_front` unless `front` is False."""
+    command = [sys.executable, "-m", "fedserver.fleet_front"] if front else [_sibling_executable("flower-superlink")]
     return [
-        _sibling_executable("flower-superlink"),
+        *command,
         "--ssl-ca-certfile", str(pki.ca),
         "--ssl-certfile", str(pki.server_cert),
         "--ssl-keyfile", str(pki.server_key),

@@ -228,3 +228,15 @@ def test_invalid_host_is_one_line_exit_2(tmp_path, capsys):
 def test_subcommands_are_registered_in_a_dict():
     """Others add `start`, `status`, `stop` by adding entries to COMMANDS."""
     assert {"init", "add-client", "enroll"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize(("flag", "front"), [([], True), (["--fleet-front", "on"], True), (["--fleet-front", "off"], False)])
+def test_start_passes_fleet_front_to_the_daemon(tmp_path, monkeypatch, flag, front):
+    from fedserver import daemon
+
+    started = []
+    monkeypatch.setattr(daemon, "start", lambda options: started.append(options) or 0)
+
+    code = main(["start", "--pki", str(tmp_path), "--config", str(tmp_path / "run.toml"), *flag])
+
+    assert code == 0 and started[0].fleet_front is front

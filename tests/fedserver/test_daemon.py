@@ -534,12 +534,21 @@ def test_the_superlink_runs_with_tls_node_auth_and_no_dependency_installation(tm
 
     argv = daemon.superlink_argv(daemon.Pki.load(pki), "127.0.0.1", 9092, state, in_memory=in_memory)
 
-    assert Path(argv[0]).name == "flower-superlink" and "--insecure" not in argv
+    assert argv[:3] == [sys.executable, "-m", "fedserver.fleet_front"] and "--insecure" not in argv
     assert argv[argv.index("--ssl-certfile") + 1] == str(pki.resolve() / "server.pem")
     assert "--enable-supernode-auth" in argv and "--disable-runtime-dependency-installation" in argv
     assert argv[argv.index("--database") + 1].endswith(database)
     assert argv[argv.index("--host") + 1 :] == ["127.0.0.1", "--port", "9092"]
     assert daemon.flower_env(state)["FLWR_TELEMETRY_ENABLED"] == "0"
+
+
+def test_without_the_fleet_front_the_superlink_is_flowers_own_command(tmp_path, pki):
+    state = StateDir(tmp_path / "state")
+
+    front = daemon.superlink_argv(daemon.Pki.load(pki), "127.0.0.1", 9092, state)
+    plain = daemon.superlink_argv(daemon.Pki.load(pki), "127.0.0.1", 9092, state, front=False)
+
+    assert Path(plain[0]).name == "flower-superlink" and plain[1:] == front[3:]
 
 
 def test_the_serverapps_task_goes_only_to_the_daemons_own_superexec(tmp_path, pki):

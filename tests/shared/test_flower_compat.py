@@ -20,6 +20,7 @@ import typing
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
 import pytest
 from flwr.app import Array, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -561,3 +562,56 @@ def test_the_internals_check_catches_each_way_in():
         ("flwr.proto.node_pb2", ""),
         ("", "flwr.superlink.grid.http_grid"),
     ]
+
+
+def test_flower_superlink_builds_its_app_with_the_create_app_the_front_replaces():
+    cli = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    source = inspect.getsource(cli._run_superlink_http_api)  # noqa: SLF001 - the hook point itself
+
+    assert re.search(r"from flwr\.superlink\.main import \(?[^)]*\bcreate_app\b", source), "create_app is not looked up at start"
+    assert "uvicorn.run(" in source and "app=fastapi_app" in source
+
+
+@pytest.mark.parametrize("state_class", ["SqlLinkState", "InMemoryLinkState"])
+def test_every_way_a_task_enters_flowers_state_takes_the_message_first(state_class):
+    from flwr.server.superlink import linkstate
+
+    cls = getattr(linkstate, state_class)
+    for name in compat.STORES_TASKS:
+        assert list(inspect.signature(getattr(cls, name)).parameters)[1] in ("message", "messages"), f"{state_class}.{name}"
+    stores = {n for n, f in inspect.getmembers(cls, inspect.isfunction) if n.startswith("store_message")}
+    assert stores - {"store_message_res"} == set(compat.STORES_TASKS), f"{state_class} stores tasks another way"
+
+
+def test_the_front_accepts_what_flowers_supernode_signs():
+    import httpx
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+    from flwr.supercore.protobuf.client import ProtobufRequestContext
+
+    from fedserver.fleet_front import signed_key
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    request = httpx.Request("POST", "https://superlink" + compat.PULL_MESSAGES_PATH)
+    context = ProtobufRequestContext("/flwr.proto.Fleet/PullMessages", compat.PullMessagesRequest(), request)
+
+    NodeAuthHttpInterceptor(private, private.public_key()).intercept(context, lambda ctx: ctx.request)
+
+    assert signed_key({k.lower(): v for k, v in request.headers.raw}) == compat.public_key_to_bytes(private.public_key())
+    assert compat.PullMessagesResponse().SerializeToString() == b""  # the front's empty answer: no field set
+
+
+def test_an_emulated_device_that_cannot_connect_fails_alone():
+    from flwr.supernode import fleet_http_connection
+
+    source = inspect.getsource(fleet_http_connection.http_request_response)
+
+    assert "flwr_exit(" in source, "the Fleet connection no longer ends its process through flwr_exit"
+    assert fleet_http_connection.flwr_exit is not flower_exit()
+    with pytest.raises(compat.FleetConnectionError, match="exit code 305: no SuperLink"):
+        fleet_http_connection.flwr_exit(305, "no SuperLink")
+
+
+def flower_exit() -> object:
+    from flwr.supercore.exit import flwr_exit
+
+    return flwr_exit
