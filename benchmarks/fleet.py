@@ -191,7 +191,7 @@ def connected_life(k, key, how, rng, log, stop, connects, contexts, node_config)
             holding = False
             log.write(e="connected", d=k, node=session.node_id, t=time.time())
             return serve(session, k, how, rng, log, stop, contexts, node_config)
-    except (Exception, SystemExit) as err:  # noqa: BLE001 - a device that fails is reported, not fatal
+    except Exception as err:  # noqa: BLE001 - a device that fails is reported, not fatal
         log.write(e="error", d=k, why=f"{type(err).__name__}: {err}"[:300], t=time.time())
         return True
     finally:
@@ -301,6 +301,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--poll", type=float, default=3.0, help="s between a device's empty pulls (Flower's: 3)")
     parser.add_argument("--processes", type=int, default=0, help="device processes; 0 = one per 250 devices")
     parser.add_argument("--db", choices=("sqlite", "memory"), default="sqlite")
+    parser.add_argument("--fleet-front", choices=("on", "off"), default="on", help="fedserver start's --fleet-front")
     parser.add_argument("--hidden", default="200,200", help="the MLP's hidden sizes (784 in, 10 out): 2NN")
     parser.add_argument("--round-timeout", type=float, default=300.0)
     parser.add_argument("--timeout", type=float, default=1800.0, help="s for the whole benchmark")
@@ -400,7 +401,7 @@ class Fleet:
     def start_daemon(self, address: str):  # noqa: ANN201
         argv = [sys.executable, "-m", "fedserver.cli", "start", "--pki", str(self.pki),
                 "--config", str(self.work / "run.toml"), "--state-dir", str(self.state.root),
-                "--address", address, "--db", self.args.db]  # fmt: skip
+                "--address", address, "--db", self.args.db, "--fleet-front", self.args.fleet_front]  # fmt: skip
         with open(self.work / "fedserver.out", "ab") as out:
             daemon = spawn(argv, env=fleet_env(), stdout=out, cwd=REPO)
         self.processes.append(daemon)
@@ -528,7 +529,7 @@ class Fleet:
             "device_pulls_per_s": pull_rate(events, self.connected_at, last_commit),
             **self.idle_cost(events),
             "secure": a.secure, "dropout": a.dropout, "over_select": a.over_select,
-            "reply_deadline": a.reply_deadline, "latency_s": a.latency, "poll_s": a.poll, "db": a.db,
+            "reply_deadline": a.reply_deadline, "latency_s": a.latency, "poll_s": a.poll, "db": a.db, "fleet_front": a.fleet_front,
             "connect_s": None if connect_s is None else round(connect_s, 1), "wall_s": round(wall_s, 1),
             "load_average_at_start": round(load, 2), "cpus": os.cpu_count(), "status": self.status,
         }  # fmt: skip

@@ -30,6 +30,7 @@ from shared.flower_compat.messages import set_message_id
 with flower_symbols("fleet"):
     # The SuperNode's connection: TLS, node authentication, heartbeats, (de)activation, and the
     # callbacks its loop calls.
+    from flwr.supernode import fleet_http_connection
     from flwr.supernode.fleet_http_connection import http_request_response
 
     # How the SuperNode's loop moves a message's objects and fuses a run's config with its FAB's.
@@ -45,6 +46,20 @@ with flower_symbols("fleet"):
         pull_objects,
         push_object_contents_from_iterable,
     )
+
+
+class FleetConnectionError(ConnectionError):
+    """A node that could not connect, where Flower's SuperNode would end its process."""
+
+
+def _fail_connection(code: int, message: str, *_: Any, **__: Any) -> None:
+    raise FleetConnectionError(f"exit code {int(code)}: {message}")
+
+
+# `http_request_response` ends the process when a node cannot connect (`flwr_exit`: SystemExit,
+# then a forced `os._exit` from another thread). Many emulated devices share a process: here the
+# one device's connection fails instead.
+fleet_http_connection.flwr_exit = _fail_connection
 
 
 def load_node_key(path: Path) -> tuple[Any, Any]:
@@ -107,7 +122,7 @@ def fleet_session(address: str, ca: Path, key: tuple[Any, Any], max_wait: float 
     with `key` (`load_node_key`), as `flower-supernode` connects; deactivated on leaving.
 
     A request that keeps failing is retried for up to `max_wait` seconds. A refused connection
-    raises SystemExit (Flower's `flwr_exit`), as it ends a SuperNode.
+    raises FleetConnectionError, where it would end a SuperNode.
     """
     with http_request_response(address, insecure=False, root_certificates=str(ca), authentication_keys=key,
                  max_wait_time=max_wait) as calls:  # fmt: skip
