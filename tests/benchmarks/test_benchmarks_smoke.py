@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.simulations.test_text_federations import imdb_subset
+
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "benchmarks"
 TIMEOUT = 900  # seconds a tiny run may take on a loaded 2-core machine; a hang fails instead of blocking
@@ -83,9 +85,10 @@ def test_secagg_overhead():
 
 
 @pytest.mark.e2e
-def test_transformer_throughput(dataset):
-    imdb = dataset("imdb.jsonl.gz")
-    tiny = ["num-clients=400", "max-len=16", "vocab-size=200", "d-model=8", "min-client-size=1"]
+def test_transformer_throughput(dataset, tmp_path):
+    # 500 of IMDB's reviews: the script reads its data once for each system and repeat
+    imdb = imdb_subset(dataset("imdb.jsonl.gz"), tmp_path, per_label={"train": 200, "test": 50})
+    tiny = ["num-clients=8", "max-len=16", "vocab-size=200", "d-model=8", "min-client-size=1"]
 
     out = run_script(
         "transformer_throughput.py", str(REPO / "configs" / "imdb-transformer.toml"), "--threads", "1",
