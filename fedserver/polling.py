@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 
 from fedserver.grid_wrapper import GridWrapper
 from shared.device_errors import REPLY_TOO_LARGE
-from shared.flower_compat.http_grid import ReplyTooLarge, is_http_grid, pull_replies_within
+from shared.flower_compat.http_grid import ReplyTooLarge, is_http_grid, pull_replies_within, retry_handshake_timeouts
 
 DEFAULT_INTERVAL = 0.2  # s; Flower polls every 3 s
 BACKOFF = 1.5  # the wait grows by this factor after each pull that brought nothing
@@ -37,9 +37,13 @@ REPLY_MARGIN = 1 << 20  # bytes beyond 2 x the weights: records' headers, metric
 
 def fast_polling(grid: Grid, interval: float | None = None, *, max_reply_bytes: int = 0) -> Grid:
     """`grid`, pulling replies every `interval` s, each bounded by `max_reply_bytes` (0: derived
-    from the model), if it is Flower's deployment (HTTP) grid."""
+    from the model), if it is Flower's deployment (HTTP) grid; that grid rides out a SuperLink
+    too busy to finish a TLS handshake in time (`retry_handshake_timeouts`)."""
+    if not is_http_grid(grid):
+        return grid
+    retry_handshake_timeouts(grid)
     interval = poll_interval() if interval is None else interval
-    if interval <= 0 or not is_http_grid(grid):
+    if interval <= 0:
         return grid
     return FastPollingGrid(BoundedRepliesGrid(grid, max_reply_bytes), interval)
 

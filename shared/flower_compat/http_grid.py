@@ -33,7 +33,7 @@ with flower_symbols("http_grid"):
 # Flower's deployment (SuperLink) grid, by module path: a simulation does not pay for importing it.
 HTTP_GRID = ("flwr.superlink.grid.http_grid", "HttpGrid")
 
-__all__ = ["HTTP_GRID", "ReplyTooLarge", "is_http_grid", "pull_replies_within"]
+__all__ = ["HTTP_GRID", "ReplyTooLarge", "is_http_grid", "pull_replies_within", "retry_handshake_timeouts"]
 
 
 def is_http_grid(grid: object) -> bool:
@@ -46,6 +46,27 @@ def is_http_grid(grid: object) -> bool:
     module_name, attribute = HTTP_GRID
     http_grid = getattr(sys.modules.get(module_name), attribute, None)
     return http_grid is not None and isinstance(grid, http_grid)
+
+
+def retry_handshake_timeouts(grid: Any) -> None:
+    """Let `grid` (an HttpGrid) retry a connection whose TLS handshake timed out, as it retries
+    every other connect timeout, where Flower gives up and fails the run.
+
+    Flower's HTTP retry (`make_simple_http_retry_invoker`) gives up on any error whose text says
+    "ssl", to stop on certificate errors; a handshake that timed out on a busy SuperLink says
+    "_ssl.c: The handshake operation timed out" too (httpx.ConnectTimeout: nothing was sent, so
+    a retry cannot repeat a request). Relies on HttpGrid's `_retry_invoker`, the RetryInvoker
+    its Runtime client calls through, and that invoker's `should_giveup`.
+    """
+    import httpx  # noqa: PLC0415 - Flower's own dependency, loaded with HttpGrid
+
+    invoker = grid._retry_invoker  # noqa: SLF001 - see the docstring
+    gives_up = invoker.should_giveup
+
+    def should_giveup(exc: Exception) -> bool:
+        return not isinstance(exc, httpx.ConnectTimeout) and bool(gives_up and gives_up(exc))
+
+    invoker.should_giveup = should_giveup
 
 
 class ReplyTooLarge(Exception):

@@ -137,12 +137,15 @@ def test_only_flowers_deployment_grid_is_wrapped(monkeypatch):
         pass
 
     monkeypatch.setattr(polling, "is_http_grid", lambda grid: isinstance(grid, HttpGrid))
+    riding_out = []
+    monkeypatch.setattr(polling, "retry_handshake_timeouts", riding_out.append)
     plain, deployed = FakeGrid(), HttpGrid()
 
     assert fast_polling(plain) is plain  # e.g. fedsim's in-process grid
     wrapped = fast_polling(deployed)
     assert isinstance(wrapped, FastPollingGrid) and wrapped.interval == polling.DEFAULT_INTERVAL
     assert fast_polling(deployed, interval=0) is deployed
+    assert riding_out == [deployed, deployed]  # a deployment's grid retries handshake timeouts either way
 
 
 def test_the_interval_comes_from_the_environment(monkeypatch):

@@ -615,3 +615,18 @@ def flower_exit() -> object:
     from flwr.supercore.exit import flwr_exit
 
     return flwr_exit
+
+
+def test_a_deployed_grid_retries_a_handshake_that_timed_out_and_still_gives_up_on_a_bad_certificate():
+    import httpx
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+
+    timed_out = httpx.ConnectTimeout("_ssl.c:989: The handshake operation timed out")
+    bad_certificate = httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed (_ssl.c:1006)")
+    grid = types.SimpleNamespace(_retry_invoker=make_simple_http_retry_invoker())
+    assert grid._retry_invoker.should_giveup(timed_out), "Flower now retries handshake timeouts itself"
+
+    compat.retry_handshake_timeouts(grid)
+
+    assert not grid._retry_invoker.should_giveup(timed_out)
+    assert grid._retry_invoker.should_giveup(bad_certificate)
