@@ -11,6 +11,7 @@ from fedclient.node import ISOLATIONS, REFUSAL_GRACE, NodeOptions, run_node
 from fedclient.policy import DevicePolicy, policy_key, read_policy
 from shared.cli import add_command, build_parser as build_command_parser, run_cli
 from shared.config import DEVICES
+from shared.flower_compat.supernode_log import ACTIVATION_REFUSED_CODE
 
 PROG = "fedclient"
 
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=REFUSAL_GRACE,
         metavar="SECONDS",
-        help="how long a refusal with Flower's code 2004 (an unregistered key, or a node the server still "
+        help=f"how long a refusal with Flower's code {ACTIVATION_REFUSED_CODE} (an unregistered key, or a node the server still "
         f"counts online after an unclean stop) is retried before fedclient gives up (default: {REFUSAL_GRACE:.0f})",
     )
     _policy_arguments(start)

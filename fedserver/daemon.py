@@ -40,6 +40,7 @@ from fedserver.status import refresh_live
 from shared.config import TEXT_MODELS, ConfigError, RunConfig, load_config
 from shared.files import write_secret
 from shared.flower_compat.superlink import IN_MEMORY_DATABASE
+from shared.flower_compat.supernode_log import EXIT_CODE  # flwr_exit's marker, the SuperLink's as the SuperNode's
 from shared.pki import PkiError
 from shared.processes import (
     bind_error, die_with_parent, record_process, recorded_process, spawn, stop_pid, stop_trees, wait_for_port,
@@ -473,7 +474,7 @@ def _last_error(log_file: Path) -> str:
         lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return f"see {log_file}"
-    errors = [line for line in lines if "error" in line.lower() or "exit code" in line.lower()]
+    errors = [line for line in lines if "error" in line.lower() or EXIT_CODE.lower() in line.lower()]
     last = (errors or lines or [f"see {log_file}"])[-1]
     return f"{last} (see {log_file})"
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -199,7 +199,7 @@ class CentralDP(Strategy):
         arrays = ArrayRecord(
             {name: Array(np.ascontiguousarray(value)) for name, value in zip(self.current_arrays, model, strict=True)}
         )
-        reply = Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), 0, "train")
+        reply = Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), 0, MessageType.TRAIN)
         return self.strategy.aggregate_train(server_round, [reply])
 
     def check_budget(self) -> None:
