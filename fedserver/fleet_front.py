@@ -1,12 +1,18 @@
 """The SuperLink as the daemon runs it: Flower's own, with a front that answers idle devices cheaply.
 
-Every connected device asks for a task every 3 s (Flower's SuperNode), and almost every answer is
-"none". Flower answers each through its whole web stack and two SQLite transactions; this front
-answers a pull from a node whose last pull Flower answered empty, while no task has been stored
-for it since, with the same empty answer, after checking the node's signature as Flower does.
-Everything else (a node with a task, a stale or unverifiable request, every other call) goes to
-Flower unchanged, so refusals and their log lines stay Flower's. An idle mark lasts `IDLE_TTL`
-seconds at most: a node removed from the federation is refused by Flower within that time.
+Every connected device asks for a task every 3 s and sends a heartbeat every 30 s (Flower's
+SuperNode), and between rounds every answer to the first is "none". Flower answers each through
+its whole web stack and SQLite transactions. This front, in the SuperLink's process, answers:
+
+- a pull from a node whose last pull Flower answered empty, with no task stored for it since
+  (nor being stored while Flower answered), with that same empty answer;
+- a heartbeat by calling the handler Flower's own route calls, without the web stack;
+
+both only for a request whose signature and timestamp verify as Flower's node authentication
+checks them, with the public key Flower last accepted for that node. Everything else (a node
+with a task, a request that does not verify, every other call) goes to Flower unchanged, so
+refusals and their log lines stay Flower's. What the front knows of a node lasts `TTL` seconds:
+a node removed from the federation is refused by Flower again within that time.
 
     python -m fedserver.fleet_front <flower-superlink options>
 """
@@ -18,12 +24,14 @@ import binascii
 import datetime
 import threading
 import time
+from functools import partial
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf.message import DecodeError
+import anyio.to_thread
+from google.protobuf.message import DecodeError, Message
 
 from shared.flower_compat import fleet_api as flower
 
@@ -32,24 +40,43 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-IDLE_TTL = 30.0  # s an idle mark stands before a pull goes to Flower again
-MAX_PULL_BYTES = 4096  # a pull names one node; a larger body goes to Flower as it came
+TTL = 30.0  # s an idle mark or a node's known key stands before its requests go to Flower again
+MAX_REQUEST_BYTES = 4096  # a pull or a heartbeat names one node; a larger body goes to Flower as it came
 EMPTY_PULL = flower.PullMessagesResponse().SerializeToString()
-_HEADERS = [(b"content-type", flower.PROTOBUF_MEDIA_TYPE.encode()), (b"content-length", str(len(EMPTY_PULL)).encode())]
+PULL, HEARTBEAT = flower.PULL_MESSAGES_PATH, flower.HEARTBEAT_PATH
+REQUESTS = {PULL: flower.PullMessagesRequest, HEARTBEAT: flower.SendNodeHeartbeatRequest}
+CONTENT_TYPE = flower.PROTOBUF_MEDIA_TYPE.encode()
 
 
 @dataclass(frozen=True)
 class _Idle:
     version: int  # the node's store count when Flower's empty answer was asked for
-    public_key: bytes  # the key Flower authenticated the node with
     marked: float  # monotonic time of the mark
+
+
+class NodeKeys:
+    """The public key Flower last accepted for each node (a request of it answered 200), for `ttl` seconds."""
+
+    def __init__(self, ttl: float = TTL, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl, self._clock = ttl, clock
+        self._keys: dict[int, tuple[bytes, float]] = {}
+        self._lock = threading.Lock()
+
+    def learn(self, node_id: int, public_key: bytes) -> None:
+        with self._lock:
+            self._keys[node_id] = (public_key, self._clock())
+
+    def knows(self, node_id: int, public_key: bytes) -> bool:
+        with self._lock:
+            known = self._keys.get(node_id)
+        return known is not None and known[0] == public_key and self._clock() - known[1] < self._ttl
 
 
 class TaskTracker:
     """Which nodes certainly have no task waiting: those whose pull Flower answered empty, no task
     stored for them since (nor being stored while that pull was answered), for `ttl` seconds."""
 
-    def __init__(self, ttl: float = IDLE_TTL, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, ttl: float = TTL, clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl, self._clock = ttl, clock
         self._lock = threading.Lock()
         self._versions: dict[int, int] = {}
@@ -78,18 +105,17 @@ class TaskTracker:
         with self._lock:
             return None if node_id in self._storing else self._versions.get(node_id, 0)
 
-    def mark_idle(self, node_id: int, version: int, public_key: bytes) -> None:
+    def mark_idle(self, node_id: int, version: int) -> None:
         """Flower answered the pull asked at `version` with no task: idle, unless a task came since."""
         with self._lock:
             if node_id not in self._storing and self._versions.get(node_id, 0) == version:
-                self._idle[node_id] = _Idle(version, public_key, self._clock())
+                self._idle[node_id] = _Idle(version, self._clock())
 
-    def is_idle(self, node_id: int, public_key: bytes) -> bool:
+    def is_idle(self, node_id: int) -> bool:
         with self._lock:
             idle = self._idle.get(node_id)
             return (
                 idle is not None
-                and idle.public_key == public_key
                 and node_id not in self._storing
                 and self._versions.get(node_id, 0) == idle.version
                 and self._clock() - idle.marked < self._ttl
@@ -125,27 +151,49 @@ def signed_key(headers: dict[bytes, bytes]) -> bytes | None:
 
 
 class FleetFront:
-    """ASGI: a pull from an idle node answered here, every other request passed to Flower's `app`."""
+    """ASGI: an idle node's pull and a known node's heartbeat answered here, every other request
+    passed to Flower's `app` (whose LinkState is `state`)."""
 
-    def __init__(self, app: ASGIApp, tracker: TaskTracker) -> None:
-        self.app, self.tracker = app, tracker
+    def __init__(self, app: ASGIApp, state: Any, tracker: TaskTracker, keys: NodeKeys | None = None) -> None:
+        self.app, self.state, self.tracker, self.keys = app, state, tracker, keys or NodeKeys()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != flower.PULL_MESSAGES_PATH:
+        path = scope.get("path") if scope["type"] == "http" and scope["method"] == "POST" else None
+        if path not in REQUESTS:
             await self.app(scope, receive, send)
             return
-        body, more = await _read_up_to(receive, MAX_PULL_BYTES)
-        pull = None if more else _parse_pull(body)
-        key = None if pull is None else signed_key(dict(scope["headers"]))
-        if key is not None and self.tracker.is_idle(pull.node.node_id, key):
-            await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
-            await send({"type": "http.response.body", "body": EMPTY_PULL})
-            return
-        version = None if key is None else self.tracker.version(pull.node.node_id)
-        answer = _Answer(send)
-        await self.app(scope, _replay(body, more, receive), answer.send)
-        if version is not None and answer.is_empty_pull():
-            self.tracker.mark_idle(pull.node.node_id, version, key)
+        body, more = await _read_up_to(receive, MAX_REQUEST_BYTES)
+        request = None if more else _parse(REQUESTS[path], body)
+        key = None if request is None else signed_key(dict(scope["headers"]))
+        node = None if key is None else request.node.node_id
+        if node is not None and self.keys.knows(node, key):
+            answer = await self._answer(path, request)
+            if answer is not None:
+                await _respond(send, answer)
+                return
+        version = self.tracker.version(node) if node is not None and path == PULL else None
+        flowers = _Answer(send)
+        await self.app(scope, _replay(body, more, receive), flowers.send)
+        if node is not None and flowers.status == 200:
+            self.keys.learn(node, key)
+            if version is not None and flowers.is_empty_pull():
+                self.tracker.mark_idle(node, version)
+
+    async def _answer(self, path: str, request: Message) -> bytes | None:
+        """The answer for a verified, known node's request, or None where Flower must answer."""
+        if path == PULL:
+            return EMPTY_PULL if self.tracker.is_idle(request.node.node_id) else None
+        try:
+            acknowledged = await anyio.to_thread.run_sync(partial(flower.send_node_heartbeat, request, self.state))
+        except Exception:  # noqa: BLE001 - e.g. an interval out of range: Flower's route answers it, with its error
+            return None
+        return acknowledged.SerializeToString()
+
+
+async def _respond(send: Send, body: bytes) -> None:
+    headers = [(b"content-type", CONTENT_TYPE), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class _Answer:
@@ -163,7 +211,7 @@ class _Answer:
         await self._send(message)
 
     def is_empty_pull(self) -> bool:
-        return self.status == 200 and self.body == EMPTY_PULL and self.content_type == _HEADERS[0][1]
+        return self.status == 200 and self.body == EMPTY_PULL and self.content_type == CONTENT_TYPE
 
 
 async def _read_up_to(receive: Receive, limit: int) -> tuple[bytes, bool]:
@@ -194,18 +242,18 @@ def _replay(body: bytes, more: bool, receive: Receive) -> Receive:
     return replay
 
 
-def _parse_pull(body: bytes) -> Any:
+def _parse(kind: type[Message], body: bytes) -> Any:
     try:
-        return flower.PullMessagesRequest.FromString(body)
+        return kind.FromString(body)
     except DecodeError:
         return None
 
 
 def front(app: ASGIApp) -> FleetFront:
     """Flower's SuperLink app behind the front, its state's task stores tracked."""
-    tracker = TaskTracker()
-    tracker.track(flower.linkstate_of(app))
-    return FleetFront(app, tracker)
+    state, tracker = flower.linkstate_of(app), TaskTracker()
+    tracker.track(state)
+    return FleetFront(app, state, tracker)
 
 
 def main() -> None:

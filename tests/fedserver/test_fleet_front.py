@@ -1,5 +1,6 @@
 """The SuperLink's front: a pull from a node Flower last answered empty, with no task stored since, is
-answered with Flower's own empty answer after the node's signature checks out; anything else reaches Flower."""
+answered with Flower's own empty answer, and a heartbeat by Flower's own handler, after the node's
+signature checks out with the key Flower last accepted for it; anything else reaches Flower."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedserver.fleet_front import EMPTY_PULL, FleetFront, TaskTracker, signed_key
+from fedserver.fleet_front import EMPTY_PULL, FleetFront, NodeKeys, TaskTracker, signed_key
 from shared.flower_compat import fleet_api as flower
 
 NODE = 7
@@ -57,6 +58,25 @@ class Flower:
         await send({"type": "http.response.body", "body": self.answer if self.status == 200 else b'{"detail":"no"}'})
 
 
+class State:
+    """A stand-in for Flower's LinkState: the heartbeats it acknowledged."""
+
+    def __init__(self) -> None:
+        self.heartbeats: list[tuple[int, float]] = []
+
+    def acknowledge_node_heartbeat(self, node_id: int, heartbeat_interval: float) -> bool:
+        self.heartbeats.append((node_id, heartbeat_interval))
+        return node_id == NODE
+
+
+def make_front(inner: Flower, tracker: TaskTracker | None = None, keys: NodeKeys | None = None) -> FleetFront:
+    return FleetFront(inner, State(), tracker or TaskTracker(), keys)
+
+
+def heartbeat_body(node: int = NODE, interval: float = 30.0) -> bytes:
+    return flower.SendNodeHeartbeatRequest(node={"node_id": node}, heartbeat_interval=interval).SerializeToString()
+
+
 def pull(front: FleetFront, headers: list[tuple[bytes, bytes]], node: int = NODE, path: str = flower.PULL_MESSAGES_PATH,
          body: bytes | None = None, chunk: int = 0) -> tuple[int, dict[bytes, bytes], bytes]:  # fmt: skip
     """One request through `front`: (status, headers, body) of its answer."""
@@ -83,7 +103,7 @@ def key() -> Key:
 
 def test_a_node_flower_answered_empty_is_answered_by_the_front_with_flowers_answer(key):
     inner = Flower()
-    front = FleetFront(inner, TaskTracker())
+    front = make_front(inner)
 
     first = pull(front, key.headers())
     second = pull(front, key.headers())
@@ -95,7 +115,7 @@ def test_a_node_flower_answered_empty_is_answered_by_the_front_with_flowers_answ
 
 def test_a_task_stored_for_the_node_sends_its_next_pull_to_flower(key):
     inner, tracker = Flower(), TaskTracker()
-    front = FleetFront(inner, tracker)
+    front = make_front(inner, tracker)
     pull(front, key.headers())
 
     with tracker.storing(NODE):
@@ -107,7 +127,7 @@ def test_a_task_stored_for_the_node_sends_its_next_pull_to_flower(key):
 
 def test_an_answer_with_a_task_leaves_the_node_with_flower(key):
     inner = Flower(answer=b"\x12\x02ab")  # any non-empty PullMessagesResponse
-    front = FleetFront(inner, TaskTracker())
+    front = make_front(inner)
 
     for _ in range(3):
         pull(front, key.headers())
@@ -123,7 +143,7 @@ def test_a_task_stored_while_flower_answers_the_pull_keeps_the_node_with_flower(
             pass
 
     inner = Flower(during=store_meanwhile)
-    front = FleetFront(inner, tracker)
+    front = make_front(inner, tracker)
 
     pull(front, key.headers())
     inner.during = None
@@ -134,7 +154,7 @@ def test_a_task_stored_while_flower_answers_the_pull_keeps_the_node_with_flower(
 
 def test_no_node_is_idle_while_a_task_is_being_stored_for_it(key):
     inner, tracker = Flower(), TaskTracker()
-    front = FleetFront(inner, tracker)
+    front = make_front(inner, tracker)
     pull(front, key.headers())
 
     with tracker.storing(NODE):
@@ -146,7 +166,7 @@ def test_no_node_is_idle_while_a_task_is_being_stored_for_it(key):
 @pytest.mark.parametrize("forged", ["other key", "stale", "from the future", "signed by another", "unsigned", "other node"])
 def test_a_request_that_does_not_verify_as_the_idle_node_goes_to_flower_which_refuses_it(key, forged):
     inner = Flower()
-    front = FleetFront(inner, TaskTracker())
+    front = make_front(inner)
     pull(front, key.headers())
     inner.status = 401
     requests = {
@@ -167,7 +187,7 @@ def test_a_request_that_does_not_verify_as_the_idle_node_goes_to_flower_which_re
 def test_an_idle_mark_lasts_its_ttl(key):
     now = [0.0]
     inner = Flower()
-    front = FleetFront(inner, TaskTracker(ttl=30.0, clock=lambda: now[0]))
+    front = make_front(inner, TaskTracker(ttl=30.0, clock=lambda: now[0]))
     pull(front, key.headers())
 
     now[0] = 29.0
@@ -180,7 +200,7 @@ def test_an_idle_mark_lasts_its_ttl(key):
 
 def test_other_requests_and_large_bodies_reach_flower_byte_for_byte(key):
     inner = Flower()
-    front = FleetFront(inner, TaskTracker())
+    front = make_front(inner)
     large = bytes(range(256)) * 64
 
     pull(front, key.headers(), path="/v1/fleet/push-messages", body=b"\x01\x02")
@@ -226,7 +246,7 @@ def test_signed_key_accepts_the_node_key_and_nothing_else(key):
     assert signed_key({}) is None
 
 
-def test_flowers_own_app_answers_an_idle_pull_as_the_front_does_and_refuses_a_stranger(key, monkeypatch):
+def test_flowers_own_app_answers_as_the_front_does_and_refuses_a_stranger(key, monkeypatch):
     import httpx
 
     monkeypatch.setenv("FLWR_DATABASE", ":flwr-in-memory:")
@@ -242,19 +262,56 @@ def test_flowers_own_app_answers_an_idle_pull_as_the_front_does_and_refuses_a_st
 
     tracker = TaskTracker()
     tracker.track(state)
-    front = FleetFront(counted, tracker)
+    front = FleetFront(counted, state, tracker)
 
-    async def pulls(signer: Key) -> list[httpx.Response]:
-        body = flower.PullMessagesRequest(node={"node_id": node}).SerializeToString()
+    async def post(path: str, body: bytes, signer: Key, times: int = 3) -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=front), base_url="https://superlink") as client:
-            return [await client.post(flower.PULL_MESSAGES_PATH, content=body, headers=[(k.decode(), v.decode())
-                    for k, v in signer.headers()]) for _ in range(3)]  # fmt: skip
+            return [await client.post(path, content=body, headers=[(k.decode(), v.decode()) for k, v in signer.headers()])
+                    for _ in range(times)]  # fmt: skip
 
-    flowers, *fronts = asyncio.run(pulls(key))
-    strangers = asyncio.run(pulls(Key()))
+    pull_body = flower.PullMessagesRequest(node={"node_id": node}).SerializeToString()
+    flowers, *fronts = asyncio.run(post(flower.PULL_MESSAGES_PATH, pull_body, key))
+    online_until = state.get_node_info(node_ids=[node])[0].online_until
+    heartbeats = asyncio.run(post(flower.HEARTBEAT_PATH, heartbeat_body(node), key, times=2))
+    strangers = asyncio.run(post(flower.PULL_MESSAGES_PATH, pull_body, Key()))
+    strangers += asyncio.run(post(flower.HEARTBEAT_PATH, heartbeat_body(node), Key(), times=1))
 
-    assert len(calls) == 1 + 3  # the first pull, then the stranger's three
+    assert calls == [flower.PULL_MESSAGES_PATH] + [flower.PULL_MESSAGES_PATH] * 3 + [flower.HEARTBEAT_PATH]
     for answer in fronts:
         assert (answer.status_code, answer.content) == (flowers.status_code, flowers.content) == (200, EMPTY_PULL)
         assert dict(answer.headers) == dict(flowers.headers)
-    assert [r.status_code for r in strangers] == [401, 401, 401]
+    for answer in heartbeats:
+        assert answer.status_code == 200 and answer.headers["content-type"] == flowers.headers["content-type"]
+        assert flower.SendNodeHeartbeatResponse.FromString(answer.content).success
+    assert state.get_node_info(node_ids=[node])[0].online_until > online_until  # acknowledged in Flower's state
+    assert [r.status_code for r in strangers] == [401] * 4
+
+
+def test_a_known_nodes_heartbeat_is_acknowledged_by_flowers_handler_without_flower(key):
+    inner = Flower()
+    front = make_front(inner)
+    pull(front, key.headers())
+
+    status, headers, body = pull(front, key.headers(), path=flower.HEARTBEAT_PATH, body=heartbeat_body())
+
+    assert len(inner.bodies) == 1 and front.state.heartbeats == [(NODE, 30.0)]
+    assert status == 200 and headers[b"content-type"] == flower.PROTOBUF_MEDIA_TYPE.encode()
+    assert flower.SendNodeHeartbeatResponse.FromString(body).success
+
+
+@pytest.mark.parametrize("case", ["unknown node", "interval Flower refuses", "Flower refused the node", "key expired"])
+def test_a_heartbeat_goes_to_flower_unless_the_node_is_known_and_the_handler_takes_it(key, case):
+    now = [0.0]
+    inner = Flower()
+    front = make_front(inner, keys=NodeKeys(ttl=30.0, clock=lambda: now[0]))
+    if case == "Flower refused the node":
+        inner.status = 401
+    if case != "unknown node":
+        pull(front, key.headers())
+    if case == "key expired":
+        now[0] = 31.0
+    interval = -1.0 if case == "interval Flower refuses" else 30.0
+
+    pull(front, key.headers(), path=flower.HEARTBEAT_PATH, body=heartbeat_body(interval=interval))
+
+    assert inner.bodies[-1][0] == flower.HEARTBEAT_PATH and front.state.heartbeats == []
