@@ -43,7 +43,7 @@ def test_imdb_with_label_skew_beats_chance(tmp_path, dataset):
     cfg = load_config(
         CONFIGS / "imdb-transformer.toml",
         [f'data-path="{data}"', "num-clients=4", "clients-per-round=4", "max-len=64", "vocab-size=5000",
-         "rounds=3", "local-epochs=2", "eval-batch-size=500"],
+         "rounds=3", "local-epochs=2", "eval-batch-size=500", "torch-threads=1"],
     )  # fmt: skip
 
     result, federation = run_and_check_outputs(cfg, tmp_path / "run", lambda vocab: vocab.words, WordTokenizer.load)
@@ -58,7 +58,7 @@ def test_shakespeare_roles_beat_chance(tmp_path, dataset):
     cfg = load_config(
         CONFIGS / "shakespeare-charlm.toml",
         ["min-role-chars=35000", "num-clients=4", "clients-per-round=4", "max-len=20", "d-model=32",
-         "num-layers=1", "rounds=2", "local-epochs=1"],
+         "num-layers=1", "rounds=2", "local-epochs=1", "torch-threads=1"],
     )  # fmt: skip
 
     result, _ = run_and_check_outputs(cfg, tmp_path / "run", lambda vocab: vocab.chars, CharVocab.load)
