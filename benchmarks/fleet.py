@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import tomli_w
 
 REPO = Path(__file__).resolve().parents[1]
 for path in (REPO, REPO / "benchmarks"):
@@ -396,7 +397,7 @@ class Fleet:
             config["over-select"] = a.over_select
         if a.reply_deadline:
             config["reply-deadline"] = a.reply_deadline
-        return "".join(f"{key} = {json.dumps(value)}\n" for key, value in config.items())
+        return tomli_w.dumps(config)
 
     def start_daemon(self, address: str):  # noqa: ANN201
         argv = [sys.executable, "-m", "fedserver.cli", "start", "--pki", str(self.pki),
