@@ -547,16 +547,17 @@ def plot(results: list[dict], out: Path) -> None:
     panels = [("server_cpu_s_per_device_round", "server CPU s per device-round"),
               ("round_overhead_s", "round time beyond the slowest reply (s)"), ("server_peak_mb", "server peak RSS (MB)")]  # fmt: skip
     fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.8))
-    lines: dict[tuple[bool, int, str], list[dict]] = {}
+    lines: dict[tuple[bool, int, str, str], list[dict]] = {}
     for result in results:
         if result["rounds_completed"]:
             share = round(100 * result["per_round"] / result["devices"])
-            lines.setdefault((result["secure"], share, result["db"]), []).append(result)
-    for (secure, share, db), runs in sorted(lines.items()):
+            front = result.get("fleet_front", "on")
+            lines.setdefault((result["secure"], share, result["db"], front), []).append(result)
+    for (secure, share, db, front), runs in sorted(lines.items()):
         runs.sort(key=lambda r: r["devices"])
-        label = f"{share} % a round, {'SecAgg+' if secure else 'plaintext'}, {db}"
+        label = f"{share} % a round, {'SecAgg+' if secure else 'plaintext'}, {db}, fleet front {front}"
         for ax, (key, _) in zip(axes, panels, strict=True):
-            ax.plot([r["devices"] for r in runs], [r[key] for r in runs], "s--" if secure else "o-", label=label)
+            ax.plot([r["devices"] for r in runs], [r[key] for r in runs], "o:" if front == "off" else "o-", label=label)
     for ax, (_, title) in zip(axes, panels, strict=True):
         ax.set_xscale("log")
         ax.set_xticks([100, 300, 1000], ["100", "300", "1000"])
