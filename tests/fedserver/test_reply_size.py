@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -52,10 +53,11 @@ class FakeRuntime:
 
 
 class FakeHttpGrid:
-    """What `pull_replies_within` uses of Flower's HttpGrid."""
+    """What `pull_replies_within` and `retry_handshake_timeouts` use of Flower's HttpGrid."""
 
     def __init__(self, replies: list[Message]) -> None:
         self._runtime_client = FakeRuntime(replies)
+        self._retry_invoker = SimpleNamespace(should_giveup=None)
         self.node = Node(node_id=SUPERLINK_NODE_ID)
         self.run = new_run(1)
         self.pushed: list[Message] = []
