@@ -24,10 +24,10 @@ import binascii
 import datetime
 import threading
 import time
-from functools import partial
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio.to_thread
@@ -200,7 +200,7 @@ class _Answer:
     """Flower's response passed on as it goes, its status and first bytes kept."""
 
     def __init__(self, send: Send) -> None:
-        self._send, self.status, self.body = send, 0, b""
+        self._send, self.status, self.body, self.content_type = send, 0, b"", b""
 
     async def send(self, message: MutableMapping[str, Any]) -> None:
         if message["type"] == "http.response.start":
