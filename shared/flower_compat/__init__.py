@@ -15,7 +15,8 @@ here per concern, each checked against Flower `CHECKED_AGAINST` by tests/shared/
 - `supernode_log`: what `flower-supernode` logs, where nothing structured says it (imports no Flower);
 - `superlink`: the run and node statuses the SuperLink reports, its in-memory database name (imports no Flower);
 - `stock_flower`: stock Flower's Ray engine (`backend = "ray"`) and legacy SecAgg+ workflow (benchmarks);
-- `fleet`: a device's side of the Fleet API with Flower's SuperNode code (benchmarks).
+- `fleet`: a device's side of the Fleet API with Flower's SuperNode code (benchmarks);
+- `fleet_api`: the SuperLink's side of it, where its web app is built and its state stores tasks (the fleet front).
 
 This package imports no Flower (`fedclient start`'s supervisor reads `supernode_log`; `fedserver status`
 and the dashboard read `superlink`); each submodule imports only its own concern: `runtime`, `control`,
@@ -26,7 +27,7 @@ Flower >= 1.43 drops the gRPC Fleet and Control APIs, keeping their HTTP variant
 all Flowerbed speaks. What that upgrade moves lands in `control` (`ControlHttpClient`,
 `CliClientHttpInterceptor`, `flwr.proto.control_pb2`), `runtime` and `fleet` (the Runtime and
 Fleet HTTP clients, interceptors and `flwr.proto` messages, today in packages shared with the
-gRPC transports) and `supernode_log` (the connection log lines of the SuperNode's Fleet client).
+gRPC transports), `fleet_api` (the Fleet API's protobuf messages and handlers) and `supernode_log` (the connection log lines of the SuperNode's Fleet client).
 """
 
 from __future__ import annotations
