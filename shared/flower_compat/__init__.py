@@ -27,7 +27,8 @@ Flower >= 1.43 drops the gRPC Fleet and Control APIs, keeping their HTTP variant
 all Flowerbed speaks. What that upgrade moves lands in `control` (`ControlHttpClient`,
 `CliClientHttpInterceptor`, `flwr.proto.control_pb2`), `runtime` and `fleet` (the Runtime and
 Fleet HTTP clients, interceptors and `flwr.proto` messages, today in packages shared with the
-gRPC transports), `fleet_api` (the Fleet API's protobuf messages and handlers) and `supernode_log` (the connection log lines of the SuperNode's Fleet client).
+gRPC transports), `fleet_api` (the Fleet API's protobuf messages and handlers) and
+`supernode_log` (the connection log lines of the SuperNode's Fleet client).
 """
 
 from __future__ import annotations
