@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -46,12 +45,6 @@ EMPTY_PULL = flower.PullMessagesResponse().SerializeToString()
 PULL, HEARTBEAT = flower.PULL_MESSAGES_PATH, flower.HEARTBEAT_PATH
 REQUESTS = {PULL: flower.PullMessagesRequest, HEARTBEAT: flower.SendNodeHeartbeatRequest}
 CONTENT_TYPE = flower.PROTOBUF_MEDIA_TYPE.encode()
-
-
-@dataclass(frozen=True)
-class _Idle:
-    version: int  # the node's store count when Flower's empty answer was asked for
-    marked: float  # monotonic time of the mark
 
 
 class NodeKeys:
@@ -81,7 +74,7 @@ class TaskTracker:
         self._lock = threading.Lock()
         self._versions: dict[int, int] = {}
         self._storing: dict[int, int] = {}
-        self._idle: dict[int, _Idle] = {}
+        self._idle: dict[int, float] = {}  # node -> when it was marked; a store for it removes the mark
 
     @contextmanager
     def storing(self, *node_ids: int) -> Iterator[None]:
@@ -109,17 +102,12 @@ class TaskTracker:
         """Flower answered the pull asked at `version` with no task: idle, unless a task came since."""
         with self._lock:
             if node_id not in self._storing and self._versions.get(node_id, 0) == version:
-                self._idle[node_id] = _Idle(version, self._clock())
+                self._idle[node_id] = self._clock()
 
     def is_idle(self, node_id: int) -> bool:
         with self._lock:
-            idle = self._idle.get(node_id)
-            return (
-                idle is not None
-                and node_id not in self._storing
-                and self._versions.get(node_id, 0) == idle.version
-                and self._clock() - idle.marked < self._ttl
-            )
+            marked = self._idle.get(node_id)
+        return marked is not None and self._clock() - marked < self._ttl
 
     def track(self, state: Any) -> None:
         """Route every task `state` (Flower's LinkState) stores through `storing`."""
@@ -162,7 +150,10 @@ class FleetFront:
         if path not in REQUESTS:
             await self.app(scope, receive, send)
             return
-        body, more = await _read_up_to(receive, MAX_REQUEST_BYTES)
+        read = await _read_up_to(receive, MAX_REQUEST_BYTES)
+        if read is None:
+            return  # nobody to answer
+        body, more = read
         request = None if more else _parse(REQUESTS[path], body)
         key = None if request is None else signed_key(dict(scope["headers"]))
         node = None if key is None else request.node.node_id
@@ -214,13 +205,14 @@ class _Answer:
         return self.status == 200 and self.body == EMPTY_PULL and self.content_type == CONTENT_TYPE
 
 
-async def _read_up_to(receive: Receive, limit: int) -> tuple[bytes, bool]:
-    """The request body, or its first chunks past `limit` bytes; whether more is left to read."""
+async def _read_up_to(receive: Receive, limit: int) -> tuple[bytes, bool] | None:
+    """The request body, or its first chunks past `limit` bytes, and whether more is left to read;
+    None if the client went away before its body was whole."""
     body = b""
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            return body, False
+            return None
         body += message.get("body", b"")
         if not message.get("more_body", False):
             return body, False

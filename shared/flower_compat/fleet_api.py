@@ -30,11 +30,10 @@ with flower_symbols("fleet_api"):
     from flwr.superlink.servicer.fleet.fleet_handlers import send_node_heartbeat
 
 __all__ = [
-    "FLEET_HTTP_PUBLIC_KEY_HEADER", "FLEET_HTTP_SIGNATURE_HEADER", "PROTOBUF_MEDIA_TYPE", "PULL_MESSAGES_PATH",
-    "STORES_TASKS", "SYSTEM_TIME_TOLERANCE", "TIMESTAMP_HEADER", "TIMESTAMP_TOLERANCE", "HEARTBEAT_PATH",
+    "FLEET_HTTP_PUBLIC_KEY_HEADER", "FLEET_HTTP_SIGNATURE_HEADER", "HEARTBEAT_PATH", "PROTOBUF_MEDIA_TYPE",
+    "PULL_MESSAGES_PATH", "STORES_TASKS", "SYSTEM_TIME_TOLERANCE", "TIMESTAMP_HEADER", "TIMESTAMP_TOLERANCE",
     "PullMessagesRequest", "PullMessagesResponse", "SendNodeHeartbeatRequest", "SendNodeHeartbeatResponse",
-    "bytes_to_public_key", "linkstate_of",
-    "now", "run_superlink", "send_node_heartbeat", "verify_signature",
+    "bytes_to_public_key", "linkstate_of", "now", "run_superlink", "send_node_heartbeat", "verify_signature",
 ]  # fmt: skip
 
 PULL_MESSAGES_PATH: Final = "/v1/fleet/pull-messages"  # POST, a PullMessagesRequest

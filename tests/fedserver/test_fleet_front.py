@@ -315,3 +315,21 @@ def test_a_heartbeat_goes_to_flower_unless_the_node_is_known_and_the_handler_tak
     pull(front, key.headers(), path=flower.HEARTBEAT_PATH, body=heartbeat_body(interval=interval))
 
     assert inner.bodies[-1][0] == flower.HEARTBEAT_PATH and front.state.heartbeats == []
+
+
+def test_a_client_gone_before_its_body_was_whole_is_not_handed_to_flower(key):
+    inner = Flower()
+    front = make_front(inner)
+    incoming = [{"type": "http.request", "body": b"\x0a", "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return incoming.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": flower.PULL_MESSAGES_PATH, "headers": key.headers()}
+    asyncio.run(front(scope, receive, send))
+
+    assert inner.bodies == [] and sent == []
