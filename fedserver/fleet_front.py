@@ -1,24 +1,29 @@
-"""The SuperLink as the daemon runs it: Flower's own, with a front that answers idle devices cheaply.
+"""The SuperLink as the daemon runs it: Flower's own, with a front that answers connected devices cheaply.
 
 Every connected device asks for a task every 3 s and sends a heartbeat every 30 s (Flower's
-SuperNode), and between rounds every answer to the first is "none". Flower answers each through
-its whole web stack and SQLite transactions. This front, in the SuperLink's process, answers:
+SuperNode), and in a round it pulls and pushes each object of its task and its reply. Flower
+answers each call through its whole web stack (nine middlewares) and looks the node's key up in
+SQLite. This front, in the SuperLink's process, answers a known node's Fleet calls itself:
 
-- a pull from a node whose last pull Flower answered empty, with no task stored for it since
-  (nor being stored while Flower answered), with that same empty answer;
-- a heartbeat by calling the handler Flower's own route calls, without the web stack;
+- a pull from a node whose last pull was answered empty, with no task stored for it since (nor
+  being stored while it was answered), with that same empty answer;
+- every other call of `FLEET_CALLS` (a pull with a task, a heartbeat, an object pulled or pushed,
+  a reply pushed, a receipt confirmed) with the handler Flower's own route calls, in a worker
+  thread as Flower's route runs it;
 
-both only for a request whose signature and timestamp verify as Flower's node authentication
-checks them, with the public key Flower last accepted for that node. Everything else (a node
-with a task, a request that does not verify, every other call) goes to Flower unchanged, so
-refusals and their log lines stay Flower's. What the front knows of a node lasts `TTL` seconds:
-a node removed from the federation is refused by Flower again within that time.
+both only for a protobuf request whose signature and timestamp verify as Flower's node
+authentication checks them, with the public key Flower last accepted for that node. Everything
+else (a node Flower has not yet accepted, a request that does not verify, a handler that raises,
+every other call) goes to Flower unchanged, so refusals and their log lines stay Flower's. What the
+front knows of a node is forgotten as soon as Flower's state removes the node or takes it
+offline, and after `TTL` seconds in any case.
 
     python -m fedserver.fleet_front <flower-superlink options>
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime
@@ -26,7 +31,9 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
-from functools import partial
+import inspect
+import logging
+from functools import lru_cache
 from typing import Any
 
 import anyio.to_thread
@@ -39,30 +46,66 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-TTL = 30.0  # s an idle mark or a node's known key stands before its requests go to Flower again
-MAX_REQUEST_BYTES = 4096  # a pull or a heartbeat names one node; a larger body goes to Flower as it came
+TTL = 300.0  # s an idle mark or a node's known key stands before its requests go to Flower again
+# s an idle node's pull is held for a task before it is answered "none" (Flower's SuperNode waits
+# up to 30 s for an answer, then 3 s before it asks again)
+HOLD = 10.0
+# A call's body the front reads: a pushed object is at most one array chunk (Flower's 5 MiB) and
+# its request's few fields; a larger body goes to Flower as it came.
+MAX_REQUEST_BYTES = 6 << 20
+KNOWN_KEYS = 16_384  # public keys kept parsed (each verifies a node's every request)
 EMPTY_PULL = flower.PullMessagesResponse().SerializeToString()
-PULL, HEARTBEAT = flower.PULL_MESSAGES_PATH, flower.HEARTBEAT_PATH
-REQUESTS = {PULL: flower.PullMessagesRequest, HEARTBEAT: flower.SendNodeHeartbeatRequest}
+PULL = flower.PULL_MESSAGES_PATH
 CONTENT_TYPE = flower.PROTOBUF_MEDIA_TYPE.encode()
+LOG = logging.getLogger("flowerbed.server")
 
 
 class NodeKeys:
-    """The public key Flower last accepted for each node (a request of it answered 200), for `ttl` seconds."""
+    """The public key Flower last accepted for each node (a request of it answered 200), for `ttl`
+    seconds or until the node is removed (`forget`)."""
 
     def __init__(self, ttl: float = TTL, clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl, self._clock = ttl, clock
         self._keys: dict[int, tuple[bytes, float]] = {}
+        self._removed: dict[int, float] = {}  # node -> when it was last removed
         self._lock = threading.Lock()
 
-    def learn(self, node_id: int, public_key: bytes) -> None:
+    def now(self) -> float:
+        return self._clock()
+
+    def learn(self, node_id: int, public_key: bytes, asked_at: float) -> None:
+        """Flower accepted `public_key` for `node_id` in a request made at `asked_at` (`now()`)."""
         with self._lock:
-            self._keys[node_id] = (public_key, self._clock())
+            if self._removed.get(node_id, -1.0) < asked_at:
+                self._keys[node_id] = (public_key, asked_at)
 
     def knows(self, node_id: int, public_key: bytes) -> bool:
         with self._lock:
             known = self._keys.get(node_id)
         return known is not None and known[0] == public_key and self._clock() - known[1] < self._ttl
+
+    def forget(self, node_id: int) -> None:
+        """The node left the federation or went offline: its next request goes to Flower."""
+        with self._lock:
+            self._keys.pop(node_id, None)
+            self._removed[node_id] = self._clock()
+
+    def track(self, state: Any) -> None:
+        """Forget each node `state` (Flower's LinkState) removes or takes offline, before and after it does."""
+        for name in flower.REMOVES_NODES:
+            remove = getattr(state, name)
+            signature = inspect.signature(remove)
+
+            def tracked(*args: Any, _remove: Callable[..., Any] = remove, _sig: inspect.Signature = signature,
+                        **kwargs: Any) -> Any:  # fmt: skip
+                node_id = _sig.bind(*args, **kwargs).arguments["node_id"]
+                self.forget(node_id)
+                try:
+                    return _remove(*args, **kwargs)
+                finally:
+                    self.forget(node_id)
+
+            setattr(state, name, tracked)
 
 
 class TaskTracker:
@@ -72,6 +115,7 @@ class TaskTracker:
     def __init__(self, ttl: float = TTL, clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl, self._clock = ttl, clock
         self._lock = threading.Lock()
+        self.stored: Callable[[tuple[int, ...]], None] = lambda _: None  # after tasks for these nodes are stored
         self._versions: dict[int, int] = {}
         self._storing: dict[int, int] = {}
         self._idle: dict[int, float] = {}  # node -> when it was marked; a store for it removes the mark
@@ -92,6 +136,7 @@ class TaskTracker:
                     self._storing[node_id] -= 1
                     if not self._storing[node_id]:
                         del self._storing[node_id]
+            self.stored(node_ids)
 
     def version(self, node_id: int) -> int | None:
         """The node's store count before Flower answers its pull; None while a task is being stored for it."""
@@ -131,54 +176,110 @@ def signed_key(headers: dict[bytes, bytes]) -> bytes | None:
         timestamp = headers[flower.TIMESTAMP_HEADER.encode()].decode("ascii")
         age = (flower.now() - datetime.datetime.fromisoformat(timestamp)).total_seconds()
         window = -flower.SYSTEM_TIME_TOLERANCE < age < flower.TIMESTAMP_TOLERANCE + flower.SYSTEM_TIME_TOLERANCE
-        if window and flower.verify_signature(flower.bytes_to_public_key(public_key), timestamp.encode("ascii"), signature):
+        if window and flower.verify_signature(_parsed_key(public_key), timestamp.encode("ascii"), signature):
             return public_key
     except (KeyError, ValueError, TypeError, UnicodeError, binascii.Error):
         pass
     return None
 
 
-class FleetFront:
-    """ASGI: an idle node's pull and a known node's heartbeat answered here, every other request
-    passed to Flower's `app` (whose LinkState is `state`)."""
+@lru_cache(maxsize=KNOWN_KEYS)
+def _parsed_key(public_key: bytes) -> Any:
+    return flower.bytes_to_public_key(public_key)
 
-    def __init__(self, app: ASGIApp, state: Any, tracker: TaskTracker, keys: NodeKeys | None = None) -> None:
-        self.app, self.state, self.tracker, self.keys = app, state, tracker, keys or NodeKeys()
+
+class FleetFront:
+    """ASGI: a known node's Fleet calls answered here (an idle node's pull held until a task is
+    stored for it or `hold` s pass, the others by Flower's handlers), every other request passed to
+    Flower's `app` (whose LinkState is `state`)."""
+
+    def __init__(self, app: ASGIApp, state: Any, tracker: TaskTracker, keys: NodeKeys | None = None,
+                 hold: float = HOLD) -> None:  # fmt: skip
+        self.app, self.state, self.tracker, self.keys, self.hold = app, state, tracker, keys or NodeKeys(), hold
+        self._held: dict[int, asyncio.Event] = {}  # node -> set when a task is stored for it
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        tracker.stored = self._task_stored
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path") if scope["type"] == "http" and scope["method"] == "POST" else None
-        if path not in REQUESTS:
+        call = flower.FLEET_CALLS.get(scope["path"]) if _is_protobuf_post(scope) else None
+        if call is None:
             await self.app(scope, receive, send)
             return
+        self._loop = asyncio.get_running_loop()
+        asked_at = self.keys.now()
         read = await _read_up_to(receive, MAX_REQUEST_BYTES)
         if read is None:
             return  # nobody to answer
         body, more = read
-        request = None if more else _parse(REQUESTS[path], body)
+        request = None if more else _parse(call.request, body)
         key = None if request is None else signed_key(dict(scope["headers"]))
         node = None if key is None else request.node.node_id
         if node is not None and self.keys.knows(node, key):
-            answer = await self._answer(path, request)
+            answer = await self._answer(scope["path"], call, request)
             if answer is not None:
                 await _respond(send, answer)
                 return
-        version = self.tracker.version(node) if node is not None and path == PULL else None
+        version = self.tracker.version(node) if node is not None and scope["path"] == PULL else None
         flowers = _Answer(send)
         await self.app(scope, _replay(body, more, receive), flowers.send)
         if node is not None and flowers.status == 200:
-            self.keys.learn(node, key)
+            self.keys.learn(node, key, asked_at)
             if version is not None and flowers.is_empty_pull():
                 self.tracker.mark_idle(node, version)
 
-    async def _answer(self, path: str, request: Message) -> bytes | None:
-        """The answer for a verified, known node's request, or None where Flower must answer."""
-        if path == PULL:
-            return EMPTY_PULL if self.tracker.is_idle(request.node.node_id) else None
+    def close(self) -> None:
+        """The server is stopping: every held pull is answered now, and none is held from here on."""
+        self._closing = True
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: self._wake(tuple(self._held)))
+
+    async def _answer(self, path: str, call: flower.FleetCall, request: Message) -> bytes | None:
+        """The answer to a verified, known node's call, or None where Flower must answer it."""
+        node = request.node.node_id
+        is_pull = path == PULL
+        if is_pull and self.tracker.is_idle(node) and not await self._task_within_hold(node):
+            return EMPTY_PULL
+        version = self.tracker.version(node) if is_pull else None
         try:
-            acknowledged = await anyio.to_thread.run_sync(partial(flower.send_node_heartbeat, request, self.state))
-        except Exception:  # noqa: BLE001 - e.g. an interval out of range: Flower's route answers it, with its error
+            response = await anyio.to_thread.run_sync(call.handle, request, self.state)
+        except Exception:  # noqa: BLE001 - e.g. a run that stopped: Flower's route answers it, with its error
             return None
-        return acknowledged.SerializeToString()
+        if version is not None and not response.messages_list:
+            self.tracker.mark_idle(node, version)
+        return response.SerializeToString()
+
+    async def _task_within_hold(self, node: int) -> bool:
+        """Hold an idle node's pull until a task is stored for it (True) or `hold` s pass (False). A
+        node has one pull held at a time; while the server stops, none is."""
+        if self.hold <= 0 or self._closing or node in self._held:
+            return False
+        stored = self._held[node] = asyncio.Event()
+        try:
+            if not self.tracker.is_idle(node):
+                return True  # a task came while the hold was set up (its store may have missed it)
+            with anyio.move_on_after(self.hold):
+                await stored.wait()
+        finally:
+            del self._held[node]
+        return stored.is_set() and not self._closing
+
+    def _task_stored(self, node_ids: tuple[int, ...]) -> None:
+        """From the thread that stored tasks for `node_ids`: wake their held pulls."""
+        if self._loop is not None and any(node in self._held for node in node_ids):
+            self._loop.call_soon_threadsafe(self._wake, node_ids)
+
+    def _wake(self, node_ids: tuple[int, ...]) -> None:
+        for node in node_ids:
+            if node in self._held:
+                self._held[node].set()
+
+
+def _is_protobuf_post(scope: Scope) -> bool:
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return False
+    content_type = dict(scope["headers"]).get(b"content-type", b"")
+    return content_type.partition(b";")[0].strip().lower() == CONTENT_TYPE
 
 
 async def _respond(send: Send, body: bytes) -> None:
@@ -208,16 +309,18 @@ class _Answer:
 async def _read_up_to(receive: Receive, limit: int) -> tuple[bytes, bool] | None:
     """The request body, or its first chunks past `limit` bytes, and whether more is left to read;
     None if the client went away before its body was whole."""
-    body = b""
+    chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
             return None
-        body += message.get("body", b"")
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
         if not message.get("more_body", False):
-            return body, False
-        if len(body) > limit:
-            return body, True
+            return b"".join(chunks), False
+        if size > limit:
+            return b"".join(chunks), True
 
 
 def _replay(body: bytes, more: bool, receive: Receive) -> Receive:
@@ -241,15 +344,31 @@ def _parse(kind: type[Message], body: bytes) -> Any:
         return None
 
 
-def front(app: ASGIApp) -> FleetFront:
-    """Flower's SuperLink app behind the front, its state's task stores tracked."""
-    state, tracker = flower.linkstate_of(app), TaskTracker()
+def front(app: ASGIApp) -> ASGIApp:
+    """Flower's SuperLink app behind the front, its state's task stores and node removals tracked;
+    the app alone where Flower does more around a Fleet call than authenticate it."""
+    if flower.flower_wraps_fleet_calls(app):
+        LOG.warning("fleet front off: this Flower build logs or extends every Fleet call, so Flower answers each")
+        return app
+    state, tracker, keys = flower.linkstate_of(app), TaskTracker(), NodeKeys()
     tracker.track(state)
-    return FleetFront(app, state, tracker)
+    keys.track(state)
+    return FleetFront(app, state, tracker, keys)
 
 
 def main() -> None:
-    flower.run_superlink(front)
+    served: list[ASGIApp] = []
+
+    def build(app: ASGIApp) -> ASGIApp:
+        served.append(front(app))
+        return served[-1]
+
+    def stopping() -> None:
+        for app in served:
+            if isinstance(app, FleetFront):
+                app.close()
+
+    flower.run_superlink(build, stopping)
 
 
 if __name__ == "__main__":

@@ -1,46 +1,91 @@
-"""The SuperLink's side of the Fleet HTTP API, for `fedserver.fleet_front`: how a device's pull and
-heartbeat are asked, signed and answered, the state that stores its tasks, and where the SuperLink's
-web app is built.
+"""The SuperLink's side of the Fleet HTTP API, for `fedserver.fleet_front`: the calls a device makes,
+how they are signed and which handler answers each, the state that stores tasks and removes nodes,
+and where the SuperLink's web app is built.
 
 Relies on `flower-superlink` building its ASGI app with `flwr.superlink.main.create_app` (looked
-up there at start), the app's `state.linkstate_factory`, the LinkState's methods that store a
-task for a node (`STORES_TASKS`), the pull's and the heartbeat's paths and protobuf messages,
-the heartbeat's handler (the function Flower's route calls), and the node-authentication
-headers and time tolerances that Flower's `authenticate_node` checks
-(flwr/superlink/routers/fleet/node_auth.py).
+up there at start) and serving it with `uvicorn.run` (whose server stops through
+`uvicorn.Server.handle_exit`), the app's `state.linkstate_factory`, `fleet_event_log_plugin` and extension middleware, the LinkState's
+methods that store a task for a node (`STORES_TASKS`) or take a node out (`REMOVES_NODES`), the
+Fleet routes' paths, protobuf messages and handlers (flwr/superlink/routers/fleet/router.py: the
+functions of `fleet_handlers` each route calls), and the node-authentication headers and time
+tolerances that Flower's `authenticate_node` checks (flwr/superlink/routers/fleet/node_auth.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
+
+import uvicorn
 
 from shared.flower_compat import flower_symbols
 
 with flower_symbols("fleet_api"):
     from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE
-    from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse  # pylint: disable=E0611
+    from flwr.proto.fleet_pb2 import (  # pylint: disable=E0611
+        PullMessagesRequest,
+        PullMessagesResponse,
+        PushMessagesRequest,
+    )
     from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest, SendNodeHeartbeatResponse  # pylint: disable=E0611
+    from flwr.proto.message_pb2 import (  # pylint: disable=E0611
+        ConfirmMessageReceivedRequest,
+        PullObjectRequest,
+        PushObjectRequest,
+    )
     from flwr.superlink.cli.flower_superlink import flower_superlink
     from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
     from flwr.supercore.date import now
     from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
     from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
+    from flwr.superlink import extensions
     from flwr.superlink import main as superlink_main  # `flower-superlink` looks up create_app here at start
-    from flwr.superlink.servicer.fleet.fleet_handlers import send_node_heartbeat
+    from flwr.superlink.servicer.fleet import fleet_handlers
 
 __all__ = [
-    "FLEET_HTTP_PUBLIC_KEY_HEADER", "FLEET_HTTP_SIGNATURE_HEADER", "HEARTBEAT_PATH", "PROTOBUF_MEDIA_TYPE",
-    "PULL_MESSAGES_PATH", "STORES_TASKS", "SYSTEM_TIME_TOLERANCE", "TIMESTAMP_HEADER", "TIMESTAMP_TOLERANCE",
-    "PullMessagesRequest", "PullMessagesResponse", "SendNodeHeartbeatRequest", "SendNodeHeartbeatResponse",
-    "bytes_to_public_key", "linkstate_of", "now", "run_superlink", "send_node_heartbeat", "verify_signature",
+    "FLEET_CALLS", "FLEET_HTTP_PUBLIC_KEY_HEADER", "FLEET_HTTP_SIGNATURE_HEADER", "HEARTBEAT_PATH",
+    "PROTOBUF_MEDIA_TYPE", "PULL_MESSAGES_PATH", "REMOVES_NODES", "STORES_TASKS", "SYSTEM_TIME_TOLERANCE",
+    "TIMESTAMP_HEADER", "TIMESTAMP_TOLERANCE", "FleetCall", "PullMessagesRequest", "PullMessagesResponse",
+    "SendNodeHeartbeatRequest", "SendNodeHeartbeatResponse", "bytes_to_public_key", "flower_wraps_fleet_calls",
+    "linkstate_of", "now", "run_superlink", "verify_signature",
 ]  # fmt: skip
 
-PULL_MESSAGES_PATH: Final = "/v1/fleet/pull-messages"  # POST, a PullMessagesRequest
-HEARTBEAT_PATH: Final = "/v1/fleet/send-node-heartbeat"  # POST, a SendNodeHeartbeatRequest, answered by `send_node_heartbeat`
+PULL_MESSAGES_PATH: Final = "/v1/fleet/pull-messages"
+HEARTBEAT_PATH: Final = "/v1/fleet/send-node-heartbeat"
 # The LinkState methods through which a task for a node enters the state; the first argument is the
 # Message (a sequence of them for `store_messages`).
 STORES_TASKS: Final = ("store_message_ins", "store_message_and_object_tree", "store_messages")
+# The LinkState methods that take a node out of the federation (unregister) or offline; its id is
+# the argument named `node_id`.
+REMOVES_NODES: Final = ("delete_node", "deactivate_node")
+
+
+@dataclass(frozen=True)
+class FleetCall:
+    """A Fleet call a connected node makes, named by its request's `node`: the protobuf request, and
+    the function of `fleet_handlers` Flower's route answers it with (given the LinkState's object
+    store too where `with_store`)."""
+
+    request: type[Any]
+    handler: str
+    with_store: bool = False
+
+    def handle(self, request: Any, state: Any) -> Any:
+        """The protobuf response Flower's route would send, from Flower's handler and `state` (a LinkState)."""
+        store = {"store": state.object_store} if self.with_store else {}
+        return getattr(fleet_handlers, self.handler)(request=request, state=state, **store)
+
+
+# POST path -> the call. Registration, activation, runs and FABs are not among them.
+FLEET_CALLS: Final = {
+    PULL_MESSAGES_PATH: FleetCall(PullMessagesRequest, "pull_messages", with_store=True),
+    HEARTBEAT_PATH: FleetCall(SendNodeHeartbeatRequest, "send_node_heartbeat"),
+    "/v1/fleet/pull-object": FleetCall(PullObjectRequest, "pull_object"),
+    "/v1/fleet/push-object": FleetCall(PushObjectRequest, "push_object"),
+    "/v1/fleet/push-messages": FleetCall(PushMessagesRequest, "push_messages"),
+    "/v1/fleet/confirm-message-received": FleetCall(ConfirmMessageReceivedRequest, "confirm_message_received", with_store=True),
+}
 
 
 def linkstate_of(app: Any) -> Any:
@@ -48,12 +93,25 @@ def linkstate_of(app: Any) -> Any:
     return app.state.linkstate_factory.state()
 
 
-def run_superlink(wrap: Callable[[Any], Any]) -> None:
-    """`flower-superlink` with its command line (sys.argv), serving `wrap(app)` in place of the ASGI app it builds."""
-    build = superlink_main.create_app
+def flower_wraps_fleet_calls(app: Any) -> bool:
+    """Whether the app does more around a Fleet call than authenticate it: an event log or extension
+    middleware (plugins of Flower's enterprise builds; the open-source build has neither)."""
+    return getattr(app.state, "fleet_event_log_plugin", None) is not None or bool(extensions.get_middleware())
+
+
+def run_superlink(wrap: Callable[[Any], Any], stopping: Callable[[], None] = lambda: None) -> None:
+    """`flower-superlink` with its command line (sys.argv), serving `wrap(app)` in place of the ASGI
+    app it builds; `stopping()` runs as its web server (uvicorn) begins to stop on SIGINT or SIGTERM,
+    before it waits for the requests in flight."""
+    build, handle_exit = superlink_main.create_app, uvicorn.Server.handle_exit
 
     def create_app(*args: Any, **kwargs: Any) -> Any:
         return wrap(build(*args, **kwargs))
 
+    def on_exit(server: uvicorn.Server, *signal: Any) -> None:
+        stopping()
+        handle_exit(server, *signal)
+
     superlink_main.create_app = create_app
+    uvicorn.Server.handle_exit = on_exit  # the handler uvicorn installs for SIGINT and SIGTERM
     flower_superlink()

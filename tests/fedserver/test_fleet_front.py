@@ -13,10 +13,12 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedserver.fleet_front import EMPTY_PULL, FleetFront, NodeKeys, TaskTracker, signed_key
+from fedserver.fleet_front import EMPTY_PULL, MAX_REQUEST_BYTES, FleetFront, NodeKeys, TaskTracker, signed_key
+from fedserver.fleet_front import front as front_of
 from shared.flower_compat import fleet_api as flower
 
 NODE = 7
+NODE_PULL = flower.PullMessagesRequest(node={"node_id": NODE}).SerializeToString()
 
 
 class Key:
@@ -63,14 +65,16 @@ class State:
 
     def __init__(self) -> None:
         self.heartbeats: list[tuple[int, float]] = []
+        self.object_store = SimpleNamespace()
 
     def acknowledge_node_heartbeat(self, node_id: int, heartbeat_interval: float) -> bool:
         self.heartbeats.append((node_id, heartbeat_interval))
         return node_id == NODE
 
 
-def make_front(inner: Flower, tracker: TaskTracker | None = None, keys: NodeKeys | None = None) -> FleetFront:
-    return FleetFront(inner, State(), tracker or TaskTracker(), keys)
+def make_front(inner: Flower, tracker: TaskTracker | None = None, keys: NodeKeys | None = None, hold: float = 0.0) -> FleetFront:
+    """The front over `inner`; an idle node's pull is answered at once unless `hold` is given."""
+    return FleetFront(inner, State(), tracker or TaskTracker(), keys, hold=hold)
 
 
 def heartbeat_body(node: int = NODE, interval: float = 30.0) -> bytes:
@@ -201,14 +205,205 @@ def test_an_idle_mark_lasts_its_ttl(key):
 def test_other_requests_and_large_bodies_reach_flower_byte_for_byte(key):
     inner = Flower()
     front = make_front(inner)
-    large = bytes(range(256)) * 64
+    pull(front, key.headers())  # the node is known from here on
+    large = bytes(range(256)) * (MAX_REQUEST_BYTES // 256 + 8)
+    json = [(k, b"application/json" if k == b"content-type" else v) for k, v in key.headers()]
 
-    pull(front, key.headers(), path="/v1/fleet/push-messages", body=b"\x01\x02")
-    pull(front, key.headers(), body=large, chunk=1000)
+    pull(front, key.headers(), path="/v1/fleet/get-run", body=b"\x01\x02")
+    pull(front, key.headers(), body=large, chunk=1 << 20)
     pull(front, key.headers(), body=b"\xff\xff not protobuf")
+    pull(front, json)
 
-    assert inner.bodies == [("/v1/fleet/push-messages", b"\x01\x02"), (flower.PULL_MESSAGES_PATH, large),
-                            (flower.PULL_MESSAGES_PATH, b"\xff\xff not protobuf")]  # fmt: skip
+    assert inner.bodies[1:] == [("/v1/fleet/get-run", b"\x01\x02"), (flower.PULL_MESSAGES_PATH, large),
+                                (flower.PULL_MESSAGES_PATH, b"\xff\xff not protobuf"), (flower.PULL_MESSAGES_PATH, NODE_PULL)]  # fmt: skip
+
+
+OTHER_CALLS = [path for path in flower.FLEET_CALLS if path != flower.PULL_MESSAGES_PATH]
+
+
+def handled_by(monkeypatch, call: flower.FleetCall, answer=None, error: Exception | None = None) -> list:  # noqa: ANN001
+    """Flower's handler of `call` replaced by one that records its arguments and answers `answer` (or raises)."""
+    seen = []
+
+    def handler(**kwargs):  # noqa: ANN003, ANN202
+        seen.append(kwargs)
+        if error is not None:
+            raise error
+        return answer or SimpleNamespace(SerializeToString=lambda: b"answer", messages_list=[])
+
+    monkeypatch.setattr(flower.fleet_handlers, call.handler, handler)
+    return seen
+
+
+@pytest.mark.parametrize("path", OTHER_CALLS)
+def test_a_known_nodes_call_is_answered_by_flowers_handler_without_flower(key, monkeypatch, path):
+    call = flower.FLEET_CALLS[path]
+    seen = handled_by(monkeypatch, call)
+    inner = Flower()
+    front = make_front(inner)
+    body = call.request(node={"node_id": NODE}).SerializeToString()
+    pull(front, key.headers())
+
+    status, headers, answer = pull(front, key.headers(), path=path, body=body)
+
+    assert len(inner.bodies) == 1 and (status, answer) == (200, b"answer")
+    assert headers[b"content-type"] == flower.PROTOBUF_MEDIA_TYPE.encode()
+    assert [set(kwargs) for kwargs in seen] == [{"request", "state", "store"} if call.with_store else {"request", "state"}]
+    assert seen[0]["request"] == call.request.FromString(body) and seen[0]["state"] is front.state
+    assert seen[0].get("store", front.state.object_store) is front.state.object_store
+
+
+@pytest.mark.parametrize("path", OTHER_CALLS)
+def test_a_call_flowers_handler_refuses_is_answered_by_flower(key, monkeypatch, path):
+    call = flower.FLEET_CALLS[path]
+    seen = handled_by(monkeypatch, call, error=ValueError("run stopped"))
+    inner = Flower()
+    front = make_front(inner)
+    body = call.request(node={"node_id": NODE}).SerializeToString()
+    pull(front, key.headers())
+    inner.status = 409
+
+    status, _, _ = pull(front, key.headers(), path=path, body=body)
+
+    assert len(seen) == 1 and inner.bodies[-1] == (path, body) and status == 409
+
+
+def test_a_pull_flowers_handler_answers_empty_marks_the_node_idle_and_one_with_a_task_does_not(key, monkeypatch):
+    with_task = SimpleNamespace(SerializeToString=lambda: b"task", messages_list=["a task"])
+    seen = handled_by(monkeypatch, flower.FLEET_CALLS[flower.PULL_MESSAGES_PATH], answer=with_task)
+    inner = Flower(answer=b"\x12\x02ab")  # Flower answers the first pull with a task
+    front = make_front(inner)
+    pull(front, key.headers())
+
+    answers = [pull(front, key.headers())[2] for _ in range(2)]
+    with_task.messages_list = []
+    answers += [pull(front, key.headers())[2] for _ in range(3)]
+
+    assert len(inner.bodies) == 1 and answers == [b"task", b"task", b"task", EMPTY_PULL, EMPTY_PULL]
+    assert len(seen) == 3
+
+
+LONG = 600.0  # s: a hold no test waits out
+WAKE_BOUND = 60.0  # s a woken pull may take before the test fails (instead of waiting out LONG)
+
+
+def request_to(front: FleetFront, headers: list[tuple[bytes, bytes]], sent: list[dict]):  # noqa: ANN201
+    """A pull of NODE through `front`, its answer's messages appended to `sent` (run it as a task)."""
+    incoming = [{"type": "http.request", "body": NODE_PULL, "more_body": False}]
+
+    async def receive() -> dict:
+        return incoming.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    return front({"type": "http", "method": "POST", "path": flower.PULL_MESSAGES_PATH, "headers": headers}, receive, send)
+
+
+def answered(sent: list[dict]) -> bytes | None:
+    return b"".join(m.get("body", b"") for m in sent[1:]) if sent else None
+
+
+def test_an_idle_nodes_pull_is_held_and_answered_with_the_task_stored_meanwhile(key, monkeypatch):
+    seen = handled_by(monkeypatch, flower.FLEET_CALLS[flower.PULL_MESSAGES_PATH],
+                      answer=SimpleNamespace(SerializeToString=lambda: b"task", messages_list=["a task"]))  # fmt: skip
+    inner, tracker = Flower(), TaskTracker()
+    front = make_front(inner, tracker, hold=LONG)
+    pull(front, key.headers())  # Flower answers empty: the node is idle from here on
+    sent: list[dict] = []
+
+    def store_a_task() -> None:  # as Flower's state does, in a worker thread
+        with tracker.storing(NODE):
+            pass
+
+    async def scenario() -> None:
+        held = asyncio.ensure_future(request_to(front, key.headers(), sent))
+        await asyncio.sleep(0)
+        assert sent == [] and not held.done()  # held, not answered
+        await asyncio.to_thread(store_a_task)
+        await held
+
+    asyncio.run(asyncio.wait_for(scenario(), WAKE_BOUND))
+
+    assert answered(sent) == b"task" and len(seen) == 1 and len(inner.bodies) == 1
+
+
+@pytest.mark.parametrize("case", ["hold passes", "server stops", "second pull"])
+def test_a_held_pull_with_no_task_is_answered_none(key, monkeypatch, case):
+    seen = handled_by(monkeypatch, flower.FLEET_CALLS[flower.PULL_MESSAGES_PATH])
+    front = make_front(Flower(), hold=0.01 if case == "hold passes" else LONG)
+    pull(front, key.headers())
+    first: list[dict] = []
+    second: list[dict] = []
+
+    async def scenario() -> None:
+        held = asyncio.ensure_future(request_to(front, key.headers(), first))
+        await asyncio.sleep(0)
+        if case == "second pull":
+            await request_to(front, key.headers(), second)  # answered at once: one pull a node is held
+            assert answered(second) == EMPTY_PULL and not held.done()
+            front.close()
+        if case == "server stops":
+            front.close()
+        await held
+        await request_to(front, key.headers(), second)  # after close(): not held
+
+    asyncio.run(asyncio.wait_for(scenario(), WAKE_BOUND))
+
+    assert answered(first) == answered(second) == EMPTY_PULL and seen == []
+
+
+def test_a_task_stored_while_a_hold_is_set_up_is_not_missed(key, monkeypatch):
+    seen = handled_by(monkeypatch, flower.FLEET_CALLS[flower.PULL_MESSAGES_PATH],
+                      answer=SimpleNamespace(SerializeToString=lambda: b"task", messages_list=["a task"]))  # fmt: skip
+    tracker = TaskTracker()
+    front = make_front(Flower(), tracker, hold=LONG)
+    pull(front, key.headers())
+    checks = iter([True, False])  # idle when the pull came, no longer once its hold is in place
+    monkeypatch.setattr(tracker, "is_idle", lambda node: next(checks))
+    sent: list[dict] = []
+
+    asyncio.run(asyncio.wait_for(request_to(front, key.headers(), sent), WAKE_BOUND))
+
+    assert answered(sent) == b"task" and len(seen) == 1
+
+
+class Nodes:
+    """A stand-in for Flower's LinkState: the nodes it removed."""
+
+    def __init__(self) -> None:
+        self.removed: list[int] = []
+
+    def delete_node(self, owner_aid: str, node_id: int) -> None:
+        self.removed.append(node_id)
+
+    def deactivate_node(self, node_id: int) -> bool:
+        self.removed.append(node_id)
+        return True
+
+
+@pytest.mark.parametrize("remove", ["delete", "deactivate", "deactivate by keyword"])
+def test_a_node_flowers_state_removes_is_forgotten_at_once(key, remove):
+    state, keys = Nodes(), NodeKeys()
+    keys.track(state)
+    asked_before = keys.now()
+    keys.learn(NODE, key.public, keys.now())
+    keys.learn(NODE + 1, key.public, keys.now())
+
+    {"delete": lambda: state.delete_node("owner", NODE), "deactivate": lambda: state.deactivate_node(NODE),
+     "deactivate by keyword": lambda: state.deactivate_node(node_id=NODE)}[remove]()  # fmt: skip
+    keys.learn(NODE, key.public, asked_before)  # Flower accepted a request made before the removal
+
+    assert state.removed == [NODE] and not keys.knows(NODE, key.public) and keys.knows(NODE + 1, key.public)
+    keys.learn(NODE, key.public, keys.now())
+    assert keys.knows(NODE, key.public)  # a request made after it that Flower accepted (the node came back)
+
+
+def test_where_flower_logs_or_extends_every_fleet_call_the_front_stands_aside(monkeypatch):
+    app = object()
+    monkeypatch.setattr(flower, "flower_wraps_fleet_calls", lambda _: True)
+
+    assert front_of(app) is app
 
 
 def test_every_task_flowers_state_stores_goes_through_the_tracker(key):
@@ -262,7 +457,7 @@ def test_flowers_own_app_answers_as_the_front_does_and_refuses_a_stranger(key, m
 
     tracker = TaskTracker()
     tracker.track(state)
-    front = FleetFront(counted, state, tracker)
+    front = FleetFront(counted, state, tracker, hold=0.0)
 
     async def post(path: str, body: bytes, signer: Key, times: int = 3) -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=front), base_url="https://superlink") as client:
@@ -285,6 +480,33 @@ def test_flowers_own_app_answers_as_the_front_does_and_refuses_a_stranger(key, m
         assert flower.SendNodeHeartbeatResponse.FromString(answer.content).success
     assert state.get_node_info(node_ids=[node])[0].online_until > online_until  # acknowledged in Flower's state
     assert [r.status_code for r in strangers] == [401] * 4
+
+
+def test_on_flowers_own_app_a_refused_call_gets_flowers_answer_and_a_removed_node_is_refused(key, monkeypatch):
+    import httpx
+
+    monkeypatch.setenv("FLWR_DATABASE", ":flwr-in-memory:")
+    app = flower.superlink_main.create_app()
+    state = flower.linkstate_of(app)
+    node = state.create_node("owner", "owner", key.public, 30.0)
+    state.activate_node(node, 30.0)
+    front = front_of(app)
+    pull_object = "/v1/fleet/pull-object"
+    unknown_run = flower.FLEET_CALLS[pull_object].request(node={"node_id": node}, run_id=12345, object_id="ab").SerializeToString()
+    pull_body = flower.PullMessagesRequest(node={"node_id": node}).SerializeToString()
+
+    async def post(to, path: str, body: bytes) -> httpx.Response:  # noqa: ANN001
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=to), base_url="https://superlink") as client:
+            return await client.post(path, content=body, headers=[(k.decode(), v.decode()) for k, v in key.headers()])
+
+    assert asyncio.run(post(front, flower.PULL_MESSAGES_PATH, pull_body)).status_code == 200  # known from here on
+    flowers = asyncio.run(post(app, pull_object, unknown_run))
+    fronts = asyncio.run(post(front, pull_object, unknown_run))
+    state.delete_node("owner", node)
+    removed = asyncio.run(post(front, flower.PULL_MESSAGES_PATH, pull_body))
+
+    assert flowers.status_code >= 400 and (fronts.status_code, fronts.content) == (flowers.status_code, flowers.content)
+    assert removed.status_code == 401
 
 
 def test_a_known_nodes_heartbeat_is_acknowledged_by_flowers_handler_without_flower(key):

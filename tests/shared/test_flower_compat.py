@@ -9,6 +9,7 @@ import importlib.util
 import inspect
 import io
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -581,6 +582,73 @@ def test_every_way_a_task_enters_flowers_state_takes_the_message_first(state_cla
         assert list(inspect.signature(getattr(cls, name)).parameters)[1] in ("message", "messages"), f"{state_class}.{name}"
     stores = {n for n, f in inspect.getmembers(cls, inspect.isfunction) if n.startswith("store_message")}
     assert stores - {"store_message_res"} == set(compat.STORES_TASKS), f"{state_class} stores tasks another way"
+
+
+def test_the_superlink_served_is_the_wrapped_app_and_stopping_runs_before_uvicorn_stops(monkeypatch):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "handle_exit", uvicorn.Server.handle_exit)  # restored after the test
+    monkeypatch.setattr(compat.superlink_main, "create_app", compat.superlink_main.create_app)
+    assert "self.handle_exit" in inspect.getsource(uvicorn.Server.capture_signals), "uvicorn stops another way"
+    events = []
+
+    def flower_superlink() -> None:  # what `flower-superlink` does: build the app, serve it, be signalled
+        events.append(("served", compat.superlink_main.create_app()))
+        server = uvicorn.Server(uvicorn.Config(app=events[-1][1]))
+        server.handle_exit(signal.SIGTERM, None)
+        events.append(("exiting", server.should_exit))
+
+    monkeypatch.setenv("FLWR_DATABASE", ":flwr-in-memory:")
+    monkeypatch.setattr(sys.modules["shared.flower_compat.fleet_api"], "flower_superlink", flower_superlink)
+    compat.run_superlink(lambda app: ("wrapped", app), lambda: events.append(("stopping", None)))
+
+    assert [e[0] for e in events] == ["served", "stopping", "exiting"] and events[2][1] is True
+    assert events[0][1][0] == "wrapped" and hasattr(events[0][1][1], "state")
+
+
+@pytest.mark.parametrize("state_class", ["SqlLinkState", "InMemoryLinkState"])
+def test_every_way_a_node_leaves_flowers_state_names_it_node_id(state_class):
+    from flwr.server.superlink import linkstate
+
+    cls = getattr(linkstate, state_class)
+    for name in compat.REMOVES_NODES:
+        assert "node_id" in inspect.signature(getattr(cls, name)).parameters, f"{state_class}.{name}"
+    leaves = {n for n, _ in inspect.getmembers(cls, inspect.isfunction) if re.match(r"(delete|deactivate|unregister|remove|disable)_node", n)}
+    assert leaves == set(compat.REMOVES_NODES), f"{state_class} takes nodes out another way"
+
+
+def test_each_fleet_call_the_front_answers_is_the_route_flower_answers_with_that_handler():
+    from flwr.superlink.routers.fleet import router
+
+    routes = {route.path: route for route in router.router.routes}
+    for path, call in compat.FLEET_CALLS.items():
+        route = routes[path]
+        source = inspect.getsource(route.endpoint)
+        assert route.methods == {"POST"}, path
+        assert typing.get_type_hints(route.endpoint, include_extras=True)["request"].__origin__ is call.request, path
+        assert f"fleet_handlers.{call.handler}(" in source, path
+        assert ("store=state.object_store" in source) is call.with_store, path
+        assert call.request.DESCRIPTOR.fields_by_name["node"].message_type.name == "Node", path
+    # The router's one dependency only logs a version mismatch (the front answers without it).
+    assert [(type(d.dependency).__name__, d.dependency._reject_incompatible) for d in router.router.dependencies] == [  # noqa: SLF001
+        ("VersionDependency", False)
+    ]
+
+
+def test_flowers_app_does_nothing_around_a_fleet_call_but_authenticate_it(monkeypatch):
+    """The middleware the front answers without: none of it but NodeAuthMiddleware (whose checks the
+    front makes) and the protobuf translation (which it does itself) acts on a Fleet call."""
+    from flwr.superlink import main
+
+    middleware = [m.cls.__name__ + (f":{m.kwargs['dispatch'].__name__}" if "dispatch" in m.kwargs else "") for m in main._get_middleware()]  # noqa: SLF001
+    monkeypatch.setenv("FLWR_DATABASE", ":flwr-in-memory:")
+
+    assert middleware == [
+        "ControlSensitiveResponseMiddleware", "BaseHTTPMiddleware:http_error_translator", "ControlAuthenticationMiddleware",
+        "ControlLicenseMiddleware", "ProtobufTranslationMiddleware", "RuntimeTracingMiddleware",
+        "ControlEventLogMiddleware", "NodeAuthMiddleware", "FleetEventLogMiddleware",
+    ]  # fmt: skip
+    assert not compat.flower_wraps_fleet_calls(compat.superlink_main.create_app())
 
 
 def test_the_front_accepts_what_flowers_supernode_signs():
