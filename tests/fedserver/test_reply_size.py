@@ -147,3 +147,16 @@ def test_the_deployed_grid_polls_through_the_bound(monkeypatch):
 def test_a_negative_bound_is_a_config_error():
     with pytest.raises(ConfigError, match="'max-reply-bytes' must be >= 0"):
         RunConfig.from_mapping({"max-reply-bytes": -1})
+
+
+def test_replies_pulled_side_by_side_come_back_in_order_each_bounded_on_its_own():
+    sent = [reply(node=n, arrays=ARRAYS * 3 if n == 3 else ARRAYS) for n in range(1, 8)]
+    inner = FakeHttpGrid(sent)
+    grid = BoundedRepliesGrid(inner, max_reply_bytes=2 * ARRAYS * ARRAY_BYTES)
+
+    received = grid.pull_messages(["m0"])
+
+    assert [r.metadata.src_node_id for r in received] == list(range(1, 8))
+    assert [r.has_error() for r in received] == [n == 3 for n in range(1, 8)]
+    assert received[2].error.code == REPLY_TOO_LARGE
+    assert sorted(inner._runtime_client.confirmed) == sorted(r.metadata.message_id for r in sent)
