@@ -55,6 +55,7 @@ HOLD = 10.0
 MAX_REQUEST_BYTES = 6 << 20
 KNOWN_KEYS = 16_384  # public keys kept parsed (each verifies a node's every request)
 EMPTY_PULL = flower.PullMessagesResponse().SerializeToString()
+TASK, GONE = b"<a task was stored>", b"<the device went away>"  # what a held pull came to, besides EMPTY_PULL
 PULL = flower.PULL_MESSAGES_PATH
 CONTENT_TYPE = flower.PROTOBUF_MEDIA_TYPE.encode()
 LOG = logging.getLogger("flowerbed.server")
@@ -202,8 +203,8 @@ class FleetFront:
         tracker.stored = self._task_stored
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        call = flower.FLEET_CALLS.get(scope["path"]) if _is_protobuf_post(scope) else None
-        if call is None:
+        call = flower.FLEET_CALLS.get(scope["path"]) if scope["type"] == "http" else None
+        if call is None or not _is_protobuf_post(scope):
             await self.app(scope, receive, send)
             return
         self._loop = asyncio.get_running_loop()
@@ -216,7 +217,9 @@ class FleetFront:
         key = None if request is None else signed_key(dict(scope["headers"]))
         node = None if key is None else request.node.node_id
         if node is not None and self.keys.knows(node, key):
-            answer = await self._answer(scope["path"], call, request)
+            answer = await self._answer(scope["path"], call, request, receive)
+            if answer is GONE:
+                return  # the device went away while its pull was held: nothing taken for it
             if answer is not None:
                 await _respond(send, answer)
                 return
@@ -234,12 +237,15 @@ class FleetFront:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(lambda: self._wake(tuple(self._held)))
 
-    async def _answer(self, path: str, call: flower.FleetCall, request: Message) -> bytes | None:
-        """The answer to a verified, known node's call, or None where Flower must answer it."""
+    async def _answer(self, path: str, call: flower.FleetCall, request: Message, receive: Receive) -> bytes | None:
+        """The answer to a verified, known node's call, GONE if its device left while its pull was
+        held, or None where Flower must answer it."""
         node = request.node.node_id
         is_pull = path == PULL
-        if is_pull and self.tracker.is_idle(node) and not await self._task_within_hold(node):
-            return EMPTY_PULL
+        if is_pull and self.tracker.is_idle(node):
+            held = await self._hold(node, receive)
+            if held is not TASK:
+                return held
         version = self.tracker.version(node) if is_pull else None
         try:
             response = await anyio.to_thread.run_sync(call.handle, request, self.state)
@@ -249,20 +255,25 @@ class FleetFront:
             self.tracker.mark_idle(node, version)
         return response.SerializeToString()
 
-    async def _task_within_hold(self, node: int) -> bool:
-        """Hold an idle node's pull until a task is stored for it (True) or `hold` s pass (False). A
-        node has one pull held at a time; while the server stops, none is."""
+    async def _hold(self, node: int, receive: Receive) -> bytes:
+        """Hold an idle node's pull until a task is stored for it (TASK), `hold` s pass (EMPTY_PULL)
+        or its device goes away (GONE). A node has one pull held at a time; while the server
+        stops, none is."""
         if self.hold <= 0 or self._closing or node in self._held:
-            return False
+            return EMPTY_PULL
         stored = self._held[node] = asyncio.Event()
+        waits = [asyncio.ensure_future(stored.wait()), asyncio.ensure_future(receive())]  # receive: a disconnect
         try:
             if not self.tracker.is_idle(node):
-                return True  # a task came while the hold was set up (its store may have missed it)
-            with anyio.move_on_after(self.hold):
-                await stored.wait()
+                return TASK  # a task came while the hold was set up (its store may have missed it)
+            done, _ = await asyncio.wait(waits, timeout=self.hold, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for wait in waits:
+                wait.cancel()
             del self._held[node]
-        return stored.is_set() and not self._closing
+        if waits[1] in done:
+            return GONE
+        return TASK if stored.is_set() and not self._closing else EMPTY_PULL
 
     def _task_stored(self, node_ids: tuple[int, ...]) -> None:
         """From the thread that stored tasks for `node_ids`: wake their held pulls."""
@@ -276,7 +287,7 @@ class FleetFront:
 
 
 def _is_protobuf_post(scope: Scope) -> bool:
-    if scope["type"] != "http" or scope["method"] != "POST":
+    if scope["method"] != "POST":
         return False
     content_type = dict(scope["headers"]).get(b"content-type", b"")
     return content_type.partition(b";")[0].strip().lower() == CONTENT_TYPE

@@ -287,12 +287,17 @@ LONG = 600.0  # s: a hold no test waits out
 WAKE_BOUND = 60.0  # s a woken pull may take before the test fails (instead of waiting out LONG)
 
 
-def request_to(front: FleetFront, headers: list[tuple[bytes, bytes]], sent: list[dict]):  # noqa: ANN201
-    """A pull of NODE through `front`, its answer's messages appended to `sent` (run it as a task)."""
+def request_to(front: FleetFront, headers: list[tuple[bytes, bytes]], sent: list[dict],
+               gone: asyncio.Event | None = None):  # noqa: ANN201  # fmt: skip
+    """A pull of NODE through `front`, its answer's messages appended to `sent` (run it as a task);
+    its device disconnects when `gone` is set."""
     incoming = [{"type": "http.request", "body": NODE_PULL, "more_body": False}]
 
     async def receive() -> dict:
-        return incoming.pop(0)
+        if incoming:
+            return incoming.pop(0)
+        await (gone or asyncio.Event()).wait()
+        return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
         sent.append(message)
@@ -351,6 +356,31 @@ def test_a_held_pull_with_no_task_is_answered_none(key, monkeypatch, case):
     asyncio.run(asyncio.wait_for(scenario(), WAKE_BOUND))
 
     assert answered(first) == answered(second) == EMPTY_PULL and seen == []
+
+
+def test_a_pull_whose_device_goes_away_while_held_takes_nothing_and_is_not_answered(key, monkeypatch):
+    seen = handled_by(monkeypatch, flower.FLEET_CALLS[flower.PULL_MESSAGES_PATH])
+    front = make_front(Flower(), hold=LONG)
+    pull(front, key.headers())
+    sent: list[dict] = []
+
+    again: list[dict] = []
+
+    async def scenario() -> None:
+        gone, gone_again = asyncio.Event(), asyncio.Event()
+        held = asyncio.ensure_future(request_to(front, key.headers(), sent, gone))
+        await asyncio.sleep(0)
+        gone.set()
+        await held
+        held_again = asyncio.ensure_future(request_to(front, key.headers(), again, gone_again))
+        await asyncio.sleep(0)
+        assert not held_again.done()  # held in turn: the dropped pull no longer holds the node's place
+        gone_again.set()
+        await held_again
+
+    asyncio.run(asyncio.wait_for(scenario(), WAKE_BOUND))
+
+    assert sent == again == [] and seen == []
 
 
 def test_a_task_stored_while_a_hold_is_set_up_is_not_missed(key, monkeypatch):
