@@ -240,20 +240,40 @@ class FleetFront:
     async def _answer(self, path: str, call: flower.FleetCall, request: Message, receive: Receive) -> bytes | None:
         """The answer to a verified, known node's call, GONE if its device left while its pull was
         held, or None where Flower must answer it."""
+        if path == PULL:
+            return await self._pull(call, request, receive)
+        response = await self._handled(call, request)
+        return None if response is None else response.SerializeToString()
+
+    async def _pull(self, call: flower.FleetCall, request: Message, receive: Receive) -> bytes | None:
+        """A pull: Flower's handler's answer unless it is "none", in which case the node is idle and
+        the pull is held for a task (so a device asking right after its reply gets the next round's
+        task as soon as it is stored)."""
         node = request.node.node_id
-        is_pull = path == PULL
-        if is_pull and self.tracker.is_idle(node):
-            held = await self._hold(node, receive)
-            if held is not TASK:
-                return held
-        version = self.tracker.version(node) if is_pull else None
-        try:
-            response = await anyio.to_thread.run_sync(call.handle, request, self.state)
-        except Exception:  # noqa: BLE001 - e.g. a run that stopped: Flower's route answers it, with its error
+        if not self.tracker.is_idle(node):
+            answer = await self._handled_pull(call, request)
+            if answer != EMPTY_PULL or not self.tracker.is_idle(node):
+                return answer
+        held = await self._hold(node, receive)
+        return held if held is not TASK else await self._handled_pull(call, request)
+
+    async def _handled_pull(self, call: flower.FleetCall, request: Message) -> bytes | None:
+        node = request.node.node_id
+        version = self.tracker.version(node)
+        response = await self._handled(call, request)
+        if response is None:
             return None
         if version is not None and not response.messages_list:
             self.tracker.mark_idle(node, version)
         return response.SerializeToString()
+
+    async def _handled(self, call: flower.FleetCall, request: Message) -> Any:
+        """Flower's handler's response, or None where it raised (e.g. a run that stopped: Flower's
+        route answers that, with its error)."""
+        try:
+            return await anyio.to_thread.run_sync(call.handle, request, self.state)
+        except Exception:  # noqa: BLE001 - see the docstring
+            return None
 
     async def _hold(self, node: int, receive: Receive) -> bytes:
         """Hold an idle node's pull until a task is stored for it (TASK), `hold` s pass (EMPTY_PULL)

@@ -358,6 +358,34 @@ def test_a_held_pull_with_no_task_is_answered_none(key, monkeypatch, case):
     assert answered(first) == answered(second) == EMPTY_PULL and seen == []
 
 
+def test_a_pull_flowers_handler_answers_none_is_held_for_the_next_task(key, monkeypatch):
+    answers = iter([SimpleNamespace(SerializeToString=lambda: b"", messages_list=[]),  # right after a reply: none
+                    SimpleNamespace(SerializeToString=lambda: b"next task", messages_list=["a task"])])  # fmt: skip
+    seen = handled_by(monkeypatch, flower.FLEET_CALLS[flower.PULL_MESSAGES_PATH])
+    monkeypatch.setattr(flower.fleet_handlers, "pull_messages", lambda **kwargs: seen.append(kwargs) or next(answers))
+    tracker = TaskTracker()
+    front = make_front(Flower(answer=b"\x12\x02ab"), tracker, hold=LONG)  # Flower's first answer: a task
+    pull(front, key.headers())
+    sent: list[dict] = []
+
+    def store_a_task() -> None:
+        with tracker.storing(NODE):
+            pass
+
+    async def scenario() -> None:
+        held = asyncio.ensure_future(request_to(front, key.headers(), sent))
+        while len(seen) < 1:  # the handler has answered "none"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
+        assert not held.done()  # ... and the pull is held
+        await asyncio.to_thread(store_a_task)
+        await held
+
+    asyncio.run(asyncio.wait_for(scenario(), WAKE_BOUND))
+
+    assert answered(sent) == b"next task" and len(seen) == 2
+
+
 def test_a_pull_whose_device_goes_away_while_held_takes_nothing_and_is_not_answered(key, monkeypatch):
     seen = handled_by(monkeypatch, flower.FLEET_CALLS[flower.PULL_MESSAGES_PATH])
     front = make_front(Flower(), hold=LONG)
