@@ -25,7 +25,7 @@ from shared.flower_compat.http_grid import ReplyTooLarge, is_http_grid, pull_rep
 
 DEFAULT_INTERVAL = 0.2  # s; Flower polls every 3 s
 BACKOFF = 1.5  # the wait grows by this factor after each pull that brought nothing
-MAX_INTERVAL = 1.0  # s
+MAX_INTERVAL = 0.5  # s: replies often come all at once (held pulls hand a round's tasks out together)
 ENV_INTERVAL = "FLOWERBED_GRID_POLL_INTERVAL"
 LOG = logging.getLogger("flowerbed.server")
 # Messages a closed round left unanswered are pulled with later ones for this long, so that their
