@@ -117,7 +117,7 @@ def test_the_wait_grows_while_nothing_comes_and_drops_when_a_reply_came(monkeypa
 
     # Assert
     assert len(replies) == 3
-    assert waits == pytest.approx([0.2, 0.3, 0.45, 0.675, 0.2, 0.3])
+    assert waits == pytest.approx([0.2, 0.3, 0.45, 0.5, 0.2, 0.3])
     pulls, arrivals = iter(range(1, 100)), {20: ["m0"]}
     waits.clear()
     assert len(list(grid.send_and_receive(_messages(1), timeout=None))) == 1
