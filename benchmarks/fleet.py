@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/fleet.py --devices N --per-round K --rounds R [--secure] [--dropout F]
         [--over-select F] [--reply-deadline S] [--latency S] [--reconnect F] [--away S] [--linger S] [--poll S]
-        [--processes P] [--db sqlite|memory] [--idle S] [--timeout S] [--pki-cache DIR] [--keep DIR]
+        [--processes P] [--db sqlite|memory] [--idle S] [--kill-after R] [--timeout S] [--pki-cache DIR] [--keep DIR]
 
 The daemon runs as deployed (TLS, node authentication, every device its own enrolled key from
 `fedserver init`, SQLite state) on 127.0.0.1 in a temporary directory. The devices are threads in
@@ -24,13 +24,16 @@ device-round, peak RSS; for each round, its commit time beyond the slowest reply
 (the K-th training reply, and every reply of a later secure stage); replies lost (a reply among
 a round's first K that the server's node ledger did not accept); and, before round 1 (which
 waits for every device: one is held back for `--idle` s), the CPU that the devices' polling
-alone costs it, per pull. The last line printed is one
-JSON object. Bounded: MAX_DEVICES, `--timeout`; stops everything it started, on Ctrl-C too.
+alone costs it, per pull. `--kill-after R` SIGKILLs the daemon's whole tree once round R is
+committed, as a machine crash would, and runs the same command again on its state directory: the
+run resumes from its checkpoint, the devices reconnect, and `resume_s` is the time from the kill
+to the next round's commit. The last line printed is one JSON object. Bounded: MAX_DEVICES, `--timeout`; stops everything it started, on Ctrl-C too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -62,7 +65,7 @@ from fedserver.state import DaemonInfo, StateDir  # noqa: E402
 from shared import messages as keys  # noqa: E402
 from shared.node_config import CERTIFICATE, ENROLLMENT_CA, SIGNING_KEY  # noqa: E402
 from shared.pki import init_pki  # noqa: E402
-from shared.processes import free_port, spawn, stop_trees, wait_for_port  # noqa: E402
+from shared.processes import descendants, free_port, spawn, stop_trees, wait_for_port  # noqa: E402
 
 MAX_DEVICES = 5000
 MAX_ROUNDS = 200
@@ -307,6 +310,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--round-timeout", type=float, default=300.0)
     parser.add_argument("--timeout", type=float, default=1800.0, help="s for the whole benchmark")
     parser.add_argument("--idle", type=float, default=10.0, help="s the server is measured idle after the run")
+    parser.add_argument("--kill-after", type=int, default=0, help="SIGKILL the daemon after this round, then resume it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pki-cache", default="", help="keep each fleet size's PKI here and reuse it")
     parser.add_argument("--keep", default="", help="keep the work directory (logs, state) here")
@@ -338,6 +342,7 @@ class Fleet:
         self.pki = work / "pki"
         self.connected_at = 0.0  # wall clock when every device had connected
         self.idle: tuple[float, float, float] | None = None  # (start, end, server CPU s) after the run
+        self.killed_at: float | None = None  # wall clock of --kill-after's SIGKILL
 
     def run(self) -> dict[str, object]:
         started = time.monotonic()
@@ -359,7 +364,7 @@ class Fleet:
                 self.measure_idle(daemon)
                 self.spawn_devices(how, held_back, "last")
                 self.wait_connected(daemon, deadline, self.args.devices)
-            self.measure_rounds(daemon, deadline)
+            self.measure_rounds(daemon, deadline, address, peak)
         except (RuntimeError, KeyboardInterrupt) as err:
             self.status = f"stopped: {err}" if str(err) else "interrupted"
         finally:
@@ -451,8 +456,9 @@ class Fleet:
         self.connected_at = time.time()
         return time.monotonic() - started
 
-    def measure_rounds(self, daemon, deadline: float) -> None:  # noqa: ANN001
-        """Each round as it is committed: its time, the tree's CPU and the ledger's accepted replies."""
+    def measure_rounds(self, daemon, deadline: float, address: str, peak: MemoryPeak) -> None:  # noqa: ANN001
+        """Each round as it is committed: its time, the tree's CPU and the ledger's accepted replies;
+        after round `--kill-after`, the daemon SIGKILLed and started again on its state (resume)."""
         metrics = self.state.run_dir / "metrics.jsonl"
         cpu, accepted = cpu_seconds([daemon.pid]), 0
         while len(self.rounds) < self.args.rounds:
@@ -464,7 +470,22 @@ class Fleet:
             number = len(self.rounds) + 1
             self.rounds.append(Round(number, metrics.stat().st_mtime, now_cpu - cpu, now_accepted - accepted))
             cpu, accepted = now_cpu, now_accepted
+            if number == self.args.kill_after and number < self.args.rounds:
+                daemon = self.restart(daemon, address, peak)
+                cpu = cpu_seconds([daemon.pid])
         self.status = "completed"
+
+    def restart(self, daemon, address: str, peak: MemoryPeak):  # noqa: ANN001, ANN201
+        """SIGKILL the daemon's whole tree, as a machine crash would, and run the same command again
+        on its state directory."""
+        for pid in {daemon.pid, *descendants(daemon.pid)}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        daemon.wait()
+        self.killed_at = time.time()
+        restarted = self.start_daemon(address)
+        peak.roots.append(restarted.pid)
+        return restarted
 
     def idle_cost(self, events: list[dict]) -> dict[str, float | None]:
         """What the devices' polling alone costs the server, from the idle window before round 1."""
@@ -505,6 +526,11 @@ class Fleet:
         if time.monotonic() > deadline:
             raise RuntimeError(f"--timeout {self.args.timeout:g} s passed during {what}")
 
+    def resume_s(self) -> float | None:
+        """Seconds from --kill-after's SIGKILL to the next round's commit."""
+        after = [r.committed for r in self.rounds if r.number == self.args.kill_after + 1]
+        return round(after[0] - self.killed_at, 1) if after and self.killed_at is not None else None
+
     def result(self, peak: MemoryPeak, connect_s: float | None, load: float, wall_s: float) -> dict[str, object]:
         a = self.args
         events = self.events()
@@ -533,6 +559,7 @@ class Fleet:
             "reply_deadline": a.reply_deadline, "latency_s": a.latency, "poll_s": a.poll, "db": a.db, "fleet_front": a.fleet_front,
             "connect_s": None if connect_s is None else round(connect_s, 1), "wall_s": round(wall_s, 1),
             "load_average_at_start": round(load, 2), "cpus": os.cpu_count(), "status": self.status,
+            "kill_after": a.kill_after, "resume_s": self.resume_s(),
         }  # fmt: skip
 
 

@@ -38,15 +38,20 @@ def late_nodes(work: Path) -> set[int]:
     return {int(node) for group in named for node in group.split(", ")}
 
 
-def test_a_fleet_of_twenty_devices_completes_every_round_and_loses_no_reply(tmp_path):
-    # one device held back for 2 s of idle polling before round 1 (a later --idle wins)
-    result = fleet(tmp_path / "w", "--devices", "20", "--per-round", "5", "--rounds", "2", "--idle", "2")
+def test_a_fleet_of_twenty_devices_completes_every_round_through_a_crash_and_loses_no_reply(tmp_path):
+    # one device held back for 2 s of idle polling before round 1 (a later --idle wins); the
+    # server's whole tree SIGKILLed after round 1 and started again on its state
+    work = tmp_path / "w"
+    result = fleet(work, "--devices", "20", "--per-round", "5", "--rounds", "2", "--idle", "2", "--kill-after", "1")
 
     assert result["status"] == "completed", result
     assert result["rounds_completed"] == 2 and result["lost_replies"] == 0
     assert result["accepted"] == [5, 5] and result["pushed"] == [5, 5]
     assert result["round_overhead_s"] is not None and result["server_peak_mb"] > 0
     assert result["idle_server_cpu_s_per_s"] is not None
+    assert result["resume_s"] is not None  # round 2 committed after the crash, by the restarted daemon
+    rows = [json.loads(line) for line in (work / "state" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [1, 2]  # resumed: no round lost or repeated
 
 
 def test_a_secure_fleet_sums_every_enrolled_devices_update(tmp_path):
