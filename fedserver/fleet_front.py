@@ -5,11 +5,14 @@ SuperNode), and in a round it pulls and pushes each object of its task and its r
 answers each call through its whole web stack (nine middlewares) and looks the node's key up in
 SQLite. This front, in the SuperLink's process, answers a known node's Fleet calls itself:
 
-- a pull from a node whose last pull was answered empty, with no task stored for it since (nor
-  being stored while it was answered), with that same empty answer;
-- every other call of `FLEET_CALLS` (a pull with a task, a heartbeat, an object pulled or pushed,
-  a reply pushed, a receipt confirmed) with the handler Flower's own route calls, in a worker
-  thread as Flower's route runs it;
+- a pull from an idle node (its last pull was answered empty, with no task stored for it since
+  nor being stored while it was answered): held until a task is stored for it, then answered by
+  Flower's handler, or for `HOLD` seconds, then answered with that same empty answer; a pull the
+  handler answers empty is held the same way (long polling: idle devices ask less often, and a
+  task reaches its device when it is stored, not at the device's next poll);
+- every other call of `FLEET_CALLS` (a pull, a heartbeat, an object pulled or pushed, a reply
+  pushed, a receipt confirmed) with the handler Flower's own route calls, in a worker thread as
+  Flower's route runs it;
 
 both only for a protobuf request whose signature and timestamp verify as Flower's node
 authentication checks them, with the public key Flower last accepted for that node. Everything
