@@ -27,7 +27,8 @@ waits for every device: one is held back for `--idle` s), the CPU that the devic
 alone costs it, per pull. `--kill-after R` SIGKILLs the daemon's whole tree once round R is
 committed, as a machine crash would, and runs the same command again on its state directory: the
 run resumes from its checkpoint, the devices reconnect, and `resume_s` is the time from the kill
-to the next round's commit. The last line printed is one JSON object. Bounded: MAX_DEVICES, `--timeout`; stops everything it started, on Ctrl-C too.
+to the next round's commit. The last line printed is one JSON object. Bounded: MAX_DEVICES,
+`--timeout`; stops everything it started, on Ctrl-C too.
 """
 
 from __future__ import annotations

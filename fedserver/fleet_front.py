@@ -30,12 +30,12 @@ import asyncio
 import base64
 import binascii
 import datetime
+import inspect
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from contextlib import contextmanager
-import inspect
-import logging
+from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -96,20 +96,15 @@ class NodeKeys:
 
     def track(self, state: Any) -> None:
         """Forget each node `state` (Flower's LinkState) removes or takes offline, before and after it does."""
-        for name in flower.REMOVES_NODES:
-            remove = getattr(state, name)
-            signature = inspect.signature(remove)
+        _wrap_each(state, flower.REMOVES_NODES, lambda call: self._removing(call.arguments["node_id"]))
 
-            def tracked(*args: Any, _remove: Callable[..., Any] = remove, _sig: inspect.Signature = signature,
-                        **kwargs: Any) -> Any:  # fmt: skip
-                node_id = _sig.bind(*args, **kwargs).arguments["node_id"]
-                self.forget(node_id)
-                try:
-                    return _remove(*args, **kwargs)
-                finally:
-                    self.forget(node_id)
-
-            setattr(state, name, tracked)
+    @contextmanager
+    def _removing(self, node_id: int) -> Iterator[None]:
+        self.forget(node_id)
+        try:
+            yield
+        finally:
+            self.forget(node_id)
 
 
 class TaskTracker:
@@ -160,15 +155,30 @@ class TaskTracker:
 
     def track(self, state: Any) -> None:
         """Route every task `state` (Flower's LinkState) stores through `storing`."""
-        for name in flower.STORES_TASKS:
-            store = getattr(state, name)
+        _wrap_each(state, flower.STORES_TASKS, lambda call: self.storing(*_destinations(call.args[0])))
 
-            def tracked(messages: Any, *args: Any, _store: Callable[..., Any] = store, **kwargs: Any) -> Any:
-                many = messages if isinstance(messages, (list, tuple)) else [messages]
-                with self.storing(*(message.metadata.dst_node_id for message in many)):
-                    return _store(messages, *args, **kwargs)
 
-            setattr(state, name, tracked)
+def _destinations(messages: Any) -> list[int]:
+    """The nodes a Message, or a sequence of them, is for."""
+    many = messages if isinstance(messages, (list, tuple)) else [messages]
+    return [message.metadata.dst_node_id for message in many]
+
+
+Around = Callable[[inspect.BoundArguments], AbstractContextManager[Any]]
+
+
+def _wrap_each(state: Any, names: tuple[str, ...], around: Around) -> None:
+    """Replace each of `state`'s methods `names` by one that runs it inside `around(its arguments)`."""
+    for name in names:
+        method = getattr(state, name)
+        signature = inspect.signature(method)
+
+        def wrapped(*args: Any, _method: Callable[..., Any] = method, _signature: inspect.Signature = signature,
+                    **kwargs: Any) -> Any:  # fmt: skip
+            with around(_signature.bind(*args, **kwargs)):
+                return _method(*args, **kwargs)
+
+        setattr(state, name, wrapped)
 
 
 def signed_key(headers: dict[bytes, bytes]) -> bytes | None:

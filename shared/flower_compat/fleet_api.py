@@ -4,11 +4,12 @@ and where the SuperLink's web app is built.
 
 Relies on `flower-superlink` building its ASGI app with `flwr.superlink.main.create_app` (looked
 up there at start) and serving it with `uvicorn.run` (whose server stops through
-`uvicorn.Server.handle_exit`), the app's `state.linkstate_factory`, `fleet_event_log_plugin` and extension middleware, the LinkState's
-methods that store a task for a node (`STORES_TASKS`) or take a node out (`REMOVES_NODES`), the
-Fleet routes' paths, protobuf messages and handlers (flwr/superlink/routers/fleet/router.py: the
-functions of `fleet_handlers` each route calls), and the node-authentication headers and time
-tolerances that Flower's `authenticate_node` checks (flwr/superlink/routers/fleet/node_auth.py).
+`uvicorn.Server.handle_exit`), the app's `state.linkstate_factory`, `fleet_event_log_plugin` and
+extension middleware, the LinkState's methods that store a task for a node (`STORES_TASKS`) or
+take a node out (`REMOVES_NODES`), the Fleet routes' paths, protobuf messages and handlers
+(flwr/superlink/routers/fleet/router.py: the functions of `fleet_handlers` each route calls),
+and the node-authentication headers and time tolerances that Flower's `authenticate_node`
+checks (flwr/superlink/routers/fleet/node_auth.py).
 """
 
 from __future__ import annotations
