@@ -12,7 +12,8 @@ SQLite. This front, in the SuperLink's process, answers a known node's Fleet cal
   task reaches its device when it is stored, not at the device's next poll);
 - every other call of `FLEET_CALLS` (a pull, a heartbeat, an object pulled or pushed, a reply
   pushed, a receipt confirmed) with the handler Flower's own route calls, in a worker thread as
-  Flower's route runs it;
+  Flower's route runs it, over the state as `fedserver.front_state` shows it (a running run's
+  status reused for a second, traffic written in batches);
 
 both only for a protobuf request whose signature and timestamp verify as Flower's node
 authentication checks them, with the public key Flower last accepted for that node. Everything
@@ -42,6 +43,7 @@ from typing import Any
 import anyio.to_thread
 from google.protobuf.message import DecodeError, Message
 
+from fedserver.front_state import FrontState
 from shared.flower_compat import fleet_api as flower
 
 Scope = MutableMapping[str, Any]
@@ -209,7 +211,8 @@ class FleetFront:
 
     def __init__(self, app: ASGIApp, state: Any, tracker: TaskTracker, keys: NodeKeys | None = None,
                  hold: float = HOLD) -> None:  # fmt: skip
-        self.app, self.state, self.tracker, self.keys, self.hold = app, state, tracker, keys or NodeKeys(), hold
+        self.app, self.tracker, self.keys, self.hold = app, tracker, keys or NodeKeys(), hold
+        self.state = FrontState(state)  # what Flower's handlers see when the front calls them
         self._held: dict[int, asyncio.Event] = {}  # node -> set when a task is stored for it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -245,8 +248,10 @@ class FleetFront:
                 self.tracker.mark_idle(node, version)
 
     def close(self) -> None:
-        """The server is stopping: every held pull is answered now, and none is held from here on."""
+        """The server is stopping: every held pull is answered now, and none is held from here on;
+        the traffic counted so far is written."""
         self._closing = True
+        self.state.flush()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(lambda: self._wake(tuple(self._held)))
 

@@ -6,7 +6,9 @@ Relies on `flower-superlink` building its ASGI app with `flwr.superlink.main.cre
 up there at start) and serving it with `uvicorn.run` (whose server stops through
 `uvicorn.Server.handle_exit`), the app's `state.linkstate_factory`, `fleet_event_log_plugin` and
 extension middleware, the LinkState's methods that store a task for a node (`STORES_TASKS`) or
-take a node out (`REMOVES_NODES`), the Fleet routes' paths, protobuf messages and handlers
+take a node out (`REMOVES_NODES`), those through which the Fleet handlers read a run's status
+(`get_run_status`, whose RunStatus has `status`, `RUNNING` while it runs) and add to its traffic
+(`store_traffic`), its re-entrant `session()`, the Fleet routes' paths, protobuf messages and handlers
 (flwr/superlink/routers/fleet/router.py: the functions of `fleet_handlers` each route calls),
 and the node-authentication headers and time tolerances that Flower's `authenticate_node`
 checks (flwr/superlink/routers/fleet/node_auth.py).
@@ -23,7 +25,7 @@ import uvicorn
 from shared.flower_compat import flower_symbols
 
 with flower_symbols("fleet_api"):
-    from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE
+    from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE, Status
     from flwr.proto.fleet_pb2 import (  # pylint: disable=E0611
         PullMessagesRequest,
         PullMessagesResponse,
@@ -46,7 +48,7 @@ with flower_symbols("fleet_api"):
 
 __all__ = [
     "FLEET_CALLS", "FLEET_HTTP_PUBLIC_KEY_HEADER", "FLEET_HTTP_SIGNATURE_HEADER", "HEARTBEAT_PATH",
-    "PROTOBUF_MEDIA_TYPE", "PULL_MESSAGES_PATH", "REMOVES_NODES", "STORES_TASKS", "SYSTEM_TIME_TOLERANCE",
+    "PROTOBUF_MEDIA_TYPE", "PULL_MESSAGES_PATH", "REMOVES_NODES", "RUNNING", "STORES_TASKS", "SYSTEM_TIME_TOLERANCE",
     "TIMESTAMP_HEADER", "TIMESTAMP_TOLERANCE", "FleetCall", "PullMessagesRequest", "PullMessagesResponse",
     "SendNodeHeartbeatRequest", "SendNodeHeartbeatResponse", "bytes_to_public_key", "flower_wraps_fleet_calls",
     "linkstate_of", "now", "run_superlink", "verify_signature",
@@ -60,6 +62,7 @@ STORES_TASKS: Final = ("store_message_ins", "store_message_and_object_tree", "st
 # The LinkState methods that take a node out of the federation (unregister) or offline; its id is
 # the argument named `node_id`.
 REMOVES_NODES: Final = ("delete_node", "deactivate_node")
+RUNNING: Final = Status.RUNNING  # a running run's `RunStatus.status`
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -84,6 +85,12 @@ def heartbeat_body(node: int = NODE, interval: float = 30.0) -> bytes:
 def pull(front: FleetFront, headers: list[tuple[bytes, bytes]], node: int = NODE, path: str = flower.PULL_MESSAGES_PATH,
          body: bytes | None = None, chunk: int = 0) -> tuple[int, dict[bytes, bytes], bytes]:  # fmt: skip
     """One request through `front`: (status, headers, body) of its answer."""
+    return asyncio.run(call(front, headers, node, path, body, chunk))
+
+
+async def call(front: FleetFront, headers: list[tuple[bytes, bytes]], node: int = NODE, path: str = flower.PULL_MESSAGES_PATH,
+               body: bytes | None = None, chunk: int = 0) -> tuple[int, dict[bytes, bytes], bytes]:  # fmt: skip
+    """`pull`, in the running event loop."""
     body = flower.PullMessagesRequest(node={"node_id": node}).SerializeToString() if body is None else body
     chunks = [body[i : i + chunk] for i in range(0, len(body), chunk)] if chunk else [body]
     incoming = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
@@ -96,7 +103,7 @@ def pull(front: FleetFront, headers: list[tuple[bytes, bytes]], node: int = NODE
         sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
-    asyncio.run(front(scope, receive, send))
+    await front(scope, receive, send)
     return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
 
 
@@ -251,6 +258,45 @@ def test_a_known_nodes_call_is_answered_by_flowers_handler_without_flower(key, m
     assert [set(kwargs) for kwargs in seen] == [{"request", "state", "store"} if call.with_store else {"request", "state"}]
     assert seen[0]["request"] == call.request.FromString(body) and seen[0]["state"] is front.state
     assert seen[0].get("store", front.state.object_store) is front.state.object_store
+
+
+def test_the_handlers_see_run_statuses_reused_and_traffic_batched_and_stopping_writes_the_traffic(key, monkeypatch):
+    class Linked(State):
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked, self.traffic = 0, []
+
+        def get_run_status(self, run_ids):  # noqa: ANN001, ANN202
+            self.asked += 1
+            return {run: SimpleNamespace(status=flower.RUNNING) for run in run_ids}
+
+        def store_traffic(self, run_id: int, *, bytes_sent: int, bytes_recv: int) -> None:
+            self.traffic.append((run_id, bytes_sent, bytes_recv))
+
+        @contextmanager
+        def session(self):  # noqa: ANN202
+            yield
+
+    def pull_object(request, state):  # noqa: ANN001, ANN202 - as Flower's: the run's status, then the traffic
+        state.get_run_status({request.run_id})
+        state.store_traffic(request.run_id, bytes_sent=3, bytes_recv=0)
+        return SimpleNamespace(SerializeToString=lambda: b"object")
+
+    path = "/v1/fleet/pull-object"
+    monkeypatch.setattr(flower.fleet_handlers, flower.FLEET_CALLS[path].handler, pull_object)
+    linked = Linked()
+    front = FleetFront(Flower(), linked, TaskTracker())
+    pull(front, key.headers())
+    body = flower.FLEET_CALLS[path].request(node={"node_id": NODE}, run_id=5, object_id="ab").SerializeToString()
+
+    async def three_calls_then_stop() -> None:
+        for _ in range(3):
+            assert (await call(front, key.headers(), path=path, body=body))[2] == b"object"
+        assert (linked.asked, linked.traffic) == (1, [])
+        front.close()
+
+    asyncio.run(three_calls_then_stop())
+    assert linked.traffic == [(5, 9, 0)]
 
 
 @pytest.mark.parametrize("path", OTHER_CALLS)
