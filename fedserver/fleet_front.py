@@ -54,10 +54,13 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 TTL = 300.0  # s an idle mark or a node's known key stands before its requests go to Flower again
 # s an idle node's pull is held for a task before it is answered "none" (Flower's SuperNode waits
 # up to 30 s for an answer, then 3 s before it asks again)
-HOLD = 10.0
+HOLD = 20.0
 # A call's body the front reads: a pushed object is at most one array chunk (Flower's 5 MiB) and
 # its request's few fields; a larger body goes to Flower as it came.
 MAX_REQUEST_BYTES = 6 << 20
+# s a SQLite write waits for another's to end before it fails with "database is locked" (Flower:
+# 5 s); as long as a device waits for any answer
+LOCK_WAIT = 30.0
 KNOWN_KEYS = 16_384  # public keys kept parsed (each verifies a node's every request)
 EMPTY_PULL = flower.PullMessagesResponse().SerializeToString()
 TASK, GONE = b"<a task was stored>", b"<the device went away>"  # what a held pull came to, besides EMPTY_PULL
@@ -406,6 +409,7 @@ def front(app: ASGIApp) -> ASGIApp:
 
 
 def main() -> None:
+    flower.wait_for_sqlite_locks(LOCK_WAIT)
     served: list[ASGIApp] = []
 
     def build(app: ASGIApp) -> ASGIApp:

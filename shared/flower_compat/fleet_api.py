@@ -8,7 +8,8 @@ up there at start) and serving it with `uvicorn.run` (whose server stops through
 extension middleware, the LinkState's methods that store a task for a node (`STORES_TASKS`) or
 take a node out (`REMOVES_NODES`), those through which the Fleet handlers read a run's status
 (`get_run_status`, whose RunStatus has `status`, `RUNNING` while it runs) and add to its traffic
-(`store_traffic`), its re-entrant `session()`, the Fleet routes' paths, protobuf messages and handlers
+(`store_traffic`), its re-entrant `session()`, the SQLite pragmas every connection Flower opens is
+given (`sql_mixin.SQLITE_PRAGMAS`, read as each connects), the Fleet routes' paths, protobuf messages and handlers
 (flwr/superlink/routers/fleet/router.py: the functions of `fleet_handlers` each route calls),
 and the node-authentication headers and time tolerances that Flower's `authenticate_node`
 checks (flwr/superlink/routers/fleet/node_auth.py).
@@ -38,6 +39,7 @@ with flower_symbols("fleet_api"):
         PushObjectRequest,
     )
     from flwr.superlink.cli.flower_superlink import flower_superlink
+    from flwr.supercore import sql_mixin
     from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
     from flwr.supercore.date import now
     from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
@@ -51,7 +53,7 @@ __all__ = [
     "PROTOBUF_MEDIA_TYPE", "PULL_MESSAGES_PATH", "REMOVES_NODES", "RUNNING", "STORES_TASKS", "SYSTEM_TIME_TOLERANCE",
     "TIMESTAMP_HEADER", "TIMESTAMP_TOLERANCE", "FleetCall", "PullMessagesRequest", "PullMessagesResponse",
     "SendNodeHeartbeatRequest", "SendNodeHeartbeatResponse", "bytes_to_public_key", "flower_wraps_fleet_calls",
-    "linkstate_of", "now", "run_superlink", "verify_signature",
+    "linkstate_of", "now", "run_superlink", "verify_signature", "wait_for_sqlite_locks",
 ]  # fmt: skip
 
 PULL_MESSAGES_PATH: Final = "/v1/fleet/pull-messages"
@@ -101,6 +103,16 @@ def flower_wraps_fleet_calls(app: Any) -> bool:
     """Whether the app does more around a Fleet call than authenticate it: an event log or extension
     middleware (plugins of Flower's enterprise builds; the open-source build has neither)."""
     return getattr(app.state, "fleet_event_log_plugin", None) is not None or bool(extensions.get_middleware())
+
+
+def wait_for_sqlite_locks(seconds: float) -> None:
+    """Every SQLite connection Flower opens from here on waits up to `seconds` for another's write
+    to end (its `busy_timeout`), where Flower's waits 5 s: under a large fleet's writes a request
+    that waited longer fails with "database is locked" (a 500 to a device, which loses its task)."""
+    sql_mixin.SQLITE_PRAGMAS = tuple(
+        (pragma, str(round(seconds * 1000)) if pragma == "busy_timeout" else value)
+        for pragma, value in sql_mixin.SQLITE_PRAGMAS
+    )
 
 
 def run_superlink(wrap: Callable[[Any], Any], stopping: Callable[[], None] = lambda: None) -> None:

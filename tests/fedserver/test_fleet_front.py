@@ -582,6 +582,7 @@ def test_flowers_own_app_answers_as_the_front_does_and_refuses_a_stranger(key, m
     for answer in heartbeats:
         assert answer.status_code == 200 and answer.headers["content-type"] == flowers.headers["content-type"]
         assert flower.SendNodeHeartbeatResponse.FromString(answer.content).success
+    front.state.flush()
     assert state.get_node_info(node_ids=[node])[0].online_until > online_until  # acknowledged in Flower's state
     assert [r.status_code for r in strangers] == [401] * 4
 
@@ -619,6 +620,7 @@ def test_a_known_nodes_heartbeat_is_acknowledged_by_flowers_handler_without_flow
     pull(front, key.headers())
 
     status, headers, body = pull(front, key.headers(), path=flower.HEARTBEAT_PATH, body=heartbeat_body())
+    front.state.flush()
 
     assert len(inner.bodies) == 1 and front.state.heartbeats == [(NODE, 30.0)]
     assert status == 200 and headers[b"content-type"] == flower.PROTOBUF_MEDIA_TYPE.encode()
@@ -639,6 +641,7 @@ def test_a_heartbeat_goes_to_flower_unless_the_node_is_known_and_the_handler_tak
     interval = -1.0 if case == "interval Flower refuses" else 30.0
 
     pull(front, key.headers(), path=flower.HEARTBEAT_PATH, body=heartbeat_body(interval=interval))
+    front.state.flush()
 
     assert inner.bodies[-1][0] == flower.HEARTBEAT_PATH and front.state.heartbeats == []
 

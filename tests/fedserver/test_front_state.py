@@ -3,6 +3,7 @@ written in batches (fedserver/front_state.py)."""
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -30,7 +31,8 @@ class Stand:
         self.status, self.asked, self.sessions, self.in_session = status, 0, 0, False
         self.traffic: list[tuple[int, int, int, bool]] = []
         self.runs = {RUN}
-        self.node_heartbeats: list[int] = []
+        self.object_store = object()
+        self.node_heartbeats: list[tuple[int, float, bool]] = []
 
     def get_run_status(self, run_ids: set[int]) -> dict[int, SimpleNamespace]:
         self.asked += 1
@@ -51,7 +53,7 @@ class Stand:
             self.in_session = False
 
     def acknowledge_node_heartbeat(self, node_id: int, heartbeat_interval: float) -> bool:
-        self.node_heartbeats.append(node_id)
+        self.node_heartbeats.append((node_id, heartbeat_interval, self.in_session))
         return True
 
 
@@ -94,25 +96,58 @@ def test_a_status_asked_with_an_unknown_run_is_read_from_the_state():
     assert stand.asked == 2
 
 
-def test_traffic_is_added_up_and_written_in_one_transaction_once_flush_every_passed():
-    stand, clock = Stand(), Clock()
+LONG = 600.0  # s: a flush no test waits for
+
+
+def test_traffic_and_heartbeats_are_gathered_and_written_in_one_transaction():
+    stand = Stand()
     stand.runs.add(8)
-    state = FrontState(stand, flush_every=1.0, clock=clock)
+    state = FrontState(stand, flush_every=LONG)
     state.store_traffic(RUN, bytes_sent=10, bytes_recv=0)
     state.store_traffic(RUN, bytes_sent=0, bytes_recv=5)
     state.store_traffic(8, bytes_sent=3, bytes_recv=0)
-    assert stand.traffic == []
-    clock.t = 1.0
-    state.store_traffic(RUN, bytes_sent=1, bytes_recv=1)
-    assert sorted(stand.traffic) == [(RUN, 11, 6, True), (8, 3, 0, True)]
+    assert state.acknowledge_node_heartbeat(1, 30.0) is True
+    assert state.acknowledge_node_heartbeat(1, 20.0) is True
+    assert state.acknowledge_node_heartbeat(2, 30.0) is True
+    assert (stand.traffic, stand.node_heartbeats) == ([], [])
+    state.flush()
+    assert sorted(stand.traffic) == [(RUN, 10, 5, True), (8, 3, 0, True)]
+    assert stand.node_heartbeats == [(1, 20.0, True), (2, 30.0, True)]
     assert stand.sessions == 1
     state.flush()
     assert stand.sessions == 1  # nothing left to write
 
 
+@pytest.mark.parametrize("gathered", ["traffic", "heartbeat"])
+def test_what_is_gathered_is_written_without_another_call(gathered):
+    stand = Stand()
+    state = FrontState(stand, flush_every=0.01)
+    if gathered == "traffic":
+        state.store_traffic(RUN, bytes_sent=1, bytes_recv=0)
+    else:
+        state.acknowledge_node_heartbeat(1, 30.0)
+    deadline = time.monotonic() + 60.0  # a bound on a failing test, not a timing
+    while not (stand.traffic or stand.node_heartbeats) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stand.traffic == [(RUN, 1, 0, True)] or stand.node_heartbeats == [(1, 30.0, True)]
+
+
+def test_a_flush_that_fails_is_logged_and_raises_nothing(caplog):
+    stand = Stand()
+
+    def broken(node_id: int, heartbeat_interval: float) -> bool:
+        raise RuntimeError("database is locked")
+
+    stand.acknowledge_node_heartbeat = broken
+    state = FrontState(stand, flush_every=LONG)
+    state.acknowledge_node_heartbeat(1, 30.0)
+    state.flush()
+    assert "1 heartbeats and the traffic of 0 runs not written" in caplog.text
+
+
 def test_a_deleted_runs_traffic_does_not_stop_the_others():
     stand = Stand()
-    state = FrontState(stand, clock=Clock())
+    state = FrontState(stand, flush_every=LONG)
     state.store_traffic(99, bytes_sent=1, bytes_recv=0)
     state.store_traffic(RUN, bytes_sent=2, bytes_recv=0)
     state.flush()
@@ -128,23 +163,33 @@ def test_traffic_flower_would_refuse_is_refused_at_once(sent, received):
 
 def test_everything_else_is_the_states_own():
     stand = Stand()
-    assert FrontState(stand).acknowledge_node_heartbeat(5, 30.0) is True
-    assert stand.node_heartbeats == [5]
+    assert FrontState(stand).object_store is stand.object_store
 
 
-@pytest.fixture
-def linkstate(tmp_path, monkeypatch):  # noqa: ANN201
-    """Flower's SQLite LinkState, as the SuperLink's app builds it, with one run and its task."""
-    monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "state.db"))
+@pytest.fixture(params=["sqlite", "memory"])
+def linkstate(request, tmp_path, monkeypatch):  # noqa: ANN001, ANN201
+    """Flower's LinkState (SQLite, in memory), as the SuperLink's app builds it, with one run and its task."""
+    monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "state.db") if request.param == "sqlite" else ":flwr-in-memory:")
     state = flower.linkstate_of(flower.superlink_main.create_app())
     run = state.create_run(None, None, None, {}, "default", None, None, "serverapp")
     return state, run, state.get_run_info(run_ids=[run])[0].primary_task_id
 
 
-def test_on_flowers_sqlite_state_traffic_adds_up_and_a_finished_run_is_seen(linkstate):
+def test_on_flowers_state_heartbeats_are_acknowledged_once_written(linkstate):
+    state, _, _ = linkstate
+    node = state.create_node("owner", "owner", b"key", 30.0)
+    state.activate_node(node, 30.0)
+    before = state.get_node_info(node_ids=[node])[0].online_until
+    front = FrontState(state, flush_every=LONG)
+    assert front.acknowledge_node_heartbeat(node, 60.0)
+    front.flush()
+    assert state.get_node_info(node_ids=[node])[0].online_until > before
+
+
+def test_on_flowers_state_traffic_adds_up_and_a_finished_run_is_seen(linkstate):
     state, run, task = linkstate
     clock = Clock()
-    front = FrontState(state, status_ttl=1.0, flush_every=60.0, clock=clock)
+    front = FrontState(state, status_ttl=1.0, flush_every=LONG, clock=clock)
     assert front.get_run_status({run})[run].status == "pending"
     state.claim_task(task)
     state.activate_task(task)

@@ -617,6 +617,34 @@ def test_every_way_a_node_leaves_flowers_state_names_it_node_id(state_class):
     assert leaves == set(compat.REMOVES_NODES), f"{state_class} takes nodes out another way"
 
 
+@pytest.mark.parametrize("state_class", ["SqlLinkState", "InMemoryLinkState"])
+def test_the_state_methods_the_fronts_handlers_see_replaced_take_what_the_front_gives(state_class):
+    """fedserver.front_state stands in for these methods of Flower's state: the same parameters."""
+    from flwr.server.superlink import linkstate
+
+    cls = getattr(linkstate, state_class)
+    parameters = {name: list(inspect.signature(getattr(cls, name)).parameters)[1:] for name in
+                  ("get_run_status", "store_traffic", "acknowledge_node_heartbeat")}  # fmt: skip
+    assert parameters == {"get_run_status": ["run_ids"], "store_traffic": ["run_id", "bytes_sent", "bytes_recv"],
+                          "acknowledge_node_heartbeat": ["node_id", "heartbeat_interval"]}  # fmt: skip
+    assert inspect.signature(cls.store_traffic).parameters["bytes_sent"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert hasattr(cls, "session") is (state_class == "SqlLinkState")
+    assert compat.RUNNING == "running"
+
+
+def test_sqlite_connections_opened_after_wait_for_sqlite_locks_wait_that_long(tmp_path, monkeypatch):
+    import sqlalchemy  # Flower's
+    from flwr.supercore import sql_mixin
+
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)  # restored after the test
+    monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "state.db"))
+    compat.wait_for_sqlite_locks(12.5)
+    state = compat.linkstate_of(compat.superlink_main.create_app())
+    with state.session() as session:
+        assert session.execute(sqlalchemy.text("PRAGMA busy_timeout")).scalar() == 12500
+        assert session.execute(sqlalchemy.text("PRAGMA journal_mode")).scalar() == "wal"  # Flower's other pragmas stay
+
+
 def test_each_fleet_call_the_front_answers_is_the_route_flower_answers_with_that_handler():
     from flwr.superlink.routers.fleet import router
 
