@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 from flwr.app import Error, Message
@@ -30,6 +31,8 @@ with flower_symbols("http_grid"):
         pull_objects,
     )
 
+REPLIES_AT_ONCE = 4  # replies pulled side by side
+OBJECTS_AT_ONCE = 8  # objects of a reply pulled side by side
 # Flower's deployment (SuperLink) grid, by module path: a simulation does not pay for importing it.
 HTTP_GRID = ("flwr.superlink.grid.http_grid", "HttpGrid")
 
@@ -101,17 +104,21 @@ def pull_replies_within(
     is told it was received (so it deletes its objects) and it comes back as an error reply,
     `too_large(err)`, with the reply's own metadata (its node, the message it answers). An
     object is counted once it has arrived whole: the ServerApp holds at most `limit` bytes plus
-    the objects in flight (Flower pulls up to FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS at once).
+    the objects in flight for each of the REPLIES_AT_ONCE replies it pulls side by side, each
+    OBJECTS_AT_ONCE objects at a time (Flower's HttpGrid pulls one reply at a time, 2 objects at
+    a time: a round's replies then take a round trip to the SuperLink for every 2 objects).
 
-    Relies on HttpGrid's `_runtime_client` (PullMessages, PullObject, ConfirmMessageReceived),
-    `node` and `run`, and on the object-tree helpers its own `pull_messages` uses.
+    Relies on HttpGrid's `_runtime_client` (PullMessages, PullObject, ConfirmMessageReceived; it
+    takes calls from several threads), `node` and `run`, and on the object-tree helpers its own
+    `pull_messages` uses.
     """
     client = grid._runtime_client  # noqa: SLF001 - see the docstring
     response = client.PullMessages(PullAppMessagesRequest(message_ids=list(message_ids)))
-    return [
-        _pull_reply(grid, proto, tree, limit, too_large)
-        for proto, tree in zip(response.messages_list, response.message_object_trees, strict=True)
-    ]
+    announced = list(zip(response.messages_list, response.message_object_trees, strict=True))
+    if len(announced) < 2:
+        return [_pull_reply(grid, proto, tree, limit, too_large) for proto, tree in announced]
+    with ThreadPoolExecutor(min(REPLIES_AT_ONCE, len(announced)), thread_name_prefix="pull-reply") as pool:
+        return list(pool.map(lambda reply: _pull_reply(grid, *reply, limit, too_large), announced))
 
 
 def _pull_reply(grid: Any, proto: Any, tree: Any, limit: int, too_large: Callable[[ReplyTooLarge], Error]) -> Message:
@@ -120,7 +127,7 @@ def _pull_reply(grid: Any, proto: Any, tree: Any, limit: int, too_large: Callabl
     budget = _ByteBudget(limit)
     ids = [node.object_id for node in iterate_object_tree(tree)]
     try:
-        contents = pull_objects(ids, lambda object_id: budget.take(fetch(object_id)))
+        contents = pull_objects(ids, lambda object_id: budget.take(fetch(object_id)), max_concurrent_pulls=OBJECTS_AT_ONCE)
     except ObjectPullError as err:  # as HttpGrid: the device's upload is incomplete
         unavailable = Error(ErrorCode.MESSAGE_UNAVAILABLE, f"Reply message objects are unavailable. {err}")
         return _error_reply(proto, unavailable)

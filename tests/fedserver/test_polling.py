@@ -25,6 +25,7 @@ class FakeGrid(Grid):
     def __init__(self) -> None:
         self.pulls = 0
         self.closed = False
+        self.pushes: list[int] = []  # how many messages each push took
 
     def set_run(self, run):  # type: ignore[no-untyped-def]
         pass
@@ -40,7 +41,9 @@ class FakeGrid(Grid):
         return [1, 2]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return [f"m{i}" for i, _ in enumerate(messages)]
+        first, messages = sum(self.pushes), list(messages)
+        self.pushes.append(len(messages))
+        return [f"m{first + i}" for i, _ in enumerate(messages)]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         self.pulls += 1
@@ -86,6 +89,13 @@ def test_send_and_receive_pulls_every_interval_until_every_reply_came(monkeypatc
     assert clock.now < 0.1
 
 
+def test_the_first_message_is_pushed_on_its_own_so_its_objects_are_there_before_the_others_go_out():
+    grid = FastPollingGrid(FakeGrid(), interval=0.01)
+    assert list(grid.push_messages(_messages(3))) == ["m0", "m1", "m2"]
+    assert list(grid.push_messages(_messages(1))) == ["m3"]
+    assert grid.inner.pushes == [1, 2, 1]
+
+
 def test_send_and_receive_stops_at_the_timeout(monkeypatch):
     # Prepare
     clock = FakeClock()
@@ -118,7 +128,7 @@ def test_the_wait_grows_while_nothing_comes_and_drops_when_a_reply_came(monkeypa
     # Assert
     assert len(replies) == 3
     assert waits == pytest.approx([0.2, 0.3, 0.45, 0.5, 0.2, 0.3])
-    pulls, arrivals = iter(range(1, 100)), {20: ["m0"]}
+    pulls, arrivals = iter(range(1, 100)), {20: ["m3"]}  # the fourth message pushed
     waits.clear()
     assert len(list(grid.send_and_receive(_messages(1), timeout=None))) == 1
     assert max(waits) == waits[-1] == polling.MAX_INTERVAL  # capped

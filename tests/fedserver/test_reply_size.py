@@ -5,6 +5,7 @@ and the sizes. Flower's SuperLink is stood in for by `FakeRuntime`, serving real
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from flwr.common.serde import message_to_proto
 from flwr.proto.message_pb2 import PullObjectResponse
 from flwr.proto.node_pb2 import Node
 from flwr.proto.runtime_pb2 import PullAppMessagesResponse
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree, iterate_object_tree
 
 from fedserver.polling import REPLY_MARGIN, BoundedRepliesGrid, FastPollingGrid, fast_polling
 from shared.device_errors import REPLY_TOO_LARGE
@@ -28,6 +29,7 @@ from shared.config import ConfigError, RunConfig
 NODE = 7
 ARRAY_BYTES = 10_000  # each of a reply's arrays; each is one object of about this size
 ARRAYS = 40
+BARRIER_BOUND = 60.0  # s a test waits for a pull beside another before it fails (not a timing)
 
 
 class FakeRuntime:
@@ -160,3 +162,26 @@ def test_replies_pulled_side_by_side_come_back_in_order_each_bounded_on_its_own(
     assert [r.has_error() for r in received] == [n == 3 for n in range(1, 8)]
     assert received[2].error.code == REPLY_TOO_LARGE
     assert sorted(inner._runtime_client.confirmed) == sorted(r.metadata.message_id for r in sent)
+
+
+def test_replies_are_pulled_side_by_side():
+    """Each of the first two replies' first object is only served once the other's is asked for
+    too: pulled one after the other, the barrier breaks (after BARRIER_BOUND s) and the test fails."""
+    sent = [reply(node=n) for n in range(1, 5)]
+    inner = FakeHttpGrid(sent)
+    runtime = inner._runtime_client
+    owner = {node.object_id: i for i, tree in enumerate(runtime.trees) for node in iterate_object_tree(tree)}
+    barrier, waited, lock = threading.Barrier(2, timeout=BARRIER_BOUND), set(), threading.Lock()
+    serve = runtime.PullObject
+
+    def pull_object(request):  # noqa: ANN001, ANN202
+        with lock:
+            first = owner[request.object_id] in (0, 1) and owner[request.object_id] not in waited
+            waited.add(owner[request.object_id])
+        if first:
+            barrier.wait()
+        return serve(request)
+
+    runtime.PullObject = pull_object
+    received = BoundedRepliesGrid(inner).pull_messages(["m0"])
+    assert [r.metadata.src_node_id for r in received] == [1, 2, 3, 4] and not any(r.has_error() for r in received)

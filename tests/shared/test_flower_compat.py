@@ -57,7 +57,7 @@ CALLS = {
     "pull_and_inflate_object_from_tree": (3, ["return_type", "initial_backoff", "backoff_cap"]),
     "make_pull_object_fn_protobuf": (3, []),
     "make_confirm_message_received_fn_protobuf": (3, []),
-    "pull_objects": (2, []),
+    "pull_objects": (2, ["max_concurrent_pulls"]),
     "inflate_object_from_contents": (2, []),
     "iterate_object_tree": (1, []),
     "metadata_from_proto": (1, []),
