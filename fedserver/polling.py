@@ -1,11 +1,12 @@
 """Shorter reply polling for a deployed ServerApp, through Flower's public `Grid` API, and a bound
 on each reply's size.
 
-Flower 1.41's `HttpGrid` pulls replies every 3 s; `fast_polling(grid)` pulls after `interval`
-(0.2 s; `FLOWERBED_GRID_POLL_INTERVAL`, 0 keeps Flower's grid), backing off while nothing comes
-back, as each pull costs the SuperLink SQLite queries. A reply over `max-reply-bytes` is pulled no
-further, deleted and handed on as an error reply coded `REPLY_TOO_LARGE` (docs/deploy.md). Other
-grids are returned as they are.
+Flower 1.41's `HttpGrid` pushes a round's tasks, then pulls replies every 3 s; `fast_polling(grid)`
+pulls after `interval` (0.2 s; `FLOWERBED_GRID_POLL_INTERVAL`, 0 keeps Flower's grid), backing off
+while nothing comes back, as each pull costs the SuperLink SQLite queries, and starts pulling while
+a large round's tasks are still being pushed (`_Pushing`). A reply over `max-reply-bytes` is pulled
+no further, deleted and handed on as an error reply coded `REPLY_TOO_LARGE` (docs/deploy.md).
+Other grids are returned as they are.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -32,6 +34,7 @@ LOG = logging.getLogger("flowerbed.server")
 # late replies leave the SuperLink's state; at most this many.
 LATE_WINDOW = 600.0  # s
 MAX_ABANDONED = 10_000
+PUSH_CHUNK = 10  # messages a push request carries after the first (pushed alone)
 REPLY_MARGIN = 1 << 20  # bytes beyond 2 x the weights: records' headers, metrics, SecAgg+ keys and shares
 
 
@@ -87,37 +90,33 @@ class FastPollingGrid(GridWrapper):
         timeout: float | None = None,
         enough: Callable[[Sequence[Message]], bool] | None = None,
     ) -> list[Message]:
-        """Push `messages`, then pull replies until all came, `enough(replies)` holds, or `timeout` passed."""
-        messages = list(messages)
-        ids = list(self.push_messages(messages))  # in the order of `messages`, None for one not pushed
-        nodes = {message_id: m.metadata.dst_node_id for message_id, m in zip(ids, messages) if message_id}
-        pending = set(nodes)
+        """Push `messages` (`_Pushing`) and pull the replies to those pushed, until all came,
+        `enough(replies)` holds, or `timeout` passed."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        nodes: dict[str, int] = {}  # message id -> its node, of those pushed
+        pending: set[str] = set()
         replies: list[Message] = []
         wait = self.interval / BACKOFF  # the first wait is `interval`
-        while pending:
-            received = self._pull(pending)
-            replies.extend(received)
-            pending.difference_update(m.metadata.reply_to_message_id for m in received)
-            if not pending or (enough is not None and enough(replies)):
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            wait = self.interval if received else min(wait * BACKOFF, max(MAX_INTERVAL, self.interval))
-            time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
+        with _Pushing(self.inner, list(messages)) as pushing:
+            while True:
+                done = pushing.done()  # before taking: a push that is done has nothing left to give
+                for message_id, node in pushing.take():
+                    nodes[message_id] = node
+                    pending.add(message_id)
+                received = self._pull(pending) if pending else []
+                replies.extend(received)
+                pending.difference_update(m.metadata.reply_to_message_id for m in received)
+                if (done and not pending) or (enough is not None and enough(replies)):
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                wait = self.interval if received else min(wait * BACKOFF, max(MAX_INTERVAL, self.interval))
+                time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
+        for message_id, node in pushing.take():  # pushed after the round closed
+            nodes[message_id] = node
+            pending.add(message_id)
         self._abandon({message_id: nodes[message_id] for message_id in pending})
         return replies
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """`messages` pushed, the first on its own. A push's tasks reach their devices as the
-        SuperLink stores each (the fleet front wakes their held pulls), but it takes their objects
-        only once it has stored them all: 100 tasks take seconds to store, and each device that
-        asks for the objects before then waits out Flower's backoff (1 s, then 2, 4, 8...). Pushed
-        first, the objects the tasks share (the weights) are there when the other tasks go out."""
-        messages = list(messages)
-        if len(messages) < 2:
-            return self.inner.push_messages(messages)
-        return [*self.inner.push_messages(messages[:1]), *self.inner.push_messages(messages[1:])]
 
     def _pull(self, pending: set[str]) -> list[Message]:
         """The replies to `pending` messages; replies to abandoned ones are logged and dropped."""
@@ -135,6 +134,62 @@ class FastPollingGrid(GridWrapper):
         self.abandoned.update((message_id, (node, now)) for message_id, node in nodes.items())
         kept = [(i, v) for i, v in self.abandoned.items() if now - v[1] < LATE_WINDOW][-MAX_ABANDONED:]
         self.abandoned = dict(kept)
+
+
+class _Pushing:
+    """Messages pushed through `grid`, the first on its own, and, if they are more than
+    1 + PUSH_CHUNK, the rest in chunks of PUSH_CHUNK from a thread of their own, so that the
+    replies to those pushed are pulled while the others are pushed.
+
+    A push's tasks reach their devices as the SuperLink stores each (the fleet front wakes their
+    held pulls), but it takes their objects only once it has stored them all: pushed first on its
+    own, the objects the tasks share (the weights) are there when the other tasks go out, instead
+    of each device waiting out Flower's backoff (1 s, then 2, 4, 8...). And 100 tasks take
+    seconds to store on a busy SuperLink, by which time most of their replies are in.
+    """
+
+    def __init__(self, grid: Grid, messages: list[Message]) -> None:
+        self._grid, self._lock, self._error = grid, threading.Lock(), None
+        self._pushed: list[tuple[str, int]] = []  # (message id, node) pushed and not yet taken
+        self._push(messages[:1])
+        rest = [messages[i : i + PUSH_CHUNK] for i in range(1, len(messages), PUSH_CHUNK)]
+        self._thread = threading.Thread(target=self._push_all, args=(rest,), name="push-messages", daemon=True)
+        if len(rest) > 1:
+            self._thread.start()
+        else:
+            self._push_all(rest)
+
+    def __enter__(self) -> _Pushing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Waits for the push to end; raises what it raised."""
+        if self._thread.is_alive():
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def take(self) -> list[tuple[str, int]]:
+        """The (message id, node) of the messages pushed since the last take; a message not
+        pushed (Flower answered None for it) is not among them."""
+        with self._lock:
+            pushed, self._pushed = self._pushed, []
+        return pushed
+
+    def _push_all(self, chunks: list[list[Message]]) -> None:
+        try:
+            for chunk in chunks:
+                self._push(chunk)
+        except Exception as err:  # noqa: BLE001 - raised in the polling thread, by __exit__
+            self._error = err
+
+    def _push(self, messages: list[Message]) -> None:
+        ids = list(self._grid.push_messages(messages)) if messages else []
+        with self._lock:
+            self._pushed += [(i, m.metadata.dst_node_id) for i, m in zip(ids, messages) if i]  # [] when refused whole
 
 
 class BoundedRepliesGrid(GridWrapper):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
 from types import SimpleNamespace
 
@@ -89,11 +90,32 @@ def test_send_and_receive_pulls_every_interval_until_every_reply_came(monkeypatc
     assert clock.now < 0.1
 
 
-def test_the_first_message_is_pushed_on_its_own_so_its_objects_are_there_before_the_others_go_out():
+def test_the_first_message_is_pushed_on_its_own_then_the_rest():
     grid = FastPollingGrid(FakeGrid(), interval=0.01)
-    assert list(grid.push_messages(_messages(3))) == ["m0", "m1", "m2"]
-    assert list(grid.push_messages(_messages(1))) == ["m3"]
-    assert grid.inner.pushes == [1, 2, 1]
+    assert len(grid.send_and_receive(_messages(3), timeout=10)) == 3
+    assert grid.inner.pushes == [1, 2]
+
+
+def test_many_messages_are_pushed_in_chunks_while_the_replies_to_those_pushed_are_pulled():
+    inner, pulled = FakeGrid(), threading.Event()
+    push, pull = inner.push_messages, inner.pull_messages
+
+    def push_messages(messages):  # type: ignore[no-untyped-def]
+        if sum(inner.pushes) == 1 + 2 * polling.PUSH_CHUNK:  # the last chunk waits for a pull
+            assert pulled.wait(60), "no reply was pulled while the messages were pushed"
+        return push(messages)
+
+    def pull_messages(ids):  # type: ignore[no-untyped-def]
+        pulled.set()
+        return pull(ids)
+
+    inner.push_messages, inner.pull_messages = push_messages, pull_messages  # type: ignore[method-assign]
+    grid = FastPollingGrid(inner, interval=0.001)
+
+    replies = grid.send_and_receive(_messages(25), timeout=None)
+
+    assert sorted(int(r.metadata.reply_to_message_id[1:]) for r in replies) == list(range(25))
+    assert inner.pushes == [1, polling.PUSH_CHUNK, polling.PUSH_CHUNK, 4]
 
 
 def test_send_and_receive_stops_at_the_timeout(monkeypatch):
@@ -193,3 +215,17 @@ def test_a_round_that_has_enough_stops_polling_and_its_late_replies_are_dropped_
     assert [r.metadata.reply_to_message_id for r in second] == ["m4"]
     assert "node 3: a reply came after its round closed; discarded" in caplog.text
     assert set(grid.abandoned) == {"m2"}
+
+
+def test_a_push_that_fails_in_its_thread_fails_the_round():
+    inner = FakeGrid()
+    push = inner.push_messages
+
+    def push_messages(messages):  # type: ignore[no-untyped-def]
+        if inner.pushes:
+            raise RuntimeError("SuperLink gone")
+        return push(messages)
+
+    inner.push_messages = push_messages  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="SuperLink gone"):
+        FastPollingGrid(inner, interval=0.001).send_and_receive(_messages(25), timeout=None)
