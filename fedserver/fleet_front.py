@@ -16,11 +16,14 @@ SQLite. This front, in the SuperLink's process, answers a known node's Fleet cal
   status reused for a second, traffic written in batches);
 
 both only for a protobuf request whose signature and timestamp verify as Flower's node
-authentication checks them, with the public key Flower last accepted for that node. Everything
-else (a node Flower has not yet accepted, a request that does not verify, a handler that raises,
-every other call) goes to Flower unchanged, so refusals and their log lines stay Flower's. What the
-front knows of a node is forgotten as soon as Flower's state removes the node or takes it
-offline, and after `TTL` seconds in any case.
+authentication checks them, with the public key Flower last accepted for that node. The
+ServerApp's object calls on the Runtime API (an object of a task pushed, of a reply pulled, a
+reply's receipt) are answered the same way, with Flower's Runtime handler, for one task token
+that Flower accepted before and that still names a running task (`get_task_by_token`, as
+Flower authenticates them). Everything else (a node Flower has not yet accepted, a request that
+does not verify, a handler that raises, every other call) goes to Flower unchanged, so refusals
+and their log lines stay Flower's. What the front knows of a node is forgotten as soon as
+Flower's state removes the node or takes it offline, and after `TTL` seconds in any case.
 
     python -m fedserver.fleet_front <flower-superlink options>
 """
@@ -43,7 +46,7 @@ from typing import Any
 import anyio.to_thread
 from google.protobuf.message import DecodeError, Message
 
-from fedserver.front_state import FrontState
+from fedserver.front_state import FrontState, Turns
 from shared.flower_compat import fleet_api as flower
 
 Scope = MutableMapping[str, Any]
@@ -61,10 +64,13 @@ MAX_REQUEST_BYTES = 6 << 20
 # s a SQLite write waits for another's to end before it fails with "database is locked" (Flower:
 # 5 s); as long as a device waits for any answer
 LOCK_WAIT = 30.0
+DEVICE_THREADS = 40  # worker threads for the device calls the front answers (Flower's requests have anyio's 40)
+KNOWN_TOKENS = 64  # task tokens (one a ServerApp run) whose object calls the front answers
 KNOWN_KEYS = 16_384  # public keys kept parsed (each verifies a node's every request)
 EMPTY_PULL = flower.PullMessagesResponse().SerializeToString()
 TASK, GONE = b"<a task was stored>", b"<the device went away>"  # what a held pull came to, besides EMPTY_PULL
 PULL = flower.PULL_MESSAGES_PATH
+TASK_TOKEN = flower.TASK_TOKEN_HEADER.lower().encode()
 CONTENT_TYPE = flower.PROTOBUF_MEDIA_TYPE.encode()
 LOG = logging.getLogger("flowerbed.server")
 
@@ -213,15 +219,22 @@ class FleetFront:
     Flower's `app` (whose LinkState is `state`)."""
 
     def __init__(self, app: ASGIApp, state: Any, tracker: TaskTracker, keys: NodeKeys | None = None,
-                 hold: float = HOLD) -> None:  # fmt: skip
+                 hold: float = HOLD, turns: Turns | None = None, runtime_app: Any = None) -> None:  # fmt: skip
         self.app, self.tracker, self.keys, self.hold = app, tracker, keys or NodeKeys(), hold
-        self.state = FrontState(state)  # what Flower's handlers see when the front calls them
+        self.runtime_app = runtime_app  # Flower's app, whose Runtime handlers answer the ServerApp's object calls
+        self._tokens: dict[str, None] = {}  # task tokens Flower accepted on a Runtime call, oldest first
+        self.state = FrontState(state, turns)  # what Flower's handlers see when the front calls them
+        self._threads: anyio.CapacityLimiter | None = None  # the device calls' own, beside Flower's requests'
         self._held: dict[int, asyncio.Event] = {}  # node -> set when a task is stored for it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         tracker.stored = self._task_stored
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime = flower.RUNTIME_CALLS.get(scope["path"]) if scope["type"] == "http" else None
+        if runtime is not None and self.runtime_app is not None and _is_protobuf_post(scope):
+            await self._runtime(runtime, scope, receive, send)
+            return
         call = flower.FLEET_CALLS.get(scope["path"]) if scope["type"] == "http" else None
         if call is None or not _is_protobuf_post(scope):
             await self.app(scope, receive, send)
@@ -249,6 +262,32 @@ class FleetFront:
             self.keys.learn(node, key, asked_at)
             if version is not None and flowers.is_empty_pull():
                 self.tracker.mark_idle(node, version)
+
+    async def _runtime(self, call: flower.RuntimeCall, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ServerApp's object call: answered by Flower's handler if it carries one task token
+        that Flower accepted before (answered a Runtime call of it) and that still names a running
+        task; else, or where the handler raises, by Flower."""
+        read = await _read_up_to(receive, MAX_REQUEST_BYTES)
+        if read is None:
+            return
+        body, more = read
+        tokens = [value for name, value in scope["headers"] if name.lower() == TASK_TOKEN]
+        token = tokens[0].decode("latin-1") if len(tokens) == 1 else None
+        request = None if more or token not in self._tokens else _parse(call.request, body)
+        if request is not None:
+            try:
+                response = await anyio.to_thread.run_sync(call.handle, self.runtime_app, request, token)
+            except Exception:  # noqa: BLE001 - Flower answers it, with its error
+                response = None
+            if response is not None:
+                await _respond(send, response.SerializeToString())
+                return
+        flowers = _Answer(send)
+        await self.app(scope, _replay(body, more, receive), flowers.send)
+        if token is not None and flowers.status == 200:
+            self._tokens[token] = None
+            while len(self._tokens) > KNOWN_TOKENS:
+                del self._tokens[next(iter(self._tokens))]
 
     def close(self) -> None:
         """The server is stopping: every held pull is answered now, and none is held from here on;
@@ -291,8 +330,10 @@ class FleetFront:
     async def _handled(self, call: flower.FleetCall, request: Message) -> Any:
         """Flower's handler's response, or None where it raised (e.g. a run that stopped: Flower's
         route answers that, with its error)."""
+        if self._threads is None:
+            self._threads = anyio.CapacityLimiter(DEVICE_THREADS)
         try:
-            return await anyio.to_thread.run_sync(call.handle, request, self.state)
+            return await anyio.to_thread.run_sync(self.state.handle, call, request, limiter=self._threads)
         except Exception:  # noqa: BLE001 - see the docstring
             return None
 
@@ -396,24 +437,28 @@ def _parse(kind: type[Message], body: bytes) -> Any:
         return None
 
 
-def front(app: ASGIApp) -> ASGIApp:
-    """Flower's SuperLink app behind the front, its state's task stores and node removals tracked;
-    the app alone where Flower does more around a Fleet call than authenticate it."""
+def front(app: ASGIApp, turns: Turns | None = None) -> ASGIApp:
+    """Flower's SuperLink app behind the front, its state's task stores and node removals tracked,
+    its device calls deferring to others for `turns` of the database; the app alone where Flower
+    does more around a Fleet call than authenticate it."""
     if flower.flower_wraps_fleet_calls(app):
         LOG.warning("fleet front off: this Flower build logs or extends every Fleet call, so Flower answers each")
         return app
     state, tracker, keys = flower.linkstate_of(app), TaskTracker(), NodeKeys()
     tracker.track(state)
     keys.track(state)
-    return FleetFront(app, state, tracker, keys)
+    return FleetFront(app, state, tracker, keys, turns=turns, runtime_app=app)
 
 
 def main() -> None:
+    turns = Turns()
+    flower.transactions_take_turns(turns)
     flower.wait_for_sqlite_locks(LOCK_WAIT)
+    flower.objects_in_memory()
     served: list[ASGIApp] = []
 
     def build(app: ASGIApp) -> ASGIApp:
-        served.append(front(app))
+        served.append(front(app, turns))
         return served[-1]
 
     def stopping() -> None:

@@ -16,6 +16,14 @@ about 0.5 ms). A round of 100 devices moves over 3,000 objects, and 1,000 connec
   which their devices send again);
 
 everything else is the LinkState's own.
+
+`Turns` is the one lock the SuperLink's process takes for every session of Flower's database
+(`shared.flower_compat.fleet_api.transactions_take_turns`), where each would wait in SQLite's busy
+handler, which sleeps 1, 2, 5 ... 100 ms between tries: under a fleet's writes the database stood
+idle while writers slept, and one that kept missing its turn failed with "database is locked".
+The front's device calls (and the writes gathered here) defer to every other waiting session: the
+ServerApp's calls (storing a round's tasks, pulling its replies), a few among a thousand
+devices', would otherwise wait behind each of them, and a round's end with them.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from shared.flower_compat import fleet_api as flower
@@ -34,13 +42,62 @@ FLUSH_EVERY = 1.0  # s traffic and heartbeats are gathered before they are writt
 LOG = logging.getLogger("flowerbed.server")
 
 
+class Turns:
+    """A re-entrant lock that lets the threads waiting outside `deferring()` in before those inside."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._urgent, self._deferred = threading.Condition(self._lock), threading.Condition(self._lock)
+        self._owner: int | None = None
+        self._depth = 0  # the owner's nested turns
+        self._urgent_waiting = self._deferred_waiting = 0
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[None]:
+        """Around work whose turns come after every other waiting thread's."""
+        before = getattr(self._local, "deferring", False)
+        self._local.deferring = True
+        try:
+            yield
+        finally:
+            self._local.deferring = before
+
+    def __enter__(self) -> None:
+        me, deferring = threading.get_ident(), getattr(self._local, "deferring", False)
+        with self._lock:
+            if self._owner == me:
+                self._depth += 1
+                return
+            if deferring:
+                self._deferred_waiting += 1
+                while self._owner is not None or self._urgent_waiting:
+                    self._deferred.wait()
+                self._deferred_waiting -= 1
+            else:
+                self._urgent_waiting += 1
+                while self._owner is not None:
+                    self._urgent.wait()
+                self._urgent_waiting -= 1
+            self._owner, self._depth = me, 1
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth:
+                return
+            self._owner = None
+            (self._urgent if self._urgent_waiting else self._deferred).notify()
+
+
 class FrontState:
     """`state` (Flower's LinkState), its run statuses cached while running, its traffic and
     heartbeats written in batches; see the module docstring."""
 
-    def __init__(self, state: Any, status_ttl: float = STATUS_TTL, flush_every: float = FLUSH_EVERY,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(self, state: Any, turns: Turns | None = None, status_ttl: float = STATUS_TTL,
+                 flush_every: float = FLUSH_EVERY, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.state, self._status_ttl, self._flush_every, self._clock = state, status_ttl, flush_every, clock
+        self.turns = turns or Turns()
         self._lock = threading.Lock()
         self._running: dict[int, tuple[Any, float]] = {}  # run -> (its RunStatus, when it was read)
         self._traffic: dict[int, tuple[int, int]] = {}  # run -> (bytes sent, bytes received) not yet written
@@ -49,6 +106,12 @@ class FrontState:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.state, name)
+
+    def handle(self, call: Any, request: Any) -> Any:
+        """Flower's handler's response to a device's `call` (a FleetCall), from this state, its
+        database turns deferred to others'."""
+        with self.turns.deferring():
+            return call.handle(request, self)
 
     def get_run_status(self, run_ids: Iterable[int]) -> dict[int, Any]:
         """The runs' statuses (Flower's RunStatus), a running one's from up to `status_ttl` s ago."""
@@ -100,7 +163,7 @@ class FrontState:
             return
         session = getattr(self.state, "session", contextlib.nullcontext)  # Flower's in-memory state has none
         try:
-            with session():
+            with self.turns.deferring(), session():
                 for node_id, interval in heartbeats.items():
                     self.state.acknowledge_node_heartbeat(node_id, interval)
                 for run_id, (sent, received) in traffic.items():

@@ -16,7 +16,8 @@ here per concern, each checked against Flower `CHECKED_AGAINST` by tests/shared/
 - `superlink`: the run and node statuses the SuperLink reports, its in-memory database name (imports no Flower);
 - `stock_flower`: stock Flower's Ray engine (`backend = "ray"`) and legacy SecAgg+ workflow (benchmarks);
 - `fleet`: a device's side of the Fleet API with Flower's SuperNode code (benchmarks);
-- `fleet_api`: the SuperLink's side of it, where its web app is built and its state stores tasks (the fleet front).
+- `fleet_api`: the SuperLink's side of it, where its web app is built, its state stores tasks and opens
+  SQLite sessions, where its objects are kept (the fleet front).
 
 This package imports no Flower (`fedclient start`'s supervisor reads `supernode_log`; `fedserver status`
 and the dashboard read `superlink`); each submodule imports only its own concern: `runtime`, `control`,

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedserver.fleet_front import EMPTY_PULL, MAX_REQUEST_BYTES, FleetFront, NodeKeys, TaskTracker, signed_key
 from fedserver.fleet_front import front as front_of
 from shared.flower_compat import fleet_api as flower
+from shared.flower_compat.messages import SUPERLINK_NODE_ID
 
 NODE = 7
 NODE_PULL = flower.PullMessagesRequest(node={"node_id": NODE}).SerializeToString()
@@ -662,3 +663,50 @@ def test_a_client_gone_before_its_body_was_whole_is_not_handed_to_flower(key):
     asyncio.run(front(scope, receive, send))
 
     assert inner.bodies == [] and sent == []
+
+
+def test_the_serverapps_object_calls_are_answered_by_flowers_runtime_handler_once_flower_accepted_its_token(monkeypatch):
+    import httpx
+    from flwr.proto.message_pb2 import PullObjectResponse
+    from flwr.supercore.runtime_version_compatibility import RuntimeVersionMetadata
+
+    monkeypatch.setenv("FLWR_DATABASE", ":flwr-in-memory:")
+    app = flower.superlink_main.create_app()
+    state = flower.linkstate_of(app)
+    run = state.create_run(None, None, None, {}, "default", None, None, "serverapp")
+    task = state.get_run_info(run_ids=[run])[0].primary_task_id
+    token = state.claim_task(task)
+    state.activate_task(task)
+    calls = []
+
+    async def counted(scope, receive, send) -> None:  # noqa: ANN001
+        calls.append(scope["path"])
+        await app(scope, receive, send)
+
+    front = FleetFront(counted, state, TaskTracker(), runtime_app=app)
+    version = dict(RuntimeVersionMetadata.from_local_component("ServerApp").as_metadata())
+    path = "/v1/runtime/pull-object"
+    body = flower.RUNTIME_CALLS[path].request(node={"node_id": SUPERLINK_NODE_ID}, run_id=run,
+                                              object_id="ab" * 32).SerializeToString()  # fmt: skip
+
+    def post(*tokens: str) -> httpx.Response:
+        headers = [("content-type", flower.PROTOBUF_MEDIA_TYPE), *version.items()]
+        headers += [(flower.TASK_TOKEN_HEADER, value) for value in tokens]
+
+        async def posting() -> httpx.Response:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=front), base_url="https://s") as client:
+                return await client.post(path, content=body, headers=headers)
+
+        return asyncio.run(posting())
+
+    flowers, fronts = post(token), post(token)
+    assert calls == [path]  # the second answered by the front
+    assert (fronts.status_code, fronts.content) == (flowers.status_code, flowers.content)
+    assert flowers.status_code == 200 and not PullObjectResponse.FromString(flowers.content).object_found
+    strangers = [post("forged"), post(token, token), post()]
+    assert [r.status_code for r in strangers] == [401] * 3 and len(calls) == 4  # Flower refused each
+    body = flower.RUNTIME_CALLS[path].request(node={"node_id": 5}, run_id=run, object_id="ab" * 32).SerializeToString()
+    assert post(token).status_code >= 400 and len(calls) == 5  # the handler raised: Flower's answer
+    state.finish_task(task, "completed", "")
+    body = fronts.request.content
+    assert post(token).status_code == 401 and len(calls) == 6  # no running task by it: Flower refuses

@@ -3,13 +3,15 @@ written in batches (fedserver/front_state.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
 
-from fedserver.front_state import FrontState
+from fedserver.front_state import FrontState, Turns
 from shared.flower_compat import fleet_api as flower
 
 RUN = 7
@@ -204,3 +206,55 @@ def test_on_flowers_state_traffic_adds_up_and_a_finished_run_is_seen(linkstate):
     assert front.get_run_status({run})[run].status == flower.RUNNING  # reused within the ttl
     clock.t = 1.0
     assert front.get_run_status({run})[run].status == "finished"
+
+
+BOUND = 60.0  # s a test waits for a thread before it fails (not a timing)
+
+
+def wait_until(condition) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + BOUND
+    while not condition():
+        assert time.monotonic() < deadline, "a thread never got there"
+        time.sleep(0.001)
+
+
+def test_a_turn_is_reentrant_and_one_threads_at_a_time():
+    turns, order = Turns(), []
+    with turns, turns:  # nested: the same turn
+        other = threading.Thread(target=lambda: [turns.__enter__(), order.append("other"), turns.__exit__()])
+        other.start()
+        wait_until(lambda: turns._urgent_waiting == 1)  # noqa: SLF001 - it waits for this thread's turn
+        order.append("first")
+    other.join(BOUND)
+    assert order == ["first", "other"]
+
+
+def test_threads_waiting_outside_deferring_go_before_those_inside():
+    turns, order, leave = Turns(), [], threading.Event()
+
+    def take(name: str, deferring: bool) -> None:
+        with turns.deferring() if deferring else contextlib.nullcontext(), turns:
+            order.append(name)
+
+    with turns:
+        deferred = threading.Thread(target=take, args=("device", True))
+        deferred.start()
+        wait_until(lambda: turns._deferred_waiting == 1)  # noqa: SLF001
+        urgent = threading.Thread(target=take, args=("serverapp", False))
+        urgent.start()
+        wait_until(lambda: turns._urgent_waiting == 1)  # noqa: SLF001
+    for thread in (deferred, urgent):
+        thread.join(BOUND)
+    assert order == ["serverapp", "device"]
+
+
+def test_the_front_states_handler_calls_and_flushes_defer():
+    stand, deferring = Stand(), []
+    turns = Turns()
+    state = FrontState(stand, turns, flush_every=LONG)
+    call = SimpleNamespace(handle=lambda request, state: deferring.append(turns._local.deferring) or "answer")  # noqa: SLF001
+    assert state.handle(call, "request") == "answer" and deferring == [True]
+    stand.store_traffic = lambda run_id, **_: deferring.append(turns._local.deferring)  # noqa: SLF001
+    state.store_traffic(RUN, bytes_sent=1, bytes_recv=0)
+    state.flush()
+    assert deferring == [True, True] and not turns._local.deferring  # noqa: SLF001

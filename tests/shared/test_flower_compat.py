@@ -645,6 +645,50 @@ def test_sqlite_connections_opened_after_wait_for_sqlite_locks_wait_that_long(tm
         assert session.execute(sqlalchemy.text("PRAGMA journal_mode")).scalar() == "wal"  # Flower's other pragmas stay
 
 
+@pytest.mark.parametrize("database", ["file", ":memory:", ":flwr-in-memory:"])
+def test_after_objects_in_memory_the_superlinks_objects_are_in_memory_and_its_state_where_it_was(database, tmp_path,
+                                                                                                  monkeypatch):  # fmt: skip
+    from flwr.server.superlink.linkstate import InMemoryLinkState, SqlLinkState
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+
+    monkeypatch.setattr(compat.superlink_main, "get_objectstore_linkstate_factories",
+                        compat.superlink_main.get_objectstore_linkstate_factories)  # restored after the test  # fmt: skip
+    monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "state.db") if database == "file" else database)
+    compat.objects_in_memory()
+    state = compat.linkstate_of(compat.superlink_main.create_app())
+    assert isinstance(state, InMemoryLinkState if database == ":flwr-in-memory:" else SqlLinkState)
+    assert isinstance(state.object_store, InMemoryObjectStore)
+    if database == "file":
+        assert (tmp_path / "state.db").exists()
+
+
+def test_after_transactions_take_turns_a_session_holds_the_turn_until_it_ends(tmp_path, monkeypatch):
+    from flwr.supercore import sql_mixin
+
+    monkeypatch.setattr(sql_mixin.SqlMixin, "session", sql_mixin.SqlMixin.session)  # restored after the test
+    monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "state.db"))
+    turn = threading.RLock()
+    compat.transactions_take_turns(turn)
+    state = compat.linkstate_of(compat.superlink_main.create_app())
+    inside, leave, seen = threading.Event(), threading.Event(), []
+
+    def hold_a_session() -> None:
+        with state.session(), state.session():  # nested: one turn
+            seen.append(state.get_run_status(set()))  # a query inside it
+            inside.set()
+            leave.wait(60)
+
+    holder = threading.Thread(target=hold_a_session)
+    holder.start()
+    assert inside.wait(60)
+    assert not turn.acquire(blocking=False)  # another thread's session waits for this one
+    leave.set()
+    holder.join(60)
+    assert turn.acquire(blocking=False)
+    turn.release()
+    assert seen == [{}] and state.get_run_status(set()) == {}
+
+
 def test_each_fleet_call_the_front_answers_is_the_route_flower_answers_with_that_handler():
     from flwr.superlink.routers.fleet import router
 
@@ -663,9 +707,33 @@ def test_each_fleet_call_the_front_answers_is_the_route_flower_answers_with_that
     ]
 
 
+def test_each_runtime_call_the_front_answers_is_the_route_flower_answers_with_that_handler_and_task(monkeypatch):
+    from flwr.supercore.dependencies import task
+    from flwr.supercore.routers.runtime import router
+
+    routes = {route.path: route for route in router.routes}
+    for path, call in compat.RUNTIME_CALLS.items():
+        route = routes[path]
+        assert route.methods == {"POST"}, path
+        assert typing.get_type_hints(route.endpoint, include_extras=True)["request"].__origin__ is call.request, path
+        assert f"handlers.{call.handler}(request, state, task)" in inspect.getsource(route.endpoint), path
+        assert [d.call.__name__ for d in route.dependant.dependencies] == [
+            "get_protobuf_request", "get_runtime_state", "get_runtime_handlers", "get_task"], path  # fmt: skip
+    # The task is the one `get_task_by_token` finds for the one token header (as RuntimeCall.handle)
+    source = inspect.getsource(task.authenticate_task)
+    assert "getlist(TASK_TOKEN_HEADER)) != 1" in source and "state.get_task_by_token(token)" in source
+    assert task.TASK_TOKEN_HEADER == compat.TASK_TOKEN_HEADER
+    monkeypatch.setenv("FLWR_DATABASE", ":flwr-in-memory:")
+    app = compat.superlink_main.create_app()
+    assert app.state.runtime_state_factory.state() is compat.linkstate_of(app)
+    assert all(callable(getattr(app.state.runtime_handlers, c.handler)) for c in compat.RUNTIME_CALLS.values())
+
+
 def test_flowers_app_does_nothing_around_a_fleet_call_but_authenticate_it(monkeypatch):
     """The middleware the front answers without: none of it but NodeAuthMiddleware (whose checks the
-    front makes) and the protobuf translation (which it does itself) acts on a Fleet call."""
+    front makes) and the protobuf translation (which it does itself) acts on a Fleet call, nor on the
+    ServerApp's object calls (runtime tracing acts on two other responses only)."""
+    from flwr.supercore.routers.runtime import tracing
     from flwr.superlink import main
 
     middleware = [m.cls.__name__ + (f":{m.kwargs['dispatch'].__name__}" if "dispatch" in m.kwargs else "") for m in main._get_middleware()]  # noqa: SLF001
@@ -677,6 +745,8 @@ def test_flowers_app_does_nothing_around_a_fleet_call_but_authenticate_it(monkey
         "ControlEventLogMiddleware", "NodeAuthMiddleware", "FleetEventLogMiddleware",
     ]  # fmt: skip
     assert not compat.flower_wraps_fleet_calls(compat.superlink_main.create_app())
+    traced = re.findall(r"isinstance\(result, (\w+)\)", inspect.getsource(tracing.RuntimeTracingMiddleware.dispatch))
+    assert traced == ["AcquireTaskResponse", "PullTaskInputResponse"]
 
 
 def test_the_front_accepts_what_flowers_supernode_signs():
