@@ -11,9 +11,8 @@ about 0.5 ms). A round of 100 devices moves over 3,000 objects, and 1,000 connec
   is read every time);
 - traffic is added up, and heartbeats are acknowledged (as Flower acknowledges a known node's),
   then both are written `flush_every` s after the first of them, together in one transaction
-  (SQLite's; Flower's in-memory state has none),
-  and when the server stops (a crash loses at most that much traffic count and those heartbeats,
-  which their devices send again);
+  (SQLite's; Flower's in-memory state has none), and when the server stops (a crash loses at
+  most that much traffic count and those heartbeats, which their devices send again);
 
 everything else is the LinkState's own.
 
