@@ -20,9 +20,10 @@ everything else is the LinkState's own.
 (`shared.flower_compat.fleet_api.transactions_take_turns`), where each would wait in SQLite's busy
 handler, which sleeps 1, 2, 5 ... 100 ms between tries: under a fleet's writes the database stood
 idle while writers slept, and one that kept missing its turn failed with "database is locked".
-The front's device calls (and the writes gathered here) defer to every other waiting session: the
-ServerApp's calls (storing a round's tasks, pulling its replies), a few among a thousand
-devices', would otherwise wait behind each of them, and a round's end with them.
+The front's device calls defer to every other waiting session: the ServerApp's calls (storing a
+round's tasks, pulling its replies), a few among a thousand devices', would otherwise wait behind
+each of them, and a round's end with them. The heartbeats and traffic gathered here do not (a
+heartbeat written late takes its device offline, and its reply with it).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ class FrontState:
             return
         session = getattr(self.state, "session", contextlib.nullcontext)  # Flower's in-memory state has none
         try:
-            with self.turns.deferring(), session():
+            with session():
                 for node_id, interval in heartbeats.items():
                     self.state.acknowledge_node_heartbeat(node_id, interval)
                 for run_id, (sent, received) in traffic.items():
