@@ -20,9 +20,9 @@ everything else is the LinkState's own.
 (`shared.flower_compat.fleet_api.transactions_take_turns`), where each would wait in SQLite's busy
 handler, which sleeps 1, 2, 5 ... 100 ms between tries: under a fleet's writes the database stood
 idle while writers slept, and one that kept missing its turn failed with "database is locked".
-The front's device calls defer to every other waiting session: the ServerApp's calls (storing a
-round's tasks, pulling its replies), a few among a thousand devices', would otherwise wait behind
-each of them, and a round's end with them. The heartbeats and traffic gathered here do not (a
+The front's device calls defer to every other waiting session, for up to `URGENT_STREAK` turns in
+a row: the ServerApp's calls (storing a round's tasks, pulling its replies), a few among a
+thousand devices', would otherwise wait behind each of them, and a round's end with them. The heartbeats and traffic gathered here do not (a
 heartbeat written late takes its device offline, and its reply with it).
 """
 
@@ -39,18 +39,23 @@ from shared.flower_compat import fleet_api as flower
 
 STATUS_TTL = 1.0  # s a running run's status is reused
 FLUSH_EVERY = 1.0  # s traffic and heartbeats are gathered before they are written
+URGENT_STREAK = 4  # turns in a row the ServerApp's sessions may take while a device's waits
 LOG = logging.getLogger("flowerbed.server")
 
 
 class Turns:
-    """A re-entrant lock that lets the threads waiting outside `deferring()` in before those inside."""
+    """A re-entrant lock that lets the threads waiting outside `deferring()` in before those inside,
+    but for at most `streak` turns in a row while one inside waits (so that devices' calls move on
+    under a ServerApp that always has one waiting)."""
 
-    def __init__(self) -> None:
+    def __init__(self, streak: int = URGENT_STREAK) -> None:
         self._lock = threading.Lock()
         self._urgent, self._deferred = threading.Condition(self._lock), threading.Condition(self._lock)
         self._owner: int | None = None
         self._depth = 0  # the owner's nested turns
         self._urgent_waiting = self._deferred_waiting = 0
+        self._streak, self._in_a_row = streak, 0  # urgent turns in a row
+        self._handing_over = False  # the next turn is a deferring thread's
         self._local = threading.local()
 
     @contextlib.contextmanager
@@ -71,14 +76,16 @@ class Turns:
                 return
             if deferring:
                 self._deferred_waiting += 1
-                while self._owner is not None or self._urgent_waiting:
+                while self._owner is not None or (self._urgent_waiting and not self._handing_over):
                     self._deferred.wait()
                 self._deferred_waiting -= 1
+                self._handing_over, self._in_a_row = False, 0
             else:
                 self._urgent_waiting += 1
-                while self._owner is not None:
+                while self._owner is not None or self._handing_over:
                     self._urgent.wait()
                 self._urgent_waiting -= 1
+                self._in_a_row += 1
             self._owner, self._depth = me, 1
 
     def __exit__(self, *_: object) -> None:
@@ -87,7 +94,11 @@ class Turns:
             if self._depth:
                 return
             self._owner = None
-            (self._urgent if self._urgent_waiting else self._deferred).notify()
+            if self._deferred_waiting and (not self._urgent_waiting or self._in_a_row >= self._streak):
+                self._handing_over = bool(self._urgent_waiting)
+                self._deferred.notify()
+            else:
+                self._urgent.notify()
 
 
 class FrontState:

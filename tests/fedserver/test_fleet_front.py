@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedserver import fleet_front
 from fedserver.fleet_front import EMPTY_PULL, MAX_REQUEST_BYTES, FleetFront, NodeKeys, TaskTracker, signed_key
 from fedserver.fleet_front import front as front_of
 from shared.flower_compat import fleet_api as flower
@@ -710,3 +711,19 @@ def test_the_serverapps_object_calls_are_answered_by_flowers_runtime_handler_onc
     state.finish_task(task, "completed", "")
     body = fronts.request.content
     assert post(token).status_code == 401 and len(calls) == 6  # no running task by it: Flower refuses
+
+
+def test_a_known_nodes_heartbeat_is_answered_without_waiting_for_a_worker_thread(key, monkeypatch):
+    async def no_threads(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a heartbeat waited for a worker thread")
+
+    inner = Flower()
+    front = make_front(inner)
+    pull(front, key.headers())
+    monkeypatch.setattr(fleet_front.anyio.to_thread, "run_sync", no_threads)
+
+    status, _, body = pull(front, key.headers(), path=flower.HEARTBEAT_PATH, body=heartbeat_body())
+    front.state.flush()
+
+    assert status == 200 and flower.SendNodeHeartbeatResponse.FromString(body).success
+    assert len(inner.bodies) == 1 and front.state.heartbeats == [(NODE, 30.0)]

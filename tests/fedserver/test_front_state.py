@@ -258,3 +258,23 @@ def test_the_front_states_handler_calls_defer_and_its_flushes_do_not():
     state.store_traffic(RUN, bytes_sent=1, bytes_recv=0)
     state.flush()
     assert deferring == [True, False] and not turns._local.deferring  # noqa: SLF001 - heartbeats go first
+
+
+def test_a_deferring_thread_gets_a_turn_after_at_most_streak_urgent_ones_in_a_row():
+    turns, order = Turns(streak=2), []
+
+    def take(name: str, deferring: bool) -> None:
+        with turns.deferring() if deferring else contextlib.nullcontext(), turns:
+            order.append(name)
+
+    with turns:  # an urgent turn
+        threads = [threading.Thread(target=take, args=("device", True))]
+        threads[0].start()
+        wait_until(lambda: turns._deferred_waiting == 1)  # noqa: SLF001
+        threads += [threading.Thread(target=take, args=(f"serverapp {i}", False)) for i in range(4)]
+        for thread in threads[1:]:
+            thread.start()
+        wait_until(lambda: turns._urgent_waiting == 4)  # noqa: SLF001
+    for thread in threads:
+        thread.join(BOUND)
+    assert len(order) == 5 and order.index("device") == 1  # after this turn and one more, not last
