@@ -9,7 +9,8 @@ SQLite. This front, in the SuperLink's process, answers a known node's Fleet cal
   nor being stored while it was answered): held until a task is stored for it, then answered by
   Flower's handler, or for `HOLD` seconds, then answered with that same empty answer; a pull the
   handler answers empty is held the same way (long polling: idle devices ask less often, and a
-  task reaches its device when it is stored, not at the device's next poll);
+  task reaches its device when it is stored, not at the device's next poll); a pull is answered
+  empty, no task taken for it, once its device has stopped waiting (`ANSWER_BY`);
 - every other call of `FLEET_CALLS` (a pull, a heartbeat, an object pulled or pushed, a reply
   pushed, a receipt confirmed) with the handler Flower's own route calls, in a worker thread as
   Flower's route runs it, over the state as `fedserver.front_state` shows it (a running run's
@@ -36,6 +37,7 @@ import binascii
 import datetime
 import inspect
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
@@ -58,6 +60,9 @@ TTL = 300.0  # s an idle mark or a node's known key stands before its requests g
 # s an idle node's pull is held for a task before it is answered "none" (Flower's SuperNode waits
 # up to 30 s for an answer, then 3 s before it asks again)
 HOLD = 20.0
+# s after a pull arrived that Flower's handler may still take a task for it: Flower's SuperNode
+# stops waiting for an answer after 30 s, and a task taken for a device that no longer waits is lost
+ANSWER_BY = 25.0
 # A call's body the front reads: a pushed object is at most one array chunk (Flower's 5 MiB) and
 # its request's few fields; a larger body goes to Flower as it came.
 MAX_REQUEST_BYTES = 6 << 20
@@ -69,6 +74,7 @@ KNOWN_TOKENS = 64  # task tokens (one a ServerApp run) whose object calls the fr
 KNOWN_KEYS = 16_384  # public keys kept parsed (each verifies a node's every request)
 EMPTY_PULL = flower.PullMessagesResponse().SerializeToString()
 TASK, GONE = b"<a task was stored>", b"<the device went away>"  # what a held pull came to, besides EMPTY_PULL
+LATE = object()  # a call whose device stopped waiting before a worker thread took it up
 PULL, HEARTBEAT = flower.PULL_MESSAGES_PATH, flower.HEARTBEAT_PATH
 TASK_TOKEN = flower.TASK_TOKEN_HEADER.lower().encode()
 CONTENT_TYPE = flower.PROTOBUF_MEDIA_TYPE.encode()
@@ -249,7 +255,7 @@ class FleetFront:
         key = None if request is None else signed_key(dict(scope["headers"]))
         node = None if key is None else request.node.node_id
         if node is not None and self.keys.knows(node, key):
-            answer = await self._answer(scope["path"], call, request, receive)
+            answer = await self._answer(scope["path"], call, request, receive, asked_at)
             if answer is GONE:
                 return  # the device went away while its pull was held: nothing taken for it
             if answer is not None:
@@ -297,11 +303,12 @@ class FleetFront:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(lambda: self._wake(tuple(self._held)))
 
-    async def _answer(self, path: str, call: flower.FleetCall, request: Message, receive: Receive) -> bytes | None:
-        """The answer to a verified, known node's call, GONE if its device left while its pull was
-        held, or None where Flower must answer it."""
+    async def _answer(self, path: str, call: flower.FleetCall, request: Message, receive: Receive,
+                      asked_at: float) -> bytes | None:  # fmt: skip
+        """The answer to a verified, known node's call (asked at `asked_at`), GONE if its device left
+        while its pull was held, or None where Flower must answer it."""
         if path == PULL:
-            return await self._pull(call, request, receive)
+            return await self._pull(call, request, receive, asked_at + ANSWER_BY)
         response = self._handled_here(call, request) if path == HEARTBEAT else await self._handled(call, request)
         return None if response is None else response.SerializeToString()
 
@@ -314,37 +321,43 @@ class FleetFront:
         except Exception:  # noqa: BLE001 - as `_handled`
             return None
 
-    async def _pull(self, call: flower.FleetCall, request: Message, receive: Receive) -> bytes | None:
+    async def _pull(self, call: flower.FleetCall, request: Message, receive: Receive, by: float) -> bytes | None:
         """A pull: Flower's handler's answer unless it is "none", in which case the node is idle and
         the pull is held for a task (so a device asking right after its reply gets the next round's
         task as soon as it is stored)."""
         node = request.node.node_id
         if not self.tracker.is_idle(node):
-            answer = await self._handled_pull(call, request)
+            answer = await self._handled_pull(call, request, by)
             if answer != EMPTY_PULL or not self.tracker.is_idle(node):
                 return answer
         held = await self._hold(node, receive)
-        return held if held is not TASK else await self._handled_pull(call, request)
+        return held if held is not TASK else await self._handled_pull(call, request, by)
 
-    async def _handled_pull(self, call: flower.FleetCall, request: Message) -> bytes | None:
+    async def _handled_pull(self, call: flower.FleetCall, request: Message, by: float) -> bytes | None:
+        """Flower's answer to a pull; empty, and no task taken, once its device stopped waiting (`by`)."""
         node = request.node.node_id
         version = self.tracker.version(node)
-        response = await self._handled(call, request)
+        response = await self._handled(call, request, by)
+        if response is LATE:
+            return EMPTY_PULL  # not marked idle: a task may be waiting for its next pull
         if response is None:
             return None
         if version is not None and not response.messages_list:
             self.tracker.mark_idle(node, version)
         return response.SerializeToString()
 
-    async def _handled(self, call: flower.FleetCall, request: Message) -> Any:
-        """Flower's handler's response, or None where it raised (e.g. a run that stopped: Flower's
-        route answers that, with its error)."""
+    async def _handled(self, call: flower.FleetCall, request: Message, by: float = math.inf) -> Any:
+        """Flower's handler's response, None where it raised (e.g. a run that stopped: Flower's
+        route answers that, with its error), or LATE where its worker thread came after `by`."""
         if self._threads is None:
             self._threads = anyio.CapacityLimiter(DEVICE_THREADS)
         try:
-            return await anyio.to_thread.run_sync(self.state.handle, call, request, limiter=self._threads)
+            return await anyio.to_thread.run_sync(self._in_time, call, request, by, limiter=self._threads)
         except Exception:  # noqa: BLE001 - see the docstring
             return None
+
+    def _in_time(self, call: flower.FleetCall, request: Message, by: float) -> Any:
+        return LATE if self.keys.now() > by else self.state.handle(call, request)
 
     async def _hold(self, node: int, receive: Receive) -> bytes:
         """Hold an idle node's pull until a task is stored for it (TASK), `hold` s pass (EMPTY_PULL)

@@ -727,3 +727,23 @@ def test_a_known_nodes_heartbeat_is_answered_without_waiting_for_a_worker_thread
 
     assert status == 200 and flower.SendNodeHeartbeatResponse.FromString(body).success
     assert len(inner.bodies) == 1 and front.state.heartbeats == [(NODE, 30.0)]
+
+
+def test_a_pull_whose_device_stopped_waiting_before_a_worker_thread_took_it_takes_no_task(key, monkeypatch):
+    now, tracker, inner = [0.0], TaskTracker(), Flower()
+    front = make_front(inner, tracker=tracker, keys=NodeKeys(clock=lambda: now[0]))
+    pull(front, key.headers())  # Flower answers: the key is known, the node idle
+    with tracker.storing(NODE):
+        pass  # a task is stored for it
+    seen = handled_by(monkeypatch, flower.FLEET_CALLS[flower.PULL_MESSAGES_PATH])
+    run_sync = fleet_front.anyio.to_thread.run_sync
+
+    async def after_a_long_wait(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        now[0] += fleet_front.ANSWER_BY + 1.0  # the call waited that long for a worker thread
+        return await run_sync(*args, **kwargs)
+
+    monkeypatch.setattr(fleet_front.anyio.to_thread, "run_sync", after_a_long_wait)
+    status, _, body = pull(front, key.headers())
+
+    assert (status, body) == (200, EMPTY_PULL) and seen == []  # Flower's handler never took the task
+    assert not tracker.is_idle(NODE) and len(inner.bodies) == 1  # its next pull asks for it again
