@@ -157,7 +157,8 @@ class _Pushing:
         if len(rest) > 1:
             self._thread.start()
         else:
-            self._push_all(rest)
+            for chunk in rest:  # here, where what a push raises is raised at once
+                self._push(chunk)
 
     def __enter__(self) -> _Pushing:
         return self

@@ -229,3 +229,18 @@ def test_a_push_that_fails_in_its_thread_fails_the_round():
     inner.push_messages = push_messages  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="SuperLink gone"):
         FastPollingGrid(inner, interval=0.001).send_and_receive(_messages(25), timeout=None)
+
+
+def test_a_push_that_fails_without_a_thread_fails_the_round_before_any_pull():
+    inner = FakeGrid()
+    push = inner.push_messages
+
+    def push_messages(messages):  # type: ignore[no-untyped-def]
+        if inner.pushes:
+            raise RuntimeError("SuperLink gone")
+        return push(messages)
+
+    inner.push_messages = push_messages  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="SuperLink gone"):
+        FastPollingGrid(inner, interval=0.001).send_and_receive(_messages(3), timeout=None)
+    assert inner.pulls == 0
