@@ -217,7 +217,8 @@ def test_a_round_that_has_enough_stops_polling_and_its_late_replies_are_dropped_
     assert set(grid.abandoned) == {"m2"}
 
 
-def test_a_push_that_fails_in_its_thread_fails_the_round():
+@pytest.mark.parametrize("tasks", [3, 25])  # pushed here, and from a thread of their own
+def test_a_push_that_fails_fails_the_round(tasks):
     inner = FakeGrid()
     push = inner.push_messages
 
@@ -228,19 +229,6 @@ def test_a_push_that_fails_in_its_thread_fails_the_round():
 
     inner.push_messages = push_messages  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="SuperLink gone"):
-        FastPollingGrid(inner, interval=0.001).send_and_receive(_messages(25), timeout=None)
-
-
-def test_a_push_that_fails_without_a_thread_fails_the_round_before_any_pull():
-    inner = FakeGrid()
-    push = inner.push_messages
-
-    def push_messages(messages):  # type: ignore[no-untyped-def]
-        if inner.pushes:
-            raise RuntimeError("SuperLink gone")
-        return push(messages)
-
-    inner.push_messages = push_messages  # type: ignore[method-assign]
-    with pytest.raises(RuntimeError, match="SuperLink gone"):
-        FastPollingGrid(inner, interval=0.001).send_and_receive(_messages(3), timeout=None)
-    assert inner.pulls == 0
+        FastPollingGrid(inner, interval=0.001).send_and_receive(_messages(tasks), timeout=None)
+    if tasks <= 1 + polling.PUSH_CHUNK:
+        assert inner.pulls == 0  # raised at once, before any reply was waited for
