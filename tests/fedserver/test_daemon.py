@@ -749,8 +749,14 @@ from shared.processes import descendants
 ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
 daemon = subprocess.Popen(sys.argv[2:])
 deadline = time.monotonic() + 60
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return file.read().decode(errors="replace")
+    except OSError:  # it ended between the listing and the read
+        return ""
 def running(name):
-    return any(name in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace") for pid in descendants(daemon.pid))
+    return any(name in cmdline(pid) for pid in descendants(daemon.pid))
 if sys.argv[1] in ("check", "superexec"):
     name = "spawn_main" if sys.argv[1] == "check" else "flower-superexec"
     while not running(name) and daemon.poll() is None and time.monotonic() < deadline:
