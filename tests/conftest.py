@@ -4,6 +4,7 @@ import fcntl
 import importlib.util
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,17 @@ from shared.data import federation as data_federation
 def hermetic_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Flower's home (the FABs a SuperNode installs, the `flwr` CLI's connections) in a temporary
     folder instead of the user's ~/.flwr, and no Ray cluster from RAY_ADDRESS: the suite neither
-    reads nor leaves state of this machine's own deployments; every process it starts inherits it."""
+    reads nor leaves state of this machine's own deployments; every process it starts inherits it.
+    Temporary files go to the suite's own folder too: what a process the suite SIGKILLs leaves
+    there (a device's Runtime API key, a browser's profile) goes with the suite's folders. Ray's
+    folder stays in the system's: its socket paths must stay under 108 characters, and Ray hangs
+    where a deep TMPDIR makes them longer."""
+    system, temporary = tempfile.gettempdir(), tmp_path_factory.mktemp("tmp")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
+        patch.setenv("TMPDIR", str(temporary))
+        patch.setattr(tempfile, "tempdir", str(temporary))
+        patch.setenv("RAY_TMPDIR", os.environ.get("RAY_TMPDIR", system))
         patch.delenv("RAY_ADDRESS", raising=False)
         yield
 
