@@ -93,16 +93,13 @@ class FastPollingGrid(GridWrapper):
         """Push `messages` (`_Pushing`) and pull the replies to those pushed, until all came,
         `enough(replies)` holds, or `timeout` passed."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        nodes: dict[str, int] = {}  # message id -> its node, of those pushed
         pending: set[str] = set()
         replies: list[Message] = []
         wait = self.interval / BACKOFF  # the first wait is `interval`
         with _Pushing(self.inner, list(messages)) as pushing:
             while True:
                 done = pushing.done()  # before taking: a push that is done has nothing left to give
-                for message_id, node in pushing.take():
-                    nodes[message_id] = node
-                    pending.add(message_id)
+                pending.update(pushing.take())
                 received = self._pull(pending) if pending else []
                 replies.extend(received)
                 pending.difference_update(m.metadata.reply_to_message_id for m in received)
@@ -112,10 +109,8 @@ class FastPollingGrid(GridWrapper):
                     break
                 wait = self.interval if received else min(wait * BACKOFF, max(MAX_INTERVAL, self.interval))
                 time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
-        for message_id, node in pushing.take():  # pushed after the round closed
-            nodes[message_id] = node
-            pending.add(message_id)
-        self._abandon({message_id: nodes[message_id] for message_id in pending})
+        pending.update(pushing.take())  # pushed after the round closed
+        self._abandon({message_id: pushing.nodes[message_id] for message_id in pending})
         return replies
 
     def _pull(self, pending: set[str]) -> list[Message]:
@@ -150,7 +145,8 @@ class _Pushing:
 
     def __init__(self, grid: Grid, messages: list[Message]) -> None:
         self._grid, self._lock, self._error = grid, threading.Lock(), None
-        self._pushed: list[tuple[str, int]] = []  # (message id, node) pushed and not yet taken
+        self.nodes: dict[str, int] = {}  # message id -> its node, of the messages pushed, in push order
+        self._taken = 0  # how many of them `take` gave
         self._push(messages[:1])
         rest = [messages[i : i + PUSH_CHUNK] for i in range(1, len(messages), PUSH_CHUNK)]
         self._thread = threading.Thread(target=self._push_all, args=(rest,), name="push-messages", daemon=True)
@@ -173,12 +169,13 @@ class _Pushing:
     def done(self) -> bool:
         return not self._thread.is_alive()
 
-    def take(self) -> list[tuple[str, int]]:
-        """The (message id, node) of the messages pushed since the last take; a message not
-        pushed (Flower answered None for it) is not among them."""
+    def take(self) -> list[str]:
+        """The ids of the messages pushed since the last take; a message not pushed (Flower
+        answered None for it) is not among them."""
         with self._lock:
-            pushed, self._pushed = self._pushed, []
-        return pushed
+            ids = list(self.nodes)[self._taken :]
+            self._taken += len(ids)
+        return ids
 
     def _push_all(self, chunks: list[list[Message]]) -> None:
         try:
@@ -190,7 +187,7 @@ class _Pushing:
     def _push(self, messages: list[Message]) -> None:
         ids = list(self._grid.push_messages(messages)) if messages else []
         with self._lock:
-            self._pushed += [(i, m.metadata.dst_node_id) for i, m in zip(ids, messages) if i]  # [] when refused whole
+            self.nodes.update({i: m.metadata.dst_node_id for i, m in zip(ids, messages) if i})  # none when refused whole
 
 
 class BoundedRepliesGrid(GridWrapper):
