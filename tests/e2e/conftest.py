@@ -19,6 +19,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from fedclient.node import CONNECTED, node_env
+from fedserver.events import EVENTS_FILE, EventFollower
 from fedserver.state import StateDir
 from shared.processes import spawn, stop_trees, wait_for_port
 
@@ -133,6 +134,12 @@ def e2e_env(**extra: str) -> dict[str, str]:
 def run_cli(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`python -m MODULE ...` to completion (fedserver/fedclient commands that return)."""
     return subprocess.run([*PYTHON, *argv], env=e2e_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def rounds_told(state: StateDir) -> int:
+    """The rounds events.jsonl tells: a round is told once its checkpoint and node ledger are
+    written, and `fedserver status` reads it (metrics.jsonl is written before either)."""
+    return len(EventFollower(state.run_dir / EVENTS_FILE).poll()[1])
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, every: float = 0.5) -> object:

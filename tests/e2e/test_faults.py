@@ -22,6 +22,7 @@ from fedserver.checkpoints import read_metrics
 from fedserver.state import StateDir
 from shared.processes import descendants, free_port, is_alive, port_in_use, recorded_process, stop_trees
 from shared.weights import load_safetensors
+from tests.e2e.conftest import rounds_told
 
 pytestmark = pytest.mark.e2e
 
@@ -69,7 +70,7 @@ class Deployment:
         return read_metrics(self.state.run_dir)
 
     def wait_for_rounds(self, rounds: int, timeout: float) -> list[dict]:
-        self.e2e.wait_until(lambda: len(self.rows()) >= rounds, timeout, f"{rounds} rounds (see {self.e2e.logs})")
+        self.e2e.wait_until(lambda: rounds_told(self.state) >= rounds, timeout, f"{rounds} rounds (see {self.e2e.logs})")
         return self.rows()
 
     def run_log(self) -> str:

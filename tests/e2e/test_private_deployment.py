@@ -9,6 +9,7 @@ import pytest
 from fedserver.checkpoints import read_metrics
 from fedserver.state import StateDir
 from shared.processes import free_port
+from tests.e2e.conftest import rounds_told
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +33,9 @@ def test_a_deployment_with_distributed_dp_reports_epsilon_every_round(tmp_path, 
         e2e.start_fedclient(f"private-client-{k}", address, pki, pki / "clients" / f"client-{k}.key", part)
     e2e.wait_until(lambda: len(read_metrics(state.run_dir)) >= ROUNDS, 300, f"{ROUNDS} private rounds ({e2e.logs})")
 
-    # Assert: epsilon rises with each round's release, and fedserver status shows the last
+    # Assert: epsilon rises with each round's release, and fedserver status shows the last once
+    # the round is told (events.jsonl, which it reads, tells a round after metrics.jsonl has it)
     rows = read_metrics(state.run_dir)
     assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"] < float("inf")
+    e2e.wait_until(lambda: rounds_told(state) >= ROUNDS, 30, f"events.jsonl to tell {ROUNDS} rounds")
     assert e2e.status(state)["last_metrics"]["epsilon"] == rows[-1]["epsilon"]
